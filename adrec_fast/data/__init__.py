@@ -1,0 +1,38 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Data layer: feature schema, streaming readers, synthetic default data and metrics.
+
+Imports only torch, numpy and the standard library at module level (pyarrow and yaml lazily),
+never the ``adrec_fast`` top level, so it loads while the native extension is being rebuilt.
+"""
+
+from .batch import Batch
+from .errors import DataError
+from .metrics import auc, calibration, logloss
+from .readers import (
+    FORMATS,
+    Reader,
+    detect_format,
+    iter_batches,
+    load_all,
+    open_reader,
+)
+from .schema import Field, Schema, criteo_schema
+from .columns import stable_hash
+
+__all__ = [
+    "FORMATS",
+    "Batch",
+    "DataError",
+    "Field",
+    "Reader",
+    "Schema",
+    "auc",
+    "calibration",
+    "criteo_schema",
+    "detect_format",
+    "iter_batches",
+    "load_all",
+    "logloss",
+    "open_reader",
+    "stable_hash",
+]

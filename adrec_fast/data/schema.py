@@ -1,0 +1,639 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Feature schema: field declarations, fitting (vocabularies, dense statistics) and encoding.
+
+A ``Schema`` is a list of field specs plus the label column name. Field types:
+
+- ``categorical``: one value per row. ``vocab="build"`` learns a vocabulary in ``fit`` (values
+  seen at least ``min_count`` times, most frequent first) and maps value -> 1..V; ``vocab="hash"``
+  maps value -> 1..hash_size-1 with ``stable_hash`` and ``salt``. Id 0 is out-of-vocabulary or
+  missing (null or empty text). ``cardinality`` = V + 1, or ``hash_size``.
+- ``multi_categorical``: a list per row, as a list column or ``sep``-joined text, at most
+  ``max_len`` values (the first ones; with ``sequence: true`` the LAST ones, oldest first).
+  ``share_with`` names another field whose vocabulary and embedding table it uses; its values
+  are counted into that vocabulary when fitting. ``sequence: true`` fields are behaviour
+  histories for target attention and go to ``Batch.seq_*``; the others are pooled bags.
+- ``dense``: a float with ``transform`` in none | log1p | standardize | log1p_standardize.
+  Missing values become ``fill`` first (in raw units). log1p is sign preserving:
+  sign(x) * log1p(|x|), so Criteo's few negative counts (-1, -2) stay finite and ordered.
+  standardize uses the mean and std of the (filled, log1p'd) training values from ``fit``.
+- ``vector``: a precomputed float vector of ``dim`` values (list column, or text separated by
+  spaces or '|'); missing gives zeros.
+
+The schema (with the fitted vocabularies and statistics) is saved as JSON, or YAML for a
+``.yaml``/``.yml`` path, and encodes serving rows exactly as it encoded training rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import columns as C
+from .batch import Batch
+from .errors import DataError
+
+FIELD_TYPES = ("categorical", "multi_categorical", "dense", "vector")
+TRANSFORMS = ("none", "log1p", "standardize", "log1p_standardize")
+SPARSE_TYPES = ("categorical", "multi_categorical")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Field:
+    """One field declaration plus its fitted state (``vocabulary``, ``mean``/``std``)."""
+
+    name: str
+    type: str
+    vocab: str = "build"  # build | hash
+    min_count: int = 1
+    hash_size: int = 0
+    salt: str = ""
+    sep: str = "|"
+    max_len: int = 0
+    share_with: str | None = None
+    sequence: bool = False
+    transform: str = "none"
+    fill: float = 0.0
+    dim: int = 0
+    column: str | None = None  # raw column name when it differs from the field name
+    vocabulary: list[str] | None = None
+    mean: float | None = None
+    std: float | None = None
+    _vocab_arrow: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.type in SPARSE_TYPES
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.type == "dense" and self.transform.endswith("standardize")
+
+    def to_dict(self) -> dict:
+        d: dict = {"name": self.name, "type": self.type}
+        if self.column:
+            d["column"] = self.column
+        if self.type in SPARSE_TYPES:
+            if self.type == "multi_categorical":
+                d.update(sep=self.sep, max_len=self.max_len, sequence=self.sequence)
+            if self.share_with:
+                d["share_with"] = self.share_with
+            else:
+                d["vocab"] = self.vocab
+                if self.vocab == "hash":
+                    d.update(hash_size=self.hash_size, salt=self.salt)
+                else:
+                    d["min_count"] = self.min_count
+                    if self.vocabulary is not None:
+                        d["vocabulary"] = list(self.vocabulary)
+        elif self.type == "dense":
+            d.update(transform=self.transform, fill=self.fill)
+            if self.mean is not None:
+                d.update(mean=self.mean, std=self.std)
+        else:
+            d["dim"] = self.dim
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Field:
+        if isinstance(d, Field):
+            return copy.deepcopy(d)
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"field {d.get('name')!r}: unknown keys {sorted(unknown)}")
+        if "name" not in d or "type" not in d:
+            raise ValueError(f"a field needs 'name' and 'type': {d}")
+        return cls(**d)
+
+
+def _sign_log1p(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def _truncate(lengths: np.ndarray, max_len: int, keep_last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Keep at most max_len of each row's values -> (keep mask [nnz], new lengths [N])."""
+    nnz = int(lengths.sum())
+    if max_len <= 0 or nnz == 0 or lengths.max() <= max_len:
+        return np.ones(nnz, dtype=bool), lengths
+    starts = np.cumsum(lengths) - lengths  # [N]
+    rows = np.repeat(np.arange(lengths.size), lengths)  # [nnz]
+    pos = np.arange(nnz) - starts[rows]  # position inside the row
+    if keep_last:
+        keep = pos >= (lengths[rows] - max_len)
+    else:
+        keep = pos < max_len
+    return keep, np.minimum(lengths, max_len)
+
+
+class Schema:
+    """Field declarations + label column; fit on data, encode to ``Batch``.
+
+    Fields are kept in declaration order, which fixes the bag order, the dense column order and
+    the vector order of the ``Batch``.
+    """
+
+    def __init__(self, fields, label: str = "label"):
+        self.label = label
+        self.fields: list[Field] = [Field.from_dict(f) for f in fields]
+        self._by_name = {f.name: f for f in self.fields}
+        self._validate()
+
+    # ---------------------------------------------------------------- declaration checks
+    def _validate(self) -> None:
+        if len(self._by_name) != len(self.fields):
+            names = [f.name for f in self.fields]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"duplicate field names: {dup}")
+        for f in self.fields:
+            where = f"field {f.name!r}"
+            if f.type not in FIELD_TYPES:
+                raise ValueError(f"{where}: unknown type {f.type!r}; expected one of {FIELD_TYPES}")
+            if f.source == self.label:
+                raise ValueError(f"{where}: the label column {self.label!r} cannot be a feature")
+            if f.is_sparse and not f.share_with:
+                if f.vocab not in ("build", "hash"):
+                    raise ValueError(f"{where}: vocab must be 'build' or 'hash', not {f.vocab!r}")
+                if f.vocab == "hash" and f.hash_size < 2:
+                    raise ValueError(f"{where}: vocab 'hash' needs hash_size >= 2")
+                if f.min_count < 1:
+                    raise ValueError(f"{where}: min_count must be >= 1")
+            if f.share_with:
+                owner = self._by_name.get(f.share_with)
+                if owner is None or not owner.is_sparse:
+                    raise ValueError(f"{where}: share_with {f.share_with!r} is not a categorical field")
+                if owner.share_with:
+                    raise ValueError(f"{where}: share_with {f.share_with!r} itself shares a table")
+                if not f.is_sparse:
+                    raise ValueError(f"{where}: only (multi_)categorical fields can share a table")
+            if f.sequence and f.type != "multi_categorical":
+                raise ValueError(f"{where}: sequence=true needs type multi_categorical")
+            if f.type == "multi_categorical" and f.max_len < 0:
+                raise ValueError(f"{where}: max_len must be >= 0 (0 = unlimited)")
+            if f.type == "dense" and f.transform not in TRANSFORMS:
+                raise ValueError(f"{where}: unknown transform {f.transform!r}; expected {TRANSFORMS}")
+            if f.type == "vector" and f.dim < 1:
+                raise ValueError(f"{where}: vector fields need dim >= 1")
+
+    # ---------------------------------------------------------------- introspection
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{f.name}:{f.type}" for f in self.fields)
+        return f"Schema(label={self.label!r}, fields=[{kinds}], fitted={self.fitted})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Schema) and self.to_dict() == other.to_dict()
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    def field(self, name: str) -> Field:
+        return self._by_name[name]
+
+    def owner(self, name: str) -> Field:
+        """The field that owns the vocabulary/table ``name`` uses (itself unless share_with)."""
+        f = self._by_name[name]
+        return self._by_name[f.share_with] if f.share_with else f
+
+    @property
+    def fitted(self) -> bool:
+        for f in self.fields:
+            if f.is_sparse and not f.share_with and f.vocab == "build" and f.vocabulary is None:
+                return False
+            if f.needs_stats and f.mean is None:
+                return False
+        return True
+
+    def raw_columns(self) -> list[str]:
+        """The input columns encoding needs (label excluded)."""
+        return [f.source for f in self.fields]
+
+    def _owners(self) -> list[Field]:
+        return [f for f in self.fields if f.is_sparse and not f.share_with]
+
+    def cardinality(self, name: str) -> int:
+        """Rows of the embedding table field ``name`` looks up (id 0 = OOV/missing included)."""
+        o = self.owner(name)
+        if o.vocab == "hash":
+            return o.hash_size
+        if o.vocabulary is None:
+            raise RuntimeError(f"field {o.name!r}: vocabulary not built yet; call Schema.fit first")
+        return len(o.vocabulary) + 1
+
+    def tables(self) -> list[tuple[str, int]]:
+        """[(table_name, cardinality)] one per table-owning sparse field, in schema order."""
+        return [(f.name, self.cardinality(f.name)) for f in self._owners()]
+
+    def table_of(self, name: str) -> int:
+        """Index into ``tables()`` of the table field ``name`` looks up."""
+        o = self.owner(name)
+        return [f.name for f in self._owners()].index(o.name)
+
+    def sparse_fields(self) -> list[tuple[str, int]]:
+        """[(field_name, table_index)] in bag order: categorical + non-sequence multi fields."""
+        return [(f.name, self.table_of(f.name)) for f in self.fields if f.is_sparse and not f.sequence]
+
+    def sequence_fields(self) -> list[tuple[str, int]]:
+        """[(field_name, table_index)] of behaviour-sequence fields."""
+        return [(f.name, self.table_of(f.name)) for f in self.fields if f.sequence]
+
+    def table_offsets(self) -> torch.Tensor:
+        """[n_tables + 1] int64 first row of each table in one stacked weight buffer."""
+        sizes = [c for _, c in self.tables()]
+        out = torch.zeros(len(sizes) + 1, dtype=torch.long)
+        if sizes:
+            out[1:] = torch.cumsum(torch.tensor(sizes, dtype=torch.long), 0)
+        return out
+
+    def bag_tables(self) -> torch.Tensor:
+        """[T] int64 table index of each bag of ``Batch.offsets``."""
+        return torch.tensor([t for _, t in self.sparse_fields()], dtype=torch.long)
+
+    def dense_fields(self) -> list[str]:
+        return [f.name for f in self.fields if f.type == "dense"]
+
+    @property
+    def n_dense(self) -> int:
+        return len(self.dense_fields())
+
+    def vector_fields(self) -> list[tuple[str, int]]:
+        return [(f.name, f.dim) for f in self.fields if f.type == "vector"]
+
+    @property
+    def vector_dim(self) -> int:
+        return sum(d for _, d in self.vector_fields())
+
+    # ---------------------------------------------------------------- persistence
+    def to_dict(self) -> dict:
+        return {"version": SCHEMA_VERSION, "label": self.label, "fields": [f.to_dict() for f in self.fields]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Schema:
+        version = d.get("version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"schema version {version} is not supported (expected {SCHEMA_VERSION})")
+        return cls(d["fields"], label=d.get("label", "label"))
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Schema:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path) -> None:
+        """Write JSON, or YAML when ``path`` ends in .yaml/.yml; written atomically."""
+        path = Path(path)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        else:
+            text = self.to_json(indent=1)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path) -> Schema:
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            return cls.from_dict(yaml.safe_load(text))
+        return cls.from_json(text)
+
+    def copy(self) -> Schema:
+        return Schema.from_dict(copy.deepcopy(self.to_dict()))
+
+    # ---------------------------------------------------------------- inference
+    @classmethod
+    def infer_from_table(cls, table, label: str = "label", overrides=None, drop=()) -> Schema:
+        """Declare a field per column of a sample: integer, string and bool -> categorical,
+        float -> dense, list -> multi_categorical (categorical when no row holds two values).
+
+        ``overrides`` maps a column to a type name or to a partial spec dict; ``drop`` lists
+        columns to leave out. Dense fields get ``log1p_standardize`` when the sample is
+        non-negative with values above 100 (count-like), else ``standardize``.
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        overrides = dict(overrides or {})
+        drop = set(drop or ())
+        cols = _as_columns(table)
+        missing = (set(overrides) | drop) - set(cols)
+        if missing:
+            raise ValueError(f"overrides/drop name columns absent from the data: {sorted(missing)}")
+        fields = []
+        for name, col in cols.items():
+            if name == label or name in drop:
+                continue
+            arr = C.to_arrow(col)
+            t = arr.type
+            spec: dict = {"name": name}
+            if pa.types.is_floating(t):
+                spec["type"] = "dense"
+                x = arr.to_numpy(zero_copy_only=False)
+                x = x[np.isfinite(x)]
+                count_like = x.size and x.min() >= 0 and x.max() > 100
+                spec["transform"] = "log1p_standardize" if count_like else "standardize"
+            elif C._is_list(t):
+                longest = pc.max(pc.list_value_length(arr)).as_py() or 0
+                spec["type"] = "multi_categorical" if longest > 1 else "categorical"
+                if longest > 1:
+                    spec["max_len"] = int(longest)
+            else:
+                spec["type"] = "categorical"
+            o = overrides.get(name)
+            if isinstance(o, str):
+                if o not in FIELD_TYPES:
+                    raise ValueError(f"override for {name!r}: unknown type {o!r}; expected {FIELD_TYPES}")
+                spec = {"name": name, "type": o}
+                if o == "dense":
+                    spec["transform"] = "standardize"
+            elif isinstance(o, dict):
+                spec = {**spec, **o}
+                if "type" in o and o["type"] != "dense":
+                    spec.pop("transform", None)
+            fields.append(spec)
+        return cls(fields, label=label)
+
+    @classmethod
+    def infer_from_csv(cls, path, label: str = "label", overrides=None, drop=(), sep=None,
+                       sample_rows: int = 20000) -> Schema:
+        """``infer_from_table`` on the first ``sample_rows`` rows of a CSV (types sniffed by pyarrow)."""
+        from .readers import sniff_csv
+
+        return cls.infer_from_table(sniff_csv(path, sep=sep, rows=sample_rows), label, overrides, drop)
+
+    @classmethod
+    def infer(cls, path, fmt=None, label: str = "label", overrides=None, drop=(), **reader_kwargs) -> Schema:
+        """Infer from any supported file: CSV by sniffing, the others from their first chunk."""
+        from .readers import detect_format, open_reader
+
+        fmt = fmt or detect_format(path)
+        if fmt == "csv":
+            return cls.infer_from_csv(path, label=label, overrides=overrides, drop=drop)
+        if fmt == "criteo" and not overrides and not drop:
+            return criteo_schema(label=label)
+        reader = open_reader(path, fmt=fmt, label=label, **reader_kwargs)
+        first = next(iter(reader), None)
+        if first is None:
+            raise DataError("no rows to infer a schema from", path=path)
+        return cls.infer_from_table(first, label, overrides, drop)
+
+    # ---------------------------------------------------------------- fitting
+    def fit(self, source, max_rows: int | None = None) -> Schema:
+        """Build vocabularies and dense statistics in one streaming pass; returns self.
+
+        ``source``: a path (opened with ``open_reader``), a reader, an iterable of chunks
+        (pa.Table / dict of columns), or a single chunk. Refitting starts from scratch.
+        Vocabulary order: count descending, then value ascending (deterministic).
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if isinstance(source, (str, Path)):
+            from .readers import open_reader
+
+            source = open_reader(source, schema=self, label=self.label)
+        if _is_chunk(source):
+            source = [source]
+        owners = [f for f in self._owners() if f.vocab == "build"]
+        counts: dict[str, object] = {f.name: None for f in owners}  # owner -> pa.Table(values, counts)
+        stats = {f.name: [0, 0.0, 0.0] for f in self.fields if f.needs_stats}  # n, mean, M2
+        seen = 0
+        for chunk in source:
+            cols = _as_columns(chunk)
+            n = _n_rows(cols)
+            if max_rows is not None and seen + n > max_rows:
+                cols = {k: C.to_arrow(v).slice(0, max_rows - seen) for k, v in cols.items()}
+                n = max_rows - seen
+            seen += n
+            for f in self.fields:
+                o = self.owner(f.name)
+                if f.is_sparse and o.name in counts:
+                    col = self._column(cols, f, n)
+                    if f.type == "categorical":
+                        toks, _ = C.tokens(col)
+                    else:
+                        toks, _ = C.token_lists(col, f.sep)
+                    toks = toks.filter(pc.and_(pc.is_valid(toks), pc.not_equal(toks, "")).fill_null(False))
+                    vc = pc.value_counts(toks)
+                    t = pa.table({"v": vc.field("values").cast(pa.string()), "c": vc.field("counts")})
+                    prev = counts[o.name]
+                    if prev is not None:
+                        g = pa.concat_tables([prev, t]).group_by("v").aggregate([("c", "sum")])
+                        t = pa.table({"v": g["v"], "c": g["c_sum"]})
+                    counts[o.name] = t
+                elif f.name in stats:
+                    x = self._dense_prestandardize(f, self._column(cols, f, n))
+                    acc = stats[f.name]
+                    m = x.size
+                    if m:
+                        mean_b = float(x.mean())
+                        m2_b = float(((x - mean_b) ** 2).sum())
+                        tot = acc[0] + m
+                        delta = mean_b - acc[1]
+                        acc[1] += delta * m / tot
+                        acc[2] += m2_b + delta * delta * acc[0] * m / tot
+                        acc[0] = tot
+            if max_rows is not None and seen >= max_rows:
+                break
+        for f in owners:
+            t = counts[f.name]
+            if t is None or t.num_rows == 0:
+                f.vocabulary = []
+            else:
+                t = t.filter(pc.greater_equal(t["c"], f.min_count))
+                t = t.sort_by([("c", "descending"), ("v", "ascending")])
+                f.vocabulary = t["v"].to_pylist()
+            f._vocab_arrow = None
+        for f in self.fields:
+            if f.name in stats:
+                n, mean, m2 = stats[f.name]
+                std = math.sqrt(m2 / n) if n else 1.0
+                f.mean = float(mean) if n else 0.0
+                f.std = float(std) if std > 1e-12 else 1.0
+        return self
+
+    # ---------------------------------------------------------------- encoding
+    def _column(self, cols: dict, f: Field, n: int):
+        import pyarrow as pa
+
+        col = cols.get(f.source)
+        if col is None:
+            if f.source in cols:  # an explicit None column
+                return pa.nulls(n)
+            raise DataError(f"input has no column {f.source!r} (columns: {sorted(cols)})", field=f.name)
+        return col
+
+    def _dense_prestandardize(self, f: Field, col) -> np.ndarray:
+        x, bad = C.to_float(col)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(f"non-numeric value in dense field (row {row + 1} of the input)", field=f.name)
+        x = np.where(np.isnan(x), f.fill, x)
+        if f.transform.startswith("log1p"):
+            x = _sign_log1p(x)
+        return x
+
+    def _lookup(self, o: Field, toks) -> np.ndarray:
+        """Tokens -> ids within owner ``o``'s table (0 = OOV/missing)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if o.vocab == "hash":
+            return C.stable_hash(toks, o.salt, o.hash_size)
+        if o.vocabulary is None:
+            raise RuntimeError(f"field {o.name!r}: vocabulary not built yet; call Schema.fit first")
+        if o._vocab_arrow is None:
+            o._vocab_arrow = pa.array(o.vocabulary, type=pa.string())
+        if len(toks) == 0:
+            return np.zeros(0, dtype=np.int64)
+        pos = pc.index_in(toks, value_set=o._vocab_arrow)
+        return pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+
+    def encode(self, data) -> Batch:
+        """Raw columns -> ``Batch``. ``data``: pa.Table/RecordBatch or a dict of columns
+        (lists, numpy arrays, pa arrays). Raises ``DataError`` for values it cannot convert.
+        Without a label column, ``Batch.labels`` is NaN.
+        """
+        cols = _as_columns(data)
+        n = _n_rows(cols)
+        lengths_all, ids_all = [], []
+        seq_i, seq_o = {}, {}
+        dense, vectors = [], []
+        for f in self.fields:
+            col = self._column(cols, f, n)
+            if f.type == "categorical":
+                toks, bad = C.tokens(col)
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0]) + 1
+                    raise DataError(f"row {row} holds several values; declare the field "
+                                    "multi_categorical", field=f.name)
+                ids_all.append(self._lookup(self.owner(f.name), toks))
+                lengths_all.append(np.ones(n, dtype=np.int64))
+            elif f.type == "multi_categorical":
+                toks, lengths = C.token_lists(col, f.sep)
+                ids = self._lookup(self.owner(f.name), toks)
+                keep, lengths = _truncate(lengths, f.max_len, keep_last=f.sequence)
+                ids = ids[keep]
+                if f.sequence:
+                    so = torch.zeros(n + 1, dtype=torch.long)
+                    torch.cumsum(torch.from_numpy(lengths), 0, out=so[1:])
+                    seq_i[f.name] = torch.from_numpy(ids)
+                    seq_o[f.name] = so
+                else:
+                    ids_all.append(ids)
+                    lengths_all.append(lengths)
+            elif f.type == "dense":
+                x = self._dense_prestandardize(f, col)
+                if f.needs_stats:
+                    if f.mean is None:
+                        raise RuntimeError(f"field {f.name!r}: statistics not fitted; call Schema.fit first")
+                    x = (x - f.mean) / f.std
+                dense.append(x.astype(np.float32))
+            else:
+                v, bad = C.to_vectors(col, f.dim)
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0]) + 1
+                    raise DataError(f"row {row}: expected {f.dim} numeric values", field=f.name)
+                vectors.append(v)
+        if ids_all:
+            indices = torch.from_numpy(np.concatenate(ids_all))
+            lengths = torch.from_numpy(np.concatenate(lengths_all))
+        else:
+            indices = torch.zeros(0, dtype=torch.long)
+            lengths = torch.zeros(0, dtype=torch.long)
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        if self.label in cols and cols[self.label] is not None:
+            y, bad = C.to_label(cols[self.label])
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0]) + 1
+                raise DataError(f"row {row}: label must be 0 or 1", field=self.label)
+            labels = torch.from_numpy(y.astype(np.float32))
+        else:
+            labels = torch.full((n,), float("nan"))
+        return Batch(
+            indices=indices,
+            offsets=offsets,
+            dense=torch.from_numpy(np.stack(dense, 1)) if dense else torch.zeros(n, 0),
+            labels=labels,
+            vectors=torch.from_numpy(np.concatenate(vectors, 1)) if vectors else torch.zeros(n, 0),
+            num_bags=len(lengths_all),
+            seq_indices=seq_i,
+            seq_offsets=seq_o,
+        )
+
+    def encode_columns(self, columns: dict) -> Batch:
+        """Serving path: a dict of column -> list/array. Absent columns count as all missing."""
+        n = _n_rows({k: v for k, v in columns.items() if v is not None}) if columns else 0
+        cols = dict(columns)
+        for name in self.raw_columns():
+            if name not in cols:
+                cols[name] = [None] * n
+        return self.encode(cols)
+
+    def encode_rows(self, rows: list[dict]) -> Batch:
+        """Serving path: a list of raw rows (dicts). Missing keys are missing values; values
+        never seen in training map to id 0; missing dense values become ``fill``."""
+        names = self.raw_columns() + ([self.label] if any(self.label in r for r in rows) else [])
+        return self.encode({k: [r.get(k) for r in rows] for k in names})
+
+
+def _is_chunk(x) -> bool:
+    import pyarrow as pa
+
+    return isinstance(x, (pa.Table, pa.RecordBatch, dict))
+
+
+def _as_columns(data) -> dict:
+    import pyarrow as pa
+
+    if isinstance(data, (pa.Table, pa.RecordBatch)):
+        return {name: data.column(i) for i, name in enumerate(data.column_names)}
+    if isinstance(data, dict):
+        return data
+    raise TypeError(f"expected a pyarrow Table or a dict of columns, got {type(data).__name__}")
+
+
+def _n_rows(cols: dict) -> int:
+    n = None
+    for name, col in cols.items():
+        if col is None:
+            continue
+        m = len(col)
+        if n is None:
+            n = m
+        elif m != n:
+            raise DataError(f"column {name!r} has {m} rows but others have {n}")
+    return n or 0
+
+
+def criteo_schema(label: str = "label", hash_size: int | None = None, min_count: int = 1) -> Schema:
+    """The Criteo layout: I1..I13 dense (sign-preserving log1p then standardised, missing = 0)
+    and C1..C26 categorical (built vocabularies, or hashed into ``hash_size`` rows)."""
+    fields = [{"name": f"I{i}", "type": "dense", "transform": "log1p_standardize", "fill": 0.0}
+              for i in range(1, 14)]
+    for i in range(1, 27):
+        spec = {"name": f"C{i}", "type": "categorical"}
+        if hash_size:
+            spec.update(vocab="hash", hash_size=hash_size, salt=f"C{i}")
+        else:
+            spec["min_count"] = min_count
+        fields.append(spec)
+    return Schema(fields, label=label)
