@@ -1,0 +1,92 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Public functions. Thin: each forwards to the op layer, which picks the backend."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .ops import attention_pooling as _attn
+from .ops import cross_layer as _cross
+from .ops import dot_interaction as _dot
+from .ops import embedding_bag as _eb
+from .ops import fm_interaction as _fm
+from .ops import sigmoid_bce as _bce
+
+
+def embedding_bag(
+    weights: Tensor,
+    table_offsets: Tensor,
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None = None,
+    pooling: str = "sum",
+) -> Tensor:
+    """Pooled lookup in T tables that share one buffer (FBGEMM TBE layout).
+
+    Args:
+        weights: [N_total, D] float; table t owns rows ``table_offsets[t]:table_offsets[t+1]``.
+        table_offsets: [T+1] int row starts, ``table_offsets[0] == 0``, last == N_total.
+        indices: [nnz] int32/int64 row ids *within* their table.
+        offsets: [T*B+1] int32/int64, table-major: bag (t, b) is
+            ``indices[offsets[t*B+b]:offsets[t*B+b+1]]``; ``offsets[-1] == nnz``.
+        per_sample_weights: [nnz] optional weight of every index.
+        pooling: ``"sum"`` or ``"mean"``; an empty bag gives zeros.
+
+    Returns:
+        [B, T*D]: table t's pooled vector in columns ``t*D:(t+1)*D``.
+
+    The backward returns a sparse gradient holding the touched rows only. Forward and backward
+    are deterministic on the CPU (duplicate ids are summed in order of occurrence).
+
+    Raises:
+        IndexError: an id outside its table (names table, position, value).
+        ValueError: malformed offsets or table_offsets, or a shape mismatch.
+        TypeError: a wrong dtype.
+    """
+    return _eb.embedding_bag(weights, table_offsets, indices, offsets, per_sample_weights, pooling)
+
+
+def fm_interaction(emb: Tensor) -> Tensor:
+    """FM second-order term. emb [B, F, D] -> [B, 1]: 0.5 * sum_d((sum_f e)^2 - sum_f e^2).
+    Deterministic."""
+    return _fm.fm_interaction(emb)
+
+
+def dot_interaction(emb: Tensor, self_interaction: bool = False) -> Tensor:
+    """DLRM dot interaction. emb [B, F, D] -> [B, P]: e_i . e_j for i < j (i <= j with
+    ``self_interaction``), in row-major order of (i, j). Deterministic."""
+    return _dot.dot_interaction(emb, self_interaction)
+
+
+def cross_layer(x0: Tensor, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """DCN-v2 cross layer. x0 [B, K], x [B, K], weight [K, K], bias [K] -> [B, K]:
+    ``x0 * (x @ weight.T + bias) + x``, the elementwise part fused onto the product."""
+    return _cross.cross_layer(x0, x, weight, bias)
+
+
+def attention_pooling(query: Tensor, keys: Tensor, offsets: Tensor) -> Tensor:
+    """Target attention. query [B, D], keys [L_total, D], offsets [B+1] -> [B, D]:
+    per sample, ``softmax(q_b . k / sqrt(D))`` over its keys ``keys[offsets[b]:offsets[b+1]]``,
+    then the weighted sum of those keys. An empty sequence gives zeros."""
+    return _attn.attention_pooling(query, keys, offsets)
+
+
+def sigmoid_bce(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean binary cross-entropy with logits. logits [B], labels [B], weight [B]? -> scalar.
+    The gradient ``(sigmoid(z) - y) * w / B`` is computed in the same pass."""
+    return _bce.sigmoid_bce(logits, labels, weight)
+
+
+def score(x: Tensor, w: Tensor, b: Tensor | float) -> Tensor:
+    """Inference head: x [B, K], w [K], b scalar -> [B] probabilities ``sigmoid(x @ w + b)``."""
+    return _bce.score(x, w, b)
+
+
+__all__ = [
+    "attention_pooling",
+    "cross_layer",
+    "dot_interaction",
+    "embedding_bag",
+    "fm_interaction",
+    "score",
+    "sigmoid_bce",
+]

@@ -1,0 +1,13 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Modules that own parameters; they call adrec_fast.functional, never torch.ops."""
+from .embedding_bag import EmbeddingBagCollection
+from .interaction import AttentionPooling, CrossNet, DotInteraction, FMInteraction, SigmoidBCEHead
+
+__all__ = [
+    "AttentionPooling",
+    "CrossNet",
+    "DotInteraction",
+    "EmbeddingBagCollection",
+    "FMInteraction",
+    "SigmoidBCEHead",
+]

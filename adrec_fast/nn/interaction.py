@@ -1,0 +1,81 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Modules for the feature-interaction and scoring ops."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+
+
+class FMInteraction(nn.Module):
+    """emb [B, F, D] -> [B, 1]: the FM second-order term."""
+
+    def forward(self, emb: Tensor) -> Tensor:
+        return F.fm_interaction(emb)
+
+
+class DotInteraction(nn.Module):
+    """emb [B, F, D] -> [B, P]: DLRM pairwise dot products (i < j, or i <= j with self)."""
+
+    def __init__(self, self_interaction: bool = False):
+        super().__init__()
+        self.self_interaction = self_interaction
+
+    def forward(self, emb: Tensor) -> Tensor:
+        return F.dot_interaction(emb, self.self_interaction)
+
+
+class CrossNet(nn.Module):
+    """DCN-v2 cross network: ``num_layers`` full-rank cross layers,
+    x_{l+1} = x0 * (x_l @ W_l.T + b_l) + x_l. x0 [B, K] -> [B, K]."""
+
+    def __init__(self, in_features: int, num_layers: int = 3):
+        super().__init__()
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(in_features, in_features)) for _ in range(num_layers)
+        )
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(in_features)) for _ in range(num_layers))
+        bound = 1.0 / math.sqrt(in_features)
+        with torch.no_grad():
+            for w in self.weights:
+                w.uniform_(-bound, bound)
+
+    def forward(self, x0: Tensor) -> Tensor:
+        x = x0
+        for w, b in zip(self.weights, self.biases):
+            x = F.cross_layer(x0, x, w, b)
+        return x
+
+
+class AttentionPooling(nn.Module):
+    """Target attention: query [B, D], keys [L_total, D], offsets [B+1] -> [B, D]."""
+
+    def forward(self, query: Tensor, keys: Tensor, offsets: Tensor) -> Tensor:
+        return F.attention_pooling(query, keys, offsets)
+
+
+class SigmoidBCEHead(nn.Module):
+    """Final linear layer + sigmoid. ``forward(x [B, K]) -> logits [B]``;
+    ``loss(logits, labels, weight=None)`` is the fused mean BCE; ``predict(x)`` returns
+    probabilities through the fused score op."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features))
+        self.bias = nn.Parameter(torch.zeros(()))
+        bound = 1.0 / math.sqrt(in_features)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight + self.bias
+
+    @staticmethod
+    def loss(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+        return F.sigmoid_bce(logits, labels, weight)
+
+    def predict(self, x: Tensor) -> Tensor:
+        return F.score(x, self.weight, self.bias)

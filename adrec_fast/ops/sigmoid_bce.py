@@ -1,0 +1,64 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Op layer for the fused sigmoid + BCE loss (gradient from the same pass) and the fused
+linear + sigmoid score."""
+import torch
+
+from .. import reference
+from . import _backend
+
+
+@torch.library.register_fake("adrec::sigmoid_bce")
+def _(logits, labels, weight):
+    return logits.new_empty(()), torch.empty_like(logits)  # loss [], grad_logits [B]
+
+
+@torch.library.register_fake("adrec::score")
+def _(x, w, b):
+    return x.new_empty(x.shape[0])  # [B]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, grad_grad):
+    (grad_logits,) = ctx.saved_tensors
+    return grad_loss * grad_logits, None, None
+
+
+torch.library.register_autograd("adrec::sigmoid_bce", _backward, setup_context=_setup_context)
+
+
+def _score_setup(ctx, inputs, output):
+    x, w, b = inputs
+    ctx.save_for_backward(x, w, output)
+    ctx.b_shape = b.shape
+
+
+def _score_backward(ctx, grad_p):
+    x, w, p = ctx.saved_tensors
+    gz = grad_p * p * (1 - p)  # [B]
+    return gz[:, None] * w[None, :], x.t() @ gz, gz.sum().reshape(ctx.b_shape)
+
+
+torch.library.register_autograd("adrec::score", _score_backward, setup_context=_score_setup)
+
+
+def sigmoid_bce(logits, labels, weight=None):
+    be = _backend.backend_for("sigmoid_bce", logits.device)
+    if be == "reference":
+        return reference.sigmoid_bce(logits, labels, weight)
+    if be == "triton":
+        return torch.ops.adrec.sigmoid_bce_triton(logits, labels, weight)[0]
+    return torch.ops.adrec.sigmoid_bce(logits, labels, weight)[0]
+
+
+def score(x, w, b):
+    if not isinstance(b, torch.Tensor):
+        b = torch.tensor(float(b), dtype=x.dtype, device=x.device)
+    be = _backend.backend_for("score", x.device)
+    if be == "reference":
+        return reference.score(x, w, b)
+    if be == "triton":
+        return torch.ops.adrec.score_triton(x, w, b)
+    return torch.ops.adrec.score(x, w, b)

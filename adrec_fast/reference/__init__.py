@@ -1,0 +1,20 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Plain-PyTorch definitions of every op: the oracle for tests and the "before" in benchmarks."""
+from .attention_pooling import attention_pooling
+from .cross_layer import cross_layer
+from .dot_interaction import dot_interaction
+from .embedding_bag import embedding_bag, rowwise_adagrad_update, sgd_update
+from .fm_interaction import fm_interaction
+from .sigmoid_bce import score, sigmoid_bce
+
+__all__ = [
+    "attention_pooling",
+    "cross_layer",
+    "dot_interaction",
+    "embedding_bag",
+    "fm_interaction",
+    "rowwise_adagrad_update",
+    "score",
+    "sgd_update",
+    "sigmoid_bce",
+]

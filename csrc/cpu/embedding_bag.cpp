@@ -1,0 +1,495 @@
+// SPDX-License-Identifier: Apache-2.0
+// Multi-table pooled embedding lookup on the CPU (FBGEMM TBE layout), its backward that
+// touches only the rows a batch used, and the backward fused with SGD / row-wise Adagrad.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/acc_type.h"
+#include "common/checks.h"
+#include "common/dispatch.h"
+
+namespace adrec {
+namespace {
+
+constexpr const char* kOp = "embedding_bag";
+// How many indices ahead the forward prefetches rows: enough to cover DRAM latency with a
+// few misses in flight per core, small enough that prefetched lines are still in L1/L2.
+constexpr int64_t kPrefetch = 16;
+
+struct Layout {
+  int64_t T = 0, B = 0, D = 0, N = 0, nnz = 0;
+  std::vector<int64_t> table_offsets;  // [T+1]
+  at::Tensor offsets;                  // [T*B+1] int64, contiguous
+};
+
+// Validates everything that can be validated without reading the indices, and normalises
+// offsets to int64. Index range is checked inside the kernels (one compare per index).
+Layout check_layout(const at::Tensor& weights, const at::Tensor& table_offsets,
+                    const at::Tensor& indices, const at::Tensor& offsets,
+                    const c10::optional<at::Tensor>& psw, int64_t pooling) {
+  check_floating(weights, kOp, "weights");
+  check_dim(weights, 2, kOp, "weights", "[N_total, D]");
+  check_index_dtype(table_offsets, kOp, "table_offsets");
+  check_index_dtype(indices, kOp, "indices");
+  check_index_dtype(offsets, kOp, "offsets");
+  check_dim(table_offsets, 1, kOp, "table_offsets", "[T+1]");
+  check_dim(indices, 1, kOp, "indices", "[nnz]");
+  check_dim(offsets, 1, kOp, "offsets", "[T*B+1]");
+  TORCH_CHECK_VALUE(pooling == 0 || pooling == 1, kOp, ": pooling must be 0 (sum) or 1 (mean), got ",
+                    pooling);
+  check_same_device(table_offsets, weights, kOp, "table_offsets", "weights");
+  check_same_device(indices, weights, kOp, "indices", "weights");
+  check_same_device(offsets, weights, kOp, "offsets", "weights");
+  Layout L;
+  L.N = weights.size(0);
+  L.D = weights.size(1);
+  L.nnz = indices.numel();
+  TORCH_CHECK_VALUE(table_offsets.numel() >= 2, kOp,
+                    ": table_offsets must have T+1 >= 2 entries, got ", table_offsets.numel());
+  auto to = table_offsets.to(at::kLong).contiguous();
+  L.T = to.numel() - 1;
+  L.table_offsets.assign(to.data_ptr<int64_t>(), to.data_ptr<int64_t>() + to.numel());
+  TORCH_CHECK_VALUE(L.table_offsets[0] == 0, kOp, ": table_offsets[0] must be 0, got ",
+                    L.table_offsets[0]);
+  for (int64_t t = 0; t < L.T; ++t) {
+    TORCH_CHECK_VALUE(L.table_offsets[t + 1] >= L.table_offsets[t], kOp,
+                      ": table_offsets must be non-decreasing, but table_offsets[", t + 1, "]=",
+                      L.table_offsets[t + 1], " < table_offsets[", t, "]=", L.table_offsets[t]);
+  }
+  TORCH_CHECK_VALUE(L.table_offsets[L.T] == L.N, kOp, ": table_offsets[-1]=",
+                    L.table_offsets[L.T], " must equal weights.size(0)=", L.N);
+  TORCH_CHECK_VALUE(offsets.numel() >= 1 && (offsets.numel() - 1) % L.T == 0, kOp,
+                    ": offsets has length ", offsets.numel(), ", expected T*B+1 with T=", L.T);
+  L.B = (offsets.numel() - 1) / L.T;
+  L.offsets = offsets.to(at::kLong).contiguous();
+  const int64_t* o = L.offsets.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(o[0] == 0, kOp, ": offsets[0] must be 0, got ", o[0]);
+  for (int64_t i = 0; i + 1 < L.offsets.numel(); ++i) {
+    if (o[i + 1] < o[i]) {
+      TORCH_CHECK_VALUE(false, kOp, ": offsets must be non-decreasing, but offsets[", i + 1, "]=",
+                        o[i + 1], " < offsets[", i, "]=", o[i]);
+    }
+  }
+  TORCH_CHECK_VALUE(o[L.offsets.numel() - 1] == L.nnz, kOp, ": offsets[-1]=",
+                    o[L.offsets.numel() - 1], " must equal len(indices)=", L.nnz);
+  if (psw.has_value()) {
+    check_dim(*psw, 1, kOp, "per_sample_weights", "[nnz]");
+    TORCH_CHECK_VALUE(psw->numel() == L.nnz, kOp, ": per_sample_weights has ", psw->numel(),
+                      " entries but indices has ", L.nnz);
+    check_same_dtype(*psw, weights, kOp, "per_sample_weights", "weights");
+    check_same_device(*psw, weights, kOp, "per_sample_weights", "weights");
+  }
+  return L;
+}
+
+// Records the first (lowest position) out-of-range index seen by any thread; the kernel skips
+// the bad row instead of reading it, and the host throws after the parallel region.
+struct BadIndex {
+  std::atomic<int64_t> pos{std::numeric_limits<int64_t>::max()};
+  void record(int64_t p) {
+    int64_t cur = pos.load(std::memory_order_relaxed);
+    while (p < cur && !pos.compare_exchange_weak(cur, p, std::memory_order_relaxed)) {
+    }
+  }
+};
+
+template <typename index_t>
+void throw_bad_index(const BadIndex& bad, const Layout& L, const index_t* idx) {
+  const int64_t p = bad.pos.load();
+  if (p == std::numeric_limits<int64_t>::max()) return;
+  // Find the table that owns position p.
+  const int64_t* o = L.offsets.data_ptr<int64_t>();
+  int64_t bag = std::upper_bound(o, o + L.T * L.B + 1, p) - o - 1;
+  // Empty bags share a start: move to the bag that really contains p.
+  while (bag + 1 < L.T * L.B && o[bag + 1] <= p) ++bag;
+  const int64_t t = L.B > 0 ? bag / L.B : 0;
+  const int64_t rows = L.table_offsets[t + 1] - L.table_offsets[t];
+  TORCH_CHECK_INDEX(false, kOp, ": indices[", p, "]=", static_cast<int64_t>(idx[p]),
+                    " is out of range for table ", t, " (", rows, " rows, sample ", bag % L.B,
+                    ")");
+}
+
+// Row accumulate: acc[0:D] += c * row[0:D]. DV > 0 fixes D at compile time so the loop unrolls
+// and vectorises; DV == 0 is the generic path.
+template <int DV, typename scalar_t, typename acc_t>
+inline void axpy(acc_t* __restrict acc, const scalar_t* __restrict row, acc_t c, int64_t D) {
+  const int64_t n = DV > 0 ? DV : D;
+  for (int64_t d = 0; d < n; ++d) acc[d] += c * static_cast<acc_t>(row[d]);
+}
+
+template <int DV, typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t D) {
+  const int64_t bytes = (DV > 0 ? DV : D) * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + b, 0, 1);
+}
+
+// Forward: one task per block of samples; inside it, table-major so the indices of a table are
+// read contiguously and rows can be prefetched kPrefetch indices ahead. Accumulates in acc_t.
+template <typename scalar_t, typename index_t, int DV, bool HAS_PSW, bool MEAN>
+void forward_kernel(const Layout& L, const scalar_t* w, const index_t* idx, const scalar_t* psw,
+                    scalar_t* out, BadIndex& bad) {
+  using acc = acc_t<scalar_t>;
+  const int64_t T = L.T, B = L.B, D = L.D;
+  const int64_t* o = L.offsets.data_ptr<int64_t>();
+  const int64_t* tofs = L.table_offsets.data();
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(256, B / (4 * at::get_num_threads()) + 1));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<acc> accbuf(DV > 0 ? DV : D);
+    acc* a = accbuf.data();
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t* wt = w + tofs[t] * D;
+      const int64_t rows = tofs[t + 1] - tofs[t];
+      const int64_t kend_all = o[t * B + b1];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t k0 = o[t * B + b], k1 = o[t * B + b + 1];
+        for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d) a[d] = acc(0);
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t kp = k + kPrefetch;
+          if (kp < kend_all) {
+            const int64_t rp = static_cast<int64_t>(idx[kp]);
+            if (rp >= 0 && rp < rows) prefetch_row<DV>(wt + rp * D, D);
+          }
+          const int64_t r = static_cast<int64_t>(idx[k]);
+          if (r < 0 || r >= rows) {
+            bad.record(k);
+            continue;
+          }
+          const acc c = HAS_PSW ? static_cast<acc>(psw[k]) : acc(1);
+          axpy<DV>(a, wt + r * D, c, D);
+        }
+        scalar_t* dst = out + b * T * D + t * D;
+        const acc scale = (MEAN && k1 > k0) ? acc(1) / static_cast<acc>(k1 - k0) : acc(1);
+        for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d) dst[d] = static_cast<scalar_t>(a[d] * scale);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor embedding_bag_cpu(const at::Tensor& weights_, const at::Tensor& table_offsets,
+                             const at::Tensor& indices_, const at::Tensor& offsets,
+                             const c10::optional<at::Tensor>& psw_, int64_t pooling) {
+  Layout L = check_layout(weights_, table_offsets, indices_, offsets, psw_, pooling);
+  auto weights = weights_.contiguous();
+  auto indices = indices_.contiguous();
+  c10::optional<at::Tensor> psw;
+  if (psw_.has_value()) psw = psw_->contiguous();
+  auto out = at::empty({L.B, L.T * L.D}, weights.options());
+  if (L.B == 0 || L.D == 0) return out;
+  BadIndex bad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "embedding_bag_cpu", [&] {
+    ADREC_INDEX_SWITCH(indices.scalar_type(), index_t, [&] {
+      const index_t* idx = indices.data_ptr<index_t>();
+      const scalar_t* pw = psw.has_value() ? psw->data_ptr<scalar_t>() : nullptr;
+      ADREC_DIM_SWITCH(L.D, DV, [&] {
+        ADREC_BOOL_SWITCH(pw != nullptr, HAS_PSW, [&] {
+          ADREC_BOOL_SWITCH(pooling == 1, MEAN, [&] {
+            forward_kernel<scalar_t, index_t, DV, HAS_PSW, MEAN>(
+                L, weights.data_ptr<scalar_t>(), idx, pw, out.data_ptr<scalar_t>(), bad);
+          });
+        });
+      });
+      throw_bad_index(bad, L, idx);
+    });
+  });
+  return out;
+}
+
+namespace {
+
+// Open-addressing map from a row id (within one table) to its slot among the table's unique
+// rows, in order of first occurrence. Sized to >= 2x the table's index count, so probes stay
+// short; lives in a per-thread buffer that is reused across tables and calls.
+struct RowMap {
+  std::vector<int64_t> keys;
+  std::vector<int32_t> vals;
+  uint64_t mask = 0;
+  int shift = 64;
+  void reset(int64_t n) {
+    uint64_t cap = 16;
+    int bits = 4;
+    while (cap < static_cast<uint64_t>(2 * n)) {
+      cap <<= 1;
+      ++bits;
+    }
+    if (keys.size() < cap) {
+      keys.assign(cap, -1);
+      vals.resize(cap);
+    } else {
+      std::fill(keys.begin(), keys.begin() + cap, -1);
+    }
+    mask = cap - 1;
+    shift = 64 - bits;
+  }
+  // Returns the slot of `row`, inserting it as slot `next` when new (and bumping next).
+  inline int32_t find_or_insert(int64_t row, int32_t& next) {
+    uint64_t h = (static_cast<uint64_t>(row) * 0x9E3779B97F4A7C15ull) >> shift;
+    while (true) {
+      const int64_t k = keys[h];
+      if (k == row) return vals[h];
+      if (k == -1) {
+        keys[h] = row;
+        vals[h] = next;
+        return next++;
+      }
+      h = (h + 1) & mask;
+    }
+  }
+};
+
+// Per-table pass shared by the plain and the fused backward: for table t, visit indices in
+// order (bag by bag), map each row to its unique slot, and add c * grad_out[b, t*D:(t+1)*D] to
+// that slot's gradient. Summation order per row is the order of occurrence, so the result does
+// not depend on the thread count.
+template <typename scalar_t, typename index_t, int DV, bool HAS_PSW, bool MEAN, typename acc,
+          typename SlotFn>
+void accumulate_table(const Layout& L, int64_t t, const scalar_t* g, const index_t* idx,
+                      const scalar_t* psw, RowMap& map, acc* gbuf, std::vector<int64_t>& uniq,
+                      BadIndex& bad, SlotFn&& on_slot) {
+  const int64_t T = L.T, B = L.B, D = L.D;
+  const int64_t* o = L.offsets.data_ptr<int64_t>();
+  const int64_t rows = L.table_offsets[t + 1] - L.table_offsets[t];
+  const int64_t n_t = o[(t + 1) * B] - o[t * B];
+  map.reset(n_t);
+  uniq.clear();
+  int32_t next = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t k0 = o[t * B + b], k1 = o[t * B + b + 1];
+    if (k1 == k0) continue;
+    const scalar_t* gb = g + b * T * D + t * D;
+    const acc scale = MEAN ? acc(1) / static_cast<acc>(k1 - k0) : acc(1);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r = static_cast<int64_t>(idx[k]);
+      if (r < 0 || r >= rows) {
+        bad.record(k);
+        continue;
+      }
+      const int32_t before = next;
+      const int32_t s = map.find_or_insert(r, next);
+      acc* dst = gbuf + static_cast<int64_t>(s) * D;
+      if (next != before) {
+        uniq.push_back(r);
+        for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d) dst[d] = acc(0);
+      }
+      const acc c = (HAS_PSW ? static_cast<acc>(psw[k]) : acc(1)) * scale;
+      axpy<DV>(dst, gb, c, D);
+      on_slot(k, s);
+    }
+  }
+}
+
+template <typename F>
+void dispatch_common(const Layout& L, const at::Tensor& weights, const at::Tensor& indices,
+                     const c10::optional<at::Tensor>& psw, int64_t pooling, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "embedding_bag_bwd_cpu", [&] {
+    ADREC_INDEX_SWITCH(indices.scalar_type(), index_t, [&] {
+      ADREC_DIM_SWITCH(L.D, DV, [&] {
+        ADREC_BOOL_SWITCH(psw.has_value(), HAS_PSW, [&] {
+          ADREC_BOOL_SWITCH(pooling == 1, MEAN, [&] {
+            f(scalar_t(), index_t(), std::integral_constant<int, DV>(),
+              std::integral_constant<bool, HAS_PSW>(), std::integral_constant<bool, MEAN>());
+          });
+        });
+      });
+    });
+  });
+}
+
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& weights, const Layout& L) {
+  check_dim(grad_out, 2, "embedding_bag_bwd", "grad_out", "[B, T*D]");
+  TORCH_CHECK_VALUE(grad_out.size(0) == L.B && grad_out.size(1) == L.T * L.D,
+                    "embedding_bag_bwd: grad_out has shape ", grad_out.sizes(), ", expected [",
+                    L.B, ", ", L.T * L.D, "]");
+  check_same_dtype(grad_out, weights, "embedding_bag_bwd", "grad_out", "weights");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> embedding_bag_bwd_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& weights, const at::Tensor& table_offsets,
+    const at::Tensor& indices_, const at::Tensor& offsets, const c10::optional<at::Tensor>& psw_,
+    int64_t pooling) {
+  Layout L = check_layout(weights, table_offsets, indices_, offsets, psw_, pooling);
+  check_grad_out(grad_out_, weights, L);
+  auto grad_out = grad_out_.contiguous();
+  auto indices = indices_.contiguous();
+  c10::optional<at::Tensor> psw;
+  if (psw_.has_value()) psw = psw_->contiguous();
+  const int64_t T = L.T, B = L.B, D = L.D;
+  const int64_t* o = L.offsets.data_ptr<int64_t>();
+  // Phase 1 (parallel over tables): unique rows per table and the slot of every index.
+  // Phase 2: prefix sum -> output rows. Phase 3 (parallel over tables): sum gradients into
+  // the output in order of occurrence. The slot array lets phase 3 skip the hash map.
+  std::vector<std::vector<int64_t>> uniq(T);
+  std::vector<int32_t> slot(L.nnz);
+  BadIndex bad;
+  at::Tensor rows, grads;
+  dispatch_common(L, weights, indices, psw, pooling, [&](auto s_, auto i_, auto dv_, auto hp_, auto mean_) {
+    using scalar_t = decltype(s_);
+    using index_t = decltype(i_);
+    constexpr int DV = decltype(dv_)::value;
+    constexpr bool HAS_PSW = decltype(hp_)::value;
+    constexpr bool MEAN = decltype(mean_)::value;
+    using acc = acc_t<scalar_t>;
+    const index_t* idx = indices.template data_ptr<index_t>();
+    const scalar_t* pw = HAS_PSW ? psw->template data_ptr<scalar_t>() : nullptr;
+    const scalar_t* g = grad_out.template data_ptr<scalar_t>();
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      RowMap map;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n_t = o[(t + 1) * B] - o[t * B];
+        const int64_t rows_t = L.table_offsets[t + 1] - L.table_offsets[t];
+        map.reset(n_t);
+        int32_t next = 0;
+        auto& u = uniq[t];
+        u.clear();
+        for (int64_t k = o[t * B]; k < o[(t + 1) * B]; ++k) {
+          const int64_t r = static_cast<int64_t>(idx[k]);
+          if (r < 0 || r >= rows_t) {
+            bad.record(k);
+            slot[k] = -1;
+            continue;
+          }
+          const int32_t before = next;
+          slot[k] = map.find_or_insert(r, next);
+          if (next != before) u.push_back(r + L.table_offsets[t]);
+        }
+      }
+    });
+    throw_bad_index(bad, L, idx);
+    std::vector<int64_t> base(T + 1, 0);
+    for (int64_t t = 0; t < T; ++t) base[t + 1] = base[t] + static_cast<int64_t>(uniq[t].size());
+    const int64_t U = base[T];
+    rows = at::empty({U}, weights.options().dtype(at::kLong));
+    // Accumulate in acc_t: a float buffer for half/bf16, cast once at the end.
+    auto gacc = at::zeros({U, D}, weights.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    int64_t* rp = rows.data_ptr<int64_t>();
+    acc* ga = gacc.template data_ptr<acc>();
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        std::copy(uniq[t].begin(), uniq[t].end(), rp + base[t]);
+        acc* gt = ga + base[t] * D;
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t k0 = o[t * B + b], k1 = o[t * B + b + 1];
+          if (k1 == k0) continue;
+          const scalar_t* gb = g + b * T * D + t * D;
+          const acc scale = MEAN ? acc(1) / static_cast<acc>(k1 - k0) : acc(1);
+          for (int64_t k = k0; k < k1; ++k) {
+            const acc c = (HAS_PSW ? static_cast<acc>(pw[k]) : acc(1)) * scale;
+            axpy<DV>(gt + static_cast<int64_t>(slot[k]) * D, gb, c, D);
+          }
+        }
+      }
+    });
+    grads = gacc.to(weights.scalar_type());
+  });
+  return {rows, grads};
+}
+
+void embedding_bag_bwd_update_cpu(const at::Tensor& grad_out_, const at::Tensor& weights,
+                                  const at::Tensor& state, const at::Tensor& table_offsets,
+                                  const at::Tensor& indices_, const at::Tensor& offsets,
+                                  const c10::optional<at::Tensor>& psw_, int64_t pooling,
+                                  int64_t optimizer, double lr, double eps) {
+  constexpr const char* op = "embedding_bag_bwd_update";
+  Layout L = check_layout(weights, table_offsets, indices_, offsets, psw_, pooling);
+  check_grad_out(grad_out_, weights, L);
+  TORCH_CHECK_VALUE(weights.is_contiguous(), op, ": weights must be contiguous (updated in place)");
+  TORCH_CHECK_VALUE(optimizer == 0 || optimizer == 1, op,
+                    ": optimizer must be 0 (SGD) or 1 (row-wise Adagrad), got ", optimizer);
+  if (optimizer == 1) {
+    TORCH_CHECK_TYPE(state.scalar_type() == at::kFloat, op, ": state must be float32, got ",
+                     state.scalar_type());
+    TORCH_CHECK_VALUE(state.dim() == 1 && state.numel() == L.N && state.is_contiguous(), op,
+                      ": state must be a contiguous [N_total]=[", L.N, "] tensor, got shape ",
+                      state.sizes());
+    check_same_device(state, weights, op, "state", "weights");
+  }
+  auto grad_out = grad_out_.contiguous();
+  auto indices = indices_.contiguous();
+  c10::optional<at::Tensor> psw;
+  if (psw_.has_value()) psw = psw_->contiguous();
+  const int64_t T = L.T, D = L.D;
+  const int64_t* o = L.offsets.data_ptr<int64_t>();
+  BadIndex bad;
+  // Validate every index before touching any weight, so a bad batch leaves the model as it was.
+  ADREC_INDEX_SWITCH(indices.scalar_type(), index_t, [&] {
+    const index_t* idx = indices.template data_ptr<index_t>();
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t rows_t = L.table_offsets[t + 1] - L.table_offsets[t];
+        for (int64_t k = o[t * L.B]; k < o[(t + 1) * L.B]; ++k) {
+          const int64_t r = static_cast<int64_t>(idx[k]);
+          if (r < 0 || r >= rows_t) {
+            bad.record(k);
+            break;
+          }
+        }
+      }
+    });
+    throw_bad_index(bad, L, idx);
+  });
+  dispatch_common(L, weights, indices, psw, pooling, [&](auto s_, auto i_, auto dv_, auto hp_, auto mean_) {
+    using scalar_t = decltype(s_);
+    using index_t = decltype(i_);
+    constexpr int DV = decltype(dv_)::value;
+    constexpr bool HAS_PSW = decltype(hp_)::value;
+    constexpr bool MEAN = decltype(mean_)::value;
+    using acc = acc_t<scalar_t>;
+    const index_t* idx = indices.template data_ptr<index_t>();
+    const scalar_t* pw = HAS_PSW ? psw->template data_ptr<scalar_t>() : nullptr;
+    const scalar_t* g = grad_out.template data_ptr<scalar_t>();
+    scalar_t* w = weights.template data_ptr<scalar_t>();
+    float* st = optimizer == 1 ? state.data_ptr<float>() : nullptr;
+    const acc alr = static_cast<acc>(lr), aeps = static_cast<acc>(eps);
+    // Tables are disjoint row ranges, so threads that own different tables never write the
+    // same row: no atomics, and each row's update is computed by exactly one thread.
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      RowMap map;
+      std::vector<acc> gbuf;
+      std::vector<int64_t> uniq;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n_t = o[(t + 1) * L.B] - o[t * L.B];
+        if (n_t == 0) continue;
+        if (static_cast<int64_t>(gbuf.size()) < n_t * D) gbuf.resize(n_t * D);
+        accumulate_table<scalar_t, index_t, DV, HAS_PSW, MEAN, acc>(
+            L, t, g, idx, pw, map, gbuf.data(), uniq, bad, [](int64_t, int32_t) {});
+        scalar_t* wt = w + L.table_offsets[t] * D;
+        const int64_t U = static_cast<int64_t>(uniq.size());
+        for (int64_t s = 0; s < U; ++s) {
+          const acc* gs = gbuf.data() + s * D;
+          scalar_t* wr = wt + uniq[s] * D;
+          if (optimizer == 0) {
+            for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d)
+              wr[d] = static_cast<scalar_t>(static_cast<acc>(wr[d]) - alr * gs[d]);
+          } else {
+            acc sq = 0;
+            for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d) sq += gs[d] * gs[d];
+            float& sr = st[L.table_offsets[t] + uniq[s]];
+            sr += static_cast<float>(sq / static_cast<acc>(D));
+            const acc step = alr / (std::sqrt(static_cast<acc>(sr)) + aeps);
+            for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d)
+              wr[d] = static_cast<scalar_t>(static_cast<acc>(wr[d]) - step * gs[d]);
+          }
+        }
+      }
+    });
+  });
+}
+
+TORCH_LIBRARY_IMPL(adrec, CPU, m) {
+  m.impl("embedding_bag", &embedding_bag_cpu);
+  m.impl("embedding_bag_bwd", &embedding_bag_bwd_cpu);
+  m.impl("embedding_bag_bwd_update", &embedding_bag_bwd_update_cpu);
+}
+
+}  // namespace adrec

@@ -1,0 +1,53 @@
+// SPDX-License-Identifier: Apache-2.0
+// Every adrec:: schema, nothing else. Kernels register themselves at the bottom of
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake kernels and autograd live in adrec_fast/ops.
+#include <torch/library.h>
+
+TORCH_LIBRARY(adrec, m) {
+  // weights [N_total, D]; table_offsets [T+1] row starts; indices [nnz] (row ids within their
+  // table); offsets [T*B+1] (FBGEMM TBE layout, table-major); per_sample_weights [nnz];
+  // pooling 0=sum 1=mean. Returns [B, T*D].
+  m.def(
+      "embedding_bag(Tensor weights, Tensor table_offsets, Tensor indices, Tensor offsets, "
+      "Tensor? per_sample_weights, int pooling) -> Tensor");
+  // Returns (unique_rows [U] int64 global row ids, row_grads [U, D]): only the touched rows.
+  m.def(
+      "embedding_bag_bwd(Tensor grad_out, Tensor weights, Tensor table_offsets, Tensor indices, "
+      "Tensor offsets, Tensor? per_sample_weights, int pooling) -> (Tensor, Tensor)");
+  // Backward fused with the optimizer update of the touched rows, in place.
+  // optimizer 0 = SGD (state unused), 1 = row-wise Adagrad (state [N_total] float32).
+  m.def(
+      "embedding_bag_bwd_update(Tensor grad_out, Tensor(a!) weights, Tensor(b!) state, "
+      "Tensor table_offsets, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
+      "int pooling, int optimizer, float lr, float eps) -> ()");
+
+  // emb [B, F, D] -> [B, 1]
+  m.def("fm_interaction(Tensor emb) -> Tensor");
+  m.def("fm_interaction_bwd(Tensor grad_out, Tensor emb) -> Tensor");
+
+  // emb [B, F, D] -> [B, P], P = F(F-1)/2 (F(F+1)/2 with self_interaction)
+  m.def("dot_interaction(Tensor emb, bool self_interaction) -> Tensor");
+  m.def("dot_interaction_bwd(Tensor grad_out, Tensor emb, bool self_interaction) -> Tensor");
+
+  // DCN-v2: x0 [B, K], x [B, K], weight [K, K], bias [K] -> (out [B, K], xw [B, K]);
+  // out = x0 * xw + x with xw = x @ weight.T + bias (xw is kept for the backward).
+  m.def("cross_layer(Tensor x0, Tensor x, Tensor weight, Tensor bias) -> (Tensor, Tensor)");
+  // -> (grad_x0, grad_x, grad_weight, grad_bias)
+  m.def(
+      "cross_layer_bwd(Tensor grad_out, Tensor x0, Tensor x, Tensor weight, Tensor xw) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // query [B, D], keys [L_total, D], offsets [B+1] -> (out [B, D], probs [L_total])
+  m.def("attention_pooling(Tensor query, Tensor keys, Tensor offsets) -> (Tensor, Tensor)");
+  // -> (grad_query [B, D], grad_keys [L_total, D])
+  m.def(
+      "attention_pooling_bwd(Tensor grad_out, Tensor query, Tensor keys, Tensor offsets, "
+      "Tensor probs) -> (Tensor, Tensor)");
+
+  // logits [B], labels [B], weight [B]? -> (loss [], grad_logits [B]); the gradient of the mean
+  // loss comes out of the same pass, so there is no separate _bwd op.
+  m.def("sigmoid_bce(Tensor logits, Tensor labels, Tensor? weight) -> (Tensor, Tensor)");
+
+  // x [B, K], w [K], b [] or [1] -> sigmoid(x @ w + b) [B]
+  m.def("score(Tensor x, Tensor w, Tensor b) -> Tensor");
+}
