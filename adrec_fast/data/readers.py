@@ -574,16 +574,25 @@ def iter_batches(path, schema, batch_size: int, *, fmt: str | None = None, shuff
     ``shuffle`` permutes rows inside each chunk (a chunk-sized shuffle buffer; seeded).
     The last batch is smaller unless ``drop_last``.
     """
+    if not schema.fitted:
+        raise RuntimeError("iter_batches needs a fitted schema; call schema.fit(path) first")
+    reader = path if isinstance(path, Reader) else open_reader(path, fmt=fmt, schema=schema, **reader_kwargs)
+    yield from batches_from_chunks(reader, schema, batch_size, shuffle=shuffle, seed=seed,
+                                   drop_last=drop_last)
+
+
+def batches_from_chunks(chunks, schema, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                        drop_last: bool = False):
+    """Encode raw chunks with ``schema`` and re-cut them into Batches of ``batch_size`` rows."""
     import torch
 
     from .batch import Batch
 
-    if not schema.fitted:
-        raise RuntimeError("iter_batches needs a fitted schema; call schema.fit(path) first")
-    reader = path if isinstance(path, Reader) else open_reader(path, fmt=fmt, schema=schema, **reader_kwargs)
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
     gen = torch.Generator().manual_seed(seed)
     carry = None
-    for chunk in reader:
+    for chunk in chunks:
         enc = schema.encode(chunk)
         if shuffle:
             enc = enc.take(torch.randperm(enc.batch_size, generator=gen))
