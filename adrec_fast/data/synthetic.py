@@ -8,7 +8,7 @@ last); ``d0..d{n_dense-1}`` dense features (half heavy-tailed positive "counts",
 Gaussian, 5% missing). True model, per row:
 
     logit = bias + sum_f w_f[id_f]                              first order, every sparse field
-          + sum_{f<g} <v_f[id_f], v_g[id_g]>                    FM pairwise, rank ``latent_dim``
+          + sum_{f<g<n_interacting} <v_f[id_f], v_g[id_g]>     FM pairs, rank ``latent_dim``
           + sum_j a_j * z_j                                     dense, z = the schema's transform
           + gamma * mean_h <u[item], u[hist_h]>                 target attention on the history
     label ~ Bernoulli(sigmoid(logit))
@@ -16,8 +16,8 @@ Gaussian, 5% missing). True model, per row:
 Items belong to ``n_clusters`` interest clusters; a user's history and (more weakly) the
 candidate item are drawn from the user's cluster, and u[item] is the item's cluster centre plus
 noise, so the history term rewards candidates close to what the user clicked before. Component
-scales are fixed on a calibration sample (first order 0.9, FM 0.7, dense 0.4, attention 0.6 in
-logit standard deviations) and the bias is bisected to give ``target_ctr``; this gives an oracle
+scales are fixed on a calibration sample (``SCALES``: first order 1.0, FM 0.6, dense 0.5,
+attention 0.5 in logit standard deviations) and the bias is bisected to give ``target_ctr``; this gives an oracle
 AUC near 0.8. Everything is a deterministic function of ``seed``: row i is the same whatever
 ``n`` or chunk size is asked for (rows are made in fixed blocks of ``BLOCK_ROWS``).
 """
@@ -42,10 +42,13 @@ class SyntheticCTR:
     ``n_rows`` is the default size of ``generate``/``batches``/``oracle_auc``.
     """
 
+    # logit standard deviation of: first order, FM pairs, dense, history attention
+    SCALES = (1.0, 0.6, 0.5, 0.5)
+
     def __init__(self, n_rows: int = 200_000, seed: int = 0, n_sparse: int = 16, n_dense: int = 6,
                  max_len: int = 20, latent_dim: int = 4, n_clusters: int = 16,
-                 target_ctr: float = 0.25, max_cardinality: int = 5000,
-                 n_users: int = 2000, n_items: int = 3000):
+                 target_ctr: float = 0.25, max_cardinality: int = 1000,
+                 n_users: int = 1000, n_items: int = 1000, n_interacting: int = 6):
         if n_sparse < 2:
             raise ValueError("n_sparse counts user and item, so it must be >= 2")
         if not 0.0 < target_ctr < 1.0:
@@ -62,7 +65,9 @@ class SyntheticCTR:
         self.sparse_names = ["user", "item"] + [f"c{i}" for i in range(2, n_sparse)]
         other = np.exp(rng.uniform(np.log(10), np.log(max_cardinality), n_sparse - 2)).astype(np.int64)
         self.cardinalities = [n_users, n_items] + [int(c) for c in other]
-        self.zipf = [1.1, 1.05] + list(rng.uniform(1.05, 1.4, n_sparse - 2))
+        self.zipf = [1.1, 1.05] + list(rng.uniform(1.1, 1.5, n_sparse - 2))
+        # the FM term couples the first n_interacting fields (user, item, c2, ...)
+        self.n_interacting = min(n_interacting, n_sparse)
         # popularity of every id: Zipf over a random permutation, so raw ids do not sort by rank
         self._cdf = []
         for card, a in zip(self.cardinalities, self.zipf):
@@ -98,7 +103,7 @@ class SyntheticCTR:
         self._scale = np.ones(4)
         self.bias = 0.0
         parts = self._rows(np.random.default_rng([self.seed, 1]), _CAL_ROWS)[1]
-        target_std = np.array([0.9, 0.7, 0.4, 0.6])
+        target_std = np.array(self.SCALES)
         self._scale = target_std / np.maximum(parts.std(axis=0), 1e-12)
         logit = (parts * self._scale).sum(axis=1)
         lo, hi = -20.0, 20.0
@@ -140,7 +145,7 @@ class SyntheticCTR:
         raw = self._dense_raw(rng, n)
         # true model parts (using exactly the information the features carry)
         first = sum(self.w[f][ids[f]] for f in range(self.n_sparse))
-        vs = np.stack([self.v[f][ids[f]] for f in range(self.n_sparse)], axis=1)  # [n, F, k]
+        vs = np.stack([self.v[f][ids[f]] for f in range(self.n_interacting)], axis=1)  # [n, F', k]
         fm = 0.5 * ((vs.sum(1) ** 2) - (vs**2).sum(1)).sum(1)
         dense_term = ((self._dense_term(raw) - self._tz_mean) / self._tz_std) @ self.a
         sims = (self.u[ids[1]][rows] * self.u[hist]).sum(1)  # [nnz]

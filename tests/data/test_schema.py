@@ -1,0 +1,227 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Schema: declaration checks, fitting, encoding, the Batch layout, hashing, persistence."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from adrec_fast.data import Batch, DataError, Schema, stable_hash
+
+FIELDS = [
+    {"name": "user", "type": "categorical", "min_count": 2},
+    {"name": "item", "type": "categorical"},
+    {"name": "site", "type": "categorical", "vocab": "hash", "hash_size": 11, "salt": "s"},
+    {"name": "tags", "type": "multi_categorical", "max_len": 2},
+    {"name": "hist", "type": "multi_categorical", "sequence": True, "share_with": "item", "max_len": 2},
+    {"name": "price", "type": "dense", "transform": "log1p_standardize", "fill": 0.0},
+    {"name": "age", "type": "dense", "transform": "none", "fill": -1.0},
+    {"name": "emb", "type": "vector", "dim": 2},
+]
+
+TRAIN = {
+    "label": [1, 0, 0, 1],
+    "user": ["u1", "u1", "u2", "u1"],
+    "item": ["i1", "i2", "i1", "i3"],
+    "site": ["a", "b", "c", "a"],
+    "tags": ["t1|t2|t3", "", "t2", "t1"],
+    "hist": ["i4|i1|i2", "i4", "", "i2"],
+    "price": [0.0, 1.0, np.e - 1.0, None],
+    "age": [20.0, 30.0, None, 40.0],
+    "emb": ["1 2", "3|4", "", "5 6"],
+}
+
+
+@pytest.fixture
+def schema():
+    return Schema(FIELDS).fit(TRAIN)
+
+
+def test_vocabulary_min_count_order_and_sharing(schema):
+    # user: u1 x3, u2 x1 -> only u1 with min_count 2
+    assert schema.field("user").vocabulary == ["u1"]
+    # item counts include the shared history: i1 x3, i2 x3, i4 x2, i3 x1 (ties by value)
+    assert schema.field("item").vocabulary == ["i1", "i2", "i4", "i3"]
+    assert schema.tables() == [("user", 2), ("item", 5), ("site", 11), ("tags", 4)]
+    assert schema.sparse_fields() == [("user", 0), ("item", 1), ("site", 2), ("tags", 3)]
+    assert schema.sequence_fields() == [("hist", 1)]
+    assert schema.table_of("hist") == 1
+    assert schema.table_offsets().tolist() == [0, 2, 7, 18, 22]
+    assert schema.bag_tables().tolist() == [0, 1, 2, 3]
+    assert schema.n_dense == 2 and schema.vector_dim == 2
+    # price after fill and log1p: [0, log 2, 1, 0]
+    z = np.array([0.0, np.log(2.0), 1.0, 0.0])
+    assert schema.field("price").mean == pytest.approx(z.mean())
+    assert schema.field("price").std == pytest.approx(z.std())
+
+
+def test_batch_layout_matches_tbe_definition(schema):
+    b = schema.encode(TRAIN)
+    B = 4
+    assert b.batch_size == B and b.num_bags == 4
+    h = stable_hash(["a", "b", "c", "a"], "s", 11).tolist()
+    # hand-computed: user [u1,u1,u2(OOV),u1]; item ids i1=1,i2=2,i4=3,i3=4;
+    # tags t1=1,t2=2,t3=3 (t1,t2 twice each... counts t1 2, t2 2, t3 1), first max_len=2 kept
+    expected_bags = [
+        [1], [1], [0], [1],          # user
+        [1], [2], [1], [4],          # item
+        [h[0]], [h[1]], [h[2]], [h[3]],  # site (hashed)
+        [1, 2], [], [2], [1],        # tags: "t1|t2|t3" truncated to the first 2
+    ]
+    assert b.offsets.tolist() == list(np.cumsum([0] + [len(x) for x in expected_bags]))
+    for t in range(4):
+        for r in range(B):
+            bag = b.indices[b.offsets[t * B + r] : b.offsets[t * B + r + 1]].tolist()
+            assert bag == expected_bags[t * B + r], (t, r)
+    # history keeps the LAST max_len items, within the item table
+    assert b.seq_indices["hist"].tolist() == [1, 2, 3, 2]
+    assert b.seq_offsets["hist"].tolist() == [0, 2, 3, 3, 4]
+    assert b.indices.dtype == torch.long and b.offsets.dtype == torch.long
+    f = schema.field("price")
+    z = (np.array([0.0, np.log(2.0), 1.0, 0.0]) - f.mean) / f.std
+    torch.testing.assert_close(b.dense[:, 0], torch.tensor(z, dtype=torch.float32))
+    assert b.dense[:, 1].tolist() == [20.0, 30.0, -1.0, 40.0]
+    assert b.vectors.tolist() == [[1, 2], [3, 4], [0, 0], [5, 6]]
+    assert b.labels.tolist() == [1, 0, 0, 1]
+    # ids stay inside their tables
+    card = torch.tensor([c for _, c in schema.tables()])
+    per_bag = torch.repeat_interleave(card[schema.bag_tables()].repeat_interleave(B), b.bag_lengths().reshape(-1))
+    assert (b.indices < per_bag).all() and (b.indices >= 0).all()
+
+
+def test_serving_rows_match_training_encoding(schema):
+    train = schema.encode(TRAIN)
+    rows = [{k: v[i] for k, v in TRAIN.items()} for i in range(4)]
+    served = schema.encode_rows(rows)
+    for name in ("indices", "offsets", "dense", "vectors", "labels"):
+        assert torch.equal(getattr(served, name), getattr(train, name)), name
+    assert torch.equal(served.seq_indices["hist"], train.seq_indices["hist"])
+
+
+def test_unseen_and_missing_values_at_serving(schema):
+    b = schema.encode_rows([{"user": "nobody", "item": "i999", "site": "zzz", "tags": ["t1", "zzz"], "hist": ["i3", "new"]},
+                            {}])
+    B = 2
+    bags = [b.indices[b.offsets[i] : b.offsets[i + 1]].tolist() for i in range(4 * B)]
+    assert bags[0] == [0] and bags[2] == [0]  # user, item: OOV -> 0
+    assert bags[1] == [0] and bags[3] == [0]  # missing -> 0
+    assert bags[4] != [0] and bags[5] == [0]  # site: hashed value vs missing
+    assert bags[6] == [1, 0] and bags[7] == []  # unseen tag stays as OOV, missing list is empty
+    assert b.seq_indices["hist"].tolist() == [4, 0]
+    assert b.dense[1].tolist() == [pytest.approx((0 - schema.field("price").mean) / schema.field("price").std), -1.0]
+    assert torch.isnan(b.labels).all()
+    assert b.vectors.tolist() == [[0, 0], [0, 0]]
+
+
+def test_serving_numbers_and_text_are_the_same_token():
+    s = Schema([{"name": "c", "type": "categorical"}]).fit({"c": ["5042", "7", "7"]})
+    a = s.encode_columns({"c": [5042, 7, 3]}).indices
+    b = s.encode_columns({"c": ["5042", "7", "3"]}).indices
+    c = s.encode_columns({"c": np.array([5042.0, 7.0, 3.0])}).indices
+    assert a.tolist() == b.tolist() == c.tolist() == [2, 1, 0]
+
+
+def test_bad_values_at_encode_time(schema):
+    with pytest.raises(DataError, match=r"field 'age': non-numeric value in dense field \(row 2"):
+        schema.encode_rows([{"age": 1}, {"age": "old"}])
+    with pytest.raises(DataError, match=r"field 'emb': row 1: expected 2 numeric values"):
+        schema.encode_rows([{"emb": "1 2 3"}])
+    with pytest.raises(DataError, match=r"field 'label': row 1: label must be 0 or 1"):
+        schema.encode_rows([{"label": 3}])
+    with pytest.raises(DataError, match="no column 'site'"):
+        schema.encode({k: v for k, v in TRAIN.items() if k != "site"})
+
+
+def test_hashing_is_stable_and_salted():
+    toks = ["05db9164", "68fd1e64", "", None, "é", "a" * 100]
+    ids = stable_hash(toks, "C1", 1000)
+    # frozen values: a change here breaks every saved hashed model
+    assert ids.tolist() == stable_hash(np.array(toks, dtype=object), "C1", 1000).tolist()
+    assert ids[2] == 0 and ids[3] == 0 and ((ids[[0, 1, 4, 5]] >= 1) & (ids[[0, 1, 4, 5]] < 1000)).all()
+    assert ids.tolist() == FROZEN_HASH
+    assert stable_hash(toks, "C2", 1000).tolist() != ids.tolist()
+    many = stable_hash([str(i) for i in range(20000)], "", 101)
+    counts = np.bincount(many, minlength=101)[1:]
+    assert counts.min() > 120 and counts.max() < 290  # about 200 per bucket
+
+
+FROZEN_HASH = [103, 52, 0, 0, 660, 665]  # FNV-1a 64 + fmix64, salt "C1", size 1000
+
+
+def test_hash_schema_needs_no_fit():
+    s = Schema([{"name": "c", "type": "categorical", "vocab": "hash", "hash_size": 64}])
+    assert s.fitted and s.tables() == [("c", 64)]
+    assert s.encode_columns({"c": ["x", "y"]}).indices.tolist() == stable_hash(["x", "y"], "", 64).tolist()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
+def test_round_trip_gives_identical_tensors(schema, tmp_path, suffix):
+    path = tmp_path / f"schema{suffix}"
+    schema.save(path)
+    back = Schema.load(path)
+    assert back == schema
+    a, b = schema.encode(TRAIN), back.encode(TRAIN)
+    for name in ("indices", "offsets", "dense", "vectors", "labels"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    if suffix == ".json":
+        assert json.loads(path.read_text())["fields"][0]["vocabulary"] == ["u1"]
+    assert Schema.from_json(schema.to_json()) == schema
+
+
+def test_declaration_errors():
+    with pytest.raises(ValueError, match="unknown type"):
+        Schema([{"name": "a", "type": "cat"}])
+    with pytest.raises(ValueError, match="hash_size"):
+        Schema([{"name": "a", "type": "categorical", "vocab": "hash"}])
+    with pytest.raises(ValueError, match="share_with"):
+        Schema([{"name": "a", "type": "multi_categorical", "share_with": "b"}])
+    with pytest.raises(ValueError, match="sequence"):
+        Schema([{"name": "a", "type": "categorical", "sequence": True}])
+    with pytest.raises(ValueError, match="duplicate"):
+        Schema([{"name": "a", "type": "dense"}, {"name": "a", "type": "dense"}])
+    with pytest.raises(ValueError, match="label"):
+        Schema([{"name": "label", "type": "dense"}])
+    with pytest.raises(ValueError, match="unknown keys"):
+        Schema([{"name": "a", "type": "dense", "bins": 3}])
+    with pytest.raises(RuntimeError, match="fit"):
+        Schema([{"name": "a", "type": "categorical"}]).encode({"a": ["x"]})
+
+
+def test_infer_from_csv_types_overrides_and_drop(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("label,id,name,score,n,extra\r\n1,3,a,0.5,7,z\r\n0,4,b,1.5,800,z\r\n")
+    s = Schema.infer_from_csv(p)
+    assert [(f.name, f.type) for f in s.fields] == [
+        ("id", "categorical"), ("name", "categorical"), ("score", "dense"), ("n", "categorical"),
+        ("extra", "categorical")]
+    s = Schema.infer_from_csv(p, overrides={"n": "dense", "score": {"transform": "none"}}, drop=["extra"])
+    assert [(f.name, f.type) for f in s.fields][2:] == [("score", "dense"), ("n", "dense")]
+    assert s.field("score").transform == "none"
+    with pytest.raises(ValueError, match="absent"):
+        Schema.infer_from_csv(p, drop=["nope"])
+
+
+def test_batch_slice_take_concat(schema):
+    b = schema.encode(TRAIN)
+    parts = [b.slice(0, 1), b.slice(1, 3), b.slice(3, 4)]
+    again = Batch.concat(parts)
+    for name in ("indices", "offsets", "dense", "vectors", "labels"):
+        assert torch.equal(getattr(again, name), getattr(b, name)), name
+    assert torch.equal(again.seq_indices["hist"], b.seq_indices["hist"])
+    assert torch.equal(again.seq_offsets["hist"], b.seq_offsets["hist"])
+    sub = b.take(torch.tensor([3, 0]))
+    direct = schema.encode({k: [v[3], v[0]] for k, v in TRAIN.items()})
+    assert torch.equal(sub.indices, direct.indices) and torch.equal(sub.offsets, direct.offsets)
+    assert torch.equal(sub.seq_indices["hist"], direct.seq_indices["hist"])
+    empty = b.slice(2, 2)
+    assert empty.batch_size == 0 and empty.offsets.tolist() == [0] and empty.dense.shape == (0, 2)
+
+
+def test_fit_streams_chunks_and_accepts_arrow(schema):
+    t = pa.table({k: v for k, v in TRAIN.items()})
+    halves = [t.slice(0, 2), t.slice(2)]
+    s2 = Schema(FIELDS).fit(halves)
+    assert s2 == schema
+    assert Schema(FIELDS).fit(t, max_rows=2).field("item").vocabulary == ["i1", "i2", "i4"]
