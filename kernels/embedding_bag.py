@@ -31,6 +31,7 @@ def _embedding_bag_fwd_kernel(
     psw_ptr,  # [nnz] or dummy
     out_ptr,  # [B, T*D]
     err_ptr,  # [1] int64: lowest position of an out-of-range id
+    nnz,
     B,
     T,
     D,
@@ -59,7 +60,8 @@ def _embedding_bag_fwd_kernel(
     max_len = tl.max(length, axis=0)
     for j in range(0, max_len):
         k = start + j  # [BLOCK_B]
-        live = j < length
+        # k outside [0, nnz) only with malformed offsets (the host check reports those).
+        live = (j < length) & (k >= 0) & (k < nnz)
         r = tl.load(idx_ptr + k, mask=live, other=0).to(tl.int64)
         ok = live & (r >= 0) & (r < rows)
         # An out-of-range id is never read: it is masked and its position reported.
@@ -198,14 +200,26 @@ def embedding_bag_fwd(
     block_b, block_d, warps = _fwd_config(D)
     grid = (triton.cdiv(B, block_b), T, triton.cdiv(D, block_d))
     wrap(_embedding_bag_fwd_kernel)[grid](
-        weights, table_offsets, indices.contiguous(), offsets, psw, out, err, B, T, D,
+        weights, table_offsets, indices.contiguous(), offsets, psw, out, err, indices.numel(),
+        B, T, D,
         HAS_PSW=per_sample_weights is not None, MEAN=pooling == 1,
         BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps,
     )
     if check:
-        pos = int(err.item())
-        if pos != _NO_ERROR:
-            _raise_bad_index(pos, table_offsets, indices, offsets)
+        # One read-back for the id check and the offsets' structure.
+        o = offsets
+        flags = torch.stack([
+            err[0], (o[0] != 0).long(), (o[-1] != indices.numel()).long(),
+            (o[1:] < o[:-1]).any().long(),
+        ]).tolist()
+        if flags[1] or flags[2] or flags[3]:
+            raise ValueError(
+                f"embedding_bag: offsets must start at 0, be non-decreasing and end at "
+                f"len(indices)={indices.numel()}; got offsets[0]={int(o[0])}, "
+                f"offsets[-1]={int(o[-1])}"
+            )
+        if flags[0] != _NO_ERROR:
+            _raise_bad_index(flags[0], table_offsets, indices, offsets)
     return out
 
 

@@ -21,12 +21,25 @@ OPS = (
     "score",
 )
 
+# Ops with a CUDA C++ kernel in csrc/cuda (registered under the plain adrec::<op> name).
+CUDA_KERNEL_OPS = ("embedding_bag", "sigmoid_bce", "score")
+
+
+def _cuda_built() -> bool:
+    from .. import _C
+
+    return bool(_C.build_info().get("cuda", False))
+
+
+CUDA_BUILT = _cuda_built()
+
 # (op, device type) -> backend used when nothing is forced. "cpp" on CPU is the C++ kernel;
-# on CUDA "cuda" is csrc/cuda, "triton" is kernels/.
+# on CUDA "cuda" is csrc/cuda (when _C was built with it), else "triton" (kernels/, once the op
+# module registers it), else the reference.
 _DEFAULT: dict[tuple[str, str], str] = {}
 for _op in OPS:
     _DEFAULT[(_op, "cpu")] = "cpp"
-    _DEFAULT[(_op, "cuda")] = "triton"
+    _DEFAULT[(_op, "cuda")] = "cuda" if CUDA_BUILT and _op in CUDA_KERNEL_OPS else "reference"
 
 # Backends that exist per device type (filled in by the op modules as they register).
 AVAILABLE: dict[tuple[str, str], set[str]] = {
@@ -35,6 +48,16 @@ AVAILABLE: dict[tuple[str, str], set[str]] = {
 for _op in OPS:
     AVAILABLE[(_op, "cpu")].add("cpp")
     AVAILABLE[(_op, "meta")].add("cpp")
+    if CUDA_BUILT and _op in CUDA_KERNEL_OPS:
+        AVAILABLE[(_op, "cuda")].add("cuda")
+
+
+def default_on_cuda(op: str, backend: str) -> bool:
+    """Whether ``backend`` should become the CUDA default for ``op`` when it registers: Triton
+    is the default unless a csrc/cuda kernel was built for the op."""
+    if backend == "triton":
+        return not (CUDA_BUILT and op in CUDA_KERNEL_OPS)
+    return backend == "cuda"
 
 
 def register(op: str, device: str, backend: str, default: bool = False) -> None:
@@ -66,9 +89,13 @@ def backend_for(op: str, device: torch.device | str) -> str:
     table's default."""
     dev = torch.device(device).type
     forced = _forced(op)
-    if forced is not None and forced in AVAILABLE.get((op, dev), ()):
+    available = AVAILABLE.get((op, dev), ())
+    if forced is not None and forced in available:
         return forced
-    return _DEFAULT.get((op, dev), "cpp")
+    default = _DEFAULT.get((op, dev), "cpp")
+    if dev == "cuda" and default not in available:
+        return "reference"
+    return default
 
 
 def backends_for(op: str, device: torch.device | str = "cpu") -> list[str]:

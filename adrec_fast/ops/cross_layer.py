@@ -44,5 +44,56 @@ def cross_layer(x0, x, weight, bias):
     if be == "reference":
         return reference.cross_layer(x0, x, weight, bias)
     if be == "triton":
-        return torch.ops.adrec.cross_layer_triton(x0, x, weight, bias)
+        return torch.ops.adrec.cross_layer_triton(x0, x, weight, bias)[0]
     return torch.ops.adrec.cross_layer(x0, x, weight, bias)[0]
+
+
+# --- Triton backend: adrec::cross_layer_triton for CUDA tensors (kernels/cross_layer.py: GEMMs
+# through torch, bias + x0 * xw + x fused); returns (out, xw) like adrec::cross_layer. The
+# reference is its CPU kernel. Skipped without triton.
+try:
+    from torch.library import triton_op, wrap_triton
+
+    from ..kernels import cross_layer as _tk
+except ImportError:
+    _tk = None
+
+if _tk is not None:
+
+    @triton_op("adrec::cross_layer_triton", mutates_args=())
+    def _cross_layer_triton(
+        x0: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _tk.cross_layer_fwd(x0, x, weight, bias, wrap=wrap_triton)
+
+    @triton_op("adrec::cross_layer_bwd_triton", mutates_args=())
+    def _cross_layer_bwd_triton(
+        grad_out: torch.Tensor, x0: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+        xw: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tk.cross_layer_bwd(grad_out, x0, x, weight, xw, wrap=wrap_triton)
+
+    @_cross_layer_triton.register_kernel("cpu")
+    def _(x0, x, weight, bias):
+        xw = torch.nn.functional.linear(x, weight, bias)  # [B, K]
+        return x0 * xw + x, xw
+
+    @_cross_layer_bwd_triton.register_kernel("cpu")
+    def _(grad_out, x0, x, weight, xw):
+        gxw = grad_out * x0
+        return grad_out * xw, grad_out + gxw @ weight, gxw.t() @ x, gxw.sum(0)
+
+    def _triton_backward(ctx, grad_out, grad_xw):
+        x0, x, weight, xw = ctx.saved_tensors
+        gx0, gx, gw, gb = torch.ops.adrec.cross_layer_bwd_triton(grad_out, x0, x, weight, xw)
+        if grad_xw is not None:
+            gx = gx + grad_xw @ weight
+            gw = gw + grad_xw.t() @ x
+            gb = gb + grad_xw.sum(0)
+        return gx0, gx, gw, gb
+
+    _cross_layer_triton.register_autograd(_triton_backward, setup_context=_setup_context)
+    _backend.register(
+        "cross_layer", "cuda", "triton",
+        default=_backend.default_on_cuda("cross_layer", "triton"),
+    )

@@ -99,13 +99,13 @@ class _FusedUpdate(torch.autograd.Function):
     def forward(ctx, trigger, weights, state, table_offsets, indices, offsets, psw, pooling, opt, lr, eps):
         ctx.save_for_backward(weights, state, table_offsets, indices, offsets, psw)
         ctx.cfg = (pooling, opt, lr, eps)
-        return torch.ops.adrec.embedding_bag(weights, table_offsets, indices, offsets, psw, pooling)
+        return _fused_ops(weights.device)[0](weights, table_offsets, indices, offsets, psw, pooling)
 
     @staticmethod
     def backward(ctx, grad_out):
         weights, state, tofs, idx, ofs, psw = ctx.saved_tensors
         pooling, opt, lr, eps = ctx.cfg
-        torch.ops.adrec.embedding_bag_bwd_update(
+        _fused_ops(weights.device)[1](
             grad_out, weights, state, tofs, idx, ofs, psw, pooling, opt, lr, eps
         )
         return (None,) * 11
@@ -132,4 +132,127 @@ def embedding_bag_fused_update(
     return _FusedUpdate.apply(
         trigger, weights, state, table_offsets, indices, offsets, per_sample_weights,
         pooling_code(pooling), OPTIMIZERS[optimizer], float(lr), float(eps),
+    )
+
+
+def _reference_bwd_update(grad_out, weights, state, tofs, idx, ofs, psw, pooling, opt, lr, eps):
+    """Fused update through plain torch ops (the CUDA fallback when neither csrc/cuda nor Triton
+    is there): sums each touched row's gradient, then SGD / row-wise Adagrad in place."""
+    with torch.no_grad():
+        grow, bag = _global_rows(tofs, idx, ofs)  # [nnz], [nnz]
+        T = tofs.numel() - 1
+        B = (ofs.numel() - 1) // T
+        D = weights.shape[1]
+        g = grad_out.reshape(B, T, D).transpose(0, 1).reshape(T * B, D)[bag].float()  # [nnz, D]
+        c = torch.ones_like(grow, dtype=torch.float32) if psw is None else psw.float()
+        if pooling == 1:
+            c = c / (ofs[1:] - ofs[:-1]).clamp(min=1).float()[bag]
+        rows, inv = torch.unique(grow, return_inverse=True)
+        rg = torch.zeros(rows.numel(), D, device=weights.device).index_add_(0, inv, g * c[:, None])
+        if opt == 1:
+            state[rows] += rg.square().mean(dim=1)
+            rg = rg / (state[rows].sqrt() + eps)[:, None]
+        weights[rows] -= (lr * rg).to(weights.dtype)
+
+
+def _fused_ops(device):
+    """(lookup, backward+update) for the fused-optimizer path on ``device``."""
+    be = _backend.backend_for("embedding_bag", device)
+    if be == "triton":
+        return torch.ops.adrec.embedding_bag_triton, torch.ops.adrec.embedding_bag_bwd_update_triton
+    if be == "reference":
+        return reference.embedding_bag, _reference_bwd_update
+    return torch.ops.adrec.embedding_bag, torch.ops.adrec.embedding_bag_bwd_update
+
+
+# --- Triton backend: adrec::embedding_bag_triton (triton_op; the reference is its CPU kernel),
+# adrec::embedding_bag_bwd_triton -> (unique rows, row grads) and the fused
+# adrec::embedding_bag_bwd_update_triton (custom ops: their output size / effect depends on the
+# data, so torch.compile treats them as opaque). kernels/embedding_bag.py. Skipped without triton.
+try:
+    from typing import Optional
+
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.library import triton_op, wrap_triton
+
+    from ..kernels import embedding_bag as _tk
+except ImportError:
+    _tk = None
+
+if _tk is not None:
+
+    @triton_op("adrec::embedding_bag_triton", mutates_args=())
+    def _embedding_bag_triton(
+        weights: Tensor, table_offsets: Tensor, indices: Tensor, offsets: Tensor,
+        per_sample_weights: Optional[Tensor], pooling: int,
+    ) -> Tensor:
+        # The bound check reads a flag back from the device: skipped while tracing (ids out of
+        # range then read as zeros, never out of bounds).
+        check = not (is_fake(weights) or torch.compiler.is_compiling())
+        return _tk.embedding_bag_fwd(
+            weights, table_offsets, indices, offsets, per_sample_weights, pooling,
+            check=check, wrap=wrap_triton,
+        )
+
+    @_embedding_bag_triton.register_kernel("cpu")
+    def _(weights, table_offsets, indices, offsets, per_sample_weights, pooling):
+        return reference.embedding_bag(weights, table_offsets, indices, offsets, per_sample_weights, pooling)
+
+    @torch.library.custom_op("adrec::embedding_bag_bwd_triton", mutates_args=())
+    def _embedding_bag_bwd_triton(
+        grad_out: Tensor, weights: Tensor, table_offsets: Tensor, indices: Tensor,
+        offsets: Tensor, per_sample_weights: Optional[Tensor], pooling: int,
+    ) -> tuple[Tensor, Tensor]:
+        if weights.device.type == "cpu":
+            return torch.ops.adrec.embedding_bag_bwd(
+                grad_out, weights, table_offsets, indices, offsets, per_sample_weights, pooling
+            )
+        return _tk.embedding_bag_bwd(
+            grad_out, weights, table_offsets, indices, offsets, per_sample_weights, pooling
+        )
+
+    @_embedding_bag_bwd_triton.register_fake
+    def _(grad_out, weights, table_offsets, indices, offsets, per_sample_weights, pooling):
+        U = torch.library.get_ctx().new_dynamic_size()
+        return weights.new_empty(U, dtype=torch.long), weights.new_empty(U, weights.shape[1])
+
+    @torch.library.custom_op("adrec::embedding_bag_bwd_update_triton", mutates_args=("weights", "state"))
+    def _embedding_bag_bwd_update_triton(
+        grad_out: Tensor, weights: Tensor, state: Tensor, table_offsets: Tensor, indices: Tensor,
+        offsets: Tensor, per_sample_weights: Optional[Tensor], pooling: int, optimizer: int,
+        lr: float, eps: float,
+    ) -> None:
+        if weights.device.type == "cpu":
+            torch.ops.adrec.embedding_bag_bwd_update(
+                grad_out, weights, state, table_offsets, indices, offsets, per_sample_weights,
+                pooling, optimizer, lr, eps,
+            )
+            return
+        _tk.embedding_bag_bwd_update(
+            grad_out, weights, state, table_offsets, indices, offsets, per_sample_weights,
+            pooling, optimizer, lr, eps,
+        )
+
+    @_embedding_bag_bwd_update_triton.register_fake
+    def _(grad_out, weights, state, table_offsets, indices, offsets, psw, pooling, optimizer, lr, eps):
+        return None
+
+    def _triton_backward(ctx, grad_out):
+        w, tofs, idx, ofs, psw = ctx.saved_tensors
+        grad_w = grad_psw = None
+        if ctx.needs_input_grad[0]:
+            rows, row_grads = torch.ops.adrec.embedding_bag_bwd_triton(
+                grad_out, w, tofs, idx, ofs, psw, ctx.pooling
+            )
+            grad_w = torch.sparse_coo_tensor(
+                rows[None], row_grads, ctx.weights_shape, check_invariants=False
+            )
+        if psw is not None and ctx.needs_input_grad[4]:
+            grad_psw = _psw_grad(grad_out, w, tofs, idx, ofs, ctx.pooling)
+        return grad_w, None, None, None, grad_psw, None
+
+    _embedding_bag_triton.register_autograd(_triton_backward, setup_context=_setup_context)
+    _backend.register(
+        "embedding_bag", "cuda", "triton",
+        default=_backend.default_on_cuda("embedding_bag", "triton"),
     )

@@ -36,3 +36,38 @@ def fm_interaction(emb):
     if be == "triton":
         return torch.ops.adrec.fm_interaction_triton(emb)
     return torch.ops.adrec.fm_interaction(emb)
+
+
+# --- Triton backend: adrec::fm_interaction_triton for CUDA tensors (kernels/fm_interaction.py);
+# the reference is its CPU kernel. Skipped when triton is not installed.
+try:
+    from torch.library import triton_op, wrap_triton
+
+    from ..kernels import fm_interaction as _tk
+except ImportError:
+    _tk = None
+
+if _tk is not None:
+
+    @triton_op("adrec::fm_interaction_triton", mutates_args=())
+    def _fm_interaction_triton(emb: torch.Tensor) -> torch.Tensor:
+        return _tk.fm_interaction_fwd(emb, wrap=wrap_triton)  # [B, 1]
+
+    @triton_op("adrec::fm_interaction_bwd_triton", mutates_args=())
+    def _fm_interaction_bwd_triton(grad_out: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return _tk.fm_interaction_bwd(grad_out, emb, wrap=wrap_triton)  # [B, F, D]
+
+    @_fm_interaction_bwd_triton.register_kernel("cpu")
+    def _(grad_out, emb):
+        return grad_out.reshape(-1, 1, 1) * (emb.sum(dim=1, keepdim=True) - emb)
+
+    def _triton_backward(ctx, grad_out):
+        (emb,) = ctx.saved_tensors
+        return torch.ops.adrec.fm_interaction_bwd_triton(grad_out, emb)
+
+    _fm_interaction_triton.register_kernel("cpu")(reference.fm_interaction)
+    _fm_interaction_triton.register_autograd(_triton_backward, setup_context=_setup_context)
+    _backend.register(
+        "fm_interaction", "cuda", "triton",
+        default=_backend.default_on_cuda("fm_interaction", "triton"),
+    )

@@ -62,3 +62,42 @@ def score(x, w, b):
     if be == "triton":
         return torch.ops.adrec.score_triton(x, w, b)
     return torch.ops.adrec.score(x, w, b)
+
+
+# --- Triton backend: adrec::sigmoid_bce_triton (loss, grad in one pass) and adrec::score_triton
+# for CUDA tensors (kernels/sigmoid_bce.py); the reference is their CPU kernel. Skipped
+# without triton.
+try:
+    from typing import Optional
+
+    from torch.library import triton_op, wrap_triton
+
+    from ..kernels import sigmoid_bce as _tk
+except ImportError:
+    _tk = None
+
+if _tk is not None:
+
+    @triton_op("adrec::sigmoid_bce_triton", mutates_args=())
+    def _sigmoid_bce_triton(
+        logits: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _tk.sigmoid_bce_fwd(logits, labels, weight, wrap=wrap_triton)
+
+    @triton_op("adrec::score_triton", mutates_args=())
+    def _score_triton(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _tk.score_fwd(x, w, b, wrap=wrap_triton)
+
+    @_sigmoid_bce_triton.register_kernel("cpu")
+    def _(logits, labels, weight):
+        y = labels.to(logits.dtype)
+        g = torch.sigmoid(logits) - y
+        if weight is not None:
+            g = g * weight
+        return reference.sigmoid_bce(logits, y, weight), g / max(logits.numel(), 1)
+
+    _score_triton.register_kernel("cpu")(reference.score)
+    _sigmoid_bce_triton.register_autograd(_backward, setup_context=_setup_context)
+    _score_triton.register_autograd(_score_backward, setup_context=_score_setup)
+    for _op in ("sigmoid_bce", "score"):
+        _backend.register(_op, "cuda", "triton", default=_backend.default_on_cuda(_op, "triton"))
