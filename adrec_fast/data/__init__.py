@@ -6,18 +6,20 @@ never the ``adrec_fast`` top level, so it loads while the native extension is be
 """
 
 from .batch import Batch
+from .columns import stable_hash
 from .errors import DataError
 from .metrics import auc, calibration, logloss
 from .readers import (
     FORMATS,
     Reader,
+    batches_from_chunks,
     detect_format,
     iter_batches,
     load_all,
     open_reader,
 )
 from .schema import Field, Schema, criteo_schema
-from .columns import stable_hash
+from .synthetic import SyntheticCTR
 
 __all__ = [
     "FORMATS",
@@ -26,7 +28,9 @@ __all__ = [
     "Field",
     "Reader",
     "Schema",
+    "SyntheticCTR",
     "auc",
+    "batches_from_chunks",
     "calibration",
     "criteo_schema",
     "detect_format",

@@ -10,7 +10,7 @@ from torch import Tensor
 
 
 def _bag_take(indices: Tensor, offsets: Tensor, bags: Tensor) -> tuple[Tensor, Tensor]:
-    """Gather the bags ``bags`` [K] of a CSR pair into a new CSR pair (indices [nnz'], offsets [K+1])."""
+    """Gather bags ``bags`` [K] of a CSR pair -> (indices [nnz'], offsets [K+1])."""
     starts = offsets[bags]  # [K]
     lengths = offsets[bags + 1] - starts  # [K]
     new_offsets = torch.zeros(bags.numel() + 1, dtype=torch.long, device=offsets.device)

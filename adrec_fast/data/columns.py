@@ -11,7 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 # a float literal, optionally surrounded by blanks (inf/nan spelled any case)
-_FLOAT_RE = r"^\s*[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[iI][nN][fF]([iI][nN][iI][tT][yY])?|[nN][aA][nN])\s*$"
+_FLOAT_RE = (
+    r"^\s*[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+    r"|[iI][nN][fF]([iI][nN][iI][tT][yY])?|[nN][aA][nN])\s*$"
+)
 
 _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
@@ -67,7 +70,8 @@ def _is_list(t) -> bool:
 def tokens(col):
     """Column of scalars -> pa string Array of tokens (null = missing; '' is also missing).
 
-    Numbers become their text as pyarrow prints them (5042 and 5042.0 both give "5042"). A list column
+    Numbers become their text as pyarrow prints them (5042 and 5042.0 both give "5042").
+    A list column
     whose lists hold at most one value is accepted too (libffm fields); longer lists raise.
     Returns (tokens, bad) where bad marks rows holding several values.
     """
@@ -131,8 +135,14 @@ def to_float(col):
         return np.full(n, np.nan), np.zeros(n, dtype=bool)
     if pa.types.is_dictionary(arr.type):
         arr = arr.cast(arr.type.value_type)
-    if pa.types.is_boolean(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
-        return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64), np.zeros(n, dtype=bool)
+    if (
+        pa.types.is_boolean(arr.type)
+        or pa.types.is_integer(arr.type)
+        or pa.types.is_floating(arr.type)
+    ):
+        return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False).astype(
+            np.float64
+        ), np.zeros(n, dtype=bool)
     if not _is_text(arr.type):
         bad = pc.is_valid(arr).to_numpy(zero_copy_only=False)
         return np.full(n, np.nan), bad

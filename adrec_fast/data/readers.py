@@ -42,10 +42,21 @@ def detect_format(path) -> str:
     if name.endswith(".gz"):
         name = name[:-3]
     ext = name.rsplit(".", 1)[-1] if "." in name else ""
-    table = {"csv": "csv", "tsv": "criteo", "txt": "criteo", "libsvm": "libsvm", "svm": "libsvm",
-             "ffm": "libffm", "libffm": "libffm", "parquet": "parquet", "pq": "parquet"}
+    table = {
+        "csv": "csv",
+        "tsv": "criteo",
+        "txt": "criteo",
+        "libsvm": "libsvm",
+        "svm": "libsvm",
+        "ffm": "libffm",
+        "libffm": "libffm",
+        "parquet": "parquet",
+        "pq": "parquet",
+    }
     if ext not in table:
-        raise ValueError(f"cannot tell the format of {path} from its extension; pass fmt= one of {FORMATS}")
+        raise ValueError(
+            f"cannot tell the format of {path} from its extension; pass fmt= one of {FORMATS}"
+        )
     return table[ext]
 
 
@@ -88,7 +99,9 @@ def _line_blocks(path, lines_per_block: int):
                 if not piece:
                     return
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"truncated or corrupt gzip stream ({e})", path=path, line=next_line) from None
+        raise DataError(
+            f"truncated or corrupt gzip stream ({e})", path=path, line=next_line
+        ) from None
 
 
 def _split_lines(block: bytes):
@@ -112,15 +125,24 @@ class Reader:
 
     fmt = ""
 
-    def __init__(self, path, schema=None, chunk_rows: int = 65536, skip_bad_rows: bool = False,
-                 max_bad_rows: int = 1000, label: str | None = None):
+    def __init__(
+        self,
+        path,
+        schema=None,
+        chunk_rows: int = 65536,
+        skip_bad_rows: bool = False,
+        max_bad_rows: int = 1000,
+        label: str | None = None,
+    ):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"no such file: {self.path}")
         if chunk_rows < 1:
             raise ValueError("chunk_rows must be >= 1")
         self.schema = schema
-        self.label = label if label is not None else (schema.label if schema is not None else "label")
+        self.label = (
+            label if label is not None else (schema.label if schema is not None else "label")
+        )
         self.chunk_rows = int(chunk_rows)
         self.skip_bad_rows = skip_bad_rows
         self.max_bad_rows = int(max_bad_rows)
@@ -140,14 +162,20 @@ class Reader:
                 self.rows += chunk.num_rows
                 yield chunk
         if self.bad_rows:
-            warnings.warn(f"{self.path}: skipped {self.bad_rows} bad rows "
-                          f"(first: {self.bad_row_messages[0]})", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.path}: skipped {self.bad_rows} bad rows "
+                f"(first: {self.bad_row_messages[0]})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _chunks(self):
         raise NotImplementedError
 
     # -- bad rows -------------------------------------------------------------------------
-    def _problems(self, problems: list[tuple[int, str | None, str]], line_kind: str = "line") -> set[int]:
+    def _problems(
+        self, problems: list[tuple[int, str | None, str]], line_kind: str = "line"
+    ) -> set[int]:
         """Raise for the first problem, or record the rows (line numbers) to drop."""
         if not problems:
             return set()
@@ -162,9 +190,14 @@ class Reader:
             self.bad_row_messages.append(f"{where}: {msg}")
         if self.bad_rows > self.max_bad_rows:
             line, field, msg = problems[-1]
-            raise DataError(f"more than max_bad_rows={self.max_bad_rows} bad rows "
-                            f"({self.bad_rows} so far); last: {msg}",
-                            path=self.path, line=line, field=field, line_kind=line_kind)
+            raise DataError(
+                f"more than max_bad_rows={self.max_bad_rows} bad rows "
+                f"({self.bad_rows} so far); last: {msg}",
+                path=self.path,
+                line=line,
+                field=field,
+                line_kind=line_kind,
+            )
         return lines
 
     def _check_values(self, table, line_of: np.ndarray, line_kind: str = "line", problems=None):
@@ -193,12 +226,21 @@ class Reader:
                 col = table.column(name)
                 if f.type == "dense":
                     x, bad = C.to_float(col)
-                    note(bad, f.name, lambda i, col=col: f"non-numeric value {_show(col[i])} for a dense field")
+                    note(
+                        bad,
+                        f.name,
+                        lambda i, col=col: f"non-numeric value {_show(col[i])} for a dense field",
+                    )
                     out[name] = pa.array(x, type=pa.float64())
                 elif f.type == "vector":
                     v, bad = C.to_vectors(col, f.dim)
-                    note(bad, f.name, lambda i, col=col, d=f.dim:
-                         f"expected {d} numeric values, got {_show(col[i])}")
+                    note(
+                        bad,
+                        f.name,
+                        lambda i, col=col, d=f.dim: (
+                            f"expected {d} numeric values, got {_show(col[i])}"
+                        ),
+                    )
                     flat = pa.array(v.reshape(-1), type=pa.float32())
                     out[name] = pa.FixedSizeListArray.from_arrays(flat, f.dim)
                 else:
@@ -244,7 +286,7 @@ class CSVReader(Reader):
         names = [c.strip() for c in names]
         if len(set(names)) != len(names) or any(not c for c in names):
             raise DataError("the header has empty or repeated column names", path=self.path, line=1)
-        return names, first_block[end + 1:], 2
+        return names, first_block[end + 1 :], 2
 
     def _needed_columns(self, names: list[str]) -> list[str]:
         if self.schema is None:
@@ -252,8 +294,11 @@ class CSVReader(Reader):
         need = self.schema.raw_columns()
         missing = [c for c in need if c not in names]
         if missing:
-            raise DataError(f"columns required by the schema are absent: {missing} "
-                            f"(header: {names})", path=self.path, line=1)
+            raise DataError(
+                f"columns required by the schema are absent: {missing} (header: {names})",
+                path=self.path,
+                line=1,
+            )
         return [c for c in names if c in need or c == self.label]
 
     def _parse_block(self, block: bytes, first_line: int, names: list[str], include: list[str]):
@@ -268,13 +313,20 @@ class CSVReader(Reader):
 
         table = pcsv.read_csv(
             io.BytesIO(block),
-            read_options=pcsv.ReadOptions(column_names=names, use_threads=False,
-                                          block_size=max(len(block) + 1, 1 << 20)),
-            parse_options=pcsv.ParseOptions(delimiter=self.sep, quote_char=False if self.sep == "\t" else '"',
-                                             ignore_empty_lines=False, invalid_row_handler=on_invalid),
-            convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in names},
-                                                include_columns=include,
-                                                strings_can_be_null=False),
+            read_options=pcsv.ReadOptions(
+                column_names=names, use_threads=False, block_size=max(len(block) + 1, 1 << 20)
+            ),
+            parse_options=pcsv.ParseOptions(
+                delimiter=self.sep,
+                quote_char=False if self.sep == "\t" else '"',
+                ignore_empty_lines=False,
+                invalid_row_handler=on_invalid,
+            ),
+            convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in names},
+                include_columns=include,
+                strings_can_be_null=False,
+            ),
         )
         n_lines = block.count(b"\n")
         local = np.arange(1, n_lines + 1, dtype=np.int64)
@@ -285,12 +337,18 @@ class CSVReader(Reader):
             if (skipped < 1).any() or (skipped > n_lines).any():
                 raise DataError("could not locate a malformed row", path=self.path, line=first_line)
             real = [r for r in invalid if not blank[r[0] - 1]]
-            problems = [(first_line + r[0] - 1, None, f"expected {r[1]} columns, found {r[2]}") for r in real]
+            problems = [
+                (first_line + r[0] - 1, None, f"expected {r[1]} columns, found {r[2]}")
+                for r in real
+            ]
             local = np.setdiff1d(local, skipped)
         line_of = first_line + local - 1  # [rows] line number of every parsed row
         if len(line_of) != table.num_rows:
-            raise DataError("rows and lines went out of step (a quoted newline?)", path=self.path,
-                            line=first_line)
+            raise DataError(
+                "rows and lines went out of step (a quoted newline?)",
+                path=self.path,
+                line=first_line,
+            )
         rows_blank = blank[local - 1]
         if rows_blank.any():
             table = table.filter(pa.array(~rows_blank))
@@ -347,7 +405,9 @@ class CriteoReader(CSVReader):
             with opener(self.path, "rb") as f:
                 first = f.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise DataError(f"truncated or corrupt gzip stream ({e})", path=self.path, line=1) from None
+            raise DataError(
+                f"truncated or corrupt gzip stream ({e})", path=self.path, line=1
+            ) from None
         if self.sep is None:
             self.sep = "\t" if "\t" in first else ","
         token = first.split(self.sep, 1)[0].strip()
@@ -376,7 +436,11 @@ class LibSVMReader(Reader):
         self.layout = layout
         self.n_fields: int | None = None
         if self.schema is not None:
-            ks = [int(m.group(1)) for c in self.schema.raw_columns() if (m := re.fullmatch(r"f(\d+)", c))]
+            ks = [
+                int(m.group(1))
+                for c in self.schema.raw_columns()
+                if (m := re.fullmatch(r"f(\d+)", c))
+            ]
             self.n_fields = max(ks) + 1 if ks else 0
 
     def _tokenize(self, first_line: int, block: bytes):
@@ -408,8 +472,13 @@ class LibSVMReader(Reader):
         f_pos = pos[is_feat] - 1
         shape = "idx:value" if self.parts == 2 else "field:feature:value"
         for i in np.flatnonzero(wrong)[: (len(wrong) if self.skip_bad_rows else 1)]:
-            problems.append((int(line_of[f_rows[i]]), None,
-                             f"malformed feature {_show(feats[int(i)])} (expected {shape})"))
+            problems.append(
+                (
+                    int(line_of[f_rows[i]]),
+                    None,
+                    f"malformed feature {_show(feats[int(i)])} (expected {shape})",
+                )
+            )
         ok = ~wrong
         parts = parts.filter(pa.array(ok))
         f_rows, f_pos = f_rows[ok], f_pos[ok]
@@ -425,8 +494,13 @@ class LibSVMReader(Reader):
             value = pc.list_element(parts, self.parts - 1)
             _, vbad = C.to_float(value)
             for i in np.flatnonzero(vbad)[: (len(vbad) if self.skip_bad_rows else 1)]:
-                problems.append((int(line_of[f_rows[i]]), None,
-                                 f"non-numeric feature value {_show(value[int(i)])}"))
+                problems.append(
+                    (
+                        int(line_of[f_rows[i]]),
+                        None,
+                        f"non-numeric feature value {_show(value[int(i)])}",
+                    )
+                )
             cols = {self.label: label}
             cols.update(self._columns(parts, f_rows, f_pos, n, line_of, problems))
             yield self._check_values(pa.table(cols), line_of, problems=problems)
@@ -445,8 +519,14 @@ class LibSVMReader(Reader):
         over = f_pos >= self.n_fields
         for i in np.flatnonzero(over)[: (len(over) if self.skip_bad_rows else 1)]:
             count = int((f_rows == f_rows[i]).sum())
-            problems.append((int(line_of[f_rows[i]]), None,
-                             f"{count} features, more than the {self.n_fields} columns f0..f{self.n_fields - 1}"))
+            problems.append(
+                (
+                    int(line_of[f_rows[i]]),
+                    None,
+                    f"{count} features, more than the {self.n_fields} columns "
+                    f"f0..f{self.n_fields - 1}",
+                )
+            )
         out = {}
         for k in range(self.n_fields):
             sel = np.flatnonzero(f_pos == k)
@@ -469,8 +549,11 @@ class LibFFMReader(LibSVMReader):
         super().__init__(path, **kw)
         self.fields: list[int] | None = None
         if self.schema is not None:
-            self.fields = sorted(int(m.group(1)) for c in self.schema.raw_columns()
-                                 if (m := re.fullmatch(r"f(\d+)", c)))
+            self.fields = sorted(
+                int(m.group(1))
+                for c in self.schema.raw_columns()
+                if (m := re.fullmatch(r"f(\d+)", c))
+            )
 
     def _columns(self, parts, f_rows, f_pos, n, line_of, problems):
         import pyarrow as pa
@@ -480,8 +563,13 @@ class LibFFMReader(LibSVMReader):
         fid, fbad = C.to_float(field_raw)
         fbad |= np.isnan(fid) | (fid < 0) | (fid != np.floor(fid))
         for i in np.flatnonzero(fbad)[: (len(fbad) if self.skip_bad_rows else 1)]:
-            problems.append((int(line_of[f_rows[i]]), None,
-                             f"field id {_show(field_raw[int(i)])} is not a non-negative integer"))
+            problems.append(
+                (
+                    int(line_of[f_rows[i]]),
+                    None,
+                    f"field id {_show(field_raw[int(i)])} is not a non-negative integer",
+                )
+            )
         fid = np.where(fbad, -1, fid).astype(np.int64)
         feat = pc.list_element(parts, 1)
         if self.fields is None:
@@ -515,26 +603,44 @@ class ParquetReader(Reader):
             need = self.schema.raw_columns()
             missing = [c for c in need if c not in names]
             if missing:
-                raise DataError(f"columns required by the schema are absent: {missing}", path=self.path)
+                raise DataError(
+                    f"columns required by the schema are absent: {missing}", path=self.path
+                )
             columns = [c for c in names if c in need or c == self.label]
         first = 1
         try:
-            for rb in pf.iter_batches(batch_size=self.chunk_rows, columns=columns, use_threads=False):
+            for rb in pf.iter_batches(
+                batch_size=self.chunk_rows, columns=columns, use_threads=False
+            ):
                 table = pa.Table.from_batches([rb])
                 line_of = first + np.arange(table.num_rows, dtype=np.int64)
                 first += table.num_rows
                 yield self._check_values(table, line_of, line_kind="row")
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"corrupt Parquet data ({e})", path=self.path, line=first, line_kind="row") from None
+            raise DataError(
+                f"corrupt Parquet data ({e})", path=self.path, line=first, line_kind="row"
+            ) from None
 
 
-_READERS = {"csv": CSVReader, "criteo": CriteoReader, "libsvm": LibSVMReader,
-            "libffm": LibFFMReader, "parquet": ParquetReader}
+_READERS = {
+    "csv": CSVReader,
+    "criteo": CriteoReader,
+    "libsvm": LibSVMReader,
+    "libffm": LibFFMReader,
+    "parquet": ParquetReader,
+}
 
 
-def open_reader(path, fmt: str | None = None, schema=None, chunk_rows: int = 65536,
-                skip_bad_rows: bool = False, max_bad_rows: int = 1000, label: str | None = None,
-                **options) -> Reader:
+def open_reader(
+    path,
+    fmt: str | None = None,
+    schema=None,
+    chunk_rows: int = 65536,
+    skip_bad_rows: bool = False,
+    max_bad_rows: int = 1000,
+    label: str | None = None,
+    **options,
+) -> Reader:
     """A streaming ``Reader`` for ``path`` (format from the extension unless ``fmt`` is given).
 
     Iterating yields pyarrow Tables of at most ``chunk_rows`` rows. ``options`` go to the
@@ -543,8 +649,15 @@ def open_reader(path, fmt: str | None = None, schema=None, chunk_rows: int = 655
     fmt = fmt or detect_format(path)
     if fmt not in _READERS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    return _READERS[fmt](path, schema=schema, chunk_rows=chunk_rows, skip_bad_rows=skip_bad_rows,
-                         max_bad_rows=max_bad_rows, label=label, **options)
+    return _READERS[fmt](
+        path,
+        schema=schema,
+        chunk_rows=chunk_rows,
+        skip_bad_rows=skip_bad_rows,
+        max_bad_rows=max_bad_rows,
+        label=label,
+        **options,
+    )
 
 
 def sniff_csv(path, sep: str | None = None, rows: int = 20000):
@@ -567,8 +680,17 @@ def sniff_csv(path, sep: str | None = None, rows: int = 20000):
     raise DataError("no data rows to infer a schema from", path=path, line=2)
 
 
-def iter_batches(path, schema, batch_size: int, *, fmt: str | None = None, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False, **reader_kwargs):
+def iter_batches(
+    path,
+    schema,
+    batch_size: int,
+    *,
+    fmt: str | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    **reader_kwargs,
+):
     """Encoded ``Batch``es of ``batch_size`` rows streamed from ``path`` with a fitted schema.
 
     ``shuffle`` permutes rows inside each chunk (a chunk-sized shuffle buffer; seeded).
@@ -576,13 +698,25 @@ def iter_batches(path, schema, batch_size: int, *, fmt: str | None = None, shuff
     """
     if not schema.fitted:
         raise RuntimeError("iter_batches needs a fitted schema; call schema.fit(path) first")
-    reader = path if isinstance(path, Reader) else open_reader(path, fmt=fmt, schema=schema, **reader_kwargs)
-    yield from batches_from_chunks(reader, schema, batch_size, shuffle=shuffle, seed=seed,
-                                   drop_last=drop_last)
+    reader = (
+        path
+        if isinstance(path, Reader)
+        else open_reader(path, fmt=fmt, schema=schema, **reader_kwargs)
+    )
+    yield from batches_from_chunks(
+        reader, schema, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
 
 
-def batches_from_chunks(chunks, schema, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                        drop_last: bool = False):
+def batches_from_chunks(
+    chunks,
+    schema,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+):
     """Encode raw chunks with ``schema`` and re-cut them into Batches of ``batch_size`` rows."""
     import torch
 

@@ -171,7 +171,9 @@ class Schema:
             if f.share_with:
                 owner = self._by_name.get(f.share_with)
                 if owner is None or not owner.is_sparse:
-                    raise ValueError(f"{where}: share_with {f.share_with!r} is not a categorical field")
+                    raise ValueError(
+                        f"{where}: share_with {f.share_with!r} is not a categorical field"
+                    )
                 if owner.share_with:
                     raise ValueError(f"{where}: share_with {f.share_with!r} itself shares a table")
                 if not f.is_sparse:
@@ -181,7 +183,9 @@ class Schema:
             if f.type == "multi_categorical" and f.max_len < 0:
                 raise ValueError(f"{where}: max_len must be >= 0 (0 = unlimited)")
             if f.type == "dense" and f.transform not in TRANSFORMS:
-                raise ValueError(f"{where}: unknown transform {f.transform!r}; expected {TRANSFORMS}")
+                raise ValueError(
+                    f"{where}: unknown transform {f.transform!r}; expected {TRANSFORMS}"
+                )
             if f.type == "vector" and f.dim < 1:
                 raise ValueError(f"{where}: vector fields need dim >= 1")
 
@@ -241,7 +245,9 @@ class Schema:
 
     def sparse_fields(self) -> list[tuple[str, int]]:
         """[(field_name, table_index)] in bag order: categorical + non-sequence multi fields."""
-        return [(f.name, self.table_of(f.name)) for f in self.fields if f.is_sparse and not f.sequence]
+        return [
+            (f.name, self.table_of(f.name)) for f in self.fields if f.is_sparse and not f.sequence
+        ]
 
     def sequence_fields(self) -> list[tuple[str, int]]:
         """[(field_name, table_index)] of behaviour-sequence fields."""
@@ -275,13 +281,19 @@ class Schema:
 
     # ---------------------------------------------------------------- persistence
     def to_dict(self) -> dict:
-        return {"version": SCHEMA_VERSION, "label": self.label, "fields": [f.to_dict() for f in self.fields]}
+        return {
+            "version": SCHEMA_VERSION,
+            "label": self.label,
+            "fields": [f.to_dict() for f in self.fields],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Schema:
         version = d.get("version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
-            raise ValueError(f"schema version {version} is not supported (expected {SCHEMA_VERSION})")
+            raise ValueError(
+                f"schema version {version} is not supported (expected {SCHEMA_VERSION})"
+            )
         return cls(d["fields"], label=d.get("label", "label"))
 
     def to_json(self, indent: int | None = None) -> str:
@@ -359,7 +371,9 @@ class Schema:
             o = overrides.get(name)
             if isinstance(o, str):
                 if o not in FIELD_TYPES:
-                    raise ValueError(f"override for {name!r}: unknown type {o!r}; expected {FIELD_TYPES}")
+                    raise ValueError(
+                        f"override for {name!r}: unknown type {o!r}; expected {FIELD_TYPES}"
+                    )
                 spec = {"name": name, "type": o}
                 if o == "dense":
                     spec["transform"] = "standardize"
@@ -371,15 +385,20 @@ class Schema:
         return cls(fields, label=label)
 
     @classmethod
-    def infer_from_csv(cls, path, label: str = "label", overrides=None, drop=(), sep=None,
-                       sample_rows: int = 20000) -> Schema:
-        """``infer_from_table`` on the first ``sample_rows`` rows of a CSV (types sniffed by pyarrow)."""
+    def infer_from_csv(
+        cls, path, label: str = "label", overrides=None, drop=(), sep=None, sample_rows: int = 20000
+    ) -> Schema:
+        """``infer_from_table`` on the first ``sample_rows`` rows of a CSV (pyarrow types)."""
         from .readers import sniff_csv
 
-        return cls.infer_from_table(sniff_csv(path, sep=sep, rows=sample_rows), label, overrides, drop)
+        return cls.infer_from_table(
+            sniff_csv(path, sep=sep, rows=sample_rows), label, overrides, drop
+        )
 
     @classmethod
-    def infer(cls, path, fmt=None, label: str = "label", overrides=None, drop=(), **reader_kwargs) -> Schema:
+    def infer(
+        cls, path, fmt=None, label: str = "label", overrides=None, drop=(), **reader_kwargs
+    ) -> Schema:
         """Infer from any supported file: CSV by sniffing, the others from their first chunk."""
         from .readers import detect_format, open_reader
 
@@ -412,7 +431,9 @@ class Schema:
         if _is_chunk(source):
             source = [source]
         owners = [f for f in self._owners() if f.vocab == "build"]
-        counts: dict[str, object] = {f.name: None for f in owners}  # owner -> pa.Table(values, counts)
+        counts: dict[str, object] = {
+            f.name: None for f in owners
+        }  # owner -> pa.Table(values, counts)
         stats = {f.name: [0, 0.0, 0.0] for f in self.fields if f.needs_stats}  # n, mean, M2
         seen = 0
         for chunk in source:
@@ -430,9 +451,13 @@ class Schema:
                         toks, _ = C.tokens(col)
                     else:
                         toks, _ = C.token_lists(col, f.sep)
-                    toks = toks.filter(pc.and_(pc.is_valid(toks), pc.not_equal(toks, "")).fill_null(False))
+                    toks = toks.filter(
+                        pc.and_(pc.is_valid(toks), pc.not_equal(toks, "")).fill_null(False)
+                    )
                     vc = pc.value_counts(toks)
-                    t = pa.table({"v": vc.field("values").cast(pa.string()), "c": vc.field("counts")})
+                    t = pa.table(
+                        {"v": vc.field("values").cast(pa.string()), "c": vc.field("counts")}
+                    )
                     prev = counts[o.name]
                     if prev is not None:
                         g = pa.concat_tables([prev, t]).group_by("v").aggregate([("c", "sum")])
@@ -477,14 +502,18 @@ class Schema:
         if col is None:
             if f.source in cols:  # an explicit None column
                 return pa.nulls(n)
-            raise DataError(f"input has no column {f.source!r} (columns: {sorted(cols)})", field=f.name)
+            raise DataError(
+                f"input has no column {f.source!r} (columns: {sorted(cols)})", field=f.name
+            )
         return col
 
     def _dense_prestandardize(self, f: Field, col) -> np.ndarray:
         x, bad = C.to_float(col)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"non-numeric value in dense field (row {row + 1} of the input)", field=f.name)
+            raise DataError(
+                f"non-numeric value in dense field (row {row + 1} of the input)", field=f.name
+            )
         x = np.where(np.isnan(x), f.fill, x)
         if f.transform.startswith("log1p"):
             x = _sign_log1p(x)
@@ -522,8 +551,10 @@ class Schema:
                 toks, bad = C.tokens(col)
                 if bad.any():
                     row = int(np.flatnonzero(bad)[0]) + 1
-                    raise DataError(f"row {row} holds several values; declare the field "
-                                    "multi_categorical", field=f.name)
+                    raise DataError(
+                        f"row {row} holds several values; declare the field multi_categorical",
+                        field=f.name,
+                    )
                 ids_all.append(self._lookup(self.owner(f.name), toks))
                 lengths_all.append(np.ones(n, dtype=np.int64))
             elif f.type == "multi_categorical":
@@ -543,7 +574,9 @@ class Schema:
                 x = self._dense_prestandardize(f, col)
                 if f.needs_stats:
                     if f.mean is None:
-                        raise RuntimeError(f"field {f.name!r}: statistics not fitted; call Schema.fit first")
+                        raise RuntimeError(
+                            f"field {f.name!r}: statistics not fitted; call Schema.fit first"
+                        )
                     x = (x - f.mean) / f.std
                 dense.append(x.astype(np.float32))
             else:
@@ -627,8 +660,10 @@ def _n_rows(cols: dict) -> int:
 def criteo_schema(label: str = "label", hash_size: int | None = None, min_count: int = 1) -> Schema:
     """The Criteo layout: I1..I13 dense (sign-preserving log1p then standardised, missing = 0)
     and C1..C26 categorical (built vocabularies, or hashed into ``hash_size`` rows)."""
-    fields = [{"name": f"I{i}", "type": "dense", "transform": "log1p_standardize", "fill": 0.0}
-              for i in range(1, 14)]
+    fields = [
+        {"name": f"I{i}", "type": "dense", "transform": "log1p_standardize", "fill": 0.0}
+        for i in range(1, 14)
+    ]
     for i in range(1, 27):
         spec = {"name": f"C{i}", "type": "categorical"}
         if hash_size:

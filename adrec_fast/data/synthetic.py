@@ -17,9 +17,9 @@ Items belong to ``n_clusters`` interest clusters; a user's history and (more wea
 candidate item are drawn from the user's cluster, and u[item] is the item's cluster centre plus
 noise, so the history term rewards candidates close to what the user clicked before. Component
 scales are fixed on a calibration sample (``SCALES``: first order 1.0, FM 0.6, dense 0.5,
-attention 0.5 in logit standard deviations) and the bias is bisected to give ``target_ctr``; this gives an oracle
-AUC near 0.8. Everything is a deterministic function of ``seed``: row i is the same whatever
-``n`` or chunk size is asked for (rows are made in fixed blocks of ``BLOCK_ROWS``).
+attention 0.5 in logit standard deviations) and the bias is bisected to give ``target_ctr``;
+the oracle AUC is near 0.8. Everything is a deterministic function of ``seed``: row i is the
+same whatever ``n`` or chunk size is asked for (rows are made in fixed blocks of ``BLOCK_ROWS``).
 """
 
 from __future__ import annotations
@@ -45,10 +45,21 @@ class SyntheticCTR:
     # logit standard deviation of: first order, FM pairs, dense, history attention
     SCALES = (1.0, 0.6, 0.5, 0.5)
 
-    def __init__(self, n_rows: int = 200_000, seed: int = 0, n_sparse: int = 16, n_dense: int = 6,
-                 max_len: int = 20, latent_dim: int = 4, n_clusters: int = 16,
-                 target_ctr: float = 0.25, max_cardinality: int = 1000,
-                 n_users: int = 1000, n_items: int = 1000, n_interacting: int = 6):
+    def __init__(
+        self,
+        n_rows: int = 200_000,
+        seed: int = 0,
+        n_sparse: int = 16,
+        n_dense: int = 6,
+        max_len: int = 20,
+        latent_dim: int = 4,
+        n_clusters: int = 16,
+        target_ctr: float = 0.25,
+        max_cardinality: int = 1000,
+        n_users: int = 1000,
+        n_items: int = 1000,
+        n_interacting: int = 6,
+    ):
         if n_sparse < 2:
             raise ValueError("n_sparse counts user and item, so it must be >= 2")
         if not 0.0 < target_ctr < 1.0:
@@ -63,7 +74,9 @@ class SyntheticCTR:
         self.target_ctr = target_ctr
         rng = np.random.default_rng([self.seed, 0])
         self.sparse_names = ["user", "item"] + [f"c{i}" for i in range(2, n_sparse)]
-        other = np.exp(rng.uniform(np.log(10), np.log(max_cardinality), n_sparse - 2)).astype(np.int64)
+        other = np.exp(rng.uniform(np.log(10), np.log(max_cardinality), n_sparse - 2)).astype(
+            np.int64
+        )
         self.cardinalities = [n_users, n_items] + [int(c) for c in other]
         self.zipf = [1.1, 1.05] + list(rng.uniform(1.1, 1.5, n_sparse - 2))
         # the FM term couples the first n_interacting fields (user, item, c2, ...)
@@ -78,8 +91,11 @@ class SyntheticCTR:
         self._dense_mu = rng.uniform(0.0, 3.0, n_dense)
         self._dense_sigma = rng.uniform(0.5, 1.5, n_dense)
         # true parameters
-        self.w = [rng.normal(0.0, 1.0, card) for card in self.cardinalities]
-        self.v = [rng.normal(0.0, 1.0, (card, latent_dim)) for card in self.cardinalities]
+        # per-id effects shrink with the field's cardinality (card^-0.35): high-cardinality
+        # fields spread their signal over many rarely seen ids, which no model can learn from a
+        # few hundred thousand rows, so most of the signal sits where the data can reveal it
+        self.w = [rng.normal(0.0, card**-0.35, card) for card in self.cardinalities]
+        self.v = [rng.normal(0.0, card**-0.35, (card, latent_dim)) for card in self.cardinalities]
         self.a = rng.normal(0.0, 1.0, n_dense)
         self.item_cluster = rng.integers(0, n_clusters, n_items)
         self.user_cluster = rng.integers(0, n_clusters, n_users)
@@ -140,8 +156,11 @@ class SyntheticCTR:
         # history: 0..max_len items, 80% from the user's cluster
         L = rng.integers(0, self.max_len + 1, n)  # [n]
         rows = np.repeat(np.arange(n), L)  # [nnz]
-        hist = np.where(rng.random(rows.size) < 0.8, self._from_clusters(rng, ucl[rows]),
-                        self._draw(rng, 1, rows.size))
+        hist = np.where(
+            rng.random(rows.size) < 0.8,
+            self._from_clusters(rng, ucl[rows]),
+            self._draw(rng, 1, rows.size),
+        )
         raw = self._dense_raw(rng, n)
         # true model parts (using exactly the information the features carry)
         first = sum(self.w[f][ids[f]] for f in range(self.n_sparse))
@@ -177,7 +196,9 @@ class SyntheticCTR:
         for name, ids in zip(self.sparse_names, raw["ids"]):
             cols[name] = pa.array(ids).cast(pa.string())
         offsets = np.r_[0, np.cumsum(raw["hist_len"])].astype(np.int32)
-        cols["hist"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(raw["hist"]).cast(pa.string()))
+        cols["hist"] = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(raw["hist"]).cast(pa.string())
+        )
         for j, name in enumerate(self.dense_names):
             x = raw["dense"][:, j]
             cols[name] = pa.array(x, mask=np.isnan(x))
@@ -217,7 +238,9 @@ class SyntheticCTR:
     def true_probability(self, n: int | None = None) -> np.ndarray:
         """[n] float64 click probability of rows [0, n) under the true model."""
         n = self.n_rows if n is None else int(n)
-        return np.concatenate([p for _, p in self.chunks(n, chunk_rows=max(n, 1), with_probability=True)])
+        return np.concatenate(
+            [p for _, p in self.chunks(n, chunk_rows=max(n, 1), with_probability=True)]
+        )
 
     def oracle_auc(self, n: int | None = None, offset: int = 0) -> float:
         """AUC of the true probabilities on rows [offset, offset + n)."""
@@ -238,8 +261,15 @@ class SyntheticCTR:
             if fit:
                 spec["vocabulary"] = [str(k) for k in range(card)]
             fields.append(spec)
-        fields.append({"name": "hist", "type": "multi_categorical", "sequence": True,
-                       "share_with": "item", "max_len": self.max_len})
+        fields.append(
+            {
+                "name": "hist",
+                "type": "multi_categorical",
+                "sequence": True,
+                "share_with": "item",
+                "max_len": self.max_len,
+            }
+        )
         for j, name in enumerate(self.dense_names):
             transform = "log1p_standardize" if self._count_like[j] else "standardize"
             fields.append({"name": name, "type": "dense", "transform": transform, "fill": 0.0})
@@ -250,14 +280,22 @@ class SyntheticCTR:
                 f.mean, f.std = float(self._tz_mean[j]), float(self._tz_std[j])
         return schema
 
-    def batches(self, batch_size: int, n: int | None = None, schema=None, shuffle: bool = False,
-                seed: int = 0, drop_last: bool = False):
+    def batches(
+        self,
+        batch_size: int,
+        n: int | None = None,
+        schema=None,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         """Encoded Batches of rows [0, n) through ``schema`` (default ``self.schema()``)."""
         from .readers import batches_from_chunks
 
         schema = schema if schema is not None else self.schema()
-        yield from batches_from_chunks(self.chunks(n), schema, batch_size, shuffle=shuffle,
-                                       seed=seed, drop_last=drop_last)
+        yield from batches_from_chunks(
+            self.chunks(n), schema, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
 
     def write_csv(self, path, n: int | None = None, chunk_rows: int = 65536) -> None:
         """Write rows [0, n) as CSV with a header (hist joined with '|'; gzip if path ends .gz)."""

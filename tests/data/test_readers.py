@@ -88,10 +88,18 @@ CRITEO_ROW = "\t".join(["1"] + [str(i) for i in range(13)] + [f"{i:08x}" for i i
 def test_criteo_tsv_no_header(tmp_path, gz):
     row2 = CRITEO_ROW.split("\t")
     row2[0], row2[1], row2[14] = "0", "", ""  # missing I1 and C1
-    p = write(tmp_path / ("day.txt.gz" if gz else "day.txt"), CRITEO_ROW + "\n" + "\t".join(row2) + "\n", gz)
+    p = write(
+        tmp_path / ("day.txt.gz" if gz else "day.txt"),
+        CRITEO_ROW + "\n" + "\t".join(row2) + "\n",
+        gz,
+    )
     assert detect_format(p) == "criteo"
     got = rows(open_reader(p))
-    assert len(got) == 2 and set(got[0]) == {"label", *[f"I{i}" for i in range(1, 14)], *[f"C{i}" for i in range(1, 27)]}
+    assert len(got) == 2 and set(got[0]) == {
+        "label",
+        *[f"I{i}" for i in range(1, 14)],
+        *[f"C{i}" for i in range(1, 27)],
+    }
     assert got[0]["I13"] == 12.0 and got[0]["C26"] == f"{25:08x}"
     assert np.isnan(got[1]["I1"]) and got[1]["C1"] == "" and got[1]["label"] == 0.0
 
@@ -124,7 +132,10 @@ def test_libffm_fields_become_list_columns(tmp_path):
     ]
     schema = Schema.infer(p)
     assert [(f.name, f.type) for f in schema.fields] == [
-        ("f0", "categorical"), ("f1", "categorical"), ("f2", "multi_categorical")]
+        ("f0", "categorical"),
+        ("f1", "categorical"),
+        ("f2", "multi_categorical"),
+    ]
     batch = load_all(p, schema)
     # bags: f0 one id per row, f1 one id (row 0: missing -> 0), f2 two ids then none
     assert batch.bag_lengths().tolist() == [[1, 1], [1, 1], [2, 0]]
@@ -132,29 +143,45 @@ def test_libffm_fields_become_list_columns(tmp_path):
 
 
 def test_parquet_lists_vectors_and_row_numbers(tmp_path):
-    t = pa.table({
-        "label": [1, 0, 1],
-        "user": ["a", "b", None],
-        "tags": [["x", "y"], [], None],
-        "emb": [[0.1, 0.2], [0.3, 0.4], None],
-        "price": [1.0, None, 3.0],
-    })
+    t = pa.table(
+        {
+            "label": [1, 0, 1],
+            "user": ["a", "b", None],
+            "tags": [["x", "y"], [], None],
+            "emb": [[0.1, 0.2], [0.3, 0.4], None],
+            "price": [1.0, None, 3.0],
+        }
+    )
     p = tmp_path / "x.parquet"
     pq.write_table(t, p)
-    schema = Schema([
-        {"name": "user", "type": "categorical"},
-        {"name": "tags", "type": "multi_categorical", "max_len": 4},
-        {"name": "emb", "type": "vector", "dim": 2},
-        {"name": "price", "type": "dense", "fill": 2.0},
-    ])
+    schema = Schema(
+        [
+            {"name": "user", "type": "categorical"},
+            {"name": "tags", "type": "multi_categorical", "max_len": 4},
+            {"name": "emb", "type": "vector", "dim": 2},
+            {"name": "price", "type": "dense", "fill": 2.0},
+        ]
+    )
     batch = load_all(p, schema, chunk_rows=2)
     assert batch.batch_size == 3 and batch.labels.tolist() == [1.0, 0.0, 1.0]
     torch.testing.assert_close(batch.vectors, torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.0, 0.0]]))
     assert batch.dense[:, 0].tolist() == [1.0, 2.0, 3.0]
     assert batch.bag_lengths().tolist() == [[1, 1, 1], [2, 0, 0]]
-    pq.write_table(pa.table({"label": [0, 1, 3], "user": ["a", "b", "c"], "tags": [[], [], []],
-                             "emb": [None, None, None], "price": [1.0, 2.0, 3.0]}), p)
-    with pytest.raises(DataError, match=r"x\.parquet, row 3, field 'label': label must be 0 or 1, got 3"):
+    pq.write_table(
+        pa.table(
+            {
+                "label": [0, 1, 3],
+                "user": ["a", "b", "c"],
+                "tags": [[], [], []],
+                "emb": [None, None, None],
+                "price": [1.0, 2.0, 3.0],
+            }
+        ),
+        p,
+    )
+    with pytest.raises(
+        DataError, match=r"x\.parquet, row 3, field 'label': label must be 0 or 1, got 3"
+    ):
         load_all(p, schema)
 
 
@@ -220,9 +247,11 @@ def test_criteo_bad_dense_without_user_schema(tmp_path):
 
 @pytest.mark.parametrize("name", ["x.csv.gz", "day.txt.gz", "x.libsvm.gz"])
 def test_truncated_gzip_names_the_file(tmp_path, name):
-    text = {"x.csv.gz": "label,user,price,tags\n" + "1,u,2,a\n" * 5000,
-            "day.txt.gz": (CRITEO_ROW + "\n") * 2000,
-            "x.libsvm.gz": "1 1:1 2:1\n" * 5000}[name]
+    text = {
+        "x.csv.gz": "label,user,price,tags\n" + "1,u,2,a\n" * 5000,
+        "day.txt.gz": (CRITEO_ROW + "\n") * 2000,
+        "x.libsvm.gz": "1 1:1 2:1\n" * 5000,
+    }[name]
     data = gzip.compress(text.encode())
     p = tmp_path / name
     p.write_bytes(data[: len(data) // 2])
@@ -236,7 +265,9 @@ def test_truncated_gzip_names_the_file(tmp_path, name):
 
 def test_libsvm_and_libffm_bad_tokens(tmp_path):
     p = write(tmp_path / "x.libsvm", "1 1:1 2:1\n0 1:1 2\n")
-    with pytest.raises(DataError, match=r"x\.libsvm, line 2: malformed feature '2' \(expected idx:value\)"):
+    with pytest.raises(
+        DataError, match=r"x\.libsvm, line 2: malformed feature '2' \(expected idx:value\)"
+    ):
         list(open_reader(p))
     p = write(tmp_path / "y.libsvm", "1 1:1 2:1\n7 1:1 2:1\n")
     with pytest.raises(DataError, match=r"y\.libsvm, line 2, field 'label'"):
@@ -270,8 +301,18 @@ def test_real_frappe_csv_and_libsvm_agree():
     csv_path = shared("frappe/valid.csv.gz")
     svm_path = shared("frappe/valid.libsvm.gz")
     schema = Schema.infer_from_csv(csv_path)
-    assert schema.names == ["user", "item", "daytime", "weekday", "isweekend", "homework", "cost",
-                            "weather", "country", "city"]
+    assert schema.names == [
+        "user",
+        "item",
+        "daytime",
+        "weekday",
+        "isweekend",
+        "homework",
+        "cost",
+        "weather",
+        "country",
+        "city",
+    ]
     assert all(f.type == "categorical" for f in schema.fields) and schema.label == "label"
     schema.fit(csv_path)
     a = load_all(csv_path, schema)
@@ -293,6 +334,9 @@ def test_real_criteo_sample_and_xlearn_ffm():
     assert (batch.dense[:, 11] == batch.dense[:, 11].min()).sum() >= 157
     missing_c = (batch.indices.view(26, 200) == 0).sum(1)
     assert missing_c.max() >= 9 and missing_c.min() == 0
-    ffm = load_all(shared("criteo_sample/xlearn_small_train.ffm"), Schema.infer(shared("criteo_sample/xlearn_small_train.ffm")))
+    ffm = load_all(
+        shared("criteo_sample/xlearn_small_train.ffm"),
+        Schema.infer(shared("criteo_sample/xlearn_small_train.ffm")),
+    )
     assert ffm.batch_size == 200 and int(ffm.labels.sum()) == 48
     assert ffm.num_bags == 18

@@ -15,7 +15,13 @@ FIELDS = [
     {"name": "item", "type": "categorical"},
     {"name": "site", "type": "categorical", "vocab": "hash", "hash_size": 11, "salt": "s"},
     {"name": "tags", "type": "multi_categorical", "max_len": 2},
-    {"name": "hist", "type": "multi_categorical", "sequence": True, "share_with": "item", "max_len": 2},
+    {
+        "name": "hist",
+        "type": "multi_categorical",
+        "sequence": True,
+        "share_with": "item",
+        "max_len": 2,
+    },
     {"name": "price", "type": "dense", "transform": "log1p_standardize", "fill": 0.0},
     {"name": "age", "type": "dense", "transform": "none", "fill": -1.0},
     {"name": "emb", "type": "vector", "dim": 2},
@@ -65,10 +71,22 @@ def test_batch_layout_matches_tbe_definition(schema):
     # hand-computed: user [u1,u1,u2(OOV),u1]; item ids i1=1,i2=2,i4=3,i3=4;
     # tags t1=1,t2=2,t3=3 (t1,t2 twice each... counts t1 2, t2 2, t3 1), first max_len=2 kept
     expected_bags = [
-        [1], [1], [0], [1],          # user
-        [1], [2], [1], [4],          # item
-        [h[0]], [h[1]], [h[2]], [h[3]],  # site (hashed)
-        [1, 2], [], [2], [1],        # tags: "t1|t2|t3" truncated to the first 2
+        [1],
+        [1],
+        [0],
+        [1],  # user
+        [1],
+        [2],
+        [1],
+        [4],  # item
+        [h[0]],
+        [h[1]],
+        [h[2]],
+        [h[3]],  # site (hashed)
+        [1, 2],
+        [],
+        [2],
+        [1],  # tags: "t1|t2|t3" truncated to the first 2
     ]
     assert b.offsets.tolist() == list(np.cumsum([0] + [len(x) for x in expected_bags]))
     for t in range(4):
@@ -87,7 +105,9 @@ def test_batch_layout_matches_tbe_definition(schema):
     assert b.labels.tolist() == [1, 0, 0, 1]
     # ids stay inside their tables
     card = torch.tensor([c for _, c in schema.tables()])
-    per_bag = torch.repeat_interleave(card[schema.bag_tables()].repeat_interleave(B), b.bag_lengths().reshape(-1))
+    per_bag = torch.repeat_interleave(
+        card[schema.bag_tables()].repeat_interleave(B), b.bag_lengths().reshape(-1)
+    )
     assert (b.indices < per_bag).all() and (b.indices >= 0).all()
 
 
@@ -101,8 +121,18 @@ def test_serving_rows_match_training_encoding(schema):
 
 
 def test_unseen_and_missing_values_at_serving(schema):
-    b = schema.encode_rows([{"user": "nobody", "item": "i999", "site": "zzz", "tags": ["t1", "zzz"], "hist": ["i3", "new"]},
-                            {}])
+    b = schema.encode_rows(
+        [
+            {
+                "user": "nobody",
+                "item": "i999",
+                "site": "zzz",
+                "tags": ["t1", "zzz"],
+                "hist": ["i3", "new"],
+            },
+            {},
+        ]
+    )
     B = 2
     bags = [b.indices[b.offsets[i] : b.offsets[i + 1]].tolist() for i in range(4 * B)]
     assert bags[0] == [0] and bags[2] == [0]  # user, item: OOV -> 0
@@ -110,7 +140,10 @@ def test_unseen_and_missing_values_at_serving(schema):
     assert bags[4] != [0] and bags[5] == [0]  # site: hashed value vs missing
     assert bags[6] == [1, 0] and bags[7] == []  # unseen tag stays as OOV, missing list is empty
     assert b.seq_indices["hist"].tolist() == [4, 0]
-    assert b.dense[1].tolist() == [pytest.approx((0 - schema.field("price").mean) / schema.field("price").std), -1.0]
+    assert b.dense[1].tolist() == [
+        pytest.approx((0 - schema.field("price").mean) / schema.field("price").std),
+        -1.0,
+    ]
     assert torch.isnan(b.labels).all()
     assert b.vectors.tolist() == [[0, 0], [0, 0]]
 
@@ -139,7 +172,11 @@ def test_hashing_is_stable_and_salted():
     ids = stable_hash(toks, "C1", 1000)
     # frozen values: a change here breaks every saved hashed model
     assert ids.tolist() == stable_hash(np.array(toks, dtype=object), "C1", 1000).tolist()
-    assert ids[2] == 0 and ids[3] == 0 and ((ids[[0, 1, 4, 5]] >= 1) & (ids[[0, 1, 4, 5]] < 1000)).all()
+    assert (
+        ids[2] == 0
+        and ids[3] == 0
+        and ((ids[[0, 1, 4, 5]] >= 1) & (ids[[0, 1, 4, 5]] < 1000)).all()
+    )
     assert ids.tolist() == FROZEN_HASH
     assert stable_hash(toks, "C2", 1000).tolist() != ids.tolist()
     many = stable_hash([str(i) for i in range(20000)], "", 101)
@@ -153,7 +190,10 @@ FROZEN_HASH = [103, 52, 0, 0, 660, 665]  # FNV-1a 64 + fmix64, salt "C1", size 1
 def test_hash_schema_needs_no_fit():
     s = Schema([{"name": "c", "type": "categorical", "vocab": "hash", "hash_size": 64}])
     assert s.fitted and s.tables() == [("c", 64)]
-    assert s.encode_columns({"c": ["x", "y"]}).indices.tolist() == stable_hash(["x", "y"], "", 64).tolist()
+    assert (
+        s.encode_columns({"c": ["x", "y"]}).indices.tolist()
+        == stable_hash(["x", "y"], "", 64).tolist()
+    )
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
@@ -194,9 +234,15 @@ def test_infer_from_csv_types_overrides_and_drop(tmp_path):
     p.write_text("label,id,name,score,n,extra\r\n1,3,a,0.5,7,z\r\n0,4,b,1.5,800,z\r\n")
     s = Schema.infer_from_csv(p)
     assert [(f.name, f.type) for f in s.fields] == [
-        ("id", "categorical"), ("name", "categorical"), ("score", "dense"), ("n", "categorical"),
-        ("extra", "categorical")]
-    s = Schema.infer_from_csv(p, overrides={"n": "dense", "score": {"transform": "none"}}, drop=["extra"])
+        ("id", "categorical"),
+        ("name", "categorical"),
+        ("score", "dense"),
+        ("n", "categorical"),
+        ("extra", "categorical"),
+    ]
+    s = Schema.infer_from_csv(
+        p, overrides={"n": "dense", "score": {"transform": "none"}}, drop=["extra"]
+    )
     assert [(f.name, f.type) for f in s.fields][2:] == [("score", "dense"), ("n", "dense")]
     assert s.field("score").transform == "none"
     with pytest.raises(ValueError, match="absent"):

@@ -72,11 +72,23 @@ def test_schema_and_batches(gen):
 def test_write_csv_reads_back_through_inference(gen, tmp_path):
     path = tmp_path / "syn.csv.gz"
     gen.write_csv(path, n=3000, chunk_rows=1000)
-    schema = Schema.infer_from_csv(path, overrides={"hist": {"type": "multi_categorical",
-                                                               "sequence": True, "share_with": "item",
-                                                               "max_len": gen.max_len}})
+    schema = Schema.infer_from_csv(
+        path,
+        overrides={
+            "hist": {
+                "type": "multi_categorical",
+                "sequence": True,
+                "share_with": "item",
+                "max_len": gen.max_len,
+            }
+        },
+    )
     types = {f.name: f.type for f in schema.fields}
-    assert types["user"] == "categorical" and types["d0"] == "dense" and types["hist"] == "multi_categorical"
+    assert (
+        types["user"] == "categorical"
+        and types["d0"] == "dense"
+        and types["hist"] == "multi_categorical"
+    )
     batch = load_all(path, schema)
     direct = gen.schema().encode(gen.generate(3000))
     assert batch.batch_size == 3000 and torch.equal(batch.labels, direct.labels)
