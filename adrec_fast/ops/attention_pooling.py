@@ -19,13 +19,13 @@ def _(grad_out, query, keys, offsets, probs):
 def _setup_context(ctx, inputs, output):
     query, keys, offsets = inputs
     ctx.save_for_backward(query, keys, offsets, output[1])
+    # The attention weights are returned for inspection and for the backward only: they carry
+    # no gradient (a data-dependent check on grad_probs would also break tracing).
+    ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, grad_probs):
     query, keys, offsets, probs = ctx.saved_tensors
-    if grad_probs is not None and bool((grad_probs != 0).any()):
-        raise RuntimeError("attention_pooling: gradients through the attention weights output "
-                           "are not supported; use the pooled output")
     gq, gk = torch.ops.adrec.attention_pooling_bwd(grad_out, query, keys, offsets, probs)
     return gq, gk, None
 

@@ -19,6 +19,8 @@ def _(x, w, b):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    # grad_logits is the loss's gradient, returned for the backward: it is not differentiable.
+    ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_loss, grad_grad):

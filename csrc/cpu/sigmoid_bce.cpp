@@ -1,0 +1,223 @@
+// SPDX-License-Identifier: Apache-2.0
+// Sigmoid + BCE on the CPU: at::parallel_for over fixed 2048-element chunks (partial loss sums
+// combined in chunk order, so the loss does not depend on the thread count); loss and gradient
+// from one exp and one log1p per element. Score: one task per block of rows, row dot products
+// in 16 lanes, then the sigmoid.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "common/acc_type.h"
+#include "common/checks.h"
+#include "common/simd.h"
+
+namespace adrec {
+namespace {
+
+constexpr const char* kOp = "sigmoid_bce";
+constexpr const char* kOpScore = "score";
+constexpr int64_t kChunk = 2048;  // elements per loss partial sum
+constexpr int64_t kW = 16;        // lanes of the score dot product
+
+// e^x for x <= 0, written without calls or branches so loops over it vectorise (libm's expf
+// does not without -ffast-math). Cody-Waite: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-7
+// Taylor polynomial (error < 1e-8 relative), 2^n built in the exponent bits. x is clamped at -87,
+// where e^x = 1.6e-38 is still a normal float; below it the callers' results are already exact
+// to within that.
+ADREC_INLINE float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float nf = x * kLog2e + kMagic;
+  int32_t nbits;
+  std::memcpy(&nbits, &nf, sizeof(nbits));  // low mantissa bits hold n
+  nf -= kMagic;
+  float r = x - nf * 0.693145751953125f;  // ln2, high part (exact product for |n| < 2^11)
+  r = r - nf * 1.428606765330187045e-06f;  // ln2, low part
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t sbits = (nbits - 0x4B400000 + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &sbits, sizeof(scale));
+  return p * scale;
+}
+
+// log(1 + t) for t in [0, 1], vectorisable. log(u), u = 1 + t in [1, 2], as e ln2 + 2 atanh(f)
+// with u = m 2^e, m in [1, sqrt 2), f = (m - 1)/(m + 1) <= 0.172 (series to f^9: error < 3e-9).
+// Goldberg's correction t / (u - 1) undoes the rounding of 1 + t, so tiny t stay accurate.
+ADREC_INLINE float log1p_01(float t) {
+  const float u = 1.0f + t;
+  const bool big = u > 1.41421356f;
+  const float m = big ? 0.5f * u : u;
+  const float f = (m - 1.0f) / (m + 1.0f);
+  const float f2 = f * f;
+  float s = 1.0f / 9.0f;
+  s = s * f2 + 1.0f / 7.0f;
+  s = s * f2 + 1.0f / 5.0f;
+  s = s * f2 + 1.0f / 3.0f;
+  s = s * f2 + 1.0f;
+  const float logu = (big ? 0.693147180559945309f : 0.0f) + 2.0f * f * s;
+  const float um1 = u - 1.0f;
+  // Both sides are computed and one is selected: a division under a branch would not vectorise.
+  const float corr = t / (um1 == 0.0f ? 1.0f : um1);
+  return um1 == 0.0f ? t : logu * corr;
+}
+
+// float32 and below use the vectorisable forms; float64 (gradcheck, tests) uses libm.
+ADREC_INLINE float exp_neg_abs(float z) { return exp_nonpos(-std::fabs(z)); }
+ADREC_INLINE double exp_neg_abs(double z) { return std::exp(-std::fabs(z)); }
+ADREC_INLINE float log1p_t(float t) { return log1p_01(t); }
+ADREC_INLINE double log1p_t(double t) { return std::log1p(t); }
+
+// One element: writes grad = (sigmoid(z) - y) w / B and returns w l with
+// l = max(z, 0) - z y + log1p(e^-|z|), which neither overflows nor cancels for large |z|.
+template <bool HAS_W, typename scalar_t>
+ADREC_INLINE acc_t<scalar_t> bce_elem(const scalar_t* z, const scalar_t* y, const scalar_t* w,
+                                      scalar_t* grad, int64_t i, acc_t<scalar_t> inv_b) {
+  using acc = acc_t<scalar_t>;
+  const acc zi = static_cast<acc>(z[i]), yi = static_cast<acc>(y[i]);
+  const acc wi = HAS_W ? static_cast<acc>(w[i]) : acc(1);
+  const acc t = exp_neg_abs(zi);                               // e^-|z| in (0, 1]
+  const acc sig = (zi >= acc(0) ? acc(1) : t) / (acc(1) + t);  // sigmoid(z)
+  grad[i] = static_cast<scalar_t>((sig - yi) * wi * inv_b);
+  return wi * (std::max(zi, acc(0)) - zi * yi + log1p_t(t));
+}
+
+// One chunk of n elements; returns sum_i w_i l_i. The sum runs in kW lanes (vertical adds), so
+// the loop vectorises without reassociating a single scalar sum.
+template <bool HAS_W, typename scalar_t>
+ADREC_CPU_CLONES double bce_chunk(const scalar_t* z, const scalar_t* y, const scalar_t* w,
+                                  scalar_t* grad, int64_t n, double inv_b) {
+  using acc = acc_t<scalar_t>;
+  const acc ib = static_cast<acc>(inv_b);
+  acc lanes[kW];  // [kW]
+  for (int64_t l = 0; l < kW; ++l) lanes[l] = acc(0);
+  int64_t i0 = 0;
+  for (; i0 + kW <= n; i0 += kW)
+    for (int64_t l = 0; l < kW; ++l) lanes[l] += bce_elem<HAS_W>(z, y, w, grad, i0 + l, ib);
+  for (int64_t i = i0; i < n; ++i) lanes[i - i0] += bce_elem<HAS_W>(z, y, w, grad, i, ib);
+  double sum = 0;
+  for (int64_t l = 0; l < kW; ++l) sum += static_cast<double>(lanes[l]);
+  return sum;
+}
+
+template <typename scalar_t>
+ADREC_CPU_CLONES void score_block(const scalar_t* x /* [B, K] */, const scalar_t* w /* [K] */,
+                                  acc_t<scalar_t> bias, scalar_t* out /* [B] */, int64_t b0,
+                                  int64_t b1, int64_t K) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t b = b0; b < b1; ++b) {
+    const scalar_t* xb = x + b * K;
+    acc s[kW];  // [kW] lane partial sums
+    for (int64_t l = 0; l < kW; ++l) s[l] = acc(0);
+    int64_t k0 = 0;
+    for (; k0 + kW <= K; k0 += kW)
+      for (int64_t l = 0; l < kW; ++l) s[l] += static_cast<acc>(xb[k0 + l]) * static_cast<acc>(w[k0 + l]);
+    for (int64_t k = k0; k < K; ++k) s[k - k0] += static_cast<acc>(xb[k]) * static_cast<acc>(w[k]);
+    acc zb = bias;
+    for (int64_t l = 0; l < kW; ++l) zb += s[l];
+    const acc t = exp_neg_abs(zb);
+    out[b] = static_cast<scalar_t>((zb >= acc(0) ? acc(1) : t) / (acc(1) + t));
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_bce_cpu(const at::Tensor& logits_,
+                                                   const at::Tensor& labels_,
+                                                   const c10::optional<at::Tensor>& weight_) {
+  check_floating(logits_, kOp, "logits");
+  check_dim(logits_, 1, kOp, "logits", "[B]");
+  TORCH_CHECK_TYPE(!at::isComplexType(labels_.scalar_type()), kOp,
+                   ": labels must be a real tensor (0/1 or soft labels), got ", labels_.scalar_type());
+  check_dim(labels_, 1, kOp, "labels", "[B]");
+  check_same_device(labels_, logits_, kOp, "labels", "logits");
+  const int64_t B = logits_.size(0);
+  TORCH_CHECK_VALUE(labels_.size(0) == B, kOp, ": labels has ", labels_.size(0),
+                    " entries but logits has ", B);
+  if (weight_.has_value()) {
+    check_dim(*weight_, 1, kOp, "weight", "[B]");
+    check_same_dtype(*weight_, logits_, kOp, "weight", "logits");
+    check_same_device(*weight_, logits_, kOp, "weight", "logits");
+    TORCH_CHECK_VALUE(weight_->size(0) == B, kOp, ": weight has ", weight_->size(0),
+                      " entries but logits has ", B);
+  }
+  auto logits = logits_.contiguous();                                 // [B]
+  auto labels = labels_.to(logits.scalar_type()).contiguous();         // [B], as the reference
+  c10::optional<at::Tensor> weight;
+  if (weight_.has_value()) weight = weight_->contiguous();            // [B]
+  auto grad = at::empty_like(logits);                                 // [B]
+  auto loss = at::empty({}, logits.options());                        // []
+  const int64_t nchunks = (B + kChunk - 1) / kChunk;
+  std::vector<double> partial(nchunks, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sigmoid_bce_cpu", [&] {
+    const scalar_t* z = logits.template data_ptr<scalar_t>();
+    const scalar_t* y = labels.template data_ptr<scalar_t>();
+    const scalar_t* w = weight.has_value() ? weight->template data_ptr<scalar_t>() : nullptr;
+    scalar_t* g = grad.template data_ptr<scalar_t>();
+    const double inv_b = B > 0 ? 1.0 / static_cast<double>(B) : 0.0;
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t i0 = c * kChunk, n = std::min(kChunk, B - i0);
+        partial[c] = w ? bce_chunk<true>(z + i0, y + i0, w + i0, g + i0, n, inv_b)
+                       : bce_chunk<false>(z + i0, y + i0, w, g + i0, n, inv_b);
+      }
+    });
+    double total = 0;
+    for (double p : partial) total += p;
+    // The mean over an empty batch is NaN, as in torch's mean reduction.
+    loss.fill_(B > 0 ? total / static_cast<double>(B) : std::numeric_limits<double>::quiet_NaN());
+  });
+  return {loss, grad};
+}
+
+at::Tensor score_cpu(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b) {
+  check_floating(x_, kOpScore, "x");
+  check_dim(x_, 2, kOpScore, "x", "[B, K]");
+  check_dim(w_, 1, kOpScore, "w", "[K]");
+  check_same_dtype(w_, x_, kOpScore, "w", "x");
+  check_same_dtype(b, x_, kOpScore, "b", "x");
+  check_same_device(w_, x_, kOpScore, "w", "x");
+  check_same_device(b, x_, kOpScore, "b", "x");
+  const int64_t B = x_.size(0), K = x_.size(1);
+  TORCH_CHECK_VALUE(w_.size(0) == K, kOpScore, ": w has ", w_.size(0), " entries but x has K=", K);
+  TORCH_CHECK_VALUE(b.numel() == 1 && b.dim() <= 1, kOpScore, ": b must be a scalar ([] or [1]), got shape ",
+                    b.sizes());
+  auto x = x_.contiguous();  // [B, K]
+  auto w = w_.contiguous();  // [K]
+  auto out = at::empty({B}, x.options());  // [B]
+  if (B == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "score_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc bias = static_cast<acc>(b.item<scalar_t>());
+    const scalar_t* px = x.template data_ptr<scalar_t>();
+    const scalar_t* pw = w.template data_ptr<scalar_t>();
+    scalar_t* po = out.template data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, K));
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+      score_block<scalar_t>(px, pw, bias, po, b0, b1, K);
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(adrec, CPU, m) {
+  m.impl("sigmoid_bce", &sigmoid_bce_cpu);
+  m.impl("score", &score_cpu);
+}
+
+}  // namespace adrec

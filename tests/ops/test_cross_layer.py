@@ -1,0 +1,127 @@
+# SPDX-License-Identifier: Apache-2.0
+"""cross_layer: the C++ CPU kernels (BLAS products + fused epilogues) vs the reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adrec_fast import functional as F
+from adrec_fast import reference as R
+from adrec_fast.nn import CrossNet
+
+from ..conftest import assert_close_verbose
+
+SHAPES = [(1, 1), (1, 432), (5, 17), (64, 432), (33, 16)]  # (B, K)
+
+
+def _inputs(B, K, dtype):
+    """x0, x [B, K]; weight [K, K] scaled like CrossNet's init; bias [K]."""
+    x0 = torch.randn(B, K, dtype=dtype)
+    x = torch.randn(B, K, dtype=dtype)
+    w = torch.randn(K, K, dtype=dtype) / math.sqrt(K)
+    b = torch.randn(K, dtype=dtype)
+    return x0, x, w, b
+
+
+def _truth_and_grads(args, g):
+    a = [t.detach().double().requires_grad_(True) for t in args]
+    out = R.cross_layer(*a)
+    out.backward(g.double())
+    return out.detach(), [t.grad for t in a]
+
+
+@pytest.mark.parametrize("api", ["functional", "ops"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(api, dtype, shape):
+    B, K = shape
+    args = _inputs(B, K, dtype)
+    g = torch.randn(B, K, dtype=dtype)
+    if api == "functional":
+        a = [t.clone().requires_grad_(True) for t in args]
+        out = F.cross_layer(*a)
+        out.backward(g)
+        grads = [t.grad for t in a]
+    else:
+        out, xw = torch.ops.adrec.cross_layer(*args)
+        x0, x, w, b = args
+        assert_close_verbose(xw, x @ w.t() + b)
+        grads = list(torch.ops.adrec.cross_layer_bwd(g, x0, x, w, xw))
+    truth, truth_grads = _truth_and_grads(args, g)
+    assert out.shape == (B, K) and out.dtype == dtype
+    assert_close_verbose(out, truth.to(dtype))
+    for got, want in zip(grads, truth_grads):
+        assert_close_verbose(got, want.to(dtype))
+
+
+def test_non_contiguous():
+    B, K = 6, 9
+    x0 = torch.randn(K, B, dtype=torch.float64).t()
+    x = torch.randn(B, 2 * K, dtype=torch.float64)[:, ::2]
+    w = torch.randn(K, K, dtype=torch.float64).t()
+    b = torch.randn(2 * K, dtype=torch.float64)[::2]
+    assert not (x0.is_contiguous() or x.is_contiguous() or b.is_contiguous())
+    assert_close_verbose(F.cross_layer(x0, x, w, b), R.cross_layer(x0, x, w, b))
+    g = torch.randn(K, B, dtype=torch.float64).t()
+    _, xw = torch.ops.adrec.cross_layer(x0, x, w, b)
+    _, want = _truth_and_grads((x0, x, w, b), g)
+    got = torch.ops.adrec.cross_layer_bwd(g, x0, x, w, xw.t().contiguous().t())
+    for a, e in zip(got, want):
+        assert_close_verbose(a, e)
+
+
+def test_empty_batch():
+    args = [t.requires_grad_(True) for t in _inputs(0, 17, torch.float32)]
+    out = F.cross_layer(*args)
+    assert out.shape == (0, 17)
+    out.sum().backward()
+    assert_close_verbose(args[2].grad, torch.zeros(17, 17))
+    assert_close_verbose(args[3].grad, torch.zeros(17))
+
+
+def test_literal_example():
+    # K=2: x @ W.T + b = [1*1 + 2*0, 1*1 + 2*1] + [0.5, -1] = [1.5, 2]; out = x0 * that + x.
+    x0 = torch.tensor([[2.0, 3.0]])
+    x = torch.tensor([[1.0, 2.0]])
+    w = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([0.5, -1.0])
+    assert_close_verbose(F.cross_layer(x0, x, w, b), torch.tensor([[4.0, 8.0]]))
+
+
+def test_gradcheck():
+    args = [t.requires_grad_(True) for t in _inputs(3, 5, torch.float64)]
+    assert torch.autograd.gradcheck(F.cross_layer, tuple(args))
+
+
+def test_crossnet_module_matches_reference():
+    torch.manual_seed(0)
+    net = CrossNet(24, num_layers=3).double()
+    x0 = torch.randn(8, 24, dtype=torch.float64)
+    x = x0
+    for w, b in zip(net.weights, net.biases):
+        x = R.cross_layer(x0, x, w, b)
+    assert_close_verbose(net(x0), x)
+
+
+def test_bad_dtype_names_argument():
+    x0, x, w, b = _inputs(2, 3, torch.float32)
+    with pytest.raises(TypeError, match="weight"):
+        torch.ops.adrec.cross_layer(x0, x, w.double(), b)
+    with pytest.raises(TypeError, match="bias"):
+        torch.ops.adrec.cross_layer(x0, x, w, b.double())
+    with pytest.raises(TypeError, match="x"):
+        torch.ops.adrec.cross_layer(x0.long(), x.long(), w.long(), b.long())
+
+
+def test_bad_shape():
+    x0, x, w, b = _inputs(2, 3, torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        torch.ops.adrec.cross_layer(x0, x, torch.ones(3, 4), b)
+    with pytest.raises(ValueError, match="bias"):
+        torch.ops.adrec.cross_layer(x0, x, w, torch.ones(4))
+    with pytest.raises(ValueError, match="x0"):
+        torch.ops.adrec.cross_layer(torch.ones(3, 3), x, w, b)
+    with pytest.raises(ValueError, match="grad_out"):
+        torch.ops.adrec.cross_layer_bwd(torch.ones(1, 3), x0, x, w, x)

@@ -1,0 +1,175 @@
+# SPDX-License-Identifier: Apache-2.0
+"""sigmoid_bce and score: the C++ CPU kernels vs the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adrec_fast import functional as F
+from adrec_fast import reference as R
+from adrec_fast.nn import SigmoidBCEHead
+
+from ..conftest import assert_close_verbose
+
+
+def _truth_and_grad(z, y, w):
+    z64 = z.detach().double().requires_grad_(True)
+    loss = R.sigmoid_bce(z64, y.double(), None if w is None else w.double())
+    loss.backward()
+    return loss.detach(), z64.grad
+
+
+@pytest.mark.parametrize("api", ["functional", "ops"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 17, 4096, 5000])
+def test_matches_reference(api, weighted, dtype, B):
+    z = (torch.randn(B, dtype=dtype) * 4).requires_grad_(True)
+    y = torch.randint(0, 2, (B,)).to(dtype)
+    w = torch.rand(B, dtype=dtype) if weighted else None
+    if api == "functional":
+        loss = F.sigmoid_bce(z, y, w)
+        loss.backward()
+        grad = z.grad
+    else:
+        loss, grad = torch.ops.adrec.sigmoid_bce(z.detach(), y, w)
+    truth, truth_grad = _truth_and_grad(z, y, w)
+    assert loss.shape == () and loss.dtype == dtype
+    assert_close_verbose(loss, truth.to(dtype))
+    assert_close_verbose(grad, truth_grad.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_logits_are_stable(dtype):
+    z = torch.tensor([-1e30, -1e4, -100.0, -88.0, -30.0, 0.0, 30.0, 88.0, 100.0, 1e4, 1e30], dtype=dtype)
+    for y in (torch.zeros_like(z), torch.ones_like(z), torch.full_like(z, 0.25)):
+        loss, grad = torch.ops.adrec.sigmoid_bce(z, y, None)
+        truth, truth_grad = _truth_and_grad(z, y, None)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert_close_verbose(loss, truth.to(dtype))
+        assert_close_verbose(grad, truth_grad.to(dtype))
+
+
+def test_soft_and_integer_labels():
+    z = torch.randn(64)
+    y_soft = torch.rand(64)
+    assert_close_verbose(F.sigmoid_bce(z, y_soft), R.sigmoid_bce(z, y_soft))
+    y_int = torch.randint(0, 2, (64,))
+    assert_close_verbose(F.sigmoid_bce(z, y_int), R.sigmoid_bce(z, y_int))
+
+
+def test_non_contiguous():
+    z = torch.randn(40, dtype=torch.float64)[::2]
+    y = torch.randint(0, 2, (60,)).double()[::3]
+    w = torch.rand(20, 2, dtype=torch.float64)[:, 1]
+    assert not (z.is_contiguous() or y.is_contiguous() or w.is_contiguous())
+    loss, grad = torch.ops.adrec.sigmoid_bce(z, y, w)
+    truth, truth_grad = _truth_and_grad(z, y, w)
+    assert_close_verbose(loss, truth)
+    assert_close_verbose(grad, truth_grad)
+
+
+def test_empty_batch_is_nan_like_torch():
+    z = torch.zeros(0, requires_grad=True)
+    loss = F.sigmoid_bce(z, torch.zeros(0))
+    assert torch.isnan(loss) and torch.isnan(R.sigmoid_bce(z.detach(), torch.zeros(0)))
+    loss.backward()
+    assert z.grad.shape == (0,)
+
+
+def test_literal_example():
+    # z = 0: sigmoid 1/2, loss log 2 for either label; grad (1/2 - y) / B.
+    z = torch.tensor([0.0, 0.0], requires_grad=True)
+    y = torch.tensor([1.0, 0.0])
+    loss = F.sigmoid_bce(z, y)
+    assert_close_verbose(loss, torch.tensor(0.6931471805599453))
+    loss.backward()
+    assert_close_verbose(z.grad, torch.tensor([-0.25, 0.25]))
+    # Weighted: w = [2, 0] -> loss = (2 log 2 + 0) / 2.
+    assert_close_verbose(F.sigmoid_bce(z.detach(), y, torch.tensor([2.0, 0.0])), torch.tensor(0.6931471805599453))
+
+
+def test_gradcheck():
+    z = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(7, dtype=torch.float64)
+    w = torch.rand(7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: F.sigmoid_bce(a, y, w), (z,))
+
+
+def test_loss_does_not_depend_on_thread_count():
+    z = torch.randn(10_000) * 3
+    y = torch.randint(0, 2, (10_000,)).float()
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.adrec.sigmoid_bce(z, y, None)[0]
+        torch.set_num_threads(2)
+        two = torch.ops.adrec.sigmoid_bce(z, y, None)[0]
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two)
+
+
+def test_bad_dtype_names_argument():
+    z = torch.randn(4)
+    with pytest.raises(TypeError, match="logits"):
+        torch.ops.adrec.sigmoid_bce(z.long(), z, None)
+    with pytest.raises(TypeError, match="weight"):
+        torch.ops.adrec.sigmoid_bce(z, z, z.double())
+
+
+def test_bad_shape():
+    z = torch.randn(4)
+    with pytest.raises(ValueError, match="labels"):
+        torch.ops.adrec.sigmoid_bce(z, torch.zeros(5), None)
+    with pytest.raises(ValueError, match="weight"):
+        torch.ops.adrec.sigmoid_bce(z, torch.zeros(4), torch.ones(3))
+    with pytest.raises(ValueError, match="logits"):
+        torch.ops.adrec.sigmoid_bce(z[None], torch.zeros(1, 4), None)
+
+
+# score: x [B, K], w [K], b -> sigmoid(x @ w + b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 432), (7, 17), (300, 16), (0, 5)], ids=str)
+@pytest.mark.parametrize("b_shape", [(), (1,)])
+def test_score_matches_reference(dtype, shape, b_shape):
+    B, K = shape
+    x = torch.randn(B, K, dtype=dtype)
+    w = torch.randn(K, dtype=dtype) / K**0.5
+    b = torch.randn(b_shape, dtype=dtype)
+    out = F.score(x, w, b)
+    assert out.shape == (B,)
+    assert_close_verbose(out, R.score(x.double(), w.double(), b.double()).to(dtype))
+
+
+def test_score_large_logits_and_python_bias():
+    x = torch.tensor([[1e3], [-1e3], [0.0]])
+    w = torch.tensor([1.0])
+    assert_close_verbose(F.score(x, w, 0.0), torch.tensor([1.0, 0.0, 0.5]))
+
+
+def test_score_gradcheck_and_head():
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn((), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(F.score, (x, w, b))
+    head = SigmoidBCEHead(3).double()
+    assert_close_verbose(head.predict(x.detach()), torch.sigmoid(head(x.detach())))
+
+
+def test_score_bad_inputs():
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="w"):
+        torch.ops.adrec.score(x, torch.randn(3, dtype=torch.float64), torch.zeros(()))
+    with pytest.raises(ValueError, match="w"):
+        torch.ops.adrec.score(x, torch.randn(4), torch.zeros(()))
+    with pytest.raises(ValueError, match="b"):
+        torch.ops.adrec.score(x, torch.randn(3), torch.zeros(2))
+
+
+def test_grad_output_carries_no_gradient():
+    z = torch.randn(5, requires_grad=True)
+    loss, grad = torch.ops.adrec.sigmoid_bce(z, torch.ones(5), None)
+    assert loss.requires_grad and not grad.requires_grad
