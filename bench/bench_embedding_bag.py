@@ -419,31 +419,20 @@ def ref_forward(shape, inp, w0):
 
 
 def ref_row_grads(shape, inp, w0):
-    """(touched global rows [U], their summed gradient [U, D]) from the reference op's autograd
-    on a compacted copy of the touched rows (so no dense [N_total, D] gradient)."""
+    """(touched global rows [U], their summed gradient [U, D], hits per row [U]) from the
+    reference op's autograd on a compacted copy of the touched rows (no dense [N_total, D]
+    gradient)."""
     def compute():
-        u, inv = torch.unique(inp.global_ids, sorted=True, return_inverse=True)
+        u, inv, hits = torch.unique(inp.global_ids, sorted=True, return_inverse=True,
+                                    return_counts=True)
         ctofs = torch.searchsorted(u, inp.table_offsets)  # tables are disjoint row ranges
         counts = torch.diff(inp.offsets[:: shape.B])  # ids per table
         local = inv - torch.repeat_interleave(ctofs[:-1], counts)
         wc = w0[u].clone().requires_grad_(True)
         out = reference.embedding_bag(wc, ctofs, local, inp.offsets)
         out.backward(make_grad_out(shape))
-        return u, wc.grad.detach()
+        return u, wc.grad.detach(), hits
     return _ref_cached((str(shape), "grad"), compute)
-
-
-def expected_rows(shape, inp, w0, optim):
-    u, g = ref_row_grads(shape, inp, w0)
-    w = w0[u]
-    if optim == "sgd":
-        return u, w - LR * g
-    if optim == "rowwise_adagrad":
-        s = (g * g).mean(dim=1, keepdim=True)
-        return u, w - LR * g / (s.sqrt() + EPS)
-    if optim == "adagrad_elementwise":
-        return u, w - LR * g / ((g * g).sqrt() + EPS)
-    raise ValueError(optim)
 
 
 def check_forward(out, shape, inp, w0, who):
@@ -452,13 +441,40 @@ def check_forward(out, shape, inp, w0, who):
 
 
 def check_step(prov: Prov, shape, inp, w0, optim, who):
-    u, want = expected_rows(shape, inp, w0, optim)
+    """The touched rows after one step equal the reference gradient pushed through the
+    optimizer's formula, up to float32 summation order; a sample of other rows is unchanged.
+
+    A row hit n times sums n gradient rows in an order each library picks, so its gradient is
+    only known to ~n * 4e-7 absolute (the small Criteo tables get ~20k hits per row); element-wise
+    Adagrad's g/|g| is undefined in sign below that noise and those elements are not compared."""
+    u, g, hits = ref_row_grads(shape, inp, w0)
     w = w0[u]
-    # Compare the updates (new - old): hot Zipf rows sum thousands of gradients, so float32
-    # summation order moves them by ~1e-5 absolute but only ~1e-4 relative.
-    torch.testing.assert_close(prov.read_rows(u) - w, want - w, rtol=2e-3, atol=2e-6,
-                               msg=lambda m: f"{who}: weights after one step differ\n{m}")
-    # A sample of untouched rows must be unchanged.
+    got = prov.read_rows(u) - w
+    noise = (1e-6 + 4e-7 * hits.to(g.dtype))[:, None]  # [U, 1] bound on |g error|
+    if optim == "sgd":
+        want = -LR * g
+        tol = LR * noise + 1e-3 * want.abs()
+        mask = torch.ones_like(g, dtype=torch.bool)
+    elif optim == "rowwise_adagrad":
+        rms = (g * g).mean(dim=1, keepdim=True).sqrt()
+        want = -LR * g / (rms + EPS)
+        tol = 2 * LR * noise / (rms + EPS) + 1e-3 * want.abs() + 1e-7
+        mask = torch.ones_like(g, dtype=torch.bool)
+    elif optim == "adagrad_elementwise":
+        want = -LR * g / (g.abs() + EPS)
+        tol = 1e-3 * want.abs() + 1e-7
+        mask = g.abs() > 10 * noise
+    else:
+        raise ValueError(optim)
+    bad = ((got - want).abs() > tol) & mask
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        r, d = divmod(i, g.shape[1])
+        raise AssertionError(
+            f"{who}: {int(bad.sum())} of {int(mask.sum())} updated weights differ from the "
+            f"reference step; first: global row {int(u[r])} (hit {int(hits[r])}x), col {d}: "
+            f"update {float(got[r, d]):.6g}, expected {float(want[r, d]):.6g} "
+            f"(tolerance {float(tol[r, d]):.3g})")
     gen = torch.Generator().manual_seed(7)
     probe = torch.randint(0, w0.shape[0], (4096,), generator=gen)
     probe = probe[~torch.isin(probe, u)]

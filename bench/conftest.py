@@ -81,6 +81,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "loadavg_before": list(la),
         "uptime_before": _uptime(),
         "versions": _versions(),
+        "adrec_C": _ext_id(),
     }
 
 
@@ -90,6 +91,21 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "loadavg_after": list(os.getloadavg()),
         "wall_s": round(time.time() - _T_START, 1),
     }
+
+
+def _ext_id() -> str:
+    """Which build of adrec_fast._C was timed: the kernels change while others optimise them."""
+    try:
+        import hashlib
+
+        import adrec_fast._C as ext
+
+        with open(ext.__file__, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        mtime = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(ext.__file__)))
+        return f"sha256 {digest}, built {mtime}"
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({type(e).__name__})"
 
 
 def _uptime() -> str:

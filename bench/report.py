@@ -114,6 +114,8 @@ def render(rows, meta) -> str:
                           if loads else "") + ".")
         if ad.get("uptime_before"):
             out.append(f"`uptime` before: `{ad['uptime_before']}`")
+        if ad.get("adrec_C"):
+            out.append(f"adrec_fast._C timed: {ad['adrec_C']}.")
         vers = ad.get("versions", {})
         if vers:
             out.append("Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".")
