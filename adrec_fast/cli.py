@@ -1,0 +1,479 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ``adrec-fast`` command line: demo, train, eval, predict."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+_T_START = time.perf_counter()
+
+DESCRIPTION = """\
+adrec-fast: train, evaluate and serve click-through-rate (CTR) models on fused CPU kernels.
+
+Commands:
+  demo      generate the built-in synthetic click data, train, and compare the model's AUC
+            with the oracle AUC of the true click model (no files needed)
+  train     train a model on a data file (CSV with a header, Criteo TSV, libsvm, libffm,
+            Parquet) and save it as a checkpoint directory
+  eval      score a labelled data file with a saved model: AUC, logloss, calibration
+  predict   write click probabilities for a data file to CSV or Parquet
+
+Run `adrec-fast COMMAND --help` for the options of each command."""
+
+EXAMPLES = """\
+examples:
+  adrec-fast demo
+  adrec-fast train data/train.csv --model deepfm --out runs/deepfm --epochs 5
+  adrec-fast eval runs/deepfm data/test.csv
+  adrec-fast predict runs/deepfm data/new.csv --out scores.parquet"""
+
+MODEL_HELP = "model name: lr, fm, deepfm, dcnv2, dlrm, din (din needs a behaviour-sequence field)"
+
+
+class CLIError(Exception):
+    """An error reported as one line, without a traceback."""
+
+
+def _fmt(x) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def _json_line(obj: dict) -> None:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    print(json.dumps({k: clean(v) for k, v in obj.items()}), flush=True)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print the metrics as one JSON object on the last line of the output")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice)")
+
+
+def _train_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    p.add_argument("--model", default="din" if demo else "deepfm", help=MODEL_HELP +
+                   (" (default: din)" if demo else " (default: deepfm)"))
+    p.add_argument("--epochs", type=int, default=None,
+                   help="maximum number of passes over the training data (early stopping may "
+                        "end sooner; default 3 for the demo, 10 for train)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per training step (default 2048 for the demo, 1024 for train)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the dense layers (Adam; default 1e-3 for train, "
+                        "2e-3 for the demo)")
+    p.add_argument("--embedding-lr", type=float, default=None,
+                   help="learning rate of the fused row-wise Adagrad on the embedding tables "
+                        "(default 0.05)")
+    p.add_argument("--embedding-dim", type=int, default=16, help="embedding width (default 16)")
+    p.add_argument("--schedule", default=None, choices=["constant", "cosine", "linear", "step"],
+                   help="learning-rate schedule (default: cosine for the demo, constant for train)")
+    p.add_argument("--patience", type=int, default=2,
+                   help="stop after this many epochs without a better validation AUC (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="adrec-fast", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo", formatter_class=fmt, help="train on built-in synthetic data; AUC vs oracle AUC",
+        description="Generate the built-in synthetic click data (Criteo-like fields with "
+                    "Zipf-distributed ids, dense features and a behaviour history; the true "
+                    "click model is known), train a model on it, then evaluate on held-out rows "
+                    "and print the model's AUC beside the oracle AUC (the AUC of the true "
+                    "probabilities, the best any model can do) and the training throughput.",
+        epilog="example:\n  adrec-fast demo --json")
+    _train_options(p, demo=True)
+    p.add_argument("--rows", type=int, default=1_000_000,
+                   help="training rows to generate (default 1,000,000); 10%% more each for "
+                        "validation and test")
+    p.add_argument("--out", default=None, help="also save the trained model to this directory")
+    _common(p)
+
+    p = sub.add_parser(
+        "train", formatter_class=fmt, help="train a model on a data file and save it",
+        description="Train a CTR model on DATA and save it to the directory --out.\n\n"
+                    "The format comes from the file extension: .csv (header line required), "
+                    ".tsv/.txt (Criteo), .libsvm, .ffm, .parquet; .gz is read transparently. "
+                    "Without --schema the feature schema is inferred from the header and the "
+                    "first rows (integer and string columns categorical, float columns dense) "
+                    "and saved with the model, so `eval` and `predict` on files with the same "
+                    "columns just work. Without --valid, a random 10%% of DATA is held out for "
+                    "validation and early stopping.\n\n"
+                    "The output directory holds best/ (the model with the best validation AUC; "
+                    "what eval/predict load), last/ (the final epoch, with optimizer state), "
+                    "metrics.json and PNG plots. It appears only when training succeeds.",
+        epilog="examples:\n"
+               "  adrec-fast train train.csv --model deepfm --out runs/deepfm\n"
+               "  adrec-fast train frappe.csv.gz --model fm --label label --drop cost --epochs 5 "
+               "--out runs/fm --json")
+    p.add_argument("data", metavar="DATA", help="training data file")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to save the model in")
+    p.add_argument("--label", default="label", help="label column, values 0/1 (default: label)")
+    p.add_argument("--schema", metavar="FILE", default=None,
+                   help="schema file (JSON or YAML) declaring the fields instead of inferring them")
+    p.add_argument("--drop", metavar="COL,...", default="",
+                   help="comma-separated columns to leave out of the inferred schema")
+    p.add_argument("--valid", metavar="DATA", default=None,
+                   help="validation data file (default: hold out 10%% of DATA)")
+    p.add_argument("--valid-fraction", type=float, default=0.1,
+                   help="fraction of DATA held out when --valid is not given (default 0.1)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed rows (counted and reported) instead of stopping")
+    p.add_argument("--max-bad-rows", type=int, default=1000,
+                   help="with --skip-bad-rows, fail once more rows than this are bad")
+    _train_options(p)
+    _common(p)
+
+    p = sub.add_parser(
+        "eval", formatter_class=fmt, help="AUC, logloss and calibration of a saved model on DATA",
+        description="Load the model saved in DIR (by `train`) and score DATA, which needs the "
+                    "label column. Prints AUC, logloss and calibration (mean prediction / "
+                    "positive rate; 1.0 is calibrated).",
+        epilog="example:\n  adrec-fast eval runs/deepfm test.csv --json")
+    p.add_argument("dir", metavar="DIR", help="model directory written by `train`")
+    p.add_argument("data", metavar="DATA", help="labelled data file with the training columns")
+    p.add_argument("--batch-size", type=int, default=16384, help="rows per scoring batch")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows")
+    _common(p)
+
+    p = sub.add_parser(
+        "predict", formatter_class=fmt, help="write click probabilities for DATA to CSV/Parquet",
+        description="Load the model saved in DIR and write one click probability per row of "
+                    "DATA (column `prediction`, plus the label column when DATA has it) to "
+                    "--out: Parquet when FILE ends in .parquet/.pq, else CSV.",
+        epilog="example:\n  adrec-fast predict runs/deepfm new.csv --out scores.csv")
+    p.add_argument("dir", metavar="DIR", help="model directory written by `train`")
+    p.add_argument("data", metavar="DATA", help="data file with the training columns")
+    p.add_argument("--out", required=True, metavar="FILE", help="output .csv or .parquet file")
+    p.add_argument("--batch-size", type=int, default=16384, help="rows per scoring batch")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows")
+    _common(p)
+    return parser
+
+
+# ---------------------------------------------------------------------------- helpers
+def _report_warnings(caught) -> None:
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
+def _split(batch, fraction: float, seed: int):
+    import torch
+
+    n = batch.batch_size
+    n_valid = round(n * fraction)
+    if not 0 < n_valid < n:
+        raise CLIError(f"cannot hold out {fraction:.0%} of {n} rows for validation; "
+                       "pass --valid DATA")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return batch.take(perm[n_valid:].sort().values), batch.take(perm[:n_valid].sort().values)
+
+
+def _infer_schema(path, label: str, drop: list[str]):
+    """``Schema.infer``; when type sniffing fails on a malformed row, re-read the file with the
+    validating reader so that the error names the exact line."""
+    from .data.errors import DataError
+    from .data.readers import open_reader
+    from .data.schema import Schema
+
+    try:
+        return Schema.infer(path, label=label, drop=drop)
+    except DataError:
+        for _ in open_reader(path, label=label):  # raises DataError(path, line, field)
+            pass
+        raise
+
+
+def _fresh_out(out: Path) -> None:
+    """Refuse to overwrite a directory that is not an earlier model directory."""
+    if out.exists():
+        if not out.is_dir():
+            raise CLIError(f"--out {out} exists and is not a directory")
+        entries = {p.name for p in out.iterdir()}
+        if entries and not (entries & {"best", "last", "metrics.json"}):
+            raise CLIError(f"--out {out} exists and does not look like a model directory; "
+                           "choose another path")
+
+
+def _train_defaults(a, demo: bool) -> dict:
+    return {
+        "epochs": a.epochs if a.epochs is not None else (3 if demo else 10),
+        "batch_size": a.batch_size if a.batch_size is not None else (2048 if demo else 1024),
+        "lr": a.lr if a.lr is not None else (2e-3 if demo else 1e-3),
+        "schedule": a.schedule or ("cosine" if demo else "constant"),
+    }
+
+
+def _fit(model, train, valid, a, ckdir, demo=False):
+    from .training.loop import fit
+
+    d = _train_defaults(a, demo)
+    return fit(model, train, valid, epochs=d["epochs"], batch_size=d["batch_size"], lr=d["lr"],
+               embedding_lr=a.embedding_lr, schedule=d["schedule"], seed=a.seed,
+               patience=a.patience, checkpoint_dir=ckdir, progress=not a.no_progress)
+
+
+def _write_run_files(ckdir: Path, result, trainer_valid, extra: dict) -> None:
+    from .training.plots import plot_calibration, plot_learning_curves
+
+    (ckdir / "metrics.json").write_text(json.dumps(
+        {"history": result.history, "best_epoch": result.best_epoch, **extra}, indent=1,
+        default=float), encoding="utf-8")
+    if result.history:
+        plot_learning_curves(result.history, ckdir / "learning_curves.png")
+    if trainer_valid is not None:
+        p, y = trainer_valid
+        plot_calibration(y, p, ckdir / "calibration.png")
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_demo(a) -> int:
+    import numpy as np
+    import torch
+
+    from .data.metrics import auc
+    from .data.synthetic import SyntheticCTR
+    from .models.registry import build_model
+    from .training.loop import Trainer, evaluate
+
+    n_train = int(a.rows)
+    n_hold = max(n_train // 10, 1000)
+    t0 = time.perf_counter()
+    gen = SyntheticCTR(n_rows=n_train, seed=a.seed)
+    schema = gen.schema()
+    table, p_true = next(gen.chunks(n_train + 2 * n_hold, chunk_rows=n_train + 2 * n_hold,
+                                    with_probability=True))
+    data = schema.encode(table)
+    del table
+    y = data.labels.numpy()
+    train = data.slice(0, n_train)
+    valid = data.slice(n_train, n_train + n_hold)
+    test = data.slice(n_train + n_hold, n_train + 2 * n_hold)
+    del data
+    oracle = auc(y[n_train + n_hold:], p_true[n_train + n_hold:])
+    t_data = time.perf_counter() - t0
+    print(f"synthetic data: {n_train:,} training rows, {n_hold:,} validation and {n_hold:,} test "
+          f"rows, {len(schema.sparse_fields())} categorical fields + a behaviour history, "
+          f"{schema.n_dense} dense ({t_data:.1f}s)", flush=True)
+    torch.manual_seed(a.seed)
+    model = build_model(a.model, schema, embedding_dim=a.embedding_dim)
+    d = _train_defaults(a, demo=True)
+    trainer = Trainer(model, lr=d["lr"], embedding_lr=a.embedding_lr, schedule=d["schedule"],
+                      batch_size=d["batch_size"], seed=a.seed, patience=a.patience,
+                      progress=not a.no_progress)
+    t1 = time.perf_counter()
+    result = trainer.fit(train, valid, epochs=d["epochs"])
+    t_train = time.perf_counter() - t1
+    sps = float(np.mean([h["samples_per_s"] for h in result.history]))
+    m = evaluate(model, test)
+    wall = time.perf_counter() - _T_START
+    print(f"model {a.model}: test AUC {m['auc']:.4f} (oracle AUC {oracle:.4f}, gap "
+          f"{oracle - m['auc']:.4f}), logloss {m['logloss']:.4f}, calibration "
+          f"{m['calibration']:.3f}")
+    print(f"training: {sps:,.0f} samples/s over {len(result.history)} epochs ({t_train:.1f}s); "
+          f"total {wall:.1f}s")
+    if a.out:
+        from .training.checkpoint import save_checkpoint
+
+        save_checkpoint(Path(a.out), model, meta={"metrics": m, "history": result.history})
+        print(f"model saved to {a.out}")
+    if a.json:
+        _json_line({"auc": m["auc"], "logloss": m["logloss"], "calibration": m["calibration"],
+                    "oracle_auc": oracle, "samples_per_s": sps, "model": a.model,
+                    "epochs": len(result.history), "rows": n_train, "wall_s": wall})
+    return 0
+
+
+def cmd_train(a) -> int:
+    import torch
+
+    from .data.readers import load_all
+    from .data.schema import Schema
+    from .models.registry import build_model
+
+    out = Path(a.out)
+    _fresh_out(out)
+    drop = [c.strip() for c in a.drop.split(",") if c.strip()]
+    reader_kw = {"skip_bad_rows": a.skip_bad_rows, "max_bad_rows": a.max_bad_rows}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if a.schema:
+            schema = Schema.load(a.schema)
+            if drop:
+                raise CLIError("--drop applies to an inferred schema; edit the --schema file")
+        else:
+            schema = _infer_schema(a.data, a.label, drop)
+        train = load_all(a.data, schema, label=schema.label, **reader_kw)
+        if a.valid:
+            valid = load_all(a.valid, schema, label=schema.label, **reader_kw)
+        else:
+            train, valid = _split(train, a.valid_fraction, a.seed)
+    _report_warnings(caught)
+    if train.batch_size == 0:
+        raise CLIError(f"{a.data}: no data rows")
+    if bool(torch.isnan(train.labels).any()):
+        raise CLIError(f"{a.data}: no label column {schema.label!r} (use --label COL)")
+    print(f"{a.data}: {train.batch_size:,} training rows, {valid.batch_size:,} validation rows; "
+          f"{len(schema.sparse_fields())} categorical, {schema.n_dense} dense fields", flush=True)
+    torch.manual_seed(a.seed)
+    try:
+        model = build_model(a.model, schema, embedding_dim=a.embedding_dim)
+    except TypeError as e:
+        raise CLIError(str(e)) from None
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        result = _fit(model, train, valid, a, tmp)
+        from .training.loop import metrics_of, predict
+
+        p, y = predict(model, valid)
+        m = metrics_of(y, p)
+        _write_run_files(tmp, result, (p, y),
+                         {"valid": m, "data": str(a.data), "model": model.config})
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:6]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"model {a.model}: valid AUC {_fmt(m['auc'])}, logloss {_fmt(m['logloss'])}, "
+          f"calibration {_fmt(m['calibration'])} (best epoch {result.best_epoch}); saved to {out}")
+    if a.json:
+        _json_line({"auc": m["auc"], "logloss": m["logloss"], "calibration": m["calibration"],
+                    "best_epoch": result.best_epoch, "epochs": len(result.history),
+                    "samples_per_s": result.history[-1]["samples_per_s"] if result.history else None,
+                    "rows_train": train.batch_size, "rows_valid": valid.batch_size,
+                    "out": str(out)})
+    return 0
+
+
+def _batches(schema, path, batch_size, skip_bad_rows):
+    from .data.readers import iter_batches
+
+    return iter_batches(path, schema, batch_size, skip_bad_rows=skip_bad_rows)
+
+
+def cmd_eval(a) -> int:
+    import numpy as np
+
+    from .training.checkpoint import load_model
+    from .training.loop import metrics_of, predict
+
+    model, schema, config = load_model(a.dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ps, ys = [], []
+        for b in _batches(schema, a.data, a.batch_size, a.skip_bad_rows):
+            p, y = predict(model, b)
+            ps.append(p)
+            ys.append(y)
+    _report_warnings(caught)
+    p = np.concatenate(ps) if ps else np.zeros(0)
+    y = np.concatenate(ys) if ys else np.zeros(0)
+    if y.size == 0:
+        raise CLIError(f"{a.data}: no data rows")
+    if np.isnan(y).any():
+        raise CLIError(f"{a.data}: no label column {schema.label!r}; eval needs labels "
+                       "(use predict to score unlabelled rows)")
+    m = metrics_of(y, p)
+    print(f"{a.data}: {m['rows']:,} rows, model {config['name']}: AUC {_fmt(m['auc'])}, "
+          f"logloss {_fmt(m['logloss'])}, calibration {_fmt(m['calibration'])}")
+    if a.json:
+        _json_line({"auc": m["auc"], "logloss": m["logloss"], "calibration": m["calibration"],
+                    "rows": m["rows"], "model": config["name"]})
+    return 0
+
+
+def cmd_predict(a) -> int:
+    import numpy as np
+    import pyarrow as pa
+
+    from .training.checkpoint import load_model
+    from .training.loop import predict
+
+    out = Path(a.out)
+    parquet = out.suffix.lower() in (".parquet", ".pq")
+    model, schema, _ = load_model(a.dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ps, ys = [], []
+        for b in _batches(schema, a.data, a.batch_size, a.skip_bad_rows):
+            p, y = predict(model, b)
+            ps.append(p)
+            ys.append(y)
+    _report_warnings(caught)
+    p = np.concatenate(ps) if ps else np.zeros(0)
+    y = np.concatenate(ys) if ys else np.zeros(0)
+    cols = {"prediction": pa.array(p.astype(np.float64))}
+    if y.size and not np.isnan(y).any():
+        cols[schema.label] = pa.array(y.astype(np.int64))
+    table = pa.table(cols)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if parquet:
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, tmp)
+        else:
+            import pyarrow.csv as pcsv
+
+            pcsv.write_csv(table, tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    print(f"wrote {len(p):,} predictions to {out}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    try:
+        from .data.errors import DataError
+    except ImportError:  # pragma: no cover
+        DataError = ValueError
+    try:
+        import torch
+
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        import adrec_fast  # noqa: F401  (loads the native ops; fails loudly if broken)
+
+        return COMMANDS[a.command](a)
+    except (CLIError, DataError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"adrec-fast {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FloatingPointError) as e:
+        print(f"adrec-fast {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"adrec-fast {a.command}: interrupted", file=sys.stderr)
+        return 130

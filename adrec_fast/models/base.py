@@ -1,0 +1,245 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The shared machinery of every CTR model: the sparse lookup over one EmbeddingBagCollection,
+MLPs, the registry, and the ``CTRModel`` base class (``Batch`` in, logits [B] out)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..data.batch import Batch
+from ..nn import EmbeddingBagCollection, SigmoidBCEHead
+from ..ops import embedding_bag as _eb
+from ..optim import FusedRowwiseAdagrad, FusedSGD
+
+EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd", "none")
+
+#: name -> model class; filled by :func:`register_model`.
+MODELS: dict[str, type[CTRModel]] = {}
+
+
+def register_model(name: str) -> Callable[[type], type]:
+    """Class decorator: make a ``CTRModel`` subclass buildable as ``build_model(name, ...)``."""
+
+    def deco(cls):
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        cls.model_name = name
+        MODELS[name] = cls
+        return cls
+
+    return deco
+
+
+def fused_optimizer(name: str | None, lr: float = 0.05):
+    """``"rowwise_adagrad"`` | ``"sgd"`` | ``"none"``/None -> the fused optimizer object (or None:
+    then the table is a Parameter with sparse gradients for a torch optimizer)."""
+    if name in (None, "none"):
+        return None
+    if name == "rowwise_adagrad":
+        return FusedRowwiseAdagrad(lr=lr)
+    if name == "sgd":
+        return FusedSGD(lr=lr)
+    raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {name!r}")
+
+
+def mlp(in_features: int, hidden: Sequence[int], dropout: float = 0.0,
+        batch_norm: bool = False) -> tuple[nn.Sequential, int]:
+    """Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden width. Returns (module, out width)."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers.append(nn.Linear(width, int(h)))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(int(h)))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    return nn.Sequential(*layers), width
+
+
+class SparseLookup(nn.Module):
+    """All sparse fields of a schema through ONE ``EmbeddingBagCollection`` (one table per
+    vocabulary, shared tables once).
+
+    ``forward(batch) -> (emb [B, T, D], keys)``: ``emb`` holds the pooled vector of each of the
+    T bags of ``batch`` (``Schema.sparse_fields()`` order); ``keys`` maps each requested sequence
+    field to its element embeddings [L_total, D] (``batch.seq_indices[name]`` looked up one by
+    one in the field's table).
+
+    Two paths, chosen once at construction:
+      * native: bag t reads table t and no sequence is needed -> one multi-table call with the
+        batch's own TBE layout, output [B, T*D] viewed as [B, T, D] (no copy);
+      * global: shared tables or sequences -> every id is made a global row id of the one weight
+        buffer and looked up in a single call over a one-table view (bags first, then one bag of
+        length 1 per sequence element). One call means one fused update, so a row that is both a
+        target and a history element gets its summed gradient once, as in the native path.
+    """
+
+    def __init__(self, schema, embedding_dim: int, optimizer=None, pooling: str = "mean",
+                 init_std: float | None = None, sequences: Sequence[str] = ()):
+        super().__init__()
+        tables = schema.tables()
+        if not tables:
+            raise ValueError("the schema has no categorical field: nothing to embed")
+        self.ebc = EmbeddingBagCollection([c for _, c in tables], embedding_dim, pooling=pooling,
+                                          optimizer=optimizer, init_std=init_std)
+        self.dim = int(embedding_dim)
+        bag_tables = [t for _, t in schema.sparse_fields()]
+        self.num_bags = len(bag_tables)
+        self.sequences = list(sequences)
+        seq_table = dict(schema.sequence_fields())
+        for s in self.sequences:
+            if s not in seq_table:
+                raise ValueError(f"{s!r} is not a sequence field of the schema")
+        self.native = bag_tables == list(range(len(tables))) and not self.sequences
+        tofs = self.ebc.table_offsets  # [n_tables + 1]
+        self.register_buffer("bag_base", tofs[torch.tensor(bag_tables, dtype=torch.long)]
+                             if bag_tables else torch.zeros(0, dtype=torch.long), persistent=False)
+        self.seq_base = [int(tofs[seq_table[s]]) for s in self.sequences]
+        self.register_buffer("one_table", torch.tensor([0, int(tofs[-1])], dtype=torch.long),
+                             persistent=False)
+
+    def _global(self, indices: Tensor, offsets: Tensor) -> Tensor:
+        """One call on the whole buffer seen as a single table: indices are global row ids."""
+        ebc = self.ebc
+        opt = ebc.optimizer
+        if opt is None or not ebc.training or not torch.is_grad_enabled():
+            return F.embedding_bag(ebc.weight, self.one_table, indices, offsets, None, ebc.pooling)
+        return _eb.embedding_bag_fused_update(ebc.weight, ebc.state, self.one_table, indices,
+                                              offsets, None, ebc.pooling, opt.name, opt.lr, opt.eps)
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        B = batch.batch_size
+        T, D = self.num_bags, self.dim
+        if self.native:
+            return self.ebc(batch.indices, batch.offsets).view(B, T, D), {}
+        indices, offsets = batch.indices, batch.offsets  # [nnz], [T*B+1]
+        nnz = indices.numel()
+        if nnz == T * B:  # one id per bag (plain categorical fields): no ragged bookkeeping
+            gidx = (indices.view(T, B) + self.bag_base[:, None]).view(-1)
+        else:
+            lengths = offsets[1:] - offsets[:-1]  # [T*B]
+            gidx = indices + torch.repeat_interleave(self.bag_base.repeat_interleave(B), lengths,
+                                                     output_size=nnz)
+        parts, sizes = [gidx], []
+        for s, base in zip(self.sequences, self.seq_base):
+            seq = batch.seq_indices[s]  # [L_s]
+            parts.append(seq + base)
+            sizes.append(seq.numel())
+        L = sum(sizes)
+        all_idx = torch.cat(parts) if L else gidx
+        all_ofs = torch.cat([offsets, torch.arange(nnz + 1, nnz + L + 1, dtype=offsets.dtype,
+                                                   device=offsets.device)]) if L else offsets
+        out = self._global(all_idx, all_ofs)  # [T*B + L, D]
+        emb = out[: T * B].view(T, B, D).transpose(0, 1)  # [B, T, D]
+        keys, start = {}, T * B
+        for s, n in zip(self.sequences, sizes):
+            keys[s] = out[start: start + n]  # [L_s, D]
+            start += n
+        return emb, keys
+
+
+class CTRModel(nn.Module):
+    """Base class: ``forward(batch) -> logits [B]``; ``loss`` is the fused sigmoid-BCE;
+    ``predict(batch) -> probabilities [B]`` (eval mode, no grad).
+
+    Every model embeds all sparse fields through one ``SparseLookup`` (``self.lookup``, with its
+    ``EmbeddingBagCollection`` at ``self.lookup.ebc``) with the fused optimizer by default, and
+    first-order models add a width-1 ``self.linear`` lookup. ``config`` holds the JSON-able
+    arguments that rebuild the model with :func:`adrec_fast.models.build_model`.
+    """
+
+    model_name = "base"
+
+    def __init__(self, schema, embedding_dim: int = 16,
+                 embedding_optimizer: str | None = "rowwise_adagrad", pooling: str = "mean",
+                 init_std: float | None = None, **config):
+        super().__init__()
+        if not schema.fitted:
+            raise ValueError("the schema is not fitted (vocabularies/statistics missing); "
+                             "call schema.fit(data) first")
+        self.schema = schema
+        self.embedding_dim = int(embedding_dim)
+        self.n_dense = schema.n_dense
+        self.n_vector = schema.vector_dim
+        self.dense_in = self.n_dense + self.n_vector
+        self.num_bags = len(schema.sparse_fields())
+        self._emb_opt = embedding_optimizer
+        self._pooling = pooling
+        self._init_std = init_std
+        self.config = {"name": self.model_name, "embedding_dim": self.embedding_dim,
+                       "embedding_optimizer": embedding_optimizer, "pooling": pooling,
+                       "init_std": init_std, **config}
+
+    # -- building blocks ------------------------------------------------------------------
+    def _make_lookup(self, dim: int | None = None, sequences: Sequence[str] = (),
+                     init_std: float | None = None) -> SparseLookup:
+        return SparseLookup(self.schema, dim or self.embedding_dim,
+                            fused_optimizer(self._emb_opt), self._pooling,
+                            init_std if init_std is not None else self._init_std, sequences)
+
+    def _make_linear(self) -> SparseLookup:
+        """Width-1 first-order weights of every sparse bag, initialised to zero."""
+        return SparseLookup(self.schema, 1, fused_optimizer(self._emb_opt), self._pooling, 0.0)
+
+    def dense_input(self, batch: Batch) -> Tensor:
+        """[B, n_dense + vector_dim]: dense features then precomputed vectors."""
+        if self.n_vector:
+            return torch.cat([batch.dense, batch.vectors], dim=1)
+        return batch.dense
+
+    def fused_lookups(self) -> list[SparseLookup]:
+        return [m for m in self.modules() if isinstance(m, SparseLookup)]
+
+    def embedding_collections(self) -> list[EmbeddingBagCollection]:
+        """Every EmbeddingBagCollection of the model (their optimizer lr is set by the trainer)."""
+        return [m.ebc for m in self.fused_lookups()]
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Embedding tables without a fused optimizer (sparse gradients; SparseAdam/Adagrad)."""
+        return [c.weight for c in self.embedding_collections() if isinstance(c.weight, nn.Parameter)]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Parameters for a dense torch optimizer: all but the embedding tables."""
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in sparse]
+
+    # -- API ------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def loss(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Mean BCE with logits through the fused op (gradient from the same pass)."""
+        return F.sigmoid_bce(logits, labels, weight)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        """[B] click probabilities; switches to eval mode (and back)."""
+        was = self.training
+        self.eval()
+        try:
+            return torch.sigmoid(self.forward(batch))
+        finally:
+            self.train(was)
+
+
+class Head(nn.Module):
+    """Final linear layer ``x [B, K] -> [B]`` (the fused score/BCE head); K = 0 is a bias."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.in_features = int(in_features)
+        if in_features > 0:
+            self.head = SigmoidBCEHead(in_features)
+        else:
+            self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_features > 0:
+            return self.head(x)
+        return self.bias.expand(x.shape[0])

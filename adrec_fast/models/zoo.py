@@ -1,0 +1,214 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The model zoo: LR, FM, DeepFM, DCN-v2, DLRM and a DIN-style target-attention model.
+
+Shapes: B batch, T sparse bags (``Schema.sparse_fields()``), D embedding dim, K_d dense inputs
+(dense features + precomputed vectors). Every forward is a fixed sequence of fused ops (no loop
+over fields): one embedding call, one interaction op, MLPs, the head.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..data.batch import Batch
+from ..nn import CrossNet
+from .base import CTRModel, Head, mlp, register_model
+
+
+@register_model("lr")
+class LR(CTRModel):
+    """Logistic regression: ``sum_t w_t[id] + dense @ a + b`` (width-1 fused embedding)."""
+
+    def __init__(self, schema, embedding_dim: int = 16, **kw):
+        super().__init__(schema, embedding_dim, **kw)
+        self.linear = self._make_linear()
+        self.head = Head(self.dense_in)
+
+    def forward(self, batch: Batch) -> Tensor:
+        lin, _ = self.linear(batch)  # [B, T, 1]
+        return lin.sum(dim=(1, 2)) + self.head(self.dense_input(batch))  # [B]
+
+
+@register_model("fm")
+class FM(CTRModel):
+    """Factorization machine: LR + ``fm_interaction`` over the T field embeddings."""
+
+    def __init__(self, schema, embedding_dim: int = 16, **kw):
+        super().__init__(schema, embedding_dim, **kw)
+        self.lookup = self._make_lookup()
+        self.linear = self._make_linear()
+        self.head = Head(self.dense_in)
+
+    def forward(self, batch: Batch) -> Tensor:
+        emb, _ = self.lookup(batch)  # [B, T, D]
+        lin, _ = self.linear(batch)  # [B, T, 1]
+        fm = F.fm_interaction(emb).squeeze(1)  # [B]
+        return lin.sum(dim=(1, 2)) + fm + self.head(self.dense_input(batch))
+
+
+@register_model("deepfm")
+class DeepFM(CTRModel):
+    """DeepFM: LR + FM + MLP over ``[flattened embeddings, dense]`` (shared embeddings)."""
+
+    def __init__(self, schema, embedding_dim: int = 16, hidden: Sequence[int] = (256, 128),
+                 dropout: float = 0.0, batch_norm: bool = False, **kw):
+        super().__init__(schema, embedding_dim, hidden=list(hidden), dropout=dropout,
+                         batch_norm=batch_norm, **kw)
+        self.lookup = self._make_lookup()
+        self.linear = self._make_linear()
+        self.deep, width = mlp(self.num_bags * self.embedding_dim + self.dense_in, hidden,
+                               dropout, batch_norm)
+        self.head = Head(width)
+        self.dense_linear = nn.Linear(self.dense_in, 1, bias=False) if self.dense_in else None
+
+    def forward(self, batch: Batch) -> Tensor:
+        B = batch.batch_size
+        emb, _ = self.lookup(batch)  # [B, T, D]
+        lin, _ = self.linear(batch)  # [B, T, 1]
+        dense = self.dense_input(batch)  # [B, K_d]
+        x = torch.cat([emb.reshape(B, -1), dense], dim=1)  # [B, T*D + K_d]
+        logit = lin.sum(dim=(1, 2)) + F.fm_interaction(emb).squeeze(1) + self.head(self.deep(x))
+        if self.dense_linear is not None:
+            logit = logit + self.dense_linear(dense).squeeze(1)
+        return logit
+
+
+@register_model("dcnv2")
+class DCNv2(CTRModel):
+    """DCN-v2: full-rank cross network on ``x0 = [flattened embeddings, dense]`` and an MLP,
+    ``structure="parallel"`` (head on ``[cross(x0), mlp(x0)]``) or ``"stacked"``
+    (head on ``mlp(cross(x0))``); ``linear=True`` adds first-order weights (as DeepCTR does)."""
+
+    def __init__(self, schema, embedding_dim: int = 16, cross_layers: int = 3,
+                 hidden: Sequence[int] = (256, 128), structure: str = "parallel",
+                 dropout: float = 0.0, batch_norm: bool = False, linear: bool = False, **kw):
+        if structure not in ("parallel", "stacked"):
+            raise ValueError(f"structure must be 'parallel' or 'stacked', got {structure!r}")
+        super().__init__(schema, embedding_dim, cross_layers=cross_layers, hidden=list(hidden),
+                         structure=structure, dropout=dropout, batch_norm=batch_norm,
+                         linear=linear, **kw)
+        self.structure = structure
+        self.lookup = self._make_lookup()
+        self.linear = self._make_linear() if linear else None
+        k = self.num_bags * self.embedding_dim + self.dense_in
+        self.cross = CrossNet(k, num_layers=cross_layers)
+        self.deep, width = mlp(k, hidden, dropout, batch_norm)
+        self.head = Head(width + k if structure == "parallel" else width)
+
+    def forward(self, batch: Batch) -> Tensor:
+        B = batch.batch_size
+        emb, _ = self.lookup(batch)  # [B, T, D]
+        x0 = torch.cat([emb.reshape(B, -1), self.dense_input(batch)], dim=1)  # [B, K]
+        if self.structure == "parallel":
+            h = torch.cat([self.cross(x0), self.deep(x0)], dim=1)  # [B, K + H]
+        else:
+            h = self.deep(self.cross(x0))  # [B, H]
+        logit = self.head(h)
+        if self.linear is not None:
+            lin, _ = self.linear(batch)
+            logit = logit + lin.sum(dim=(1, 2))
+        return logit
+
+
+@register_model("dlrm")
+class DLRM(CTRModel):
+    """DLRM: bottom MLP maps the dense input to a D-vector, ``dot_interaction`` over
+    ``[dense vector, T embeddings]``, top MLP on ``[dense vector, pairwise dots]``."""
+
+    def __init__(self, schema, embedding_dim: int = 16, bottom: Sequence[int] = (64,),
+                 top: Sequence[int] = (256, 128), self_interaction: bool = False, **kw):
+        super().__init__(schema, embedding_dim, bottom=list(bottom), top=list(top),
+                         self_interaction=self_interaction, **kw)
+        self.lookup = self._make_lookup()
+        D = self.embedding_dim
+        self.self_interaction = self_interaction
+        if self.dense_in:
+            layers, width = mlp(self.dense_in, list(bottom))
+            self.bottom = nn.Sequential(*layers, nn.Linear(width, D), nn.ReLU())
+        else:
+            self.bottom = None
+        F_ = self.num_bags + (1 if self.bottom is not None else 0)
+        P = F_ * (F_ + 1) // 2 if self_interaction else F_ * (F_ - 1) // 2
+        self.top, width = mlp(P + (D if self.bottom is not None else 0), top)
+        self.head = Head(width)
+
+    def forward(self, batch: Batch) -> Tensor:
+        emb, _ = self.lookup(batch)  # [B, T, D]
+        if self.bottom is None:
+            z = F.dot_interaction(emb, self.self_interaction)  # [B, P]
+            return self.head(self.top(z))
+        d = self.bottom(self.dense_input(batch))  # [B, D]
+        fields = torch.cat([d.unsqueeze(1), emb], dim=1)  # [B, T+1, D]
+        z = F.dot_interaction(fields, self.self_interaction)  # [B, P]
+        return self.head(self.top(torch.cat([d, z], dim=1)))
+
+
+@register_model("din")
+class DIN(CTRModel):
+    """Behaviour-sequence model with target attention (DIN/BST-style).
+
+    For each sequence field (``sequences``, default all), its elements are embedded in the
+    table it shares with a target field (``target``: default the sparse field that owns that
+    table) and pooled by ``attention_pooling`` with the target's embedding as the query. The
+    pooled vectors join the T field embeddings as extra fields, then
+    ``logit = first order [linear] + FM over all fields [fm] + MLP([all fields, dense])``.
+    """
+
+    def __init__(self, schema, embedding_dim: int = 16, hidden: Sequence[int] = (256, 128),
+                 sequences: Sequence[str] | None = None, target: str | None = None,
+                 fm: bool = True, linear: bool = True, dropout: float = 0.0, **kw):
+        seq_fields = dict(schema.sequence_fields())
+        if not seq_fields:
+            raise ValueError("model 'din' needs a behaviour-sequence field in the schema "
+                             "(multi_categorical with sequence: true)")
+        sequences = list(sequences) if sequences is not None else list(seq_fields)
+        super().__init__(schema, embedding_dim, hidden=list(hidden), sequences=sequences,
+                         target=target, fm=fm, linear=linear, dropout=dropout, **kw)
+        bags = [name for name, _ in schema.sparse_fields()]
+        bag_table = dict(schema.sparse_fields())
+        self.target_bag = []
+        for s in sequences:
+            if s not in seq_fields:
+                raise ValueError(f"{s!r} is not a sequence field; sequence fields: {list(seq_fields)}")
+            if target is not None:
+                if target not in bag_table:
+                    raise ValueError(f"target {target!r} is not a sparse (bag) field")
+                name = target
+            else:
+                owner = schema.owner(s).name
+                same = [n for n in bags if bag_table[n] == seq_fields[s]]
+                if owner in bag_table:
+                    name = owner
+                elif same:
+                    name = same[0]
+                else:
+                    raise ValueError(f"no sparse field shares the table of sequence {s!r}; "
+                                     "pass target=")
+            self.target_bag.append(bags.index(name))
+        self.sequences = sequences
+        self.lookup = self._make_lookup(sequences=sequences)
+        self.linear = self._make_linear() if linear else None
+        self.use_fm = fm
+        n_fields = self.num_bags + len(sequences)
+        self.deep, width = mlp(n_fields * self.embedding_dim + self.dense_in, hidden, dropout)
+        self.head = Head(width)
+
+    def forward(self, batch: Batch) -> Tensor:
+        B = batch.batch_size
+        emb, keys = self.lookup(batch)  # [B, T, D], {s: [L_s, D]}
+        pooled = [
+            F.attention_pooling(emb[:, t].contiguous(), keys[s], batch.seq_offsets[s])  # [B, D]
+            for s, t in zip(self.sequences, self.target_bag)
+        ]
+        fields = torch.cat([emb, torch.stack(pooled, dim=1)], dim=1)  # [B, T+S, D]
+        x = torch.cat([fields.reshape(B, -1), self.dense_input(batch)], dim=1)
+        logit = self.head(self.deep(x))
+        if self.use_fm:
+            logit = logit + F.fm_interaction(fields).squeeze(1)
+        if self.linear is not None:
+            lin, _ = self.linear(batch)
+            logit = logit + lin.sum(dim=(1, 2))
+        return logit

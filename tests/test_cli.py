@@ -1,0 +1,183 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The adrec-fast command line: train/eval/predict on a small generated CSV, --json output,
+malformed inputs (clear error, no checkpoint left), --help, and a tiny demo."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+
+import adrec_fast  # noqa: F401
+from adrec_fast.cli import main
+from adrec_fast.data.synthetic import SyntheticCTR
+
+
+@pytest.fixture(scope="module")
+def csvs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    gen = SyntheticCTR(n_rows=4000, seed=0, n_sparse=4, n_dense=2, max_cardinality=50,
+                       n_users=30, n_items=40)
+    gen.write_csv(d / "all.csv", n=4000)
+    lines = (d / "all.csv").read_text().splitlines()
+    header = lines[0]
+    (d / "train.csv").write_text("\n".join(lines[:3001]) + "\n")
+    (d / "test.csv").write_text("\n".join([header] + lines[3001:]) + "\n")
+    return d, lines
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _no_leftovers(d, name):
+    return not any(p.name.startswith(f".{name}") for p in d.iterdir())
+
+
+def test_train_eval_predict(csvs, capsys):
+    d, _ = csvs
+    out = d / "run"
+    rc = main(["train", str(d / "train.csv"), "--model", "fm", "--out", str(out), "--epochs", "2",
+               "--batch-size", "256", "--no-progress", "--json"])
+    assert rc == 0
+    res = _last_json(capsys.readouterr().out)
+    assert {"auc", "logloss", "calibration", "best_epoch"} <= set(res)
+    assert 0.5 < res["auc"] <= 1.0 and res["rows_train"] == 2700 and res["rows_valid"] == 300
+    for f in ("best/model.safetensors", "best/checkpoint.json", "last/optimizer.safetensors",
+              "metrics.json", "learning_curves.png", "calibration.png"):
+        assert (out / f).is_file(), f
+    assert _no_leftovers(d, "run")
+
+    assert main(["eval", str(out), str(d / "test.csv"), "--json"]) == 0
+    ev = _last_json(capsys.readouterr().out)
+    assert ev["rows"] == 1000 and 0.5 < ev["auc"] <= 1.0 and ev["logloss"] > 0
+
+    for name in ("pred.csv", "pred.parquet"):
+        assert main(["predict", str(out), str(d / "test.csv"), "--out", str(d / name)]) == 0
+    capsys.readouterr()
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    a = pcsv.read_csv(d / "pred.csv")
+    b = pq.read_table(d / "pred.parquet")
+    assert a.num_rows == b.num_rows == 1000
+    assert a.column("prediction").to_pylist() == pytest.approx(b.column("prediction").to_pylist())
+    p = b.column("prediction").to_numpy()
+    assert ((p > 0) & (p < 1)).all()
+
+    # retraining into the same directory replaces it
+    assert main(["train", str(d / "train.csv"), "--model", "lr", "--out", str(out), "--epochs",
+                 "1", "--no-progress", "--valid", str(d / "test.csv"), "--json"]) == 0
+    assert _last_json(capsys.readouterr().out)["rows_valid"] == 1000
+    assert json.loads((out / "best" / "checkpoint.json").read_text())["model"]["name"] == "lr"
+
+
+def test_train_with_schema_file_and_drop(csvs, capsys, tmp_path):
+    d, _ = csvs
+    out = tmp_path / "run"
+    assert main(["train", str(d / "train.csv"), "--model", "deepfm", "--out", str(out),
+                 "--epochs", "1", "--drop", "c3,d1", "--no-progress"]) == 0
+    capsys.readouterr()
+    schema = json.loads((out / "best" / "schema.json").read_text())
+    names = [f["name"] for f in schema["fields"]]
+    assert "c3" not in names and "d1" not in names and "user" in names
+    out2 = tmp_path / "run2"
+    assert main(["train", str(d / "train.csv"), "--model", "dcnv2", "--out", str(out2),
+                 "--schema", str(out / "best" / "schema.json"), "--epochs", "1",
+                 "--no-progress", "--json"]) == 0
+    assert "auc" in _last_json(capsys.readouterr().out)
+
+
+def _bad_files(d, lines):
+    header = lines[0].replace('"', "").split(",")
+    di, li = header.index("d0"), header.index("label")
+    files = {}
+    bad = list(lines)
+    bad[5] = bad[5] + ",extra"
+    files["columns.csv"] = (bad, "line 6", "expected")
+    bad = list(lines)
+    r = bad[7].split(",")
+    r[li] = "2"
+    bad[7] = ",".join(r)
+    files["label.csv"] = (bad, "line 8", "label")
+    bad = list(lines)
+    r = bad[9].split(",")
+    r[di] = "abc"
+    bad[9] = ",".join(r)
+    files["dense.csv"] = (bad, "line 10", "d0")
+    out = {}
+    for name, (rows, where, what) in files.items():
+        (d / name).write_text("\n".join(rows) + "\n")
+        out[name] = (where, what)
+    blob = gzip.compress(("\n".join(lines) + "\n").encode())
+    (d / "trunc.csv.gz").write_bytes(blob[: len(blob) // 2])
+    out["trunc.csv.gz"] = ("trunc.csv.gz", "gzip")
+    return out
+
+
+def test_malformed_inputs(csvs, capsys, tmp_path):
+    d, lines = csvs
+    schema_run = tmp_path / "schema_run"
+    assert main(["train", str(d / "train.csv"), "--model", "lr", "--out", str(schema_run),
+                 "--epochs", "1", "--no-progress"]) == 0
+    schema_file = schema_run / "best" / "schema.json"
+    capsys.readouterr()
+    for name, (where, what) in _bad_files(tmp_path, lines).items():
+        out = tmp_path / f"out_{name}"
+        extra = ["--schema", str(schema_file)] if name == "dense.csv" else []
+        rc = main(["train", str(tmp_path / name), "--model", "fm", "--out", str(out),
+                   "--no-progress"] + extra)
+        err = capsys.readouterr().err
+        assert rc == 2, name
+        assert name in err and where in err and what in err, err
+        assert "Traceback" not in err
+        assert not out.exists(), f"partial checkpoint left for {name}"
+        assert _no_leftovers(tmp_path, f"out_{name}")
+    # --skip-bad-rows trains through the bad label row and reports it
+    out = tmp_path / "skipped"
+    assert main(["train", str(tmp_path / "label.csv"), "--model", "lr", "--out", str(out),
+                 "--epochs", "1", "--no-progress", "--skip-bad-rows", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert "skipped 1 bad rows" in cap.err
+    assert _last_json(cap.out)["rows_train"] + _last_json(cap.out)["rows_valid"] == 3999
+
+
+def test_eval_errors(csvs, capsys, tmp_path):
+    d, _ = csvs
+    assert main(["eval", str(tmp_path / "nothing"), str(d / "test.csv")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert main(["train", str(d / "train.csv"), "--model", "nope", "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_is_complete(capsys):
+    r = subprocess.run([sys.executable, "-m", "adrec_fast", "--help"], check=False,
+                       capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "usage: adrec-fast" in r.stdout and "demo" in r.stdout and "predict" in r.stdout
+    for cmd in ("demo", "train", "eval", "predict"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert f"usage: adrec-fast {cmd}" in out and "example" in out
+        if cmd == "train":
+            for opt in ("--model", "--out", "--label", "--schema", "--drop", "--valid",
+                        "--epochs", "--batch-size", "--lr", "--embedding-dim", "--skip-bad-rows",
+                        "--seed", "--json"):
+                assert opt in out, opt
+    assert main([]) == 2
+
+
+def test_demo_tiny(capsys):
+    rc = main(["demo", "--rows", "20000", "--epochs", "1", "--no-progress", "--json"])
+    assert rc == 0
+    res = _last_json(capsys.readouterr().out)
+    assert {"auc", "logloss", "oracle_auc", "samples_per_s"} <= set(res)
+    assert 0.6 < res["auc"] < res["oracle_auc"] + 0.02
+    assert res["samples_per_s"] > 0
