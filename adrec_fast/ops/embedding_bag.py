@@ -184,7 +184,7 @@ if _tk is not None:
     @triton_op("adrec::embedding_bag_triton", mutates_args=())
     def _embedding_bag_triton(
         weights: Tensor, table_offsets: Tensor, indices: Tensor, offsets: Tensor,
-        per_sample_weights: Optional[Tensor], pooling: int,
+        per_sample_weights: Optional[Tensor], pooling: int,  # noqa: UP045
     ) -> Tensor:
         # The bound check reads a flag back from the device: skipped while tracing (ids out of
         # range then read as zeros, never out of bounds).
@@ -201,7 +201,7 @@ if _tk is not None:
     @torch.library.custom_op("adrec::embedding_bag_bwd_triton", mutates_args=())
     def _embedding_bag_bwd_triton(
         grad_out: Tensor, weights: Tensor, table_offsets: Tensor, indices: Tensor,
-        offsets: Tensor, per_sample_weights: Optional[Tensor], pooling: int,
+        offsets: Tensor, per_sample_weights: Optional[Tensor], pooling: int,  # noqa: UP045
     ) -> tuple[Tensor, Tensor]:
         if weights.device.type == "cpu":
             return torch.ops.adrec.embedding_bag_bwd(
@@ -219,7 +219,7 @@ if _tk is not None:
     @torch.library.custom_op("adrec::embedding_bag_bwd_update_triton", mutates_args=("weights", "state"))
     def _embedding_bag_bwd_update_triton(
         grad_out: Tensor, weights: Tensor, state: Tensor, table_offsets: Tensor, indices: Tensor,
-        offsets: Tensor, per_sample_weights: Optional[Tensor], pooling: int, optimizer: int,
+        offsets: Tensor, per_sample_weights: Optional[Tensor], pooling: int, optimizer: int,  # noqa: UP045
         lr: float, eps: float,
     ) -> None:
         if weights.device.type == "cpu":

@@ -82,7 +82,7 @@ if _tk is not None:
 
     @triton_op("adrec::sigmoid_bce_triton", mutates_args=())
     def _sigmoid_bce_triton(
-        logits: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor]
+        logits: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor]  # noqa: UP045
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _tk.sigmoid_bce_fwd(logits, labels, weight, wrap=wrap_triton)
 

@@ -36,10 +36,11 @@ DRY = ARGS.dry_run
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import adrec_fast  # noqa: E402
-from adrec_fast import functional as F  # noqa: E402
-from adrec_fast import reference as R  # noqa: E402
-from adrec_fast.kernels import embedding_bag as keb  # noqa: E402
+from adrec_fast.kernels import embedding_bag as keb
+
+import adrec_fast
+from adrec_fast import functional as F
+from adrec_fast import reference as R
 
 DEV = "cpu" if DRY else "cuda"
 CUDA_BUILT = adrec_fast._C.build_info()["cuda"]
@@ -114,7 +115,6 @@ def copy_bandwidth() -> float:
     bw = 2 * a.numel() * 4 / t / 1e9
     print(f"device-to-device copy: {2 * a.numel() * 4 / 1e9:.2f} GB moved in {t * 1e3:.3f} ms "
           f"= {bw:.0f} GB/s (read + write)", flush=True)
-    del a, b
     return bw
 
 
@@ -140,78 +140,81 @@ def bench_embedding(copy_bw):
     T, D = (26, 64) if not DRY else (3, 16)
     B, rows = (65536, 1_000_000) if not DRY else (4, 50)
     for lo, hi in ((1, 1), (10, 20)):
-        shape = f"L={lo}" if lo == hi else f"L={lo}-{hi}"
-        w, tofs, idx, ofs = make_tbe(T, rows, B, lo, hi, D)
-        nnz = idx.numel()
-        fwd_bytes = nnz * (D * 4 + 8) + B * T * D * 4 + ofs.numel() * 8
-        # Minimal bytes of a training step: the forward, grad_out once, each unique row read and
-        # written once (+ its state for row-wise Adagrad).
-        tbl = torch.repeat_interleave(torch.arange(T * B, device=DEV) // B, ofs[1:] - ofs[:-1])
-        grow = tofs[tbl] + idx  # [nnz] global rows
-        U = int(torch.unique(grow).numel())
-        step_bytes = fwd_bytes + B * T * D * 4 + nnz * 8 + 2 * U * D * 4
-        step_bytes_ada = step_bytes + 2 * U * 4
-        ref_out = R.embedding_bag(w, tofs, idx, ofs, None, 0)
-
-        def check_fwd(fn):
-            return lambda: torch.testing.assert_close(fn(), ref_out)
-
-        # forward
-        trit = lambda: keb.embedding_bag_fwd(w, tofs, idx, ofs, None, 0)  # noqa: E731
-        trit_nc = lambda: keb.embedding_bag_fwd(w, tofs, idx, ofs, None, 0, check=False)  # noqa: E731
-        run("emb_fwd", shape, "triton", trit, fwd_bytes, copy_bw, check=check_fwd(trit))
-        run("emb_fwd", shape, "triton(no idcheck)", trit_nc, fwd_bytes, copy_bw)
-        if CUDA_BUILT and DEV == "cuda":
-            cu = lambda: torch.ops.adrec.embedding_bag(w, tofs, idx, ofs, None, 0)  # noqa: E731
-            run("emb_fwd", shape, "cuda", cu, fwd_bytes, copy_bw, check=check_fwd(cu))
-        # eager peer: one concatenated nn.EmbeddingBag over global row ids (T*B bags)
-        ebag = torch.nn.EmbeddingBag.from_pretrained(w, mode="sum", freeze=False, sparse=True)
-        o32 = ofs[:-1]
-
-        def eager_fwd():
-            return ebag(grow, o32).reshape(T, B, D).transpose(0, 1).reshape(B, T * D)
-
-        run("emb_fwd", shape, "eager nn.EmbeddingBag", eager_fwd, fwd_bytes, copy_bw,
-            check=check_fwd(eager_fwd))
-        run("emb_fwd", shape, "eager reference", lambda: R.embedding_bag(w, tofs, idx, ofs, None, 0),
-            fwd_bytes, copy_bw)
-        comp = maybe_compile(eager_fwd)
-        if comp is not None:
-            run("emb_fwd", shape, "compile nn.EmbeddingBag", comp, fwd_bytes, copy_bw,
-                check=check_fwd(comp))
-
-        # training step: forward + backward + optimizer update of the touched rows
-        g = torch.randn(B, T * D, device=DEV) * 1e-3
-        state = torch.zeros(T * rows, device=DEV)
-        for opt_name, opt, nbytes in (("sgd", 0, step_bytes), ("rowwise_adagrad", 1, step_bytes_ada)):
-            def trit_step():
-                keb.embedding_bag_fwd(w, tofs, idx, ofs, None, 0)
-                keb.embedding_bag_bwd_update(g, w, state, tofs, idx, ofs, None, 0, opt, 0.01, 1e-8)
-
-            run(f"emb_step_{opt_name}", shape, "triton", trit_step, nbytes, copy_bw)
-            if CUDA_BUILT and DEV == "cuda":
-                def cu_step():
-                    torch.ops.adrec.embedding_bag(w, tofs, idx, ofs, None, 0)
-                    torch.ops.adrec.embedding_bag_bwd_update(
-                        g, w, state, tofs, idx, ofs, None, 0, opt, 0.01, 1e-8)
-
-                run(f"emb_step_{opt_name}", shape, "cuda", cu_step, nbytes, copy_bw)
-            torch_opt = (torch.optim.SGD(ebag.parameters(), lr=0.01) if opt == 0 else
-                         torch.optim.Adagrad(ebag.parameters(), lr=0.01))
-
-            def eager_step():
-                torch_opt.zero_grad(set_to_none=True)
-                out = eager_fwd()
-                out.backward(g)
-                torch_opt.step()
-
-            # torch's Adagrad is element-wise (dense [N, D] state): the nearest eager peer.
-            run(f"emb_step_{opt_name}", shape, "eager nn.EmbeddingBag+sparse " +
-                ("SGD" if opt == 0 else "Adagrad"), eager_step, nbytes, copy_bw)
-            del torch_opt
-        del w, tofs, idx, ofs, ebag, state, g, grow, tbl
+        _bench_embedding_shape(copy_bw, T, D, B, rows, lo, hi)
         if DEV == "cuda":
             torch.cuda.empty_cache()
+
+
+def _bench_embedding_shape(copy_bw, T, D, B, rows, lo, hi):
+    shape = f"L={lo}" if lo == hi else f"L={lo}-{hi}"
+    w, tofs, idx, ofs = make_tbe(T, rows, B, lo, hi, D)
+    nnz = idx.numel()
+    fwd_bytes = nnz * (D * 4 + 8) + B * T * D * 4 + ofs.numel() * 8
+    # Minimal bytes of a training step: the forward, grad_out once, each unique row read and
+    # written once (+ its state for row-wise Adagrad).
+    tbl = torch.repeat_interleave(torch.arange(T * B, device=DEV) // B, ofs[1:] - ofs[:-1])
+    grow = tofs[tbl] + idx  # [nnz] global rows
+    U = int(torch.unique(grow).numel())
+    step_bytes = fwd_bytes + B * T * D * 4 + nnz * 8 + 2 * U * D * 4
+    step_bytes_ada = step_bytes + 2 * U * 4
+    ref_out = R.embedding_bag(w, tofs, idx, ofs, None, 0)
+
+    def check_fwd(fn):
+        return lambda: torch.testing.assert_close(fn(), ref_out)
+
+    # forward
+    trit = lambda: keb.embedding_bag_fwd(w, tofs, idx, ofs, None, 0)
+    trit_nc = lambda: keb.embedding_bag_fwd(w, tofs, idx, ofs, None, 0, check=False)
+    run("emb_fwd", shape, "triton", trit, fwd_bytes, copy_bw, check=check_fwd(trit))
+    run("emb_fwd", shape, "triton(no idcheck)", trit_nc, fwd_bytes, copy_bw)
+    if CUDA_BUILT and DEV == "cuda":
+        cu = lambda: torch.ops.adrec.embedding_bag(w, tofs, idx, ofs, None, 0)
+        run("emb_fwd", shape, "cuda", cu, fwd_bytes, copy_bw, check=check_fwd(cu))
+    # eager peer: one concatenated nn.EmbeddingBag over global row ids (T*B bags)
+    ebag = torch.nn.EmbeddingBag.from_pretrained(w, mode="sum", freeze=False, sparse=True)
+    o32 = ofs[:-1]
+
+    def eager_fwd():
+        return ebag(grow, o32).reshape(T, B, D).transpose(0, 1).reshape(B, T * D)
+
+    run("emb_fwd", shape, "eager nn.EmbeddingBag", eager_fwd, fwd_bytes, copy_bw,
+        check=check_fwd(eager_fwd))
+    run("emb_fwd", shape, "eager reference", lambda: R.embedding_bag(w, tofs, idx, ofs, None, 0),
+        fwd_bytes, copy_bw)
+    comp = maybe_compile(eager_fwd)
+    if comp is not None:
+        run("emb_fwd", shape, "compile nn.EmbeddingBag", comp, fwd_bytes, copy_bw,
+            check=check_fwd(comp))
+
+    # training step: forward + backward + optimizer update of the touched rows
+    g = torch.randn(B, T * D, device=DEV) * 1e-3
+    state = torch.zeros(T * rows, device=DEV)
+    for opt_name, opt, nbytes in (("sgd", 0, step_bytes), ("rowwise_adagrad", 1, step_bytes_ada)):
+        def trit_step():
+            keb.embedding_bag_fwd(w, tofs, idx, ofs, None, 0)
+            keb.embedding_bag_bwd_update(g, w, state, tofs, idx, ofs, None, 0, opt, 0.01, 1e-8)
+
+        run(f"emb_step_{opt_name}", shape, "triton", trit_step, nbytes, copy_bw)
+        if CUDA_BUILT and DEV == "cuda":
+            def cu_step():
+                torch.ops.adrec.embedding_bag(w, tofs, idx, ofs, None, 0)
+                torch.ops.adrec.embedding_bag_bwd_update(
+                    g, w, state, tofs, idx, ofs, None, 0, opt, 0.01, 1e-8)
+
+            run(f"emb_step_{opt_name}", shape, "cuda", cu_step, nbytes, copy_bw)
+        torch_opt = (torch.optim.SGD(ebag.parameters(), lr=0.01) if opt == 0 else
+                     torch.optim.Adagrad(ebag.parameters(), lr=0.01))
+
+        def eager_step():
+            torch_opt.zero_grad(set_to_none=True)
+            out = eager_fwd()
+            out.backward(g)
+            torch_opt.step()
+
+        # torch's Adagrad is element-wise (dense [N, D] state): the nearest eager peer.
+        run(f"emb_step_{opt_name}", shape, "eager nn.EmbeddingBag+sparse " +
+            ("SGD" if opt == 0 else "Adagrad"), eager_step, nbytes, copy_bw)
+        del torch_opt
 
 
 # ---------------------------------------------------------------- dense ops
