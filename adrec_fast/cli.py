@@ -35,6 +35,11 @@ examples:
   adrec-fast eval runs/deepfm data/test.csv
   adrec-fast predict runs/deepfm data/new.csv --out scores.parquet"""
 
+# The demo's default model: DIN-style target attention over the history, an FM over all fields
+# (the pooled history included) and first-order weights, without an MLP (the synthetic truth
+# has no deeper structure, so an MLP only adds variance).
+DEMO_MODEL_KW = {"din": {"hidden": []}}
+
 MODEL_HELP = "model name: lr, fm, deepfm, dcnv2, dlrm, din (din needs a behaviour-sequence field)"
 
 
@@ -248,6 +253,7 @@ def cmd_demo(a) -> int:
     import numpy as np
     import torch
 
+    from .data.batch import Batch
     from .data.metrics import auc
     from .data.synthetic import SyntheticCTR
     from .models.registry import build_model
@@ -258,10 +264,14 @@ def cmd_demo(a) -> int:
     t0 = time.perf_counter()
     gen = SyntheticCTR(n_rows=n_train, seed=a.seed)
     schema = gen.schema()
-    table, p_true = next(gen.chunks(n_train + 2 * n_hold, chunk_rows=n_train + 2 * n_hold,
-                                    with_probability=True))
-    data = schema.encode(table)
-    del table
+    # generate and encode in chunks: the raw Arrow table of millions of rows is never held whole
+    parts, probs = [], []
+    for table, p in gen.chunks(n_train + 2 * n_hold, chunk_rows=1 << 18, with_probability=True):
+        parts.append(schema.encode(table))
+        probs.append(p)
+    data = Batch.concat(parts)
+    del parts
+    p_true = np.concatenate(probs)
     y = data.labels.numpy()
     train = data.slice(0, n_train)
     valid = data.slice(n_train, n_train + n_hold)
@@ -273,7 +283,8 @@ def cmd_demo(a) -> int:
           f"rows, {len(schema.sparse_fields())} categorical fields + a behaviour history, "
           f"{schema.n_dense} dense ({t_data:.1f}s)", flush=True)
     torch.manual_seed(a.seed)
-    model = build_model(a.model, schema, embedding_dim=a.embedding_dim)
+    model = build_model(a.model, schema, embedding_dim=a.embedding_dim,
+                        **DEMO_MODEL_KW.get(a.model, {}))
     d = _train_defaults(a, demo=True)
     trainer = Trainer(model, lr=d["lr"], embedding_lr=a.embedding_lr, schedule=d["schedule"],
                       batch_size=d["batch_size"], seed=a.seed, patience=a.patience,
