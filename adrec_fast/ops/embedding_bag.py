@@ -123,12 +123,24 @@ def embedding_bag(weights, table_offsets, indices, offsets, per_sample_weights=N
     return torch.ops.adrec.embedding_bag(weights, table_offsets, indices, offsets, per_sample_weights, code)
 
 
+_TRIGGERS: dict[torch.device, Tensor] = {}
+
+
+def _trigger(device) -> Tensor:
+    """One cached scalar leaf per device that requires grad. Created once outside any compiled
+    region: torch.compile(fullgraph=True) cannot trace creating a tensor with requires_grad."""
+    t = _TRIGGERS.get(device)
+    if t is None:
+        t = _TRIGGERS[device] = torch.zeros((), device=device, requires_grad=True)
+    return t
+
+
 def embedding_bag_fused_update(
     weights, state, table_offsets, indices, offsets, per_sample_weights, pooling, optimizer, lr, eps
 ):
     """Lookup whose backward applies ``optimizer`` ('sgd' | 'rowwise_adagrad') to the touched rows
     of ``weights`` (and row-wise ``state``) in place."""
-    trigger = torch.zeros((), device=weights.device, requires_grad=torch.is_grad_enabled())
+    trigger = _trigger(weights.device)
     return _FusedUpdate.apply(
         trigger, weights, state, table_offsets, indices, offsets, per_sample_weights,
         pooling_code(pooling), OPTIMIZERS[optimizer], float(lr), float(eps),

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/acc_type.h"
@@ -134,6 +136,107 @@ ADREC_CPU_CLONES void dot_bwd_block(const scalar_t* grad_out /* [B, P] */,
   }
 }
 
+// float32 fast paths: the same loops with GCC vector types, so the kR accumulators stay in
+// registers (the array versions above keep them in memory and run several times slower).
+typedef float vf16 __attribute__((vector_size(64)));
+
+template <bool FULL>
+ADREC_INLINE void load16(vf16& v, const float* p, int64_t n) {
+  if (FULL) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    float tmp[kW] = {};
+    std::memcpy(tmp, p, n * sizeof(float));
+    std::memcpy(&v, tmp, sizeof(v));
+  }
+}
+
+ADREC_CPU_CLONES void dot_fwd_block_f32(const float* emb /* [B, F, D] */, float* out /* [B, P] */,
+                                        float* et /* [D, Fp] */, int64_t b0, int64_t b1,
+                                        int64_t F, int64_t D, bool self) {
+  const int64_t Fp = (F + kW - 1) / kW * kW;
+  const int64_t P = num_pairs(F, self);
+  const int64_t off = self ? 0 : 1;
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = F; j < Fp; ++j) et[d * Fp + j] = 0.0f;
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* e = emb + b * F * D;  // [F, D]
+    float* o = out + b * P;            // [P]
+    for (int64_t j = 0; j < F; ++j)
+      for (int64_t d = 0; d < D; ++d) et[d * Fp + j] = e[j * D + d];
+    for (int64_t i0 = 0; i0 < F; i0 += kR) {
+      const int64_t nr = std::min(kR, F - i0);
+      int64_t rows[kR];  // rows past F (last block) repeat row F-1; not stored
+      for (int64_t r = 0; r < kR; ++r) rows[r] = std::min(i0 + r, F - 1);
+      for (int64_t c = (i0 + off) / kW * kW; c < F; c += kW) {
+        vf16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, col;  // gram rows i0..i0+3, columns c..c+15
+        for (int64_t d = 0; d < D; ++d) {
+          const float* et_d = et + d * Fp;
+          std::memcpy(&col, et_d + c, sizeof(col));
+          a0 += et_d[rows[0]] * col;
+          a1 += et_d[rows[1]] * col;
+          a2 += et_d[rows[2]] * col;
+          a3 += et_d[rows[3]] * col;
+        }
+        float a[kR][kW];
+        std::memcpy(a[0], &a0, sizeof(a0));
+        std::memcpy(a[1], &a1, sizeof(a1));
+        std::memcpy(a[2], &a2, sizeof(a2));
+        std::memcpy(a[3], &a3, sizeof(a3));
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = i0 + r;
+          const int64_t j_lo = std::max(c, i + off), j_hi = std::min(c + kW, F);
+          float* dst = o + row_start(i, F, self) - (i + off);
+          for (int64_t j = j_lo; j < j_hi; ++j) dst[j] = a[r][j - c];
+        }
+      }
+    }
+  }
+}
+
+template <bool FULL>
+ADREC_INLINE void dot_bwd_f32_chunk(const float* G /* [F, F] */, const float* e /* [F, D] at d0 */,
+                                    float* ge /* [F, D] at d0 */, int64_t F, int64_t D, int64_t n) {
+  for (int64_t i0 = 0; i0 < F; i0 += kR) {
+    const int64_t nr = std::min(kR, F - i0);
+    const float* g[kR];  // rows of G; rows past F repeat row F-1 and are not stored
+    for (int64_t r = 0; r < kR; ++r) g[r] = G + std::min(i0 + r, F - 1) * F;
+    vf16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, ev;
+    for (int64_t j = 0; j < F; ++j) {
+      load16<FULL>(ev, e + j * D, n);
+      a0 += g[0][j] * ev;
+      a1 += g[1][j] * ev;
+      a2 += g[2][j] * ev;
+      a3 += g[3][j] * ev;
+    }
+    const vf16* acc[kR] = {&a0, &a1, &a2, &a3};
+    for (int64_t r = 0; r < nr; ++r)
+      std::memcpy(ge + (i0 + r) * D, acc[r], (FULL ? kW : n) * sizeof(float));
+  }
+}
+
+ADREC_CPU_CLONES void dot_bwd_block_f32(const float* grad_out /* [B, P] */, const float* emb /* [B, F, D] */,
+                                        float* grad_emb /* [B, F, D] */, float* G /* [F, F] */,
+                                        int64_t b0, int64_t b1, int64_t F, int64_t D, bool self) {
+  const int64_t P = num_pairs(F, self);
+  const int64_t off = self ? 0 : 1;
+  if (!self)
+    for (int64_t i = 0; i < F; ++i) G[i * F + i] = 0.0f;
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* gp = grad_out + b * P;  // [P]
+    for (int64_t i = 0; i < F; ++i) {
+      const float* gi = gp + row_start(i, F, self) - (i + off);
+      for (int64_t j = i + off; j < F; ++j) G[i * F + j] = G[j * F + i] = gi[j];
+      if (self) G[i * F + i] = 2.0f * gi[i];
+    }
+    const float* e = emb + b * F * D;
+    float* ge = grad_emb + b * F * D;
+    int64_t d0 = 0;
+    for (; d0 + kW <= D; d0 += kW) dot_bwd_f32_chunk<true>(G, e + d0, ge + d0, F, D, kW);
+    if (d0 < D) dot_bwd_f32_chunk<false>(G, e + d0, ge + d0, F, D, D - d0);
+  }
+}
+
 int64_t grain_for(int64_t per_sample) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, per_sample));
 }
@@ -155,7 +258,13 @@ at::Tensor dot_interaction_cpu(const at::Tensor& emb_, bool self_interaction) {
     const int64_t Fp = (F + kW - 1) / kW * kW;
     at::parallel_for(0, B, grain_for(F * F * D), [&](int64_t b0, int64_t b1) {
       std::vector<acc> et(std::max<int64_t>(1, D * Fp));  // [D, Fp] per task
-      dot_fwd_block<scalar_t>(e, o, et.data(), b0, b1, F, D, self_interaction);
+      if (std::is_same_v<scalar_t, float>) {
+        // (casts, not if constexpr: this lambda is not a template, every dtype compiles it)
+        dot_fwd_block_f32(reinterpret_cast<const float*>(e), reinterpret_cast<float*>(o),
+                          reinterpret_cast<float*>(et.data()), b0, b1, F, D, self_interaction);
+      } else {
+        dot_fwd_block<scalar_t>(e, o, et.data(), b0, b1, F, D, self_interaction);
+      }
     });
   });
   return out;
@@ -183,7 +292,13 @@ at::Tensor dot_interaction_bwd_cpu(const at::Tensor& grad_out_, const at::Tensor
     scalar_t* ge = grad_emb.template data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_for(F * F * D), [&](int64_t b0, int64_t b1) {
       std::vector<acc> G(F * F);  // [F, F] per task
-      dot_bwd_block<scalar_t>(g, e, ge, G.data(), b0, b1, F, D, self_interaction);
+      if (std::is_same_v<scalar_t, float>) {
+        dot_bwd_block_f32(reinterpret_cast<const float*>(g), reinterpret_cast<const float*>(e),
+                          reinterpret_cast<float*>(ge), reinterpret_cast<float*>(G.data()), b0, b1,
+                          F, D, self_interaction);
+      } else {
+        dot_bwd_block<scalar_t>(g, e, ge, G.data(), b0, b1, F, D, self_interaction);
+      }
     });
   });
   return grad_emb;
