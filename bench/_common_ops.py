@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import pytest
 import torch
 
 PROVIDERS = ("reference", "reference_compiled", "cpp")
@@ -26,6 +27,12 @@ K = F * D
 # Timing: pytest-benchmark pedantic, as STYLE.md §6.
 WARMUP_ROUNDS = 3
 ROUNDS = 20
+
+# torch.compile's import path touches torch.jit.script_method, which warns on this torch (and the
+# pytest config turns warnings into errors). Each bench file sets ``pytestmark = COMPILE_WARNINGS``.
+COMPILE_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 
 _COMPILED: dict[Callable, Callable] = {}
 

@@ -16,7 +16,9 @@ import torch
 
 from adrec_fast import reference as R
 
-from _common_ops import PROVIDERS, SEQ_LEN, B, D, check_once, compiled, fwdbwd_step
+from _common_ops import COMPILE_WARNINGS, PROVIDERS, SEQ_LEN, B, D, check_once, compiled, fwdbwd_step
+
+pytestmark = COMPILE_WARNINGS
 
 EXTRA = ("torch_vectorized", "torch_vectorized_compiled")
 

@@ -10,7 +10,9 @@ import torch
 
 from adrec_fast import reference as R
 
-from _common_ops import PROVIDERS, B, K, run_fwdbwd
+from _common_ops import COMPILE_WARNINGS, PROVIDERS, B, K, run_fwdbwd
+
+pytestmark = COMPILE_WARNINGS
 
 
 def _cpp(x0, x, weight, bias):

@@ -7,7 +7,9 @@ import torch
 
 from adrec_fast import reference as R
 
-from _common_ops import PROVIDERS, B, D, F, run_fwdbwd
+from _common_ops import COMPILE_WARNINGS, PROVIDERS, B, D, F, run_fwdbwd
+
+pytestmark = COMPILE_WARNINGS
 
 
 def _cpp(emb):

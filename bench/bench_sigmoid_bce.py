@@ -8,7 +8,9 @@ import torch
 
 from adrec_fast import reference as R
 
-from _common_ops import PROVIDERS, B, run_fwdbwd
+from _common_ops import COMPILE_WARNINGS, PROVIDERS, B, run_fwdbwd
+
+pytestmark = COMPILE_WARNINGS
 
 
 def _cpp(logits, labels):

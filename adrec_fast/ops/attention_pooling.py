@@ -22,9 +22,12 @@ def _setup_context(ctx, inputs, output):
     # The attention weights are returned for inspection and for the backward only: they carry
     # no gradient (a data-dependent check on grad_probs would also break tracing).
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no [L_total] zeros for the unused probs gradient
 
 
 def _backward(ctx, grad_out, grad_probs):
+    if grad_out is None:  # grads are not materialised: nothing flows back
+        return None, None, None
     query, keys, offsets, probs = ctx.saved_tensors
     gq, gk = torch.ops.adrec.attention_pooling_bwd(grad_out, query, keys, offsets, probs)
     return gq, gk, None
@@ -97,6 +100,8 @@ if _tk is not None:
         return gq, gk
 
     def _triton_backward(ctx, grad_out, grad_probs):
+        if grad_out is None:  # _setup_context does not materialise grads
+            return None, None, None
         query, keys, offsets, probs = ctx.saved_tensors
         gq, gk = torch.ops.adrec.attention_pooling_bwd_triton(grad_out, query, keys, offsets, probs)
         return gq, gk, None

@@ -24,10 +24,17 @@ def _(grad_out, x0, x, weight, xw):
 def _setup_context(ctx, inputs, output):
     x0, x, weight, bias = inputs
     ctx.save_for_backward(x0, x, weight, output[1])
+    # xw is an internal output: when nothing uses it its gradient must arrive as None, not as
+    # materialised zeros (folding those in costs two extra [B, K] x [K, K] products per step).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_xw):
+    if grad_out is None and grad_xw is None:  # grads are not materialised: nothing flows back
+        return None, None, None, None
     x0, x, weight, xw = ctx.saved_tensors
+    if grad_out is None:  # only xw was used
+        grad_out = torch.zeros_like(xw)
     gx0, gx, gw, gb = torch.ops.adrec.cross_layer_bwd(grad_out, x0, x, weight, xw)
     if grad_xw is not None:  # xw is an internal output; fold in a gradient if one arrives
         gx = gx + grad_xw @ weight
@@ -84,7 +91,11 @@ if _tk is not None:
         return grad_out * xw, grad_out + gxw @ weight, gxw.t() @ x, gxw.sum(0)
 
     def _triton_backward(ctx, grad_out, grad_xw):
+        if grad_out is None and grad_xw is None:  # _setup_context does not materialise grads
+            return None, None, None, None
         x0, x, weight, xw = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(xw)
         gx0, gx, gw, gb = torch.ops.adrec.cross_layer_bwd_triton(grad_out, x0, x, weight, xw)
         if grad_xw is not None:
             gx = gx + grad_xw @ weight

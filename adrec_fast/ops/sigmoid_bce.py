@@ -19,11 +19,15 @@ def _(x, w, b):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
-    # grad_logits is the loss's gradient, returned for the backward: it is not differentiable.
+    # grad_logits is the loss's gradient, returned for the backward: it is not differentiable
+    # (and no zeros are materialised for it).
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_grad):
+    if grad_loss is None:  # grads are not materialised: nothing flows back
+        return None, None, None
     (grad_logits,) = ctx.saved_tensors
     return grad_loss * grad_logits, None, None
 

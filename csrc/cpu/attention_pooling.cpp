@@ -15,6 +15,7 @@
 
 #include "common/acc_type.h"
 #include "common/checks.h"
+#include "common/fast_math.h"
 #include "common/simd.h"
 
 namespace adrec {
@@ -22,6 +23,10 @@ namespace {
 
 constexpr const char* kOp = "attention_pooling";
 constexpr const char* kOpBwd = "attention_pooling_bwd";
+
+// e^x for x <= 0 (scores minus their maximum).
+ADREC_INLINE float exp_shifted(float x) { return exp_nonpos(x); }
+ADREC_INLINE double exp_shifted(double x) { return std::exp(x); }
 
 template <typename scalar_t>
 ADREC_INLINE acc_t<scalar_t> dot(const acc_t<scalar_t>* q /* [D] */, const scalar_t* k /* [D] */,
@@ -87,11 +92,9 @@ ADREC_CPU_CLONES void attn_fwd_block(const scalar_t* query /* [B, D] */,
       p[l] = dot(q, k + l * D, D);
       m = std::max(m, p[l]);
     }
+    for (int64_t l = 0; l < n; ++l) p[l] = exp_shifted(p[l] - m);  // vectorised for float
     acc z = 0;
-    for (int64_t l = 0; l < n; ++l) {
-      p[l] = std::exp(p[l] - m);
-      z += p[l];
-    }
+    for (int64_t l = 0; l < n; ++l) z += p[l];
     const acc inv = n > 0 ? acc(1) / z : acc(0);
     // The pooled vector accumulates in q's place (q is no longer needed).
     for (int64_t d = 0; d < D; ++d) q[d] = acc(0);
