@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/acc_type.h"
@@ -23,6 +24,8 @@ constexpr const char* kOp = "embedding_bag";
 // How many indices ahead the forward prefetches rows: enough to cover DRAM latency with a
 // few misses in flight per core, small enough that prefetched lines are still in L1/L2.
 constexpr int64_t kPrefetch = 16;
+// Output bytes per forward tile: [tile, T*D] stays in L2 while the tile's tables are gathered.
+constexpr int64_t kTileBytes = 512 * 1024;
 
 struct Layout {
   int64_t T = 0, B = 0, D = 0, N = 0, nnz = 0;
@@ -128,46 +131,92 @@ inline void axpy(acc_t* __restrict acc, const scalar_t* __restrict row, acc_t c,
 template <int DV, typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t D) {
   const int64_t bytes = (DV > 0 ? DV : D) * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + b, 0, 1);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + b, 0, 3);
 }
 
-// Forward: one task per block of samples; inside it, table-major so the indices of a table are
-// read contiguously and rows can be prefetched kPrefetch indices ahead. Accumulates in acc_t.
+// Forward: one task per tile of samples; inside a tile, table-major, so the indices of a table
+// are read contiguously and rows are prefetched kPrefetch indices ahead (the stream continues
+// into the next table's segment). A tile's output rows ([tile, T*D]) stay in L2, so each table's
+// pass writes into resident lines and pages. For float/double the bag is accumulated directly in
+// its output slot (first row stored, the rest added): a zeroed stack accumulator costs a
+// microcoded memset per bag whose store-forwarding stall serialises the row misses.
+// Reduced-precision weights accumulate in a float buffer instead.
 template <typename scalar_t, typename index_t, int DV, bool HAS_PSW, bool MEAN>
 void forward_kernel(const Layout& L, const scalar_t* w, const index_t* idx, const scalar_t* psw,
                     scalar_t* out, BadIndex& bad) {
   using acc = acc_t<scalar_t>;
+  constexpr bool kDirect = std::is_same<scalar_t, acc>::value;
   const int64_t T = L.T, B = L.B, D = L.D;
   const int64_t* o = L.offsets.data_ptr<int64_t>();
   const int64_t* tofs = L.table_offsets.data();
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(256, B / (4 * at::get_num_threads()) + 1));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<acc> accbuf(DV > 0 ? DV : D);
-    acc* a = accbuf.data();
-    for (int64_t t = 0; t < T; ++t) {
-      const scalar_t* wt = w + tofs[t] * D;
-      const int64_t rows = tofs[t + 1] - tofs[t];
-      const int64_t kend_all = o[t * B + b1];
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t k0 = o[t * B + b], k1 = o[t * B + b + 1];
-        for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d) a[d] = acc(0);
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t kp = k + kPrefetch;
-          if (kp < kend_all) {
-            const int64_t rp = static_cast<int64_t>(idx[kp]);
-            if (rp >= 0 && rp < rows) prefetch_row<DV>(wt + rp * D, D);
+  const int64_t row_bytes = std::max<int64_t>(1, T * D * static_cast<int64_t>(sizeof(scalar_t)));
+  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(256, kTileBytes / row_bytes));
+  const int64_t n_tiles = (B + tile - 1) / tile;
+  const int64_t grain = std::max<int64_t>(1, n_tiles / (8 * at::get_num_threads()));
+  at::parallel_for(0, n_tiles, grain, [&](int64_t i0, int64_t i1) {
+    const int64_t n = DV > 0 ? DV : D;
+    std::vector<acc> accbuf(kDirect ? 0 : n);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b0 = i * tile, b1 = std::min(B, b0 + tile);
+      // Warm up the prefetch stream with the first rows of table 0's segment.
+      for (int64_t k = o[b0], ke = std::min(o[b1], o[b0] + kPrefetch); k < ke; ++k) {
+        const int64_t rp = static_cast<int64_t>(idx[k]);
+        if (rp >= 0 && rp < tofs[1]) prefetch_row<DV>(w + rp * D, D);
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t* __restrict wt = w + tofs[t] * D;
+        const int64_t rows = tofs[t + 1] - tofs[t];
+        const int64_t seg_end = o[t * B + b1];
+        const bool has_next = t + 1 < T;
+        const int64_t nx_begin = has_next ? o[(t + 1) * B + b0] : 0;
+        const int64_t nx_end = has_next ? o[(t + 1) * B + b1] : 0;
+        const scalar_t* nx_w = has_next ? w + tofs[t + 1] * D : w;
+        const int64_t nx_rows = has_next ? tofs[t + 2] - tofs[t + 1] : 0;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t k0 = o[t * B + b], k1 = o[t * B + b + 1];
+          scalar_t* __restrict dst = out + b * T * D + t * D;
+          acc* __restrict a = kDirect ? reinterpret_cast<acc*>(dst) : accbuf.data();
+          bool first = true;
+          for (int64_t k = k0; k < k1; ++k) {
+            const int64_t kp = k + kPrefetch;
+            if (kp < seg_end) {
+              const int64_t rp = static_cast<int64_t>(idx[kp]);
+              if (rp >= 0 && rp < rows) prefetch_row<DV>(wt + rp * D, D);
+            } else {
+              const int64_t kq = nx_begin + (kp - seg_end);
+              if (kq < nx_end) {
+                const int64_t rp = static_cast<int64_t>(idx[kq]);
+                if (rp >= 0 && rp < nx_rows) prefetch_row<DV>(nx_w + rp * D, D);
+              }
+            }
+            const int64_t r = static_cast<int64_t>(idx[k]);
+            if (__builtin_expect(r < 0 || r >= rows, 0)) {
+              bad.record(k);
+              continue;
+            }
+            const scalar_t* __restrict row = wt + r * D;
+            if (first) {
+              if (HAS_PSW) {
+                const acc c = static_cast<acc>(psw[k]);
+                for (int64_t d = 0; d < n; ++d) a[d] = c * static_cast<acc>(row[d]);
+              } else {
+                for (int64_t d = 0; d < n; ++d) a[d] = static_cast<acc>(row[d]);
+              }
+              first = false;
+            } else if (HAS_PSW) {
+              const acc c = static_cast<acc>(psw[k]);
+              for (int64_t d = 0; d < n; ++d) a[d] += c * static_cast<acc>(row[d]);
+            } else {
+              for (int64_t d = 0; d < n; ++d) a[d] += static_cast<acc>(row[d]);
+            }
           }
-          const int64_t r = static_cast<int64_t>(idx[k]);
-          if (r < 0 || r >= rows) {
-            bad.record(k);
-            continue;
+          if (first) {  // empty bag (or only bad ids): zeros
+            for (int64_t d = 0; d < n; ++d) dst[d] = scalar_t(0);
+          } else if (MEAN || !kDirect) {
+            const acc scale = MEAN ? acc(1) / static_cast<acc>(k1 - k0) : acc(1);
+            for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<scalar_t>(a[d] * scale);
           }
-          const acc c = HAS_PSW ? static_cast<acc>(psw[k]) : acc(1);
-          axpy<DV>(a, wt + r * D, c, D);
         }
-        scalar_t* dst = out + b * T * D + t * D;
-        const acc scale = (MEAN && k1 > k0) ? acc(1) / static_cast<acc>(k1 - k0) : acc(1);
-        for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d) dst[d] = static_cast<scalar_t>(a[d] * scale);
       }
     }
   });
@@ -207,11 +256,16 @@ at::Tensor embedding_bag_cpu(const at::Tensor& weights_, const at::Tensor& table
 namespace {
 
 // Open-addressing map from a row id (within one table) to its slot among the table's unique
-// rows, in order of first occurrence. Sized to >= 2x the table's index count, so probes stay
-// short; lives in a per-thread buffer that is reused across tables and calls.
+// rows, in order of first occurrence. Key and slot share one 16-byte entry, so a probe touches
+// one cache line. Capacity is a power of two >= 2x the keys it can receive (min(index count,
+// table rows)), so probes stay short; entries live in a per-thread buffer reused across tables
+// and calls.
 struct RowMap {
-  std::vector<int64_t> keys;
-  std::vector<int32_t> vals;
+  struct Entry {
+    int64_t key;
+    int64_t slot;
+  };
+  std::vector<Entry> e;
   uint64_t mask = 0;
   int shift = 64;
   void reset(int64_t n) {
@@ -221,24 +275,20 @@ struct RowMap {
       cap <<= 1;
       ++bits;
     }
-    if (keys.size() < cap) {
-      keys.assign(cap, -1);
-      vals.resize(cap);
-    } else {
-      std::fill(keys.begin(), keys.begin() + cap, -1);
-    }
+    if (e.size() < cap) e.resize(cap);
+    std::fill(e.begin(), e.begin() + cap, Entry{-1, 0});
     mask = cap - 1;
     shift = 64 - bits;
   }
   // Returns the slot of `row`, inserting it as slot `next` when new (and bumping next).
-  inline int32_t find_or_insert(int64_t row, int32_t& next) {
+  inline int64_t find_or_insert(int64_t row, int64_t& next) {
     uint64_t h = (static_cast<uint64_t>(row) * 0x9E3779B97F4A7C15ull) >> shift;
     while (true) {
-      const int64_t k = keys[h];
-      if (k == row) return vals[h];
-      if (k == -1) {
-        keys[h] = row;
-        vals[h] = next;
+      Entry& en = e[h];
+      if (en.key == row) return en.slot;
+      if (en.key == -1) {
+        en.key = row;
+        en.slot = next;
         return next++;
       }
       h = (h + 1) & mask;
@@ -246,45 +296,100 @@ struct RowMap {
   }
 };
 
-// Per-table pass shared by the plain and the fused backward: for table t, visit indices in
-// order (bag by bag), map each row to its unique slot, and add c * grad_out[b, t*D:(t+1)*D] to
-// that slot's gradient. Summation order per row is the order of occurrence, so the result does
-// not depend on the thread count.
-template <typename scalar_t, typename index_t, int DV, bool HAS_PSW, bool MEAN, typename acc,
-          typename SlotFn>
-void accumulate_table(const Layout& L, int64_t t, const scalar_t* g, const index_t* idx,
-                      const scalar_t* psw, RowMap& map, acc* gbuf, std::vector<int64_t>& uniq,
-                      BadIndex& bad, SlotFn&& on_slot) {
+// Per-thread scratch that survives across calls (OpenMP keeps its worker threads), so the
+// backward does not map fresh pages for its gradient buffer on every step.
+template <typename acc>
+struct Scratch {
+  RowMap map;
+  std::vector<acc> gbuf;
+  std::vector<int64_t> uniq;
+};
+template <typename acc>
+Scratch<acc>& scratch() {
+  static thread_local Scratch<acc> s;
+  return s;
+}
+
+// Per-table pass shared by the backward paths: for table t, visit its indices bag by bag, map
+// each row to its unique slot (uniq[slot] = row within the table) and sum
+// c * grad_out[b, t*D:(t+1)*D] into gbuf[slot] (the first occurrence stores, later ones add).
+// Summation order per row is the order of occurrence, so the result does not depend on the
+// thread count. Returns the number of unique rows.
+template <typename scalar_t, typename index_t, int DV, bool HAS_PSW, bool MEAN, typename acc>
+int64_t accumulate_table(const Layout& L, int64_t t, const scalar_t* g, const index_t* idx,
+                         const scalar_t* psw, Scratch<acc>& sc, int32_t* slot_out) {
   const int64_t T = L.T, B = L.B, D = L.D;
+  const int64_t n = DV > 0 ? DV : D;
   const int64_t* o = L.offsets.data_ptr<int64_t>();
   const int64_t rows = L.table_offsets[t + 1] - L.table_offsets[t];
   const int64_t n_t = o[(t + 1) * B] - o[t * B];
-  map.reset(n_t);
-  uniq.clear();
-  int32_t next = 0;
+  const int64_t max_u = std::min(n_t, rows);
+  sc.map.reset(max_u);
+  if (static_cast<int64_t>(sc.gbuf.size()) < max_u * D) sc.gbuf.resize(max_u * D);
+  if (static_cast<int64_t>(sc.uniq.size()) < max_u) sc.uniq.resize(max_u);
+  acc* gbuf = sc.gbuf.data();
+  int64_t* uniq = sc.uniq.data();
+  int64_t next = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t k0 = o[t * B + b], k1 = o[t * B + b + 1];
     if (k1 == k0) continue;
-    const scalar_t* gb = g + b * T * D + t * D;
+    const scalar_t* __restrict gb = g + b * T * D + t * D;
     const acc scale = MEAN ? acc(1) / static_cast<acc>(k1 - k0) : acc(1);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t r = static_cast<int64_t>(idx[k]);
-      if (r < 0 || r >= rows) {
-        bad.record(k);
-        continue;
-      }
-      const int32_t before = next;
-      const int32_t s = map.find_or_insert(r, next);
-      acc* dst = gbuf + static_cast<int64_t>(s) * D;
-      if (next != before) {
-        uniq.push_back(r);
-        for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d) dst[d] = acc(0);
-      }
+      const int64_t before = next;
+      const int64_t s = sc.map.find_or_insert(r, next);
+      acc* __restrict dst = gbuf + s * D;
       const acc c = (HAS_PSW ? static_cast<acc>(psw[k]) : acc(1)) * scale;
-      axpy<DV>(dst, gb, c, D);
-      on_slot(k, s);
+      if (next != before) {
+        uniq[s] = r;
+        for (int64_t d = 0; d < n; ++d) dst[d] = c * static_cast<acc>(gb[d]);
+      } else {
+        for (int64_t d = 0; d < n; ++d) dst[d] += c * static_cast<acc>(gb[d]);
+      }
+      if (slot_out != nullptr) slot_out[k] = static_cast<int32_t>(s);
     }
   }
+  return next;
+}
+
+// Runs fn(t) for every table, each table on exactly one thread. Threads take tables from a
+// shared counter, largest index count first, so one thread does not end up with all the big
+// tables. Which thread runs a table does not change any result.
+template <typename Fn>
+void for_each_table(const Layout& L, Fn&& fn) {
+  const int64_t T = L.T, B = L.B;
+  const int64_t* o = L.offsets.data_ptr<int64_t>();
+  std::vector<int64_t> order(T);
+  for (int64_t t = 0; t < T; ++t) order[t] = t;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return (o[(x + 1) * B] - o[x * B]) > (o[(y + 1) * B] - o[y * B]);
+  });
+  std::atomic<int64_t> next{0};
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), T);
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < T; i = next.fetch_add(1)) fn(order[i]);
+  });
+}
+
+// Validates every index (IndexError naming table and position) before anything is written.
+template <typename index_t>
+void check_indices(const Layout& L, const index_t* idx) {
+  const int64_t* o = L.offsets.data_ptr<int64_t>();
+  BadIndex bad;
+  at::parallel_for(0, L.T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rows_t = L.table_offsets[t + 1] - L.table_offsets[t];
+      for (int64_t k = o[t * L.B]; k < o[(t + 1) * L.B]; ++k) {
+        const int64_t r = static_cast<int64_t>(idx[k]);
+        if (r < 0 || r >= rows_t) {
+          bad.record(k);
+          break;
+        }
+      }
+    }
+  });
+  throw_bad_index(bad, L, idx);
 }
 
 template <typename F>
@@ -324,14 +429,10 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_bwd_cpu(
   auto indices = indices_.contiguous();
   c10::optional<at::Tensor> psw;
   if (psw_.has_value()) psw = psw_->contiguous();
-  const int64_t T = L.T, B = L.B, D = L.D;
-  const int64_t* o = L.offsets.data_ptr<int64_t>();
-  // Phase 1 (parallel over tables): unique rows per table and the slot of every index.
-  // Phase 2: prefix sum -> output rows. Phase 3 (parallel over tables): sum gradients into
-  // the output in order of occurrence. The slot array lets phase 3 skip the hash map.
+  const int64_t T = L.T, D = L.D;
+  // Pass 1 (tables in parallel): unique rows and their summed gradients, per table, in each
+  // thread's scratch; copied into per-table vectors. Pass 2: prefix sum -> one [U, D] output.
   std::vector<std::vector<int64_t>> uniq(T);
-  std::vector<int32_t> slot(L.nnz);
-  BadIndex bad;
   at::Tensor rows, grads;
   dispatch_common(L, weights, indices, psw, pooling, [&](auto s_, auto i_, auto dv_, auto hp_, auto mean_) {
     using scalar_t = decltype(s_);
@@ -341,56 +442,32 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_bwd_cpu(
     constexpr bool MEAN = decltype(mean_)::value;
     using acc = acc_t<scalar_t>;
     const index_t* idx = indices.template data_ptr<index_t>();
+    check_indices(L, idx);
     const scalar_t* pw = HAS_PSW ? psw->template data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = grad_out.template data_ptr<scalar_t>();
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      RowMap map;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n_t = o[(t + 1) * B] - o[t * B];
-        const int64_t rows_t = L.table_offsets[t + 1] - L.table_offsets[t];
-        map.reset(n_t);
-        int32_t next = 0;
-        auto& u = uniq[t];
-        u.clear();
-        for (int64_t k = o[t * B]; k < o[(t + 1) * B]; ++k) {
-          const int64_t r = static_cast<int64_t>(idx[k]);
-          if (r < 0 || r >= rows_t) {
-            bad.record(k);
-            slot[k] = -1;
-            continue;
-          }
-          const int32_t before = next;
-          slot[k] = map.find_or_insert(r, next);
-          if (next != before) u.push_back(r + L.table_offsets[t]);
-        }
-      }
+    std::vector<std::vector<acc>> tgrads(T);
+    for_each_table(L, [&](int64_t t) {
+      auto& sc = scratch<acc>();
+      const int64_t U = accumulate_table<scalar_t, index_t, DV, HAS_PSW, MEAN, acc>(
+          L, t, g, idx, pw, sc, nullptr);
+      uniq[t].resize(U);
+      for (int64_t s = 0; s < U; ++s) uniq[t][s] = sc.uniq[s] + L.table_offsets[t];
+      tgrads[t].assign(sc.gbuf.begin(), sc.gbuf.begin() + U * D);
     });
-    throw_bad_index(bad, L, idx);
     std::vector<int64_t> base(T + 1, 0);
     for (int64_t t = 0; t < T; ++t) base[t + 1] = base[t] + static_cast<int64_t>(uniq[t].size());
     const int64_t U = base[T];
     rows = at::empty({U}, weights.options().dtype(at::kLong));
-    // Accumulate in acc_t: a float buffer for half/bf16, cast once at the end.
-    auto gacc = at::zeros({U, D}, weights.options().dtype(c10::CppTypeToScalarType<acc>::value));
-    int64_t* rp = rows.data_ptr<int64_t>();
-    acc* ga = gacc.template data_ptr<acc>();
+    grads = at::empty({U, D}, weights.options());
+    int64_t* rp = rows.template data_ptr<int64_t>();
+    scalar_t* gp = grads.template data_ptr<scalar_t>();
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         std::copy(uniq[t].begin(), uniq[t].end(), rp + base[t]);
-        acc* gt = ga + base[t] * D;
-        for (int64_t b = 0; b < B; ++b) {
-          const int64_t k0 = o[t * B + b], k1 = o[t * B + b + 1];
-          if (k1 == k0) continue;
-          const scalar_t* gb = g + b * T * D + t * D;
-          const acc scale = MEAN ? acc(1) / static_cast<acc>(k1 - k0) : acc(1);
-          for (int64_t k = k0; k < k1; ++k) {
-            const acc c = (HAS_PSW ? static_cast<acc>(pw[k]) : acc(1)) * scale;
-            axpy<DV>(gt + static_cast<int64_t>(slot[k]) * D, gb, c, D);
-          }
-        }
+        for (size_t j = 0; j < tgrads[t].size(); ++j)
+          gp[base[t] * D + static_cast<int64_t>(j)] = static_cast<scalar_t>(tgrads[t][j]);
       }
     });
-    grads = gacc.to(weights.scalar_type());
   });
   return {rows, grads};
 }
@@ -418,26 +495,7 @@ void embedding_bag_bwd_update_cpu(const at::Tensor& grad_out_, const at::Tensor&
   auto indices = indices_.contiguous();
   c10::optional<at::Tensor> psw;
   if (psw_.has_value()) psw = psw_->contiguous();
-  const int64_t T = L.T, D = L.D;
-  const int64_t* o = L.offsets.data_ptr<int64_t>();
-  BadIndex bad;
-  // Validate every index before touching any weight, so a bad batch leaves the model as it was.
-  ADREC_INDEX_SWITCH(indices.scalar_type(), index_t, [&] {
-    const index_t* idx = indices.template data_ptr<index_t>();
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t rows_t = L.table_offsets[t + 1] - L.table_offsets[t];
-        for (int64_t k = o[t * L.B]; k < o[(t + 1) * L.B]; ++k) {
-          const int64_t r = static_cast<int64_t>(idx[k]);
-          if (r < 0 || r >= rows_t) {
-            bad.record(k);
-            break;
-          }
-        }
-      }
-    });
-    throw_bad_index(bad, L, idx);
-  });
+  const int64_t D = L.D;
   dispatch_common(L, weights, indices, psw, pooling, [&](auto s_, auto i_, auto dv_, auto hp_, auto mean_) {
     using scalar_t = decltype(s_);
     using index_t = decltype(i_);
@@ -446,40 +504,44 @@ void embedding_bag_bwd_update_cpu(const at::Tensor& grad_out_, const at::Tensor&
     constexpr bool MEAN = decltype(mean_)::value;
     using acc = acc_t<scalar_t>;
     const index_t* idx = indices.template data_ptr<index_t>();
+    // Validate every index before touching any weight, so a bad batch leaves the model as it was.
+    check_indices(L, idx);
     const scalar_t* pw = HAS_PSW ? psw->template data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = grad_out.template data_ptr<scalar_t>();
     scalar_t* w = weights.template data_ptr<scalar_t>();
-    float* st = optimizer == 1 ? state.data_ptr<float>() : nullptr;
+    float* st = optimizer == 1 ? state.template data_ptr<float>() : nullptr;
     const acc alr = static_cast<acc>(lr), aeps = static_cast<acc>(eps);
-    // Tables are disjoint row ranges, so threads that own different tables never write the
-    // same row: no atomics, and each row's update is computed by exactly one thread.
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      RowMap map;
-      std::vector<acc> gbuf;
-      std::vector<int64_t> uniq;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n_t = o[(t + 1) * L.B] - o[t * L.B];
-        if (n_t == 0) continue;
-        if (static_cast<int64_t>(gbuf.size()) < n_t * D) gbuf.resize(n_t * D);
-        accumulate_table<scalar_t, index_t, DV, HAS_PSW, MEAN, acc>(
-            L, t, g, idx, pw, map, gbuf.data(), uniq, bad, [](int64_t, int32_t) {});
-        scalar_t* wt = w + L.table_offsets[t] * D;
-        const int64_t U = static_cast<int64_t>(uniq.size());
-        for (int64_t s = 0; s < U; ++s) {
-          const acc* gs = gbuf.data() + s * D;
-          scalar_t* wr = wt + uniq[s] * D;
-          if (optimizer == 0) {
-            for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d)
-              wr[d] = static_cast<scalar_t>(static_cast<acc>(wr[d]) - alr * gs[d]);
-          } else {
-            acc sq = 0;
-            for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d) sq += gs[d] * gs[d];
-            float& sr = st[L.table_offsets[t] + uniq[s]];
-            sr += static_cast<float>(sq / static_cast<acc>(D));
-            const acc step = alr / (std::sqrt(static_cast<acc>(sr)) + aeps);
-            for (int64_t d = 0; d < (DV > 0 ? DV : D); ++d)
-              wr[d] = static_cast<scalar_t>(static_cast<acc>(wr[d]) - step * gs[d]);
-          }
+    const int64_t n = DV > 0 ? DV : D;
+    // Tables are disjoint row ranges and each table is updated by one thread: no atomics, and
+    // each row's update is computed exactly once.
+    for_each_table(L, [&](int64_t t) {
+      auto& sc = scratch<acc>();
+      const int64_t U = accumulate_table<scalar_t, index_t, DV, HAS_PSW, MEAN, acc>(
+          L, t, g, idx, pw, sc, nullptr);
+      scalar_t* wt = w + L.table_offsets[t] * D;
+      float* stt = st != nullptr ? st + L.table_offsets[t] : nullptr;
+      const int64_t* uq = sc.uniq.data();
+      const acc* gb = sc.gbuf.data();
+      for (int64_t s = 0; s < U; ++s) {
+        // The rows were last read by the forward, long ago: prefetch kPrefetch updates ahead.
+        if (s + kPrefetch < U) {
+          const int64_t rp = uq[s + kPrefetch];
+          prefetch_row<DV>(wt + rp * D, D);
+          if (stt != nullptr) __builtin_prefetch(stt + rp, 1, 3);
+        }
+        const acc* __restrict gs = gb + s * D;
+        scalar_t* __restrict wr = wt + uq[s] * D;
+        if (optimizer == 0) {
+          for (int64_t d = 0; d < n; ++d)
+            wr[d] = static_cast<scalar_t>(static_cast<acc>(wr[d]) - alr * gs[d]);
+        } else {
+          acc sq = 0;
+          for (int64_t d = 0; d < n; ++d) sq += gs[d] * gs[d];
+          float& sr = stt[uq[s]];
+          sr += static_cast<float>(sq / static_cast<acc>(D));
+          const acc step = alr / (std::sqrt(static_cast<acc>(sr)) + aeps);
+          for (int64_t d = 0; d < n; ++d)
+            wr[d] = static_cast<scalar_t>(static_cast<acc>(wr[d]) - step * gs[d]);
         }
       }
     });
