@@ -72,9 +72,9 @@ def _train_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    (" (default: din)" if demo else " (default: deepfm)"))
     p.add_argument("--epochs", type=int, default=None,
                    help="maximum number of passes over the training data (early stopping may "
-                        "end sooner; default 3 for the demo, 10 for train)")
+                        "end sooner; default 2 for the demo, 10 for train)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per training step (default 2048 for the demo, 1024 for train)")
+                   help="rows per training step (default 512 for the demo, 1024 for train)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate of the dense layers (Adam; default 1e-3 for train, "
                         "2e-3 for the demo)")
@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "probabilities, the best any model can do) and the training throughput.",
         epilog="example:\n  adrec-fast demo --json")
     _train_options(p, demo=True)
-    p.add_argument("--rows", type=int, default=1_000_000,
-                   help="training rows to generate (default 1,000,000); 10%% more each for "
+    p.add_argument("--rows", type=int, default=4_000_000,
+                   help="training rows to generate (default 4,000,000), plus up to 100,000 each for "
                         "validation and test")
     p.add_argument("--out", default=None, help="also save the trained model to this directory")
     _common(p)
@@ -219,8 +219,8 @@ def _fresh_out(out: Path) -> None:
 
 def _train_defaults(a, demo: bool) -> dict:
     return {
-        "epochs": a.epochs if a.epochs is not None else (3 if demo else 10),
-        "batch_size": a.batch_size if a.batch_size is not None else (2048 if demo else 1024),
+        "epochs": a.epochs if a.epochs is not None else (2 if demo else 10),
+        "batch_size": a.batch_size if a.batch_size is not None else (512 if demo else 1024),
         "lr": a.lr if a.lr is not None else (2e-3 if demo else 1e-3),
         "schedule": a.schedule or ("cosine" if demo else "constant"),
     }
@@ -259,25 +259,22 @@ def cmd_demo(a) -> int:
     from .models.registry import build_model
     from .training.loop import Trainer, evaluate
 
-    n_train = int(a.rows)
-    n_hold = max(n_train // 10, 1000)
+    n_hold = min(max(int(a.rows) // 10, 1000), 100_000)
+    n_train = -(-int(a.rows) // n_hold) * n_hold  # a multiple of n_hold: chunks align
     t0 = time.perf_counter()
     gen = SyntheticCTR(n_rows=n_train, seed=a.seed)
     schema = gen.schema()
-    # generate and encode in chunks: the raw Arrow table of millions of rows is never held whole
+    # generate and encode chunk by chunk (the raw Arrow table of millions of rows is never held
+    # whole); chunks of n_hold rows: the last two are the validation and test rows
     parts, probs = [], []
-    for table, p in gen.chunks(n_train + 2 * n_hold, chunk_rows=1 << 18, with_probability=True):
+    for table, p in gen.chunks(n_train + 2 * n_hold, chunk_rows=n_hold, with_probability=True):
         parts.append(schema.encode(table))
         probs.append(p)
-    data = Batch.concat(parts)
+    train = Batch.concat(parts[:-2])
+    valid, test = parts[-2], parts[-1]
     del parts
-    p_true = np.concatenate(probs)
-    y = data.labels.numpy()
-    train = data.slice(0, n_train)
-    valid = data.slice(n_train, n_train + n_hold)
-    test = data.slice(n_train + n_hold, n_train + 2 * n_hold)
-    del data
-    oracle = auc(y[n_train + n_hold:], p_true[n_train + n_hold:])
+    y_test = test.labels.numpy()
+    oracle = auc(y_test, probs[-1])
     t_data = time.perf_counter() - t0
     print(f"synthetic data: {n_train:,} training rows, {n_hold:,} validation and {n_hold:,} test "
           f"rows, {len(schema.sparse_fields())} categorical fields + a behaviour history, "
