@@ -170,8 +170,11 @@ def _batches() -> list[Batch]:
     return _BATCHES
 
 
-# torch.compile's import path touches torch.jit.script_method, which warns on this torch
+# torch's own warnings in the peers' paths (compile touches torch.jit.script_method and .grad
+# of non-leaf tensors while tracing; sparse Adagrad builds COO tensors without invariant checks)
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled:UserWarning")
 @pytest.mark.benchmark(group="train_step")
 @pytest.mark.parametrize("provider", ["adrec", "eager", "compile"])
 @pytest.mark.parametrize("model", ["dlrm", "dcnv2"])
