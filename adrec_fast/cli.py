@@ -60,11 +60,14 @@ def _json_line(obj: dict) -> None:
     print(json.dumps({k: clean(v) for k, v in obj.items()}), flush=True)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, threads_default: int | None = None) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the metrics as one JSON object on the last line of the output")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=threads_default,
+                   help="CPU threads for torch (default: " +
+                        ("1: the demo's small batches gain little from a second thread and lose "
+                         "much when another process shares the cores)" if threads_default
+                         else "torch's choice)"))
 
 
 def _train_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
@@ -105,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "probabilities, the best any model can do) and the training throughput.",
         epilog="example:\n  adrec-fast demo --json")
     _train_options(p, demo=True)
-    p.add_argument("--rows", type=int, default=4_000_000,
-                   help="training rows to generate (default 4,000,000), plus up to 100,000 each for "
+    p.add_argument("--rows", type=int, default=5_000_000,
+                   help="training rows to generate (default 5,000,000), plus up to 100,000 each for "
                         "validation and test")
     p.add_argument("--out", default=None, help="also save the trained model to this directory")
-    _common(p)
+    _common(p, threads_default=1)
 
     p = sub.add_parser(
         "train", formatter_class=fmt, help="train a model on a data file and save it",

@@ -36,9 +36,7 @@ class InMemory:
         self.n = batch.batch_size
         T = batch.num_bags
         self.T = T
-        self.one_per_bag = batch.indices.numel() == T * self.n and bool(
-            (batch.offsets == torch.arange(T * self.n + 1)).all()
-        )
+        self.one_per_bag = batch.indices.numel() == T * self.n and _is_arange(batch.offsets)
         self.ids = batch.indices.view(T, self.n) if self.one_per_bag else None  # [T, N]
 
     def __len__(self) -> int:
@@ -73,6 +71,15 @@ class InMemory:
             stop = min(start + batch_size, self.n)
             rows = order[start:stop] if order is not None else torch.arange(start, stop)
             yield self.take(rows)
+
+
+def _is_arange(x: torch.Tensor, block: int = 1 << 20) -> bool:
+    """x == arange(len(x)), checked in blocks (no second full-size buffer)."""
+    for start in range(0, x.numel(), block):
+        part = x[start:start + block]
+        if not torch.equal(part, torch.arange(start, start + part.numel(), dtype=x.dtype)):
+            return False
+    return True
 
 
 def _as_source(data):
