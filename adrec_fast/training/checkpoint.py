@@ -11,14 +11,16 @@ Format (``FORMAT = "adrec_fast.checkpoint"``, ``VERSION = 1``). A checkpoint is 
     ``head.head.weight``. Metadata: ``{"format", "version", "model"}``.
 ``optimizer.safetensors`` (training checkpoints only)
     the dense torch optimizer's state tensors as ``state.<param index>.<key>`` (e.g.
-    ``state.3.exp_avg``; indices follow ``model.dense_parameters()`` order), and the RNG
-    states ``rng.torch`` (uint8, ``torch.get_rng_state()``).
+    ``state.3.exp_avg``; indices follow ``model.dense_parameters()`` order), the sparse
+    optimizer's (``embedding_optimizer="none"`` only) as ``sparse_state.<i>.<key>``, and the RNG
+    state ``rng.torch`` (uint8, ``torch.get_rng_state()``).
 ``checkpoint.json``
     ``{"format", "version", "adrec_fast", "torch",
        "model": model.config   # {"name", "embedding_dim", ...kwargs}: build_model(**config)
        "schema": Schema.to_dict(),         # fitted vocabularies and dense statistics
        "embedding_optimizers": [{"name", "lr", "eps"} per EmbeddingBagCollection, or null],
        "optimizer": {"class", "param_groups": [...without params], "extra_state": {...}},
+       "sparse_optimizer": {...same, only with embedding_optimizer="none"},
        "epoch": completed epochs, "global_step", "metrics": {...last epoch...},
        "history": [{per-epoch metrics}], "trainer": {fit settings and early-stopping state},
        "rng": {"seed", "torch_state": "optimizer.safetensors:rng.torch"}}``
@@ -70,14 +72,14 @@ def _tensors_for_safetensors(sd: dict) -> dict:
     return {k: v.detach().contiguous().clone() for k, v in sd.items()}
 
 
-def optimizer_state_tensors(optimizer) -> tuple[dict, dict]:
-    """A torch optimizer -> (tensors {"state.<i>.<key>": Tensor}, json {"class", ...})."""
+def optimizer_state_tensors(optimizer, prefix: str = "state.") -> tuple[dict, dict]:
+    """A torch optimizer -> (tensors {"<prefix><i>.<key>": Tensor}, json {"class", ...})."""
     sd = optimizer.state_dict()
     tensors, extra = {}, {}
     for i, st in sd["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"state.{i}.{k}"] = v
+                tensors[f"{prefix}{i}.{k}"] = v
             else:
                 extra[f"{i}.{k}"] = v
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
@@ -86,16 +88,16 @@ def optimizer_state_tensors(optimizer) -> tuple[dict, dict]:
                      "extra_state": _plain(extra)}
 
 
-def load_optimizer_state(optimizer, tensors: dict, meta: dict) -> None:
+def load_optimizer_state(optimizer, tensors: dict, meta: dict, prefix: str = "state.") -> None:
     """Inverse of :func:`optimizer_state_tensors`."""
     if meta.get("class") != type(optimizer).__name__:
         raise ValueError(f"checkpoint optimizer is {meta.get('class')}, "
                          f"but the trainer uses {type(optimizer).__name__}")
     state: dict = {}
     for key, v in tensors.items():
-        if not key.startswith("state."):
+        if not key.startswith(prefix):
             continue
-        _, i, k = key.split(".", 2)
+        i, k = key[len(prefix):].split(".", 1)
         state.setdefault(int(i), {})[k] = v
     for key, v in meta.get("extra_state", {}).items():
         i, k = key.split(".", 1)
@@ -131,11 +133,12 @@ def _atomic_dir(path: Path, write) -> None:
         raise
 
 
-def save_checkpoint(path, model, *, optimizer=None, meta: dict | None = None,
-                    rng: bool = True) -> Path:
-    """Write ``model`` (and the dense ``optimizer``'s state) as a checkpoint directory at
-    ``path``, atomically. ``meta`` adds keys to checkpoint.json (epoch, metrics, history,
-    trainer...). Returns the path."""
+def save_checkpoint(path, model, *, optimizer=None, sparse_optimizer=None,
+                    meta: dict | None = None, rng: bool = True) -> Path:
+    """Write ``model`` (and the dense ``optimizer``'s state; ``sparse_optimizer``: the torch
+    optimizer of tables without a fused optimizer) as a checkpoint directory at ``path``,
+    atomically. ``meta`` adds keys to checkpoint.json (epoch, metrics, history, trainer...).
+    Returns the path."""
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -157,6 +160,9 @@ def save_checkpoint(path, model, *, optimizer=None, meta: dict | None = None,
     opt_tensors: dict = {}
     if optimizer is not None:
         opt_tensors, doc["optimizer"] = optimizer_state_tensors(optimizer)
+    if sparse_optimizer is not None:
+        t, doc["sparse_optimizer"] = optimizer_state_tensors(sparse_optimizer, "sparse_state.")
+        opt_tensors.update(t)
     if rng:
         opt_tensors["rng.torch"] = torch.get_rng_state()
         doc.setdefault("rng", {})["torch_state"] = f"{OPTIM_FILE}:rng.torch"

@@ -288,7 +288,8 @@ class Trainer:
 
     def save(self, path, metrics: dict | None = None) -> Path:
         """Full training checkpoint (weights, fused + dense optimizer state, RNG, history)."""
-        return ckpt.save_checkpoint(path, self.model, optimizer=self.optimizer, meta={
+        return ckpt.save_checkpoint(path, self.model, optimizer=self.optimizer,
+                                    sparse_optimizer=self.sparse_optimizer, meta={
             "epoch": self.epoch, "global_step": self.global_step, "metrics": metrics or {},
             "history": self.history, "trainer": {"settings": self.settings(),
                                                  "state": self._trainer_state()},
@@ -307,6 +308,9 @@ class Trainer:
         tensors = load_file(str(path / ckpt.OPTIM_FILE)) if (path / ckpt.OPTIM_FILE).is_file() else {}
         if "optimizer" in doc:
             ckpt.load_optimizer_state(self.optimizer, tensors, doc["optimizer"])
+        if "sparse_optimizer" in doc and self.sparse_optimizer is not None:
+            ckpt.load_optimizer_state(self.sparse_optimizer, tensors, doc["sparse_optimizer"],
+                                      "sparse_state.")
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])
         st = doc["trainer"]["state"]

@@ -163,12 +163,15 @@ def test_checkpoint_atomic_replace(small, tmp_path):
         ckpt.load_model(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["deepfm", "din"])
+@pytest.mark.parametrize("name", ["deepfm", "din", "fm-sparse"])
 def test_resume_equals_uninterrupted(small, tmp_path, name):
     schema, train, valid = small
     kw = {"epochs": 3, "batch_size": 700, "lr": 2e-3, "schedule": "cosine", "seed": 11,
           "patience": 5, "progress": False}
-    full = _model(schema, name, seed=0, dropout=0.1)
+    # fm-sparse: tables as Parameters with sparse gradients, trained by torch's SparseAdam
+    mk = {"fm-sparse": ("fm", {"embedding_optimizer": "none"})}.get(name, (name, {"dropout": 0.1}))
+    name, extra = mk
+    full = _model(schema, name, seed=0, **extra)
     r_full = fit(full, train, valid, checkpoint_dir=tmp_path / "full", **kw)
 
     class Stop(Exception):
@@ -178,11 +181,11 @@ def test_resume_equals_uninterrupted(small, tmp_path, name):
         if metrics["epoch"] == 1:
             raise Stop
 
-    part = _model(schema, name, seed=0, dropout=0.1)
+    part = _model(schema, name, seed=0, **extra)
     with pytest.raises(Stop):
         fit(part, train, valid, checkpoint_dir=tmp_path / "part", callbacks=[interrupt], **kw)
     # a fresh process would build the model anew (other init); resume overwrites everything
-    resumed = _model(schema, name, seed=123, dropout=0.1)
+    resumed = _model(schema, name, seed=123, **extra)
     torch.manual_seed(999)
     r_res = fit(resumed, train, valid, checkpoint_dir=tmp_path / "part", resume=True, **kw)
     assert [h["valid_auc"] for h in r_res.history] == [h["valid_auc"] for h in r_full.history]
