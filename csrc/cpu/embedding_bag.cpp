@@ -9,7 +9,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -134,6 +136,42 @@ inline void prefetch_row(const scalar_t* row, int64_t D) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + b, 0, 3);
 }
 
+// Arguments of the float32 fixed-D row kernels (embedding_bag_f32.inc).
+struct F32Args {
+  int64_t T, B, tile;
+  const int64_t* offsets;        // [T*B+1]
+  const int64_t* table_offsets;  // [T+1]
+  const float* w;                // [N_total, D]
+  const float* psw;              // [nnz] or null
+  float* out;                    // [B, T*D]
+  BadIndex* bad;
+};
+
+namespace isa_base {
+#define ADREC_TARGET
+#include "cpu/embedding_bag_f32.inc"
+#undef ADREC_TARGET
+}  // namespace isa_base
+namespace isa_avx2 {
+#define ADREC_TARGET __attribute__((target("avx2,fma")))
+#include "cpu/embedding_bag_f32.inc"
+#undef ADREC_TARGET
+}  // namespace isa_avx2
+
+// AVX2+FMA when the CPU has it; ADREC_CPU_ISA=base forces the baseline path (tests use it).
+bool use_avx2() {
+  static const bool v = [] {
+    const char* e = std::getenv("ADREC_CPU_ISA");
+    if (e != nullptr && std::string(e) == "base") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return v;
+}
+
+// The float32 kernels exist for these widths (D % 8 == 0).
+constexpr bool f32_fast_dim(int DV) { return DV == 8 || DV == 16 || DV == 32 || DV == 64 || DV == 128; }
+
 // Forward: one task per tile of samples; inside a tile, table-major, so the indices of a table
 // are read contiguously and rows are prefetched kPrefetch indices ahead (the stream continues
 // into the next table's segment). A tile's output rows ([tile, T*D]) stay in L2, so each table's
@@ -153,6 +191,18 @@ void forward_kernel(const Layout& L, const scalar_t* w, const index_t* idx, cons
   const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(256, kTileBytes / row_bytes));
   const int64_t n_tiles = (B + tile - 1) / tile;
   const int64_t grain = std::max<int64_t>(1, n_tiles / (8 * at::get_num_threads()));
+  if constexpr (std::is_same<scalar_t, float>::value && f32_fast_dim(DV)) {
+    const F32Args args{T, B, tile, o, tofs, w, psw, out, &bad};
+    const bool avx2 = use_avx2();
+    at::parallel_for(0, n_tiles, grain, [&](int64_t i0, int64_t i1) {
+      if (avx2) {
+        isa_avx2::forward_tiles_f32<DV, HAS_PSW, MEAN>(args, idx, i0, i1);
+      } else {
+        isa_base::forward_tiles_f32<DV, HAS_PSW, MEAN>(args, idx, i0, i1);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, n_tiles, grain, [&](int64_t i0, int64_t i1) {
     const int64_t n = DV > 0 ? DV : D;
     std::vector<acc> accbuf(kDirect ? 0 : n);
@@ -279,6 +329,9 @@ struct RowMap {
     std::fill(e.begin(), e.begin() + cap, Entry{-1, 0});
     mask = cap - 1;
     shift = 64 - bits;
+  }
+  inline void prefetch(int64_t row) const {
+    __builtin_prefetch(&e[(static_cast<uint64_t>(row) * 0x9E3779B97F4A7C15ull) >> shift], 1, 3);
   }
   // Returns the slot of `row`, inserting it as slot `next` when new (and bumping next).
   inline int64_t find_or_insert(int64_t row, int64_t& next) {
@@ -514,6 +567,34 @@ void embedding_bag_bwd_update_cpu(const at::Tensor& grad_out_, const at::Tensor&
     const int64_t n = DV > 0 ? DV : D;
     // Tables are disjoint row ranges and each table is updated by one thread: no atomics, and
     // each row's update is computed exactly once.
+    if constexpr (std::is_same<scalar_t, float>::value && f32_fast_dim(DV)) {
+      const F32Args args{L.T, L.B, 0, L.offsets.data_ptr<int64_t>(), L.table_offsets.data(),
+                         w, pw, nullptr, nullptr};
+      const bool avx2 = use_avx2();
+      for_each_table(L, [&](int64_t t) {
+        auto& sc = scratch<float>();
+        const int64_t* o = args.offsets;
+        const int64_t rows = L.table_offsets[t + 1] - L.table_offsets[t];
+        const int64_t max_u = std::min(o[(t + 1) * L.B] - o[t * L.B], rows);
+        sc.map.reset(max_u);
+        if (static_cast<int64_t>(sc.gbuf.size()) < max_u * D) sc.gbuf.resize(max_u * D);
+        if (static_cast<int64_t>(sc.uniq.size()) < max_u) sc.uniq.resize(max_u);
+        float* wt = w + L.table_offsets[t] * D;
+        float* stt = st != nullptr ? st + L.table_offsets[t] : nullptr;
+        if (avx2) {
+          const int64_t U = isa_avx2::accumulate_table_f32<DV, HAS_PSW, MEAN>(
+              args, t, g, idx, sc.map, sc.gbuf.data(), sc.uniq.data());
+          isa_avx2::update_rows_f32<DV>(wt, stt, sc.uniq.data(), sc.gbuf.data(), U,
+                                        static_cast<int>(optimizer), alr, aeps);
+        } else {
+          const int64_t U = isa_base::accumulate_table_f32<DV, HAS_PSW, MEAN>(
+              args, t, g, idx, sc.map, sc.gbuf.data(), sc.uniq.data());
+          isa_base::update_rows_f32<DV>(wt, stt, sc.uniq.data(), sc.gbuf.data(), U,
+                                        static_cast<int>(optimizer), alr, aeps);
+        }
+      });
+      return;
+    }
     for_each_table(L, [&](int64_t t) {
       auto& sc = scratch<acc>();
       const int64_t U = accumulate_table<scalar_t, index_t, DV, HAS_PSW, MEAN, acc>(

@@ -338,3 +338,17 @@ def test_int32_overflow_row_offsets():
     tofs = torch.tensor([0, n])
     out = F.embedding_bag(w, tofs, torch.tensor([n - 1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32))
     torch.testing.assert_close(out, torch.tensor([[3.0, 4.0]]))
+
+
+def test_baseline_isa_path_matches_reference():
+    """The float32 kernels are built twice (baseline and AVX2+FMA, chosen at run time): run the
+    forward, backward and fused-update comparisons again with the baseline forced."""
+    env = dict(os.environ, ADREC_CPU_ISA="base")
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", here + "/test_embedding_bag.py",
+         "-k", "matches_reference and not baseline and (float32 or sgd or adagrad)"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=os.path.dirname(os.path.dirname(here)),
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout
