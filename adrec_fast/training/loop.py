@@ -196,7 +196,7 @@ class Trainer:
             ("auc" up or "logloss" down) on the validation data; None never stops.
         restore_best: load the best validation epoch's weights at the end.
         checkpoint_dir: writes ``last/`` every epoch and ``best/`` on improvement.
-        progress: tqdm bar with samples/s and loss.
+        progress: tqdm bar with samples/s and loss (on a terminal) and one line per epoch.
     """
 
     def __init__(self, model, *, lr: float = 1e-3, embedding_lr: float | None = None,
@@ -351,7 +351,9 @@ class Trainer:
             model.train()
             t0 = time.perf_counter()
             seen, loss_sum, loss_n = 0, 0.0, 0
-            bar = tqdm(total=n_train, unit="samples", unit_scale=True, disable=not self.progress,
+            # disable=None: the bar shows on a terminal only (no bar spam in logs)
+            bar = tqdm(total=n_train, unit="samples", unit_scale=True,
+                       disable=True if not self.progress else None,
                        desc=f"epoch {e + 1}/{epochs}", leave=False, mininterval=0.5)
             try:
                 for batch in _iter_source(train_src, self.batch_size, self.shuffle, self.seed, e):
