@@ -13,10 +13,18 @@ import math
 
 import pytest
 import torch
+from _common_ops import (
+    COMPILE_WARNINGS,
+    PROVIDERS,
+    SEQ_LEN,
+    B,
+    D,
+    check_once,
+    compiled,
+    fwdbwd_step,
+)
 
 from adrec_fast import reference as R
-
-from _common_ops import COMPILE_WARNINGS, PROVIDERS, SEQ_LEN, B, D, check_once, compiled, fwdbwd_step
 
 pytestmark = COMPILE_WARNINGS
 

@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
+from _common_ops import COMPILE_WARNINGS, PROVIDERS, B, K, run_fwdbwd
 
 from adrec_fast import reference as R
-
-from _common_ops import COMPILE_WARNINGS, PROVIDERS, B, K, run_fwdbwd
 
 pytestmark = COMPILE_WARNINGS
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _common_ops import COMPILE_WARNINGS, PROVIDERS, B, D, F, run_fwdbwd
 
 from adrec_fast import reference as R
-
-from _common_ops import COMPILE_WARNINGS, PROVIDERS, B, D, F, run_fwdbwd
 
 pytestmark = COMPILE_WARNINGS
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _common_ops import COMPILE_WARNINGS, PROVIDERS, B, run_fwdbwd
 
 from adrec_fast import reference as R
-
-from _common_ops import COMPILE_WARNINGS, PROVIDERS, B, run_fwdbwd
 
 pytestmark = COMPILE_WARNINGS
 

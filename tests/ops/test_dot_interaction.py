@@ -25,7 +25,7 @@ def _truth_and_grad(emb, g, self_interaction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(api, self_interaction, dtype, shape):
-    B, F_, D = shape
+    B, F_, _ = shape
     P = F_ * (F_ + 1) // 2 if self_interaction else F_ * (F_ - 1) // 2
     emb = torch.randn(*shape, dtype=dtype, requires_grad=True)
     g = torch.randn(B, P, dtype=dtype)
