@@ -50,4 +50,13 @@ TORCH_LIBRARY(adrec, m) {
 
   // x [B, K], w [K], b [] or [1] -> sigmoid(x @ w + b) [B]
   m.def("score(Tensor x, Tensor w, Tensor b) -> Tensor");
+
+  // Serving forward of DLRM (kind 0) / DCN-v2 parallel (1) / stacked (2) in one call.
+  // weights [R, D] float32/float16/uint8 (+ scale_bias [R, 2] for uint8: q * scale + bias);
+  // user_rows [T] global rows (slots not in cand_slots); cand_rows [N, Tc] global rows of the
+  // candidate slots cand_slots [Tc]; dense [Nd, K_d], Nd = 1 (shared) or N. -> probabilities [N]
+  m.def(
+      "serving_forward(Tensor weights, Tensor? scale_bias, Tensor user_rows, Tensor cand_rows, "
+      "Tensor cand_slots, Tensor dense, Tensor[] bottom, Tensor[] layers, Tensor head_w, "
+      "Tensor head_b, int kind, int n_cross, bool self_interaction) -> Tensor");
 }

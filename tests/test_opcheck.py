@@ -81,6 +81,27 @@ def _samples(op: str):
         w = torch.randn(3, dtype=d, requires_grad=True)
         return [((x, w, torch.randn((), dtype=d, requires_grad=True)), {}),
                 ((x, w, torch.randn(1, dtype=d, requires_grad=True)), {})]
+    if op == "serving_forward":
+        # 3 slots of D=4 over 10 rows; slot 1 per candidate (N=5); DLRM with a bottom MLP and a
+        # shared dense row, DCN-v2 (parallel, stacked) with per-candidate dense, int8 and fp16
+        w = torch.randn(10, 4)
+        user, cand = torch.tensor([1, 0, 7]), torch.randint(0, 10, (5, 1))
+        slot = torch.tensor([1])
+        bottom = [torch.randn(4, 2), torch.randn(4)]
+        top = [torch.randn(6, 10), torch.randn(6)]
+        q = torch.randint(0, 256, (10, 4), dtype=torch.uint8)
+        sb = torch.rand(10, 2)
+        K = 3 * 4 + 2
+        cross = [torch.randn(K, K), torch.randn(K)]
+        deep = [torch.randn(5, K), torch.randn(5)]
+        return [((w, None, user, cand, slot, torch.randn(1, 2), bottom, top, torch.randn(6),
+                  torch.randn(()), 0, 0, False), {}),
+                ((q, sb, user, cand, slot, torch.randn(1, 2), bottom, top, torch.randn(6),
+                  torch.randn(()), 0, 0, False), {}),
+                ((w.half(), None, user, cand, slot, torch.randn(5, 2), [], cross + deep,
+                  torch.randn(K + 5), torch.randn(()), 1, 1, False), {}),
+                ((w, None, user, cand, slot, torch.randn(5, 2), [], cross + deep,
+                  torch.randn(5), torch.randn(()), 2, 1, False), {})]
     return None
 
 

@@ -1,0 +1,565 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Low-latency scoring of one user against N candidates, from a trained checkpoint.
+
+``Scorer.load(dir, quantize=None | "fp16" | "int8", threads=None)`` builds an immutable model
+version; ``score(user, candidates) -> np.ndarray [N]`` probabilities; ``top_k``; ``score_ids``
+(the fast path: ids already encoded); ``swap(dir)`` replaces the version atomically.
+
+Field split. A request names the user/context side once (``user``: one value per field) and the
+candidate side per candidate (``candidates``: a dict of equal-length columns, or a list of dicts).
+The split is per request: a field is candidate-side when ``candidates`` holds it, user-side
+otherwise (a field in neither is missing: id 0 / the dense ``fill``, as in training). A field may
+not be given on both sides.
+
+Native path (DLRM, and DCN-v2 without its first-order ``linear`` term, on schemas of plain
+categorical + dense fields): ONE call of ``adrec::serving_forward`` per request (lookup with
+dequantize-on-lookup, interaction, MLPs, head, sigmoid; csrc/cpu/scorer.cpp). The user-side
+embeddings are read once per request; DLRM's bottom MLP runs once per request when every dense
+field is user-side (when any dense field is candidate-side, the dense input is per candidate and
+the bottom MLP runs on N rows), and DLRM dot products between two user-side fields are computed
+once. torch.ops releases the GIL while the kernel runs (pybind_utils ``invokeOperatorFromPython``
+drops it around the call; tests/serving checks that another Python thread keeps running).
+
+Torch path (LR, FM, DeepFM, DIN, DCN-v2 with ``linear=True``, schemas with multi-categorical /
+sequence / vector fields): the request is expanded to N rows (user values repeated) and the
+model's own forward runs once under ``torch.inference_mode`` (one fused op per layer); the user
+side is not shared there.
+
+Bad requests: an unknown field -> ``ValueError`` naming it; a value of a wrong type -> ``TypeError``
+naming the field; an id out of range on the fast path -> ``IndexError``; no candidates ->
+``ValueError``; NaN in a dense value -> ``ValueError`` (``None`` is "missing" and becomes the field's
+``fill``, as in training); an unseen categorical value -> id 0 (out of vocabulary), as in training.
+
+Threads. A version's tensors are never written after loading and are shared by every thread; a
+request reads ``self._version`` once at its start and uses only that version, so a concurrent
+``swap`` never mixes two versions in one answer and never fails a request. ``threads`` sets
+torch's intra-op thread count (process-wide: ``torch.set_num_threads``).
+
+Quantization (``quantize``): ``"fp16"`` stores the tables in float16; ``"int8"`` stores them row-wise
+as uint8 with a float32 (scale, bias) per row, ``x ~= q * scale + bias`` with
+``scale = (max - min) / 255``, ``bias = min`` (error <= scale / 2 per element). The native kernel
+dequantizes on lookup; on the torch path the dequantized values replace the fp32 tables (same
+numbers, no memory saving).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import threading
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import columns as C
+from ..data.batch import Batch
+from ..data.errors import DataError
+from ..ops import scorer as _op
+from ..training.checkpoint import load_model, resolve
+
+QUANTIZE = (None, "fp16", "int8")
+_KIND = {"dlrm": 0, "parallel": 1, "stacked": 2}
+
+
+# ---------------------------------------------------------------------------- quantization
+def quantize_rows(weight: torch.Tensor, mode: str | None):
+    """weight [R, D] float32 -> (storage, scale_bias [R, 2] float32 or None).
+
+    ``"fp16"``: storage [R, D] float16. ``"int8"``: storage [R, D] uint8 with
+    ``x ~= q * scale + bias`` per row (scale = (max - min) / 255, bias = min; a constant row
+    gets scale 1). ``None``: the float32 weight itself."""
+    w = weight.detach().float().contiguous()
+    if mode is None:
+        return w, None
+    if mode == "fp16":
+        return w.half().contiguous(), None
+    if mode == "int8":
+        mn = w.amin(dim=1) if w.numel() else w.new_zeros(w.shape[0])  # [R]
+        mx = w.amax(dim=1) if w.numel() else w.new_zeros(w.shape[0])  # [R]
+        scale = (mx - mn) / 255.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # [R]
+        q = ((w - mn[:, None]) / scale[:, None]).round_().clamp_(0, 255).to(torch.uint8)
+        return q.contiguous(), torch.stack([scale, mn], dim=1).contiguous()  # [R, D], [R, 2]
+    raise ValueError(f"quantize must be one of {QUANTIZE}, got {mode!r}")
+
+
+def dequantize_rows(storage: torch.Tensor, scale_bias: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`quantize_rows` -> [R, D] float32 (the values the kernel reads)."""
+    if scale_bias is None:
+        return storage.float()
+    return storage.float() * scale_bias[:, :1] + scale_bias[:, 1:]
+
+
+# ---------------------------------------------------------------------------- MLP extraction
+def _linear_relu_pairs(seq: nn.Module) -> list[torch.Tensor] | None:
+    """An eval-mode ``Linear -> [BatchNorm1d] -> ReLU -> [Dropout]`` stack -> [w0, b0, w1, b1, ...]
+    with BatchNorm folded into the linear; None when the stack has another shape."""
+    out: list[torch.Tensor] = []
+    pending = None  # (w, b) of a Linear not yet followed by its ReLU
+    for m in seq:
+        if isinstance(m, nn.Linear):
+            if pending is not None:
+                return None
+            b = m.bias if m.bias is not None else torch.zeros(m.out_features)
+            pending = [m.weight.detach().float(), b.detach().float()]
+        elif isinstance(m, nn.BatchNorm1d):
+            if pending is None or not m.track_running_stats or m.running_mean is None:
+                return None
+            s = (m.weight.detach() if m.affine else 1.0) / torch.sqrt(m.running_var + m.eps)
+            beta = m.bias.detach() if m.affine else 0.0
+            pending = [pending[0] * s[:, None], (pending[1] - m.running_mean) * s + beta]
+        elif isinstance(m, nn.ReLU):
+            if pending is None:
+                return None
+            out += [t.contiguous().clone() for t in pending]
+            pending = None
+        elif isinstance(m, nn.Dropout):
+            continue
+        else:
+            return None
+    return out if pending is None else None
+
+
+# ---------------------------------------------------------------------------- one version
+class _Version:
+    """One loaded checkpoint: immutable after ``__init__`` (shared by every request thread)."""
+
+    def __init__(self, path, quantize: str | None, serial: int):
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        model, schema, config = load_model(path)
+        self.path = str(resolve(path))
+        self.serial = serial
+        self.quantize = quantize
+        self.schema = schema
+        self.config = dict(config)
+        self.name = config["name"]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # fields: raw column -> Field; bag order; dense order
+        self.by_source = {f.source: f for f in schema.fields}
+        self.bags = [name for name, _ in schema.sparse_fields()]
+        self.bag_pos = {schema.field(n).source: i for i, n in enumerate(self.bags)}
+        tofs = schema.table_offsets()
+        self.bag_base = np.array([int(tofs[t]) for _, t in schema.sparse_fields()], dtype=np.int64)
+        self.bag_card = np.array([schema.cardinality(n) for n in self.bags], dtype=np.int64)
+        self.dense = [schema.field(n) for n in schema.dense_fields()]
+        self.dense_pos = {f.source: i for i, f in enumerate(self.dense)}
+        self.simple = all(f.type == "dense" or (f.type == "categorical") for f in schema.fields)
+        self.vocab = {}
+        for f in schema.fields:
+            o = schema.owner(f.name)
+            if f.type == "categorical" and o.vocab == "build":
+                self.vocab[f.source] = {v: i + 1 for i, v in enumerate(o.vocabulary)}
+        self.native = None
+        if self.simple:
+            self.native = self._native_params(model, quantize)
+        if self.native is None and quantize is not None:
+            model = copy.deepcopy(model)
+            for ebc in model.embedding_collections():
+                st, sb = quantize_rows(ebc.weight, quantize)
+                with torch.no_grad():
+                    ebc.weight.copy_(dequantize_rows(st, sb))
+        # the native path needs none of the model's tensors: drop it (and its tables)
+        self.model = None if self.native is not None else model
+        self.plans: dict = {}  # frozenset of candidate slots -> cand_slots tensor (benign race)
+
+    def _native_params(self, model, quantize):
+        name = self.name
+        if name == "dlrm":
+            kind, n_cross = _KIND["dlrm"], 0
+            if model.bottom is not None:
+                bottom = _linear_relu_pairs(model.bottom)
+                if bottom is None:
+                    return None
+            else:
+                bottom = []
+            layers = _linear_relu_pairs(model.top)
+            self_inter = bool(model.self_interaction)
+        elif name == "dcnv2":
+            if model.linear is not None:
+                return None
+            kind, bottom, self_inter = _KIND[model.structure], [], False
+            deep = _linear_relu_pairs(model.deep)
+            if deep is None:
+                return None
+            cross = []
+            for w, b in zip(model.cross.weights, model.cross.biases):
+                cross += [w.detach().float().contiguous().clone(),
+                          b.detach().float().contiguous().clone()]
+            n_cross = len(model.cross.weights)
+            layers = cross + deep
+        else:
+            return None
+        if layers is None or model.head.in_features == 0 or model.n_vector:
+            return None
+        weights, sb = quantize_rows(model.lookup.ebc.weight, quantize)
+        if quantize is None:
+            weights = weights.clone()  # our own copy: the model's buffer is not aliased
+        head = model.head.head
+        return {"weights": weights, "scale_bias": sb, "bottom": bottom, "layers": layers,
+                "head_w": head.weight.detach().float().contiguous().clone(),
+                "head_b": head.bias.detach().float().reshape(()).clone(),
+                "kind": kind, "n_cross": n_cross, "self_interaction": self_inter}
+
+    # -- the forward on encoded ids -----------------------------------------------------
+    def forward_ids(self, user_ids: np.ndarray, cand_slots: list[int], cand_ids: np.ndarray,
+                    dense: np.ndarray) -> np.ndarray:
+        """user_ids [T] int64 (ignored at candidate slots), cand_ids [N, Tc] int64 of the slots
+        ``cand_slots``, dense [Nd, K_d] float32 (Nd = 1: shared) -> probabilities [N]."""
+        N = cand_ids.shape[0]
+        nat = self.native
+        with torch.inference_mode():
+            if nat is not None:
+                key = tuple(cand_slots)
+                slots = self.plans.get(key)
+                if slots is None:
+                    slots = self.plans.setdefault(key, torch.tensor(cand_slots, dtype=torch.long))
+                user_rows = torch.from_numpy(user_ids + self.bag_base)  # [T]
+                cand_rows = torch.from_numpy(cand_ids + self.bag_base[cand_slots])  # [N, Tc]
+                out = _op.serving_forward(
+                    nat["weights"], nat["scale_bias"], user_rows, cand_rows, slots,
+                    torch.from_numpy(dense), nat["bottom"], nat["layers"], nat["head_w"],
+                    nat["head_b"], nat["kind"], nat["n_cross"], nat["self_interaction"])
+                return out.numpy()
+            T = len(self.bags)
+            idx = np.empty((T, N), dtype=np.int64)  # table-major bags, one id each
+            idx[:] = user_ids[:, None]
+            if cand_slots:
+                idx[cand_slots] = cand_ids.T
+            d = np.broadcast_to(dense, (N, dense.shape[1])).astype(np.float32)
+            batch = Batch(indices=torch.from_numpy(idx.reshape(-1)),
+                          offsets=torch.arange(T * N + 1, dtype=torch.long),
+                          dense=torch.from_numpy(d), labels=torch.full((N,), float("nan")),
+                          vectors=torch.zeros(N, 0), num_bags=T)
+            return torch.sigmoid(self.model(batch)).numpy()
+
+    def forward_batch(self, batch: Batch) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.sigmoid(self.model(batch)).numpy()
+
+
+# ---------------------------------------------------------------------------- encoding
+def _cat_token(v, name: str):
+    """One raw categorical value -> its token (None = missing), as ``columns.tokens`` makes it."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v or None
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if v.is_integer() and abs(v) < 2**53:
+            return str(int(v))
+        return C.tokens([v])[0][0].as_py()  # pyarrow's text for it, as in training
+    raise TypeError(f"field {name!r}: expected str, int, float, bool or None, "
+                    f"got {type(v).__name__} ({v!r})")
+
+
+def _check_dense_scalar(v, name: str) -> None:
+    if v is None or isinstance(v, str):
+        return
+    if isinstance(v, (bool, int, float, np.bool_, np.integer, np.floating)):
+        if isinstance(v, (float, np.floating)) and math.isnan(v):
+            raise ValueError(f"field {name!r}: NaN dense value (pass None for a missing value)")
+        return
+    raise TypeError(f"field {name!r}: expected a number or None, got {type(v).__name__} ({v!r})")
+
+
+def _column(values, name: str) -> list | np.ndarray:
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            raise ValueError(f"field {name!r}: a candidate column must be 1-D, got {values.shape}")
+        return values
+    if isinstance(values, (list, tuple)):
+        return list(values)
+    raise TypeError(f"field {name!r}: a candidate column must be a list or 1-D array, "
+                    f"got {type(values).__name__}")
+
+
+class Scorer:
+    """Scores one user against N candidate ads with a trained checkpoint (see module doc)."""
+
+    def __init__(self, version: _Version, quantize: str | None):
+        self._version = version
+        self._quantize = quantize
+        self._swap_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, checkpoint_dir, quantize: str | None = None, threads: int | None = None) -> Scorer:
+        """Load a checkpoint directory (or a run directory: its best/, else last/)."""
+        if threads is not None:
+            if int(threads) < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(int(threads))
+        return cls(_Version(checkpoint_dir, quantize, 0), quantize)
+
+    # -- versions -----------------------------------------------------------------------
+    @property
+    def version(self) -> tuple[int, str]:
+        """(serial, checkpoint path) of the version new requests use."""
+        v = self._version
+        return v.serial, v.path
+
+    @property
+    def native(self) -> bool:
+        """True when requests run as one ``adrec::serving_forward`` call."""
+        return self._version.native is not None
+
+    @property
+    def schema(self):
+        return self._version.schema
+
+    def swap(self, checkpoint_dir) -> tuple[int, str]:
+        """Load ``checkpoint_dir`` (same quantization) and make it the version of every request
+        that starts afterwards; requests in flight finish on the version they started with.
+        On a load error the current version stays. Returns the new ``version``."""
+        with self._swap_lock:
+            new = _Version(checkpoint_dir, self._quantize, self._version.serial + 1)
+            self._version = new  # one reference store: atomic for readers
+        return new.serial, new.path
+
+    # -- raw requests -------------------------------------------------------------------
+    def score(self, user: dict, candidates) -> np.ndarray:
+        """user: {column: value} (user and context fields, once); candidates: {column: [N]
+        values} or a list of N {column: value} dicts -> probabilities [N] float32."""
+        v = self._version  # this request's version, for its whole duration
+        return self._score(v, user, candidates)
+
+    def top_k(self, user: dict, candidates, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best candidates: (indices [k'] int64, probabilities [k']) best first,
+        k' = min(k, N); ties keep candidate order."""
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        return _top_k(self.score(user, candidates), int(k))
+
+    def _score(self, v: _Version, user, candidates) -> np.ndarray:
+        if not isinstance(user, dict):
+            raise TypeError(f"user must be a dict of field -> value, got {type(user).__name__}")
+        cols, n = self._candidate_columns(candidates)
+        for name in list(user) + list(cols):
+            if name not in v.by_source:
+                raise ValueError(f"unknown field {name!r}; the schema's fields are "
+                                 f"{sorted(v.by_source)}")
+        both = set(user) & set(cols)
+        if both:
+            raise ValueError(f"fields given both for the user and per candidate: {sorted(both)}")
+        for name, col in cols.items():
+            cols[name] = _column(col, name)
+            if len(cols[name]) != n:
+                raise ValueError(f"candidate column {name!r} has {len(cols[name])} values, "
+                                 f"expected {n}")
+        if not v.simple:
+            return self._score_general(v, user, cols, n)
+        T = len(v.bags)
+        user_ids = np.zeros(T, dtype=np.int64)
+        cand_slots, cand_cols = [], []
+        for name, val in user.items():
+            f = v.by_source[name]
+            if f.type == "categorical":
+                user_ids[v.bag_pos[name]] = self._encode_one(v, f, val)
+            else:
+                _check_dense_scalar(val, name)
+        for name, col in cols.items():
+            f = v.by_source[name]
+            if f.type == "categorical":
+                cand_slots.append(v.bag_pos[name])
+                cand_cols.append(self._encode_col(v, f, col))
+        cand_ids = (np.stack(cand_cols, axis=1) if cand_cols
+                    else np.zeros((n, 0), dtype=np.int64))  # [N, Tc]
+        dense = self._dense(v, user, cols, n)
+        return v.forward_ids(user_ids, cand_slots, cand_ids, dense)
+
+    @staticmethod
+    def _candidate_columns(candidates) -> tuple[dict, int]:
+        if isinstance(candidates, dict):
+            if not candidates:
+                raise ValueError("empty candidates: no candidate columns")
+            n = None
+            for name, col in candidates.items():
+                m = len(_column(col, name))
+                n = m if n is None else n
+                if m != n:
+                    raise ValueError(f"candidate column {name!r} has {m} values, expected {n}")
+            if not n:
+                raise ValueError("empty candidate list")
+            return dict(candidates), n
+        if isinstance(candidates, (list, tuple)):
+            if not candidates:
+                raise ValueError("empty candidate list")
+            keys: dict = {}
+            for i, c in enumerate(candidates):
+                if not isinstance(c, dict):
+                    raise TypeError(f"candidate {i} must be a dict, got {type(c).__name__}")
+                for k in c:
+                    keys.setdefault(k, None)
+            return {k: [c.get(k) for c in candidates] for k in keys}, len(candidates)
+        raise TypeError("candidates must be a dict of columns or a list of dicts, "
+                        f"got {type(candidates).__name__}")
+
+    @staticmethod
+    def _encode_one(v: _Version, f, val) -> int:
+        tok = _cat_token(val, f.name)
+        if tok is None:
+            return 0
+        voc = v.vocab.get(f.source)
+        if voc is not None:
+            return voc.get(tok, 0)
+        import pyarrow as pa
+
+        return int(v.schema._lookup(v.schema.owner(f.name), pa.array([tok], pa.string()))[0])
+
+    @staticmethod
+    def _encode_col(v: _Version, f, col) -> np.ndarray:
+        import pyarrow as pa
+
+        if isinstance(col, list):
+            for x in col:  # the types the training encoder accepts, nothing else
+                if x is not None and not isinstance(x, (str, bool, int, float, np.generic)):
+                    raise TypeError(f"field {f.name!r}: expected str, int, float, bool or None, "
+                                    f"got {type(x).__name__} ({x!r})")
+        try:
+            toks, _ = C.tokens(col)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise TypeError(f"field {f.name!r}: values cannot be read as categorical ({e})") from e
+        return v.schema._lookup(v.schema.owner(f.name), toks).astype(np.int64, copy=False)
+
+    @staticmethod
+    def _dense(v: _Version, user: dict, cols: dict, n: int) -> np.ndarray:
+        """[Nd, K_d] float32 transformed dense values; Nd = 1 unless a dense field is per
+        candidate."""
+        per_cand = any(name in v.dense_pos for name in cols)
+        rows = n if per_cand else 1
+        out = np.empty((rows, len(v.dense)), dtype=np.float32)
+        for j, f in enumerate(v.dense):
+            if f.source in cols:
+                col = cols[f.source]
+                if isinstance(col, np.ndarray):
+                    if col.dtype.kind == "f" and np.isnan(col).any():
+                        raise ValueError(f"field {f.name!r}: NaN dense value "
+                                         "(pass None for a missing value)")
+                    if col.dtype.kind not in "biuf":
+                        raise TypeError(f"field {f.name!r}: dense column of dtype {col.dtype}")
+                else:
+                    for x in col:
+                        _check_dense_scalar(x, f.name)
+                x = _dense_values(v, f, col)
+            else:
+                x = _dense_values(v, f, [user.get(f.source)])
+            out[:, j] = x
+        return out
+
+    def _score_general(self, v: _Version, user: dict, cols: dict, n: int) -> np.ndarray:
+        """Any schema: repeat the user values N times, encode with the schema, model forward."""
+        full = dict(cols)
+        for name, val in user.items():
+            f = v.by_source[name]
+            if f.type == "dense":
+                _check_dense_scalar(val, name)
+            elif f.type == "categorical":
+                _cat_token(val, name)
+            full[name] = [val] * n
+        for name, col in cols.items():
+            if v.by_source[name].type == "dense":
+                for x in col:
+                    _check_dense_scalar(x, name)
+        try:
+            batch = v.schema.encode_columns(full)
+        except Exception as e:  # a DataError or an arrow error: the value was of a wrong type
+            raise TypeError(f"request could not be encoded: {e}") from e
+        return v.forward_batch(batch)
+
+    # -- the fast path: encoded ids ----------------------------------------------------
+    def score_ids(self, user_ids: dict, cand_ids: dict, dense=None) -> np.ndarray:
+        """Fast path, no schema work. ``user_ids``: {field: id}, ``cand_ids``: {field: int
+        array [N]}, ids within the field's table as the schema encodes them (a sparse field in
+        neither gets id 0); ``dense``: transformed dense values in ``schema.dense_fields()``
+        order, [K_d] (shared) or [N, K_d]; required when the schema has dense fields.
+        Plain categorical + dense schemas only. Raises IndexError for an id out of range."""
+        v = self._version
+        if not v.simple:
+            raise NotImplementedError("score_ids needs a schema of categorical and dense fields "
+                                      "only; use score()")
+        T = len(v.bags)
+        uid = np.zeros(T, dtype=np.int64)
+        for name, i in user_ids.items():
+            pos = v.bag_pos.get(name)
+            if pos is None:
+                raise ValueError(f"unknown sparse field {name!r}; sparse fields: {v.bags}")
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"field {name!r}: id must be an int, got {type(i).__name__}")
+            uid[pos] = i
+        slots, arrs, n = [], [], None
+        for name, a in cand_ids.items():
+            pos = v.bag_pos.get(name)
+            if pos is None:
+                raise ValueError(f"unknown sparse field {name!r}; sparse fields: {v.bags}")
+            if name in user_ids:
+                raise ValueError(f"field {name!r} given both for the user and per candidate")
+            a = np.asarray(a)
+            if a.ndim != 1 or a.dtype.kind not in "iu":
+                raise TypeError(f"field {name!r}: candidate ids must be a 1-D integer array, "
+                                f"got {a.dtype} {a.shape}")
+            if n is None:
+                n = a.shape[0]
+            elif a.shape[0] != n:
+                raise ValueError(f"field {name!r}: {a.shape[0]} candidate ids, expected {n}")
+            slots.append(pos)
+            arrs.append(a.astype(np.int64, copy=False))
+        if not n:
+            raise ValueError("empty candidate list")
+        cand = np.stack(arrs, axis=1)  # [N, Tc]
+        card = v.bag_card
+        bad = (uid < 0) | (uid >= card)
+        bad[slots] = False
+        if bad.any():
+            t = int(np.flatnonzero(bad)[0])
+            raise IndexError(f"field {v.bags[t]!r}: id {int(uid[t])} out of range "
+                             f"[0, {int(card[t])})")
+        cb = (cand < 0) | (cand >= card[slots])
+        if cb.any():
+            r, c = (int(x[0]) for x in np.nonzero(cb))
+            raise IndexError(f"field {v.bags[slots[c]]!r}: candidate {r} id {int(cand[r, c])} "
+                             f"out of range [0, {int(card[slots[c]])})")
+        K = len(v.dense)
+        if K == 0:
+            d = np.zeros((1, 0), dtype=np.float32)
+        else:
+            if dense is None:
+                raise ValueError(f"dense values needed for {[f.name for f in v.dense]}")
+            d = np.asarray(dense, dtype=np.float32)
+            if d.ndim == 1:
+                d = d[None]
+            if d.ndim != 2 or d.shape[1] != K or d.shape[0] not in (1, n):
+                raise ValueError(f"dense must be [{K}] or [{n}, {K}], got {d.shape}")
+            if np.isnan(d).any():
+                raise ValueError("NaN dense value")
+            d = np.ascontiguousarray(d)
+        return v.forward_ids(uid, slots, cand, d)
+
+
+def _dense_values(v: _Version, f, col) -> np.ndarray:
+    """Raw dense values -> float32 exactly as ``Schema.encode`` transforms them."""
+    try:
+        x = v.schema._dense_prestandardize(f, col)
+    except DataError as e:  # non-numeric text
+        raise TypeError(f"field {f.name!r}: {e}") from e
+    if f.needs_stats:
+        x = (x - f.mean) / f.std
+    return x.astype(np.float32)
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.argsort(-scores, kind="stable")[:k].astype(np.int64)  # score desc, then index
+    return idx, scores[idx]
+
+
+def load(checkpoint_dir, quantize: str | None = None, threads: int | None = None) -> Scorer:
+    """Same as :meth:`Scorer.load`."""
+    return Scorer.load(checkpoint_dir, quantize, threads)
+
+
+__all__ = ["QUANTIZE", "Scorer", "dequantize_rows", "load", "quantize_rows"]

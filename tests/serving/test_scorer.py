@@ -1,0 +1,367 @@
+# SPDX-License-Identifier: Apache-2.0
+"""adrec_fast.serving.Scorer: equivalence with the model's own forward, quantization bounds, bad
+requests, threads, the GIL, hot swap."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import adrec_fast  # noqa: F401
+from adrec_fast.data.schema import Schema
+from adrec_fast.models.registry import build_model
+from adrec_fast.serving import Scorer, dequantize_rows, quantize_rows
+from adrec_fast.training.checkpoint import save_checkpoint
+
+USER = ["user", "age", "hour"]  # user/context fields of the synthetic schema
+CAND = ["item", "adcat", "price"]
+MODELS = {
+    "dlrm": ("dlrm", {}),
+    "dlrm_self": ("dlrm", {"self_interaction": True, "bottom": (8, 4)}),
+    "dcnv2": ("dcnv2", {}),
+    "dcnv2_stacked": ("dcnv2", {"structure": "stacked", "batch_norm": True}),
+    "dcnv2_linear": ("dcnv2", {"linear": True}),
+    "deepfm": ("deepfm", {}),
+    "fm": ("fm", {}),
+    "lr": ("lr", {}),
+}
+NATIVE = {"dlrm", "dlrm_self", "dcnv2", "dcnv2_stacked"}
+
+
+def _raw(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "user": [f"u{i}" for i in rng.integers(0, 50, n)],
+        "age": rng.integers(0, 8, n).tolist(),
+        "hour": rng.integers(0, 24, n).astype(float).tolist(),
+        "item": [f"i{i}" for i in rng.integers(0, 300, n)],
+        "adcat": rng.integers(0, 20, n).tolist(),
+        "price": (rng.random(n) * 100).tolist(),
+        "label": rng.integers(0, 2, n).tolist(),
+    }
+
+
+@pytest.fixture(scope="module")
+def schema():
+    fields = [{"name": "user", "type": "categorical"}, {"name": "age", "type": "categorical"},
+              {"name": "hour", "type": "dense", "transform": "standardize"},
+              {"name": "item", "type": "categorical"}, {"name": "adcat", "type": "categorical"},
+              {"name": "price", "type": "dense", "transform": "log1p_standardize", "fill": 1.0}]
+    return Schema(fields).fit(_raw(3000, 0))
+
+
+def _model(schema, key, seed=0):
+    name, kw = MODELS[key]
+    torch.manual_seed(seed)
+    m = build_model(name, schema, embedding_dim=8, init_std=0.5, **kw)
+    if kw.get("batch_norm"):  # non-trivial running statistics, so the folding is exercised
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm1d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.data.uniform_(0.5, 1.5)
+                mod.bias.data.uniform_(-0.2, 0.2)
+    for ebc in m.embedding_collections():  # first-order tables start at zero: make them count
+        if ebc.embedding_dim == 1:
+            ebc.weight.normal_(0, 0.3)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpts(schema, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    out = {}
+    for key in MODELS:
+        m = _model(schema, key)
+        out[key] = (save_checkpoint(root / key, m, rng=False), m)
+    return out
+
+
+def _request(rng, n, cand_fields):
+    """A random request: unseen values, missing values and numbers given as ints included."""
+    raw = _raw(n, int(rng.integers(1 << 30)))
+    raw["item"][0] = "never-seen"
+    if n > 2:
+        raw["adcat"][1] = None
+        raw["price"][2] = None
+    user = {k: raw[k][0] for k in raw if k not in cand_fields and k != "label"}
+    if "age" in user:
+        user["age"] = int(user["age"])
+    cands = {k: raw[k] for k in cand_fields}
+    return user, cands
+
+
+def _expected(model, schema, user, cands):
+    n = len(next(iter(cands.values())))
+    rows = [{**user, **{k: v[i] for k, v in cands.items()}} for i in range(n)]
+    return model.predict(schema.encode_rows(rows)).numpy()
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_equivalence_random(schema, ckpts, key):
+    path, model = ckpts[key]
+    sc = Scorer.load(path)
+    assert sc.native == (key in NATIVE)
+    rng = np.random.default_rng(1)
+    splits = [CAND, ["item"], ["item", "adcat", "price", "age"], ["item", "hour"], USER + CAND]
+    for cand_fields in splits:
+        for n in (1, 3, 37):
+            user, cands = _request(rng, n, cand_fields)
+            got = sc.score(user, cands)
+            assert got.dtype == np.float32 and got.shape == (n,)
+            want = _expected(model, schema, user, cands)
+            assert np.abs(got - want).max() <= 1e-5, (cand_fields, n)
+            rows = [{k: v[i] for k, v in cands.items()} for i in range(n)]
+            np.testing.assert_array_equal(sc.score(user, rows), got)
+
+
+def test_score_ids_and_top_k(schema, ckpts):
+    sc = Scorer.load(ckpts["dlrm"][0])
+    user, cands = _request(np.random.default_rng(2), 50, CAND)
+    p = sc.score(user, cands)
+    b = schema.encode_rows([{**user, **{k: v[i] for k, v in cands.items()}} for i in range(50)])
+    ids = b.indices.view(4, 50)  # bags: user, age, item, adcat
+    dense = b.dense.numpy()  # [50, 2]
+    got = sc.score_ids({"user": int(ids[0, 0]), "age": int(ids[1, 0])},
+                       {"item": ids[2].numpy(), "adcat": ids[3].numpy()}, dense)
+    assert np.abs(got - p).max() <= 1e-6
+    idx, top = sc.top_k(user, cands, 5)
+    assert idx.tolist() == np.argsort(-p, kind="stable")[:5].tolist()
+    np.testing.assert_array_equal(top, p[idx])
+    idx, _ = sc.top_k(user, cands, 500)
+    assert sorted(idx.tolist()) == list(range(50))
+
+
+def test_frappe_rows(shared_data, tmp_path):
+    """Real rows: a DLRM and a DCN-v2 trained briefly on 4000 Frappe rows; every test row is
+    scored as one request (user/context fields once, item and cost per candidate) and as one
+    user against 200 real candidates."""
+    path = shared_data / "frappe" / "valid.csv.gz"
+    if not path.is_file():
+        pytest.skip(f"Frappe data not found at {path}")
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from adrec_fast.training.loop import fit
+
+    table = pcsv.read_csv(path).slice(0, 5000)
+    fields = [{"name": c, "type": "categorical"} for c in table.column_names if c != "label"]
+    train = table.slice(0, 4000)
+    sch = Schema(fields, label="label").fit(train)
+    cols = {c: table.column(c).to_pylist() for c in table.column_names if c != "label"}
+    cand_fields = ["item", "cost"]
+    for name in ("dlrm", "dcnv2"):
+        torch.manual_seed(0)
+        model = build_model(name, sch, embedding_dim=8, **({"top": (32,)} if name == "dlrm"
+                                                           else {"hidden": (32,)}))
+        fit(model, sch.encode(train), epochs=1, batch_size=256, progress=False)
+        model.eval()
+        sc = Scorer.load(save_checkpoint(tmp_path / name, model, rng=False))
+        assert sc.native
+        test = {k: v[4000:] for k, v in cols.items()}
+        want = model.predict(sch.encode(pa.table(test))).numpy()
+        got = np.array([sc.score({k: test[k][i] for k in test if k not in cand_fields},
+                                 {k: [test[k][i]] for k in cand_fields})[0] for i in range(300)])
+        assert np.abs(got - want[:300]).max() <= 1e-5
+        user = {k: test[k][0] for k in test if k not in cand_fields}
+        cands = {k: test[k][:200] for k in cand_fields}
+        assert np.abs(sc.score(user, cands) - _expected(model, sch, user, cands)).max() <= 1e-5
+
+
+def test_quantize_rows_bounds():
+    w = torch.randn(300, 17) * torch.rand(300, 1) * 3
+    w[5] = 0.25  # a constant row
+    q, sb = quantize_rows(w, "int8")
+    assert q.dtype == torch.uint8 and sb.shape == (300, 2)
+    err = (dequantize_rows(q, sb) - w).abs()
+    assert (err <= sb[:, :1] / 2 + 1e-6).all()
+    assert err[5].max() == 0
+    h, none = quantize_rows(w, "fp16")
+    assert none is None and h.dtype == torch.float16
+    assert ((h.float() - w).abs() <= w.abs() * 2.0**-11 + 1e-7).all()
+    with pytest.raises(ValueError, match="quantize"):
+        quantize_rows(w, "int4")
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8"])
+@pytest.mark.parametrize("key", ["dlrm", "dcnv2", "deepfm"])
+def test_quantized_scorer(schema, ckpts, key, mode):
+    """The quantized scorer equals the model with the dequantized tables (the kernel
+    dequantizes on lookup) and stays near fp32."""
+    path, model = ckpts[key]
+    sc = Scorer.load(path, quantize=mode)
+    deq = _model(schema, key)
+    for ebc in deq.embedding_collections():
+        ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, mode)))
+    rng = np.random.default_rng(3)
+    user, cands = _request(rng, 64, CAND)
+    got = sc.score(user, cands)
+    assert np.abs(got - _expected(deq, schema, user, cands)).max() <= 1e-5
+    fp32 = _expected(model, schema, user, cands)
+    assert np.abs(got - fp32).max() <= (1e-3 if mode == "fp16" else 1e-2)
+    if key in NATIVE:
+        w = sc._version.native["weights"]
+        assert w.dtype == (torch.float16 if mode == "fp16" else torch.uint8)
+
+
+@pytest.mark.parametrize("key", ["dlrm", "deepfm"])
+def test_bad_requests(ckpts, key):
+    sc = Scorer.load(ckpts[key][0])
+    user = {"user": "u1", "age": 3, "hour": 4.0}
+    cands = {"item": ["i1", "i2"], "adcat": [1, 2], "price": [1.0, 2.0]}
+    sc.score(user, cands)
+    with pytest.raises(ValueError, match="'colour'"):
+        sc.score({**user, "colour": "red"}, cands)
+    with pytest.raises(ValueError, match="'colour'"):
+        sc.score(user, {**cands, "colour": ["a", "b"]})
+    with pytest.raises(ValueError, match="empty"):
+        sc.score(user, [])
+    with pytest.raises(ValueError, match="empty"):
+        sc.score(user, {"item": []})
+    with pytest.raises(ValueError, match="empty"):
+        sc.score(user, {})
+    with pytest.raises(ValueError, match="NaN"):
+        sc.score({**user, "hour": float("nan")}, cands)
+    with pytest.raises(ValueError, match="NaN"):
+        sc.score(user, {**cands, "price": [1.0, float("nan")]})
+    with pytest.raises(ValueError, match="NaN"):
+        sc.score(user, {**cands, "price": np.array([1.0, np.nan])})
+    with pytest.raises(TypeError, match="'user'"):
+        sc.score({**user, "user": {"a": 1}}, cands)
+    with pytest.raises(TypeError, match="'item'"):
+        sc.score(user, {**cands, "item": ["i1", ["x"]]})
+    with pytest.raises(TypeError, match="'hour'"):
+        sc.score({**user, "hour": [1.0]}, cands)
+    with pytest.raises(TypeError, match="'price'"):
+        sc.score(user, {**cands, "price": ["cheap", "dear"]})
+    with pytest.raises(TypeError):
+        sc.score(["u1"], cands)
+    with pytest.raises(TypeError):
+        sc.score(user, "item")
+    with pytest.raises(ValueError, match="both"):
+        sc.score(user, {**cands, "user": ["u1", "u2"]})
+    with pytest.raises(ValueError, match="'adcat'"):
+        sc.score(user, {**cands, "adcat": [1]})
+    # missing values are documented defaults, not errors: None dense -> fill, unseen -> OOV
+    p = sc.score({"user": "nobody", "hour": None}, {"item": ["i1", "zz"]})
+    assert p.shape == (2,) and np.isfinite(p).all()
+    # fast path
+    d = np.zeros(2, dtype=np.float32)
+    sc.score_ids({"user": 1}, {"item": np.array([1, 2])}, d)
+    with pytest.raises(IndexError, match="'item'"):
+        sc.score_ids({"user": 1}, {"item": np.array([1, 10**6])}, d)
+    with pytest.raises(IndexError, match="'user'"):
+        sc.score_ids({"user": -1}, {"item": np.array([1, 2])}, d)
+    with pytest.raises(ValueError, match="empty"):
+        sc.score_ids({"user": 1}, {"item": np.array([], dtype=np.int64)}, d)
+    with pytest.raises(ValueError, match="NaN"):
+        sc.score_ids({"user": 1}, {"item": np.array([1])}, np.array([0.0, np.nan]))
+    with pytest.raises(TypeError, match="'item'"):
+        sc.score_ids({"user": 1}, {"item": np.array([1.5])}, d)
+    with pytest.raises(ValueError, match="'hour'"):
+        sc.score_ids({"hour": 1}, {"item": np.array([1])}, d)
+    with pytest.raises(ValueError, match="k must be"):
+        sc.top_k(user, cands, 0)
+    # the kernel checks its own row ids too (never a crash on a bad direct call)
+    v = sc._version
+    if v.native is not None:
+        nat = v.native
+        with pytest.raises(IndexError):
+            torch.ops.adrec.serving_forward(
+                nat["weights"], None, torch.zeros(4, dtype=torch.long),
+                torch.full((1, 1), 10**9), torch.tensor([2]), torch.zeros(1, 2), nat["bottom"],
+                nat["layers"], nat["head_w"], nat["head_b"], 0, 0, False)
+
+
+def test_gil_released(ckpts):
+    """While one thread is inside the native call, another Python thread runs: with a huge
+    switch interval the interpreter hands the GIL over only when it is released."""
+    sc = Scorer.load(ckpts["dlrm"][0])
+    n = 60000
+    ids = {"item": np.random.default_rng(0).integers(0, 300, n), "adcat": np.zeros(n, np.int64)}
+    d = np.zeros(2, np.float32)
+    sc.score_ids({"user": 1}, ids, d)
+    t = {}
+
+    def call():
+        t["start"] = time.perf_counter()
+        sc.score_ids({"user": 1}, ids, d)
+        t["end"] = time.perf_counter()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        th = threading.Thread(target=call)
+        th.start()
+        time.sleep(0.002)  # releases the GIL: the worker starts and enters the kernel
+        t["main"] = time.perf_counter()  # runs only once the worker released the GIL
+        th.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert t["main"] < t["end"], "the native serving call holds the GIL"
+
+
+def test_threads_and_hot_swap(schema, tmp_path):
+    """Client threads score while the main thread swaps between two checkpoints whose answers
+    differ: no request fails, and every answer equals one version's answer in full."""
+    a, b = _model(schema, "dlrm", seed=0), _model(schema, "dlrm", seed=1)
+    pa_, pb = save_checkpoint(tmp_path / "a", a, rng=False), save_checkpoint(tmp_path / "b", b,
+                                                                             rng=False)
+    rng = np.random.default_rng(5)
+    reqs = [_request(rng, int(rng.integers(1, 40)), CAND) for _ in range(16)]
+    want_a = [_expected(a, schema, u, c) for u, c in reqs]
+    want_b = [_expected(b, schema, u, c) for u, c in reqs]
+    for x, y in zip(want_a, want_b):
+        assert np.abs(x - y).min() > 1e-4  # every candidate tells the versions apart
+    sc = Scorer.load(pa_)
+    stop = threading.Event()
+    stats = {"ok": 0, "a": 0, "b": 0, "mixed": 0, "errors": []}
+    lock = threading.Lock()
+
+    def client(seed):
+        r = np.random.default_rng(seed)
+        while not stop.is_set():
+            i = int(r.integers(len(reqs)))
+            try:
+                p = sc.score(*reqs[i])
+            except Exception as e:  # noqa: BLE001 - every failure is counted
+                with lock:
+                    stats["errors"].append(repr(e))
+                continue
+            is_a = np.abs(p - want_a[i]).max() <= 1e-5
+            is_b = np.abs(p - want_b[i]).max() <= 1e-5
+            with lock:
+                stats["ok"] += 1
+                stats["a"] += is_a
+                stats["b"] += is_b
+                stats["mixed"] += not (is_a or is_b)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(6)]
+    for th in threads:
+        th.start()
+    try:
+        for k in range(6):
+            time.sleep(0.15)
+            sc.swap(pb if k % 2 == 0 else pa_)
+        time.sleep(0.15)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert stats["errors"] == []
+    assert stats["mixed"] == 0
+    assert stats["a"] > 0 and stats["b"] > 0 and stats["ok"] == stats["a"] + stats["b"]
+    assert sc.version[0] == 6
+
+
+def test_swap_failure_keeps_version(ckpts, tmp_path):
+    sc = Scorer.load(ckpts["dlrm"][0])
+    before = sc.version
+    with pytest.raises(FileNotFoundError):
+        sc.swap(tmp_path / "missing")
+    assert sc.version == before
+    sc.score({"user": "u1"}, {"item": ["i1"]})
