@@ -136,6 +136,23 @@ inline void prefetch_row(const scalar_t* row, int64_t D) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + b, 0, 3);
 }
 
+// Runs fn(i, i+1) for i in [0, n) on the intra-op threads, which take items from a shared
+// counter. Unlike a static split, a thread that the OS deschedules (a busy shared machine) does
+// not hold back a fixed share of the work: the others take it.
+template <typename Fn>
+void for_each_chunk(int64_t n, Fn&& fn) {
+  if (n <= 0) return;
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  if (nt <= 1) {
+    fn(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i, i + 1);
+  });
+}
+
 // Arguments of the float32 fixed-D row kernels (embedding_bag_f32.inc).
 struct F32Args {
   int64_t T, B, tile;
@@ -190,11 +207,10 @@ void forward_kernel(const Layout& L, const scalar_t* w, const index_t* idx, cons
   const int64_t row_bytes = std::max<int64_t>(1, T * D * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(256, kTileBytes / row_bytes));
   const int64_t n_tiles = (B + tile - 1) / tile;
-  const int64_t grain = std::max<int64_t>(1, n_tiles / (8 * at::get_num_threads()));
   if constexpr (std::is_same<scalar_t, float>::value && f32_fast_dim(DV)) {
     const F32Args args{T, B, tile, o, tofs, w, psw, out, &bad};
     const bool avx2 = use_avx2();
-    at::parallel_for(0, n_tiles, grain, [&](int64_t i0, int64_t i1) {
+    for_each_chunk(n_tiles, [&](int64_t i0, int64_t i1) {
       if (avx2) {
         isa_avx2::forward_tiles_f32<DV, HAS_PSW, MEAN>(args, idx, i0, i1);
       } else {
@@ -203,7 +219,7 @@ void forward_kernel(const Layout& L, const scalar_t* w, const index_t* idx, cons
     });
     return;
   }
-  at::parallel_for(0, n_tiles, grain, [&](int64_t i0, int64_t i1) {
+  for_each_chunk(n_tiles, [&](int64_t i0, int64_t i1) {
     const int64_t n = DV > 0 ? DV : D;
     std::vector<acc> accbuf(kDirect ? 0 : n);
     for (int64_t i = i0; i < i1; ++i) {
