@@ -18,6 +18,7 @@
 #include "common/acc_type.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/pool.h"
 
 namespace adrec {
 namespace {
@@ -136,21 +137,11 @@ inline void prefetch_row(const scalar_t* row, int64_t D) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + b, 0, 3);
 }
 
-// Runs fn(i, i+1) for i in [0, n) on the intra-op threads, which take items from a shared
-// counter. Unlike a static split, a thread that the OS deschedules (a busy shared machine) does
-// not hold back a fixed share of the work: the others take it.
+// Runs fn(i, i+1) for i in [0, n) on the work pool (common/pool.h): threads claim items from a
+// shared counter, and a thread the OS has not scheduled is never waited for.
 template <typename Fn>
 void for_each_chunk(int64_t n, Fn&& fn) {
-  if (n <= 0) return;
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
-  if (nt <= 1) {
-    fn(0, n);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i, i + 1);
-  });
+  parallel_items(n, [&](int64_t i) { fn(i, i + 1); });
 }
 
 // Arguments of the float32 fixed-D row kernels (embedding_bag_f32.inc).
@@ -422,9 +413,9 @@ int64_t accumulate_table(const Layout& L, int64_t t, const scalar_t* g, const in
   return next;
 }
 
-// Runs fn(t) for every table, each table on exactly one thread. Threads take tables from a
-// shared counter, largest index count first, so one thread does not end up with all the big
-// tables. Which thread runs a table does not change any result.
+// Runs fn(t) for every table, each table on exactly one thread of the work pool, largest index
+// count first, so one thread does not end up with all the big tables. Which thread runs a table
+// does not change any result.
 template <typename Fn>
 void for_each_table(const Layout& L, Fn&& fn) {
   const int64_t T = L.T, B = L.B;
@@ -434,11 +425,7 @@ void for_each_table(const Layout& L, Fn&& fn) {
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
     return (o[(x + 1) * B] - o[x * B]) > (o[(y + 1) * B] - o[y * B]);
   });
-  std::atomic<int64_t> next{0};
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), T);
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < T; i = next.fetch_add(1)) fn(order[i]);
-  });
+  parallel_items(T, [&](int64_t i) { fn(order[i]); });
 }
 
 // Validates every index (IndexError naming table and position) before anything is written.
@@ -446,15 +433,13 @@ template <typename index_t>
 void check_indices(const Layout& L, const index_t* idx) {
   const int64_t* o = L.offsets.data_ptr<int64_t>();
   BadIndex bad;
-  at::parallel_for(0, L.T, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rows_t = L.table_offsets[t + 1] - L.table_offsets[t];
-      for (int64_t k = o[t * L.B]; k < o[(t + 1) * L.B]; ++k) {
-        const int64_t r = static_cast<int64_t>(idx[k]);
-        if (r < 0 || r >= rows_t) {
-          bad.record(k);
-          break;
-        }
+  parallel_items(L.T, [&](int64_t t) {
+    const int64_t rows_t = L.table_offsets[t + 1] - L.table_offsets[t];
+    for (int64_t k = o[t * L.B]; k < o[(t + 1) * L.B]; ++k) {
+      const int64_t r = static_cast<int64_t>(idx[k]);
+      if (r < 0 || r >= rows_t) {
+        bad.record(k);
+        break;
       }
     }
   });
