@@ -212,11 +212,13 @@ class _Version:
         with torch.inference_mode():
             if nat is not None:
                 key = tuple(cand_slots)
-                slots = self.plans.get(key)
-                if slots is None:
-                    slots = self.plans.setdefault(key, torch.tensor(cand_slots, dtype=torch.long))
+                plan = self.plans.get(key)
+                if plan is None:  # (slots [Tc], their row bases [Tc]) for this split
+                    plan = self.plans.setdefault(key, (torch.tensor(cand_slots, dtype=torch.long),
+                                                       self.bag_base[cand_slots]))
+                slots, cand_base = plan
                 user_rows = torch.from_numpy(user_ids + self.bag_base)  # [T]
-                cand_rows = torch.from_numpy(cand_ids + self.bag_base[cand_slots])  # [N, Tc]
+                cand_rows = torch.from_numpy(cand_ids + cand_base)  # [N, Tc]
                 out = _op.serving_forward(
                     nat["weights"], nat["scale_bias"], user_rows, cand_rows, slots,
                     torch.from_numpy(dense), nat["bottom"], nat["layers"], nat["head_w"],

@@ -20,6 +20,13 @@ namespace {
 
 constexpr const char* kOp = "serving_forward";
 constexpr int64_t kDLRM = 0, kDCNParallel = 1, kDCNStacked = 2;
+// From this many candidates on, the first layer's shared columns are split off (the column
+// gathers of the weight cost more than they save on smaller requests).
+constexpr int64_t kSplitMin = 128;
+
+at::Tensor index_tensor(const std::vector<int64_t>& v) {
+  return at::tensor(at::ArrayRef<int64_t>(v), at::TensorOptions().dtype(at::kLong));
+}
 
 // One embedding buffer [R, D] in one of three storages; row() writes a float32 copy.
 struct RowReader {
@@ -202,7 +209,27 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
         }
       }
     });
-    top_in = mlp_relu(top_in, layers, 0, layers.size());
+    // Large N: the first top layer's product with the shared columns (dense vector when
+    // shared, pairs of two shared fields) is one matrix-vector product per request; the GEMM
+    // sees only the columns that vary per candidate.
+    bool done = false;
+    if (N >= kSplitMin && layers.size() >= 2) {
+      std::vector<char> col_var(K, 0);
+      if (has_bottom && Nd != 1)
+        for (int64_t k = 0; k < D; ++k) col_var[k] = 1;
+      for (int64_t q = 0; q < nv; ++q) col_var[vp[q]] = 1;
+      std::vector<int64_t> sc, vc;
+      for (int64_t k = 0; k < K; ++k) (col_var[k] ? vc : sc).push_back(k);
+      if (!sc.empty() && !vc.empty()) {
+        const auto S = index_tensor(sc), V = index_tensor(vc);
+        const auto r0 = at::from_blob(row0.data(), {K}, fopt);
+        const auto u = at::addmv(layers[1], layers[0].index_select(1, S), r0.index_select(0, S));
+        auto h = at::addmm(u, top_in.index_select(1, V), layers[0].index_select(1, V).t());
+        top_in = mlp_relu(h.relu_(), layers, 2, layers.size());
+        done = true;
+      }
+    }
+    if (!done) top_in = mlp_relu(top_in, layers, 0, layers.size());
   } else {
     // DCN-v2: x0 = [flattened embeddings, dense] [N, K]
     const int64_t K = T * D + Kd;
@@ -222,11 +249,36 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
         if (Nd != 1 && Kd) std::memcpy(x + T * D, pdense + n * Kd, sizeof(float) * Kd);
       }
     });
+    // Large N: the first cross layer and (parallel) the first deep layer multiply x0, whose
+    // user-side columns are shared: their part is one matrix-vector product per request.
+    const size_t di = static_cast<size_t>(2 * n_cross);  // first deep layer in `layers`
+    at::Tensor xw0, h0;
+    if (N >= kSplitMin) {
+      std::vector<int64_t> sc, vc;
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t k = 0; k < D; ++k) (is_cand[t] ? vc : sc).push_back(t * D + k);
+      for (int64_t k = 0; k < Kd; ++k) (Nd != 1 ? vc : sc).push_back(T * D + k);
+      if (!sc.empty() && !vc.empty()) {
+        const auto S = index_tensor(sc), V = index_tensor(vc);
+        const auto r0s = at::from_blob(row0.data(), {K}, fopt).index_select(0, S);  // [Ks]
+        const auto x0v = x0.index_select(1, V);                                      // [N, Kv]
+        auto first = [&](size_t i) {  // x0 @ W_i.T + b_i with the shared part as a bias
+          const auto u = at::addmv(layers[i + 1], layers[i].index_select(1, S), r0s);
+          return at::addmm(u, x0v, layers[i].index_select(1, V).t());
+        };
+        if (n_cross > 0) xw0 = first(0);
+        if (kind == kDCNParallel && layers.size() > di) h0 = first(di).relu_();
+      }
+    }
     at::Tensor x = x0;
-    for (int64_t l = 0; l < n_cross; ++l)
-      x = at::addcmul(x, x0, at::linear(x, layers[2 * l], layers[2 * l + 1]));  // x0*xw + x
+    for (int64_t l = 0; l < n_cross; ++l) {
+      const auto xw = (l == 0 && xw0.defined()) ? xw0
+                                                : at::linear(x, layers[2 * l], layers[2 * l + 1]);
+      x = at::addcmul(x, x0, xw);  // x0 * xw + x
+    }
     if (kind == kDCNParallel) {
-      at::Tensor h = mlp_relu(x0, layers, 2 * n_cross, layers.size());
+      at::Tensor h = h0.defined() ? mlp_relu(h0, layers, di + 2, layers.size())
+                                  : mlp_relu(x0, layers, di, layers.size());
       top_in = at::cat({x, h}, 1);
     } else {
       top_in = mlp_relu(x, layers, 2 * n_cross, layers.size());

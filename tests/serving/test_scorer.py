@@ -109,7 +109,7 @@ def test_equivalence_random(schema, ckpts, key):
     rng = np.random.default_rng(1)
     splits = [CAND, ["item"], ["item", "adcat", "price", "age"], ["item", "hour"], USER + CAND]
     for cand_fields in splits:
-        for n in (1, 3, 37):
+        for n in (1, 3, 37, 200):
             user, cands = _request(rng, n, cand_fields)
             got = sc.score(user, cands)
             assert got.dtype == np.float32 and got.shape == (n,)
