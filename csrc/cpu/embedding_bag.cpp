@@ -313,14 +313,16 @@ at::Tensor embedding_bag_cpu(const at::Tensor& weights_, const at::Tensor& table
 namespace {
 
 // Open-addressing map from a row id (within one table) to its slot among the table's unique
-// rows, in order of first occurrence. Key and slot share one 16-byte entry, so a probe touches
-// one cache line. Capacity is a power of two >= 2x the keys it can receive (min(index count,
+// rows, in order of first occurrence. Key and slot share one entry, so a probe touches one
+// cache line. Capacity is a power of two >= 2x the keys it can receive (min(index count,
 // table rows)), so probes stay short; entries live in a per-thread buffer reused across tables
 // and calls.
 struct RowMap {
+  // 8-byte entries (row ids within a table and slots fit in 31 bits; the backward checks), so
+  // the map of a 60k-index table stays in L2.
   struct Entry {
-    int64_t key;
-    int64_t slot;
+    int32_t key;
+    int32_t slot;
   };
   std::vector<Entry> e;
   uint64_t mask = 0;
@@ -345,10 +347,10 @@ struct RowMap {
     uint64_t h = (static_cast<uint64_t>(row) * 0x9E3779B97F4A7C15ull) >> shift;
     while (true) {
       Entry& en = e[h];
-      if (en.key == row) return en.slot;
+      if (en.key == static_cast<int32_t>(row)) return en.slot;
       if (en.key == -1) {
-        en.key = row;
-        en.slot = next;
+        en.key = static_cast<int32_t>(row);
+        en.slot = static_cast<int32_t>(next);
         return next++;
       }
       h = (h + 1) & mask;
@@ -432,6 +434,12 @@ void for_each_table(const Layout& L, Fn&& fn) {
 template <typename index_t>
 void check_indices(const Layout& L, const index_t* idx) {
   const int64_t* o = L.offsets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < L.T; ++t) {
+    TORCH_CHECK_VALUE(L.table_offsets[t + 1] - L.table_offsets[t] < (int64_t(1) << 31) &&
+                          o[(t + 1) * L.B] - o[t * L.B] < (int64_t(1) << 31),
+                      "embedding_bag_bwd: table ", t,
+                      " has 2^31 or more rows or indices in one batch; split it");
+  }
   BadIndex bad;
   parallel_items(L.T, [&](int64_t t) {
     const int64_t rows_t = L.table_offsets[t + 1] - L.table_offsets[t];
