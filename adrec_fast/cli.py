@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Without --schema the feature schema is inferred from the header and the "
                     "first rows (integer and string columns categorical, float columns dense) "
                     "and saved with the model, so `eval` and `predict` on files with the same "
-                    "columns just work. Without --valid, a random 10%% of DATA is held out for "
+                    "columns just work. Without --valid, a random 10% of DATA is held out for "
                     "validation and early stopping.\n\n"
                     "The output directory holds best/ (the model with the best validation AUC; "
                     "what eval/predict load), last/ (the final epoch, with optimizer state), "
