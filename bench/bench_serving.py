@@ -14,7 +14,8 @@ and returns probabilities as numpy:
                 (torch.inference_mode; fused ops, one call per layer)
   eager         plain PyTorch: one concatenated nn.EmbeddingBag + torch tower, inference_mode
   compile       ``eager`` with the tower under torch.compile(dynamic=True)
-  fbgemm_int8   FBGEMM IntNBitTableBatchedEmbeddingBagsCodegen, when fbgemm_gpu is installed
+  fbgemm_int8   FBGEMM IntNBitTableBatchedEmbeddingBagsCodegen int8 tables (random weights,
+                latency only) + the ``eager`` tower, when fbgemm_gpu is installed
 
 Latency: p50 / p99 of sequential requests, per provider, N in {1, 64, 512, 4096}, torch intra-op
 threads in {1, 2}. Throughput: closed loop, C in {2, 4, 8} client threads each sending its next
@@ -152,14 +153,37 @@ def adrec_model_fn(model):
     return run
 
 
-def fbgemm_fn(model):
+def fbgemm_fn(model, name: str):
+    """FBGEMM IntNBit int8 tables (random weights: latency only) + the ``eager`` tower.
+    Returns (fn or None, note)."""
     try:
-        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (  # noqa: F401
+        from fbgemm_gpu.split_embedding_configs import SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
             IntNBitTableBatchedEmbeddingBagsCodegen,
         )
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         return None, f"fbgemm_gpu not importable here ({type(e).__name__})"
-    return None, "fbgemm_gpu found but the IntNBit peer is not wired in this script"
+    emb = IntNBitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[(f"C{t + 1}", ROWS[t], D, SparseType.INT8, EmbeddingLocation.HOST)
+                         for t in range(T)], device="cpu")
+    emb.fill_random_weights()
+    m = (EagerDLRM if name == "dlrm" else EagerDCN)(model).eval()
+
+    def run(user, cand, dense):
+        with torch.inference_mode():
+            n = len(next(iter(cand.values())))
+            ids = np.empty((T, n), dtype=np.int32)  # table-major, one id per bag
+            for t in range(USER_T):
+                ids[t] = user[f"C{t + 1}"]
+            for t in range(USER_T, T):
+                ids[t] = cand[f"C{t + 1}"]
+            pooled = emb(torch.from_numpy(ids.reshape(-1)),
+                         torch.arange(T * n + 1, dtype=torch.int32))  # [N, T*D]
+            d = torch.from_numpy(dense).expand(n, N_DENSE)
+            return m.tower(pooled, d).numpy()
+
+    return run, "fbgemm_int8: IntNBit INT8 tables with random weights (latency only)"
 
 
 # ---------------------------------------------------------------------------- timing
@@ -281,7 +305,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="dlrm,dcnv2")
     ap.add_argument("--providers",
-                    default="scorer,scorer_fp16,scorer_int8,adrec_model,eager,compile")
+                    default="scorer,scorer_fp16,scorer_int8,adrec_model,eager,compile,"
+                            "fbgemm_int8")
     ap.add_argument("--seconds", type=float, default=1.0, help="per latency configuration")
     ap.add_argument("--tp-seconds", type=float, default=2.0, help="per throughput run")
     ap.add_argument("--json", default=None)
@@ -294,8 +319,6 @@ def main() -> None:
     results = {"uptime": os.popen("uptime").read().strip(), "torch": torch.__version__,
                "latency": [], "throughput": [], "notes": []}
     print(results["uptime"], flush=True)
-    _, note = fbgemm_fn(None)
-    results["notes"].append(f"fbgemm_int8: {note}")
     for name in a.models.split(","):
         torch.manual_seed(0)
         model = build_model(name, criteo_schema(), embedding_dim=D, pooling="sum", **KW[name])
@@ -312,10 +335,18 @@ def main() -> None:
             fns["eager"] = eager_fn(model, name, compiled=False)
         if "compile" in providers:
             fns["compile"] = eager_fn(model, name, compiled=True)
+        if "fbgemm_int8" in providers:
+            fn, note = fbgemm_fn(model, name)
+            results["notes"].append(note)
+            if fn is not None:
+                fns["fbgemm_int8"] = fn
         # one correctness check per provider before timing
         chk = requests(64, 1, seed=99)[0]
         ref = adrec_model_fn(model)(*chk)
         for p, fn in fns.items():
+            if p == "fbgemm_int8":
+                fn(*chk)  # random tables: no value check
+                continue
             err = float(np.abs(fn(*chk) - ref).max())
             results["notes"].append(f"{name} {p}: max |p - model forward| = {err:.2e} (N=64)")
             print(results["notes"][-1], flush=True)
