@@ -379,7 +379,7 @@ Scratch<acc>& scratch() {
 // thread count. Returns the number of unique rows.
 template <typename scalar_t, typename index_t, int DV, bool HAS_PSW, bool MEAN, typename acc>
 int64_t accumulate_table(const Layout& L, int64_t t, const scalar_t* g, const index_t* idx,
-                         const scalar_t* psw, Scratch<acc>& sc, int32_t* slot_out) {
+                         const scalar_t* psw, Scratch<acc>& sc) {
   const int64_t T = L.T, B = L.B, D = L.D;
   const int64_t n = DV > 0 ? DV : D;
   const int64_t* o = L.offsets.data_ptr<int64_t>();
@@ -409,7 +409,6 @@ int64_t accumulate_table(const Layout& L, int64_t t, const scalar_t* g, const in
       } else {
         for (int64_t d = 0; d < n; ++d) dst[d] += c * static_cast<acc>(gb[d]);
       }
-      if (slot_out != nullptr) slot_out[k] = static_cast<int32_t>(s);
     }
   }
   return next;
@@ -511,7 +510,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_bwd_cpu(
     for_each_table(L, [&](int64_t t) {
       auto& sc = scratch<acc>();
       const int64_t U = accumulate_table<scalar_t, index_t, DV, HAS_PSW, MEAN, acc>(
-          L, t, g, idx, pw, sc, nullptr);
+          L, t, g, idx, pw, sc);
       uniq[t].resize(U);
       for (int64_t s = 0; s < U; ++s) uniq[t][s] = sc.uniq[s] + L.table_offsets[t];
       tgrads[t].assign(sc.gbuf.begin(), sc.gbuf.begin() + U * D);
@@ -607,7 +606,7 @@ void embedding_bag_bwd_update_cpu(const at::Tensor& grad_out_, const at::Tensor&
     for_each_table(L, [&](int64_t t) {
       auto& sc = scratch<acc>();
       const int64_t U = accumulate_table<scalar_t, index_t, DV, HAS_PSW, MEAN, acc>(
-          L, t, g, idx, pw, sc, nullptr);
+          L, t, g, idx, pw, sc);
       scalar_t* wt = w + L.table_offsets[t] * D;
       float* stt = st != nullptr ? st + L.table_offsets[t] : nullptr;
       const int64_t* uq = sc.uniq.data();
