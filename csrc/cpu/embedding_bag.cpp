@@ -18,6 +18,7 @@
 #include "common/acc_type.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/embedding_bag_checks.h"
 #include "common/pool.h"
 
 namespace adrec {
@@ -41,40 +42,14 @@ struct Layout {
 Layout check_layout(const at::Tensor& weights, const at::Tensor& table_offsets,
                     const at::Tensor& indices, const at::Tensor& offsets,
                     const c10::optional<at::Tensor>& psw, int64_t pooling) {
-  check_floating(weights, kOp, "weights");
-  check_dim(weights, 2, kOp, "weights", "[N_total, D]");
-  check_index_dtype(table_offsets, kOp, "table_offsets");
-  check_index_dtype(indices, kOp, "indices");
-  check_index_dtype(offsets, kOp, "offsets");
-  check_dim(table_offsets, 1, kOp, "table_offsets", "[T+1]");
-  check_dim(indices, 1, kOp, "indices", "[nnz]");
-  check_dim(offsets, 1, kOp, "offsets", "[T*B+1]");
-  TORCH_CHECK_VALUE(pooling == 0 || pooling == 1, kOp, ": pooling must be 0 (sum) or 1 (mean), got ",
-                    pooling);
-  check_same_device(table_offsets, weights, kOp, "table_offsets", "weights");
-  check_same_device(indices, weights, kOp, "indices", "weights");
-  check_same_device(offsets, weights, kOp, "offsets", "weights");
+  auto S = embedding_bag_checks::check_args(weights, table_offsets, indices, offsets, psw, pooling);
   Layout L;
-  L.N = weights.size(0);
-  L.D = weights.size(1);
-  L.nnz = indices.numel();
-  TORCH_CHECK_VALUE(table_offsets.numel() >= 2, kOp,
-                    ": table_offsets must have T+1 >= 2 entries, got ", table_offsets.numel());
-  auto to = table_offsets.to(at::kLong).contiguous();
-  L.T = to.numel() - 1;
-  L.table_offsets.assign(to.data_ptr<int64_t>(), to.data_ptr<int64_t>() + to.numel());
-  TORCH_CHECK_VALUE(L.table_offsets[0] == 0, kOp, ": table_offsets[0] must be 0, got ",
-                    L.table_offsets[0]);
-  for (int64_t t = 0; t < L.T; ++t) {
-    TORCH_CHECK_VALUE(L.table_offsets[t + 1] >= L.table_offsets[t], kOp,
-                      ": table_offsets must be non-decreasing, but table_offsets[", t + 1, "]=",
-                      L.table_offsets[t + 1], " < table_offsets[", t, "]=", L.table_offsets[t]);
-  }
-  TORCH_CHECK_VALUE(L.table_offsets[L.T] == L.N, kOp, ": table_offsets[-1]=",
-                    L.table_offsets[L.T], " must equal weights.size(0)=", L.N);
-  TORCH_CHECK_VALUE(offsets.numel() >= 1 && (offsets.numel() - 1) % L.T == 0, kOp,
-                    ": offsets has length ", offsets.numel(), ", expected T*B+1 with T=", L.T);
-  L.B = (offsets.numel() - 1) / L.T;
+  L.T = S.T;
+  L.B = S.B;
+  L.D = S.D;
+  L.N = S.N;
+  L.nnz = S.nnz;
+  L.table_offsets = std::move(S.table_offsets);
   L.offsets = offsets.to(at::kLong).contiguous();
   const int64_t* o = L.offsets.data_ptr<int64_t>();
   TORCH_CHECK_VALUE(o[0] == 0, kOp, ": offsets[0] must be 0, got ", o[0]);
@@ -86,13 +61,6 @@ Layout check_layout(const at::Tensor& weights, const at::Tensor& table_offsets,
   }
   TORCH_CHECK_VALUE(o[L.offsets.numel() - 1] == L.nnz, kOp, ": offsets[-1]=",
                     o[L.offsets.numel() - 1], " must equal len(indices)=", L.nnz);
-  if (psw.has_value()) {
-    check_dim(*psw, 1, kOp, "per_sample_weights", "[nnz]");
-    TORCH_CHECK_VALUE(psw->numel() == L.nnz, kOp, ": per_sample_weights has ", psw->numel(),
-                      " entries but indices has ", L.nnz);
-    check_same_dtype(*psw, weights, kOp, "per_sample_weights", "weights");
-    check_same_device(*psw, weights, kOp, "per_sample_weights", "weights");
-  }
   return L;
 }
 
@@ -471,11 +439,7 @@ void dispatch_common(const Layout& L, const at::Tensor& weights, const at::Tenso
 }
 
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& weights, const Layout& L) {
-  check_dim(grad_out, 2, "embedding_bag_bwd", "grad_out", "[B, T*D]");
-  TORCH_CHECK_VALUE(grad_out.size(0) == L.B && grad_out.size(1) == L.T * L.D,
-                    "embedding_bag_bwd: grad_out has shape ", grad_out.sizes(), ", expected [",
-                    L.B, ", ", L.T * L.D, "]");
-  check_same_dtype(grad_out, weights, "embedding_bag_bwd", "grad_out", "weights");
+  embedding_bag_checks::check_grad_out(grad_out, weights, L.B, L.T, L.D);
 }
 
 }  // namespace
@@ -538,20 +502,9 @@ void embedding_bag_bwd_update_cpu(const at::Tensor& grad_out_, const at::Tensor&
                                   const at::Tensor& indices_, const at::Tensor& offsets,
                                   const c10::optional<at::Tensor>& psw_, int64_t pooling,
                                   int64_t optimizer, double lr, double eps) {
-  constexpr const char* op = "embedding_bag_bwd_update";
   Layout L = check_layout(weights, table_offsets, indices_, offsets, psw_, pooling);
   check_grad_out(grad_out_, weights, L);
-  TORCH_CHECK_VALUE(weights.is_contiguous(), op, ": weights must be contiguous (updated in place)");
-  TORCH_CHECK_VALUE(optimizer == 0 || optimizer == 1, op,
-                    ": optimizer must be 0 (SGD) or 1 (row-wise Adagrad), got ", optimizer);
-  if (optimizer == 1) {
-    TORCH_CHECK_TYPE(state.scalar_type() == at::kFloat, op, ": state must be float32, got ",
-                     state.scalar_type());
-    TORCH_CHECK_VALUE(state.dim() == 1 && state.numel() == L.N && state.is_contiguous(), op,
-                      ": state must be a contiguous [N_total]=[", L.N, "] tensor, got shape ",
-                      state.sizes());
-    check_same_device(state, weights, op, "state", "weights");
-  }
+  embedding_bag_checks::check_update_args(weights, state, optimizer, L.N);
   auto grad_out = grad_out_.contiguous();
   auto indices = indices_.contiguous();
   c10::optional<at::Tensor> psw;
