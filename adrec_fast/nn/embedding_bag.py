@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .._memory import empty_table
 from ..ops import embedding_bag as _eb
 from ..optim import FusedRowwiseAdagrad, FusedSGD
 
@@ -62,7 +63,8 @@ class EmbeddingBagCollection(nn.Module):
         self.register_buffer(
             "table_offsets", torch.tensor(offs, dtype=torch.long, device=device), persistent=False
         )
-        w = torch.empty(offs[-1], embedding_dim, dtype=dtype, device=device)
+        # Random-row reads and updates of a large table: back it with huge pages (_memory.py).
+        w = empty_table(offs[-1], embedding_dim, dtype=dtype, device=device)
         std = init_std if init_std is not None else 1.0 / math.sqrt(embedding_dim) * 0.1
         with torch.no_grad():
             w.normal_(0.0, std)
@@ -70,11 +72,12 @@ class EmbeddingBagCollection(nn.Module):
             self.weight = nn.Parameter(w)
         else:
             self.register_buffer("weight", w)
-        state = torch.zeros(
+        state = empty_table(
             offs[-1] if isinstance(optimizer, FusedRowwiseAdagrad) else 0,
             dtype=torch.float32,
             device=device,
         )
+        state.zero_()
         self.register_buffer("state", state)
 
     @property
