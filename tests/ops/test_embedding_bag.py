@@ -379,3 +379,51 @@ def test_concurrent_calls_from_python_threads():
         torch.testing.assert_close(out, exp)
         rws1, grads1 = torch.ops.adrec.embedding_bag_bwd(g, w, *job, None, 0)
         assert torch.equal(rws, rws1) and torch.equal(grads, grads1)
+
+
+@pytest.mark.parametrize("D", [8, 16, 64])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+@pytest.mark.parametrize("psw", [False, True])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_one_index_per_bag_path_matches_reference(D, pooling, psw, index_dtype):
+    """Every bag of length 1 (offsets == arange) takes a kernel that never reads the offsets;
+    B = 300 spans more than one tile of samples."""
+    rows, B = [7, 1, 50, 300], 300
+    T = len(rows)
+    tofs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist())
+    indices = torch.cat([torch.randint(0, r, (B,)) for r in rows])
+    indices[torch.randint(0, B, (1,))] = rows[0] - 1
+    indices[2 * B + torch.randint(0, B, (1,))] = rows[2] - 1
+    indices = indices.to(index_dtype)
+    offsets = torch.arange(T * B + 1).to(index_dtype)
+    w = torch.randn(sum(rows), D)
+    p = torch.rand(T * B) if psw else None
+    out = F.embedding_bag(w, tofs, indices, offsets, p, pooling)
+    assert_close_verbose(out, R.embedding_bag(w, tofs, indices, offsets, p, pooling))
+    bad = indices.clone()
+    bad[3 * B + 17] = rows[3]
+    with pytest.raises(IndexError, match=rf"indices\[{3 * B + 17}\]={rows[3]} .*table 3 \(300 rows, sample 17"):
+        F.embedding_bag(w, tofs, bad, offsets, p, pooling)
+
+
+def test_large_tables_are_advised_onto_huge_pages(monkeypatch):
+    import types
+
+    from adrec_fast import _C, _memory
+
+    calls = []
+    fake = types.SimpleNamespace(advise_huge_pages=lambda a, n: calls.append((a, n)) or True)
+    monkeypatch.setattr(_memory, "_C", fake)
+    e = EmbeddingBagCollection([300_000, 10], 16, optimizer=FusedRowwiseAdagrad(0.1))
+    assert (e.weight.data_ptr(), e.weight.numel() * 4) in calls
+    assert e.weight.std().item() > 0 and bool((e.state == 0).all())
+    calls.clear()
+    EmbeddingBagCollection([1000], 16)  # 64 KB: not worth it
+    assert calls == []
+    monkeypatch.setenv("ADREC_HUGE_PAGES", "0")
+    EmbeddingBagCollection([300_000], 16)
+    assert calls == []
+    # The real call: True where THP is available in madvise/always mode, never an error.
+    t = torch.empty(4 << 20)
+    assert _C.advise_huge_pages(t.data_ptr(), t.numel() * 4) in (True, False)
+    assert _C.advise_huge_pages(t.data_ptr(), 100) is False  # no whole 2 MiB page inside
