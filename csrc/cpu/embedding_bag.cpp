@@ -40,6 +40,9 @@ inline int64_t prefetch_distance(int64_t row_bytes) {
 }
 // Probes of the backward's row map (one line each) run this many indices ahead.
 constexpr int64_t kProbePrefetch = 32;
+// The backward reads a table's slice of grad_out sample by sample (a stride of T*D): prefetched
+// this many samples ahead.
+constexpr int64_t kGradPrefetch = 16;
 // Output bytes per forward tile: [tile, T*D] stays in L2 while the tile's tables are gathered.
 constexpr int64_t kTileBytes = 512 * 1024;
 
@@ -384,6 +387,7 @@ int64_t accumulate_table(const Layout& L, int64_t t, const scalar_t* g, const in
   int64_t* uniq = sc.uniq.data();
   int64_t next = 0;
   for (int64_t b = 0; b < B; ++b) {
+    if (b + kGradPrefetch < B) prefetch_row<DV>(g + (b + kGradPrefetch) * T * D + t * D, D);
     const int64_t k0 = o[t * B + b], k1 = o[t * B + b + 1];
     if (k1 == k0) continue;
     const scalar_t* __restrict gb = g + b * T * D + t * D;
