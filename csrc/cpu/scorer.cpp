@@ -7,13 +7,19 @@
 // Candidate rows are filled by at::parallel_for over row blocks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/simd.h"
 
 namespace adrec {
 namespace {
@@ -289,6 +295,373 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
   return at::sigmoid(at::add(at::mv(top_in, head_w), head_b));  // [N]
 }
 
-TORCH_LIBRARY_IMPL(adrec, CPU, m) { m.impl("serving_forward", &serving_forward_cpu); }
+// ============================================================================ packed DLRM path
+// adrec::serving_dlrm: DLRM with the user/context side shared, on a model packed once per
+// (checkpoint, field split) by adrec_fast/serving/scorer.py (pack_dlrm): `meta` int64 describes
+// the split and the layers, `blob` uint8 holds the blocked MLP weights (scorer_mlp.inc).
+namespace {
+
+#include "cpu/scorer_mlp.inc"
+
+constexpr const char* kOpP = "serving_dlrm";
+constexpr int64_t kMagic = 0x4144524543534431LL;  // "ADRECSD1"
+enum : int64_t {
+  H_MAGIC, H_PREC, H_PORTABLE, H_D, H_F, H_HB, H_KD, H_TU, H_TC, H_PS, H_PV, H_L, H_NB, H_SIZE = 16
+};
+constexpr int64_t kMaxLayers = 64;
+// From this many rows per thread on, threads split the candidates (each runs the whole tower on
+// its rows, no barrier); below it they split every layer's outputs (the weights, read once per
+// request, are then spread over the cores' caches) with a barrier per layer.
+constexpr int64_t kRowsPerThread = 16;
+constexpr int64_t kTile = 32;  // candidate rows per tile in the row split
+
+inline int64_t pad16(int64_t k) { return (k + 15) / 16 * 16; }
+
+struct Layer {
+  int64_t Kp = 0, Ob = 0;
+  bool relu = false;
+  const void* w = nullptr;
+  const float* b = nullptr;
+};
+
+// The parsed packed model. Layers: [0, nb) bottom MLP; nb: first top layer's shared columns
+// (the dense vector and the pairs of two shared fields); nb + 1: its candidate columns; then
+// the rest of the top MLP; the last layer is the head (one output, no relu).
+struct Packed {
+  bool bf16 = false, portable = false, hb = false;
+  int64_t D = 0, F = 0, Kd = 0, Tu = 0, Tc = 0, Ps = 0, Pv = 0, L = 0, nb = 0, maxw = 16;
+  const int64_t *ufield, *ubase, *ucard, *cfield, *cbase, *ccard, *psi, *psj, *pvi, *pvj;
+  std::array<Layer, kMaxLayers> layers;
+};
+
+Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t D) {
+  TORCH_CHECK_TYPE(meta.scalar_type() == at::kLong && meta.dim() == 1 && meta.is_contiguous(),
+                   kOpP, ": meta must be a contiguous 1-D int64 tensor (from pack_dlrm)");
+  TORCH_CHECK_TYPE(blob.scalar_type() == at::kByte && blob.dim() == 1 && blob.is_contiguous(),
+                   kOpP, ": blob must be a contiguous 1-D uint8 tensor (from pack_dlrm)");
+  const int64_t n = meta.numel();
+  const int64_t* h = meta.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(n >= H_SIZE && h[H_MAGIC] == kMagic, kOpP, ": meta is not a packed model");
+  Packed P;
+  P.bf16 = h[H_PREC] == 1;
+  TORCH_CHECK_VALUE(h[H_PREC] == 0 || h[H_PREC] == 1, kOpP, ": bad precision ", h[H_PREC]);
+  P.portable = h[H_PORTABLE] != 0;
+  P.D = h[H_D], P.F = h[H_F], P.hb = h[H_HB] != 0, P.Kd = h[H_KD], P.Tu = h[H_TU];
+  P.Tc = h[H_TC], P.Ps = h[H_PS], P.Pv = h[H_PV], P.L = h[H_L], P.nb = h[H_NB];
+  TORCH_CHECK_VALUE(P.D == D, kOpP, ": packed for D = ", P.D, " but the table has D = ", D);
+  TORCH_CHECK_VALUE(P.Tu >= 0 && P.Tc >= 0 && P.Ps >= 0 && P.Pv >= 0 && P.Kd >= 0 &&
+                        P.F == P.Tu + P.Tc + (P.hb ? 1 : 0) && P.hb == (P.Kd > 0) &&
+                        P.nb == (P.hb ? P.nb : 0) && P.nb >= (P.hb ? 1 : 0) && P.L >= P.nb + 2 &&
+                        P.L <= kMaxLayers,
+                    kOpP, ": inconsistent meta header");
+  const int64_t need = H_SIZE + 3 * (P.Tu + P.Tc) + 2 * (P.Ps + P.Pv) + 5 * P.L;
+  TORCH_CHECK_VALUE(n == need, kOpP, ": meta has ", n, " entries, expected ", need);
+  const int64_t* a = h + H_SIZE;
+  P.ufield = a, P.ubase = a + P.Tu, P.ucard = a + 2 * P.Tu;
+  a += 3 * P.Tu;
+  P.cfield = a, P.cbase = a + P.Tc, P.ccard = a + 2 * P.Tc;
+  a += 3 * P.Tc;
+  P.psi = a, P.psj = a + P.Ps;
+  a += 2 * P.Ps;
+  P.pvi = a, P.pvj = a + P.Pv;
+  a += 2 * P.Pv;
+  const int64_t F0 = P.hb ? 1 : 0;  // field 0 is the bottom MLP's output when there is one
+  for (int64_t i = 0; i < P.Tu; ++i)
+    TORCH_CHECK_VALUE(P.ufield[i] >= F0 && P.ufield[i] < P.F && P.ubase[i] >= 0 && P.ucard[i] >= 1 &&
+                          P.ubase[i] + P.ucard[i] <= R,
+                      kOpP, ": bad user slot ", i, " in meta");
+  for (int64_t i = 0; i < P.Tc; ++i)
+    TORCH_CHECK_VALUE(P.cfield[i] >= F0 && P.cfield[i] < P.F && P.cbase[i] >= 0 && P.ccard[i] >= 1 &&
+                          P.cbase[i] + P.ccard[i] <= R,
+                      kOpP, ": bad candidate slot ", i, " in meta");
+  for (int64_t q = 0; q < P.Ps; ++q)
+    TORCH_CHECK_VALUE(P.psi[q] >= 0 && P.psi[q] < P.F && P.psj[q] >= 0 && P.psj[q] < P.F, kOpP,
+                      ": bad shared pair ", q);
+  for (int64_t q = 0; q < P.Pv; ++q)
+    TORCH_CHECK_VALUE(P.pvi[q] >= 0 && P.pvi[q] < P.F && P.pvj[q] >= 0 && P.pvj[q] < P.F, kOpP,
+                      ": bad candidate pair ", q);
+  const int64_t bytes = blob.numel();
+  const uint8_t* base = blob.data_ptr<uint8_t>();
+  for (int64_t l = 0; l < P.L; ++l, a += 5) {
+    Layer& y = P.layers[l];
+    y.Kp = a[0], y.Ob = a[1], y.relu = a[2] != 0;
+    const int64_t wo = a[3], bo = a[4];
+    const int64_t wbytes = y.Ob * y.Kp * (P.bf16 ? 32 : 64);
+    TORCH_CHECK_VALUE(y.Kp >= 0 && y.Kp % 16 == 0 && y.Ob >= 1 && wo >= 0 && bo >= 0 &&
+                          wo % 64 == 0 && bo % 64 == 0 && wo + wbytes <= bytes &&
+                          bo + y.Ob * 64 <= bytes,
+                      kOpP, ": bad layer ", l, " in meta");
+    y.w = base + wo;
+    y.b = reinterpret_cast<const float*>(base + bo);
+    P.maxw = std::max(P.maxw, std::max(y.Kp, y.Ob * 16));
+  }
+  // chain shapes: each layer's padded input is the previous layer's padded output
+  const auto& Ls = P.layers;
+  if (P.hb) {
+    TORCH_CHECK_VALUE(Ls[0].Kp == pad16(P.Kd) && Ls[P.nb - 1].Ob * 16 >= P.D, kOpP,
+                      ": bottom MLP shapes do not match the dense width / D");
+    for (int64_t l = 1; l < P.nb; ++l)
+      TORCH_CHECK_VALUE(Ls[l].Kp == Ls[l - 1].Ob * 16, kOpP, ": bottom layer ", l, " shape");
+  }
+  const Layer &s = Ls[P.nb], &v = Ls[P.nb + 1];
+  TORCH_CHECK_VALUE(s.Kp == pad16((P.hb ? P.D : 0) + P.Ps) && v.Kp == pad16(P.Pv) && s.Ob == v.Ob,
+                    kOpP, ": first top layer shapes do not match the pairs");
+  for (int64_t l = P.nb + 2; l < P.L; ++l)
+    TORCH_CHECK_VALUE(Ls[l].Kp == Ls[l - 1].Ob * 16, kOpP, ": top layer ", l, " shape");
+  TORCH_CHECK_VALUE(Ls[P.L - 1].Ob == 1 && !Ls[P.L - 1].relu, kOpP, ": the last layer must be "
+                    "the head (one output, no relu)");
+  return P;
+}
+
+// A 64-byte aligned bump allocator over a thread's reusable buffer.
+struct Arena {
+  std::vector<char> buf;
+  size_t used = 0;
+  void reserve(size_t bytes) {
+    if (buf.size() < bytes + 64) buf.assign(bytes + 64, 0);
+    used = 0;
+  }
+  template <typename T>
+  T* take(int64_t n) {
+    const uintptr_t p0 = reinterpret_cast<uintptr_t>(buf.data()) + used;
+    const uintptr_t p = (p0 + 63) & ~uintptr_t(63);
+    used = p - reinterpret_cast<uintptr_t>(buf.data()) + ((sizeof(T) * n + 63) & ~size_t(63));
+    return reinterpret_cast<T*>(p);
+  }
+};
+size_t arena_bytes(int64_t floats) { return static_cast<size_t>(floats) * 4 + 64 * 32; }
+
+ADREC_INLINE float dot(const float* a, const float* b, int64_t D) {
+  float acc = 0.f;
+  for (int64_t k = 0; k < D; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+// One tile of candidates: their varying pairs zv [M][Kvp] (float32, zero padded), and their bf16
+// pairs zb [M][Kvp / 2] when the model is bf16. fields [F, D] holds the shared fields on entry.
+ADREC_CPU_CLONES void candidate_pairs(const Packed& P, const RowReader& rr, const int64_t* cid,
+                                      int64_t m0, int64_t M, float* fields, float* zv,
+                                      uint32_t* zb) {
+  const int64_t D = P.D, Kvp = pad16(P.Pv);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t* ids = cid + (m0 + m) * P.Tc;
+    for (int64_t c = 0; c < P.Tc; ++c) rr.row(P.cbase[c] + ids[c], fields + P.cfield[c] * D);
+    float* z = zv + m * Kvp;
+    for (int64_t q = 0; q < P.Pv; ++q) z[q] = dot(fields + P.pvi[q] * D, fields + P.pvj[q] * D, D);
+    for (int64_t q = P.Pv; q < Kvp; ++q) z[q] = 0.f;
+    if (zb) pack_bf16(z, Kvp, zb + m * (Kvp / 2));
+  }
+}
+
+inline void run_layer(const Packed& P, LayerFn bf16_fn, const Layer& l, const void* x, int64_t ldx,
+                      int64_t M, int64_t ob0, int64_t ob1, const float* bias, float* y,
+                      int64_t ldy, uint32_t* yb, int64_t ldyb) {
+  if (ob0 >= ob1 || M == 0) return;
+  LayerCall c{l.w, bias ? bias : l.b, l.Kp, x, ldx, M, ob0, ob1, l.relu, y, ldy, yb, ldyb};
+  if (P.bf16) bf16_fn(c);
+  else layer_f32(c);
+}
+
+inline float sigmoidf(float z) { return 1.f / (1.f + std::exp(-z)); }
+
+thread_local Arena t_request;  // the calling thread's per-request buffers
+thread_local Arena t_tile;     // every team thread's tile buffers (row split)
+
+// The forward itself; every argument was checked by the caller (no throw in the team).
+void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, const int64_t* cid,
+                  const float* dense, int64_t N, float* out) {
+  const int64_t D = P.D, F = P.F, W = P.maxw, Kvp = pad16(P.Pv);
+  const int64_t Ksp = P.layers[P.nb].Kp, O1 = P.layers[P.nb].Ob * 16;
+  const LayerFn bf16_fn = pick_bf16_layer(P.portable);
+  int nt = omp_in_parallel() ? 1 : at::get_num_threads();
+  const bool row_split = N >= kRowsPerThread * nt;
+  if (row_split) nt = static_cast<int>(std::min<int64_t>(nt, N / kRowsPerThread));
+  // per-request buffers (stage A, and in the layer split the activations of all N rows)
+  Arena& A = t_request;
+  A.reserve(arena_bytes(F * D + 6 * W + (row_split ? 0 : N * (3 * W + 2 * Kvp + 16))));
+  float* fields0 = A.take<float>(F * D);   // [F, D] shared fields
+  float* a0 = A.take<float>(W);            // [W] stage-A activations (ping)
+  float* a1 = A.take<float>(W);            // (pong)
+  uint32_t* b0 = A.take<uint32_t>(W / 2);  // bf16 copies
+  uint32_t* b1 = A.take<uint32_t>(W / 2);
+  float* u = A.take<float>(O1);            // [O1] first top layer, shared part (+ bias)
+  float* zv = A.take<float>(row_split ? 0 : N * Kvp);  // [N, Kvp] (layer split)
+  uint32_t* zb = A.take<uint32_t>(row_split ? 0 : N * Kvp / 2);
+  float* h0 = A.take<float>(row_split ? 0 : N * W);  // [N, W] activations
+  float* h1 = A.take<float>(row_split ? 0 : N * W);
+  uint32_t* g0 = A.take<uint32_t>(row_split ? 0 : N * W / 2);
+  uint32_t* g1 = A.take<uint32_t>(row_split ? 0 : N * W / 2);
+  float* head = A.take<float>(row_split ? 0 : N * 16);
+  const bool bf = P.bf16;
+  const Layer* Ls = P.layers.data();
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = omp_get_thread_num(), T = omp_get_num_threads();
+    auto split = [&](int64_t n) { return std::make_pair(n * tid / T, n * (tid + 1) / T); };
+    // ---- stage A: the user/context side, once per request (outputs split over the team)
+    if (tid == 0) {
+      std::memset(fields0, 0, sizeof(float) * F * D);
+      for (int64_t i = 0; i < P.Tu; ++i) rr.row(P.ubase[i] + uid[i], fields0 + P.ufield[i] * D);
+      if (P.hb) {
+        const int64_t Kp = Ls[0].Kp;
+        std::memset(a1, 0, sizeof(float) * Kp);
+        std::memcpy(a1, dense, sizeof(float) * P.Kd);
+        if (bf) pack_bf16(a1, Kp, b1);
+      }
+    }
+#pragma omp barrier
+    float* xa = a1;
+    uint32_t* xb = b1;
+    for (int64_t l = 0; l < P.nb; ++l) {
+      float* ya = (l % 2 == 0) ? a0 : a1;
+      uint32_t* yb = (l % 2 == 0) ? b0 : b1;
+      const bool last = l == P.nb - 1;
+      const auto r = split(Ls[l].Ob);
+      run_layer(P, bf16_fn, Ls[l], bf ? static_cast<const void*>(xb) : xa, 0, 1, r.first,
+                r.second, nullptr, (!bf || last) ? ya : nullptr, 0, bf && !last ? yb : nullptr, 0);
+      xa = ya, xb = yb;
+#pragma omp barrier
+    }
+    float* s = (xa == a0) ? a1 : a0;  // [Ksp] shared columns: dense vector, shared pairs
+    uint32_t* sb = (xa == a0) ? b1 : b0;
+    if (tid == 0) {
+      int64_t k = 0;
+      if (P.hb) {
+        std::memcpy(fields0, xa, sizeof(float) * D);  // field 0: the bottom MLP's output
+        std::memcpy(s, xa, sizeof(float) * D);
+        k = D;
+      }
+      for (int64_t q = 0; q < P.Ps; ++q)
+        s[k + q] = dot(fields0 + P.psi[q] * D, fields0 + P.psj[q] * D, D);
+      for (int64_t q = k + P.Ps; q < Ksp; ++q) s[q] = 0.f;
+      if (bf) pack_bf16(s, Ksp, sb);
+    }
+#pragma omp barrier
+    {
+      const auto r = split(Ls[P.nb].Ob);
+      run_layer(P, bf16_fn, Ls[P.nb], bf ? static_cast<const void*>(sb) : s, 0, 1, r.first,
+                r.second, nullptr, u, 0, nullptr, 0);
+    }
+#pragma omp barrier
+    // ---- stage B: the candidates
+    const int64_t Lh = P.L - 1;
+    if (!row_split) {
+      // layer split: candidate pairs by rows, then every layer's outputs split over the team
+      {
+        Arena& TA = t_tile;
+        TA.reserve(arena_bytes(F * D));
+        float* fields = TA.take<float>(F * D);
+        std::memcpy(fields, fields0, sizeof(float) * F * D);
+        const auto r = split(N);
+        candidate_pairs(P, rr, cid, r.first, r.second - r.first, fields, zv + r.first * Kvp,
+                        bf ? zb + r.first * (Kvp / 2) : nullptr);
+      }
+#pragma omp barrier
+      const void* x = bf ? static_cast<const void*>(zb) : zv;
+      int64_t ldx = bf ? Kvp / 2 : Kvp;
+      for (int64_t l = P.nb + 1; l <= Lh; ++l) {
+        const bool ping = (l - P.nb) % 2 == 1, is_head = l == Lh;
+        float* y = is_head ? head : (ping ? h0 : h1);
+        uint32_t* yb = ping ? g0 : g1;
+        const auto r = split(Ls[l].Ob);
+        run_layer(P, bf16_fn, Ls[l], x, ldx, N, r.first, r.second, l == P.nb + 1 ? u : nullptr,
+                  (!bf || is_head) ? y : nullptr, is_head ? 16 : W,
+                  (bf && !is_head) ? yb : nullptr, W / 2);
+        if (is_head) {
+          if (r.first == 0 && r.second > 0)
+            for (int64_t m = 0; m < N; ++m) out[m] = sigmoidf(head[m * 16]);
+        } else {
+          x = bf ? static_cast<const void*>(yb) : y;
+          ldx = bf ? W / 2 : W;
+#pragma omp barrier
+        }
+      }
+    } else {
+      // row split: each thread runs the whole tower on its rows, tile by tile
+      Arena& TA = t_tile;
+      TA.reserve(arena_bytes(F * D + kTile * (2 * Kvp + 3 * W + 16)));
+      float* fields = TA.take<float>(F * D);
+      float* tz = TA.take<float>(kTile * Kvp);
+      uint32_t* tzb = TA.take<uint32_t>(kTile * Kvp / 2);
+      float* t0 = TA.take<float>(kTile * W);
+      uint32_t* tb0 = TA.take<uint32_t>(kTile * W / 2);
+      uint32_t* tb1 = TA.take<uint32_t>(kTile * W / 2);
+      float* t1 = TA.take<float>(kTile * W);
+      float* th = TA.take<float>(kTile * 16);
+      std::memcpy(fields, fields0, sizeof(float) * F * D);
+      const auto r = split(N);
+      for (int64_t m0 = r.first; m0 < r.second; m0 += kTile) {
+        const int64_t M = std::min(kTile, r.second - m0);
+        candidate_pairs(P, rr, cid, m0, M, fields, tz, bf ? tzb : nullptr);
+        const void* x = bf ? static_cast<const void*>(tzb) : tz;
+        int64_t ldx = bf ? Kvp / 2 : Kvp;
+        for (int64_t l = P.nb + 1; l <= Lh; ++l) {
+          const bool ping = (l - P.nb) % 2 == 1, is_head = l == Lh;
+          float* y = is_head ? th : (ping ? t0 : t1);
+          uint32_t* yb = ping ? tb0 : tb1;
+          run_layer(P, bf16_fn, Ls[l], x, ldx, M, 0, Ls[l].Ob, l == P.nb + 1 ? u : nullptr,
+                    (!bf || is_head) ? y : nullptr, is_head ? 16 : W,
+                    (bf && !is_head) ? yb : nullptr, W / 2);
+          x = bf ? static_cast<const void*>(yb) : y;
+          ldx = bf ? W / 2 : W;
+        }
+        for (int64_t m = 0; m < M; ++m) out[m0 + m] = sigmoidf(th[m * 16]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// meta [H] int64 + blob [bytes] uint8: the packed model (pack_dlrm); weights [R, D] float32 /
+// float16 / uint8 (+ scale_bias [R, 2]); user_ids [Tu] int64 ids within their tables, in the
+// packed user-slot order; cand_ids [N, Tc] int64 likewise; dense [Kd] float32 (shared by every
+// candidate) -> probabilities [N] float32.
+at::Tensor serving_dlrm_cpu(const at::Tensor& meta, const at::Tensor& blob, const at::Tensor& weights,
+                            const std::optional<at::Tensor>& scale_bias, const at::Tensor& user_ids_,
+                            const at::Tensor& cand_ids_, const at::Tensor& dense_) {
+  const RowReader rr = make_reader(weights, scale_bias);
+  const Packed P = parse(meta, blob, weights.size(0), rr.D);
+  TORCH_CHECK_TYPE(user_ids_.scalar_type() == at::kLong && cand_ids_.scalar_type() == at::kLong,
+                   kOpP, ": user_ids and cand_ids must be int64, got ", user_ids_.scalar_type(),
+                   " and ", cand_ids_.scalar_type());
+  TORCH_CHECK_TYPE(dense_.scalar_type() == at::kFloat, kOpP, ": dense must be float32, got ",
+                   dense_.scalar_type());
+  TORCH_CHECK_VALUE(user_ids_.dim() == 1 && user_ids_.size(0) == P.Tu, kOpP, ": user_ids must be [",
+                    P.Tu, "], got ", user_ids_.sizes());
+  TORCH_CHECK_VALUE(cand_ids_.dim() == 2 && cand_ids_.size(1) == P.Tc, kOpP,
+                    ": cand_ids must be [N, ", P.Tc, "], got ", cand_ids_.sizes());
+  TORCH_CHECK_VALUE(dense_.dim() == 1 && dense_.size(0) == P.Kd, kOpP, ": dense must be [", P.Kd,
+                    "] (shared by every candidate), got ", dense_.sizes());
+  const int64_t N = cand_ids_.size(0);
+  TORCH_CHECK_VALUE(N >= 1, kOpP, ": empty candidate list");
+  const auto user_ids = user_ids_.contiguous();
+  const auto cand_ids = cand_ids_.contiguous();
+  const auto dense = dense_.contiguous();
+  const int64_t* uid = user_ids.data_ptr<int64_t>();
+  const int64_t* cid = cand_ids.data_ptr<int64_t>();
+  const float* pd = dense.data_ptr<float>();
+  // every id is checked before the team starts (nothing may throw inside it)
+  for (int64_t i = 0; i < P.Tu; ++i)
+    TORCH_CHECK_INDEX(uid[i] >= 0 && uid[i] < P.ucard[i], kOpP, ": user_ids[", i, "] = ", uid[i],
+                      " is out of range [0, ", P.ucard[i], ")");
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < P.Tc; ++c) {
+      const int64_t id = cid[n * P.Tc + c];
+      TORCH_CHECK_INDEX(id >= 0 && id < P.ccard[c], kOpP, ": cand_ids[", n, ", ", c, "] = ", id,
+                        " is out of range [0, ", P.ccard[c], ")");
+    }
+  for (int64_t k = 0; k < P.Kd; ++k)
+    TORCH_CHECK_VALUE(!std::isnan(pd[k]), kOpP, ": dense[", k, "] is NaN");
+  auto out = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
+  dlrm_forward(P, rr, uid, cid, pd, N, out.data_ptr<float>());
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(adrec, CPU, m) {
+  m.impl("serving_forward", &serving_forward_cpu);
+  m.impl("serving_dlrm", &serving_dlrm_cpu);
+}
 
 }  // namespace adrec
