@@ -464,107 +464,145 @@ inline void run_layer(const Packed& P, LayerFn bf16_fn, const Layer& l, const vo
 
 inline float sigmoidf(float z) { return 1.f / (1.f + std::exp(-z)); }
 
-thread_local Arena t_request;  // the calling thread's per-request buffers
-thread_local Arena t_tile;     // every team thread's tile buffers (row split)
+thread_local Arena t_request;  // the calling thread's per-request buffers (shared with its team)
+thread_local Arena t_private;  // every team thread's own buffers
+
+// Weight bytes up to which every thread computes a whole stage-A layer itself (in its own
+// buffers) rather than its share of the outputs followed by a barrier.
+constexpr int64_t kPrivateLayerBytes = 32 * 1024;
 
 // The forward itself; every argument was checked by the caller (no throw in the team).
+//
+// Threads. One OpenMP team per request. Stage A (user side, one row): small layers are computed
+// by every thread (no barrier), large ones are split by output blocks (a barrier after each);
+// each thread always gets the same blocks, so its share of the weights stays in its core's
+// cache from request to request. Stage B (candidates): below kRowsPerThread rows per thread the
+// layers are split by output blocks too, with a barrier per layer; the first top layer's shared
+// part u is then needed only for the thread's own blocks, so it needs no barrier of its own. From
+// kRowsPerThread rows per thread on, each thread runs the whole tower on its own rows.
 void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, const int64_t* cid,
                   const float* dense, int64_t N, float* out) {
   const int64_t D = P.D, F = P.F, W = P.maxw, Kvp = pad16(P.Pv);
   const int64_t Ksp = P.layers[P.nb].Kp, O1 = P.layers[P.nb].Ob * 16;
   const LayerFn bf16_fn = pick_bf16_layer(P.portable);
+  const bool bf = P.bf16;
+  const Layer* Ls = P.layers.data();
+  const int64_t wbytes = bf ? 32 : 64;  // weight bytes per (padded input, output block)
   int nt = omp_in_parallel() ? 1 : at::get_num_threads();
   const bool row_split = N >= kRowsPerThread * nt;
   if (row_split) nt = static_cast<int>(std::min<int64_t>(nt, N / kRowsPerThread));
-  // per-request buffers (stage A, and in the layer split the activations of all N rows)
+  // candidate pairs of the layer split: every thread computes all of them when that is cheap
+  const bool zv_private = !row_split && N * P.Pv <= 1024;
   Arena& A = t_request;
-  A.reserve(arena_bytes(F * D + 6 * W + (row_split ? 0 : N * (3 * W + 2 * Kvp + 16))));
-  float* fields0 = A.take<float>(F * D);   // [F, D] shared fields
-  float* a0 = A.take<float>(W);            // [W] stage-A activations (ping)
-  float* a1 = A.take<float>(W);            // (pong)
-  uint32_t* b0 = A.take<uint32_t>(W / 2);  // bf16 copies
-  uint32_t* b1 = A.take<uint32_t>(W / 2);
-  float* u = A.take<float>(O1);            // [O1] first top layer, shared part (+ bias)
-  float* zv = A.take<float>(row_split ? 0 : N * Kvp);  // [N, Kvp] (layer split)
-  uint32_t* zb = A.take<uint32_t>(row_split ? 0 : N * Kvp / 2);
-  float* h0 = A.take<float>(row_split ? 0 : N * W);  // [N, W] activations
-  float* h1 = A.take<float>(row_split ? 0 : N * W);
-  uint32_t* g0 = A.take<uint32_t>(row_split ? 0 : N * W / 2);
-  uint32_t* g1 = A.take<uint32_t>(row_split ? 0 : N * W / 2);
-  float* head = A.take<float>(row_split ? 0 : N * 16);
-  const bool bf = P.bf16;
-  const Layer* Ls = P.layers.data();
+  A.reserve(arena_bytes(3 * W + O1 + (row_split ? 0 : N * (3 * W + 2 * Kvp + 16))));
+  float* s0 = A.take<float>(W);               // [W] stage-A outputs of split layers (ping)
+  float* s1 = A.take<float>(W);               // (pong)
+  float* u = A.take<float>(O1);               // [O1] first top layer, shared part (+ bias)
+  const int64_t nzv = row_split || zv_private ? 0 : N;
+  float* zv = A.take<float>(nzv * Kvp);       // [N, Kvp] candidate pairs (layer split)
+  uint32_t* zb = A.take<uint32_t>(nzv * Kvp / 2);
+  const int64_t nh = row_split ? 0 : N;
+  float* h0 = A.take<float>(nh * W);          // [N, W] activations (layer split)
+  float* h1 = A.take<float>(nh * W);
+  uint32_t* g0 = A.take<uint32_t>(nh * W / 2);
+  uint32_t* g1 = A.take<uint32_t>(nh * W / 2);
+  float* head = A.take<float>(nh * 16);       // [N, 16] head outputs
+  // shared bf16 stage-A outputs live right after the float ones: [W / 2] each
+  uint32_t* sb0 = A.take<uint32_t>(W / 2);
+  uint32_t* sb1 = A.take<uint32_t>(W / 2);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int tid = omp_get_thread_num(), T = omp_get_num_threads();
     auto split = [&](int64_t n) { return std::make_pair(n * tid / T, n * (tid + 1) / T); };
-    // ---- stage A: the user/context side, once per request (outputs split over the team)
-    if (tid == 0) {
-      std::memset(fields0, 0, sizeof(float) * F * D);
-      for (int64_t i = 0; i < P.Tu; ++i) rr.row(P.ubase[i] + uid[i], fields0 + P.ufield[i] * D);
-      if (P.hb) {
-        const int64_t Kp = Ls[0].Kp;
-        std::memset(a1, 0, sizeof(float) * Kp);
-        std::memcpy(a1, dense, sizeof(float) * P.Kd);
-        if (bf) pack_bf16(a1, Kp, b1);
-      }
+    Arena& PA = t_private;
+    const int64_t tile = row_split ? kTile : 0, zrows = zv_private ? N : 0;
+    PA.reserve(arena_bytes(F * D + 4 * W + 2 * Ksp + (zrows + tile) * 2 * Kvp +
+                           tile * (3 * W + 16)));
+    float* fields = PA.take<float>(F * D);    // [F, D] shared fields, then candidate rows
+    float* p0 = PA.take<float>(W);            // [W] private stage-A activations (ping)
+    float* p1 = PA.take<float>(W);
+    uint32_t* pb0 = PA.take<uint32_t>(W / 2);
+    uint32_t* pb1 = PA.take<uint32_t>(W / 2);
+    float* s = PA.take<float>(Ksp);           // [Ksp] shared columns: dense vector, shared pairs
+    uint32_t* sb = PA.take<uint32_t>(Ksp / 2);
+
+    // ---- stage A: the user/context side, once per request
+    std::memset(fields, 0, sizeof(float) * F * D);
+    for (int64_t i = 0; i < P.Tu; ++i) rr.row(P.ubase[i] + uid[i], fields + P.ufield[i] * D);
+    const float* xa = p1;
+    const uint32_t* xb = pb1;
+    if (P.hb) {
+      const int64_t Kp = Ls[0].Kp;
+      std::memset(p1, 0, sizeof(float) * Kp);
+      std::memcpy(p1, dense, sizeof(float) * P.Kd);
+      if (bf) pack_bf16(p1, Kp, pb1);
     }
-#pragma omp barrier
-    float* xa = a1;
-    uint32_t* xb = b1;
+    int split_count = 0;
     for (int64_t l = 0; l < P.nb; ++l) {
-      float* ya = (l % 2 == 0) ? a0 : a1;
-      uint32_t* yb = (l % 2 == 0) ? b0 : b1;
+      const Layer& ly = Ls[l];
       const bool last = l == P.nb - 1;
-      const auto r = split(Ls[l].Ob);
-      run_layer(P, bf16_fn, Ls[l], bf ? static_cast<const void*>(xb) : xa, 0, 1, r.first,
-                r.second, nullptr, (!bf || last) ? ya : nullptr, 0, bf && !last ? yb : nullptr, 0);
-      xa = ya, xb = yb;
+      const bool priv = ly.Kp * ly.Ob * wbytes <= kPrivateLayerBytes;
+      float* ya;
+      uint32_t* yb;
+      int64_t ob0 = 0, ob1 = ly.Ob;
+      if (priv) {
+        ya = (xa == p0) ? p1 : p0;
+        yb = (xa == p0) ? pb1 : pb0;
+      } else {
+        ya = (split_count % 2 == 0) ? s0 : s1;
+        yb = (split_count % 2 == 0) ? sb0 : sb1;
+        ++split_count;
+        const auto r = split(ly.Ob);
+        ob0 = r.first, ob1 = r.second;
+      }
+      run_layer(P, bf16_fn, ly, bf ? static_cast<const void*>(xb) : xa, 0, 1, ob0, ob1, nullptr,
+                (!bf || last) ? ya : nullptr, 0, bf && !last ? yb : nullptr, 0);
+      if (!priv) {
 #pragma omp barrier
+      }
+      xa = ya, xb = yb;
     }
-    float* s = (xa == a0) ? a1 : a0;  // [Ksp] shared columns: dense vector, shared pairs
-    uint32_t* sb = (xa == a0) ? b1 : b0;
-    if (tid == 0) {
+    {
       int64_t k = 0;
       if (P.hb) {
-        std::memcpy(fields0, xa, sizeof(float) * D);  // field 0: the bottom MLP's output
+        std::memcpy(fields, xa, sizeof(float) * D);  // field 0: the bottom MLP's output
         std::memcpy(s, xa, sizeof(float) * D);
         k = D;
       }
       for (int64_t q = 0; q < P.Ps; ++q)
-        s[k + q] = dot(fields0 + P.psi[q] * D, fields0 + P.psj[q] * D, D);
+        s[k + q] = dot(fields + P.psi[q] * D, fields + P.psj[q] * D, D);
       for (int64_t q = k + P.Ps; q < Ksp; ++q) s[q] = 0.f;
       if (bf) pack_bf16(s, Ksp, sb);
     }
-#pragma omp barrier
-    {
-      const auto r = split(Ls[P.nb].Ob);
-      run_layer(P, bf16_fn, Ls[P.nb], bf ? static_cast<const void*>(sb) : s, 0, 1, r.first,
-                r.second, nullptr, u, 0, nullptr, 0);
-    }
-#pragma omp barrier
+    // u = W_s s + b for this thread's blocks of the first top layer
+    const auto r1 = split(Ls[P.nb].Ob);
+    run_layer(P, bf16_fn, Ls[P.nb], bf ? static_cast<const void*>(sb) : s, 0, 1, r1.first,
+              r1.second, nullptr, u, 0, nullptr, 0);
+
     // ---- stage B: the candidates
     const int64_t Lh = P.L - 1;
     if (!row_split) {
-      // layer split: candidate pairs by rows, then every layer's outputs split over the team
-      {
-        Arena& TA = t_tile;
-        TA.reserve(arena_bytes(F * D));
-        float* fields = TA.take<float>(F * D);
-        std::memcpy(fields, fields0, sizeof(float) * F * D);
+      const void* x;
+      int64_t ldx = bf ? Kvp / 2 : Kvp;
+      if (zv_private) {
+        float* pz = PA.take<float>(N * Kvp);
+        uint32_t* pzb = PA.take<uint32_t>(N * Kvp / 2);
+        candidate_pairs(P, rr, cid, 0, N, fields, pz, bf ? pzb : nullptr);
+        x = bf ? static_cast<const void*>(pzb) : pz;
+      } else {
         const auto r = split(N);
         candidate_pairs(P, rr, cid, r.first, r.second - r.first, fields, zv + r.first * Kvp,
                         bf ? zb + r.first * (Kvp / 2) : nullptr);
-      }
+        x = bf ? static_cast<const void*>(zb) : zv;
 #pragma omp barrier
-      const void* x = bf ? static_cast<const void*>(zb) : zv;
-      int64_t ldx = bf ? Kvp / 2 : Kvp;
+      }
       for (int64_t l = P.nb + 1; l <= Lh; ++l) {
         const bool ping = (l - P.nb) % 2 == 1, is_head = l == Lh;
         float* y = is_head ? head : (ping ? h0 : h1);
         uint32_t* yb = ping ? g0 : g1;
-        const auto r = split(Ls[l].Ob);
+        // the first candidate layer keeps the blocks of u this thread computed
+        const auto r = (l == P.nb + 1) ? r1 : split(Ls[l].Ob);
         run_layer(P, bf16_fn, Ls[l], x, ldx, N, r.first, r.second, l == P.nb + 1 ? u : nullptr,
                   (!bf || is_head) ? y : nullptr, is_head ? 16 : W,
                   (bf && !is_head) ? yb : nullptr, W / 2);
@@ -578,18 +616,15 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
         }
       }
     } else {
-      // row split: each thread runs the whole tower on its rows, tile by tile
-      Arena& TA = t_tile;
-      TA.reserve(arena_bytes(F * D + kTile * (2 * Kvp + 3 * W + 16)));
-      float* fields = TA.take<float>(F * D);
-      float* tz = TA.take<float>(kTile * Kvp);
-      uint32_t* tzb = TA.take<uint32_t>(kTile * Kvp / 2);
-      float* t0 = TA.take<float>(kTile * W);
-      uint32_t* tb0 = TA.take<uint32_t>(kTile * W / 2);
-      uint32_t* tb1 = TA.take<uint32_t>(kTile * W / 2);
-      float* t1 = TA.take<float>(kTile * W);
-      float* th = TA.take<float>(kTile * 16);
-      std::memcpy(fields, fields0, sizeof(float) * F * D);
+#pragma omp barrier
+      // row split: each thread runs the whole tower on its rows, tile by tile (u is complete)
+      float* tz = PA.take<float>(kTile * Kvp);
+      uint32_t* tzb = PA.take<uint32_t>(kTile * Kvp / 2);
+      float* t0 = PA.take<float>(kTile * W);
+      uint32_t* tb0 = PA.take<uint32_t>(kTile * W / 2);
+      uint32_t* tb1 = PA.take<uint32_t>(kTile * W / 2);
+      float* t1 = PA.take<float>(kTile * W);
+      float* th = PA.take<float>(kTile * 16);
       const auto r = split(N);
       for (int64_t m0 = r.first; m0 < r.second; m0 += kTile) {
         const int64_t M = std::min(kTile, r.second - m0);
