@@ -439,15 +439,81 @@ ADREC_INLINE float dot(const float* a, const float* b, int64_t D) {
 
 // One tile of candidates: their varying pairs zv [M][Kvp] (float32, zero padded), and their bf16
 // pairs zb [M][Kvp / 2] when the model is bf16. fields [F, D] holds the shared fields on entry.
+// Pair dot products through a small Gram matrix: FT [D][Fp] holds the fields transposed
+// (Fp = F padded to 32, zero columns), and G[r][j] = <field rowf[r], field j> for every j comes
+// from D vector FMAs per 16 columns, instead of one horizontal dot product per pair.
+inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
+
+ADREC_INLINE void transpose_fields(const float* fields, int64_t F, int64_t D, int64_t Fp,
+                                   float* FT) {
+  for (int64_t k = 0; k < D; ++k)
+    for (int64_t f = 0; f < Fp; ++f) FT[k * Fp + f] = f < F ? fields[f * D + k] : 0.f;
+}
+
+// G [nr][Fp]; two rows x two 16-column blocks per pass (four independent FMA chains).
+ADREC_INLINE void gram_rows(const float* fields, const float* FT, int64_t D, int64_t Fp,
+                            const int64_t* rowf, int64_t nr, float* G) {
+  for (int64_t r = 0; r < nr; r += 2) {
+    const bool two = r + 1 < nr;
+    const float* a0 = fields + rowf[r] * D;
+    const float* a1 = two ? fields + rowf[r + 1] * D : a0;
+    for (int64_t j = 0; j < Fp; j += 32) {
+      v16f c00 = {}, c01 = {}, c10 = {}, c11 = {};
+      for (int64_t k = 0; k < D; ++k) {
+        const v16f t0 = *reinterpret_cast<const v16f*>(FT + k * Fp + j);
+        const v16f t1 = *reinterpret_cast<const v16f*>(FT + k * Fp + j + 16);
+        c00 += t0 * a0[k];
+        c01 += t1 * a0[k];
+        c10 += t0 * a1[k];
+        c11 += t1 * a1[k];
+      }
+      *reinterpret_cast<v16f*>(G + r * Fp + j) = c00;
+      *reinterpret_cast<v16f*>(G + r * Fp + j + 16) = c01;
+      if (two) {
+        *reinterpret_cast<v16f*>(G + (r + 1) * Fp + j) = c10;
+        *reinterpret_cast<v16f*>(G + (r + 1) * Fp + j + 16) = c11;
+      }
+    }
+  }
+}
+
+// Stage A: the shared columns s [Ksp] (the dense vector d when there is a bottom MLP, then the
+// pairs of two shared fields) and FT for the candidates. fields [F, D] holds the shared fields
+// (field 0 = d); G is scratch [F][Fp]; rowf [F] scratch.
+ADREC_CPU_CLONES void shared_pairs(const Packed& P, const float* fields, float* FT, int64_t Fp,
+                                   float* G, int64_t* rowf, float* s, int64_t Ksp) {
+  const int64_t D = P.D, F = P.F;
+  transpose_fields(fields, F, D, Fp, FT);
+  for (int64_t f = 0; f < F; ++f) rowf[f] = f;
+  gram_rows(fields, FT, D, Fp, rowf, F, G);
+  int64_t k = 0;
+  if (P.hb) {
+    for (int64_t i = 0; i < D; ++i) s[i] = fields[i];
+    k = D;
+  }
+  for (int64_t q = 0; q < P.Ps; ++q) s[k + q] = G[P.psi[q] * Fp + P.psj[q]];
+  for (int64_t q = k + P.Ps; q < Ksp; ++q) s[q] = 0.f;
+}
+
+// One tile of candidates: their varying pairs zv [M][Kvp] (float32, zero padded), and their bf16
+// pairs zb [M][Kvp / 2] when the model is bf16. fields [F, D] and FT hold the shared fields on
+// entry; G [Tc][Fp] scratch; gidx [Pv]: where pair q is in G (-1: no candidate field in it).
 ADREC_CPU_CLONES void candidate_pairs(const Packed& P, const RowReader& rr, const int64_t* cid,
-                                      int64_t m0, int64_t M, float* fields, float* zv,
-                                      uint32_t* zb) {
+                                      int64_t m0, int64_t M, float* fields, float* FT, int64_t Fp,
+                                      float* G, const int64_t* gidx, float* zv, uint32_t* zb) {
   const int64_t D = P.D, Kvp = pad16(P.Pv);
   for (int64_t m = 0; m < M; ++m) {
     const int64_t* ids = cid + (m0 + m) * P.Tc;
-    for (int64_t c = 0; c < P.Tc; ++c) rr.row(P.cbase[c] + ids[c], fields + P.cfield[c] * D);
+    for (int64_t c = 0; c < P.Tc; ++c) {
+      const int64_t f = P.cfield[c];
+      float* row = fields + f * D;
+      rr.row(P.cbase[c] + ids[c], row);
+      for (int64_t k = 0; k < D; ++k) FT[k * Fp + f] = row[k];
+    }
+    gram_rows(fields, FT, D, Fp, P.cfield, P.Tc, G);
     float* z = zv + m * Kvp;
-    for (int64_t q = 0; q < P.Pv; ++q) z[q] = dot(fields + P.pvi[q] * D, fields + P.pvj[q] * D, D);
+    for (int64_t q = 0; q < P.Pv; ++q)
+      z[q] = gidx[q] >= 0 ? G[gidx[q]] : dot(fields + P.pvi[q] * D, fields + P.pvj[q] * D, D);
     for (int64_t q = P.Pv; q < Kvp; ++q) z[q] = 0.f;
     if (zb) pack_bf16(z, Kvp, zb + m * (Kvp / 2));
   }
@@ -482,7 +548,7 @@ constexpr int64_t kPrivateLayerBytes = 32 * 1024;
 // kRowsPerThread rows per thread on, each thread runs the whole tower on its own rows.
 void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, const int64_t* cid,
                   const float* dense, int64_t N, float* out) {
-  const int64_t D = P.D, F = P.F, W = P.maxw, Kvp = pad16(P.Pv);
+  const int64_t D = P.D, F = P.F, W = P.maxw, Kvp = pad16(P.Pv), Fp = pad32(F);
   const int64_t Ksp = P.layers[P.nb].Kp, O1 = P.layers[P.nb].Ob * 16;
   const LayerFn bf16_fn = pick_bf16_layer(P.portable);
   const bool bf = P.bf16;
@@ -494,7 +560,8 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
   // candidate pairs of the layer split: every thread computes all of them when that is cheap
   const bool zv_private = !row_split && N * P.Pv <= 1024;
   Arena& A = t_request;
-  A.reserve(arena_bytes(3 * W + O1 + (row_split ? 0 : N * (3 * W + 2 * Kvp + 16))));
+  A.reserve(arena_bytes(3 * W + O1 + 2 * (P.Pv + F) +
+                       (row_split ? 0 : N * (3 * W + 2 * Kvp + 16))));
   float* s0 = A.take<float>(W);               // [W] stage-A outputs of split layers (ping)
   float* s1 = A.take<float>(W);               // (pong)
   float* u = A.take<float>(O1);               // [O1] first top layer, shared part (+ bias)
@@ -510,6 +577,15 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
   // shared bf16 stage-A outputs live right after the float ones: [W / 2] each
   uint32_t* sb0 = A.take<uint32_t>(W / 2);
   uint32_t* sb1 = A.take<uint32_t>(W / 2);
+  // where each candidate pair sits in the candidates' Gram rows (candidate_pairs)
+  int64_t* gidx = A.take<int64_t>(P.Pv);
+  int64_t* crow = A.take<int64_t>(F);
+  for (int64_t f = 0; f < F; ++f) crow[f] = -1;
+  for (int64_t c = P.Tc - 1; c >= 0; --c) crow[P.cfield[c]] = c;
+  for (int64_t q = 0; q < P.Pv; ++q) {
+    const int64_t i = P.pvi[q], j = P.pvj[q];
+    gidx[q] = crow[i] >= 0 ? crow[i] * Fp + j : (crow[j] >= 0 ? crow[j] * Fp + i : -1);
+  }
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -518,8 +594,11 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
     Arena& PA = t_private;
     const int64_t tile = row_split ? kTile : 0, zrows = zv_private ? N : 0;
     PA.reserve(arena_bytes(F * D + 4 * W + 2 * Ksp + (zrows + tile) * 2 * Kvp +
-                           tile * (3 * W + 16)));
+                           tile * (3 * W + 16) + (D + 2 * F + 2) * Fp + 2 * F));
     float* fields = PA.take<float>(F * D);    // [F, D] shared fields, then candidate rows
+    float* FT = PA.take<float>(D * Fp);       // [D, Fp] fields transposed
+    float* G = PA.take<float>(F * Fp);        // [F, Fp] Gram rows
+    int64_t* rowf = PA.take<int64_t>(F);
     float* p0 = PA.take<float>(W);            // [W] private stage-A activations (ping)
     float* p1 = PA.take<float>(W);
     uint32_t* pb0 = PA.take<uint32_t>(W / 2);
@@ -563,18 +642,9 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
       }
       xa = ya, xb = yb;
     }
-    {
-      int64_t k = 0;
-      if (P.hb) {
-        std::memcpy(fields, xa, sizeof(float) * D);  // field 0: the bottom MLP's output
-        std::memcpy(s, xa, sizeof(float) * D);
-        k = D;
-      }
-      for (int64_t q = 0; q < P.Ps; ++q)
-        s[k + q] = dot(fields + P.psi[q] * D, fields + P.psj[q] * D, D);
-      for (int64_t q = k + P.Ps; q < Ksp; ++q) s[q] = 0.f;
-      if (bf) pack_bf16(s, Ksp, sb);
-    }
+    if (P.hb) std::memcpy(fields, xa, sizeof(float) * D);  // field 0: the bottom MLP's output
+    shared_pairs(P, fields, FT, Fp, G, rowf, s, Ksp);
+    if (bf) pack_bf16(s, Ksp, sb);
     // u = W_s s + b for this thread's blocks of the first top layer
     const auto r1 = split(Ls[P.nb].Ob);
     run_layer(P, bf16_fn, Ls[P.nb], bf ? static_cast<const void*>(sb) : s, 0, 1, r1.first,
@@ -588,12 +658,12 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
       if (zv_private) {
         float* pz = PA.take<float>(N * Kvp);
         uint32_t* pzb = PA.take<uint32_t>(N * Kvp / 2);
-        candidate_pairs(P, rr, cid, 0, N, fields, pz, bf ? pzb : nullptr);
+        candidate_pairs(P, rr, cid, 0, N, fields, FT, Fp, G, gidx, pz, bf ? pzb : nullptr);
         x = bf ? static_cast<const void*>(pzb) : pz;
       } else {
         const auto r = split(N);
-        candidate_pairs(P, rr, cid, r.first, r.second - r.first, fields, zv + r.first * Kvp,
-                        bf ? zb + r.first * (Kvp / 2) : nullptr);
+        candidate_pairs(P, rr, cid, r.first, r.second - r.first, fields, FT, Fp, G, gidx,
+                        zv + r.first * Kvp, bf ? zb + r.first * (Kvp / 2) : nullptr);
         x = bf ? static_cast<const void*>(zb) : zv;
 #pragma omp barrier
       }
@@ -628,7 +698,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
       const auto r = split(N);
       for (int64_t m0 = r.first; m0 < r.second; m0 += kTile) {
         const int64_t M = std::min(kTile, r.second - m0);
-        candidate_pairs(P, rr, cid, m0, M, fields, tz, bf ? tzb : nullptr);
+        candidate_pairs(P, rr, cid, m0, M, fields, FT, Fp, G, gidx, tz, bf ? tzb : nullptr);
         const void* x = bf ? static_cast<const void*>(tzb) : tz;
         int64_t ldx = bf ? Kvp / 2 : Kvp;
         for (int64_t l = P.nb + 1; l <= Lh; ++l) {
