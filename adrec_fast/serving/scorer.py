@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Low-latency scoring of one user against N candidates, from a trained checkpoint.
 
-``Scorer.load(dir, quantize=None | "fp16" | "int8", threads=None)`` builds an immutable model
-version; ``score(user, candidates) -> np.ndarray [N]`` probabilities; ``top_k``; ``score_ids``
-(the fast path: ids already encoded); ``swap(dir)`` replaces the version atomically.
+``Scorer.load(dir, quantize=None | "fp16" | "int8", threads=None, mlp=None | "bf16")`` builds an
+immutable model version; ``score(user, candidates) -> np.ndarray [N]`` probabilities; ``top_k``;
+``score_ids`` (ids already encoded, dicts per field); ``ids_path(cand_fields)`` (the leanest path:
+id arrays in, probabilities out, DLRM); ``swap(dir)`` replaces the version atomically.
 
 Field split. A request names the user/context side once (``user``: one value per field) and the
 candidate side per candidate (``candidates``: a dict of equal-length columns, or a list of dicts).
@@ -11,8 +12,18 @@ The split is per request: a field is candidate-side when ``candidates`` holds it
 otherwise (a field in neither is missing: id 0 / the dense ``fill``, as in training). A field may
 not be given on both sides.
 
-Native path (DLRM, and DCN-v2 without its first-order ``linear`` term, on schemas of plain
-categorical + dense fields): ONE call of ``adrec::serving_forward`` per request (lookup with
+Packed DLRM path (DLRM on a schema of plain categorical + dense fields, every dense field
+user-side): ONE call of ``adrec::serving_dlrm`` per request on the model packed once per field
+split (``pack_dlrm``: MLP weights in a blocked layout, fp32 or, with ``mlp="bf16"``, bfloat16; the
+first top layer split into its shared columns, computed once per request, and its per-candidate
+columns). Its kernels are the project's own (csrc/cpu/scorer_mlp.inc; AVX512_BF16 chosen at run
+time, a portable kernel elsewhere), run by one OpenMP team per request, with reusable per-thread
+buffers. ``mlp="bf16"`` rounds the MLP weights and every layer input to bfloat16 and accumulates
+in float32 (opt-in: the default keeps the fp32 model, equal to the model's forward within 1e-5).
+
+Native path (DCN-v2 without its first-order ``linear`` term, and DLRM with a candidate-side dense
+field, on schemas of plain categorical + dense fields): ONE call of ``adrec::serving_forward`` per
+request (lookup with
 dequantize-on-lookup, interaction, MLPs, head, sigmoid; csrc/cpu/scorer.cpp). The user-side
 embeddings are read once per request; DLRM's bottom MLP runs once per request when every dense
 field is user-side (when any dense field is candidate-side, the dense input is per candidate and
