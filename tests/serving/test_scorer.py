@@ -577,3 +577,39 @@ def test_ids_path_follows_swap(schema, tmp_path):
     assert np.abs(fp(u, c, d) - _bf16_reference(a, batch)).max() <= 5e-5
     sc.swap(pb)
     assert np.abs(fp(u, c, d) - _bf16_reference(b, batch)).max() <= 5e-5
+
+
+@pytest.mark.parametrize("mlp", [None, "bf16"])
+@pytest.mark.parametrize("shape", ["no_dense", "no_top"])
+def test_packed_dlrm_shapes(tmp_path, mlp, shape):
+    """DLRM without a bottom MLP (no dense field: the fields are the embeddings only) and
+    without a top MLP (the head is the first top layer, split into its shared and candidate
+    columns), D = 16 and 5, through the layer and the row split."""
+    raw = _raw(2000, 7)
+    fields = [{"name": "user", "type": "categorical"}, {"name": "age", "type": "categorical"},
+              {"name": "item", "type": "categorical"}, {"name": "adcat", "type": "categorical"}]
+    if shape == "no_top":
+        fields.append({"name": "price", "type": "dense", "transform": "log1p_standardize"})
+    sch = Schema(fields).fit(raw)
+    for D in (16, 5):
+        torch.manual_seed(D)
+        kw = {"top": ()} if shape == "no_top" else {}
+        m = build_model("dlrm", sch, embedding_dim=D, init_std=0.5, **kw).eval()
+        assert (m.bottom is None) == (shape == "no_dense")
+        sc = Scorer.load(save_checkpoint(tmp_path / f"{shape}{D}", m, rng=False), mlp=mlp)
+        fp = sc.ids_path(["item", "adcat"])
+        rng = np.random.default_rng(D)
+        for n in (1, 7, 40):
+            user = {"user": f"u{int(rng.integers(50))}", "age": int(rng.integers(8))}
+            if shape == "no_top":
+                user["price"] = float(rng.random() * 100)
+            cands = {"item": [f"i{i}" for i in rng.integers(0, 300, n)],
+                     "adcat": rng.integers(0, 20, n).tolist()}
+            b = sch.encode_rows([{**user, **{k: v[i] for k, v in cands.items()}}
+                                 for i in range(n)])
+            ids = b.indices.view(4, n)
+            got = fp(ids[:2, 0].numpy().copy(), np.ascontiguousarray(ids[2:].T.numpy()),
+                     b.dense[0].numpy().copy() if shape == "no_top" else None)
+            want = m.predict(b).numpy() if mlp is None else _bf16_reference(m, b)
+            assert np.abs(got - want).max() <= (1e-5 if mlp is None else 5e-5), (D, n)
+            np.testing.assert_allclose(sc.score(user, cands), got, atol=1e-6)
