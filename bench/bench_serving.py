@@ -223,7 +223,8 @@ def fbgemm_fn(model, name: str):
 
 
 # ---------------------------------------------------------------------------- timing
-def latency(fn, reqs, seconds: float, min_reqs: int = 30, max_reqs: int = 5000):
+def latency(fn, reqs, seconds: float, min_reqs: int = 30, max_reqs: int = 1_000_000):
+    """p50 / p99 of sequential requests over `seconds` (every provider gets the same window)."""
     for r in reqs[:3]:
         fn(*r)
     lat = []
