@@ -450,31 +450,35 @@ ADREC_INLINE void transpose_fields(const float* fields, int64_t F, int64_t D, in
     for (int64_t f = 0; f < Fp; ++f) FT[k * Fp + f] = f < F ? fields[f * D + k] : 0.f;
 }
 
-// G [nr][Fp]; two rows x two 16-column blocks per pass (four independent FMA chains).
-ADREC_INLINE void gram_rows(const float* fields, const float* FT, int64_t D, int64_t Fp,
-                            const int64_t* rowf, int64_t nr, float* G) {
-  for (int64_t r = 0; r < nr; r += 2) {
-    const bool two = r + 1 < nr;
-    const float* a0 = fields + rowf[r] * D;
-    const float* a1 = two ? fields + rowf[r + 1] * D : a0;
-    for (int64_t j = 0; j < Fp; j += 32) {
-      v16f c00 = {}, c01 = {}, c10 = {}, c11 = {};
-      for (int64_t k = 0; k < D; ++k) {
-        const v16f t0 = *reinterpret_cast<const v16f*>(FT + k * Fp + j);
-        const v16f t1 = *reinterpret_cast<const v16f*>(FT + k * Fp + j + 16);
-        c00 += t0 * a0[k];
-        c01 += t1 * a0[k];
-        c10 += t0 * a1[k];
-        c11 += t1 * a1[k];
-      }
-      *reinterpret_cast<v16f*>(G + r * Fp + j) = c00;
-      *reinterpret_cast<v16f*>(G + r * Fp + j + 16) = c01;
-      if (two) {
-        *reinterpret_cast<v16f*>(G + (r + 1) * Fp + j) = c10;
-        *reinterpret_cast<v16f*>(G + (r + 1) * Fp + j + 16) = c11;
+// G [nr][Fp]; R rows x two 16-column blocks per pass (2R independent FMA chains).
+template <int R>
+ADREC_INLINE void gram_pass(const float* fields, const float* FT, int64_t D, int64_t Fp,
+                            const int64_t* rowf, float* G) {
+  const float* a[R];
+  for (int r = 0; r < R; ++r) a[r] = fields + rowf[r] * D;
+  for (int64_t j = 0; j < Fp; j += 32) {
+    v16f c0[R], c1[R];
+    for (int r = 0; r < R; ++r) c0[r] = c1[r] = v16f{};
+    for (int64_t k = 0; k < D; ++k) {
+      const v16f t0 = *reinterpret_cast<const v16f*>(FT + k * Fp + j);
+      const v16f t1 = *reinterpret_cast<const v16f*>(FT + k * Fp + j + 16);
+      for (int r = 0; r < R; ++r) {
+        c0[r] += t0 * a[r][k];
+        c1[r] += t1 * a[r][k];
       }
     }
+    for (int r = 0; r < R; ++r) {
+      *reinterpret_cast<v16f*>(G + r * Fp + j) = c0[r];
+      *reinterpret_cast<v16f*>(G + r * Fp + j + 16) = c1[r];
+    }
   }
+}
+
+ADREC_INLINE void gram_rows(const float* fields, const float* FT, int64_t D, int64_t Fp,
+                            const int64_t* rowf, int64_t nr, float* G) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) gram_pass<4>(fields, FT, D, Fp, rowf + r, G + r * Fp);
+  for (; r < nr; ++r) gram_pass<1>(fields, FT, D, Fp, rowf + r, G + r * Fp);
 }
 
 // Stage A: the shared columns s [Ksp] (the dense vector d when there is a bottom MLP, then the
