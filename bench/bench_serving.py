@@ -348,7 +348,7 @@ def frappe(json_path=None) -> str:
         rows.append(res)
         print(json.dumps(res), flush=True)
 
-        def cell(k, delta=False):
+        def cell(k, delta=False, res=res):
             if f"auc_{k}" not in res:
                 return "-"
             return (f"{res[f'auc_{k}'] - res['auc_fp32']:+.5f}" if delta
@@ -453,8 +453,8 @@ def targets(res: dict, model: str = "dlrm", threads: int = 2) -> str:
         return ""
     p99 = {(r["provider"], r["N"]): r["p99_us"] for r in lat}
     out = [f"\n{model}, {threads} threads, p99 in µs: ours / best peer = ratio (target)\n",
-           "| N | scorer | best fp32 peer | ratio | scorer_bf16 | ratio vs fp32 peer "
-           "| best bf16/int8 peer | ratio vs it | target |", "|---|---|---|---|---|---|---|---|---|"]
+           ("| N | scorer | best fp32 peer | ratio | scorer_bf16 | ratio vs fp32 peer "
+            "| best bf16/int8 peer | ratio vs it | target |"), "|---|---|---|---|---|---|---|---|---|"]
 
     def best(peers, n):
         got = [(p99[(p, n)], p) for p in peers if (p, n) in p99]

@@ -5,6 +5,12 @@
 // shared, DLRM dot products between two shared fields) is computed once per request and copied
 // into every candidate row as a template; only the candidate slots are read per candidate.
 // Candidate rows are filled by at::parallel_for over row blocks.
+// GCC 12 reports a false -Wmaybe-uninitialized inside its own avx512fintrin.h for the AVX-512
+// intrinsics of scorer_mlp.inc (the header's _mm512_undefined idiom); the state must cover the
+// header's locations, hence file-wide.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -482,7 +482,7 @@ def test_bf16_mlp(schema, ckpts, key, threads):
 
 
 def test_bf16_mlp_with_int8_tables(schema, ckpts):
-    path, model = ckpts["dlrm"]
+    path, _ = ckpts["dlrm"]
     sc = Scorer.load(path, quantize="int8", mlp="bf16")
     deq = _model(schema, "dlrm")
     for ebc in deq.embedding_collections():
