@@ -355,10 +355,13 @@ Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t 
   P.D = h[H_D], P.F = h[H_F], P.hb = h[H_HB] != 0, P.Kd = h[H_KD], P.Tu = h[H_TU];
   P.Tc = h[H_TC], P.Ps = h[H_PS], P.Pv = h[H_PV], P.L = h[H_L], P.nb = h[H_NB];
   TORCH_CHECK_VALUE(P.D == D, kOpP, ": packed for D = ", P.D, " but the table has D = ", D);
+  // every count is bounded by the meta's length before any arithmetic on it (no overflow)
   TORCH_CHECK_VALUE(P.Tu >= 0 && P.Tc >= 0 && P.Ps >= 0 && P.Pv >= 0 && P.Kd >= 0 &&
-                        P.F == P.Tu + P.Tc + (P.hb ? 1 : 0) && P.hb == (P.Kd > 0) &&
-                        P.nb == (P.hb ? P.nb : 0) && P.nb >= (P.hb ? 1 : 0) && P.L >= P.nb + 2 &&
-                        P.L <= kMaxLayers,
+                        P.Tu <= n && P.Tc <= n && P.Ps <= n && P.Pv <= n && P.D >= 1 &&
+                        P.Kd <= blob.numel() && P.nb >= 0 && P.nb <= kMaxLayers &&
+                        P.L <= kMaxLayers && P.F == P.Tu + P.Tc + (P.hb ? 1 : 0) &&
+                        P.hb == (P.Kd > 0) && (P.hb || P.nb == 0) && P.nb >= (P.hb ? 1 : 0) &&
+                        P.L >= P.nb + 2,
                     kOpP, ": inconsistent meta header");
   const int64_t need = H_SIZE + 3 * (P.Tu + P.Tc) + 2 * (P.Ps + P.Pv) + 5 * P.L;
   TORCH_CHECK_VALUE(n == need, kOpP, ": meta has ", n, " entries, expected ", need);
@@ -373,12 +376,12 @@ Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t 
   a += 2 * P.Pv;
   const int64_t F0 = P.hb ? 1 : 0;  // field 0 is the bottom MLP's output when there is one
   for (int64_t i = 0; i < P.Tu; ++i)
-    TORCH_CHECK_VALUE(P.ufield[i] >= F0 && P.ufield[i] < P.F && P.ubase[i] >= 0 && P.ucard[i] >= 1 &&
-                          P.ubase[i] + P.ucard[i] <= R,
+    TORCH_CHECK_VALUE(P.ufield[i] >= F0 && P.ufield[i] < P.F && P.ubase[i] >= 0 &&
+                          P.ubase[i] <= R && P.ucard[i] >= 1 && P.ucard[i] <= R - P.ubase[i],
                       kOpP, ": bad user slot ", i, " in meta");
   for (int64_t i = 0; i < P.Tc; ++i)
-    TORCH_CHECK_VALUE(P.cfield[i] >= F0 && P.cfield[i] < P.F && P.cbase[i] >= 0 && P.ccard[i] >= 1 &&
-                          P.cbase[i] + P.ccard[i] <= R,
+    TORCH_CHECK_VALUE(P.cfield[i] >= F0 && P.cfield[i] < P.F && P.cbase[i] >= 0 &&
+                          P.cbase[i] <= R && P.ccard[i] >= 1 && P.ccard[i] <= R - P.cbase[i],
                       kOpP, ": bad candidate slot ", i, " in meta");
   for (int64_t q = 0; q < P.Ps; ++q)
     TORCH_CHECK_VALUE(P.psi[q] >= 0 && P.psi[q] < P.F && P.psj[q] >= 0 && P.psj[q] < P.F, kOpP,
@@ -391,11 +394,12 @@ Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t 
   for (int64_t l = 0; l < P.L; ++l, a += 5) {
     Layer& y = P.layers[l];
     y.Kp = a[0], y.Ob = a[1], y.relu = a[2] != 0;
-    const int64_t wo = a[3], bo = a[4];
-    const int64_t wbytes = y.Ob * y.Kp * (P.bf16 ? 32 : 64);
-    TORCH_CHECK_VALUE(y.Kp >= 0 && y.Kp % 16 == 0 && y.Ob >= 1 && wo >= 0 && bo >= 0 &&
-                          wo % 64 == 0 && bo % 64 == 0 && wo + wbytes <= bytes &&
-                          bo + y.Ob * 64 <= bytes,
+    const int64_t wo = a[3], bo = a[4], per = P.bf16 ? 32 : 64;  // weight bytes per (k, block)
+    TORCH_CHECK_VALUE(y.Kp >= 0 && y.Kp % 16 == 0 && y.Kp <= bytes && y.Ob >= 1 &&
+                          y.Ob <= bytes / 64 && (y.Kp == 0 || y.Ob <= bytes / (y.Kp * per)) &&
+                          wo >= 0 && bo >= 0 && wo <= bytes && bo <= bytes && wo % 64 == 0 &&
+                          bo % 64 == 0 && y.Ob * y.Kp * per <= bytes - wo &&
+                          y.Ob * 64 <= bytes - bo,
                       kOpP, ": bad layer ", l, " in meta");
     y.w = base + wo;
     y.b = reinterpret_cast<const float*>(base + bo);

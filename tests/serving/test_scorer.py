@@ -613,3 +613,26 @@ def test_packed_dlrm_shapes(tmp_path, mlp, shape):
             want = m.predict(b).numpy() if mlp is None else _bf16_reference(m, b)
             assert np.abs(got - want).max() <= (1e-5 if mlp is None else 5e-5), (D, n)
             np.testing.assert_allclose(sc.score(user, cands), got, atol=1e-6)
+
+
+def test_packed_model_checks_extreme_values(schema, ckpts):
+    """Huge or negative counts, sizes and offsets in a damaged meta: a ValueError (the checks
+    bound every value before any arithmetic on it)."""
+    sc = Scorer.load(ckpts["dlrm"][0])
+    fp = sc.ids_path(["item", "adcat"])
+    u, c, d, _ = _ids_request(schema, np.random.default_rng(17), 3)
+    fp(u, c, d)
+    _, meta, blob, w, sb, _ = fp._bound
+    op = torch.ops.adrec.serving_dlrm.default
+    U, C, Dn = (torch.from_numpy(x) for x in (u, c, d))
+    big = 2**62
+    L = int(meta[11])
+    layer0 = len(meta) - 5 * L
+    ubase = 16 + int(meta[7])  # first user slot's row base
+    for pos in [6, 7, 8, 9, 10, 11, 12, ubase, ubase + int(meta[7]), layer0, layer0 + 1,
+                layer0 + 3, layer0 + 4]:
+        for val in (big, -big, -1):
+            m = meta.clone()
+            m[pos] = val
+            with pytest.raises(ValueError):
+                op(m, blob, w, sb, U, C, Dn)
