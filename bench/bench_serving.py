@@ -4,18 +4,26 @@ the trainer issue's shapes (26 Criteo Kaggle tables capped at 1e6 rows = 5.57M r
 13 dense features; DLRM bottom 13-512-256-64-16 / top 512-256, DCN-v2 3 cross + 512-256).
 
 Request: C1..C13 and the 13 dense features are user/context-side (one value per request),
-C14..C26 are candidate-side (N values). Every provider starts from the same encoded ids (numpy)
-and returns probabilities as numpy:
+C14..C26 are candidate-side (N values). Every provider gets the same numpy arrays (user ids
+int64 [13], candidate ids int64 [N, 13], dense float32 [13]; ids within each table) and returns
+probabilities as numpy:
 
-  scorer        adrec_fast.serving.Scorer.score_ids: one adrec::serving_forward call (fp32)
+  scorer        adrec_fast.serving.Scorer.ids_path: one adrec::serving_dlrm call (fp32 tables,
+                fp32 MLP); DCN-v2: Scorer.score_ids, one adrec::serving_forward call
   scorer_fp16   the same with float16 tables
   scorer_int8   the same with int8 row-wise tables
+  scorer_bf16   DLRM: fp32 tables, MLP weights and activations in bf16 (Scorer mlp="bf16")
   adrec_model   the trained model's own forward on the request expanded to N rows
                 (torch.inference_mode; fused ops, one call per layer)
   eager         plain PyTorch: one concatenated nn.EmbeddingBag + torch tower, inference_mode
   compile       ``eager`` with the tower under torch.compile(dynamic=True)
   fbgemm_int8   FBGEMM IntNBitTableBatchedEmbeddingBagsCodegen int8 tables (random weights,
                 latency only) + the ``eager`` tower, when fbgemm_gpu is installed
+  eager_bf16    same-precision peer of scorer_bf16: ``eager`` with the tower (MLPs,
+                interaction, head) in bfloat16
+  compile_bf16  ``eager_bf16`` with the tower under torch.compile(dynamic=True)
+  eager_qint8   ``eager`` with the MLPs' Linear layers as torch's dynamic int8 quantized Linear
+                (int8 weights per tensor, activations quantized per batch)
 
 Latency: p50 / p99 of sequential requests, per provider, N in {1, 64, 512, 4096}, torch intra-op
 threads in {1, 2}. Throughput: closed loop, C in {2, 4, 8} client threads each sending its next
@@ -24,6 +32,10 @@ request when the last one returns, N = 64, intra-op threads 1.
     python bench/bench_serving.py --json /tmp/serving.json           # everything (~10 min)
     python bench/bench_serving.py --models dlrm --seconds 0.5        # quicker
     python bench/bench_serving.py --frappe                           # quantization AUC only
+
+The ratio tables at the end compare the DLRM 2-thread p99 of ``scorer`` (fp32) with the best
+fp32 peer (eager, compile, fbgemm_int8) and of ``scorer_bf16`` with the same and with the best
+reduced-precision peer (eager_bf16, compile_bf16, eager_qint8).
 
 ``--frappe``: DLRM and DCN-v2 trained on the Frappe fit split (bench/frappe_models.py's 80/10/10
 split and settings: D=16, batch 256, early stop on the 10% split, embedding lr 0.05); the test
@@ -34,12 +46,14 @@ Scorer.score in fp32, fp16 and int8; AUC against the model's own forward.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,14 +85,22 @@ def criteo_schema() -> Schema:
     return Schema(fields, label="label")
 
 
+USER_F = [f"C{t + 1}" for t in range(USER_T)]
+CAND_F = [f"C{t + 1}" for t in range(USER_T, T)]
+FP32_PEERS = ("eager", "compile", "fbgemm_int8")
+LOW_PEERS = ("eager_bf16", "compile_bf16", "eager_qint8")
+
+
 def requests(n: int, count: int, seed: int = 0):
-    """``count`` requests: (user ids {C1..C13: id}, candidate ids {C14..C26: [n]}, dense [13])."""
+    """``count`` requests: (user ids [13] int64 (C1..C13), candidate ids [n, 13] int64
+    (C14..C26), dense [13] float32)."""
     g = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        user = {f"C{t + 1}": int(g.integers(0, ROWS[t])) for t in range(USER_T)}
-        cand = {f"C{t + 1}": g.integers(0, ROWS[t], n) for t in range(USER_T, T)}
-        out.append((user, cand, g.standard_normal(N_DENSE).astype(np.float32)))
+        user = np.array([g.integers(0, ROWS[t]) for t in range(USER_T)], dtype=np.int64)
+        cand = np.stack([g.integers(0, ROWS[t], n) for t in range(USER_T, T)], axis=1)
+        out.append((user, np.ascontiguousarray(cand, dtype=np.int64),
+                    g.standard_normal(N_DENSE).astype(np.float32)))
     return out
 
 
@@ -118,20 +140,38 @@ class EagerDCN(nn.Module):
         return torch.sigmoid(h @ self.head.weight + self.head.bias)
 
 
-def eager_fn(model, name: str, compiled: bool):
+def eager_fn(model, name: str, compiled: bool, precision: str = "fp32"):
+    """``precision``: "fp32"; "bf16" (the tower in bfloat16); "qint8" (the MLPs' Linear layers
+    as torch's dynamic int8 quantized Linear)."""
     m = (EagerDLRM if name == "dlrm" else EagerDCN)(model).eval()
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    if precision == "bf16":
+        m = copy.deepcopy(m)
+        for mod in [m.bottom, m.top, m.head] if name == "dlrm" else [m.deep, m.head]:
+            mod.to(torch.bfloat16)
+        if name != "dlrm":
+            m.cw, m.cb = [w.bfloat16() for w in m.cw], [b.bfloat16() for b in m.cb]
+    elif precision == "qint8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated, still works
+            q = torch.ao.quantization.quantize_dynamic
+            if name == "dlrm":
+                m.bottom = q(m.bottom, {nn.Linear}, dtype=torch.qint8)
+                m.top = q(m.top, {nn.Linear}, dtype=torch.qint8)
+            else:
+                m.deep = q(m.deep, {nn.Linear}, dtype=torch.qint8)
     base = torch.from_numpy(np.concatenate([[0], np.cumsum(ROWS)[:-1]]).astype(np.int64))
     tower = torch.compile(m.tower, dynamic=True) if compiled else m.tower
 
     def run(user, cand, dense):
         with torch.inference_mode():
-            n = len(next(iter(cand.values())))
-            u = torch.tensor(list(user.values()), dtype=torch.long)  # [13]
-            c = torch.from_numpy(np.stack(list(cand.values()), axis=1))  # [N, 13]
+            n = cand.shape[0]
+            u = torch.from_numpy(user)  # [13]
+            c = torch.from_numpy(cand)  # [N, 13]
             ids = torch.cat([u.expand(n, USER_T), c], dim=1) + base  # [N, T] global rows
             pooled = m.emb(ids.reshape(-1), torch.arange(n * T))  # one id per bag
             d = torch.from_numpy(dense).expand(n, N_DENSE)
-            return tower(pooled.view(n, T * D), d).numpy()
+            return tower(pooled.view(n, T * D).to(dt), d.to(dt)).float().numpy()
 
     return run
 
@@ -139,12 +179,10 @@ def eager_fn(model, name: str, compiled: bool):
 def adrec_model_fn(model):
     def run(user, cand, dense):
         with torch.inference_mode():
-            n = len(next(iter(cand.values())))
+            n = cand.shape[0]
             ids = np.empty((T, n), dtype=np.int64)
-            for t in range(USER_T):
-                ids[t] = user[f"C{t + 1}"]
-            for t in range(USER_T, T):
-                ids[t] = cand[f"C{t + 1}"]
+            ids[:USER_T] = user[:, None]
+            ids[USER_T:] = cand.T
             b = Batch(indices=torch.from_numpy(ids.reshape(-1)), offsets=torch.arange(T * n + 1),
                       dense=torch.from_numpy(dense).expand(n, N_DENSE).contiguous(),
                       labels=torch.zeros(n), vectors=torch.zeros(n, 0), num_bags=T)
@@ -172,12 +210,10 @@ def fbgemm_fn(model, name: str):
 
     def run(user, cand, dense):
         with torch.inference_mode():
-            n = len(next(iter(cand.values())))
+            n = cand.shape[0]
             ids = np.empty((T, n), dtype=np.int32)  # table-major, one id per bag
-            for t in range(USER_T):
-                ids[t] = user[f"C{t + 1}"]
-            for t in range(USER_T, T):
-                ids[t] = cand[f"C{t + 1}"]
+            ids[:USER_T] = user[:, None]
+            ids[USER_T:] = cand.T
             pooled = emb(torch.from_numpy(ids.reshape(-1)),
                          torch.arange(T * n + 1, dtype=torch.int32))  # [N, T*D]
             d = torch.from_numpy(dense).expand(n, N_DENSE)
@@ -187,7 +223,8 @@ def fbgemm_fn(model, name: str):
 
 
 # ---------------------------------------------------------------------------- timing
-def latency(fn, reqs, seconds: float, min_reqs: int = 30, max_reqs: int = 5000):
+def latency(fn, reqs, seconds: float, min_reqs: int = 30, max_reqs: int = 1_000_000):
+    """p50 / p99 of sequential requests over `seconds` (every provider gets the same window)."""
     for r in reqs[:3]:
         fn(*r)
     lat = []
@@ -237,6 +274,18 @@ def throughput(fn, reqs, clients: int, seconds: float):
             "p99_us": float(np.percentile(a, 99)), "errors": len(errors)}
 
 
+def scorer_fn(sc: Scorer):
+    """The Scorer's leanest path for the benchmark's arrays: ``ids_path`` where the model has
+    one (DLRM), else ``score_ids`` with the arrays turned into its dicts."""
+    try:
+        return sc.ids_path(CAND_F)
+    except NotImplementedError:
+        def run(user, cand, dense):
+            return sc.score_ids(dict(zip(USER_F, user.tolist())), dict(zip(CAND_F, cand.T)),
+                                dense)
+        return run
+
+
 def frappe(json_path=None) -> str:
     """Quantization AUC on Frappe (see the module doc)."""
     import pyarrow as pa
@@ -264,8 +313,10 @@ def frappe(json_path=None) -> str:
         groups.setdefault(tuple(cols[c][i] for c in user_f), []).append(i)
     out = [(f"Frappe test split: {len(labels)} rows in {len(groups)} requests "
             f"(user/context = {user_f}; per candidate = {cand_f})\n"),
-           ("| model | fp32 forward AUC | Scorer fp32 | fp16 | int8 | fp16 - fp32 | int8 - fp32 "
-            "| max abs p diff int8 |"), "|---|---|---|---|---|---|---|---|"]
+           ("| model | fp32 forward AUC | Scorer fp32 | fp16 | int8 | bf16 MLP | int8 + bf16 MLP "
+            "| fp16 - fp32 | int8 - fp32 | bf16 MLP - fp32 | int8 + bf16 MLP - fp32 "
+            "| max abs p diff int8 | max abs p diff bf16 MLP |"),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for name, kw in (("dlrm", {"top": (256, 128)}),
                      ("dcnv2", {"hidden": (256, 128), "cross_layers": 3})):
@@ -279,22 +330,35 @@ def frappe(json_path=None) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / name, model, rng=False)
             probs = {}
-            for q in (None, "fp16", "int8"):
-                sc = Scorer.load(path, quantize=q)
+            variants = [("fp32", None, None), ("fp16", "fp16", None), ("int8", "int8", None)]
+            if name == "dlrm":  # bf16 MLP weights: DLRM only
+                variants += [("bf16mlp", None, "bf16"), ("int8_bf16mlp", "int8", "bf16")]
+            for key_, q, mlp in variants:
+                sc = Scorer.load(path, quantize=q, mlp=mlp)
                 p = np.empty(len(labels), dtype=np.float32)
                 for key, idx in groups.items():
                     p[idx] = sc.score(dict(zip(user_f, key)),
                                       {c: [cols[c][i] for i in idx] for c in cand_f})
-                probs[q or "fp32"] = p
-                res[f"auc_{q or 'fp32'}"] = auc(labels, p)
+                probs[key_] = p
+                res[f"auc_{key_}"] = auc(labels, p)
         res["max_abs_fp32_vs_forward"] = float(np.abs(probs["fp32"] - ref).max())
         res["max_abs_int8"] = float(np.abs(probs["int8"] - probs["fp32"]).max())
+        if "bf16mlp" in probs:
+            res["max_abs_bf16mlp"] = float(np.abs(probs["bf16mlp"] - probs["fp32"]).max())
         rows.append(res)
         print(json.dumps(res), flush=True)
-        out.append(f"| {name} | {res['forward_auc']:.5f} | {res['auc_fp32']:.5f} | "
-                   f"{res['auc_fp16']:.5f} | {res['auc_int8']:.5f} | "
-                   f"{res['auc_fp16'] - res['auc_fp32']:+.5f} | "
-                   f"{res['auc_int8'] - res['auc_fp32']:+.5f} | {res['max_abs_int8']:.2e} |")
+
+        def cell(k, delta=False, res=res):
+            if f"auc_{k}" not in res:
+                return "-"
+            return (f"{res[f'auc_{k}'] - res['auc_fp32']:+.5f}" if delta
+                    else f"{res[f'auc_{k}']:.5f}")
+
+        out.append(f"| {name} | {res['forward_auc']:.5f} | {cell('fp32')} | {cell('fp16')} | "
+                   f"{cell('int8')} | {cell('bf16mlp')} | {cell('int8_bf16mlp')} | "
+                   f"{cell('fp16', True)} | {cell('int8', True)} | {cell('bf16mlp', True)} | "
+                   f"{cell('int8_bf16mlp', True)} | {res['max_abs_int8']:.2e} | "
+                   f"{res.get('max_abs_bf16mlp', float('nan')):.2e} |")
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
     return "\n".join(out)
@@ -305,8 +369,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="dlrm,dcnv2")
     ap.add_argument("--providers",
-                    default="scorer,scorer_fp16,scorer_int8,adrec_model,eager,compile,"
-                            "fbgemm_int8")
+                    default="scorer,scorer_fp16,scorer_int8,scorer_bf16,adrec_model,eager,"
+                            "compile,fbgemm_int8,eager_bf16,compile_bf16,eager_qint8")
     ap.add_argument("--seconds", type=float, default=1.0, help="per latency configuration")
     ap.add_argument("--tp-seconds", type=float, default=2.0, help="per throughput run")
     ap.add_argument("--json", default=None)
@@ -325,16 +389,20 @@ def main() -> None:
         model.eval()
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / name, model, rng=False)
-            scorers = {p: Scorer.load(path, quantize=q) for p, q in
-                       (("scorer", None), ("scorer_fp16", "fp16"), ("scorer_int8", "int8"))
+            variants = [("scorer", None, None), ("scorer_fp16", "fp16", None),
+                        ("scorer_int8", "int8", None)]
+            if name == "dlrm":
+                variants.append(("scorer_bf16", None, "bf16"))
+            scorers = {p: Scorer.load(path, quantize=q, mlp=mlp) for p, q, mlp in variants
                        if p in providers}
-        fns = {p: s.score_ids for p, s in scorers.items()}
+        fns = {p: scorer_fn(s) for p, s in scorers.items()}
         if "adrec_model" in providers:
             fns["adrec_model"] = adrec_model_fn(model)
-        if "eager" in providers:
-            fns["eager"] = eager_fn(model, name, compiled=False)
-        if "compile" in providers:
-            fns["compile"] = eager_fn(model, name, compiled=True)
+        for p, compiled, prec in (("eager", False, "fp32"), ("compile", True, "fp32"),
+                                  ("eager_bf16", False, "bf16"), ("compile_bf16", True, "bf16"),
+                                  ("eager_qint8", False, "qint8")):
+            if p in providers:
+                fns[p] = eager_fn(model, name, compiled, prec)
         if "fbgemm_int8" in providers:
             fn, note = fbgemm_fn(model, name)
             results["notes"].append(note)
@@ -360,7 +428,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
         torch.set_num_threads(1)
         reqs = requests(64, 16, seed=7)
-        for p in [x for x in ("scorer", "scorer_int8", "eager") if x in fns]:
+        for p in [x for x in ("scorer", "scorer_int8", "scorer_bf16", "eager") if x in fns]:
             for clients in (2, 4, 8):
                 r = throughput(fns[p], reqs, clients, a.tp_seconds)
                 row = {"model": name, "provider": p, "clients": clients, "N": 64, **r}
@@ -372,6 +440,34 @@ def main() -> None:
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     print(report(results))
+    print(targets(results))
+
+
+TARGETS = {1: 10.0, 64: 3.0, 512: 1.5, 4096: 1.2}
+
+
+def targets(res: dict, model: str = "dlrm", threads: int = 2) -> str:
+    """p99 ratios against the best peer of the same run (issue 4's targets)."""
+    lat = [r for r in res["latency"] if r["model"] == model and r["threads"] == threads]
+    if not lat:
+        return ""
+    p99 = {(r["provider"], r["N"]): r["p99_us"] for r in lat}
+    out = [f"\n{model}, {threads} threads, p99 in µs: ours / best peer = ratio (target)\n",
+           ("| N | scorer | best fp32 peer | ratio | scorer_bf16 | ratio vs fp32 peer "
+            "| best bf16/int8 peer | ratio vs it | target |"), "|---|---|---|---|---|---|---|---|---|"]
+
+    def best(peers, n):
+        got = [(p99[(p, n)], p) for p in peers if (p, n) in p99]
+        return min(got) if got else (float("nan"), "-")
+
+    for n in NS:
+        f, fp = best(FP32_PEERS, n)
+        lo, lp = best(LOW_PEERS, n)
+        s32 = p99.get(("scorer", n), float("nan"))
+        s16 = p99.get(("scorer_bf16", n), float("nan"))
+        out.append(f"| {n} | {s32:.0f} | {f:.0f} ({fp}) | {f / s32:.2f}x | {s16:.0f} | "
+                   f"{f / s16:.2f}x | {lo:.0f} ({lp}) | {lo / s16:.2f}x | {TARGETS[n]}x |")
+    return "\n".join(out)
 
 
 def report(res: dict) -> str:

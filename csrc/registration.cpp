@@ -59,4 +59,11 @@ TORCH_LIBRARY(adrec, m) {
       "serving_forward(Tensor weights, Tensor? scale_bias, Tensor user_rows, Tensor cand_rows, "
       "Tensor cand_slots, Tensor dense, Tensor[] bottom, Tensor[] layers, Tensor head_w, "
       "Tensor head_b, int kind, int n_cross, bool self_interaction) -> Tensor");
+  // DLRM serving on a model packed once per (checkpoint, field split) by
+  // adrec_fast.serving.scorer.pack_dlrm: meta [H] int64, blob [bytes] uint8 (blocked fp32 or bf16
+  // MLP weights); weights / scale_bias as above; user_ids [Tu] and cand_ids [N, Tc] int64 ids
+  // within their tables, in the packed slot order; dense [K_d] float32 shared -> [N] probabilities
+  m.def(
+      "serving_dlrm(Tensor meta, Tensor blob, Tensor weights, Tensor? scale_bias, "
+      "Tensor user_ids, Tensor cand_ids, Tensor dense) -> Tensor");
 }

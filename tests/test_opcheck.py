@@ -102,6 +102,23 @@ def _samples(op: str):
                   torch.randn(K + 5), torch.randn(()), 1, 1, False), {}),
                 ((w, None, user, cand, slot, torch.randn(5, 2), [], cross + deep,
                   torch.randn(5), torch.randn(()), 2, 1, False), {})]
+    if op == "serving_dlrm":
+        # a DLRM packed for slot 1 per candidate (N=5), fp32 and bf16 MLPs, fp32 and int8 tables
+        from adrec_fast.serving import pack_dlrm
+
+        w = torch.randn(10, 4)
+        nat = {"weights": w, "bottom": [torch.randn(4, 2), torch.randn(4)],
+               "layers": [torch.randn(6, 10), torch.randn(6)], "head_w": torch.randn(6),
+               "head_b": torch.randn(()), "self_interaction": False}
+        base, card = [0, 4, 7], [4, 3, 3]
+        user, cand, dense = torch.tensor([1, 2]), torch.randint(0, 3, (5, 1)), torch.randn(2)
+        q = torch.randint(0, 256, (10, 4), dtype=torch.uint8)
+        out = []
+        for mlp in (None, "bf16"):
+            meta, blob = pack_dlrm(nat, base, card, [1], mlp)
+            out += [((meta, blob, w, None, user, cand, dense), {}),
+                    ((meta, blob, q, torch.rand(10, 2), user, cand, dense), {})]
+        return out
     return None
 
 

@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Low-latency scoring of one user against N candidates, from a trained checkpoint.
 
-``Scorer.load(dir, quantize=None | "fp16" | "int8", threads=None)`` builds an immutable model
-version; ``score(user, candidates) -> np.ndarray [N]`` probabilities; ``top_k``; ``score_ids``
-(the fast path: ids already encoded); ``swap(dir)`` replaces the version atomically.
+``Scorer.load(dir, quantize=None | "fp16" | "int8", threads=None, mlp=None | "bf16")`` builds an
+immutable model version; ``score(user, candidates) -> np.ndarray [N]`` probabilities; ``top_k``;
+``score_ids`` (ids already encoded, dicts per field); ``ids_path(cand_fields)`` (the leanest path:
+id arrays in, probabilities out, DLRM); ``swap(dir)`` replaces the version atomically.
 
 Field split. A request names the user/context side once (``user``: one value per field) and the
 candidate side per candidate (``candidates``: a dict of equal-length columns, or a list of dicts).
@@ -11,8 +12,18 @@ The split is per request: a field is candidate-side when ``candidates`` holds it
 otherwise (a field in neither is missing: id 0 / the dense ``fill``, as in training). A field may
 not be given on both sides.
 
-Native path (DLRM, and DCN-v2 without its first-order ``linear`` term, on schemas of plain
-categorical + dense fields): ONE call of ``adrec::serving_forward`` per request (lookup with
+Packed DLRM path (DLRM on a schema of plain categorical + dense fields, every dense field
+user-side): ONE call of ``adrec::serving_dlrm`` per request on the model packed once per field
+split (``pack_dlrm``: MLP weights in a blocked layout, fp32 or, with ``mlp="bf16"``, bfloat16; the
+first top layer split into its shared columns, computed once per request, and its per-candidate
+columns). Its kernels are the project's own (csrc/cpu/scorer_mlp.inc; AVX512_BF16 chosen at run
+time, a portable kernel elsewhere), run by one OpenMP team per request, with reusable per-thread
+buffers. ``mlp="bf16"`` rounds the MLP weights and every layer input to bfloat16 and accumulates
+in float32 (opt-in: the default keeps the fp32 model, equal to the model's forward within 1e-5).
+
+Native path (DCN-v2 without its first-order ``linear`` term, and DLRM with a candidate-side dense
+field, on schemas of plain categorical + dense fields): ONE call of ``adrec::serving_forward`` per
+request (lookup with
 dequantize-on-lookup, interaction, MLPs, head, sigmoid; csrc/cpu/scorer.cpp). The user-side
 embeddings are read once per request; DLRM's bottom MLP runs once per request when every dense
 field is user-side (when any dense field is candidate-side, the dense input is per candidate and
@@ -90,6 +101,114 @@ def dequantize_rows(storage: torch.Tensor, scale_bias: torch.Tensor | None) -> t
     return storage.float() * scale_bias[:, :1] + scale_bias[:, 1:]
 
 
+# ---------------------------------------------------------------------------- packed DLRM
+MLP = (None, "fp32", "bf16")
+_MAGIC = 0x4144524543534431  # csrc/cpu/scorer.cpp kMagic
+
+
+def _pad16(k: int) -> int:
+    return (k + 15) // 16 * 16
+
+
+def _block_layer(w: torch.Tensor, b: torch.Tensor, Kp: int, bf16: bool):
+    """w [O, K], b [O] -> (Ob, weight bytes, bias bytes) in the blocked layout of
+    csrc/cpu/scorer_mlp.inc: fp32 [Ob][Kp][16], bf16 [Ob][Kp/2][16][2] (round to nearest even);
+    the bias stays float32 [Ob * 16]. Padding is zero."""
+    O, K = w.shape
+    Ob = (O + 15) // 16
+    wp = torch.zeros(Ob * 16, Kp)
+    wp[:O, :K] = w
+    bp = torch.zeros(Ob * 16)
+    bp[:O] = b
+    if bf16:
+        blk = wp.to(torch.bfloat16).view(Ob, 16, Kp // 2, 2).permute(0, 2, 1, 3).contiguous()
+    else:
+        blk = wp.view(Ob, 16, Kp).permute(0, 2, 1).contiguous()
+    return Ob, blk.view(-1).view(torch.uint8), bp.view(torch.uint8)
+
+
+def pack_dlrm(nat: dict, bag_base, bag_card, cand_slots, mlp: str | None = None,
+              portable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack a DLRM (the native parameters of a loaded version) for one field split ->
+    (meta [H] int64, blob [bytes] uint8), the model operand of ``adrec::serving_dlrm``.
+
+    Fields: the bottom MLP's output (when there is one) is field 0, sparse slot t is field
+    t + 1 (t without a bottom MLP); ``cand_slots`` are the candidate-side slots, every other slot
+    is user-side. The first top layer is split by columns: those of the dense vector and of the
+    pairs of two user-side fields (computed once per request: u = W_s s + b) and those of the
+    pairs that involve a candidate field (per candidate: relu(u + W_v z_v)). The head is the last
+    layer (one output, no relu). ``mlp="bf16"`` stores the MLP weights in bfloat16 (activations
+    are rounded to bfloat16 too, accumulation is float32); ``portable`` makes the kernel skip
+    AVX512_BF16 (tests compare the two kernels)."""
+    if mlp not in MLP:
+        raise ValueError(f"mlp must be one of {MLP}, got {mlp!r}")
+    bf16 = mlp == "bf16"
+    bottom = nat["bottom"]
+    hb = len(bottom) > 0
+    D = int(nat["weights"].shape[1])
+    T = len(bag_base)
+    cset = {int(c) for c in cand_slots}
+    user_slots = [t for t in range(T) if t not in cset]
+    off = 1 if hb else 0
+    F = T + off
+    shared = [True] * off + [t not in cset for t in range(T)]
+    kd = D if hb else 0  # top-input columns before the pairs
+    scols, vcols, ps, pv = list(range(kd)), [], [], []
+    p = 0
+    for i in range(F):
+        for j in range(i if nat["self_interaction"] else i + 1, F):
+            if shared[i] and shared[j]:
+                scols.append(kd + p)
+                ps.append((i, j))
+            else:
+                vcols.append(kd + p)
+                pv.append((i, j))
+            p += 1
+    top = nat["layers"]
+    chain = [(top[k], top[k + 1], True) for k in range(0, len(top), 2)]
+    chain.append((nat["head_w"][None], nat["head_b"].reshape(1), False))
+    w1, b1, relu1 = chain[0]
+    if w1.shape[1] != kd + p:
+        raise ValueError(f"first top layer has {w1.shape[1]} inputs, expected {kd + p}")
+    layers = []  # (Kp, Ob, relu, weight bytes, bias bytes)
+    Kd = int(bottom[0].shape[1]) if hb else 0
+    kp = _pad16(Kd)
+    for k in range(0, len(bottom), 2):
+        Ob, wb, bb = _block_layer(bottom[k], bottom[k + 1], kp, bf16)
+        layers.append((kp, Ob, 1, wb, bb))
+        kp = Ob * 16
+    s_idx, v_idx = torch.tensor(scols, dtype=torch.long), torch.tensor(vcols, dtype=torch.long)
+    Ob1, wb, bb = _block_layer(w1[:, s_idx], b1, _pad16(len(scols)), bf16)
+    layers.append((_pad16(len(scols)), Ob1, 0, wb, bb))  # u = W_s s + b: no relu
+    _, wb, bb = _block_layer(w1[:, v_idx], torch.zeros_like(b1), _pad16(len(vcols)), bf16)
+    layers.append((_pad16(len(vcols)), Ob1, int(relu1), wb, bb))  # its bias is u
+    kp = Ob1 * 16
+    for w, b, relu in chain[1:]:
+        Ob, wb, bb = _block_layer(w, b, kp, bf16)
+        layers.append((kp, Ob, int(relu), wb, bb))
+        kp = Ob * 16
+    chunks, pos, desc = [], 0, []
+    for kp_, ob, relu, wb, bb in layers:
+        offs = []
+        for c in (wb, bb):
+            offs.append(pos)
+            pad = (-c.numel()) % 64
+            chunks += [c, torch.zeros(pad, dtype=torch.uint8)]
+            pos += c.numel() + pad
+        desc += [kp_, ob, relu, offs[0], offs[1]]
+    blob = torch.cat(chunks)
+    base = np.asarray(bag_base, dtype=np.int64)
+    card = np.asarray(bag_card, dtype=np.int64)
+    cs = [int(c) for c in cand_slots]
+    header = [_MAGIC, int(bf16), int(portable), D, F, int(hb), Kd, len(user_slots), len(cs),
+              len(ps), len(pv), len(layers), len(bottom) // 2, 0, 0, 0]
+    meta = (header + [t + off for t in user_slots] + base[user_slots].tolist()
+            + card[user_slots].tolist() + [t + off for t in cs] + base[cs].tolist()
+            + card[cs].tolist() + [i for i, _ in ps] + [j for _, j in ps]
+            + [i for i, _ in pv] + [j for _, j in pv] + desc)
+    return torch.tensor(meta, dtype=torch.long), blob
+
+
 # ---------------------------------------------------------------------------- MLP extraction
 def _linear_relu_pairs(seq: nn.Module) -> list[torch.Tensor] | None:
     """An eval-mode ``Linear -> [BatchNorm1d] -> ReLU -> [Dropout]`` stack -> [w0, b0, w1, b1, ...]
@@ -124,9 +243,11 @@ def _linear_relu_pairs(seq: nn.Module) -> list[torch.Tensor] | None:
 class _Version:
     """One loaded checkpoint: immutable after ``__init__`` (shared by every request thread)."""
 
-    def __init__(self, path, quantize: str | None, serial: int):
+    def __init__(self, path, quantize: str | None, serial: int, mlp: str | None = None):
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        if mlp not in MLP:
+            raise ValueError(f"mlp must be one of {MLP}, got {mlp!r}")
         model, schema, config = load_model(path)
         self.path = str(resolve(path))
         self.serial = serial
@@ -154,6 +275,13 @@ class _Version:
         self.native = None
         if self.simple:
             self.native = self._native_params(model, quantize)
+        self.mlp = mlp
+        # DLRM on the native path: packed per field split (pack_dlrm), one adrec::serving_dlrm
+        # call per request when every dense field is user-side
+        self.packable = self.native is not None and self.native["kind"] == _KIND["dlrm"]
+        if mlp == "bf16" and not self.packable:
+            raise ValueError(f"mlp='bf16' needs a DLRM on the native path; {self.name!r} runs "
+                             "its MLPs in float32 (use mlp=None)")
         if self.native is None and quantize is not None:
             model = copy.deepcopy(model)
             for ebc in model.embedding_collections():
@@ -163,6 +291,17 @@ class _Version:
         # the native path needs none of the model's tensors: drop it (and its tables)
         self.model = None if self.native is not None else model
         self.plans: dict = {}  # frozenset of candidate slots -> cand_slots tensor (benign race)
+        self.packed: dict = {}  # (candidate slots) -> (meta, blob) of pack_dlrm (benign race)
+        self.portable = False  # tests: the packed model skips AVX512_BF16
+
+    def packed_for(self, cand_slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """(meta, blob) of this version packed for the split ``cand_slots`` (cached)."""
+        key = tuple(int(c) for c in cand_slots)
+        got = self.packed.get(key)
+        if got is None:
+            got = self.packed.setdefault(key, pack_dlrm(self.native, self.bag_base, self.bag_card,
+                                                        key, self.mlp, self.portable))
+        return got
 
     def _native_params(self, model, quantize):
         name = self.name
@@ -210,6 +349,16 @@ class _Version:
         N = cand_ids.shape[0]
         nat = self.native
         with torch.inference_mode():
+            if self.packable and dense.shape[0] == 1:
+                meta, blob = self.packed_for(cand_slots)
+                user = np.delete(user_ids, cand_slots) if cand_slots else user_ids
+                return torch.ops.adrec.serving_dlrm.default(
+                    meta, blob, nat["weights"], nat["scale_bias"], torch.from_numpy(user),
+                    torch.from_numpy(np.ascontiguousarray(cand_ids)),
+                    torch.from_numpy(dense[0])).numpy()
+            if self.mlp == "bf16":
+                raise ValueError("mlp='bf16' needs every dense field on the user side (the "
+                                 "bottom MLP runs once per request); pass them in `user`")
             if nat is not None:
                 key = tuple(cand_slots)
                 plan = self.plans.get(key)
@@ -285,19 +434,23 @@ def _column(values, name: str) -> list | np.ndarray:
 class Scorer:
     """Scores one user against N candidate ads with a trained checkpoint (see module doc)."""
 
-    def __init__(self, version: _Version, quantize: str | None):
+    def __init__(self, version: _Version, quantize: str | None, mlp: str | None = None):
         self._version = version
         self._quantize = quantize
+        self._mlp = mlp
         self._swap_lock = threading.Lock()
 
     @classmethod
-    def load(cls, checkpoint_dir, quantize: str | None = None, threads: int | None = None) -> Scorer:
-        """Load a checkpoint directory (or a run directory: its best/, else last/)."""
+    def load(cls, checkpoint_dir, quantize: str | None = None, threads: int | None = None,
+             mlp: str | None = None) -> Scorer:
+        """Load a checkpoint directory (or a run directory: its best/, else last/).
+        ``mlp="bf16"`` (DLRM only, opt-in): MLP weights and activations in bfloat16 with float32
+        accumulation (AVX512_BF16 where the CPU has it); the default keeps them in float32."""
         if threads is not None:
             if int(threads) < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(int(threads))
-        return cls(_Version(checkpoint_dir, quantize, 0), quantize)
+        return cls(_Version(checkpoint_dir, quantize, 0, mlp), quantize, mlp)
 
     # -- versions -----------------------------------------------------------------------
     @property
@@ -320,7 +473,7 @@ class Scorer:
         that starts afterwards; requests in flight finish on the version they started with.
         On a load error the current version stays. Returns the new ``version``."""
         with self._swap_lock:
-            new = _Version(checkpoint_dir, self._quantize, self._version.serial + 1)
+            new = _Version(checkpoint_dir, self._quantize, self._version.serial + 1, self._mlp)
             self._version = new  # one reference store: atomic for readers
         return new.serial, new.path
 
@@ -474,6 +627,12 @@ class Scorer:
             raise TypeError(f"request could not be encoded: {e}") from e
         return v.forward_batch(batch)
 
+    # -- the leanest path: id arrays ---------------------------------------------------
+    def ids_path(self, cand_fields) -> IdsPath:
+        """A callable for requests of one field split, ids already encoded (DLRM on the native
+        path): ``fn(user_ids, cand_ids, dense) -> probabilities [N]``. See :class:`IdsPath`."""
+        return IdsPath(self, cand_fields)
+
     # -- the fast path: encoded ids ----------------------------------------------------
     def score_ids(self, user_ids: dict, cand_ids: dict, dense=None) -> np.ndarray:
         """Fast path, no schema work. ``user_ids``: {field: id}, ``cand_ids``: {field: int
@@ -543,6 +702,82 @@ class Scorer:
         return v.forward_ids(uid, slots, cand, d)
 
 
+class IdsPath:
+    """The leanest request path: one field split, ids already encoded, numpy in and out.
+
+    ``cand_fields``: the candidate-side sparse fields (raw column names); every other sparse
+    field is user-side, in schema order: ``user_fields``. A call takes
+    ``user_ids`` int64 [len(user_fields)], ``cand_ids`` int64 [N, len(cand_fields)] (ids within
+    each field's table, as the schema encodes them) and ``dense`` float32 [K_d] (transformed
+    values in ``schema.dense_fields()`` order, shared by every candidate; omit it when the schema
+    has no dense field), and returns probabilities [N] float32. Per request it does one
+    ``adrec::serving_dlrm`` call on the model packed once for this split (no per-request dict
+    or schema work). Bad requests: a wrong dtype or shape -> TypeError / ValueError, an id out of
+    range -> IndexError naming the field, no candidates or a NaN dense value -> ValueError.
+    Hot swaps apply: every call uses the version current at its start."""
+
+    def __init__(self, scorer: Scorer, cand_fields):
+        v = scorer._version
+        if not v.packable:
+            raise NotImplementedError(f"ids_path needs a DLRM on the native path, not {v.name!r}; "
+                                      "use score_ids()")
+        cand_fields = list(cand_fields)
+        for name in cand_fields:
+            if name not in v.bag_pos:
+                raise ValueError(f"unknown sparse field {name!r}; sparse fields: "
+                                 f"{sorted(v.bag_pos)}")
+        if len(set(cand_fields)) != len(cand_fields):
+            raise ValueError(f"candidate fields repeat: {cand_fields}")
+        by_slot = {i: name for name, i in v.bag_pos.items()}
+        self.cand_fields = tuple(cand_fields)
+        self.user_fields = tuple(by_slot[t] for t in range(len(v.bags))
+                                 if by_slot[t] not in cand_fields)
+        self._scorer = scorer
+        self._bound = None
+        self._op = torch.ops.adrec.serving_dlrm.default
+
+    def _bind(self, v: _Version):
+        if not v.packable:
+            raise NotImplementedError(f"the current version ({v.name!r}) is not a native DLRM")
+        meta, blob = v.packed_for([v.bag_pos[f] for f in self.cand_fields])
+        nat = v.native
+        b = (v, meta, blob, nat["weights"], nat["scale_bias"], torch.zeros(0))
+        self._bound = b  # one reference store; a racing thread binds the same values
+        return b
+
+    def __call__(self, user_ids: np.ndarray, cand_ids: np.ndarray, dense=None) -> np.ndarray:
+        b = self._bound
+        v = self._scorer._version  # this request's version
+        if b is None or b[0] is not v:
+            b = self._bind(v)
+        try:
+            return self._op(b[1], b[2], b[3], b[4], torch.from_numpy(user_ids),
+                            torch.from_numpy(cand_ids),
+                            b[5] if dense is None else torch.from_numpy(dense)).numpy()
+        except IndexError:
+            raise self._index_error(v, user_ids, cand_ids) from None
+        except TypeError as e:
+            if not all(isinstance(a, np.ndarray) for a in (user_ids, cand_ids)) or not (
+                    dense is None or isinstance(dense, np.ndarray)):
+                raise TypeError("ids_path: user_ids, cand_ids and dense must be numpy arrays "
+                                "(int64, int64, float32)") from e
+            raise
+
+    def _index_error(self, v: _Version, user_ids, cand_ids) -> IndexError:
+        for name, i in zip(self.user_fields, user_ids.tolist()):
+            card = int(v.bag_card[v.bag_pos[name]])
+            if not 0 <= i < card:
+                return IndexError(f"field {name!r}: id {i} out of range [0, {card})")
+        for c, name in enumerate(self.cand_fields):
+            card = int(v.bag_card[v.bag_pos[name]])
+            bad = np.flatnonzero((cand_ids[:, c] < 0) | (cand_ids[:, c] >= card))
+            if bad.size:
+                r = int(bad[0])
+                return IndexError(f"field {name!r}: candidate {r} id {int(cand_ids[r, c])} out "
+                                  f"of range [0, {card})")
+        return IndexError("ids_path: id out of range")
+
+
 def _dense_values(v: _Version, f, col) -> np.ndarray:
     """Raw dense values -> float32 exactly as ``Schema.encode`` transforms them."""
     try:
@@ -559,9 +794,11 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, scores[idx]
 
 
-def load(checkpoint_dir, quantize: str | None = None, threads: int | None = None) -> Scorer:
+def load(checkpoint_dir, quantize: str | None = None, threads: int | None = None,
+         mlp: str | None = None) -> Scorer:
     """Same as :meth:`Scorer.load`."""
-    return Scorer.load(checkpoint_dir, quantize, threads)
+    return Scorer.load(checkpoint_dir, quantize, threads, mlp)
 
 
-__all__ = ["QUANTIZE", "Scorer", "dequantize_rows", "load", "quantize_rows"]
+__all__ = ["MLP", "QUANTIZE", "IdsPath", "Scorer", "dequantize_rows", "load", "pack_dlrm",
+           "quantize_rows"]

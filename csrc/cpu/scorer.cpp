@@ -5,15 +5,27 @@
 // shared, DLRM dot products between two shared fields) is computed once per request and copied
 // into every candidate row as a template; only the candidate slots are read per candidate.
 // Candidate rows are filled by at::parallel_for over row blocks.
+// GCC 12 reports a false -Wmaybe-uninitialized inside its own avx512fintrin.h for the AVX-512
+// intrinsics of scorer_mlp.inc (the header's _mm512_undefined idiom); the state must cover the
+// header's locations, hence file-wide.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/simd.h"
 
 namespace adrec {
 namespace {
@@ -289,6 +301,486 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
   return at::sigmoid(at::add(at::mv(top_in, head_w), head_b));  // [N]
 }
 
-TORCH_LIBRARY_IMPL(adrec, CPU, m) { m.impl("serving_forward", &serving_forward_cpu); }
+// ============================================================================ packed DLRM path
+// adrec::serving_dlrm: DLRM with the user/context side shared, on a model packed once per
+// (checkpoint, field split) by adrec_fast/serving/scorer.py (pack_dlrm): `meta` int64 describes
+// the split and the layers, `blob` uint8 holds the blocked MLP weights (scorer_mlp.inc).
+namespace {
+
+#include "cpu/scorer_mlp.inc"
+
+constexpr const char* kOpP = "serving_dlrm";
+constexpr int64_t kMagic = 0x4144524543534431LL;  // "ADRECSD1"
+enum : int64_t {
+  H_MAGIC, H_PREC, H_PORTABLE, H_D, H_F, H_HB, H_KD, H_TU, H_TC, H_PS, H_PV, H_L, H_NB, H_SIZE = 16
+};
+constexpr int64_t kMaxLayers = 64;
+// From this many rows per thread on, threads split the candidates (each runs the whole tower on
+// its rows, no barrier); below it they split every layer's outputs (the weights, read once per
+// request, are then spread over the cores' caches) with a barrier per layer.
+constexpr int64_t kRowsPerThread = 16;
+constexpr int64_t kTile = 32;  // candidate rows per tile in the row split
+
+inline int64_t pad16(int64_t k) { return (k + 15) / 16 * 16; }
+
+struct Layer {
+  int64_t Kp = 0, Ob = 0;
+  bool relu = false;
+  const void* w = nullptr;
+  const float* b = nullptr;
+};
+
+// The parsed packed model. Layers: [0, nb) bottom MLP; nb: first top layer's shared columns
+// (the dense vector and the pairs of two shared fields); nb + 1: its candidate columns; then
+// the rest of the top MLP; the last layer is the head (one output, no relu).
+struct Packed {
+  bool bf16 = false, portable = false, hb = false;
+  int64_t D = 0, F = 0, Kd = 0, Tu = 0, Tc = 0, Ps = 0, Pv = 0, L = 0, nb = 0, maxw = 16;
+  const int64_t *ufield, *ubase, *ucard, *cfield, *cbase, *ccard, *psi, *psj, *pvi, *pvj;
+  std::array<Layer, kMaxLayers> layers;
+};
+
+Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t D) {
+  TORCH_CHECK_TYPE(meta.scalar_type() == at::kLong && meta.dim() == 1 && meta.is_contiguous(),
+                   kOpP, ": meta must be a contiguous 1-D int64 tensor (from pack_dlrm)");
+  TORCH_CHECK_TYPE(blob.scalar_type() == at::kByte && blob.dim() == 1 && blob.is_contiguous(),
+                   kOpP, ": blob must be a contiguous 1-D uint8 tensor (from pack_dlrm)");
+  const int64_t n = meta.numel();
+  const int64_t* h = meta.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(n >= H_SIZE && h[H_MAGIC] == kMagic, kOpP, ": meta is not a packed model");
+  Packed P;
+  P.bf16 = h[H_PREC] == 1;
+  TORCH_CHECK_VALUE(h[H_PREC] == 0 || h[H_PREC] == 1, kOpP, ": bad precision ", h[H_PREC]);
+  P.portable = h[H_PORTABLE] != 0;
+  P.D = h[H_D], P.F = h[H_F], P.hb = h[H_HB] != 0, P.Kd = h[H_KD], P.Tu = h[H_TU];
+  P.Tc = h[H_TC], P.Ps = h[H_PS], P.Pv = h[H_PV], P.L = h[H_L], P.nb = h[H_NB];
+  TORCH_CHECK_VALUE(P.D == D, kOpP, ": packed for D = ", P.D, " but the table has D = ", D);
+  // every count is bounded by the meta's length before any arithmetic on it (no overflow)
+  TORCH_CHECK_VALUE(P.Tu >= 0 && P.Tc >= 0 && P.Ps >= 0 && P.Pv >= 0 && P.Kd >= 0 &&
+                        P.Tu <= n && P.Tc <= n && P.Ps <= n && P.Pv <= n && P.D >= 1 &&
+                        P.Kd <= blob.numel() && P.nb >= 0 && P.nb <= kMaxLayers &&
+                        P.L <= kMaxLayers && P.F == P.Tu + P.Tc + (P.hb ? 1 : 0) &&
+                        P.hb == (P.Kd > 0) && (P.hb || P.nb == 0) && P.nb >= (P.hb ? 1 : 0) &&
+                        P.L >= P.nb + 2,
+                    kOpP, ": inconsistent meta header");
+  const int64_t need = H_SIZE + 3 * (P.Tu + P.Tc) + 2 * (P.Ps + P.Pv) + 5 * P.L;
+  TORCH_CHECK_VALUE(n == need, kOpP, ": meta has ", n, " entries, expected ", need);
+  const int64_t* a = h + H_SIZE;
+  P.ufield = a, P.ubase = a + P.Tu, P.ucard = a + 2 * P.Tu;
+  a += 3 * P.Tu;
+  P.cfield = a, P.cbase = a + P.Tc, P.ccard = a + 2 * P.Tc;
+  a += 3 * P.Tc;
+  P.psi = a, P.psj = a + P.Ps;
+  a += 2 * P.Ps;
+  P.pvi = a, P.pvj = a + P.Pv;
+  a += 2 * P.Pv;
+  const int64_t F0 = P.hb ? 1 : 0;  // field 0 is the bottom MLP's output when there is one
+  for (int64_t i = 0; i < P.Tu; ++i)
+    TORCH_CHECK_VALUE(P.ufield[i] >= F0 && P.ufield[i] < P.F && P.ubase[i] >= 0 &&
+                          P.ubase[i] <= R && P.ucard[i] >= 1 && P.ucard[i] <= R - P.ubase[i],
+                      kOpP, ": bad user slot ", i, " in meta");
+  for (int64_t i = 0; i < P.Tc; ++i)
+    TORCH_CHECK_VALUE(P.cfield[i] >= F0 && P.cfield[i] < P.F && P.cbase[i] >= 0 &&
+                          P.cbase[i] <= R && P.ccard[i] >= 1 && P.ccard[i] <= R - P.cbase[i],
+                      kOpP, ": bad candidate slot ", i, " in meta");
+  for (int64_t q = 0; q < P.Ps; ++q)
+    TORCH_CHECK_VALUE(P.psi[q] >= 0 && P.psi[q] < P.F && P.psj[q] >= 0 && P.psj[q] < P.F, kOpP,
+                      ": bad shared pair ", q);
+  for (int64_t q = 0; q < P.Pv; ++q)
+    TORCH_CHECK_VALUE(P.pvi[q] >= 0 && P.pvi[q] < P.F && P.pvj[q] >= 0 && P.pvj[q] < P.F, kOpP,
+                      ": bad candidate pair ", q);
+  const int64_t bytes = blob.numel();
+  const uint8_t* base = blob.data_ptr<uint8_t>();
+  for (int64_t l = 0; l < P.L; ++l, a += 5) {
+    Layer& y = P.layers[l];
+    y.Kp = a[0], y.Ob = a[1], y.relu = a[2] != 0;
+    const int64_t wo = a[3], bo = a[4], per = P.bf16 ? 32 : 64;  // weight bytes per (k, block)
+    TORCH_CHECK_VALUE(y.Kp >= 0 && y.Kp % 16 == 0 && y.Kp <= bytes && y.Ob >= 1 &&
+                          y.Ob <= bytes / 64 && (y.Kp == 0 || y.Ob <= bytes / (y.Kp * per)) &&
+                          wo >= 0 && bo >= 0 && wo <= bytes && bo <= bytes && wo % 64 == 0 &&
+                          bo % 64 == 0 && y.Ob * y.Kp * per <= bytes - wo &&
+                          y.Ob * 64 <= bytes - bo,
+                      kOpP, ": bad layer ", l, " in meta");
+    y.w = base + wo;
+    y.b = reinterpret_cast<const float*>(base + bo);
+    P.maxw = std::max(P.maxw, std::max(y.Kp, y.Ob * 16));
+  }
+  // chain shapes: each layer's padded input is the previous layer's padded output
+  const auto& Ls = P.layers;
+  if (P.hb) {
+    TORCH_CHECK_VALUE(Ls[0].Kp == pad16(P.Kd) && Ls[P.nb - 1].Ob * 16 >= P.D, kOpP,
+                      ": bottom MLP shapes do not match the dense width / D");
+    for (int64_t l = 1; l < P.nb; ++l)
+      TORCH_CHECK_VALUE(Ls[l].Kp == Ls[l - 1].Ob * 16, kOpP, ": bottom layer ", l, " shape");
+  }
+  const Layer &s = Ls[P.nb], &v = Ls[P.nb + 1];
+  TORCH_CHECK_VALUE(s.Kp == pad16((P.hb ? P.D : 0) + P.Ps) && v.Kp == pad16(P.Pv) && s.Ob == v.Ob,
+                    kOpP, ": first top layer shapes do not match the pairs");
+  for (int64_t l = P.nb + 2; l < P.L; ++l)
+    TORCH_CHECK_VALUE(Ls[l].Kp == Ls[l - 1].Ob * 16, kOpP, ": top layer ", l, " shape");
+  TORCH_CHECK_VALUE(Ls[P.L - 1].Ob == 1 && !Ls[P.L - 1].relu, kOpP, ": the last layer must be "
+                    "the head (one output, no relu)");
+  return P;
+}
+
+// A 64-byte aligned bump allocator over a thread's reusable buffer.
+struct Arena {
+  std::vector<char> buf;
+  size_t used = 0;
+  void reserve(size_t bytes) {
+    if (buf.size() < bytes + 64) buf.assign(bytes + 64, 0);
+    used = 0;
+  }
+  template <typename T>
+  T* take(int64_t n) {
+    const uintptr_t p0 = reinterpret_cast<uintptr_t>(buf.data()) + used;
+    const uintptr_t p = (p0 + 63) & ~uintptr_t(63);
+    used = p - reinterpret_cast<uintptr_t>(buf.data()) + ((sizeof(T) * n + 63) & ~size_t(63));
+    return reinterpret_cast<T*>(p);
+  }
+};
+size_t arena_bytes(int64_t floats) { return static_cast<size_t>(floats) * 4 + 64 * 32; }
+
+ADREC_INLINE float dot(const float* a, const float* b, int64_t D) {
+  float acc = 0.f;
+  for (int64_t k = 0; k < D; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+// One tile of candidates: their varying pairs zv [M][Kvp] (float32, zero padded), and their bf16
+// pairs zb [M][Kvp / 2] when the model is bf16. fields [F, D] holds the shared fields on entry.
+// Pair dot products through a small Gram matrix: FT [D][Fp] holds the fields transposed
+// (Fp = F padded to 32, zero columns), and G[r][j] = <field rowf[r], field j> for every j comes
+// from D vector FMAs per 16 columns, instead of one horizontal dot product per pair.
+inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
+
+ADREC_INLINE void transpose_fields(const float* fields, int64_t F, int64_t D, int64_t Fp,
+                                   float* FT) {
+  for (int64_t k = 0; k < D; ++k)
+    for (int64_t f = 0; f < Fp; ++f) FT[k * Fp + f] = f < F ? fields[f * D + k] : 0.f;
+}
+
+// G [nr][Fp]; R rows x two 16-column blocks per pass (2R independent FMA chains).
+template <int R>
+ADREC_INLINE void gram_pass(const float* fields, const float* FT, int64_t D, int64_t Fp,
+                            const int64_t* rowf, float* G) {
+  const float* a[R];
+  for (int r = 0; r < R; ++r) a[r] = fields + rowf[r] * D;
+  for (int64_t j = 0; j < Fp; j += 32) {
+    v16f c0[R], c1[R];
+    for (int r = 0; r < R; ++r) c0[r] = c1[r] = v16f{};
+    for (int64_t k = 0; k < D; ++k) {
+      const v16f t0 = *reinterpret_cast<const v16f*>(FT + k * Fp + j);
+      const v16f t1 = *reinterpret_cast<const v16f*>(FT + k * Fp + j + 16);
+      for (int r = 0; r < R; ++r) {
+        c0[r] += t0 * a[r][k];
+        c1[r] += t1 * a[r][k];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      *reinterpret_cast<v16f*>(G + r * Fp + j) = c0[r];
+      *reinterpret_cast<v16f*>(G + r * Fp + j + 16) = c1[r];
+    }
+  }
+}
+
+ADREC_INLINE void gram_rows(const float* fields, const float* FT, int64_t D, int64_t Fp,
+                            const int64_t* rowf, int64_t nr, float* G) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) gram_pass<4>(fields, FT, D, Fp, rowf + r, G + r * Fp);
+  for (; r < nr; ++r) gram_pass<1>(fields, FT, D, Fp, rowf + r, G + r * Fp);
+}
+
+// Stage A: the shared columns s [Ksp] (the dense vector d when there is a bottom MLP, then the
+// pairs of two shared fields) and FT for the candidates. fields [F, D] holds the shared fields
+// (field 0 = d); G is scratch [F][Fp]; rowf [F] scratch.
+ADREC_CPU_CLONES void shared_pairs(const Packed& P, const float* fields, float* FT, int64_t Fp,
+                                   float* G, int64_t* rowf, float* s, int64_t Ksp) {
+  const int64_t D = P.D, F = P.F;
+  transpose_fields(fields, F, D, Fp, FT);
+  for (int64_t f = 0; f < F; ++f) rowf[f] = f;
+  gram_rows(fields, FT, D, Fp, rowf, F, G);
+  int64_t k = 0;
+  if (P.hb) {
+    for (int64_t i = 0; i < D; ++i) s[i] = fields[i];
+    k = D;
+  }
+  for (int64_t q = 0; q < P.Ps; ++q) s[k + q] = G[P.psi[q] * Fp + P.psj[q]];
+  for (int64_t q = k + P.Ps; q < Ksp; ++q) s[q] = 0.f;
+}
+
+// One tile of candidates: their varying pairs zv [M][Kvp] (float32, zero padded), and their bf16
+// pairs zb [M][Kvp / 2] when the model is bf16. fields [F, D] and FT hold the shared fields on
+// entry; G [Tc][Fp] scratch; gidx [Pv]: where pair q is in G (-1: no candidate field in it).
+ADREC_CPU_CLONES void candidate_pairs(const Packed& P, const RowReader& rr, const int64_t* cid,
+                                      int64_t m0, int64_t M, float* fields, float* FT, int64_t Fp,
+                                      float* G, const int64_t* gidx, float* zv, uint32_t* zb) {
+  const int64_t D = P.D, Kvp = pad16(P.Pv);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t* ids = cid + (m0 + m) * P.Tc;
+    for (int64_t c = 0; c < P.Tc; ++c) {
+      const int64_t f = P.cfield[c];
+      float* row = fields + f * D;
+      rr.row(P.cbase[c] + ids[c], row);
+      for (int64_t k = 0; k < D; ++k) FT[k * Fp + f] = row[k];
+    }
+    gram_rows(fields, FT, D, Fp, P.cfield, P.Tc, G);
+    float* z = zv + m * Kvp;
+    for (int64_t q = 0; q < P.Pv; ++q)
+      z[q] = gidx[q] >= 0 ? G[gidx[q]] : dot(fields + P.pvi[q] * D, fields + P.pvj[q] * D, D);
+    for (int64_t q = P.Pv; q < Kvp; ++q) z[q] = 0.f;
+    if (zb) pack_bf16(z, Kvp, zb + m * (Kvp / 2));
+  }
+}
+
+inline void run_layer(const Packed& P, LayerFn bf16_fn, const Layer& l, const void* x, int64_t ldx,
+                      int64_t M, int64_t ob0, int64_t ob1, const float* bias, float* y,
+                      int64_t ldy, uint32_t* yb, int64_t ldyb) {
+  if (ob0 >= ob1 || M == 0) return;
+  LayerCall c{l.w, bias ? bias : l.b, l.Kp, x, ldx, M, ob0, ob1, l.relu, y, ldy, yb, ldyb};
+  if (P.bf16) bf16_fn(c);
+  else layer_f32(c);
+}
+
+inline float sigmoidf(float z) { return 1.f / (1.f + std::exp(-z)); }
+
+thread_local Arena t_request;  // the calling thread's per-request buffers (shared with its team)
+thread_local Arena t_private;  // every team thread's own buffers
+
+// Weight bytes up to which every thread computes a whole stage-A layer itself (in its own
+// buffers) rather than its share of the outputs followed by a barrier.
+constexpr int64_t kPrivateLayerBytes = 32 * 1024;
+
+// The forward itself; every argument was checked by the caller (no throw in the team).
+//
+// Threads. One OpenMP team per request. Stage A (user side, one row): small layers are computed
+// by every thread (no barrier), large ones are split by output blocks (a barrier after each);
+// each thread always gets the same blocks, so its share of the weights stays in its core's
+// cache from request to request. Stage B (candidates): below kRowsPerThread rows per thread the
+// layers are split by output blocks too, with a barrier per layer; the first top layer's shared
+// part u is then needed only for the thread's own blocks, so it needs no barrier of its own. From
+// kRowsPerThread rows per thread on, each thread runs the whole tower on its own rows.
+void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, const int64_t* cid,
+                  const float* dense, int64_t N, float* out) {
+  const int64_t D = P.D, F = P.F, W = P.maxw, Kvp = pad16(P.Pv), Fp = pad32(F);
+  const int64_t Ksp = P.layers[P.nb].Kp, O1 = P.layers[P.nb].Ob * 16;
+  const LayerFn bf16_fn = pick_bf16_layer(P.portable);
+  const bool bf = P.bf16;
+  const Layer* Ls = P.layers.data();
+  const int64_t wbytes = bf ? 32 : 64;  // weight bytes per (padded input, output block)
+  int nt = omp_in_parallel() ? 1 : at::get_num_threads();
+  const bool row_split = N >= kRowsPerThread * nt;
+  if (row_split) nt = static_cast<int>(std::min<int64_t>(nt, N / kRowsPerThread));
+  // candidate pairs of the layer split: every thread computes all of them when that is cheap
+  const bool zv_private = !row_split && N * P.Pv <= 1024;
+  Arena& A = t_request;
+  A.reserve(arena_bytes(3 * W + O1 + 2 * (P.Pv + F) +
+                       (row_split ? 0 : N * (3 * W + 2 * Kvp + 16))));
+  float* s0 = A.take<float>(W);               // [W] stage-A outputs of split layers (ping)
+  float* s1 = A.take<float>(W);               // (pong)
+  float* u = A.take<float>(O1);               // [O1] first top layer, shared part (+ bias)
+  const int64_t nzv = row_split || zv_private ? 0 : N;
+  float* zv = A.take<float>(nzv * Kvp);       // [N, Kvp] candidate pairs (layer split)
+  uint32_t* zb = A.take<uint32_t>(nzv * Kvp / 2);
+  const int64_t nh = row_split ? 0 : N;
+  float* h0 = A.take<float>(nh * W);          // [N, W] activations (layer split)
+  float* h1 = A.take<float>(nh * W);
+  uint32_t* g0 = A.take<uint32_t>(nh * W / 2);
+  uint32_t* g1 = A.take<uint32_t>(nh * W / 2);
+  float* head = A.take<float>(nh * 16);       // [N, 16] head outputs
+  // shared bf16 stage-A outputs live right after the float ones: [W / 2] each
+  uint32_t* sb0 = A.take<uint32_t>(W / 2);
+  uint32_t* sb1 = A.take<uint32_t>(W / 2);
+  // where each candidate pair sits in the candidates' Gram rows (candidate_pairs)
+  int64_t* gidx = A.take<int64_t>(P.Pv);
+  int64_t* crow = A.take<int64_t>(F);
+  for (int64_t f = 0; f < F; ++f) crow[f] = -1;
+  for (int64_t c = P.Tc - 1; c >= 0; --c) crow[P.cfield[c]] = c;
+  for (int64_t q = 0; q < P.Pv; ++q) {
+    const int64_t i = P.pvi[q], j = P.pvj[q];
+    gidx[q] = crow[i] >= 0 ? crow[i] * Fp + j : (crow[j] >= 0 ? crow[j] * Fp + i : -1);
+  }
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = omp_get_thread_num(), T = omp_get_num_threads();
+    auto split = [&](int64_t n) { return std::make_pair(n * tid / T, n * (tid + 1) / T); };
+    Arena& PA = t_private;
+    const int64_t tile = row_split ? kTile : 0, zrows = zv_private ? N : 0;
+    PA.reserve(arena_bytes(F * D + 4 * W + 2 * Ksp + (zrows + tile) * 2 * Kvp +
+                           tile * (3 * W + 16) + (D + 2 * F + 2) * Fp + 2 * F));
+    float* fields = PA.take<float>(F * D);    // [F, D] shared fields, then candidate rows
+    float* FT = PA.take<float>(D * Fp);       // [D, Fp] fields transposed
+    float* G = PA.take<float>(F * Fp);        // [F, Fp] Gram rows
+    int64_t* rowf = PA.take<int64_t>(F);
+    float* p0 = PA.take<float>(W);            // [W] private stage-A activations (ping)
+    float* p1 = PA.take<float>(W);
+    uint32_t* pb0 = PA.take<uint32_t>(W / 2);
+    uint32_t* pb1 = PA.take<uint32_t>(W / 2);
+    float* s = PA.take<float>(Ksp);           // [Ksp] shared columns: dense vector, shared pairs
+    uint32_t* sb = PA.take<uint32_t>(Ksp / 2);
+
+    // ---- stage A: the user/context side, once per request
+    std::memset(fields, 0, sizeof(float) * F * D);
+    for (int64_t i = 0; i < P.Tu; ++i) rr.row(P.ubase[i] + uid[i], fields + P.ufield[i] * D);
+    const float* xa = p1;
+    const uint32_t* xb = pb1;
+    if (P.hb) {
+      const int64_t Kp = Ls[0].Kp;
+      std::memset(p1, 0, sizeof(float) * Kp);
+      std::memcpy(p1, dense, sizeof(float) * P.Kd);
+      if (bf) pack_bf16(p1, Kp, pb1);
+    }
+    int split_count = 0;
+    for (int64_t l = 0; l < P.nb; ++l) {
+      const Layer& ly = Ls[l];
+      const bool last = l == P.nb - 1;
+      const bool priv = ly.Kp * ly.Ob * wbytes <= kPrivateLayerBytes;
+      float* ya;
+      uint32_t* yb;
+      int64_t ob0 = 0, ob1 = ly.Ob;
+      if (priv) {
+        ya = (xa == p0) ? p1 : p0;
+        yb = (xa == p0) ? pb1 : pb0;
+      } else {
+        ya = (split_count % 2 == 0) ? s0 : s1;
+        yb = (split_count % 2 == 0) ? sb0 : sb1;
+        ++split_count;
+        const auto r = split(ly.Ob);
+        ob0 = r.first, ob1 = r.second;
+      }
+      run_layer(P, bf16_fn, ly, bf ? static_cast<const void*>(xb) : xa, 0, 1, ob0, ob1, nullptr,
+                (!bf || last) ? ya : nullptr, 0, bf && !last ? yb : nullptr, 0);
+      if (!priv) {
+#pragma omp barrier
+      }
+      xa = ya, xb = yb;
+    }
+    if (P.hb) std::memcpy(fields, xa, sizeof(float) * D);  // field 0: the bottom MLP's output
+    shared_pairs(P, fields, FT, Fp, G, rowf, s, Ksp);
+    if (bf) pack_bf16(s, Ksp, sb);
+    // u = W_s s + b for this thread's blocks of the first top layer
+    const auto r1 = split(Ls[P.nb].Ob);
+    run_layer(P, bf16_fn, Ls[P.nb], bf ? static_cast<const void*>(sb) : s, 0, 1, r1.first,
+              r1.second, nullptr, u, 0, nullptr, 0);
+
+    // ---- stage B: the candidates
+    const int64_t Lh = P.L - 1;
+    if (!row_split) {
+      const void* x;
+      int64_t ldx = bf ? Kvp / 2 : Kvp;
+      if (zv_private) {
+        float* pz = PA.take<float>(N * Kvp);
+        uint32_t* pzb = PA.take<uint32_t>(N * Kvp / 2);
+        candidate_pairs(P, rr, cid, 0, N, fields, FT, Fp, G, gidx, pz, bf ? pzb : nullptr);
+        x = bf ? static_cast<const void*>(pzb) : pz;
+      } else {
+        const auto r = split(N);
+        candidate_pairs(P, rr, cid, r.first, r.second - r.first, fields, FT, Fp, G, gidx,
+                        zv + r.first * Kvp, bf ? zb + r.first * (Kvp / 2) : nullptr);
+        x = bf ? static_cast<const void*>(zb) : zv;
+#pragma omp barrier
+      }
+      for (int64_t l = P.nb + 1; l <= Lh; ++l) {
+        const bool ping = (l - P.nb) % 2 == 1, is_head = l == Lh;
+        float* y = is_head ? head : (ping ? h0 : h1);
+        uint32_t* yb = ping ? g0 : g1;
+        // the first candidate layer keeps the blocks of u this thread computed
+        const auto r = (l == P.nb + 1) ? r1 : split(Ls[l].Ob);
+        run_layer(P, bf16_fn, Ls[l], x, ldx, N, r.first, r.second, l == P.nb + 1 ? u : nullptr,
+                  (!bf || is_head) ? y : nullptr, is_head ? 16 : W,
+                  (bf && !is_head) ? yb : nullptr, W / 2);
+        if (is_head) {
+          if (r.first == 0 && r.second > 0)
+            for (int64_t m = 0; m < N; ++m) out[m] = sigmoidf(head[m * 16]);
+        } else {
+          x = bf ? static_cast<const void*>(yb) : y;
+          ldx = bf ? W / 2 : W;
+#pragma omp barrier
+        }
+      }
+    } else {
+#pragma omp barrier
+      // row split: each thread runs the whole tower on its rows, tile by tile (u is complete)
+      float* tz = PA.take<float>(kTile * Kvp);
+      uint32_t* tzb = PA.take<uint32_t>(kTile * Kvp / 2);
+      float* t0 = PA.take<float>(kTile * W);
+      uint32_t* tb0 = PA.take<uint32_t>(kTile * W / 2);
+      uint32_t* tb1 = PA.take<uint32_t>(kTile * W / 2);
+      float* t1 = PA.take<float>(kTile * W);
+      float* th = PA.take<float>(kTile * 16);
+      const auto r = split(N);
+      for (int64_t m0 = r.first; m0 < r.second; m0 += kTile) {
+        const int64_t M = std::min(kTile, r.second - m0);
+        candidate_pairs(P, rr, cid, m0, M, fields, FT, Fp, G, gidx, tz, bf ? tzb : nullptr);
+        const void* x = bf ? static_cast<const void*>(tzb) : tz;
+        int64_t ldx = bf ? Kvp / 2 : Kvp;
+        for (int64_t l = P.nb + 1; l <= Lh; ++l) {
+          const bool ping = (l - P.nb) % 2 == 1, is_head = l == Lh;
+          float* y = is_head ? th : (ping ? t0 : t1);
+          uint32_t* yb = ping ? tb0 : tb1;
+          run_layer(P, bf16_fn, Ls[l], x, ldx, M, 0, Ls[l].Ob, l == P.nb + 1 ? u : nullptr,
+                    (!bf || is_head) ? y : nullptr, is_head ? 16 : W,
+                    (bf && !is_head) ? yb : nullptr, W / 2);
+          x = bf ? static_cast<const void*>(yb) : y;
+          ldx = bf ? W / 2 : W;
+        }
+        for (int64_t m = 0; m < M; ++m) out[m0 + m] = sigmoidf(th[m * 16]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// meta [H] int64 + blob [bytes] uint8: the packed model (pack_dlrm); weights [R, D] float32 /
+// float16 / uint8 (+ scale_bias [R, 2]); user_ids [Tu] int64 ids within their tables, in the
+// packed user-slot order; cand_ids [N, Tc] int64 likewise; dense [Kd] float32 (shared by every
+// candidate) -> probabilities [N] float32.
+at::Tensor serving_dlrm_cpu(const at::Tensor& meta, const at::Tensor& blob, const at::Tensor& weights,
+                            const std::optional<at::Tensor>& scale_bias, const at::Tensor& user_ids_,
+                            const at::Tensor& cand_ids_, const at::Tensor& dense_) {
+  const RowReader rr = make_reader(weights, scale_bias);
+  const Packed P = parse(meta, blob, weights.size(0), rr.D);
+  TORCH_CHECK_TYPE(user_ids_.scalar_type() == at::kLong && cand_ids_.scalar_type() == at::kLong,
+                   kOpP, ": user_ids and cand_ids must be int64, got ", user_ids_.scalar_type(),
+                   " and ", cand_ids_.scalar_type());
+  TORCH_CHECK_TYPE(dense_.scalar_type() == at::kFloat, kOpP, ": dense must be float32, got ",
+                   dense_.scalar_type());
+  TORCH_CHECK_VALUE(user_ids_.dim() == 1 && user_ids_.size(0) == P.Tu, kOpP, ": user_ids must be [",
+                    P.Tu, "], got ", user_ids_.sizes());
+  TORCH_CHECK_VALUE(cand_ids_.dim() == 2 && cand_ids_.size(1) == P.Tc, kOpP,
+                    ": cand_ids must be [N, ", P.Tc, "], got ", cand_ids_.sizes());
+  TORCH_CHECK_VALUE(dense_.dim() == 1 && dense_.size(0) == P.Kd, kOpP, ": dense must be [", P.Kd,
+                    "] (shared by every candidate), got ", dense_.sizes());
+  const int64_t N = cand_ids_.size(0);
+  TORCH_CHECK_VALUE(N >= 1, kOpP, ": empty candidate list");
+  const auto user_ids = user_ids_.contiguous();
+  const auto cand_ids = cand_ids_.contiguous();
+  const auto dense = dense_.contiguous();
+  const int64_t* uid = user_ids.data_ptr<int64_t>();
+  const int64_t* cid = cand_ids.data_ptr<int64_t>();
+  const float* pd = dense.data_ptr<float>();
+  // every id is checked before the team starts (nothing may throw inside it)
+  for (int64_t i = 0; i < P.Tu; ++i)
+    TORCH_CHECK_INDEX(uid[i] >= 0 && uid[i] < P.ucard[i], kOpP, ": user_ids[", i, "] = ", uid[i],
+                      " is out of range [0, ", P.ucard[i], ")");
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < P.Tc; ++c) {
+      const int64_t id = cid[n * P.Tc + c];
+      TORCH_CHECK_INDEX(id >= 0 && id < P.ccard[c], kOpP, ": cand_ids[", n, ", ", c, "] = ", id,
+                        " is out of range [0, ", P.ccard[c], ")");
+    }
+  for (int64_t k = 0; k < P.Kd; ++k)
+    TORCH_CHECK_VALUE(!std::isnan(pd[k]), kOpP, ": dense[", k, "] is NaN");
+  auto out = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
+  dlrm_forward(P, rr, uid, cid, pd, N, out.data_ptr<float>());
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(adrec, CPU, m) {
+  m.impl("serving_forward", &serving_forward_cpu);
+  m.impl("serving_dlrm", &serving_dlrm_cpu);
+}
 
 }  // namespace adrec

@@ -365,3 +365,274 @@ def test_swap_failure_keeps_version(ckpts, tmp_path):
         sc.swap(tmp_path / "missing")
     assert sc.version == before
     sc.score({"user": "u1"}, {"item": ["i1"]})
+
+
+# ---------------------------------------------------------------------------- packed DLRM path
+def _ids_request(schema, rng, n, cand_fields=("item", "adcat")):
+    """Encoded ids of a random request for ``ids_path(cand_fields)`` + its Batch (the model's
+    input: user values repeated per candidate)."""
+    user, cands = _request(rng, n, [*cand_fields, "price"] if n > 0 else list(cand_fields))
+    user.pop("price", None)
+    cands.pop("price", None)
+    user["price"] = 3.5  # every dense field user-side: the packed path
+    rows = [{**user, **{k: v[i] for k, v in cands.items()}} for i in range(n)]
+    b = schema.encode_rows(rows)
+    ids = b.indices.view(4, n)  # bags: user, age, item, adcat
+    pos = {"user": 0, "age": 1, "item": 2, "adcat": 3}
+    uf = [f for f in pos if f not in cand_fields]
+    u = np.array([int(ids[pos[f], 0]) for f in uf], dtype=np.int64)
+    c = np.ascontiguousarray(np.stack([ids[pos[f]].numpy() for f in cand_fields], axis=1))
+    d = np.ascontiguousarray(b.dense[0].numpy())
+    return u, c, d, b
+
+
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("key", ["dlrm", "dlrm_self"])
+def test_ids_path_equivalence(schema, ckpts, key, threads):
+    """fp32 packed path == model forward (<= 1e-5) for every way the work is split: one row,
+    rows per thread below / at / above the row-split threshold (16), tile edges (32), user-side
+    candidate pairs computed per thread (N * pairs <= 1024) or shared."""
+    path, model = ckpts[key]
+    sc = Scorer.load(path)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(11)
+        for cand_fields in (("item", "adcat"), ("item",), ("adcat", "item", "user", "age")):
+            fp = sc.ids_path(cand_fields)
+            assert fp.cand_fields == cand_fields
+            assert set(fp.user_fields) | set(cand_fields) == {"user", "age", "item", "adcat"}
+            for n in (1, 2, 3, 15, 16, 31, 32, 33, 64, 65, 200):
+                u, c, d, b = _ids_request(schema, rng, n, cand_fields)
+                got = fp(u, c, d)
+                assert got.dtype == np.float32 and got.shape == (n,)
+                want = model.predict(b).numpy()
+                assert np.abs(got - want).max() <= 1e-5, (cand_fields, n)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _bf16_reference(model, batch):
+    """DLRM with bfloat16 MLP weights and layer inputs, in float64 otherwise: what
+    ``mlp="bf16"`` computes (fp32 accumulation aside) -> [B] probabilities."""
+    def rb(x):
+        return x.float().bfloat16().double()
+
+    def mlp(x, seq):
+        for m in seq:
+            if isinstance(m, torch.nn.Linear):
+                x = rb(x) @ rb(m.weight).T + m.bias.double()
+            elif isinstance(m, torch.nn.ReLU):
+                x = x.relu()
+        return x
+
+    with torch.no_grad():
+        emb = model.lookup(batch)[0].double()  # [B, T, D]
+        fields, parts = emb, []
+        if model.bottom is not None:
+            d = mlp(model.dense_input(batch).double(), model.bottom)  # [B, D]
+            fields = torch.cat([d[:, None], emb], 1)
+            parts.append(d)
+        F_ = fields.shape[1]
+        i, j = torch.triu_indices(F_, F_, offset=0 if model.self_interaction else 1)
+        z = (fields[:, i] * fields[:, j]).sum(-1)  # [B, P]
+        x = mlp(torch.cat(parts + [z], 1), model.top)
+        h = model.head.head
+        return torch.sigmoid(rb(x) @ rb(h.weight).reshape(-1) + h.bias.double()).numpy()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("key", ["dlrm", "dlrm_self"])
+def test_bf16_mlp(schema, ckpts, key, threads):
+    """mlp="bf16" computes the bf16-weight/bf16-activation model: it matches the float64
+    emulation far closer than it matches fp32, on both kernels (AVX512_BF16 and portable, which
+    must agree), for the layer and the row split."""
+    path, model = ckpts[key]
+    sc = Scorer.load(path, mlp="bf16")
+    port = Scorer.load(path, mlp="bf16")
+    port._version.portable = True
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(12)
+        fp, fq = sc.ids_path(["item", "adcat"]), port.ids_path(["item", "adcat"])
+        for n in (1, 3, 20, 64, 200):
+            u, c, d, b = _ids_request(schema, rng, n)
+            got, got_port = fp(u, c, d), fq(u, c, d)
+            assert np.abs(got - got_port).max() <= 1e-6
+            emu = _bf16_reference(model, b)
+            fp32 = model.predict(b).numpy()
+            err, err32 = np.abs(got - emu).max(), np.abs(got - fp32).max()
+            assert err <= 5e-5, n
+            assert err < err32 / 5, (n, err, err32)  # the MLP really runs in bf16
+            # score() and score_ids() take the same packed bf16 path
+            np.testing.assert_allclose(sc._version.forward_ids(
+                np.array([u[0], u[1], 0, 0]), [2, 3], c, d[None]), got, atol=1e-7)
+    finally:
+        torch.set_num_threads(old)
+    assert fq._bound[1][2] == 1  # the packed header's "portable" flag
+
+
+def test_bf16_mlp_with_int8_tables(schema, ckpts):
+    path, _ = ckpts["dlrm"]
+    sc = Scorer.load(path, quantize="int8", mlp="bf16")
+    deq = _model(schema, "dlrm")
+    for ebc in deq.embedding_collections():
+        ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, "int8")))
+    u, c, d, b = _ids_request(schema, np.random.default_rng(13), 50)
+    got = sc.ids_path(["item", "adcat"])(u, c, d)
+    assert np.abs(got - _bf16_reference(deq, b)).max() <= 5e-5
+
+
+def test_bf16_mlp_rejected_where_unsupported(schema, ckpts):
+    with pytest.raises(ValueError, match="DLRM"):
+        Scorer.load(ckpts["dcnv2"][0], mlp="bf16")
+    with pytest.raises(ValueError, match="mlp"):
+        Scorer.load(ckpts["dlrm"][0], mlp="int4")
+    sc = Scorer.load(ckpts["dlrm"][0], mlp="bf16")
+    with pytest.raises(ValueError, match="dense"):  # a dense field per candidate
+        sc.score({"user": "u1"}, {"item": ["i1", "i2"], "price": [1.0, 2.0]})
+    with pytest.raises(NotImplementedError, match="DLRM"):
+        Scorer.load(ckpts["dcnv2"][0]).ids_path(["item"])
+
+
+def test_ids_path_bad_requests(schema, ckpts):
+    sc = Scorer.load(ckpts["dlrm"][0])
+    with pytest.raises(ValueError, match="'colour'"):
+        sc.ids_path(["item", "colour"])
+    with pytest.raises(ValueError, match="repeat"):
+        sc.ids_path(["item", "item"])
+    fp = sc.ids_path(["item", "adcat"])
+    u, c, d, _ = _ids_request(schema, np.random.default_rng(14), 5)
+    fp(u, c, d)
+    with pytest.raises(IndexError, match="'item'"):
+        bad = c.copy()
+        bad[3, 0] = 10**6
+        fp(u, bad, d)
+    with pytest.raises(IndexError, match="'adcat'"):
+        bad = c.copy()
+        bad[0, 1] = -1
+        fp(u, bad, d)
+    with pytest.raises(IndexError, match="'age'"):
+        fp(np.array([u[0], 10**6]), c, d)
+    with pytest.raises(ValueError, match="empty"):
+        fp(u, c[:0], d)
+    with pytest.raises(ValueError, match="NaN"):
+        fp(u, c, np.array([0.0, np.nan], dtype=np.float32))
+    with pytest.raises(TypeError, match="int64"):
+        fp(u, c.astype(np.int32), d)
+    with pytest.raises(TypeError, match="float32"):
+        fp(u, c, d.astype(np.float64))
+    with pytest.raises(TypeError, match="numpy"):
+        fp(u.tolist(), c, d)
+    with pytest.raises(ValueError, match="cand_ids"):
+        fp(u, c[:, :1], d)
+    with pytest.raises(ValueError, match="user_ids"):
+        fp(u[:1], c, d)
+    with pytest.raises(ValueError, match="dense"):
+        fp(u, c)  # the schema has dense fields
+    # non-contiguous arrays are fine
+    np.testing.assert_array_equal(fp(u, np.asfortranarray(c), d), fp(u, c, d))
+
+
+def test_packed_model_checks(schema, ckpts):
+    """The kernel validates the packed model (never a crash on a damaged one)."""
+    sc = Scorer.load(ckpts["dlrm"][0])
+    fp = sc.ids_path(["item", "adcat"])
+    u, c, d, _ = _ids_request(schema, np.random.default_rng(15), 3)
+    fp(u, c, d)
+    _, meta, blob, w, sb, _ = fp._bound
+    op = torch.ops.adrec.serving_dlrm.default
+    U, C, Dn = (torch.from_numpy(x) for x in (u, c, d))
+    op(meta, blob, w, sb, U, C, Dn)
+    for pos, val in [(0, 1), (1, 7), (3, 5), (4, 99), (len(meta) - 2, 10**9),
+                     (len(meta) - 5, 4)]:
+        m = meta.clone()
+        m[pos] = val
+        with pytest.raises(ValueError):
+            op(m, blob, w, sb, U, C, Dn)
+    with pytest.raises(ValueError):
+        op(meta, blob[:-64], w, sb, U, C, Dn)
+    with pytest.raises(ValueError):
+        op(meta[:-1], blob, w, sb, U, C, Dn)
+    with pytest.raises(ValueError):  # a table smaller than the packed row ranges
+        op(meta, blob, w[:10], sb, U, C, Dn)
+
+
+def test_ids_path_follows_swap(schema, tmp_path):
+    a, b = _model(schema, "dlrm", seed=0), _model(schema, "dlrm", seed=1)
+    pa_ = save_checkpoint(tmp_path / "a", a, rng=False)
+    pb = save_checkpoint(tmp_path / "b", b, rng=False)
+    sc = Scorer.load(pa_, mlp="bf16")
+    fp = sc.ids_path(["item", "adcat"])
+    u, c, d, batch = _ids_request(schema, np.random.default_rng(16), 40)
+    assert np.abs(fp(u, c, d) - _bf16_reference(a, batch)).max() <= 5e-5
+    sc.swap(pb)
+    assert np.abs(fp(u, c, d) - _bf16_reference(b, batch)).max() <= 5e-5
+
+
+@pytest.mark.parametrize("mlp", [None, "bf16"])
+@pytest.mark.parametrize("shape", ["no_dense", "no_top"])
+def test_packed_dlrm_shapes(tmp_path, mlp, shape):
+    """DLRM without a bottom MLP (no dense field: the fields are the embeddings only) and
+    without a top MLP (the head is the first top layer, split into its shared and candidate
+    columns), D = 16 and 5, through the layer and the row split."""
+    raw = _raw(2000, 7)
+    fields = [{"name": "user", "type": "categorical"}, {"name": "age", "type": "categorical"},
+              {"name": "item", "type": "categorical"}, {"name": "adcat", "type": "categorical"}]
+    if shape == "no_top":
+        fields.append({"name": "price", "type": "dense", "transform": "log1p_standardize"})
+    sch = Schema(fields).fit(raw)
+    for D in (16, 5):
+        torch.manual_seed(D)
+        kw = {"top": ()} if shape == "no_top" else {}
+        m = build_model("dlrm", sch, embedding_dim=D, init_std=0.5, **kw).eval()
+        assert (m.bottom is None) == (shape == "no_dense")
+        sc = Scorer.load(save_checkpoint(tmp_path / f"{shape}{D}", m, rng=False), mlp=mlp)
+        fp = sc.ids_path(["item", "adcat"])
+        rng = np.random.default_rng(D)
+        for n in (1, 7, 40):
+            user = {"user": f"u{int(rng.integers(50))}", "age": int(rng.integers(8))}
+            if shape == "no_top":
+                user["price"] = float(rng.random() * 100)
+            cands = {"item": [f"i{i}" for i in rng.integers(0, 300, n)],
+                     "adcat": rng.integers(0, 20, n).tolist()}
+            b = sch.encode_rows([{**user, **{k: v[i] for k, v in cands.items()}}
+                                 for i in range(n)])
+            ids = b.indices.view(4, n)
+            got = fp(ids[:2, 0].numpy().copy(), np.ascontiguousarray(ids[2:].T.numpy()),
+                     b.dense[0].numpy().copy() if shape == "no_top" else None)
+            want = m.predict(b).numpy() if mlp is None else _bf16_reference(m, b)
+            assert np.abs(got - want).max() <= (1e-5 if mlp is None else 5e-5), (D, n)
+            np.testing.assert_allclose(sc.score(user, cands), got, atol=1e-6)
+
+
+def test_packed_model_checks_extreme_values(schema, ckpts):
+    """Huge or negative counts, sizes and offsets in a damaged meta: a ValueError (the checks
+    bound every value before any arithmetic on it)."""
+    sc = Scorer.load(ckpts["dlrm"][0])
+    fp = sc.ids_path(["item", "adcat"])
+    u, c, d, _ = _ids_request(schema, np.random.default_rng(17), 3)
+    fp(u, c, d)
+    _, meta, blob, w, sb, _ = fp._bound
+    op = torch.ops.adrec.serving_dlrm.default
+    U, C, Dn = (torch.from_numpy(x) for x in (u, c, d))
+    big = 2**62
+    L = int(meta[11])
+    layer0 = len(meta) - 5 * L
+    ubase = 16 + int(meta[7])  # first user slot's row base
+    for pos in [6, 7, 8, 9, 10, 11, 12, ubase, ubase + int(meta[7]), layer0, layer0 + 1,
+                layer0 + 3, layer0 + 4]:
+        for val in (big, -big, -1):
+            m = meta.clone()
+            m[pos] = val
+            with pytest.raises(ValueError):
+                op(m, blob, w, sb, U, C, Dn)
