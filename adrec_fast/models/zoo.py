@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as F
 from ..data.batch import Batch
 from ..nn import CrossNet
-from .base import CTRModel, Head, mlp, register_model
+from .base import CTRModel, Head, gemm_pad, mlp, register_model, run_mlp
 
 
 @register_model("lr")
@@ -94,6 +95,8 @@ class DCNv2(CTRModel):
         self.lookup = self._make_lookup()
         self.linear = self._make_linear() if linear else None
         k = self.num_bags * self.embedding_dim + self.dense_in
+        self.k = k
+        self.pad = gemm_pad(k)  # x0 is built [B, k + pad] with zero columns (see gemm_pad)
         self.cross = CrossNet(k, num_layers=cross_layers)
         self.deep, width = mlp(k, hidden, dropout, batch_norm)
         self.head = Head(width + k if structure == "parallel" else width)
@@ -101,12 +104,21 @@ class DCNv2(CTRModel):
     def forward(self, batch: Batch) -> Tensor:
         B = batch.batch_size
         emb, _ = self.lookup(batch)  # [B, T, D]
-        x0 = torch.cat([emb.reshape(B, -1), self.dense_input(batch)], dim=1)  # [B, K]
+        parts = [emb.reshape(B, -1), self.dense_input(batch)]
+        if self.pad:
+            parts.append(emb.new_zeros(1, 1).expand(B, self.pad))
+        x0 = torch.cat(parts, dim=1)  # [B, K + pad], the pad columns zero
+        xc = self.cross(x0)  # [B, K + pad], the pad columns stay zero
         if self.structure == "parallel":
-            h = torch.cat([self.cross(x0), self.deep(x0)], dim=1)  # [B, K + H]
+            hd = run_mlp(self.deep, x0, self.pad)  # [B, H]
+            head = self.head.head
+            # head on [cross, deep] without materialising the concatenation
+            w_c = head.weight[: self.k]
+            if self.pad:
+                w_c = TF.pad(w_c, (0, self.pad))
+            logit = torch.addmv(torch.addmv(head.bias, hd, head.weight[self.k:]), xc, w_c)  # [B]
         else:
-            h = self.deep(self.cross(x0))  # [B, H]
-        logit = self.head(h)
+            logit = self.head(run_mlp(self.deep, xc, self.pad))  # [B]
         if self.linear is not None:
             lin, _ = self.linear(batch)
             logit = logit + lin.sum(dim=(1, 2))
@@ -132,8 +144,12 @@ class DLRM(CTRModel):
             self.bottom = None
         F_ = self.num_bags + (1 if self.bottom is not None else 0)
         P = F_ * (F_ + 1) // 2 if self_interaction else F_ * (F_ - 1) // 2
-        self.top, width = mlp(P + (D if self.bottom is not None else 0), top)
+        top_in = P + (D if self.bottom is not None else 0)
+        self.top, width = mlp(top_in, top)
         self.head = Head(width)
+        # the top input is built [B, top_in + pad] with zero columns (see gemm_pad); only when
+        # there is a dense vector to concatenate anyway (the cat then absorbs the padding)
+        self.pad = gemm_pad(top_in) if self.bottom is not None and top else 0
 
     def forward(self, batch: Batch) -> Tensor:
         emb, _ = self.lookup(batch)  # [B, T, D]
@@ -143,7 +159,10 @@ class DLRM(CTRModel):
         d = self.bottom(self.dense_input(batch))  # [B, D]
         fields = torch.cat([d.unsqueeze(1), emb], dim=1)  # [B, T+1, D]
         z = F.dot_interaction(fields, self.self_interaction)  # [B, P]
-        return self.head(self.top(torch.cat([d, z], dim=1)))
+        parts = [d, z]
+        if self.pad:
+            parts.append(z.new_zeros(1, 1).expand(z.size(0), self.pad))
+        return self.head(run_mlp(self.top, torch.cat(parts, dim=1), self.pad))  # [B]
 
 
 @register_model("din")
