@@ -16,6 +16,8 @@ from ..ops import embedding_bag as _eb
 from ..optim import FusedRowwiseAdagrad, FusedSGD
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd", "none")
+#: ``precision=`` values: the dtype of the dense tower's matrix products
+PRECISIONS = ("fp32", "bf16")
 
 #: name -> model class; filled by :func:`register_model`.
 MODELS: dict[str, type[CTRModel]] = {}
@@ -184,14 +186,22 @@ class CTRModel(nn.Module):
     """
 
     model_name = "base"
+    #: models whose forward honours ``precision="bf16"`` (the others accept "fp32" only)
+    supports_bf16 = False
 
     def __init__(self, schema, embedding_dim: int = 16,
                  embedding_optimizer: str | None = "rowwise_adagrad", pooling: str = "mean",
-                 init_std: float | None = None, **config):
+                 init_std: float | None = None, precision: str = "fp32", **config):
         super().__init__()
         if not schema.fitted:
             raise ValueError("the schema is not fitted (vocabularies/statistics missing); "
                              "call schema.fit(data) first")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision != "fp32" and not self.supports_bf16:
+            raise ValueError(f"model {self.model_name!r} supports precision='fp32' only "
+                             "(bf16: dcnv2, dlrm)")
+        self.precision = precision
         self.schema = schema
         self.embedding_dim = int(embedding_dim)
         self.n_dense = schema.n_dense
@@ -204,6 +214,8 @@ class CTRModel(nn.Module):
         self.config = {"name": self.model_name, "embedding_dim": self.embedding_dim,
                        "embedding_optimizer": embedding_optimizer, "pooling": pooling,
                        "init_std": init_std, **config}
+        if precision != "fp32":  # fp32 checkpoints keep their config as before
+            self.config["precision"] = precision
 
     # -- building blocks ------------------------------------------------------------------
     def _make_lookup(self, dim: int | None = None, sequences: Sequence[str] = (),
@@ -215,6 +227,17 @@ class CTRModel(nn.Module):
     def _make_linear(self) -> SparseLookup:
         """Width-1 first-order weights of every sparse bag, initialised to zero."""
         return SparseLookup(self.schema, 1, fused_optimizer(self._emb_opt), self._pooling, 0.0)
+
+    def tower_precision(self, device: torch.device):
+        """Context for the dense tower: ``precision="bf16"`` runs it under
+        ``torch.autocast(device, bfloat16)`` (matrix products in bf16 with fp32 accumulation;
+        the parameters, their gradients and the optimizer stay fp32, the embeddings and their
+        fused update too); ``"fp32"`` is a no-op."""
+        return torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16")
+
+    def tower_dtype(self, x: Tensor) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else x.dtype
 
     def dense_input(self, batch: Batch) -> Tensor:
         """[B, n_dense + vector_dim]: dense features then precomputed vectors."""

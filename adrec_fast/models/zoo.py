@@ -81,7 +81,10 @@ class DeepFM(CTRModel):
 class DCNv2(CTRModel):
     """DCN-v2: full-rank cross network on ``x0 = [flattened embeddings, dense]`` and an MLP,
     ``structure="parallel"`` (head on ``[cross(x0), mlp(x0)]``) or ``"stacked"``
-    (head on ``mlp(cross(x0))``); ``linear=True`` adds first-order weights (as DeepCTR does)."""
+    (head on ``mlp(cross(x0))``); ``linear=True`` adds first-order weights (as DeepCTR does).
+    ``precision="bf16"`` runs the cross net, MLP and head in bf16 (see ``tower_precision``)."""
+
+    supports_bf16 = True
 
     def __init__(self, schema, embedding_dim: int = 16, cross_layers: int = 3,
                  hidden: Sequence[int] = (256, 128), structure: str = "parallel",
@@ -108,17 +111,22 @@ class DCNv2(CTRModel):
         if self.pad:
             parts.append(emb.new_zeros(1, 1).expand(B, self.pad))
         x0 = torch.cat(parts, dim=1)  # [B, K + pad], the pad columns zero
-        xc = self.cross(x0)  # [B, K + pad], the pad columns stay zero
-        if self.structure == "parallel":
-            hd = run_mlp(self.deep, x0, self.pad)  # [B, H]
-            head = self.head.head
-            # head on [cross, deep] without materialising the concatenation
-            w_c = head.weight[: self.k]
-            if self.pad:
-                w_c = TF.pad(w_c, (0, self.pad))
-            logit = torch.addmv(torch.addmv(head.bias, hd, head.weight[self.k:]), xc, w_c)  # [B]
-        else:
-            logit = self.head(run_mlp(self.deep, xc, self.pad))  # [B]
+        with self.tower_precision(x0.device):
+            x0 = x0.to(self.tower_dtype(x0))  # one cast, shared by the cross net and the MLP
+            xc = self.cross(x0)  # [B, K + pad], the pad columns stay zero
+            if self.structure == "parallel":
+                hd = run_mlp(self.deep, x0, self.pad)  # [B, H]
+                head = self.head.head
+                # head on [cross, deep] without materialising the concatenation
+                w_c = head.weight[: self.k]
+                if self.pad:
+                    w_c = TF.pad(w_c, (0, self.pad))
+                dt = xc.dtype
+                logit = torch.addmv(torch.addmv(head.bias.to(dt), hd, head.weight[self.k:].to(dt)),
+                                    xc, w_c.to(dt))  # [B]
+            else:
+                logit = self.head(run_mlp(self.deep, xc, self.pad))  # [B]
+        logit = logit.float()
         if self.linear is not None:
             lin, _ = self.linear(batch)
             logit = logit + lin.sum(dim=(1, 2))
@@ -128,7 +136,10 @@ class DCNv2(CTRModel):
 @register_model("dlrm")
 class DLRM(CTRModel):
     """DLRM: bottom MLP maps the dense input to a D-vector, ``dot_interaction`` over
-    ``[dense vector, T embeddings]``, top MLP on ``[dense vector, pairwise dots]``."""
+    ``[dense vector, T embeddings]``, top MLP on ``[dense vector, pairwise dots]``.
+    ``precision="bf16"``: MLPs, dot interaction and head in bf16 (see ``tower_precision``)."""
+
+    supports_bf16 = True
 
     def __init__(self, schema, embedding_dim: int = 16, bottom: Sequence[int] = (64,),
                  top: Sequence[int] = (256, 128), self_interaction: bool = False, **kw):
@@ -153,16 +164,21 @@ class DLRM(CTRModel):
 
     def forward(self, batch: Batch) -> Tensor:
         emb, _ = self.lookup(batch)  # [B, T, D]
-        if self.bottom is None:
-            z = F.dot_interaction(emb, self.self_interaction)  # [B, P]
-            return self.head(self.top(z))
-        d = self.bottom(self.dense_input(batch))  # [B, D]
-        fields = torch.cat([d.unsqueeze(1), emb], dim=1)  # [B, T+1, D]
-        z = F.dot_interaction(fields, self.self_interaction)  # [B, P]
-        parts = [d, z]
-        if self.pad:
-            parts.append(z.new_zeros(1, 1).expand(z.size(0), self.pad))
-        return self.head(run_mlp(self.top, torch.cat(parts, dim=1), self.pad))  # [B]
+        # the dot interaction stays in the embeddings' fp32 under precision="bf16": it is a few
+        # MFLOP, and casting [B, T, D] to bf16 and back costs more than it saves
+        with self.tower_precision(emb.device):
+            if self.bottom is None:
+                z = F.dot_interaction(emb, self.self_interaction)  # [B, P]
+                return self.head(self.top(z)).float()
+            d = self.bottom(self.dense_input(batch)).to(emb.dtype)  # [B, D]
+            fields = torch.cat([d.unsqueeze(1), emb], dim=1)  # [B, T+1, D]
+            z = F.dot_interaction(fields, self.self_interaction)  # [B, P]
+            parts = [d, z]
+            if self.pad:
+                parts.append(z.new_zeros(1, 1).expand(z.size(0), self.pad))
+            x = torch.cat(parts, dim=1)  # [B, D + P + pad]
+            logit = self.head(run_mlp(self.top, x.to(self.tower_dtype(x)), self.pad))  # [B]
+        return logit.float()
 
 
 @register_model("din")
