@@ -57,7 +57,7 @@ def mlp(in_features: int, hidden: Sequence[int], dropout: float = 0.0,
         layers.append(nn.Linear(width, int(h)))
         if batch_norm:
             layers.append(nn.BatchNorm1d(int(h)))
-        layers.append(nn.ReLU())
+        layers.append(nn.ReLU(inplace=True))  # the Linear output is not saved: no copy needed
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = int(h)
