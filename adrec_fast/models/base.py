@@ -14,6 +14,7 @@ from ..data.batch import Batch
 from ..nn import EmbeddingBagCollection, SigmoidBCEHead
 from ..ops import embedding_bag as _eb
 from ..optim import FusedRowwiseAdagrad, FusedSGD
+from . import _dense
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd", "none")
 #: ``precision=`` values: the dtype of the dense tower's matrix products
@@ -83,7 +84,25 @@ def gemm_pad(k: int) -> int:
 
 def run_mlp(seq: nn.Sequential, x: Tensor, pad: int = 0) -> Tensor:
     """``seq(x)`` for an ``mlp`` stack whose input ``x`` [B, K + pad] carries ``pad`` zero
-    columns: the first Linear's weight [H, K] is zero-padded to [H, K + pad] (same result)."""
+    columns: the first Linear's weight [H, K] is zero-padded to [H, K + pad] (same result).
+
+    fp32 on the CPU, each Linear (with the ReLU that follows it fused in) runs through oneDNN
+    (``models._dense``); other modules (BatchNorm, Dropout) run as they are."""
+    if _dense.enabled(x):
+        mods = list(seq)
+        h, i, w_pad = x, 0, pad
+        while i < len(mods):
+            m = mods[i]
+            if isinstance(m, nn.Linear):
+                w = TF.pad(m.weight, (0, w_pad)) if w_pad else m.weight  # [H, K + pad]
+                w_pad = 0
+                relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
+                h = _dense.linear(h, w, m.bias, relu)  # [B, H]
+                i += 2 if relu else 1
+            else:
+                h = m(h)
+                i += 1
+        return h
     if pad == 0:
         return seq(x)
     first = seq[0]
