@@ -6,7 +6,9 @@ and dense optimizer step. samples/s = B / median step time (``extra_info["sample
 
 Providers (the same architecture and the same dense optimizer, Adam(fused=True), everywhere):
   adrec     adrec_fast.models (one fused EmbeddingBagCollection, row-wise Adagrad fused into
-            the backward; fused dot/cross/BCE ops)
+            the backward; fused dot/BCE ops; in fp32 the tower's products run through oneDNN
+            with bias+ReLU fused, ``models._dense``: ``ADREC_DENSE=aten`` measures the ATen/MKL
+            path instead; GEMM widths padded to multiples of 16)
   eager     plain PyTorch: one concatenated nn.EmbeddingBag(sparse=True) with torch.optim.Adagrad
             on its sparse gradient, torch interaction code, F.binary_cross_entropy_with_logits
   compile   ``eager`` with its dense tower (interaction, MLPs, loss) under torch.compile (the
