@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """fp32 dense products of the model towers through oneDNN on the CPU.
 
-Why: ATen sends fp32 ``mm``/``addmm`` on x86 to MKL, and MKL runs its AVX2 kernels on AMD CPUs;
-oneDNN (``torch.ops.mkldnn._linear_pointwise``, shipped with every x86 torch build) runs
-AVX-512 there. Measured on the 2-thread benchmark machine (AMD, AVX-512), fp32, B = 4096:
+Why: ATen sends fp32 ``mm``/``addmm`` on x86 to MKL, which on the AMD benchmark machine runs at
+about half the rate of oneDNN (``torch.ops.mkldnn._linear_pointwise``, shipped with every x86
+torch build; ONEDNN_VERBOSE reports its AVX-512 kernels there; the MKL rate is consistent with
+MKL not taking its AVX-512 paths on AMD CPUs). Measured there, 2 threads, fp32, B = 4096:
 [4096, 512] x [512, 256] 5.1 ms (MKL) vs 2.2 ms (oneDNN); [4096, 432] x [432, 432] 7.4 vs 3.2 ms;
 the weight-gradient product g.T @ x 7.2 vs 4.3 ms. It is still IEEE fp32 (no reduced-precision
 math mode): results differ from MKL by summation order only.
