@@ -46,6 +46,15 @@ def _mm_t(a: Tensor, b: Tensor) -> Tensor:
     return _LP(a, b, None, "none", [], "")
 
 
+def _weight_grad(g: Tensor, x: Tensor) -> Tensor:
+    """g.T @ x for g [B, N], x [B, K] -> [N, K]. oneDNN's first operand must be row-major, so
+    one of the two is transposed into a copy: the narrower one (DLRM's first bottom layer:
+    x.T [13, B] instead of g.T [512, B]); the result is then computed transposed."""
+    if x.size(1) < g.size(1):
+        return _mm_t(x.t(), g.t()).t()  # ([K, B] @ [B, N]).T
+    return _mm_t(g.t(), x.t())
+
+
 class _Linear(torch.autograd.Function):
     """out = [relu](x @ w.T + b): x [B, K], w [N, K], b [N] or None -> [B, N]."""
 
@@ -63,7 +72,7 @@ class _Linear(torch.autograd.Function):
         if ctx.relu:
             g = torch.ops.aten.threshold_backward(g, out, 0)  # g * (out > 0)
         gx = _mm_t(g, w.t()) if ctx.needs_input_grad[0] else None  # [B, K] = g @ w
-        gw = _mm_t(g.t(), x.t()) if ctx.needs_input_grad[1] else None  # [N, K] = g.T @ x
+        gw = _weight_grad(g, x) if ctx.needs_input_grad[1] else None  # [N, K] = g.T @ x
         gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # [N]
         return gx, gw, gb, None
 
@@ -83,7 +92,7 @@ class _Cross(torch.autograd.Function):
         g_xw = g * x0  # [B, K], the gradient of x @ w.T + b
         g_x0 = g * xw if ctx.needs_input_grad[0] else None
         g_x = _mm_t(g_xw, w.t()).add_(g) if ctx.needs_input_grad[1] else None  # + residual
-        g_w = _mm_t(g_xw.t(), x.t()) if ctx.needs_input_grad[2] else None  # [K, K]
+        g_w = _weight_grad(g_xw, x) if ctx.needs_input_grad[2] else None  # [K, K]
         g_b = g_xw.sum(0) if ctx.needs_input_grad[3] else None
         return g_x0, g_x, g_w, g_b
 
