@@ -6,11 +6,23 @@ and dense optimizer step. samples/s = B / median step time (``extra_info["sample
 
 Providers (the same architecture and the same dense optimizer, Adam(fused=True), everywhere):
   adrec     adrec_fast.models (one fused EmbeddingBagCollection, row-wise Adagrad fused into
-            the backward; fused dot/cross/BCE ops)
+            the backward; fused dot/BCE ops; in fp32 the tower's products run through oneDNN
+            with bias+ReLU fused, ``models._dense``: ``ADREC_DENSE=aten`` measures the ATen/MKL
+            path instead; GEMM widths padded to multiples of 16)
   eager     plain PyTorch: one concatenated nn.EmbeddingBag(sparse=True) with torch.optim.Adagrad
             on its sparse gradient, torch interaction code, F.binary_cross_entropy_with_logits
   compile   ``eager`` with its dense tower (interaction, MLPs, loss) under torch.compile (the
             sparse-gradient EmbeddingBag stays eager: compiled graphs do not emit sparse grads)
+  fbgemm    FBGEMM TBE embeddings (fbgemm-gpu-cpu ``SplitTableBatchedEmbeddingBagsCodegen``,
+            EmbeddingLocation.HOST / ComputeDevice.CPU, EXACT_ROWWISE_ADAGRAD fused into its
+            backward, the batch's own TBE layout) under the ``eager`` tower
+  fbgemm_compile  ``fbgemm`` with the tower under torch.compile (the strongest peer: FBGEMM's
+            fused sparse path plus the compiled dense tower); skipped without fbgemm_gpu
+
+Precision (``precision`` parameter): ``fp32`` everywhere, or ``bf16`` mixed precision for every
+provider alike: adrec ``build_model(..., precision="bf16")``; the peers' towers (eager, compiled,
+on FBGEMM) run under ``torch.autocast("cpu", dtype=torch.bfloat16)``. Parameters, optimizer
+state and embedding tables stay fp32 in both; compare bf16 only with bf16.
 
     python -m pytest bench/bench_train.py --benchmark-only --benchmark-columns=median
     python -m pytest bench/bench_train.py --benchmark-only --benchmark-json=/tmp/train.json
@@ -18,6 +30,7 @@ Providers (the same architecture and the same dense optimizer, Adam(fused=True),
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -123,10 +136,19 @@ class EagerModel(nn.Module):
         return self.emb(gid, torch.arange(B * T)).view(B, T * D)  # one id per bag
 
 
-def build_eager(name: str, compiled: bool):
+def _autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def build_eager(name: str, compiled: bool, precision: str = "fp32"):
     torch.manual_seed(0)
     m = EagerModel(DenseDLRM() if name == "dlrm" else DenseDCN())
-    tower = torch.compile(m.tower) if compiled else m.tower
+    run_tower = torch.compile(m.tower) if compiled else m.tower
+
+    def tower(*args):
+        with _autocast(precision):
+            return run_tower(*args)
+
     sparse_opt = torch.optim.Adagrad([m.emb.weight], lr=EMB_LR)
     dense_opt = torch.optim.Adam(m.tower.parameters(), lr=LR, fused=True)
 
@@ -142,10 +164,61 @@ def build_eager(name: str, compiled: bool):
     return step
 
 
-def build_adrec(name: str):
+def _import_fbgemm():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import fbgemm_gpu  # noqa: F401
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+            EmbeddingLocation,
+            PoolingMode,
+        )
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+    return SplitTableBatchedEmbeddingBagsCodegen, EmbeddingLocation, ComputeDevice, PoolingMode, \
+        EmbOptimType
+
+
+try:
+    FBGEMM, FBGEMM_WHY = _import_fbgemm(), None
+except Exception as e:  # noqa: BLE001 - an optional peer
+    FBGEMM, FBGEMM_WHY = None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def build_fbgemm(name: str, compiled: bool, precision: str = "fp32"):
+    """FBGEMM TBE lookup (row-wise Adagrad fused into its backward) + the eager peers' tower."""
+    TBE, Loc, Dev, Pool, Opt = FBGEMM
+    torch.manual_seed(0)
+    tower = DenseDLRM() if name == "dlrm" else DenseDCN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tbe = TBE([(n, D, Loc.HOST, Dev.CPU) for n in ROWS], optimizer=Opt.EXACT_ROWWISE_ADAGRAD,
+                  learning_rate=EMB_LR, eps=1e-8, pooling_mode=Pool.SUM)
+    with torch.no_grad():
+        for w in tbe.split_embedding_weights():
+            w.normal_(0, 0.1 / D**0.5)
+    run_tower = torch.compile(tower) if compiled else tower
+    dense_opt = torch.optim.Adam(tower.parameters(), lr=LR, fused=True)
+
+    def step(batch):
+        pooled = tbe(batch.indices, batch.offsets)  # [B, T*D], the batch's table-major layout
+        with _autocast(precision):
+            loss = run_tower(pooled, batch.dense, batch.labels)
+        dense_opt.zero_grad(set_to_none=True)
+        loss.backward()  # the TBE rows are updated inside its backward
+        dense_opt.step()
+        return loss
+
+    return step
+
+
+def build_adrec(name: str, precision: str = "fp32"):
     torch.manual_seed(0)
     kw = DLRM_KW if name == "dlrm" else DCN_KW
-    model = build_model(name, criteo_schema(), embedding_dim=D, pooling="sum", **kw)
+    model = build_model(name, criteo_schema(), embedding_dim=D, pooling="sum",
+                        precision=precision, **kw)
     model.train()
     for c in model.embedding_collections():
         c.optimizer.lr = EMB_LR
@@ -176,12 +249,20 @@ def _batches() -> list[Batch]:
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled:UserWarning")
 @pytest.mark.benchmark(group="train_step")
-@pytest.mark.parametrize("provider", ["adrec", "eager", "compile"])
+@pytest.mark.parametrize("provider", ["adrec", "eager", "compile", "fbgemm", "fbgemm_compile"])
 @pytest.mark.parametrize("model", ["dlrm", "dcnv2"])
-def test_train_step(benchmark, model, provider):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step(benchmark, precision, model, provider):
     from conftest import bench_rounds
 
-    step = build_adrec(model) if provider == "adrec" else build_eager(model, provider == "compile")
+    if provider == "adrec":
+        step = build_adrec(model, precision)
+    elif provider.startswith("fbgemm"):
+        if FBGEMM is None:
+            pytest.skip(f"fbgemm_gpu unavailable: {FBGEMM_WHY}")
+        step = build_fbgemm(model, provider == "fbgemm_compile", precision)
+    else:
+        step = build_eager(model, provider == "compile", precision)
     batches = _batches()
     losses = [float(step(b).detach()) for b in batches]  # warm-up (compiles) and a sanity check
     assert all(np.isfinite(losses)), losses
@@ -190,6 +271,7 @@ def test_train_step(benchmark, model, provider):
     def one():
         step(batches[next(it) % N_BATCHES])
 
-    benchmark.extra_info.update({"B": B, "T": T, "D": D, "rows": sum(ROWS), "model": model})
+    benchmark.extra_info.update({"B": B, "T": T, "D": D, "rows": sum(ROWS), "model": model,
+                                 "precision": precision})
     benchmark.pedantic(one, warmup_rounds=2, rounds=bench_rounds(10), iterations=1)
     benchmark.extra_info["samples_per_s"] = B / benchmark.stats.stats.median

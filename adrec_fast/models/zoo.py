@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as F
 from ..data.batch import Batch
 from ..nn import CrossNet
-from .base import CTRModel, Head, mlp, register_model
+from . import _dense
+from .base import CTRModel, Head, gemm_pad, mlp, register_model, run_mlp
 
 
 @register_model("lr")
@@ -80,7 +82,10 @@ class DeepFM(CTRModel):
 class DCNv2(CTRModel):
     """DCN-v2: full-rank cross network on ``x0 = [flattened embeddings, dense]`` and an MLP,
     ``structure="parallel"`` (head on ``[cross(x0), mlp(x0)]``) or ``"stacked"``
-    (head on ``mlp(cross(x0))``); ``linear=True`` adds first-order weights (as DeepCTR does)."""
+    (head on ``mlp(cross(x0))``); ``linear=True`` adds first-order weights (as DeepCTR does).
+    ``precision="bf16"`` runs the cross net, MLP and head in bf16 (see ``tower_precision``)."""
+
+    supports_bf16 = True
 
     def __init__(self, schema, embedding_dim: int = 16, cross_layers: int = 3,
                  hidden: Sequence[int] = (256, 128), structure: str = "parallel",
@@ -94,6 +99,8 @@ class DCNv2(CTRModel):
         self.lookup = self._make_lookup()
         self.linear = self._make_linear() if linear else None
         k = self.num_bags * self.embedding_dim + self.dense_in
+        self.k = k
+        self.pad = gemm_pad(k)  # x0 is built [B, k + pad] with zero columns (see gemm_pad)
         self.cross = CrossNet(k, num_layers=cross_layers)
         self.deep, width = mlp(k, hidden, dropout, batch_norm)
         self.head = Head(width + k if structure == "parallel" else width)
@@ -101,22 +108,50 @@ class DCNv2(CTRModel):
     def forward(self, batch: Batch) -> Tensor:
         B = batch.batch_size
         emb, _ = self.lookup(batch)  # [B, T, D]
-        x0 = torch.cat([emb.reshape(B, -1), self.dense_input(batch)], dim=1)  # [B, K]
-        if self.structure == "parallel":
-            h = torch.cat([self.cross(x0), self.deep(x0)], dim=1)  # [B, K + H]
-        else:
-            h = self.deep(self.cross(x0))  # [B, H]
-        logit = self.head(h)
+        parts = [emb.reshape(B, -1), self.dense_input(batch)]
+        if self.pad:
+            parts.append(emb.new_zeros(1, 1).expand(B, self.pad))
+        x0 = torch.cat(parts, dim=1)  # [B, K + pad], the pad columns zero
+        with self.tower_precision(x0.device):
+            x0 = x0.to(self.tower_dtype(x0))  # one cast, shared by the cross net and the MLP
+            xc = self._cross(x0)  # [B, K + pad], the pad columns stay zero
+            if self.structure == "parallel":
+                hd = run_mlp(self.deep, x0, self.pad)  # [B, H]
+                head = self.head.head
+                # head on [cross, deep] without materialising the concatenation
+                w_c = head.weight[: self.k]
+                if self.pad:
+                    w_c = TF.pad(w_c, (0, self.pad))
+                dt = xc.dtype
+                logit = torch.addmv(torch.addmv(head.bias.to(dt), hd, head.weight[self.k:].to(dt)),
+                                    xc, w_c.to(dt))  # [B]
+            else:
+                logit = self.head(run_mlp(self.deep, xc, self.pad))  # [B]
+        logit = logit.float()
         if self.linear is not None:
             lin, _ = self.linear(batch)
             logit = logit + lin.sum(dim=(1, 2))
         return logit
 
+    def _cross(self, x0: Tensor) -> Tensor:
+        """``self.cross(x0)``; fp32 on the CPU through oneDNN (``models._dense``), same math."""
+        if not _dense.enabled(x0):
+            return self.cross(x0)
+        x = x0
+        for w, b in zip(self.cross.weights, self.cross.biases):
+            if self.pad:
+                w, b = TF.pad(w, (0, self.pad, 0, self.pad)), TF.pad(b, (0, self.pad))
+            x = _dense.cross_layer(x0, x, w, b)  # [B, K + pad]
+        return x
+
 
 @register_model("dlrm")
 class DLRM(CTRModel):
     """DLRM: bottom MLP maps the dense input to a D-vector, ``dot_interaction`` over
-    ``[dense vector, T embeddings]``, top MLP on ``[dense vector, pairwise dots]``."""
+    ``[dense vector, T embeddings]``, top MLP on ``[dense vector, pairwise dots]``.
+    ``precision="bf16"``: MLPs, dot interaction and head in bf16 (see ``tower_precision``)."""
+
+    supports_bf16 = True
 
     def __init__(self, schema, embedding_dim: int = 16, bottom: Sequence[int] = (64,),
                  top: Sequence[int] = (256, 128), self_interaction: bool = False, **kw):
@@ -132,18 +167,30 @@ class DLRM(CTRModel):
             self.bottom = None
         F_ = self.num_bags + (1 if self.bottom is not None else 0)
         P = F_ * (F_ + 1) // 2 if self_interaction else F_ * (F_ - 1) // 2
-        self.top, width = mlp(P + (D if self.bottom is not None else 0), top)
+        top_in = P + (D if self.bottom is not None else 0)
+        self.top, width = mlp(top_in, top)
         self.head = Head(width)
+        # the top input is built [B, top_in + pad] with zero columns (see gemm_pad); only when
+        # there is a dense vector to concatenate anyway (the cat then absorbs the padding)
+        self.pad = gemm_pad(top_in) if self.bottom is not None and top else 0
 
     def forward(self, batch: Batch) -> Tensor:
         emb, _ = self.lookup(batch)  # [B, T, D]
-        if self.bottom is None:
-            z = F.dot_interaction(emb, self.self_interaction)  # [B, P]
-            return self.head(self.top(z))
-        d = self.bottom(self.dense_input(batch))  # [B, D]
-        fields = torch.cat([d.unsqueeze(1), emb], dim=1)  # [B, T+1, D]
-        z = F.dot_interaction(fields, self.self_interaction)  # [B, P]
-        return self.head(self.top(torch.cat([d, z], dim=1)))
+        # the dot interaction stays in the embeddings' fp32 under precision="bf16": it is a few
+        # MFLOP, and casting [B, T, D] to bf16 and back costs more than it saves
+        with self.tower_precision(emb.device):
+            if self.bottom is None:
+                z = F.dot_interaction(emb, self.self_interaction)  # [B, P]
+                return self.head(run_mlp(self.top, z)).float()
+            d = run_mlp(self.bottom, self.dense_input(batch)).to(emb.dtype)  # [B, D]
+            fields = torch.cat([d.unsqueeze(1), emb], dim=1)  # [B, T+1, D]
+            z = F.dot_interaction(fields, self.self_interaction)  # [B, P]
+            parts = [d, z]
+            if self.pad:
+                parts.append(z.new_zeros(1, 1).expand(z.size(0), self.pad))
+            x = torch.cat(parts, dim=1)  # [B, D + P + pad]
+            logit = self.head(run_mlp(self.top, x.to(self.tower_dtype(x)), self.pad))  # [B]
+        return logit.float()
 
 
 @register_model("din")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as F
@@ -34,6 +35,7 @@ class CrossNet(nn.Module):
 
     def __init__(self, in_features: int, num_layers: int = 3):
         super().__init__()
+        self.in_features = int(in_features)
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(in_features, in_features)) for _ in range(num_layers)
         )
@@ -44,8 +46,24 @@ class CrossNet(nn.Module):
                 w.uniform_(-bound, bound)
 
     def forward(self, x0: Tensor) -> Tensor:
+        """x0 [B, K] -> [B, K]. x0 may also be [B, K + P] with P zero columns appended (a
+        GEMM-friendly width): the weights are then zero-padded to [K + P, K + P] on the fly,
+        the extra columns of every x_l stay exactly zero (x0 * 0 + 0), and the output is
+        [B, K + P] with zeros in the last P columns. The parameters keep their [K, K] shape.
+        Under ``torch.autocast`` the layers run in the autocast dtype, like ``nn.Linear``."""
+        pad = x0.size(1) - self.in_features
+        if pad < 0:
+            raise ValueError(f"CrossNet: x0 has {x0.size(1)} columns, expected at least "
+                             f"{self.in_features}")
+        if torch.is_autocast_enabled(x0.device.type):  # run in the autocast dtype (as Linear)
+            x0 = x0.to(torch.get_autocast_dtype(x0.device.type))
         x = x0
         for w, b in zip(self.weights, self.biases):
+            # fp32 parameters meet a bf16 x0 under autocast: cast them (the gradient flows back
+            # to the fp32 parameter through the cast)
+            w, b = w.to(x0.dtype), b.to(x0.dtype)
+            if pad:
+                w, b = TF.pad(w, (0, pad, 0, pad)), TF.pad(b, (0, pad))  # [K+P, K+P], [K+P]
             x = F.cross_layer(x0, x, w, b)
         return x
 
