@@ -46,6 +46,7 @@ import pytest
 import torch
 from torch import nn
 
+from peers import import_fbgemm, import_torchrec, optional
 from shapes import QUICK, EmbInputs, EmbShape, emb_shapes, make_grad_out, make_inputs, make_weights
 
 import adrec_fast
@@ -60,51 +61,8 @@ EPS = 1e-8
 # Optional peers
 
 
-def _import_fbgemm():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import fbgemm_gpu  # noqa: F401
-        from fbgemm_gpu.split_embedding_configs import EmbOptimType
-        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
-            EmbeddingLocation,
-            PoolingMode,
-        )
-        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-            ComputeDevice,
-            SplitTableBatchedEmbeddingBagsCodegen,
-        )
-    return dict(
-        TBE=SplitTableBatchedEmbeddingBagsCodegen, ComputeDevice=ComputeDevice,
-        EmbeddingLocation=EmbeddingLocation, PoolingMode=PoolingMode, OptimType=EmbOptimType,
-        version=getattr(fbgemm_gpu, "__version__", "?"),
-    )
-
-
-def _import_torchrec():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import torchrec
-        import torchrec.optim as trec_optim
-        from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-        from torchrec.modules.embedding_modules import EmbeddingBagCollection
-        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-    return dict(
-        EBC=EmbeddingBagCollection, FusedEBC=FusedEmbeddingBagCollection,
-        Config=EmbeddingBagConfig, PoolingType=PoolingType, KJT=KeyedJaggedTensor,
-        RowWiseAdagrad=trec_optim.RowWiseAdagrad, version=getattr(torchrec, "__version__", "?"),
-    )
-
-
-def _optional(loader):
-    try:
-        return loader(), None
-    except Exception as e:  # noqa: BLE001 - any import failure makes the peer optional
-        return None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
-
-
-FBGEMM, FBGEMM_WHY = _optional(_import_fbgemm)
-TORCHREC, TORCHREC_WHY = _optional(_import_torchrec)
+FBGEMM, FBGEMM_WHY = optional(import_fbgemm)
+TORCHREC, TORCHREC_WHY = optional(import_torchrec)
 
 
 def _need(provider: str):

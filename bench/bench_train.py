@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
+from peers import import_fbgemm, optional
 from shapes import criteo_rows
 from torch import nn
 
@@ -164,32 +165,14 @@ def build_eager(name: str, compiled: bool, precision: str = "fp32"):
     return step
 
 
-def _import_fbgemm():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import fbgemm_gpu  # noqa: F401
-        from fbgemm_gpu.split_embedding_configs import EmbOptimType
-        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
-            EmbeddingLocation,
-            PoolingMode,
-        )
-        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-            ComputeDevice,
-            SplitTableBatchedEmbeddingBagsCodegen,
-        )
-    return SplitTableBatchedEmbeddingBagsCodegen, EmbeddingLocation, ComputeDevice, PoolingMode, \
-        EmbOptimType
-
-
-try:
-    FBGEMM, FBGEMM_WHY = _import_fbgemm(), None
-except Exception as e:  # noqa: BLE001 - an optional peer
-    FBGEMM, FBGEMM_WHY = None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+FBGEMM, FBGEMM_WHY = optional(import_fbgemm)
 
 
 def build_fbgemm(name: str, compiled: bool, precision: str = "fp32"):
     """FBGEMM TBE lookup (row-wise Adagrad fused into its backward) + the eager peers' tower."""
-    TBE, Loc, Dev, Pool, Opt = FBGEMM
+    F = FBGEMM
+    TBE, Loc, Dev, Pool, Opt = (F[k] for k in ("TBE", "EmbeddingLocation", "ComputeDevice",
+                                                "PoolingMode", "OptimType"))
     torch.manual_seed(0)
     tower = DenseDLRM() if name == "dlrm" else DenseDCN()
     with warnings.catch_warnings():
