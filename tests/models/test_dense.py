@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as TF
 
 import adrec_fast
-from adrec_fast.data.synthetic import SyntheticCTR
 from adrec_fast.models import _dense
 from adrec_fast.models.registry import build_model
+
+from ._towers import TOWER_CASES as CASES
+from ._towers import tower_batch
 
 pytestmark = pytest.mark.skipif(_dense._LP is None or not torch.backends.mkldnn.is_available(),
                                 reason="torch built without oneDNN")
@@ -99,19 +101,9 @@ def test_enabled_only_for_fp32_cpu_batches():
         assert not _dense.enabled(x)
 
 
-CASES = {
-    "dcnv2": ("dcnv2", {"hidden": (24, 8)}),
-    "dcnv2_stacked": ("dcnv2", {"hidden": (24, 8), "structure": "stacked"}),
-    "dcnv2_bn": ("dcnv2", {"hidden": (24,), "batch_norm": True}),
-    "dlrm": ("dlrm", {"bottom": (16,), "top": (24, 8)}),
-}
-
-
 @pytest.fixture(scope="module")
 def synth():
-    gen = SyntheticCTR(n_rows=1000, seed=5, n_sparse=5, n_dense=3, max_len=4,
-                       max_cardinality=50, n_users=30, n_items=40)
-    return gen.schema(), next(gen.batches(64, n=64))
+    return tower_batch()
 
 
 @pytest.mark.parametrize("key", sorted(CASES))

@@ -10,29 +10,18 @@ import pytest
 import torch
 
 import adrec_fast  # noqa: F401
-from adrec_fast.data.synthetic import SyntheticCTR
 from adrec_fast.models.base import gemm_pad, run_mlp
 from adrec_fast.models.registry import build_model
 from adrec_fast.nn import CrossNet
 
+from ._towers import TOWER_CASES as CASES
+from ._towers import tower_batch
+
 B = 64
-
-CASES = {
-    "dcnv2": ("dcnv2", {"hidden": (24, 8)}),
-    "dcnv2_stacked": ("dcnv2", {"hidden": (24, 8), "structure": "stacked"}),
-    "dcnv2_bn": ("dcnv2", {"hidden": (24,), "batch_norm": True}),
-    "dlrm": ("dlrm", {"bottom": (16,), "top": (24, 8)}),
-}
-
 
 @pytest.fixture(scope="module")
 def synth():
-    # 5 bags x D=8 + 3 dense = 43 columns for DCN-v2; DLRM top input 8 + 15 = 23: neither a
-    # multiple of 16, so both models pad
-    gen = SyntheticCTR(n_rows=1000, seed=5, n_sparse=5, n_dense=3, max_len=4,
-                       max_cardinality=50, n_users=30, n_items=40)
-    schema = gen.schema()
-    return schema, next(gen.batches(B, n=B))
+    return tower_batch()
 
 
 def test_gemm_pad():
