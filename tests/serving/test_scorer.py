@@ -543,15 +543,20 @@ def test_ids_path_bad_requests(schema, ckpts):
     np.testing.assert_array_equal(fp(u, np.asfortranarray(c), d), fp(u, c, d))
 
 
-def test_packed_model_checks(schema, ckpts):
-    """The kernel validates the packed model (never a crash on a damaged one)."""
+def _packed_dlrm_call(schema, ckpts, seed):
+    """The serving_dlrm op and the arguments ids_path passes it for one valid request."""
     sc = Scorer.load(ckpts["dlrm"][0])
     fp = sc.ids_path(["item", "adcat"])
-    u, c, d, _ = _ids_request(schema, np.random.default_rng(15), 3)
+    u, c, d, _ = _ids_request(schema, np.random.default_rng(seed), 3)
     fp(u, c, d)
     _, meta, blob, w, sb, _ = fp._bound
-    op = torch.ops.adrec.serving_dlrm.default
     U, C, Dn = (torch.from_numpy(x) for x in (u, c, d))
+    return torch.ops.adrec.serving_dlrm.default, meta, blob, w, sb, U, C, Dn
+
+
+def test_packed_model_checks(schema, ckpts):
+    """The kernel validates the packed model (never a crash on a damaged one)."""
+    op, meta, blob, w, sb, U, C, Dn = _packed_dlrm_call(schema, ckpts, seed=15)
     op(meta, blob, w, sb, U, C, Dn)
     for pos, val in [(0, 1), (1, 7), (3, 5), (4, 99), (len(meta) - 2, 10**9),
                      (len(meta) - 5, 4)]:
@@ -618,13 +623,7 @@ def test_packed_dlrm_shapes(tmp_path, mlp, shape):
 def test_packed_model_checks_extreme_values(schema, ckpts):
     """Huge or negative counts, sizes and offsets in a damaged meta: a ValueError (the checks
     bound every value before any arithmetic on it)."""
-    sc = Scorer.load(ckpts["dlrm"][0])
-    fp = sc.ids_path(["item", "adcat"])
-    u, c, d, _ = _ids_request(schema, np.random.default_rng(17), 3)
-    fp(u, c, d)
-    _, meta, blob, w, sb, _ = fp._bound
-    op = torch.ops.adrec.serving_dlrm.default
-    U, C, Dn = (torch.from_numpy(x) for x in (u, c, d))
+    op, meta, blob, w, sb, U, C, Dn = _packed_dlrm_call(schema, ckpts, seed=17)
     big = 2**62
     L = int(meta[11])
     layer0 = len(meta) - 5 * L
