@@ -191,8 +191,7 @@ void forward_kernel(const Layout& L, const scalar_t* w, const index_t* idx, cons
   if constexpr (std::is_same<scalar_t, float>::value && f32_fast_dim(DV)) {
     const F32Args args{T, B, tile, kPrefetch, o, tofs, w, psw, out, &bad};
     const bool avx2 = use_avx2();
-    static const bool ones_path = std::getenv("ADREC_NO_ONES_PATH") == nullptr;
-    const bool ones = L.all_ones && ones_path;
+    const bool ones = L.all_ones;
     for_each_chunk(n_tiles, [&](int64_t i0, int64_t i1) {
       if (avx2) {
         if (ones) isa_avx2::forward_tiles_f32_ones<DV, HAS_PSW>(args, idx, i0, i1);
