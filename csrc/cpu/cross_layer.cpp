@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// DCN-v2 cross layer on the CPU: the matrix products go to at::addmm / at::mm (BLAS, threaded
-// by ATen); the elementwise epilogues run as one fused pass, at::parallel_for over row blocks.
+// DCN-v2 cross layer on the CPU. fp32 matrix products go to torch's bundled oneDNN
+// (common/onednn_linear.h: about 2x MKL's rate on the benchmark machine), other dtypes and builds
+// without oneDNN to at::addmm / at::mm. The elementwise epilogues run as one fused pass each,
+// at::parallel_for over row blocks; the backward's pass also produces the bias gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -8,9 +10,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "common/acc_type.h"
 #include "common/checks.h"
+#include "common/onednn_linear.h"
 #include "common/simd.h"
 
 namespace adrec {
@@ -29,16 +33,34 @@ ADREC_CPU_CLONES void cross_epilogue(const scalar_t* x0, const scalar_t* xw, con
                                    static_cast<acc>(x[k]));
 }
 
-// g_xw = g * x0 and g_x0 = g * xw over n elements, one read of g.
+// Rows per block of the backward epilogue. The bias gradient is summed per block, then over
+// blocks in order, so it does not depend on the thread count.
+constexpr int64_t kRowsPerBlock = 64;
+
+// For `rows` rows of K: g_xw = g * x0, g_x0 = g * xw (one read of g), and colsum[k] = the sum
+// of g_xw[:, k] over these rows. With g_xw_t (row stride ld_t), g_xw is also written transposed
+// there: the weight-gradient product wants g_xw.T row-major, and writing it here from the block
+// in cache is cheaper than transposing the whole [B, K] afterwards.
 template <typename scalar_t>
 ADREC_CPU_CLONES void cross_bwd_epilogue(const scalar_t* g, const scalar_t* x0, const scalar_t* xw,
-                                         scalar_t* g_xw, scalar_t* g_x0, int64_t n) {
+                                         scalar_t* g_xw, scalar_t* g_x0, scalar_t* g_xw_t,
+                                         int64_t ld_t, acc_t<scalar_t>* colsum, int64_t rows,
+                                         int64_t K) {
   using acc = acc_t<scalar_t>;
-  for (int64_t k = 0; k < n; ++k) {
-    const acc gk = static_cast<acc>(g[k]);
-    g_xw[k] = static_cast<scalar_t>(gk * static_cast<acc>(x0[k]));
-    g_x0[k] = static_cast<scalar_t>(gk * static_cast<acc>(xw[k]));
+  for (int64_t k = 0; k < K; ++k) colsum[k] = acc(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc gk = static_cast<acc>(g[o + k]);
+      const scalar_t gxw = static_cast<scalar_t>(gk * static_cast<acc>(x0[o + k]));
+      g_xw[o + k] = gxw;
+      g_x0[o + k] = static_cast<scalar_t>(gk * static_cast<acc>(xw[o + k]));
+      colsum[k] += static_cast<acc>(gxw);
+    }
   }
+  if (g_xw_t != nullptr)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = 0; r < rows; ++r) g_xw_t[k * ld_t + r] = g_xw[r * K + k];
 }
 
 // Checks x0 / x / weight (and bias or xw) and returns K.
@@ -72,7 +94,8 @@ std::tuple<at::Tensor, at::Tensor> cross_layer_cpu(const at::Tensor& x0_, const 
   TORCH_CHECK_VALUE(bias.size(0) == K, kOp, ": bias must be [K] = [", K, "], got ", bias.sizes());
   auto x0 = x0_.contiguous();                    // [B, K]
   auto x = x_.contiguous();                      // [B, K]
-  auto xw = at::addmm(bias, x, weight.t());      // [B, K] = x @ W.T + b
+  auto xw = onednn_linear_t(x, weight, bias);    // [B, K] = x @ W.T + b
+  if (!xw.defined()) xw = at::addmm(bias, x, weight.t());
   auto out = at::empty_like(x);                  // [B, K]
   const int64_t n = x.numel();
   if (n == 0) return {out, xw};
@@ -105,22 +128,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_layer_bwd_cpu(
   auto xw = xw_.contiguous();       // [B, K]
   auto g_xw = at::empty_like(g);    // [B, K] = g * x0, the gradient of x @ W.T + b
   auto g_x0 = at::empty_like(g);    // [B, K] = g * xw
-  const int64_t n = g.numel();
-  if (n > 0) {
+  const int64_t B = g.size(0), K = g.size(1);
+  const bool onednn = onednn_linear_usable(g);
+  at::Tensor g_xw_t;                // [K, B] = g_xw.T, row-major, for oneDNN's weight gradient
+  if (onednn) g_xw_t = at::empty({K, B}, g.options());
+  at::Tensor g_b;                   // [K]
+  if (B == 0 || K == 0) {
+    g_b = at::zeros({K}, g.options());
+  } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "cross_layer_bwd_cpu", [&] {
+      using acc = acc_t<scalar_t>;
       const scalar_t* pg = g.template data_ptr<scalar_t>();
       const scalar_t* px0 = x0.template data_ptr<scalar_t>();
       const scalar_t* pxw = xw.template data_ptr<scalar_t>();
       scalar_t* pgxw = g_xw.template data_ptr<scalar_t>();
       scalar_t* pgx0 = g_x0.template data_ptr<scalar_t>();
-      at::parallel_for(0, n, at::internal::GRAIN_SIZE, [&](int64_t k0, int64_t k1) {
-        cross_bwd_epilogue<scalar_t>(pg + k0, px0 + k0, pxw + k0, pgxw + k0, pgx0 + k0, k1 - k0);
+      scalar_t* pgxwt = onednn ? g_xw_t.template data_ptr<scalar_t>() : nullptr;
+      const int64_t nblocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
+      std::vector<acc> partial(static_cast<size_t>(nblocks * K));  // [nblocks, K]
+      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kRowsPerBlock * K));
+      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t r0 = blk * kRowsPerBlock;
+          const int64_t rows = std::min(kRowsPerBlock, B - r0);
+          const int64_t o = r0 * K;
+          cross_bwd_epilogue<scalar_t>(pg + o, px0 + o, pxw + o, pgxw + o, pgx0 + o,
+                                       pgxwt == nullptr ? nullptr : pgxwt + r0, B,
+                                       partial.data() + blk * K, rows, K);
+        }
       });
+      auto gb_acc = at::empty({K}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
+      acc* pb = gb_acc.template data_ptr<acc>();
+      for (int64_t k = 0; k < K; ++k) pb[k] = acc(0);
+      for (int64_t blk = 0; blk < nblocks; ++blk)
+        for (int64_t k = 0; k < K; ++k) pb[k] += partial[blk * K + k];
+      g_b = gb_acc.to(g.scalar_type());
     });
   }
-  auto g_x = at::addmm(g, g_xw, weight);    // [B, K] = g_xw @ W + g (the residual)
-  auto g_w = at::mm(g_xw.t(), x);           // [K, K]
-  auto g_b = g_xw.sum(0);                   // [K]
+  // g_x = g_xw @ W + g (the residual), g_w = g_xw.T @ x; oneDNN for fp32 where it can.
+  auto g_x = onednn_linear_t_add(g_xw, weight.t(), g);  // [B, K]
+  if (!g_x.defined()) g_x = at::addmm(g, g_xw, weight);
+  at::Tensor g_w;  // [K, K]
+  if (g_xw_t.defined()) g_w = onednn_linear_t(g_xw_t, x.t(), std::nullopt);
+  if (!g_w.defined()) g_w = at::mm(g_xw.t(), x);
   return {g_x0, g_x, g_w, g_b};
 }
 

@@ -125,3 +125,32 @@ def test_bad_shape():
         torch.ops.adrec.cross_layer(torch.ones(3, 3), x, w, b)
     with pytest.raises(ValueError, match="grad_out"):
         torch.ops.adrec.cross_layer_bwd(torch.ones(1, 3), x0, x, w, x)
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
+@pytest.mark.parametrize("shape", [(1, 3), (130, 17), (257, 64)], ids=str)
+def test_float32_matrix_paths(onednn, shape):
+    """fp32 products go to oneDNN when torch allows it, else to ATen; both match the float64
+    reference, including row counts that end inside a 64-row epilogue block, and strided inputs
+    (a transposed weight, a sliced x)."""
+    B, K = shape
+    x0, _, _, b = _inputs(B, K, torch.float32)
+    x = torch.randn(B, 2 * K)[:, ::2]
+    w = (torch.randn(K, K) / math.sqrt(K)).t()
+    g = torch.randn(B, K)
+    truth, truth_grads = _truth_and_grads((x0, x, w, b), g)
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = onednn  # (flags() also sets allow_tf32, which warns on CPU)
+    try:
+        a = [t.clone().requires_grad_(True) for t in (x0, x, w, b)]
+        out = F.cross_layer(*a)
+        out.backward(g)
+        _, xw = torch.ops.adrec.cross_layer(x0, x, w, b)
+        direct = torch.ops.adrec.cross_layer_bwd(g, x0, x, w, xw)
+    finally:
+        torch.backends.mkldnn.enabled = before
+    assert_close_verbose(out, truth.float())
+    tol = dict(rtol=1e-5, atol=2e-6 * B)  # g_w and g_b are fp32 sums over the B rows
+    for got, d, want in zip([t.grad for t in a], direct, truth_grads):
+        assert_close_verbose(got, want.float(), **tol)
+        assert_close_verbose(d, want.float(), **tol)

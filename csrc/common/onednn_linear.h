@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// fp32 matrix products through torch's bundled oneDNN (the `mkldnn::_linear_pointwise` op that
+// every x86 torch build registers), reached through the dispatcher so that no oneDNN headers or
+// link flags are needed here.
+//
+// Why: ATen's fp32 mm/addmm on x86 go to MKL, which on the project's AMD benchmark machine runs
+// at about half oneDNN's rate (2 threads, [4096, 432] x [432, 432]: MKL 7.4 ms, oneDNN 3.1 ms;
+// see bench/RESULTS_interaction.md). Results are IEEE fp32 either way; they differ from MKL's by
+// summation order only.
+//
+// linear_t(a, b, bias) = a @ b.T (+ bias) for a [M, K], b [N, K] (b may be a strided view such
+// as a transpose) -> [M, N]. Returns an undefined tensor when oneDNN cannot serve the call
+// (torch built without it, `torch.backends.mkldnn` disabled, ADREC_DENSE=aten, not fp32 CPU);
+// callers then take their ATen path.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+
+namespace adrec {
+
+inline bool onednn_linear_usable(const at::Tensor& a) {
+  static const bool env_on = [] {
+    const char* v = std::getenv("ADREC_DENSE");
+    return v == nullptr || std::strcmp(v, "aten") != 0;
+  }();
+  return env_on && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
+         a.device().is_cpu() && a.scalar_type() == at::kFloat && a.dim() == 2 && a.size(0) > 0 &&
+         a.size(1) > 0;
+}
+
+// a @ b.T + bias, or undefined when oneDNN cannot serve it (see above).
+inline at::Tensor onednn_linear_t(const at::Tensor& a, const at::Tensor& b,
+                                  const std::optional<at::Tensor>& bias) {
+  if (!onednn_linear_usable(a)) return {};
+  static const auto op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!op.has_value()) return {};
+  static const auto typed =
+      op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           c10::string_view, c10::List<std::optional<at::Scalar>>,
+                           std::optional<c10::string_view>)>();
+  return typed.call(a, b, bias, "none", c10::List<std::optional<at::Scalar>>(), "");
+}
+
+// a @ b.T + other (other [M, N], added in the product's epilogue), or undefined as above.
+inline at::Tensor onednn_linear_t_add(const at::Tensor& a, const at::Tensor& b,
+                                      const at::Tensor& other) {
+  if (!onednn_linear_usable(a) || other.scalar_type() != at::kFloat) return {};
+  static const auto op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"});
+  if (!op.has_value()) return {};
+  static const auto typed =
+      op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, c10::string_view)>();
+  return typed.call(a, other, b, std::nullopt, "add");
+}
+
+}  // namespace adrec
