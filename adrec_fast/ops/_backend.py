@@ -64,6 +64,13 @@ def register(op: str, device: str, backend: str, default: bool = False) -> None:
     AVAILABLE.setdefault((op, device), {"reference"}).add(backend)
     if default:
         _DEFAULT[(op, device)] = backend
+    _CHOICE.clear()
+
+
+# (op, device type, ADREC_BACKEND) -> backend_for's answer. The functional layer asks on every
+# call, and for the small ops (sigmoid_bce at B = 4096 is a few microseconds) parsing the
+# variable each time showed in the step time.
+_CHOICE: dict[tuple[str, str, str], str] = {}
 
 
 def _forced(op: str) -> str | None:
@@ -87,7 +94,15 @@ def _forced(op: str) -> str | None:
 def backend_for(op: str, device: torch.device | str) -> str:
     """The backend that runs ``op`` on ``device``: ADREC_BACKEND if it exists there, else the
     table's default."""
-    dev = torch.device(device).type
+    dev = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (op, dev, os.environ.get("ADREC_BACKEND", ""))
+    choice = _CHOICE.get(key)
+    if choice is None:
+        choice = _CHOICE[key] = _choose(op, dev)
+    return choice
+
+
+def _choose(op: str, dev: str) -> str:
     forced = _forced(op)
     available = AVAILABLE.get((op, dev), ())
     if forced is not None and forced in available:

@@ -32,7 +32,9 @@ def _backward(ctx, grad_loss, grad_grad):
     return grad_loss * grad_logits, None, None
 
 
-torch.library.register_autograd("adrec::sigmoid_bce", _backward, setup_context=_setup_context)
+# adrec::sigmoid_bce's own autograd is C++ (csrc/autograd/sigmoid_bce.cpp: the op is
+# overhead-bound and the Python wrapper cost more than eager's whole step); _setup_context and
+# _backward above serve the Triton op, and define the same rule.
 
 
 def _score_setup(ctx, inputs, output):

@@ -108,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_bce_cpu(const at::Tensor& logits_,
                       " entries but logits has ", B);
   }
   auto logits = logits_.contiguous();                                 // [B]
-  auto labels = labels_.to(logits.scalar_type()).contiguous();         // [B], as the reference
+  auto labels = (labels_.scalar_type() == logits.scalar_type() ? labels_  // [B], in logits'
+                 : labels_.to(logits.scalar_type())).contiguous();       // dtype as the reference
   c10::optional<at::Tensor> weight;
   if (weight_.has_value()) weight = weight_->contiguous();            // [B]
   auto grad = at::empty_like(logits);                                 // [B]
@@ -133,7 +134,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_bce_cpu(const at::Tensor& logits_,
     double total = 0;
     for (double p : partial) total += p;
     // The mean over an empty batch is NaN, as in torch's mean reduction.
-    loss.fill_(B > 0 ? total / static_cast<double>(B) : std::numeric_limits<double>::quiet_NaN());
+    // (Written in place: a fill_ would be one more dispatched op on this overhead-bound path.)
+    *loss.template data_ptr<scalar_t>() = static_cast<scalar_t>(
+        B > 0 ? total / static_cast<double>(B) : std::numeric_limits<double>::quiet_NaN());
   });
   return {loss, grad};
 }

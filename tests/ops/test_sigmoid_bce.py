@@ -173,3 +173,33 @@ def test_grad_output_carries_no_gradient():
     z = torch.randn(5, requires_grad=True)
     loss, grad = torch.ops.adrec.sigmoid_bce(z, torch.ones(5), None)
     assert loss.requires_grad and not grad.requires_grad
+
+
+@pytest.mark.parametrize("seed", [1.0, 2.5, 0.0, -1.0], ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_scales_by_the_incoming_gradient(seed, dtype):
+    """The C++ autograd returns grad_logits as it is when the incoming gradient is exactly 1
+    (loss.backward()) and multiplies otherwise; both must equal the reference's gradient, also
+    when the graph is kept and run twice and while the caller holds the op's grad_logits."""
+    B = 37
+    z = (torch.randn(B, dtype=dtype) * 3).requires_grad_(True)
+    y = torch.randint(0, 2, (B,)).to(dtype)
+    loss, held = torch.ops.adrec.sigmoid_bce(z, y, None)
+    held_copy = held.clone()
+    seed_t = torch.tensor(seed, dtype=dtype)
+    loss.backward(seed_t, retain_graph=True)
+    first = z.grad.clone()
+    loss.backward(seed_t)
+    _, truth_grad = _truth_and_grad(z, y, None)
+    assert_close_verbose(first, seed * truth_grad.to(dtype))
+    assert_close_verbose(z.grad, 2 * seed * truth_grad.to(dtype))
+    assert_close_verbose(held, held_copy)  # the caller's tensor was not changed in place
+
+
+def test_backward_inside_a_larger_graph():
+    """A seed other than 1 reaches the op through the graph (here: 3 * loss + 0.5 * loss)."""
+    z = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 2, (20,)).double()
+    (3 * F.sigmoid_bce(z, y) + 0.5 * F.sigmoid_bce(z, y)).backward()
+    _, truth_grad = _truth_and_grad(z, y, None)
+    assert_close_verbose(z.grad, 3.5 * truth_grad)
