@@ -23,6 +23,7 @@
 #include "common/dispatch.h"
 #include "common/embedding_bag_checks.h"
 #include "common/pool.h"
+#include "common/simd.h"
 
 namespace adrec {
 namespace {
@@ -95,6 +96,21 @@ struct Layout {
   at::Tensor offsets;                  // [T*B+1] int64, contiguous
 };
 
+// One branch-free pass over the bag lengths o[i+1] - o[i], i < n: returns whether none is
+// negative, and sets all_ones to whether every one is 1. Vectorised per ISA (ADREC_CPU_CLONES):
+// with the 26 Criteo tables at B = 4096 the scalar loop with a branch per bag took ~30 us, about
+// a tenth of a one-id-per-bag forward.
+ADREC_CPU_CLONES bool scan_offsets(const int64_t* o, int64_t n, bool& all_ones) {
+  int64_t neg = 0, not_one = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t len = o[i + 1] - o[i];
+    neg |= len;          // the sign bit survives the or: set iff some len < 0
+    not_one |= len ^ 1;  // zero iff every len == 1
+  }
+  all_ones = not_one == 0;
+  return neg >= 0;
+}
+
 // Validates everything that can be validated without reading the indices, and normalises
 // offsets to int64. Index range is checked inside the kernels (one compare per index).
 Layout check_layout(const at::Tensor& weights, const at::Tensor& table_offsets,
@@ -111,14 +127,13 @@ Layout check_layout(const at::Tensor& weights, const at::Tensor& table_offsets,
   L.offsets = offsets.to(at::kLong).contiguous();
   const int64_t* o = L.offsets.data_ptr<int64_t>();
   TORCH_CHECK_VALUE(o[0] == 0, kOp, ": offsets[0] must be 0, got ", o[0]);
+  const int64_t n_bags = L.offsets.numel() - 1;
   bool ones = true;
-  for (int64_t i = 0; i + 1 < L.offsets.numel(); ++i) {
-    const int64_t len = o[i + 1] - o[i];
-    if (len < 0) {
-      TORCH_CHECK_VALUE(false, kOp, ": offsets must be non-decreasing, but offsets[", i + 1, "]=",
-                        o[i + 1], " < offsets[", i, "]=", o[i]);
+  if (!scan_offsets(o, n_bags, ones)) {  // find the first decrease for the message
+    for (int64_t i = 0; i < n_bags; ++i) {
+      TORCH_CHECK_VALUE(o[i + 1] >= o[i], kOp, ": offsets must be non-decreasing, but offsets[",
+                        i + 1, "]=", o[i + 1], " < offsets[", i, "]=", o[i]);
     }
-    ones &= len == 1;
   }
   L.all_ones = ones;
   TORCH_CHECK_VALUE(o[L.offsets.numel() - 1] == L.nnz, kOp, ": offsets[-1]=",
