@@ -26,6 +26,7 @@
 
 #include "common/checks.h"
 #include "common/simd.h"
+#include "cpu/scorer.h"
 
 namespace adrec {
 namespace {
@@ -340,13 +341,10 @@ struct Packed {
   std::array<Layer, kMaxLayers> layers;
 };
 
-Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t D) {
-  TORCH_CHECK_TYPE(meta.scalar_type() == at::kLong && meta.dim() == 1 && meta.is_contiguous(),
-                   kOpP, ": meta must be a contiguous 1-D int64 tensor (from pack_dlrm)");
-  TORCH_CHECK_TYPE(blob.scalar_type() == at::kByte && blob.dim() == 1 && blob.is_contiguous(),
-                   kOpP, ": blob must be a contiguous 1-D uint8 tensor (from pack_dlrm)");
-  const int64_t n = meta.numel();
-  const int64_t* h = meta.data_ptr<int64_t>();
+// meta h [n] int64 and blob base [bytes] (pack_dlrm) over a table of R rows of width D. The
+// result points into both buffers.
+Packed parse(const int64_t* h, int64_t n, const uint8_t* base, int64_t bytes, int64_t R,
+             int64_t D) {
   TORCH_CHECK_VALUE(n >= H_SIZE && h[H_MAGIC] == kMagic, kOpP, ": meta is not a packed model");
   Packed P;
   P.bf16 = h[H_PREC] == 1;
@@ -358,7 +356,7 @@ Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t 
   // every count is bounded by the meta's length before any arithmetic on it (no overflow)
   TORCH_CHECK_VALUE(P.Tu >= 0 && P.Tc >= 0 && P.Ps >= 0 && P.Pv >= 0 && P.Kd >= 0 &&
                         P.Tu <= n && P.Tc <= n && P.Ps <= n && P.Pv <= n && P.D >= 1 &&
-                        P.Kd <= blob.numel() && P.nb >= 0 && P.nb <= kMaxLayers &&
+                        P.Kd <= bytes && P.nb >= 0 && P.nb <= kMaxLayers &&
                         P.L <= kMaxLayers && P.F == P.Tu + P.Tc + (P.hb ? 1 : 0) &&
                         P.hb == (P.Kd > 0) && (P.hb || P.nb == 0) && P.nb >= (P.hb ? 1 : 0) &&
                         P.L >= P.nb + 2,
@@ -389,8 +387,6 @@ Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t 
   for (int64_t q = 0; q < P.Pv; ++q)
     TORCH_CHECK_VALUE(P.pvi[q] >= 0 && P.pvi[q] < P.F && P.pvj[q] >= 0 && P.pvj[q] < P.F, kOpP,
                       ": bad candidate pair ", q);
-  const int64_t bytes = blob.numel();
-  const uint8_t* base = blob.data_ptr<uint8_t>();
   for (int64_t l = 0; l < P.L; ++l, a += 5) {
     Layer& y = P.layers[l];
     y.Kp = a[0], y.Ob = a[1], y.relu = a[2] != 0;
@@ -421,6 +417,15 @@ Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t 
   TORCH_CHECK_VALUE(Ls[P.L - 1].Ob == 1 && !Ls[P.L - 1].relu, kOpP, ": the last layer must be "
                     "the head (one output, no relu)");
   return P;
+}
+
+Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t D) {
+  TORCH_CHECK_TYPE(meta.scalar_type() == at::kLong && meta.dim() == 1 && meta.is_contiguous(),
+                   kOpP, ": meta must be a contiguous 1-D int64 tensor (from pack_dlrm)");
+  TORCH_CHECK_TYPE(blob.scalar_type() == at::kByte && blob.dim() == 1 && blob.is_contiguous(),
+                   kOpP, ": blob must be a contiguous 1-D uint8 tensor (from pack_dlrm)");
+  return parse(meta.data_ptr<int64_t>(), meta.numel(), blob.data_ptr<uint8_t>(), blob.numel(), R,
+               D);
 }
 
 // A 64-byte aligned bump allocator over a thread's reusable buffer.
@@ -731,6 +736,23 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
   }
 }
 
+// Every id and dense value of a request is checked before the team starts (nothing may throw
+// inside it): uid [Tu], cid [N, Tc], dense [Kd].
+void check_request(const Packed& P, const int64_t* uid, const int64_t* cid, int64_t N,
+                   const float* dense) {
+  for (int64_t i = 0; i < P.Tu; ++i)
+    TORCH_CHECK_INDEX(uid[i] >= 0 && uid[i] < P.ucard[i], kOpP, ": user_ids[", i, "] = ", uid[i],
+                      " is out of range [0, ", P.ucard[i], ")");
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < P.Tc; ++c) {
+      const int64_t id = cid[n * P.Tc + c];
+      TORCH_CHECK_INDEX(id >= 0 && id < P.ccard[c], kOpP, ": cand_ids[", n, ", ", c, "] = ", id,
+                        " is out of range [0, ", P.ccard[c], ")");
+    }
+  for (int64_t k = 0; k < P.Kd; ++k)
+    TORCH_CHECK_VALUE(!std::isnan(dense[k]), kOpP, ": dense[", k, "] is NaN");
+}
+
 }  // namespace
 
 // meta [H] int64 + blob [bytes] uint8: the packed model (pack_dlrm); weights [R, D] float32 /
@@ -761,21 +783,49 @@ at::Tensor serving_dlrm_cpu(const at::Tensor& meta, const at::Tensor& blob, cons
   const int64_t* uid = user_ids.data_ptr<int64_t>();
   const int64_t* cid = cand_ids.data_ptr<int64_t>();
   const float* pd = dense.data_ptr<float>();
-  // every id is checked before the team starts (nothing may throw inside it)
-  for (int64_t i = 0; i < P.Tu; ++i)
-    TORCH_CHECK_INDEX(uid[i] >= 0 && uid[i] < P.ucard[i], kOpP, ": user_ids[", i, "] = ", uid[i],
-                      " is out of range [0, ", P.ucard[i], ")");
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < P.Tc; ++c) {
-      const int64_t id = cid[n * P.Tc + c];
-      TORCH_CHECK_INDEX(id >= 0 && id < P.ccard[c], kOpP, ": cand_ids[", n, ", ", c, "] = ", id,
-                        " is out of range [0, ", P.ccard[c], ")");
-    }
-  for (int64_t k = 0; k < P.Kd; ++k)
-    TORCH_CHECK_VALUE(!std::isnan(pd[k]), kOpP, ": dense[", k, "] is NaN");
+  check_request(P, uid, cid, N, pd);
   auto out = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
   dlrm_forward(P, rr, uid, cid, pd, N, out.data_ptr<float>());
   return out;
+}
+
+// ---------------------------------------------------------------------------- ServingDLRM
+struct ServingDLRM::Impl {
+  Packed P;
+  RowReader rr;
+};
+
+ServingDLRM::ServingDLRM(const int64_t* meta, int64_t n_meta, const uint8_t* blob, int64_t n_blob,
+                         const void* weights, TableDtype dtype, int64_t R, int64_t D,
+                         const float* scale_bias)
+    : impl_(std::make_unique<Impl>()) {
+  TORCH_CHECK_VALUE(R >= 0 && D >= 1, kOpP, ": weights must be [R, D] with D >= 1");
+  RowReader& rr = impl_->rr;
+  rr.D = D;
+  switch (dtype) {
+    case TableDtype::kFloat32: rr.f32 = static_cast<const float*>(weights); break;
+    case TableDtype::kFloat16: rr.f16 = static_cast<const at::Half*>(weights); break;
+    case TableDtype::kUInt8:
+      TORCH_CHECK_VALUE(scale_bias != nullptr, kOpP, ": uint8 weights need scale_bias [R, 2]");
+      rr.q8 = static_cast<const uint8_t*>(weights);
+      rr.scale_bias = scale_bias;
+      break;
+    default: TORCH_CHECK_TYPE(false, kOpP, ": weights must be float32, float16 or uint8");
+  }
+  impl_->P = parse(meta, n_meta, blob, n_blob, R, D);
+}
+
+ServingDLRM::~ServingDLRM() = default;
+
+int64_t ServingDLRM::num_user() const { return impl_->P.Tu; }
+int64_t ServingDLRM::num_cand() const { return impl_->P.Tc; }
+int64_t ServingDLRM::num_dense() const { return impl_->P.Kd; }
+
+void ServingDLRM::score(const int64_t* user_ids, const int64_t* cand_ids, int64_t N,
+                        const float* dense, float* out) const {
+  TORCH_CHECK_VALUE(N >= 1, kOpP, ": empty candidate list");
+  check_request(impl_->P, user_ids, cand_ids, N, dense);
+  dlrm_forward(impl_->P, impl_->rr, user_ids, cand_ids, dense, N, out);
 }
 
 TORCH_LIBRARY_IMPL(adrec, CPU, m) {
