@@ -1,10 +1,26 @@
 // SPDX-License-Identifier: Apache-2.0
 // The pybind11 module: non-tensor utilities only. Ops are registered through torch.library
 // by static registrars in registration.cpp and the per-device files.
+//
+// One deliberate exception to STYLE.md section 3: ServingDLRM, the serving fast path of a packed
+// DLRM, numpy buffers in and out. At one candidate the kernel takes ~10 us, and calling it as
+// torch.ops.adrec.serving_dlrm adds ~3 us of dispatch (schema matching, boxing) and ~2 us of
+// torch.from_numpy / .numpy() per request (bench/RESULTS_serving.md); a serving stack calls it
+// from Python with numpy arrays and needs neither autograd nor torch.compile there. The op stays
+// registered (fake kernel, opcheck, torch.compile) and both paths run the same checks and the
+// same kernel (csrc/cpu/scorer.h). No tensor crosses this boundary: the handle takes numpy views
+// of the packed model's tensors and keeps them alive.
+#include <c10/util/Exception.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
+
+#include "cpu/scorer.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -15,6 +31,137 @@
 #endif
 
 namespace py = pybind11;
+
+namespace {
+
+// c10 errors of the kernel's checks -> the Python exception torch.ops would raise.
+template <class F>
+auto translate_errors(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const c10::IndexError& e) {
+    throw py::index_error(e.what_without_backtrace());
+  } catch (const c10::ValueError& e) {
+    throw py::value_error(e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    throw py::type_error(e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
+std::string describe(py::handle obj) {
+  if (!py::isinstance<py::array>(obj)) return py::str(py::type::of(obj).attr("__name__"));
+  const auto a = py::reinterpret_borrow<py::array>(obj);
+  std::string shape = "[";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) shape += (i ? ", " : "") + std::to_string(a.shape(i));
+  return py::str(a.dtype()).cast<std::string>() + " array " + shape + "]";
+}
+
+// `obj` as a C-contiguous numpy array of T with `ndim` dims (copied only when it is strided);
+// a TypeError / ValueError naming the argument otherwise. The result owns what data() points to.
+template <class T>
+py::array_t<T> array_arg(py::handle obj, const char* name, py::ssize_t ndim, const char* shape) {
+  if (!py::isinstance<py::array_t<T>>(obj))
+    throw py::type_error(std::string("ServingDLRM: ") + name + " must be a numpy " +
+                         py::str(py::dtype::of<T>()).cast<std::string>() + " array " + shape +
+                         ", got " + describe(obj));
+  auto a = py::reinterpret_borrow<py::array_t<T>>(obj);
+  if (a.ndim() != ndim)
+    throw py::value_error(std::string("ServingDLRM: ") + name + " must be " + shape + ", got " +
+                          describe(obj));
+  if (!(a.flags() & py::array::c_style)) a = py::array_t<T, py::array::c_style>::ensure(a);
+  return a;
+}
+
+// The packed DLRM of adrec_fast.serving.scorer.pack_dlrm over its embedding buffer, and the
+// numpy buffers it points into.
+class ServingDLRMHandle {
+ public:
+  ServingDLRMHandle(py::handle meta, py::handle blob, py::handle weights, py::handle scale_bias) {
+    auto m = array_arg<int64_t>(meta, "meta", 1, "[H]");
+    auto b = array_arg<uint8_t>(blob, "blob", 1, "[bytes]");
+    if (!py::isinstance<py::array>(weights))
+      throw py::type_error("ServingDLRM: weights must be a numpy array [R, D], got " +
+                           describe(weights));
+    auto w = py::reinterpret_borrow<py::array>(weights);
+    if (w.ndim() != 2 || !(w.flags() & py::array::c_style))
+      throw py::value_error("ServingDLRM: weights must be a C-contiguous [R, D] array, got " +
+                            describe(weights));
+    adrec::TableDtype dt;
+    if (py::isinstance<py::array_t<float>>(w)) {
+      dt = adrec::TableDtype::kFloat32;
+    } else if (w.dtype().equal(py::dtype("float16"))) {
+      dt = adrec::TableDtype::kFloat16;
+    } else if (py::isinstance<py::array_t<uint8_t>>(w)) {
+      dt = adrec::TableDtype::kUInt8;
+    } else {
+      throw py::type_error("ServingDLRM: weights must be float32, float16 or uint8, got " +
+                           describe(weights));
+    }
+    const float* sb = nullptr;
+    if (!scale_bias.is_none()) {
+      auto s = array_arg<float>(scale_bias, "scale_bias", 2, "[R, 2]");
+      if (s.shape(0) != w.shape(0) || s.shape(1) != 2)
+        throw py::value_error("ServingDLRM: scale_bias must be [R, 2] = [" +
+                              std::to_string(w.shape(0)) + ", 2], got " + describe(scale_bias));
+      sb = s.data();
+      keep_.push_back(std::move(s));
+    }
+    impl_ = translate_errors([&] {
+      return std::make_unique<adrec::ServingDLRM>(m.data(), m.size(), b.data(), b.size(),
+                                                  w.data(), dt, w.shape(0), w.shape(1), sb);
+    });
+    keep_.push_back(std::move(m));
+    keep_.push_back(std::move(b));
+    keep_.push_back(std::move(w));
+  }
+
+  // user_ids int64 [Tu], cand_ids int64 [N, Tc], dense float32 [Kd] (None when Kd = 0) ->
+  // probabilities float32 [N]. The GIL is released while the kernel runs.
+  py::array_t<float> operator()(py::handle user_ids, py::handle cand_ids,
+                                py::handle dense) const {
+    const auto u = array_arg<int64_t>(user_ids, "user_ids", 1, "[Tu]");
+    const auto c = array_arg<int64_t>(cand_ids, "cand_ids", 2, "[N, Tc]");
+    const int64_t Tu = impl_->num_user(), Tc = impl_->num_cand(), Kd = impl_->num_dense();
+    if (u.shape(0) != Tu)
+      throw py::value_error("ServingDLRM: user_ids must be [" + std::to_string(Tu) + "], got " +
+                            describe(user_ids));
+    if (c.shape(1) != Tc)
+      throw py::value_error("ServingDLRM: cand_ids must be [N, " + std::to_string(Tc) +
+                            "], got " + describe(cand_ids));
+    py::array_t<float> d;
+    const float* pd = nullptr;
+    if (Kd > 0 && dense.is_none())
+      throw py::value_error("ServingDLRM: dense values needed: dense must be float32 [" +
+                            std::to_string(Kd) + "], got None");
+    if (!dense.is_none()) {
+      d = array_arg<float>(dense, "dense", 1, "[Kd]");
+      if (d.shape(0) != Kd)
+        throw py::value_error("ServingDLRM: dense must be [" + std::to_string(Kd) +
+                              "] (shared by every candidate), got " + describe(dense));
+      pd = d.data();
+    }
+    const int64_t N = c.shape(0);
+    py::array_t<float> out(N);
+    float* po = out.mutable_data();
+    translate_errors([&] {
+      py::gil_scoped_release nogil;
+      impl_->score(u.data(), c.data(), N, pd, po);
+    });
+    return out;
+  }
+
+  int64_t num_user() const { return impl_->num_user(); }
+  int64_t num_cand() const { return impl_->num_cand(); }
+  int64_t num_dense() const { return impl_->num_dense(); }
+
+ private:
+  std::vector<py::object> keep_;  // the buffers impl_ points into
+  std::unique_ptr<adrec::ServingDLRM> impl_;
+};
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "adrec_fast native core";
@@ -39,6 +186,18 @@ PYBIND11_MODULE(_C, m) {
 #endif
       },
       py::arg("address"), py::arg("nbytes"));
+  py::class_<ServingDLRMHandle>(m, "ServingDLRM",
+                                "A packed DLRM for numpy requests (csrc/cpu/scorer.h): "
+                                "ServingDLRM(meta, blob, weights, scale_bias) takes numpy views "
+                                "of pack_dlrm's meta / blob and the embedding buffer; calling it "
+                                "with (user_ids, cand_ids, dense) returns probabilities [N].")
+      .def(py::init<py::handle, py::handle, py::handle, py::handle>(), py::arg("meta"),
+           py::arg("blob"), py::arg("weights"), py::arg("scale_bias") = py::none())
+      .def("__call__", &ServingDLRMHandle::operator(), py::arg("user_ids"), py::arg("cand_ids"),
+           py::arg("dense") = py::none())
+      .def_property_readonly("num_user", &ServingDLRMHandle::num_user)
+      .def_property_readonly("num_cand", &ServingDLRMHandle::num_cand)
+      .def_property_readonly("num_dense", &ServingDLRMHandle::num_dense);
   m.def("build_info", [] {
     py::dict d;
     d["torch"] = std::string(ADREC_TORCH_VERSION);

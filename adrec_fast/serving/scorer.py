@@ -13,8 +13,10 @@ otherwise (a field in neither is missing: id 0 / the dense ``fill``, as in train
 not be given on both sides.
 
 Packed DLRM path (DLRM on a schema of plain categorical + dense fields, every dense field
-user-side): ONE call of ``adrec::serving_dlrm`` per request on the model packed once per field
-split (``pack_dlrm``: MLP weights in a blocked layout, fp32 or, with ``mlp="bf16"``, bfloat16; the
+user-side): ONE native call per request on the model packed once per field split, through the
+numpy entry point of the ``adrec::serving_dlrm`` kernel (``ops.scorer.serving_dlrm_handle``, a
+pybind11 handle: numpy in and out, no torch.ops dispatch, the GIL released; the op itself stays
+registered for torch.compile and runs the same kernel) (``pack_dlrm``: MLP weights in a blocked layout, fp32 or, with ``mlp="bf16"``, bfloat16; the
 first top layer split into its shared columns, computed once per request, and its per-candidate
 columns). Its kernels are the project's own (csrc/cpu/scorer_mlp.inc; AVX512_BF16 chosen at run
 time, a portable kernel elsewhere), run by one OpenMP team per request, with reusable per-thread
@@ -276,8 +278,8 @@ class _Version:
         if self.simple:
             self.native = self._native_params(model, quantize)
         self.mlp = mlp
-        # DLRM on the native path: packed per field split (pack_dlrm), one adrec::serving_dlrm
-        # call per request when every dense field is user-side
+        # DLRM on the native path: packed per field split (pack_dlrm), one call of its numpy
+        # handle (handle_for) per request when every dense field is user-side
         self.packable = self.native is not None and self.native["kind"] == _KIND["dlrm"]
         if mlp == "bf16" and not self.packable:
             raise ValueError(f"mlp='bf16' needs a DLRM on the native path; {self.name!r} runs "
@@ -292,6 +294,7 @@ class _Version:
         self.model = None if self.native is not None else model
         self.plans: dict = {}  # frozenset of candidate slots -> cand_slots tensor (benign race)
         self.packed: dict = {}  # (candidate slots) -> (meta, blob) of pack_dlrm (benign race)
+        self.handles: dict = {}  # (candidate slots) -> its serving_dlrm_handle (benign race)
         self.portable = False  # tests: the packed model skips AVX512_BF16
 
     def packed_for(self, cand_slots) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +304,17 @@ class _Version:
         if got is None:
             got = self.packed.setdefault(key, pack_dlrm(self.native, self.bag_base, self.bag_card,
                                                         key, self.mlp, self.portable))
+        return got
+
+    def handle_for(self, cand_slots):
+        """The numpy entry point (``ops.scorer.serving_dlrm_handle``) of ``packed_for``."""
+        key = tuple(int(c) for c in cand_slots)
+        got = self.handles.get(key)
+        if got is None:
+            meta, blob = self.packed_for(key)
+            nat = self.native
+            got = self.handles.setdefault(key, _op.serving_dlrm_handle(
+                meta, blob, nat["weights"], nat["scale_bias"]))
         return got
 
     def _native_params(self, model, quantize):
@@ -348,14 +362,10 @@ class _Version:
         ``cand_slots``, dense [Nd, K_d] float32 (Nd = 1: shared) -> probabilities [N]."""
         N = cand_ids.shape[0]
         nat = self.native
+        if self.packable and dense.shape[0] == 1:
+            user = np.delete(user_ids, cand_slots) if cand_slots else user_ids
+            return self.handle_for(cand_slots)(user, cand_ids, dense[0])
         with torch.inference_mode():
-            if self.packable and dense.shape[0] == 1:
-                meta, blob = self.packed_for(cand_slots)
-                user = np.delete(user_ids, cand_slots) if cand_slots else user_ids
-                return torch.ops.adrec.serving_dlrm.default(
-                    meta, blob, nat["weights"], nat["scale_bias"], torch.from_numpy(user),
-                    torch.from_numpy(np.ascontiguousarray(cand_ids)),
-                    torch.from_numpy(dense[0])).numpy()
             if self.mlp == "bf16":
                 raise ValueError("mlp='bf16' needs every dense field on the user side (the "
                                  "bottom MLP runs once per request); pass them in `user`")
@@ -710,11 +720,13 @@ class IdsPath:
     ``user_ids`` int64 [len(user_fields)], ``cand_ids`` int64 [N, len(cand_fields)] (ids within
     each field's table, as the schema encodes them) and ``dense`` float32 [K_d] (transformed
     values in ``schema.dense_fields()`` order, shared by every candidate; omit it when the schema
-    has no dense field), and returns probabilities [N] float32. Per request it does one
-    ``adrec::serving_dlrm`` call on the model packed once for this split (no per-request dict
-    or schema work). Bad requests: a wrong dtype or shape -> TypeError / ValueError, an id out of
-    range -> IndexError naming the field, no candidates or a NaN dense value -> ValueError.
-    Hot swaps apply: every call uses the version current at its start."""
+    has no dense field), and returns probabilities [N] float32. Per request it makes one call of
+    the packed-DLRM kernel through its numpy entry point (``ops.scorer.serving_dlrm_handle``: no
+    torch.ops dispatch, no tensors, GIL released) on the model packed once for this split (no
+    per-request dict or schema work). Bad requests: a wrong dtype or shape -> TypeError /
+    ValueError naming the argument, an id out of range -> IndexError naming the field, no
+    candidates or a NaN dense value -> ValueError. Hot swaps apply: every call uses the version
+    current at its start."""
 
     def __init__(self, scorer: Scorer, cand_fields):
         v = scorer._version
@@ -734,14 +746,11 @@ class IdsPath:
                                  if by_slot[t] not in cand_fields)
         self._scorer = scorer
         self._bound = None
-        self._op = torch.ops.adrec.serving_dlrm.default
 
     def _bind(self, v: _Version):
         if not v.packable:
             raise NotImplementedError(f"the current version ({v.name!r}) is not a native DLRM")
-        meta, blob = v.packed_for([v.bag_pos[f] for f in self.cand_fields])
-        nat = v.native
-        b = (v, meta, blob, nat["weights"], nat["scale_bias"], torch.zeros(0))
+        b = (v, v.handle_for([v.bag_pos[f] for f in self.cand_fields]))
         self._bound = b  # one reference store; a racing thread binds the same values
         return b
 
@@ -751,17 +760,9 @@ class IdsPath:
         if b is None or b[0] is not v:
             b = self._bind(v)
         try:
-            return self._op(b[1], b[2], b[3], b[4], torch.from_numpy(user_ids),
-                            torch.from_numpy(cand_ids),
-                            b[5] if dense is None else torch.from_numpy(dense)).numpy()
+            return b[1](user_ids, cand_ids, dense)
         except IndexError:
             raise self._index_error(v, user_ids, cand_ids) from None
-        except TypeError as e:
-            if not all(isinstance(a, np.ndarray) for a in (user_ids, cand_ids)) or not (
-                    dense is None or isinstance(dense, np.ndarray)):
-                raise TypeError("ids_path: user_ids, cand_ids and dense must be numpy arrays "
-                                "(int64, int64, float32)") from e
-            raise
 
     def _index_error(self, v: _Version, user_ids, cand_ids) -> IndexError:
         for name, i in zip(self.user_fields, user_ids.tolist()):

@@ -18,14 +18,19 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/simd.h"
+#include "cpu/scorer.h"
 
 namespace adrec {
 namespace {
@@ -338,15 +343,15 @@ struct Packed {
   int64_t D = 0, F = 0, Kd = 0, Tu = 0, Tc = 0, Ps = 0, Pv = 0, L = 0, nb = 0, maxw = 16;
   const int64_t *ufield, *ubase, *ucard, *cfield, *cbase, *ccard, *psi, *psj, *pvi, *pvj;
   std::array<Layer, kMaxLayers> layers;
+  // [Pv] where candidate pair q sits in the candidates' Gram rows [Tc][Fp] (candidate_pairs),
+  // -1 when neither of its fields is a candidate field
+  std::vector<int64_t> gidx;
 };
 
-Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t D) {
-  TORCH_CHECK_TYPE(meta.scalar_type() == at::kLong && meta.dim() == 1 && meta.is_contiguous(),
-                   kOpP, ": meta must be a contiguous 1-D int64 tensor (from pack_dlrm)");
-  TORCH_CHECK_TYPE(blob.scalar_type() == at::kByte && blob.dim() == 1 && blob.is_contiguous(),
-                   kOpP, ": blob must be a contiguous 1-D uint8 tensor (from pack_dlrm)");
-  const int64_t n = meta.numel();
-  const int64_t* h = meta.data_ptr<int64_t>();
+// meta h [n] int64 and blob base [bytes] (pack_dlrm) over a table of R rows of width D. The
+// result points into both buffers.
+Packed parse(const int64_t* h, int64_t n, const uint8_t* base, int64_t bytes, int64_t R,
+             int64_t D) {
   TORCH_CHECK_VALUE(n >= H_SIZE && h[H_MAGIC] == kMagic, kOpP, ": meta is not a packed model");
   Packed P;
   P.bf16 = h[H_PREC] == 1;
@@ -358,7 +363,7 @@ Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t 
   // every count is bounded by the meta's length before any arithmetic on it (no overflow)
   TORCH_CHECK_VALUE(P.Tu >= 0 && P.Tc >= 0 && P.Ps >= 0 && P.Pv >= 0 && P.Kd >= 0 &&
                         P.Tu <= n && P.Tc <= n && P.Ps <= n && P.Pv <= n && P.D >= 1 &&
-                        P.Kd <= blob.numel() && P.nb >= 0 && P.nb <= kMaxLayers &&
+                        P.Kd <= bytes && P.nb >= 0 && P.nb <= kMaxLayers &&
                         P.L <= kMaxLayers && P.F == P.Tu + P.Tc + (P.hb ? 1 : 0) &&
                         P.hb == (P.Kd > 0) && (P.hb || P.nb == 0) && P.nb >= (P.hb ? 1 : 0) &&
                         P.L >= P.nb + 2,
@@ -389,8 +394,6 @@ Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t 
   for (int64_t q = 0; q < P.Pv; ++q)
     TORCH_CHECK_VALUE(P.pvi[q] >= 0 && P.pvi[q] < P.F && P.pvj[q] >= 0 && P.pvj[q] < P.F, kOpP,
                       ": bad candidate pair ", q);
-  const int64_t bytes = blob.numel();
-  const uint8_t* base = blob.data_ptr<uint8_t>();
   for (int64_t l = 0; l < P.L; ++l, a += 5) {
     Layer& y = P.layers[l];
     y.Kp = a[0], y.Ob = a[1], y.relu = a[2] != 0;
@@ -420,7 +423,24 @@ Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t 
     TORCH_CHECK_VALUE(Ls[l].Kp == Ls[l - 1].Ob * 16, kOpP, ": top layer ", l, " shape");
   TORCH_CHECK_VALUE(Ls[P.L - 1].Ob == 1 && !Ls[P.L - 1].relu, kOpP, ": the last layer must be "
                     "the head (one output, no relu)");
+  const int64_t Fp = (P.F + 31) / 32 * 32;  // pad32
+  std::vector<int64_t> crow(P.F, -1);       // field -> its first candidate slot
+  for (int64_t c = P.Tc - 1; c >= 0; --c) crow[P.cfield[c]] = c;
+  P.gidx.resize(P.Pv);
+  for (int64_t q = 0; q < P.Pv; ++q) {
+    const int64_t i = P.pvi[q], j = P.pvj[q];
+    P.gidx[q] = crow[i] >= 0 ? crow[i] * Fp + j : (crow[j] >= 0 ? crow[j] * Fp + i : -1);
+  }
   return P;
+}
+
+Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t D) {
+  TORCH_CHECK_TYPE(meta.scalar_type() == at::kLong && meta.dim() == 1 && meta.is_contiguous(),
+                   kOpP, ": meta must be a contiguous 1-D int64 tensor (from pack_dlrm)");
+  TORCH_CHECK_TYPE(blob.scalar_type() == at::kByte && blob.dim() == 1 && blob.is_contiguous(),
+                   kOpP, ": blob must be a contiguous 1-D uint8 tensor (from pack_dlrm)");
+  return parse(meta.data_ptr<int64_t>(), meta.numel(), blob.data_ptr<uint8_t>(), blob.numel(), R,
+               D);
 }
 
 // A 64-byte aligned bump allocator over a thread's reusable buffer.
@@ -544,6 +564,64 @@ inline void run_layer(const Packed& P, LayerFn bf16_fn, const Layer& l, const vo
 
 inline float sigmoidf(float z) { return 1.f / (1.f + std::exp(-z)); }
 
+// The weights a thread reads next, prefetched while it waits at a barrier: at one candidate the
+// request is bound by how fast both cores pull the MLP weights from L3, and a waiting core's
+// share of that bandwidth is otherwise lost. The layer kernels read the first blocks of a
+// thread's range side by side, each from its start: those are the streams, one cache line at a
+// time, round robin.
+struct WeightPrefetch {
+  const char* cur[4] = {};
+  const char* end[4] = {};
+  int n = 0, next = 0;
+  // output blocks [r.first, r.second) of layer l, wbytes weight bytes per (input, block)
+  void set(const Layer& l, std::pair<int64_t, int64_t> r, int64_t wbytes) {
+    n = 0, next = 0;
+    const int64_t bs = l.Kp * wbytes;
+    for (int64_t ob = r.first; ob < r.second && n < 4; ++ob, ++n) {
+      cur[n] = static_cast<const char*>(l.w) + ob * bs;
+      end[n] = cur[n] + bs;
+    }
+  }
+  // one line of the next unfinished stream; false when every stream is done
+  inline bool step() {
+    for (int i = 0; i < n; ++i) {
+      const int k = next;
+      next = next + 1 == n ? 0 : next + 1;
+      if (cur[k] < end[k]) {
+        _mm_prefetch(cur[k], _MM_HINT_T0);
+        cur[k] += 64;
+        return true;
+      }
+    }
+    return false;
+  }
+};
+
+// The team's barrier (a generation counter): ~0.05-0.1 us where `omp barrier` took ~0.2 us here,
+// and its waiting threads prefetch (WeightPrefetch). A thread that has waited kYieldSpins idle
+// spins yields its core: its partner may have been descheduled by another process.
+struct TeamBarrier {
+  alignas(64) std::atomic<int> arrived{0};
+  alignas(64) std::atomic<int> gen{0};
+};
+constexpr int64_t kYieldSpins = 1 << 14;
+
+inline void team_wait(TeamBarrier& b, int T, WeightPrefetch& pf) {
+  if (T == 1) return;
+  const int g = b.gen.load(std::memory_order_acquire);  // gen moves only once all T arrived
+  if (b.arrived.fetch_add(1, std::memory_order_acq_rel) == T - 1) {
+    b.arrived.store(0, std::memory_order_relaxed);  // ordered before the release of gen
+    b.gen.store(g + 1, std::memory_order_release);
+    return;
+  }
+  int64_t idle = 0;
+  while (b.gen.load(std::memory_order_acquire) == g) {
+    if (pf.step()) continue;
+    _mm_pause();
+    if (++idle > kYieldSpins) std::this_thread::yield();
+  }
+}
+
 thread_local Arena t_request;  // the calling thread's per-request buffers (shared with its team)
 thread_local Arena t_private;  // every team thread's own buffers
 
@@ -574,7 +652,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
   // candidate pairs of the layer split: every thread computes all of them when that is cheap
   const bool zv_private = !row_split && N * P.Pv <= 1024;
   Arena& A = t_request;
-  A.reserve(arena_bytes(3 * W + O1 + 2 * (P.Pv + F) +
+  A.reserve(arena_bytes(3 * W + O1 + sizeof(TeamBarrier) / 4 +
                        (row_split ? 0 : N * (3 * W + 2 * Kvp + 16))));
   float* s0 = A.take<float>(W);               // [W] stage-A outputs of split layers (ping)
   float* s1 = A.take<float>(W);               // (pong)
@@ -591,20 +669,23 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
   // shared bf16 stage-A outputs live right after the float ones: [W / 2] each
   uint32_t* sb0 = A.take<uint32_t>(W / 2);
   uint32_t* sb1 = A.take<uint32_t>(W / 2);
-  // where each candidate pair sits in the candidates' Gram rows (candidate_pairs)
-  int64_t* gidx = A.take<int64_t>(P.Pv);
-  int64_t* crow = A.take<int64_t>(F);
-  for (int64_t f = 0; f < F; ++f) crow[f] = -1;
-  for (int64_t c = P.Tc - 1; c >= 0; --c) crow[P.cfield[c]] = c;
-  for (int64_t q = 0; q < P.Pv; ++q) {
-    const int64_t i = P.pvi[q], j = P.pvj[q];
-    gidx[q] = crow[i] >= 0 ? crow[i] * Fp + j : (crow[j] >= 0 ? crow[j] * Fp + i : -1);
-  }
+  TeamBarrier* bar = new (A.take<TeamBarrier>(1)) TeamBarrier();
+  const int64_t* gidx = P.gidx.data();
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int tid = omp_get_thread_num(), T = omp_get_num_threads();
     auto split = [&](int64_t n) { return std::make_pair(n * tid / T, n * (tid + 1) / T); };
+    // the team barrier, prefetching this thread's blocks of layer l (none when l == P.L)
+    WeightPrefetch pf;
+    auto barrier_before = [&](int64_t l) {
+      pf.n = 0;
+      if (l < P.L) {
+        const bool priv = l < P.nb && Ls[l].Kp * Ls[l].Ob * wbytes <= kPrivateLayerBytes;
+        pf.set(Ls[l], priv ? std::make_pair(int64_t(0), Ls[l].Ob) : split(Ls[l].Ob), wbytes);
+      }
+      team_wait(*bar, T, pf);
+    };
     Arena& PA = t_private;
     const int64_t tile = row_split ? kTile : 0, zrows = zv_private ? N : 0;
     PA.reserve(arena_bytes(F * D + 4 * W + 2 * Ksp + (zrows + tile) * 2 * Kvp +
@@ -651,9 +732,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
       }
       run_layer(P, bf16_fn, ly, bf ? static_cast<const void*>(xb) : xa, 0, 1, ob0, ob1, nullptr,
                 (!bf || last) ? ya : nullptr, 0, bf && !last ? yb : nullptr, 0);
-      if (!priv) {
-#pragma omp barrier
-      }
+      if (!priv) barrier_before(l + 1);  // l + 1 == P.nb: u, split as the layer split
       xa = ya, xb = yb;
     }
     if (P.hb) std::memcpy(fields, xa, sizeof(float) * D);  // field 0: the bottom MLP's output
@@ -679,7 +758,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
         candidate_pairs(P, rr, cid, r.first, r.second - r.first, fields, FT, Fp, G, gidx,
                         zv + r.first * Kvp, bf ? zb + r.first * (Kvp / 2) : nullptr);
         x = bf ? static_cast<const void*>(zb) : zv;
-#pragma omp barrier
+        barrier_before(P.nb + 1);
       }
       for (int64_t l = P.nb + 1; l <= Lh; ++l) {
         const bool ping = (l - P.nb) % 2 == 1, is_head = l == Lh;
@@ -696,11 +775,11 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
         } else {
           x = bf ? static_cast<const void*>(yb) : y;
           ldx = bf ? W / 2 : W;
-#pragma omp barrier
+          barrier_before(l + 1);
         }
       }
     } else {
-#pragma omp barrier
+      barrier_before(P.L);
       // row split: each thread runs the whole tower on its rows, tile by tile (u is complete)
       float* tz = PA.take<float>(kTile * Kvp);
       uint32_t* tzb = PA.take<uint32_t>(kTile * Kvp / 2);
@@ -729,6 +808,23 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
       }
     }
   }
+}
+
+// Every id and dense value of a request is checked before the team starts (nothing may throw
+// inside it): uid [Tu], cid [N, Tc], dense [Kd].
+void check_request(const Packed& P, const int64_t* uid, const int64_t* cid, int64_t N,
+                   const float* dense) {
+  for (int64_t i = 0; i < P.Tu; ++i)
+    TORCH_CHECK_INDEX(uid[i] >= 0 && uid[i] < P.ucard[i], kOpP, ": user_ids[", i, "] = ", uid[i],
+                      " is out of range [0, ", P.ucard[i], ")");
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < P.Tc; ++c) {
+      const int64_t id = cid[n * P.Tc + c];
+      TORCH_CHECK_INDEX(id >= 0 && id < P.ccard[c], kOpP, ": cand_ids[", n, ", ", c, "] = ", id,
+                        " is out of range [0, ", P.ccard[c], ")");
+    }
+  for (int64_t k = 0; k < P.Kd; ++k)
+    TORCH_CHECK_VALUE(!std::isnan(dense[k]), kOpP, ": dense[", k, "] is NaN");
 }
 
 }  // namespace
@@ -761,21 +857,49 @@ at::Tensor serving_dlrm_cpu(const at::Tensor& meta, const at::Tensor& blob, cons
   const int64_t* uid = user_ids.data_ptr<int64_t>();
   const int64_t* cid = cand_ids.data_ptr<int64_t>();
   const float* pd = dense.data_ptr<float>();
-  // every id is checked before the team starts (nothing may throw inside it)
-  for (int64_t i = 0; i < P.Tu; ++i)
-    TORCH_CHECK_INDEX(uid[i] >= 0 && uid[i] < P.ucard[i], kOpP, ": user_ids[", i, "] = ", uid[i],
-                      " is out of range [0, ", P.ucard[i], ")");
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < P.Tc; ++c) {
-      const int64_t id = cid[n * P.Tc + c];
-      TORCH_CHECK_INDEX(id >= 0 && id < P.ccard[c], kOpP, ": cand_ids[", n, ", ", c, "] = ", id,
-                        " is out of range [0, ", P.ccard[c], ")");
-    }
-  for (int64_t k = 0; k < P.Kd; ++k)
-    TORCH_CHECK_VALUE(!std::isnan(pd[k]), kOpP, ": dense[", k, "] is NaN");
+  check_request(P, uid, cid, N, pd);
   auto out = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
   dlrm_forward(P, rr, uid, cid, pd, N, out.data_ptr<float>());
   return out;
+}
+
+// ---------------------------------------------------------------------------- ServingDLRM
+struct ServingDLRM::Impl {
+  Packed P;
+  RowReader rr;
+};
+
+ServingDLRM::ServingDLRM(const int64_t* meta, int64_t n_meta, const uint8_t* blob, int64_t n_blob,
+                         const void* weights, TableDtype dtype, int64_t R, int64_t D,
+                         const float* scale_bias)
+    : impl_(std::make_unique<Impl>()) {
+  TORCH_CHECK_VALUE(R >= 0 && D >= 1, kOpP, ": weights must be [R, D] with D >= 1");
+  RowReader& rr = impl_->rr;
+  rr.D = D;
+  switch (dtype) {
+    case TableDtype::kFloat32: rr.f32 = static_cast<const float*>(weights); break;
+    case TableDtype::kFloat16: rr.f16 = static_cast<const at::Half*>(weights); break;
+    case TableDtype::kUInt8:
+      TORCH_CHECK_VALUE(scale_bias != nullptr, kOpP, ": uint8 weights need scale_bias [R, 2]");
+      rr.q8 = static_cast<const uint8_t*>(weights);
+      rr.scale_bias = scale_bias;
+      break;
+    default: TORCH_CHECK_TYPE(false, kOpP, ": weights must be float32, float16 or uint8");
+  }
+  impl_->P = parse(meta, n_meta, blob, n_blob, R, D);
+}
+
+ServingDLRM::~ServingDLRM() = default;
+
+int64_t ServingDLRM::num_user() const { return impl_->P.Tu; }
+int64_t ServingDLRM::num_cand() const { return impl_->P.Tc; }
+int64_t ServingDLRM::num_dense() const { return impl_->P.Kd; }
+
+void ServingDLRM::score(const int64_t* user_ids, const int64_t* cand_ids, int64_t N,
+                        const float* dense, float* out) const {
+  TORCH_CHECK_VALUE(N >= 1, kOpP, ": empty candidate list");
+  check_request(impl_->P, user_ids, cand_ids, N, dense);
+  dlrm_forward(impl_->P, impl_->rr, user_ids, cand_ids, dense, N, out);
 }
 
 TORCH_LIBRARY_IMPL(adrec, CPU, m) {

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import adrec_fast  # noqa: F401
+from adrec_fast import _C
 from adrec_fast.data.schema import Schema
 from adrec_fast.models.registry import build_model
 from adrec_fast.serving import Scorer, dequantize_rows, quantize_rows
@@ -478,7 +479,8 @@ def test_bf16_mlp(schema, ckpts, key, threads):
                 np.array([u[0], u[1], 0, 0]), [2, 3], c, d[None]), got, atol=1e-7)
     finally:
         torch.set_num_threads(old)
-    assert fq._bound[1][2] == 1  # the packed header's "portable" flag
+    v = fq._bound[0]
+    assert v.packed_for([v.bag_pos[f] for f in fq.cand_fields])[0][2] == 1  # "portable" flag
 
 
 def test_bf16_mlp_with_int8_tables(schema, ckpts):
@@ -549,7 +551,9 @@ def _packed_dlrm_call(schema, ckpts, seed):
     fp = sc.ids_path(["item", "adcat"])
     u, c, d, _ = _ids_request(schema, np.random.default_rng(seed), 3)
     fp(u, c, d)
-    _, meta, blob, w, sb, _ = fp._bound
+    v = fp._bound[0]
+    meta, blob = v.packed_for([v.bag_pos[f] for f in fp.cand_fields])
+    w, sb = v.native["weights"], v.native["scale_bias"]
     U, C, Dn = (torch.from_numpy(x) for x in (u, c, d))
     return torch.ops.adrec.serving_dlrm.default, meta, blob, w, sb, U, C, Dn
 
@@ -635,3 +639,128 @@ def test_packed_model_checks_extreme_values(schema, ckpts):
             m[pos] = val
             with pytest.raises(ValueError):
                 op(m, blob, w, sb, U, C, Dn)
+
+
+# ---------------------------------------------------------------------------- numpy entry point
+def _handle(sc, cand_fields=("item", "adcat")):
+    """(handle, op arguments) of a Scorer's packed DLRM for one split: the numpy entry point
+    (ops.scorer.serving_dlrm_handle) and what torch.ops.adrec.serving_dlrm takes for it."""
+    v = sc._version
+    slots = [v.bag_pos[f] for f in cand_fields]
+    meta, blob = v.packed_for(slots)
+    nat = v.native
+    return v.handle_for(slots), (meta, blob, nat["weights"], nat["scale_bias"])
+
+
+@pytest.mark.parametrize("quantize", [None, "fp16", "int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dlrm_handle_equivalence(schema, ckpts, quantize, threads):
+    """The numpy entry point gives the op's answer bit for bit (one kernel), and in fp32 the
+    model's forward within 1e-5, on random requests split every way the kernel splits them."""
+    path, model = ckpts["dlrm"]
+    sc = Scorer.load(path, quantize=quantize)
+    deq = model
+    if quantize is not None:
+        deq = _model(schema, "dlrm")
+        for ebc in deq.embedding_collections():
+            ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, quantize)))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(21)
+        for cand_fields in (("item", "adcat"), ("adcat", "item", "user")):
+            h, args = _handle(sc, cand_fields)
+            assert (h.num_user, h.num_cand, h.num_dense) == (4 - len(cand_fields),
+                                                            len(cand_fields), 2)
+            for n in (1, 2, 15, 16, 33, 200):
+                u, c, d, b = _ids_request(schema, rng, n, cand_fields)
+                got = h(u, c, d)
+                assert got.dtype == np.float32 and got.shape == (n,)
+                op = torch.ops.adrec.serving_dlrm.default(
+                    *args, *(torch.from_numpy(x) for x in (u, c, d))).numpy()
+                np.testing.assert_array_equal(got, op)
+                assert np.abs(got - deq.predict(b).numpy()).max() <= 1e-5, (cand_fields, n)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_dlrm_handle_bad_inputs(schema, ckpts):
+    """Wrong dtype, shape, type or value: a Python exception naming the argument, never a
+    crash; strided arrays are copied, not rejected."""
+    sc = Scorer.load(ckpts["dlrm"][0])
+    h, (meta, blob, w, _) = _handle(sc)
+    u, c, d, _ = _ids_request(schema, np.random.default_rng(22), 5)
+    want = h(u, c, d)
+    bad_calls = [
+        (TypeError, "user_ids must be a numpy int64", (u.astype(np.int32), c, d)),
+        (TypeError, "user_ids must be a numpy int64", (u.astype(np.float64), c, d)),
+        (TypeError, "user_ids .* got list", (u.tolist(), c, d)),
+        (TypeError, "cand_ids must be a numpy int64", (u, c.astype(np.uint64), d)),
+        (TypeError, "cand_ids .* got NoneType", (u, None, d)),
+        (TypeError, "dense must be a numpy float32", (u, c, d.astype(np.float64))),
+        (TypeError, "dense must be a numpy float32", (u, c, torch.from_numpy(d))),
+        (ValueError, r"user_ids must be \[2\], got int64 array \[3\]",
+         (np.zeros(3, np.int64), c, d)),
+        (ValueError, r"user_ids must be \[Tu\]", (u[None], c, d)),
+        (ValueError, r"cand_ids must be \[N, 2\]", (u, c[:, :1], d)),
+        (ValueError, r"cand_ids must be \[N, Tc\]", (u, c.reshape(-1), d)),
+        (ValueError, r"dense must be \[2\]", (u, c, d[:1])),
+        (ValueError, "dense values needed", (u, c, None)),
+        (ValueError, "empty candidate list", (u, c[:0], d)),
+        (ValueError, r"dense\[1\] is NaN", (u, c, np.array([0.0, np.nan], np.float32))),
+        (IndexError, r"user_ids\[1\] = 1000000 is out of range", (np.array([u[0], 10**6]), c, d)),
+        (IndexError, r"cand_ids\[3, 0\] = -1 is out of range",
+         (u, np.where(np.arange(5)[:, None] * [1, 0] == 3, -1, c), d)),
+    ]
+    for exc, msg, args in bad_calls:
+        with pytest.raises(exc, match=msg):
+            h(*args)
+    # strided inputs are copied, and the handle still answers afterwards
+    np.testing.assert_array_equal(h(u, np.asfortranarray(c), d), want)
+    np.testing.assert_array_equal(h(np.repeat(u, 2)[::2], c, np.repeat(d, 2)[::2]), want)
+    np.testing.assert_array_equal(h(u, c, d), want)
+    with pytest.raises(TypeError, match="meta must be a numpy int64"):
+        _C.ServingDLRM(meta.numpy().astype(np.int32), blob.numpy(), w.numpy(), None)
+    with pytest.raises(TypeError, match="weights must be float32, float16 or uint8"):
+        _C.ServingDLRM(meta.numpy(), blob.numpy(), w.double().numpy(), None)
+    with pytest.raises(ValueError, match="weights must be a C-contiguous"):
+        _C.ServingDLRM(meta.numpy(), blob.numpy(), w.numpy().T, None)
+    with pytest.raises(ValueError, match="uint8 weights need scale_bias"):
+        _C.ServingDLRM(meta.numpy(), blob.numpy(), np.zeros(w.shape, np.uint8), None)
+    with pytest.raises(ValueError, match=r"scale_bias must be \[R, 2\]"):
+        _C.ServingDLRM(meta.numpy(), blob.numpy(), w.numpy(), np.zeros((3, 2), np.float32))
+    damaged = meta.numpy().copy()
+    damaged[0] = 1
+    with pytest.raises(ValueError, match="not a packed model"):
+        _C.ServingDLRM(damaged, blob.numpy(), w.numpy(), None)
+    with pytest.raises(ValueError, match="meta has"):
+        _C.ServingDLRM(meta.numpy()[:-1], blob.numpy(), w.numpy(), None)
+    with pytest.raises(ValueError):  # a table smaller than the packed row ranges
+        _C.ServingDLRM(meta.numpy(), blob.numpy(), w.numpy()[:10], None)
+
+
+def test_dlrm_handle_threads(schema, ckpts, two_threads):
+    """Client threads share one handle (each request on its own OpenMP team and buffers): every
+    answer equals the one-thread answer of the same request."""
+    sc = Scorer.load(ckpts["dlrm"][0])
+    h, _ = _handle(sc)
+    rng = np.random.default_rng(23)
+    reqs = [_ids_request(schema, rng, n)[:3] for n in (1, 2, 7, 16, 40, 100, 1, 33)]
+    want = [h(*r) for r in reqs]
+    errors, mismatches = [], []
+
+    def client(k):
+        try:
+            for i in range(200):
+                j = (k + i) % len(reqs)
+                if not np.array_equal(h(*reqs[j]), want[j]):
+                    mismatches.append(j)
+        except Exception as e:  # noqa: BLE001 - every failure is counted
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == [] and mismatches == []
