@@ -213,6 +213,84 @@ def test_module_sparse_grad_with_torch_optimizer():
     assert not torch.equal(ebc.weight.detach(), w0)
 
 
+_WIDE_ROWS_CHILD = """
+import sys, torch, adrec_fast
+torch.manual_seed(int(sys.argv[1]))
+rows, B, D = [5000, 3000, 40], 64, 64
+T = len(rows)
+lengths = torch.randint(3, 9, (T * B,))
+lengths[5] = 0  # an empty bag
+segs = []
+for t, r in enumerate(rows):
+    n = int(lengths[t * B:(t + 1) * B].sum())
+    if r >= n:  # distinct ids, then 5 planted repeats (under 5% of the >= 189 ids)
+        ids = torch.randperm(r)[:n]
+        src, dst = torch.randperm(n)[:10].chunk(2)
+        ids[dst] = ids[src]
+    else:  # the 40-row table: mostly repeats
+        ids = torch.randint(0, r, (n,))
+    ids[-1] = r - 1  # the largest valid id
+    segs.append(ids)
+idx = torch.cat(segs)
+offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+tofs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist())
+w0 = torch.randn(sum(rows), D)
+state0 = torch.rand(sum(rows))
+g = torch.randn(B, T * D)
+psw = torch.rand(idx.numel())
+out = {"tofs": tofs, "idx": idx, "offsets": offsets, "w0": w0, "state0": state0, "g": g, "psw": psw}
+for opt in (0, 1):
+    for pooling in (0, 1):
+        for use_psw in (False, True):
+            for it in (torch.int32, torch.int64):
+                w, st = w0.clone(), state0.clone()
+                torch.ops.adrec.embedding_bag_bwd_update(g, w, st, tofs, idx.to(it), offsets.to(it),
+                                                         psw if use_psw else None, pooling, opt, 0.1, 1e-8)
+                out[f"w{opt}{pooling}{int(use_psw)}{it}"] = w
+                out[f"s{opt}{pooling}{int(use_psw)}{it}"] = st
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_fused_update_wide_rows_direct_path(tmp_path):
+    """D >= 64 tables with long segments of mostly non-repeating ids update their rows that
+    occur once straight from grad_out (fused_table_direct_f32). Force that path on small tables
+    (ADREC_DIRECT_MIN_BYTES=1, read once per process, so in a child), with some repeated rows in
+    the large tables and many in the small one, and check it against the reference optimizer
+    and against the buffered path (the default at this size): equal to float32 rounding, and
+    bit for bit without per-sample weights (with them, FMA contraction may differ by an ulp)."""
+    seed = int(torch.randint(0, 1 << 30, (1,)))
+    outs = {}
+    for name, env_min in (("direct", "1"), ("buffered", "0")):
+        path = tmp_path / f"{name}.pt"
+        env = dict(os.environ, ADREC_DIRECT_MIN_BYTES=env_min)
+        res = subprocess.run([sys.executable, "-c", _WIDE_ROWS_CHILD, str(seed), str(path)],
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs[name] = torch.load(path)
+    d, b = outs["direct"], outs["buffered"]
+    # The large tables' ids repeat (a few per cent), so the direct path's buffer is exercised.
+    seg = d["idx"][d["offsets"][0]:d["offsets"][64]]
+    assert 0 < seg.numel() - seg.unique().numel() < 0.05 * seg.numel()
+    for key in d:
+        if key[0] in "ws" and key[1:4].isdigit() and len(key) > 4:  # the results
+            if key[3] == "0":  # no per-sample weights
+                assert torch.equal(d[key], b[key]), key
+            else:
+                assert_close_verbose(d[key], b[key], rtol=1e-6, atol=1e-6)
+    for opt, name in ((0, "sgd"), (1, "rowwise_adagrad")):
+        for pooling in (0, 1):
+            for use_psw in (0, 1):
+                state0 = d["state0"].clone() if opt == 1 else torch.zeros(0)
+                w_ref, s_ref = _step_reference(
+                    d["w0"], state0, d["tofs"], d["idx"], d["offsets"], d["psw"] if use_psw else None,
+                    "mean" if pooling else "sum", d["g"], name, 0.1, 1e-8)
+                key = f"{opt}{pooling}{use_psw}{torch.int64}"
+                assert_close_verbose(d["w" + key], w_ref)
+                if opt == 1:
+                    assert_close_verbose(d["s" + key], s_ref)
+
+
 def test_fused_update_is_deterministic_across_thread_counts():
     rows, B, D = [1000] * 4, 512, 16
     tofs, indices, offsets = make_bags(rows, B, 20, dup=True)
