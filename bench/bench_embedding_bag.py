@@ -52,6 +52,7 @@ from shapes import QUICK, EmbInputs, EmbShape, emb_shapes, make_grad_out, make_i
 import adrec_fast
 from adrec_fast import reference
 from adrec_fast import functional as AF
+from adrec_fast._memory import empty_table
 from adrec_fast.optim import FusedRowwiseAdagrad, FusedSGD
 
 LR = 0.01
@@ -76,20 +77,32 @@ def _need(provider: str):
 # Weight buffers. A fresh 1.4 GB allocation page-faults for seconds on this VM, so the big
 # [N_total, D] tables are drawn from a small pool of already-touched buffers (setup time only).
 
-_POOL: dict[tuple[int, int], list[torch.Tensor]] = {}
+_POOL: dict[tuple[tuple[int, int], bool], list[torch.Tensor]] = {}
+_OWNER: dict[int, bool] = {}  # id(buffer) -> allocated with adrec's memory
 
 
-def _take(w0: torch.Tensor) -> torch.Tensor:
-    bufs = _POOL.setdefault(tuple(w0.shape), [])
-    buf = bufs.pop() if bufs else torch.empty_like(w0)
+def _take(w0: torch.Tensor, adrec_memory: bool = False) -> torch.Tensor:
+    """A copy of w0 for one provider to train. ``adrec_memory``: allocated the way
+    ``EmbeddingBagCollection`` allocates its weight (``adrec_fast._memory.empty_table``: huge
+    pages for large tables), so the adrec module is timed with the memory it gives a user; the
+    peers get torch's default allocation, as their own modules do."""
+    key = (tuple(w0.shape), adrec_memory)
+    bufs = _POOL.setdefault(key, [])
+    if bufs:
+        buf = bufs.pop()
+    elif adrec_memory:
+        buf = empty_table(*w0.shape, dtype=w0.dtype)
+    else:
+        buf = torch.empty_like(w0)
     buf.copy_(w0)
+    _OWNER[id(buf)] = adrec_memory
     return buf
 
 
 def _give(buf: torch.Tensor) -> None:
-    key = tuple(buf.shape)
+    key = (tuple(buf.shape), _OWNER.pop(id(buf), False))
     for k in list(_POOL):  # keep buffers of the current D only
-        if k != key:
+        if k[0] != key[0]:
             del _POOL[k]
     if len(_POOL.setdefault(key, [])) < 2:
         _POOL[key].append(buf)
@@ -133,17 +146,22 @@ def build_row_gather(shape, inp, w0, optim):
 def build_adrec(shape, inp, w0, optim):
     tofs, idx, offs = inp.table_offsets, inp.indices, inp.offsets
     if optim is None:
+        # The table as EmbeddingBagCollection holds it (adrec's allocation: huge pages), looked up
+        # through the functional API.
+        buf = _take(w0, adrec_memory=True)
+
         def step():
-            return AF.embedding_bag(w0, tofs, idx, offs)
-        return Prov(step)
+            return AF.embedding_bag(buf, tofs, idx, offs)
+        return Prov(step, buffers=[buf])
     opt = FusedSGD(LR) if optim == "sgd" else FusedRowwiseAdagrad(LR, eps=EPS)
-    buf = _take(w0)
+    buf = _take(w0, adrec_memory=True)
     try:  # build on meta so the 5.57M x D normal_ init is skipped, then plug in our tensors
         ebc = adrec_fast.nn.EmbeddingBagCollection(list(shape.rows), shape.D, optimizer=opt,
                                                    device="meta")
         ebc.weight = buf
         ebc.table_offsets = tofs.clone()
-        ebc.state = torch.zeros(sum(shape.rows) if optim == "rowwise_adagrad" else 0)
+        n_state = sum(shape.rows) if optim == "rowwise_adagrad" else 0
+        ebc.state = empty_table(n_state).zero_()  # as the module allocates it
     except Exception:  # noqa: BLE001
         ebc = adrec_fast.nn.EmbeddingBagCollection(list(shape.rows), shape.D, optimizer=opt)
         ebc.weight.copy_(w0)
