@@ -76,16 +76,20 @@ inline int64_t l3_bytes() {
   return 0;
 }
 
+// A size threshold in bytes: the environment variable `env` when set (0 or less = never, i.e.
+// the largest int64), else the L3 size / divisor, else `fallback` where the L3 is unknown.
+inline int64_t l3_threshold(const char* env, int64_t divisor, int64_t fallback) {
+  const char* e = std::getenv(env);
+  if (e != nullptr && *e != '\0') {
+    const long long v = std::atoll(e);
+    return v > 0 ? static_cast<int64_t>(v) : std::numeric_limits<int64_t>::max();
+  }
+  const int64_t l3 = l3_bytes();
+  return l3 > 0 ? l3 / divisor : fallback;
+}
+
 inline int64_t stream_out_bytes() {
-  static const int64_t bytes = [] {
-    const char* e = std::getenv("ADREC_STREAM_OUT_BYTES");
-    if (e != nullptr && *e != '\0') {
-      const long long v = std::atoll(e);
-      return v > 0 ? static_cast<int64_t>(v) : std::numeric_limits<int64_t>::max();
-    }
-    const int64_t l3 = l3_bytes();
-    return l3 > 0 ? l3 / 2 : int64_t(16) << 20;
-  }();
+  static const int64_t bytes = l3_threshold("ADREC_STREAM_OUT_BYTES", 2, int64_t(16) << 20);
   return bytes;
 }
 
@@ -117,15 +121,7 @@ bool mostly_unique(const index_t* ids, int64_t n) {
 // direct path for every D = 64 table was 4-10% slower with one id per bag (1 MB buffers) and 9%
 // slower with Zipf ids, hence the size threshold and the repeat sample.
 inline int64_t direct_min_bytes() {
-  static const int64_t bytes = [] {
-    const char* e = std::getenv("ADREC_DIRECT_MIN_BYTES");
-    if (e != nullptr && *e != '\0') {
-      const long long v = std::atoll(e);
-      return v > 0 ? static_cast<int64_t>(v) : std::numeric_limits<int64_t>::max();
-    }
-    const int64_t l3 = l3_bytes();
-    return l3 > 0 ? l3 / 4 : int64_t(8) << 20;
-  }();
+  static const int64_t bytes = l3_threshold("ADREC_DIRECT_MIN_BYTES", 4, int64_t(8) << 20);
   return bytes;
 }
 
