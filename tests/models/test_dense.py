@@ -92,11 +92,14 @@ def test_cross_layer_matches_fp64():
 
 
 def test_enabled_only_for_fp32_cpu_batches():
-    x = torch.randn(4, 8)
+    x = torch.randn(_dense.MIN_ROWS, 8)
     assert _dense.enabled(x)
     assert not _dense.enabled(x.double())
     assert not _dense.enabled(x.bfloat16())
     assert not _dense.enabled(torch.randn(0, 8))
+    # small batches (one serving request) stay on ATen, where oneDNN's per-call cost dominates
+    assert not _dense.enabled(torch.randn(1, 8))
+    assert not _dense.enabled(torch.randn(_dense.MIN_ROWS - 1, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _dense.enabled(x)
 
