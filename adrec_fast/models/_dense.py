@@ -9,10 +9,12 @@ MKL not taking its AVX-512 paths on AMD CPUs). Measured there, 2 threads, fp32, 
 the weight-gradient product g.T @ x 7.2 vs 4.3 ms. It is still IEEE fp32 (no reduced-precision
 math mode): results differ from MKL by summation order only.
 
-Two autograd functions, used by the models when :func:`enabled` says so (CPU, fp32, a non-empty
-2-D batch, no autocast): ``linear(x, w, b, relu)`` with bias and ReLU fused into the product's
-epilogue, and ``cross_layer(x0, x, w, b)`` (DCN-v2: ``x0 * (x @ w.T + b) + x``). Anything else
-takes the ATen/adrec-op path. ``ADREC_DENSE=aten`` (or ``ONEDNN = False``) switches it off.
+One autograd function, used by the models' MLP towers when :func:`enabled` says so (CPU, fp32, a
+2-D batch of at least MIN_ROWS rows, no autocast): ``linear(x, w, b, relu)`` with bias and ReLU
+fused into the product's epilogue. Anything else takes the ATen path. ``ADREC_DENSE=aten`` (or
+``ONEDNN = False``) switches it off. DCN-v2's cross layers need nothing here: the
+``adrec::cross_layer`` C++ op sends its fp32 products to oneDNN itself
+(csrc/common/onednn_linear.h, same switch, same row minimum).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ ONEDNN = os.environ.get("ADREC_DENSE", "onednn") != "aten"
 #: smallest batch sent to oneDNN. Below it oneDNN's per-call cost dominates: [B, 512] x [512, 256]
 #: + ReLU, 2 threads, measured 24.8 vs 8.7 us (ATen) at B = 1, 40.6 vs 25.7 at 8, 39.9 vs 38.6 at
 #: 16, 53.5 vs 59.1 at 32, 69.3 vs 100.2 at 64 (a DLRM forward on one serving request went from
-#: ~100 to ~220 us when every batch took oneDNN).
+#: ~100 to ~220 us when every batch took oneDNN). csrc/common/onednn_linear.h uses the same minimum.
 MIN_ROWS = 32
 
 
@@ -82,29 +84,5 @@ class _Linear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-class _Cross(torch.autograd.Function):
-    """DCN-v2 cross layer, x0 [B, K], x [B, K], w [K, K], b [K] -> x0 * (x @ w.T + b) + x."""
-
-    @staticmethod
-    def forward(ctx, x0, x, w, b):
-        xw = _LP(x, w, b, "none", [], "")  # [B, K]
-        ctx.save_for_backward(x0, x, w, xw)
-        return torch.addcmul(x, x0, xw)
-
-    @staticmethod
-    def backward(ctx, g):  # g [B, K]
-        x0, x, w, xw = ctx.saved_tensors
-        g_xw = g * x0  # [B, K], the gradient of x @ w.T + b
-        g_x0 = g * xw if ctx.needs_input_grad[0] else None
-        g_x = _mm_t(g_xw, w.t()).add_(g) if ctx.needs_input_grad[1] else None  # + residual
-        g_w = _weight_grad(g_xw, x) if ctx.needs_input_grad[2] else None  # [K, K]
-        g_b = g_xw.sum(0) if ctx.needs_input_grad[3] else None
-        return g_x0, g_x, g_w, g_b
-
-
 def linear(x: Tensor, w: Tensor, b: Tensor | None, relu: bool = False) -> Tensor:
     return _Linear.apply(x, w, b, relu)
-
-
-def cross_layer(x0: Tensor, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    return _Cross.apply(x0, x, w, b)

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..data.batch import Batch
 from ..nn import CrossNet
-from . import _dense
 from .base import CTRModel, Head, gemm_pad, mlp, register_model, run_mlp
 
 
@@ -114,7 +113,7 @@ class DCNv2(CTRModel):
         x0 = torch.cat(parts, dim=1)  # [B, K + pad], the pad columns zero
         with self.tower_precision(x0.device):
             x0 = x0.to(self.tower_dtype(x0))  # one cast, shared by the cross net and the MLP
-            xc = self._cross(x0)  # [B, K + pad], the pad columns stay zero
+            xc = self.cross(x0)  # [B, K + pad], the pad columns stay zero
             if self.structure == "parallel":
                 hd = run_mlp(self.deep, x0, self.pad)  # [B, H]
                 head = self.head.head
@@ -132,18 +131,6 @@ class DCNv2(CTRModel):
             lin, _ = self.linear(batch)
             logit = logit + lin.sum(dim=(1, 2))
         return logit
-
-    def _cross(self, x0: Tensor) -> Tensor:
-        """``self.cross(x0)``; fp32 on the CPU through oneDNN (``models._dense``), same math."""
-        if not _dense.enabled(x0):
-            return self.cross(x0)
-        x = x0
-        for w, b in zip(self.cross.weights, self.cross.biases):
-            if self.pad:
-                w, b = TF.pad(w, (0, self.pad, 0, self.pad)), TF.pad(b, (0, self.pad))
-            x = _dense.cross_layer(x0, x, w, b)  # [B, K + pad]
-        return x
-
 
 @register_model("dlrm")
 class DLRM(CTRModel):
