@@ -39,14 +39,18 @@ ADREC_INLINE float exp_nonpos(float x) {
   return p * scale;
 }
 
-// log(1 + t) for t in [0, 1], vectorisable. log(u), u = 1 + t in [1, 2], as e ln2 + 2 atanh(f)
-// with u = m 2^e, m in [1, sqrt 2), f = (m - 1)/(m + 1) <= 0.172 (series to f^9: error < 3e-9).
-// Goldberg's correction t / (u - 1) undoes the rounding of 1 + t, so tiny t stay accurate.
-ADREC_INLINE float log1p_01(float t) {
-  const float u = 1.0f + t;
+// log(1 + t) for t in [0, 1], vectorisable, given u = fl(1 + t) and r = 1 / u (callers that
+// also need the sigmoid 1 / (1 + t) have both already). log(u), u = m 2^e, m in [1, sqrt 2), as
+// e ln2 + 2 atanh(f) with f = (m - 1)/(m + 1) <= 0.172 (series to f^9: error < 3e-9); then
+// log1p(t) = log(u) + (t - (u - 1)) / u to first order, which undoes the rounding of 1 + t, so
+// tiny t (u == 1) stay accurate. One division.
+ADREC_INLINE float log1p_01(float t, float u, float r) {
   const bool big = u > 1.41421356f;
-  const float m = big ? 0.5f * u : u;
-  const float f = (m - 1.0f) / (m + 1.0f);
+  // m = u / c with c = 2 (big) or 1, and f = (m - 1)/(m + 1) = (u - c)/(u + c): the selection
+  // is on a constant, so the compiler emits one unmasked division (a select of m before the
+  // division made GCC split it into two masked ones).
+  const float c = big ? 2.0f : 1.0f;
+  const float f = (u - c) / (u + c);
   const float f2 = f * f;
   float s = 1.0f / 9.0f;
   s = s * f2 + 1.0f / 7.0f;
@@ -54,10 +58,12 @@ ADREC_INLINE float log1p_01(float t) {
   s = s * f2 + 1.0f / 3.0f;
   s = s * f2 + 1.0f;
   const float logu = (big ? 0.693147180559945309f : 0.0f) + 2.0f * f * s;
-  const float um1 = u - 1.0f;
-  // Both sides are computed and one is selected: a division under a branch would not vectorise.
-  const float corr = t / (um1 == 0.0f ? 1.0f : um1);
-  return um1 == 0.0f ? t : logu * corr;
+  return logu + (t - (u - 1.0f)) * r;
+}
+
+ADREC_INLINE float log1p_01(float t) {
+  const float u = 1.0f + t;
+  return log1p_01(t, u, 1.0f / u);
 }
 
 }  // namespace adrec
