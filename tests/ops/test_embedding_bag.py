@@ -478,6 +478,49 @@ def test_concurrent_calls_from_python_threads():
         assert torch.equal(rws, rws1) and torch.equal(grads, grads1)
 
 
+_POOL_CHILD = r"""
+import random, sys, time, concurrent.futures
+import torch
+from adrec_fast import functional as F, reference as R
+torch.set_num_threads(2)
+gen = torch.Generator().manual_seed(int(sys.argv[1]))
+rows, D = [300, 40, 1000, 7], 16
+tofs = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist())
+w = torch.randn(sum(rows), D, generator=gen)
+jobs = []
+for B in (600, 1500, 257, 3000):  # several tiles each: the forward runs on the work pool
+    lengths = torch.randint(0, 4, (len(rows) * B,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    t_of = torch.arange(len(rows)).repeat_interleave(B).repeat_interleave(lengths)
+    indices = (torch.rand(int(offsets[-1]), generator=gen) * torch.tensor(rows)[t_of]).long()
+    jobs.append((indices, offsets, R.embedding_bag(w, tofs, indices, offsets)))
+rnd = random.Random(int(sys.argv[1]))
+def call(k):
+    idx, offs, exp = jobs[k % len(jobs)]
+    out = F.embedding_bag(w, tofs, idx, offs)
+    assert torch.allclose(out, exp, rtol=1e-5, atol=1e-5), k
+for k in range(400):  # back to back, and with gaps around the workers' polling time
+    call(k)
+    if rnd.random() < 0.3:
+        time.sleep(rnd.choice([20e-6, 150e-6, 2e-3]))
+with concurrent.futures.ThreadPoolExecutor(3) as ex:
+    list(ex.map(call, range(200)))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("spin_us", ["0", "100", "100000"])
+def test_work_pool_back_to_back_and_sleeping_calls(spin_us):
+    """The embedding kernels' work pool: idle workers poll for ADREC_POOL_SPIN_US microseconds
+    for the next job, then sleep. Hundreds of calls back to back, with gaps shorter and longer
+    than the polling time, and from several Python threads, must all equal the reference (in a
+    child: the setting is read once per process, and a lost wake-up would hang, not crash)."""
+    env = dict(os.environ, ADREC_POOL_SPIN_US=spin_us)
+    res = subprocess.run([sys.executable, "-c", _POOL_CHILD, "5"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
 @pytest.mark.parametrize("D", [8, 16, 64])
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
 @pytest.mark.parametrize("psw", [False, True])
