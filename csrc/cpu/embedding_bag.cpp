@@ -293,11 +293,9 @@ void forward_kernel(const Layout& L, const scalar_t* w, const index_t* idx, cons
     const F32Args args{T, B, tile, kPrefetch, o, tofs, w, psw, out, &bad, stream};
     const bool avx2 = use_avx2();
     const bool ones = L.all_ones;
-    static const int sm_mode = [] { const char* e = std::getenv("ADREC_ONES_SM"); return e ? std::atoi(e) : 0; }();
     for_each_chunk(n_tiles, [&](int64_t i0, int64_t i1) {
       if (avx2) {
-        if (ones && sm_mode) isa_avx2::forward_tiles_f32_ones_sm<DV, HAS_PSW>(args, idx, i0, i1);
-        else if (ones) isa_avx2::forward_tiles_f32_ones<DV, HAS_PSW>(args, idx, i0, i1);
+        if (ones) isa_avx2::forward_tiles_f32_ones<DV, HAS_PSW>(args, idx, i0, i1);
         else isa_avx2::forward_tiles_f32<DV, HAS_PSW, MEAN>(args, idx, i0, i1);
       } else {
         if (ones) isa_base::forward_tiles_f32_ones<DV, HAS_PSW>(args, idx, i0, i1);
