@@ -52,6 +52,20 @@ inline at::Tensor onednn_linear_t(const at::Tensor& a, const at::Tensor& b,
   return typed.call(a, b, bias, "none", c10::List<std::optional<at::Scalar>>(), "");
 }
 
+// relu(a @ b.T + bias), the ReLU fused into the product's epilogue, or undefined as above.
+inline at::Tensor onednn_linear_t_relu(const at::Tensor& a, const at::Tensor& b,
+                                       const std::optional<at::Tensor>& bias) {
+  if (!onednn_linear_usable(a)) return {};
+  static const auto op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!op.has_value()) return {};
+  static const auto typed =
+      op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           c10::string_view, c10::List<std::optional<at::Scalar>>,
+                           std::optional<c10::string_view>)>();
+  return typed.call(a, b, bias, "relu", c10::List<std::optional<at::Scalar>>(), "");
+}
+
 // a @ b.T + other (other [M, N], added in the product's epilogue), or undefined as above.
 inline at::Tensor onednn_linear_t_add(const at::Tensor& a, const at::Tensor& b,
                                       const at::Tensor& other) {

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // Serving forward of DLRM and DCN-v2 in one native call: row lookup (fp32, fp16 or int8
-// row-wise tables, dequantized on lookup), interaction, MLPs (at::linear -> BLAS), head and
-// sigmoid. The user/context side (user-slot embeddings, the bottom MLP when the dense input is
-// shared, DLRM dot products between two shared fields) is computed once per request and copied
-// into every candidate row as a template; only the candidate slots are read per candidate.
+// row-wise tables, dequantized on lookup), interaction, MLPs (oneDNN from 32 rows on, else
+// at::linear), head and sigmoid. The user/context side (user-slot embeddings, the bottom MLP
+// when the dense input is shared, DLRM dot products between two shared fields) is computed once
+// per request and copied into every candidate row as a template; only the candidate slots are
+// read per candidate.
 // Candidate rows are filled by at::parallel_for over row blocks.
 // GCC 12 reports a false -Wmaybe-uninitialized inside its own avx512fintrin.h for the AVX-512
 // intrinsics of scorer_mlp.inc (the header's _mm512_undefined idiom); the state must cover the
@@ -17,6 +18,7 @@
 #include <omp.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/onednn_linear.h"
 #include "common/simd.h"
 #include "cpu/scorer.h"
 
@@ -93,11 +96,72 @@ RowReader make_reader(const at::Tensor& w, const std::optional<at::Tensor>& scal
   return rr;
 }
 
-at::Tensor mlp_relu(at::Tensor x, at::TensorList wb, size_t begin, size_t end) {
-  for (size_t i = begin; i + 1 < end; i += 2) {
-    x = at::linear(x, wb[i], wb[i + 1]);  // [B, out] = x @ W.T + b
-    x.relu_();
+// y[m, o] = (relu)(x[m, :] . w[o, :] + b[o]) for m in [0, M), o in [o0, o1): one weight row at a
+// time against every input row (M is small: the row stays in L1), 16-lane partial sums.
+ADREC_CPU_CLONES void small_linear_rows(const float* x, const float* w, const float* b, float* y,
+                                        int64_t M, int64_t K, int64_t O, int64_t o0, int64_t o1,
+                                        bool relu) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const float* wr = w + o * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float acc[16] = {};
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16)
+        for (int l = 0; l < 16; ++l) acc[l] += wr[k + l] * xr[k + l];
+      for (; k < K; ++k) acc[k & 15] += wr[k] * xr[k];
+      float v = b[o];
+      for (int l = 0; l < 16; ++l) v += acc[l];
+      y[m * O + o] = relu && v < 0.f ? 0.f : v;
+    }
   }
+}
+
+// The products of a request with fewer than kOneDnnMinRows rows (one candidate, a few): each
+// thread streams its share of the weight rows once. at::linear sent these to MKL's single-row
+// path, which ran one DCN-v2 request at N = 1 in ~100 us on 2 threads, about the time of eager
+// PyTorch; the weights (3.6 MB) are read in ~20 us at this machine's L3 rate.
+at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_,
+                        bool relu) {
+  const auto x = x_.contiguous(), w = w_.contiguous(), b = b_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), O = w.size(0);
+  auto y = at::empty({M, O}, x.options());
+  const float* px = x.data_ptr<float>();
+  const float* pw = w.data_ptr<float>();
+  const float* pb = b.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  // ~64 KB of weight rows per task at least: fewer parallel regions for narrow layers.
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * 4));
+  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+    small_linear_rows(px, pw, pb, py, M, K, O, o0, o1, relu);
+  });
+  return y;
+}
+
+bool small_linear_ok(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+         b.scalar_type() == at::kFloat && x.dim() == 2 && w.dim() == 2 && b.dim() == 1 &&
+         x.size(0) < kOneDnnMinRows && x.size(1) == w.size(1) && b.size(0) == w.size(0) &&
+         x.device().is_cpu();
+}
+
+// x @ w.T + b: through oneDNN from kOneDnnMinRows rows on (common/onednn_linear.h: ATen's fp32
+// products go to MKL, about half oneDNN's rate on the AMD benchmark machine), small_linear below
+// it; ATen for anything else.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (small_linear_ok(x, w, b)) return small_linear(x, w, b, false);
+  auto y = onednn_linear_t(x, w, b);
+  return y.defined() ? y : at::linear(x, w, b);
+}
+
+at::Tensor linear_relu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (small_linear_ok(x, w, b)) return small_linear(x, w, b, true);
+  auto y = onednn_linear_t_relu(x, w, b);
+  return y.defined() ? y : at::linear(x, w, b).relu_();
+}
+
+at::Tensor mlp_relu(at::Tensor x, at::TensorList wb, size_t begin, size_t end) {
+  for (size_t i = begin; i + 1 < end; i += 2) x = linear_relu(x, wb[i], wb[i + 1]);  // [B, out]
   return x;
 }
 
@@ -166,7 +230,7 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
     // Bottom MLP once when the dense input is shared (Nd == 1), else per candidate.
     at::Tensor d;  // [Nd, D]
     if (has_bottom) {
-      d = at::linear(dense, bottom[0], bottom[1]).relu_();
+      d = linear_relu(dense, bottom[0], bottom[1]);
       d = mlp_relu(d, bottom, 2, bottom.size()).contiguous();
       TORCH_CHECK_VALUE(d.size(1) == D, kOp, ": bottom MLP output width ", d.size(1),
                         " != embedding dim ", D);
@@ -241,8 +305,8 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
         const auto S = index_tensor(sc), V = index_tensor(vc);
         const auto r0 = at::from_blob(row0.data(), {K}, fopt);
         const auto u = at::addmv(layers[1], layers[0].index_select(1, S), r0.index_select(0, S));
-        auto h = at::addmm(u, top_in.index_select(1, V), layers[0].index_select(1, V).t());
-        top_in = mlp_relu(h.relu_(), layers, 2, layers.size());
+        auto h = linear_relu(top_in.index_select(1, V), layers[0].index_select(1, V), u);
+        top_in = mlp_relu(h, layers, 2, layers.size());
         done = true;
       }
     }
@@ -279,18 +343,19 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
         const auto S = index_tensor(sc), V = index_tensor(vc);
         const auto r0s = at::from_blob(row0.data(), {K}, fopt).index_select(0, S);  // [Ks]
         const auto x0v = x0.index_select(1, V);                                      // [N, Kv]
-        auto first = [&](size_t i) {  // x0 @ W_i.T + b_i with the shared part as a bias
+        auto first = [&](size_t i, bool relu) {  // x0 @ W_i.T + b_i, shared part as a bias
           const auto u = at::addmv(layers[i + 1], layers[i].index_select(1, S), r0s);
-          return at::addmm(u, x0v, layers[i].index_select(1, V).t());
+          const auto wv = layers[i].index_select(1, V);
+          return relu ? linear_relu(x0v, wv, u) : linear(x0v, wv, u);
         };
-        if (n_cross > 0) xw0 = first(0);
-        if (kind == kDCNParallel && layers.size() > di) h0 = first(di).relu_();
+        if (n_cross > 0) xw0 = first(0, false);
+        if (kind == kDCNParallel && layers.size() > di) h0 = first(di, true);
       }
     }
     at::Tensor x = x0;
     for (int64_t l = 0; l < n_cross; ++l) {
       const auto xw = (l == 0 && xw0.defined()) ? xw0
-                                                : at::linear(x, layers[2 * l], layers[2 * l + 1]);
+                                                : linear(x, layers[2 * l], layers[2 * l + 1]);
       x = at::addcmul(x, x0, xw);  // x0 * xw + x
     }
     if (kind == kDCNParallel) {
