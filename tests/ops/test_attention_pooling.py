@@ -46,6 +46,43 @@ def _probs(q, k, offsets):
 SHAPES = [(1, 16, 1), (1, 17, 50), (5, 1, 4), (16, 16, 50), (9, 33, 7), (4, 8, 0)]  # (B, D, max L)
 
 
+def _per_sample(q, k, offsets):
+    """The definition, one sample at a time (the reference computes it for all samples at once)."""
+    B, D = q.shape
+    o = offsets.tolist()
+    rows = []
+    for b in range(B):
+        kb = k[o[b] : o[b + 1]]  # [L_b, D]
+        if kb.size(0) == 0:
+            rows.append(q.new_zeros(D) + 0 * k.sum())  # zeros, still in the graph of k
+            continue
+        rows.append(torch.softmax(kb @ q[b] / math.sqrt(D), dim=0) @ kb)
+    return torch.stack(rows) if rows else q.new_zeros(0, D)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(7, 5, 1), (3, 4, 200)], ids=str)
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_reference_matches_per_sample_definition(shape, scale):
+    """The segment-softmax reference against a per-sample loop, forward and gradients in float64
+    (scale 30: scores in the hundreds, where an unshifted exp would overflow)."""
+    B, D, max_len = shape
+    q, k, offsets = _seqs(B, D, max_len, torch.float64)
+    q, k = q * scale, k.clone()
+    g = torch.randn(B, D, dtype=torch.float64)
+    outs, grads = [], []
+    for fn in (R.attention_pooling, _per_sample):
+        qq, kk = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        out = fn(qq, kk, offsets)
+        (out * g).sum().backward()
+        outs.append(out.detach())
+        grads.append((qq.grad, kk.grad))
+    assert torch.isfinite(outs[0]).all()
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b, t in zip(grads[0], grads[1], (q, k)):  # no gradient at all = zeros (empty input)
+        torch.testing.assert_close(torch.zeros_like(t) if a is None else a,
+                                   torch.zeros_like(t) if b is None else b)
+
+
 @pytest.mark.parametrize("api", ["functional", "ops"])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
