@@ -720,19 +720,20 @@ class IdsPath:
     ``user_ids`` int64 [len(user_fields)], ``cand_ids`` int64 [N, len(cand_fields)] (ids within
     each field's table, as the schema encodes them) and ``dense`` float32 [K_d] (transformed
     values in ``schema.dense_fields()`` order, shared by every candidate; omit it when the schema
-    has no dense field), and returns probabilities [N] float32. Per request it makes one call of
-    the packed-DLRM kernel through its numpy entry point (``ops.scorer.serving_dlrm_handle``: no
-    torch.ops dispatch, no tensors, GIL released) on the model packed once for this split (no
-    per-request dict or schema work). Bad requests: a wrong dtype or shape -> TypeError /
+    has no dense field), and returns probabilities [N] float32. Per request a DLRM makes one call
+    of the packed-DLRM kernel through its numpy entry point (``ops.scorer.serving_dlrm_handle``:
+    no torch.ops dispatch, no tensors, GIL released) on the model packed once for this split (no
+    per-request dict or schema work); a DCN-v2 makes one ``adrec::serving_forward`` call, without
+    the dict handling of ``score_ids``. Bad requests: a wrong dtype or shape -> TypeError /
     ValueError naming the argument, an id out of range -> IndexError naming the field, no
     candidates or a NaN dense value -> ValueError. Hot swaps apply: every call uses the version
     current at its start."""
 
     def __init__(self, scorer: Scorer, cand_fields):
         v = scorer._version
-        if not v.packable:
-            raise NotImplementedError(f"ids_path needs a DLRM on the native path, not {v.name!r}; "
-                                      "use score_ids()")
+        if v.native is None:
+            raise NotImplementedError(f"ids_path needs a model on the native path (DLRM, "
+                                      f"DCN-v2), not {v.name!r}; use score_ids()")
         cand_fields = list(cand_fields)
         for name in cand_fields:
             if name not in v.bag_pos:
@@ -748,11 +749,67 @@ class IdsPath:
         self._bound = None
 
     def _bind(self, v: _Version):
-        if not v.packable:
-            raise NotImplementedError(f"the current version ({v.name!r}) is not a native DLRM")
-        b = (v, v.handle_for([v.bag_pos[f] for f in self.cand_fields]))
+        if v.native is None:
+            raise NotImplementedError(f"the current version ({v.name!r}) is not on the native "
+                                      "path (DLRM, DCN-v2)")
+        slots = [v.bag_pos[f] for f in self.cand_fields]
+        if v.packable:
+            fn = v.handle_for(slots)
+        else:
+            fn = self._native_call(v, slots)
+        b = (v, fn)
         self._bound = b  # one reference store; a racing thread binds the same values
         return b
+
+    @staticmethod
+    def _native_call(v: _Version, cand_slots: list[int]):
+        """A request function for the models that run as one ``adrec::serving_forward`` call
+        (DCN-v2): the same arguments and checks as the packed DLRM's handle, in numpy."""
+        T = len(v.bags)
+        user_slots = np.array([t for t in range(T) if t not in cand_slots], dtype=np.int64)
+        Tu, Tc, Kd = len(user_slots), len(cand_slots), len(v.dense)
+        ucard = v.bag_card[user_slots] if Tu else np.zeros(0, dtype=np.int64)
+        ccard = v.bag_card[cand_slots] if Tc else np.zeros(0, dtype=np.int64)
+        no_dense = np.zeros((1, 0), dtype=np.float32)
+
+        def arr(x, name, dtype, shape):
+            if not isinstance(x, np.ndarray) or x.dtype != dtype:
+                got = (f"{x.dtype} array {list(x.shape)}" if isinstance(x, np.ndarray)
+                       else type(x).__name__)
+                raise TypeError(f"ids_path: {name} must be a numpy {np.dtype(dtype)} array "
+                                f"{shape}, got {got}")
+            return x
+
+        def run(user_ids, cand_ids, dense):
+            u = arr(user_ids, "user_ids", np.int64, f"[{Tu}]")
+            c = arr(cand_ids, "cand_ids", np.int64, f"[N, {Tc}]")
+            if u.shape != (Tu,):
+                raise ValueError(f"ids_path: user_ids must be [{Tu}], got {list(u.shape)}")
+            if c.ndim != 2 or c.shape[1] != Tc:
+                raise ValueError(f"ids_path: cand_ids must be [N, {Tc}], got {list(c.shape)}")
+            if c.shape[0] == 0:
+                raise ValueError("ids_path: empty candidate list (cand_ids has no rows)")
+            if Kd:
+                if dense is None:
+                    raise ValueError(f"ids_path: dense values needed for "
+                                     f"{[f.name for f in v.dense]} (dense float32 [{Kd}])")
+                d = arr(dense, "dense", np.float32, f"[{Kd}]")
+                if d.shape != (Kd,):
+                    raise ValueError(f"ids_path: dense must be [{Kd}], got {list(d.shape)}")
+                if np.isnan(d).any():
+                    raise ValueError(f"ids_path: dense[{int(np.flatnonzero(np.isnan(d))[0])}] is NaN")
+                d = np.ascontiguousarray(d)[None]
+            else:
+                if dense is not None and np.size(dense):
+                    raise ValueError("ids_path: the schema has no dense field; pass dense=None")
+                d = no_dense
+            if ((u < 0) | (u >= ucard)).any() or ((c < 0) | (c >= ccard)).any():
+                raise IndexError("ids_path: id out of range")  # named by _index_error
+            uid = np.zeros(T, dtype=np.int64)
+            uid[user_slots] = u
+            return v.forward_ids(uid, cand_slots, np.ascontiguousarray(c), d)
+
+        return run
 
     def __call__(self, user_ids: np.ndarray, cand_ids: np.ndarray, dense=None) -> np.ndarray:
         b = self._bound

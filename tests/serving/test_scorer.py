@@ -421,6 +421,29 @@ def test_ids_path_equivalence(schema, ckpts, key, threads):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("key", ["dcnv2", "dcnv2_stacked"])
+def test_ids_path_dcn_equivalence(schema, ckpts, key, threads):
+    """DCN-v2's ids_path (one adrec::serving_forward call) == model forward (<= 1e-5) on either
+    side of the products' oneDNN threshold (32 rows) and the shared-column split (128 rows)."""
+    path, model = ckpts[key]
+    sc = Scorer.load(path)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(12)
+        for cand_fields in (("item", "adcat"), ("item",), ("adcat", "item", "user", "age")):
+            fp = sc.ids_path(cand_fields)
+            for n in (1, 2, 31, 32, 33, 127, 128, 200):
+                u, c, d, b = _ids_request(schema, rng, n, cand_fields)
+                got = fp(u, c, d)
+                assert got.dtype == np.float32 and got.shape == (n,)
+                want = model.predict(b).numpy()
+                assert np.abs(got - want).max() <= 1e-5, (cand_fields, n)
+    finally:
+        torch.set_num_threads(old)
+
+
 def _bf16_reference(model, batch):
     """DLRM with bfloat16 MLP weights and layer inputs, in float64 otherwise: what
     ``mlp="bf16"`` computes (fp32 accumulation aside) -> [B] probabilities."""
@@ -502,12 +525,15 @@ def test_bf16_mlp_rejected_where_unsupported(schema, ckpts):
     sc = Scorer.load(ckpts["dlrm"][0], mlp="bf16")
     with pytest.raises(ValueError, match="dense"):  # a dense field per candidate
         sc.score({"user": "u1"}, {"item": ["i1", "i2"], "price": [1.0, 2.0]})
-    with pytest.raises(NotImplementedError, match="DLRM"):
-        Scorer.load(ckpts["dcnv2"][0]).ids_path(["item"])
+    with pytest.raises(NotImplementedError, match="native"):
+        Scorer.load(ckpts["deepfm"][0]).ids_path(["item"])
 
 
-def test_ids_path_bad_requests(schema, ckpts):
-    sc = Scorer.load(ckpts["dlrm"][0])
+@pytest.mark.parametrize("key", ["dlrm", "dcnv2"])
+def test_ids_path_bad_requests(schema, ckpts, key):
+    """The same bad requests get the same errors on the packed DLRM handle and on the DCN-v2
+    path (one serving_forward call, checks in numpy)."""
+    sc = Scorer.load(ckpts[key][0])
     with pytest.raises(ValueError, match="'colour'"):
         sc.ids_path(["item", "colour"])
     with pytest.raises(ValueError, match="repeat"):
