@@ -65,3 +65,19 @@ def assert_no_worse_than_torch(out, truth, same_dtype, factor=2.0):
     err = (out.double() - truth.double()).abs().max().item()
     ref_err = (same_dtype.double() - truth.double()).abs().max().item()
     assert err <= factor * ref_err + 1e-6, f"error {err} > {factor} x reference error {ref_err}"
+
+
+def rerun_in_child(test_file: str, k_expr: str, **env: str) -> None:
+    """Run ``pytest -k k_expr`` on ``test_file`` in a child process with ``env`` added (settings
+    the extension reads once per process); fails unless the child passed at least one test."""
+    import subprocess
+    import sys
+
+    here = Path(test_file).resolve()
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(here), "-k", k_expr],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **env},
+        cwd=str(here.parents[2]),
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout

@@ -38,9 +38,10 @@ inline bool onednn_linear_usable(const at::Tensor& a) {
          a.size(0) >= kOneDnnMinRows && a.size(1) > 0;
 }
 
-// a @ b.T + bias, or undefined when oneDNN cannot serve it (see above).
-inline at::Tensor onednn_linear_t(const at::Tensor& a, const at::Tensor& b,
-                                  const std::optional<at::Tensor>& bias) {
+// act(a @ b.T + bias), act a oneDNN post-op name ("none", "relu"), or undefined when oneDNN
+// cannot serve it (see above).
+inline at::Tensor onednn_linear_t_act(const at::Tensor& a, const at::Tensor& b,
+                                      const std::optional<at::Tensor>& bias, c10::string_view act) {
   if (!onednn_linear_usable(a)) return {};
   static const auto op =
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
@@ -49,21 +50,19 @@ inline at::Tensor onednn_linear_t(const at::Tensor& a, const at::Tensor& b,
       op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            c10::string_view, c10::List<std::optional<at::Scalar>>,
                            std::optional<c10::string_view>)>();
-  return typed.call(a, b, bias, "none", c10::List<std::optional<at::Scalar>>(), "");
+  return typed.call(a, b, bias, act, c10::List<std::optional<at::Scalar>>(), "");
+}
+
+// a @ b.T + bias, or undefined as above.
+inline at::Tensor onednn_linear_t(const at::Tensor& a, const at::Tensor& b,
+                                  const std::optional<at::Tensor>& bias) {
+  return onednn_linear_t_act(a, b, bias, "none");
 }
 
 // relu(a @ b.T + bias), the ReLU fused into the product's epilogue, or undefined as above.
 inline at::Tensor onednn_linear_t_relu(const at::Tensor& a, const at::Tensor& b,
                                        const std::optional<at::Tensor>& bias) {
-  if (!onednn_linear_usable(a)) return {};
-  static const auto op =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (!op.has_value()) return {};
-  static const auto typed =
-      op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           c10::string_view, c10::List<std::optional<at::Scalar>>,
-                           std::optional<c10::string_view>)>();
-  return typed.call(a, b, bias, "relu", c10::List<std::optional<at::Scalar>>(), "");
+  return onednn_linear_t_act(a, b, bias, "relu");
 }
 
 // a @ b.T + other (other [M, N], added in the product's epilogue), or undefined as above.

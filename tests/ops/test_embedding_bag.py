@@ -16,7 +16,7 @@ from adrec_fast import reference as R
 from adrec_fast.nn import EmbeddingBagCollection
 from adrec_fast.optim import FusedRowwiseAdagrad, FusedSGD
 
-from ..conftest import assert_close_verbose
+from ..conftest import assert_close_verbose, rerun_in_child
 
 
 def make_bags(rows, B, max_len, index_dtype=torch.int64, min_len=0, dup=False):
@@ -421,15 +421,8 @@ def test_int32_overflow_row_offsets():
 def test_baseline_isa_path_matches_reference():
     """The float32 kernels are built twice (baseline and AVX2+FMA, chosen at run time): run the
     forward, backward and fused-update comparisons again with the baseline forced."""
-    env = dict(os.environ, ADREC_CPU_ISA="base")
-    here = os.path.dirname(os.path.abspath(__file__))
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", here + "/test_embedding_bag.py",
-         "-k", "matches_reference and not baseline and (float32 or sgd or adagrad)"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=os.path.dirname(os.path.dirname(here)),
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout
+    rerun_in_child(__file__, "matches_reference and not baseline and (float32 or sgd or adagrad)",
+                   ADREC_CPU_ISA="base")
 
 
 @pytest.mark.parametrize("isa", ["default", "base"])
@@ -437,18 +430,9 @@ def test_streaming_store_path_matches_reference(isa):
     """Large forward outputs are written with streaming stores (ADREC_STREAM_OUT_BYTES, read
     once per process): force them on for every output (D = 16 and 64 qualify; 17, 33 do not)
     and rerun the float32 forward comparisons, with both ISA builds."""
-    env = dict(os.environ, ADREC_STREAM_OUT_BYTES="1")
-    if isa == "base":
-        env["ADREC_CPU_ISA"] = "base"
-    here = os.path.dirname(os.path.abspath(__file__))
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", here + "/test_embedding_bag.py",
-         "-k", "(matches_reference and not baseline and not streaming and float32) or one_index_per_bag"
-               " or literal or empty_batch or out_of_range"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=os.path.dirname(os.path.dirname(here)),
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout
+    env = {"ADREC_STREAM_OUT_BYTES": "1", **({"ADREC_CPU_ISA": "base"} if isa == "base" else {})}
+    rerun_in_child(__file__, "(matches_reference and not baseline and not streaming and float32)"
+                             " or one_index_per_bag or literal or empty_batch or out_of_range", **env)
 
 
 def test_concurrent_calls_from_python_threads():

@@ -2,10 +2,6 @@
 """sigmoid_bce and score: the C++ CPU kernels vs the reference."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -13,7 +9,7 @@ from adrec_fast import functional as F
 from adrec_fast import reference as R
 from adrec_fast.nn import SigmoidBCEHead
 
-from ..conftest import assert_close_verbose
+from ..conftest import assert_close_verbose, rerun_in_child
 
 
 def _truth_and_grad(z, y, w):
@@ -64,16 +60,8 @@ def test_float32_vector_tails_and_extremes(weighted, B):
 def test_portable_float32_path_matches_reference():
     """ADREC_CPU_ISA=base (read once per process) keeps float32 on the portable loop instead of
     the AVX-512 one: rerun the float32 comparisons in a child with it set."""
-    env = dict(os.environ, ADREC_CPU_ISA="base")
-    here = os.path.dirname(os.path.abspath(__file__))
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", here + "/test_sigmoid_bce.py",
-         "-k", "((matches_reference and float32) or vector_tails or large_logits or thread_count)"
-               " and not portable"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=os.path.dirname(os.path.dirname(here)),
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout
+    rerun_in_child(__file__, "((matches_reference and float32) or vector_tails or large_logits"
+                             " or thread_count) and not portable", ADREC_CPU_ISA="base")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -406,19 +406,24 @@ def test_ids_path_equivalence(schema, ckpts, key, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        rng = np.random.default_rng(11)
-        for cand_fields in (("item", "adcat"), ("item",), ("adcat", "item", "user", "age")):
-            fp = sc.ids_path(cand_fields)
-            assert fp.cand_fields == cand_fields
-            assert set(fp.user_fields) | set(cand_fields) == {"user", "age", "item", "adcat"}
-            for n in (1, 2, 3, 15, 16, 31, 32, 33, 64, 65, 200):
-                u, c, d, b = _ids_request(schema, rng, n, cand_fields)
-                got = fp(u, c, d)
-                assert got.dtype == np.float32 and got.shape == (n,)
-                want = model.predict(b).numpy()
-                assert np.abs(got - want).max() <= 1e-5, (cand_fields, n)
+        _check_ids_path(schema, sc, model, 11, (1, 2, 3, 15, 16, 31, 32, 33, 64, 65, 200))
     finally:
         torch.set_num_threads(old)
+
+
+def _check_ids_path(schema, sc, model, seed, sizes):
+    """ids_path == model forward (<= 1e-5) for three field splits and every size in ``sizes``."""
+    rng = np.random.default_rng(seed)
+    for cand_fields in (("item", "adcat"), ("item",), ("adcat", "item", "user", "age")):
+        fp = sc.ids_path(cand_fields)
+        assert fp.cand_fields == cand_fields
+        assert set(fp.user_fields) | set(cand_fields) == {"user", "age", "item", "adcat"}
+        for n in sizes:
+            u, c, d, b = _ids_request(schema, rng, n, cand_fields)
+            got = fp(u, c, d)
+            assert got.dtype == np.float32 and got.shape == (n,)
+            want = model.predict(b).numpy()
+            assert np.abs(got - want).max() <= 1e-5, (cand_fields, n)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -431,15 +436,7 @@ def test_ids_path_dcn_equivalence(schema, ckpts, key, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        rng = np.random.default_rng(12)
-        for cand_fields in (("item", "adcat"), ("item",), ("adcat", "item", "user", "age")):
-            fp = sc.ids_path(cand_fields)
-            for n in (1, 2, 31, 32, 33, 127, 128, 200):
-                u, c, d, b = _ids_request(schema, rng, n, cand_fields)
-                got = fp(u, c, d)
-                assert got.dtype == np.float32 and got.shape == (n,)
-                want = model.predict(b).numpy()
-                assert np.abs(got - want).max() <= 1e-5, (cand_fields, n)
+        _check_ids_path(schema, sc, model, 12, (1, 2, 31, 32, 33, 127, 128, 200))
     finally:
         torch.set_num_threads(old)
 
