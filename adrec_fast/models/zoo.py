@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..data.batch import Batch
 from ..nn import CrossNet
-from .base import CTRModel, Head, gemm_pad, mlp, register_model, run_mlp
+from .base import CTRModel, Head, gemm_pad, mlp, pad_for, register_model, run_mlp
 
 
 @register_model("lr")
@@ -106,26 +106,27 @@ class DCNv2(CTRModel):
 
     def forward(self, batch: Batch) -> Tensor:
         B = batch.batch_size
+        pad = pad_for(self.pad, B)
         emb, _ = self.lookup(batch)  # [B, T, D]
         parts = [emb.reshape(B, -1), self.dense_input(batch)]
-        if self.pad:
-            parts.append(emb.new_zeros(1, 1).expand(B, self.pad))
+        if pad:
+            parts.append(emb.new_zeros(1, 1).expand(B, pad))
         x0 = torch.cat(parts, dim=1)  # [B, K + pad], the pad columns zero
         with self.tower_precision(x0.device):
             x0 = x0.to(self.tower_dtype(x0))  # one cast, shared by the cross net and the MLP
             xc = self.cross(x0)  # [B, K + pad], the pad columns stay zero
             if self.structure == "parallel":
-                hd = run_mlp(self.deep, x0, self.pad)  # [B, H]
+                hd = run_mlp(self.deep, x0, pad)  # [B, H]
                 head = self.head.head
                 # head on [cross, deep] without materialising the concatenation
                 w_c = head.weight[: self.k]
-                if self.pad:
-                    w_c = TF.pad(w_c, (0, self.pad))
+                if pad:
+                    w_c = TF.pad(w_c, (0, pad))
                 dt = xc.dtype
                 logit = torch.addmv(torch.addmv(head.bias.to(dt), hd, head.weight[self.k:].to(dt)),
                                     xc, w_c.to(dt))  # [B]
             else:
-                logit = self.head(run_mlp(self.deep, xc, self.pad))  # [B]
+                logit = self.head(run_mlp(self.deep, xc, pad))  # [B]
         logit = logit.float()
         if self.linear is not None:
             lin, _ = self.linear(batch)
@@ -173,10 +174,11 @@ class DLRM(CTRModel):
             fields = torch.cat([d.unsqueeze(1), emb], dim=1)  # [B, T+1, D]
             z = F.dot_interaction(fields, self.self_interaction)  # [B, P]
             parts = [d, z]
-            if self.pad:
-                parts.append(z.new_zeros(1, 1).expand(z.size(0), self.pad))
+            pad = pad_for(self.pad, z.size(0))
+            if pad:
+                parts.append(z.new_zeros(1, 1).expand(z.size(0), pad))
             x = torch.cat(parts, dim=1)  # [B, D + P + pad]
-            logit = self.head(run_mlp(self.top, x.to(self.tower_dtype(x)), self.pad))  # [B]
+            logit = self.head(run_mlp(self.top, x.to(self.tower_dtype(x)), pad))  # [B]
         return logit.float()
 
 

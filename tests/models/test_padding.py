@@ -105,3 +105,41 @@ def test_padding_invisible_in_state_dict(synth, key):
     again = build_model(name, schema, embedding_dim=8, **kw)
     again.load_state_dict(sd)
     torch.testing.assert_close(again.eval()(batch), model.eval()(batch))
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_small_batches_skip_the_padding(synth, key, monkeypatch):
+    """Below PAD_MIN_ROWS rows the models do not pad (the per-forward weight copies would cost
+    more than they save); the result equals the padded forward, logits and gradients."""
+    from adrec_fast.models import base
+
+    schema, _ = synth
+    gen_batch = next(iter(_small_batches(schema)))
+    name, kw = CASES[key]
+    torch.manual_seed(0)
+    model = build_model(name, schema, embedding_dim=8, **kw)
+    assert model.pad > 0 and gen_batch.batch_size < base.PAD_MIN_ROWS
+    assert base.pad_for(model.pad, gen_batch.batch_size) == 0
+    padded = copy.deepcopy(model)
+    outs = []
+    for m, min_rows in ((model, base.PAD_MIN_ROWS), (padded, 1)):
+        monkeypatch.setattr(base, "PAD_MIN_ROWS", min_rows)
+        m.train()
+        logits = m(gen_batch)
+        m.loss(logits, gen_batch.labels).backward()
+        outs.append((logits.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for n, g in outs[0][1].items():
+        h = outs[1][1][n]
+        assert (g is None) == (h is None), n
+        if g is not None:
+            torch.testing.assert_close(g, h, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _small_batches(schema):
+    from adrec_fast.data.synthetic import SyntheticCTR
+
+    gen = SyntheticCTR(n_rows=1000, seed=5, n_sparse=5, n_dense=3, max_len=4,
+                       max_cardinality=50, n_users=30, n_items=40)
+    assert gen.schema().sparse_fields() == schema.sparse_fields()
+    return gen.batches(7, n=7)
