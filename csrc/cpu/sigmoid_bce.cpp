@@ -104,7 +104,9 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 bce_vec
   const __m512 zi = _mm512_maskz_loadu_ps(m, z), yi = _mm512_maskz_loadu_ps(m, y);
   // t = e^x, x = -|z| clamped at -87 (as exp_nonpos): x = k ln2 + r, e^r by Taylor to r^7
   // (Estrin's scheme: shorter dependency chains than Horner's).
-  const __m512 x = _mm512_max_ps(_mm512_sub_ps(zero, _mm512_abs_ps(zi)), _mm512_set1_ps(-87.0f));
+  // (vmaxps returns its second operand when either is NaN: -|z| goes second, so a NaN logit
+  // gives a NaN loss and a NaN gradient, as in the reference.)
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_sub_ps(zero, _mm512_abs_ps(zi)));
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);

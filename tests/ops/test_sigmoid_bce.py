@@ -57,11 +57,34 @@ def test_float32_vector_tails_and_extremes(weighted, B):
     assert_close_verbose(grad, truth_grad.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_and_inf_logits_follow_the_reference(dtype):
+    """A NaN logit makes the loss and that element's gradient NaN (never a finite gradient), and
+    infinite logits give what the reference gives; every position of a 16-lane vector."""
+    for pos in range(0, 20, 3):
+        z = torch.randn(20, dtype=dtype)
+        y = torch.randint(0, 2, (20,)).to(dtype)
+        z[pos] = float("nan")
+        loss, grad = torch.ops.adrec.sigmoid_bce(z, y, None)
+        assert torch.isnan(loss) and torch.isnan(grad[pos])
+        finite = torch.arange(20) != pos
+        _, truth_grad = _truth_and_grad(z, y, None)
+        assert_close_verbose(grad[finite], truth_grad[finite].to(dtype))
+    z = torch.tensor([float("inf"), -float("inf"), 1.0], dtype=dtype)
+    for yv in (0.0, 1.0):
+        y = torch.full((3,), yv, dtype=dtype)
+        loss, grad = torch.ops.adrec.sigmoid_bce(z, y, None)
+        truth, truth_grad = _truth_and_grad(z, y, None)
+        torch.testing.assert_close(loss, truth.to(dtype), equal_nan=True)
+        torch.testing.assert_close(grad, truth_grad.to(dtype), equal_nan=True)
+
+
 def test_portable_float32_path_matches_reference():
     """ADREC_CPU_ISA=base (read once per process) keeps float32 on the portable loop instead of
     the AVX-512 one: rerun the float32 comparisons in a child with it set."""
     rerun_in_child(__file__, "((matches_reference and float32) or vector_tails or large_logits"
-                             " or thread_count) and not portable", ADREC_CPU_ISA="base")
+                             " or thread_count or nan_and_inf) and not portable",
+                   ADREC_CPU_ISA="base")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
