@@ -19,6 +19,10 @@ import time
 import pytest
 import torch
 
+# bench/gpu/bench_gpu.py is a script (run by bench/gpu/run_device_checks.sh, arguments parsed at
+# import), not a pytest module: `python -m pytest bench` must not collect it.
+collect_ignore = ["gpu"]
+
 THREADS = int(os.environ.get("ADREC_BENCH_THREADS", "2"))
 QUICK = os.environ.get("ADREC_BENCH_QUICK", "") not in ("", "0")
 _LOAD_START: tuple[float, float, float] | None = None
