@@ -9,10 +9,10 @@ int64 [13], candidate ids int64 [N, 13], dense float32 [13]; ids within each tab
 probabilities as numpy:
 
   scorer        adrec_fast.serving.Scorer.ids_path: one adrec::serving_dlrm call (fp32 tables,
-                fp32 MLP); DCN-v2: Scorer.score_ids, one adrec::serving_forward call
+                fp32 MLP); DCN-v2: one adrec::serving_forward call
   scorer_fp16   the same with float16 tables
   scorer_int8   the same with int8 row-wise tables
-  scorer_bf16   DLRM: fp32 tables, MLP weights and activations in bf16 (Scorer mlp="bf16")
+  scorer_bf16   fp32 tables, MLP (DCN-v2: cross and deep) weights in bf16 (Scorer mlp="bf16")
   adrec_model   the trained model's own forward on the request expanded to N rows
                 (torch.inference_mode; fused ops, one call per layer)
   eager         plain PyTorch: one concatenated nn.EmbeddingBag + torch tower, inference_mode
@@ -331,8 +331,7 @@ def frappe(json_path=None) -> str:
             path = save_checkpoint(Path(tmp) / name, model, rng=False)
             probs = {}
             variants = [("fp32", None, None), ("fp16", "fp16", None), ("int8", "int8", None)]
-            if name == "dlrm":  # bf16 MLP weights: DLRM only
-                variants += [("bf16mlp", None, "bf16"), ("int8_bf16mlp", "int8", "bf16")]
+            variants += [("bf16mlp", None, "bf16"), ("int8_bf16mlp", "int8", "bf16")]
             for key_, q, mlp in variants:
                 sc = Scorer.load(path, quantize=q, mlp=mlp)
                 p = np.empty(len(labels), dtype=np.float32)
@@ -391,8 +390,7 @@ def main() -> None:
             path = save_checkpoint(Path(tmp) / name, model, rng=False)
             variants = [("scorer", None, None), ("scorer_fp16", "fp16", None),
                         ("scorer_int8", "int8", None)]
-            if name == "dlrm":
-                variants.append(("scorer_bf16", None, "bf16"))
+            variants.append(("scorer_bf16", None, "bf16"))  # DLRM and DCN-v2 both have it
             scorers = {p: Scorer.load(path, quantize=q, mlp=mlp) for p, q, mlp in variants
                        if p in providers}
         fns = {p: scorer_fn(s) for p, s in scorers.items()}

@@ -281,9 +281,15 @@ class _Version:
         # DLRM on the native path: packed per field split (pack_dlrm), one call of its numpy
         # handle (handle_for) per request when every dense field is user-side
         self.packable = self.native is not None and self.native["kind"] == _KIND["dlrm"]
+        if mlp == "bf16" and self.native is None:
+            raise ValueError(f"mlp='bf16' needs a model on the native path (DLRM, DCN-v2); "
+                             f"{self.name!r} runs its MLPs in float32 (use mlp=None)")
         if mlp == "bf16" and not self.packable:
-            raise ValueError(f"mlp='bf16' needs a DLRM on the native path; {self.name!r} runs "
-                             "its MLPs in float32 (use mlp=None)")
+            # DCN-v2: the cross and deep weights in bfloat16 (biases, head and every elementwise
+            # step stay float32); serving_forward runs those products in bf16
+            lay = self.native["layers"]
+            self.native["layers"] = [t.bfloat16().contiguous() if i % 2 == 0 else t
+                                     for i, t in enumerate(lay)]
         if self.native is None and quantize is not None:
             model = copy.deepcopy(model)
             for ebc in model.embedding_collections():
@@ -366,7 +372,7 @@ class _Version:
             user = np.delete(user_ids, cand_slots) if cand_slots else user_ids
             return self.handle_for(cand_slots)(user, cand_ids, dense[0])
         with torch.inference_mode():
-            if self.mlp == "bf16":
+            if self.mlp == "bf16" and self.packable:
                 raise ValueError("mlp='bf16' needs every dense field on the user side (the "
                                  "bottom MLP runs once per request); pass them in `user`")
             if nat is not None:

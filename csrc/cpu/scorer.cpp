@@ -96,20 +96,32 @@ RowReader make_reader(const at::Tensor& w, const std::optional<at::Tensor>& scal
   return rr;
 }
 
+// A weight element as float32: float32 as it is, bfloat16 (the Scorer's mlp="bf16" for DCN-v2)
+// by placing its 16 bits in the high half.
+ADREC_INLINE float weight_f32(float w) { return w; }
+ADREC_INLINE float weight_f32(uint16_t w) {
+  const uint32_t u = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 // y[m, o] = (relu)(x[m, :] . w[o, :] + b[o]) for m in [0, M), o in [o0, o1): one weight row at a
-// time against every input row (M is small: the row stays in L1), 16-lane partial sums.
-ADREC_CPU_CLONES void small_linear_rows(const float* x, const float* w, const float* b, float* y,
+// time against every input row (M is small: the row stays in L1), 16-lane partial sums in
+// float32 (bf16 weights are widened exactly; the inputs stay float32).
+template <typename wt>
+ADREC_CPU_CLONES void small_linear_rows(const float* x, const wt* w, const float* b, float* y,
                                         int64_t M, int64_t K, int64_t O, int64_t o0, int64_t o1,
                                         bool relu) {
   for (int64_t o = o0; o < o1; ++o) {
-    const float* wr = w + o * K;
+    const wt* wr = w + o * K;
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = x + m * K;
       float acc[16] = {};
       int64_t k = 0;
       for (; k + 16 <= K; k += 16)
-        for (int l = 0; l < 16; ++l) acc[l] += wr[k + l] * xr[k + l];
-      for (; k < K; ++k) acc[k & 15] += wr[k] * xr[k];
+        for (int l = 0; l < 16; ++l) acc[l] += weight_f32(wr[k + l]) * xr[k + l];
+      for (; k < K; ++k) acc[k & 15] += weight_f32(wr[k]) * xr[k];
       float v = b[o];
       for (int l = 0; l < 16; ++l) v += acc[l];
       y[m * O + o] = relu && v < 0.f ? 0.f : v;
@@ -127,22 +139,37 @@ at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   const int64_t M = x.size(0), K = x.size(1), O = w.size(0);
   auto y = at::empty({M, O}, x.options());
   const float* px = x.data_ptr<float>();
-  const float* pw = w.data_ptr<float>();
   const float* pb = b.data_ptr<float>();
   float* py = y.data_ptr<float>();
   // ~64 KB of weight rows per task at least: fewer parallel regions for narrow layers.
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * 4));
-  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
-    small_linear_rows(px, pw, pb, py, M, K, O, o0, o1, relu);
-  });
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * w.element_size()));
+  if (w.scalar_type() == at::kBFloat16) {
+    const auto* pw = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+      small_linear_rows(px, pw, pb, py, M, K, O, o0, o1, relu);
+    });
+  } else {
+    const float* pw = w.data_ptr<float>();
+    at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+      small_linear_rows(px, pw, pb, py, M, K, O, o0, o1, relu);
+    });
+  }
   return y;
 }
 
 bool small_linear_ok(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+  return x.scalar_type() == at::kFloat &&
+         (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) &&
          b.scalar_type() == at::kFloat && x.dim() == 2 && w.dim() == 2 && b.dim() == 1 &&
          x.size(0) < kOneDnnMinRows && x.size(1) == w.size(1) && b.size(0) == w.size(0) &&
          x.device().is_cpu();
+}
+
+// bf16 weights from kOneDnnMinRows rows on: the input rounded to bf16, the product through
+// ATen's bf16 GEMM (oneDNN; float32 accumulation, bf16 result), then bias and ReLU in float32.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool relu) {
+  auto y = at::linear(x.to(at::kBFloat16), w).to(at::kFloat).add_(b);
+  return relu ? y.relu_() : y;
 }
 
 // x @ w.T + b: through oneDNN from kOneDnnMinRows rows on (common/onednn_linear.h: ATen's fp32
@@ -150,12 +177,14 @@ bool small_linear_ok(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 // it; ATen for anything else.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   if (small_linear_ok(x, w, b)) return small_linear(x, w, b, false);
+  if (w.scalar_type() == at::kBFloat16) return linear_bf16(x, w, b, false);
   auto y = onednn_linear_t(x, w, b);
   return y.defined() ? y : at::linear(x, w, b);
 }
 
 at::Tensor linear_relu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   if (small_linear_ok(x, w, b)) return small_linear(x, w, b, true);
+  if (w.scalar_type() == at::kBFloat16) return linear_bf16(x, w, b, true);
   auto y = onednn_linear_t_relu(x, w, b);
   return y.defined() ? y : at::linear(x, w, b).relu_();
 }
@@ -344,7 +373,7 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
         const auto r0s = at::from_blob(row0.data(), {K}, fopt).index_select(0, S);  // [Ks]
         const auto x0v = x0.index_select(1, V);                                      // [N, Kv]
         auto first = [&](size_t i, bool relu) {  // x0 @ W_i.T + b_i, shared part as a bias
-          const auto u = at::addmv(layers[i + 1], layers[i].index_select(1, S), r0s);
+          const auto u = at::addmv(layers[i + 1], layers[i].index_select(1, S).to(at::kFloat), r0s);
           const auto wv = layers[i].index_select(1, V);
           return relu ? linear_relu(x0v, wv, u) : linear(x0v, wv, u);
         };

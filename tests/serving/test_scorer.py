@@ -3,6 +3,8 @@
 requests, threads, the GIL, hot swap."""
 from __future__ import annotations
 
+import copy
+
 import sys
 import threading
 import time
@@ -515,8 +517,8 @@ def test_bf16_mlp_with_int8_tables(schema, ckpts):
 
 
 def test_bf16_mlp_rejected_where_unsupported(schema, ckpts):
-    with pytest.raises(ValueError, match="DLRM"):
-        Scorer.load(ckpts["dcnv2"][0], mlp="bf16")
+    with pytest.raises(ValueError, match="native path"):
+        Scorer.load(ckpts["deepfm"][0], mlp="bf16")
     with pytest.raises(ValueError, match="mlp"):
         Scorer.load(ckpts["dlrm"][0], mlp="int4")
     sc = Scorer.load(ckpts["dlrm"][0], mlp="bf16")
@@ -524,6 +526,38 @@ def test_bf16_mlp_rejected_where_unsupported(schema, ckpts):
         sc.score({"user": "u1"}, {"item": ["i1", "i2"], "price": [1.0, 2.0]})
     with pytest.raises(NotImplementedError, match="native"):
         Scorer.load(ckpts["deepfm"][0]).ids_path(["item"])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("key", ["dcnv2", "dcnv2_stacked"])
+def test_dcn_bf16_mlp(schema, ckpts, key, threads):
+    """DCN-v2 with mlp="bf16": cross and deep weights in bfloat16. Below 32 candidates the
+    products widen the bf16 weights and keep float32 inputs, so they equal the model with its
+    weights rounded to bf16 (no batch norm to fold: parallel DCN-v2) to float32 rounding; from
+    32 on the inputs and products are bf16 too (oneDNN), within bf16 noise of it. Either way far
+    closer to that model than 1e-2 from the float32 one, and not equal to float32."""
+    path, model = ckpts[key]
+    sc = Scorer.load(path, mlp="bf16")
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in [*rounded.cross.weights, *(x.weight for x in rounded.deep
+                                            if isinstance(x, torch.nn.Linear))]:
+            m.copy_(m.bfloat16().float())
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(13)
+        fp = sc.ids_path(("item", "adcat"))
+        for n in (1, 3, 31, 32, 40, 200):
+            u, c, d, b = _ids_request(schema, rng, n)
+            got = fp(u, c, d)
+            fp32 = model.predict(b).numpy()
+            assert 0 < np.abs(got - fp32).max() <= 1e-2, n
+            if key == "dcnv2":
+                emu = rounded.predict(b).numpy()
+                assert np.abs(got - emu).max() <= (1e-5 if n < 32 else 2e-3), n
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("key", ["dlrm", "dcnv2"])
