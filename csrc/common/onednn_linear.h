@@ -53,6 +53,29 @@ inline at::Tensor onednn_linear_t_act(const at::Tensor& a, const at::Tensor& b,
   return typed.call(a, b, bias, act, c10::List<std::optional<at::Scalar>>(), "");
 }
 
+// act(a @ b.T + bias) in bfloat16 (a, b and bias bf16, float32 accumulation, bf16 result), or
+// undefined when oneDNN cannot serve it (as above, for bf16 operands).
+inline at::Tensor onednn_linear_t_bf16(const at::Tensor& a, const at::Tensor& b,
+                                       const at::Tensor& bias, c10::string_view act) {
+  static const bool env_on = [] {
+    const char* v = std::getenv("ADREC_DENSE");
+    return v == nullptr || std::strcmp(v, "aten") != 0;
+  }();
+  if (!(env_on && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
+        a.device().is_cpu() && a.scalar_type() == at::kBFloat16 &&
+        b.scalar_type() == at::kBFloat16 && bias.scalar_type() == at::kBFloat16 &&
+        a.dim() == 2 && a.size(0) >= kOneDnnMinRows && a.size(1) > 0))
+    return {};
+  static const auto op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!op.has_value()) return {};
+  static const auto typed =
+      op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           c10::string_view, c10::List<std::optional<at::Scalar>>,
+                           std::optional<c10::string_view>)>();
+  return typed.call(a, b, bias, act, c10::List<std::optional<at::Scalar>>(), "");
+}
+
 // a @ b.T + bias, or undefined as above.
 inline at::Tensor onednn_linear_t(const at::Tensor& a, const at::Tensor& b,
                                   const std::optional<at::Tensor>& bias) {

@@ -165,10 +165,16 @@ bool small_linear_ok(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
          x.device().is_cpu();
 }
 
-// bf16 weights from kOneDnnMinRows rows on: the input rounded to bf16, the product through
-// ATen's bf16 GEMM (oneDNN; float32 accumulation, bf16 result), then bias and ReLU in float32.
+// bf16 weights from kOneDnnMinRows rows on: the input rounded to bf16 (a bf16 input, the previous
+// deep layer's output, is taken as it is), bias and ReLU fused into oneDNN's bf16 product
+// (float32 accumulation); the result stays bf16 for the next deep layer, and the elementwise
+// steps that read it (cross epilogue, concatenation, head) compute in float32. Without oneDNN:
+// ATen's bf16 product, bias and ReLU in float32.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool relu) {
-  auto y = at::linear(x.to(at::kBFloat16), w).to(at::kFloat).add_(b);
+  const auto xb = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
+  auto y = onednn_linear_t_bf16(xb, w, b.to(at::kBFloat16), relu ? "relu" : "none");
+  if (y.defined()) return y;
+  y = at::linear(xb, w).to(at::kFloat).add_(b);
   return relu ? y.relu_() : y;
 }
 
@@ -395,6 +401,7 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
       top_in = mlp_relu(x, layers, 2 * n_cross, layers.size());
     }
   }
+  if (top_in.scalar_type() != at::kFloat) top_in = top_in.to(at::kFloat);  // bf16 deep output
   TORCH_CHECK_VALUE(head_w.dim() == 1 && head_w.size(0) == top_in.size(1), kOp,
                     ": head_w must be [", top_in.size(1), "], got ", head_w.sizes());
   return at::sigmoid(at::add(at::mv(top_in, head_w), head_b));  // [N]
