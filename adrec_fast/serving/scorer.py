@@ -460,8 +460,10 @@ class Scorer:
     def load(cls, checkpoint_dir, quantize: str | None = None, threads: int | None = None,
              mlp: str | None = None) -> Scorer:
         """Load a checkpoint directory (or a run directory: its best/, else last/).
-        ``mlp="bf16"`` (DLRM only, opt-in): MLP weights and activations in bfloat16 with float32
-        accumulation (AVX512_BF16 where the CPU has it); the default keeps them in float32."""
+        ``mlp="bf16"`` (opt-in): DLRM's MLP weights and activations in bfloat16 with float32
+        accumulation (AVX512_BF16 where the CPU has it); DCN-v2's cross and deep weights in
+        bfloat16 (biases, head and the elementwise steps in float32; bf16 products from 32
+        candidates on). The default keeps everything in float32."""
         if threads is not None:
             if int(threads) < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
