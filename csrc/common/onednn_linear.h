@@ -28,14 +28,33 @@ namespace adrec {
 // 32). The same minimum as adrec_fast/models/_dense.py's MIN_ROWS.
 constexpr int64_t kOneDnnMinRows = 32;
 
-inline bool onednn_linear_usable(const at::Tensor& a) {
+// oneDNN may serve a product of `a` in `dtype` (float32, or bf16 for the bf16 variant below).
+inline bool onednn_usable_for(const at::Tensor& a, at::ScalarType dtype) {
   static const bool env_on = [] {
     const char* v = std::getenv("ADREC_DENSE");
     return v == nullptr || std::strcmp(v, "aten") != 0;
   }();
   return env_on && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
-         a.device().is_cpu() && a.scalar_type() == at::kFloat && a.dim() == 2 &&
+         a.device().is_cpu() && a.scalar_type() == dtype && a.dim() == 2 &&
          a.size(0) >= kOneDnnMinRows && a.size(1) > 0;
+}
+
+inline bool onednn_linear_usable(const at::Tensor& a) {
+  return onednn_usable_for(a, at::kFloat);
+}
+
+// mkldnn::_linear_pointwise(a, b, bias, act), no checks; undefined without the op.
+inline at::Tensor linear_pointwise_call(const at::Tensor& a, const at::Tensor& b,
+                                        const std::optional<at::Tensor>& bias,
+                                        c10::string_view act) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!op.has_value()) return {};
+  static const auto typed =
+      op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           c10::string_view, c10::List<std::optional<at::Scalar>>,
+                           std::optional<c10::string_view>)>();
+  return typed.call(a, b, bias, act, c10::List<std::optional<at::Scalar>>(), "");
 }
 
 // act(a @ b.T + bias), act a oneDNN post-op name ("none", "relu"), or undefined when oneDNN
@@ -43,37 +62,17 @@ inline bool onednn_linear_usable(const at::Tensor& a) {
 inline at::Tensor onednn_linear_t_act(const at::Tensor& a, const at::Tensor& b,
                                       const std::optional<at::Tensor>& bias, c10::string_view act) {
   if (!onednn_linear_usable(a)) return {};
-  static const auto op =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (!op.has_value()) return {};
-  static const auto typed =
-      op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           c10::string_view, c10::List<std::optional<at::Scalar>>,
-                           std::optional<c10::string_view>)>();
-  return typed.call(a, b, bias, act, c10::List<std::optional<at::Scalar>>(), "");
+  return linear_pointwise_call(a, b, bias, act);
 }
 
 // act(a @ b.T + bias) in bfloat16 (a, b and bias bf16, float32 accumulation, bf16 result), or
 // undefined when oneDNN cannot serve it (as above, for bf16 operands).
 inline at::Tensor onednn_linear_t_bf16(const at::Tensor& a, const at::Tensor& b,
                                        const at::Tensor& bias, c10::string_view act) {
-  static const bool env_on = [] {
-    const char* v = std::getenv("ADREC_DENSE");
-    return v == nullptr || std::strcmp(v, "aten") != 0;
-  }();
-  if (!(env_on && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() &&
-        a.device().is_cpu() && a.scalar_type() == at::kBFloat16 &&
-        b.scalar_type() == at::kBFloat16 && bias.scalar_type() == at::kBFloat16 &&
-        a.dim() == 2 && a.size(0) >= kOneDnnMinRows && a.size(1) > 0))
+  if (!onednn_usable_for(a, at::kBFloat16) || b.scalar_type() != at::kBFloat16 ||
+      bias.scalar_type() != at::kBFloat16)
     return {};
-  static const auto op =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (!op.has_value()) return {};
-  static const auto typed =
-      op->typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           c10::string_view, c10::List<std::optional<at::Scalar>>,
-                           std::optional<c10::string_view>)>();
-  return typed.call(a, b, bias, act, c10::List<std::optional<at::Scalar>>(), "");
+  return linear_pointwise_call(a, b, bias, act);
 }
 
 // a @ b.T + bias, or undefined as above.
