@@ -82,8 +82,8 @@ def gemm_pad(k: int) -> int:
     return (-int(k)) % GEMM_ALIGN
 
 
-#: batches below this many rows are not padded (see ``pad_for``)
-PAD_MIN_ROWS = 32
+#: batches below this many rows are not padded (see ``pad_for``): the oneDNN row minimum
+PAD_MIN_ROWS = _dense.MIN_ROWS
 
 
 def pad_for(pad: int, rows: int) -> int:
@@ -92,7 +92,8 @@ def pad_for(pad: int, rows: int) -> int:
     Padding builds zero-padded copies of the first weights on every forward (``TF.pad``), a
     fixed cost that a GEMM of thousands of rows earns back and a small batch does not: at one
     row (a serving request through the model) padding DLRM's [512, 367] top weight took ~40 us
-    of a ~140 us forward. Below 32 rows the products run on ATen anyway (``models._dense``)."""
+    of a ~140 us forward. Below that many rows the products run on ATen anyway
+    (``models._dense.MIN_ROWS``)."""
     return pad if rows >= PAD_MIN_ROWS else 0
 
 

@@ -16,11 +16,11 @@ Packed DLRM path (DLRM on a schema of plain categorical + dense fields, every de
 user-side): ONE native call per request on the model packed once per field split, through the
 numpy entry point of the ``adrec::serving_dlrm`` kernel (``ops.scorer.serving_dlrm_handle``, a
 pybind11 handle: numpy in and out, no torch.ops dispatch, the GIL released; the op itself stays
-registered for torch.compile and runs the same kernel) (``pack_dlrm``: MLP weights in a blocked layout, fp32 or, with ``mlp="bf16"``, bfloat16; the
-first top layer split into its shared columns, computed once per request, and its per-candidate
-columns). Its kernels are the project's own (csrc/cpu/scorer_mlp.inc; AVX512_BF16 chosen at run
-time, a portable kernel elsewhere), run by one OpenMP team per request, with reusable per-thread
-buffers. ``mlp="bf16"`` rounds the MLP weights and every layer input to bfloat16 and accumulates
+registered for torch.compile and runs the same kernel). ``pack_dlrm`` lays the MLP weights out
+in blocks, fp32 or, with ``mlp="bf16"``, bfloat16, and splits the first top layer into its
+shared columns, computed once per request, and its per-candidate columns. Its kernels are the
+project's own (csrc/cpu/scorer_mlp.inc; AVX512_BF16 chosen at run time, a portable kernel
+elsewhere), run by one OpenMP team per request, with reusable per-thread buffers. ``mlp="bf16"`` rounds the MLP weights and every layer input to bfloat16 and accumulates
 in float32 (opt-in: the default keeps the fp32 model, equal to the model's forward within 1e-5).
 
 Native path (DCN-v2 without its first-order ``linear`` term, and DLRM with a candidate-side dense
@@ -776,8 +776,7 @@ class IdsPath:
         T = len(v.bags)
         user_slots = np.array([t for t in range(T) if t not in cand_slots], dtype=np.int64)
         Tu, Tc, Kd = len(user_slots), len(cand_slots), len(v.dense)
-        ucard = v.bag_card[user_slots] if Tu else np.zeros(0, dtype=np.int64)
-        ccard = v.bag_card[cand_slots] if Tc else np.zeros(0, dtype=np.int64)
+        ucard, ccard = v.bag_card[user_slots], v.bag_card[np.array(cand_slots, dtype=np.int64)]
         no_dense = np.zeros((1, 0), dtype=np.float32)
 
         def arr(x, name, dtype, shape):

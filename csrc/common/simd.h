@@ -11,3 +11,18 @@
 #define ADREC_CPU_CLONES
 #endif
 #define ADREC_INLINE inline __attribute__((always_inline))
+
+#include <cstdlib>
+#include <cstring>
+
+namespace adrec {
+// ADREC_CPU_ISA=base: the kernels with a hand-written wider-ISA path (embedding_bag's AVX2,
+// sigmoid_bce's AVX-512) take their portable one instead (tests compare the two). Read once.
+inline bool isa_base_forced() {
+  static const bool v = [] {
+    const char* e = std::getenv("ADREC_CPU_ISA");
+    return e != nullptr && std::strcmp(e, "base") == 0;
+  }();
+  return v;
+}
+}  // namespace adrec

@@ -256,8 +256,7 @@ namespace isa_avx2 {
 // AVX2+FMA when the CPU has it; ADREC_CPU_ISA=base forces the baseline path (tests use it).
 bool use_avx2() {
   static const bool v = [] {
-    const char* e = std::getenv("ADREC_CPU_ISA");
-    if (e != nullptr && std::string(e) == "base") return false;
+    if (isa_base_forced()) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();

@@ -70,16 +70,36 @@ struct RowReader {
   }
 };
 
+// A reader over raw storage `weights` [R, D] of `dtype` (+ scale_bias [R, 2] for uint8); `op`
+// names the caller in the error.
+RowReader reader_of(const void* weights, TableDtype dtype, int64_t D, const float* scale_bias,
+                    const char* op) {
+  RowReader rr;
+  rr.D = D;
+  switch (dtype) {
+    case TableDtype::kFloat32: rr.f32 = static_cast<const float*>(weights); break;
+    case TableDtype::kFloat16: rr.f16 = static_cast<const at::Half*>(weights); break;
+    case TableDtype::kUInt8:
+      TORCH_CHECK_VALUE(scale_bias != nullptr, op, ": uint8 weights need scale_bias [R, 2]");
+      rr.q8 = static_cast<const uint8_t*>(weights);
+      rr.scale_bias = scale_bias;
+      break;
+    default: TORCH_CHECK_TYPE(false, op, ": weights must be float32, float16 or uint8");
+  }
+  return rr;
+}
+
 RowReader make_reader(const at::Tensor& w, const std::optional<at::Tensor>& scale_bias) {
   check_dim(w, 2, kOp, "weights", "[R, D]");
   TORCH_CHECK_VALUE(w.is_contiguous(), kOp, ": weights must be contiguous");
-  RowReader rr;
-  rr.D = w.size(1);
+  const float* sbp = nullptr;
+  TableDtype dt;
   if (w.scalar_type() == at::kFloat) {
-    rr.f32 = w.data_ptr<float>();
+    dt = TableDtype::kFloat32;
   } else if (w.scalar_type() == at::kHalf) {
-    rr.f16 = w.data_ptr<at::Half>();
+    dt = TableDtype::kFloat16;
   } else if (w.scalar_type() == at::kByte) {
+    dt = TableDtype::kUInt8;
     TORCH_CHECK_VALUE(scale_bias.has_value(), kOp, ": uint8 weights need scale_bias [R, 2]");
     const auto& sb = *scale_bias;
     TORCH_CHECK_TYPE(sb.scalar_type() == at::kFloat, kOp, ": scale_bias must be float32");
@@ -87,13 +107,12 @@ RowReader make_reader(const at::Tensor& w, const std::optional<at::Tensor>& scal
                           sb.is_contiguous(),
                       kOp, ": scale_bias must be contiguous [R, 2] = [", w.size(0), ", 2], got ",
                       sb.sizes());
-    rr.q8 = w.data_ptr<uint8_t>();
-    rr.scale_bias = sb.data_ptr<float>();
+    sbp = sb.data_ptr<float>();
   } else {
     TORCH_CHECK_TYPE(false, kOp, ": weights must be float32, float16 or uint8, got ",
                      w.scalar_type());
   }
-  return rr;
+  return reader_of(w.data_ptr(), dt, w.size(1), sbp, kOp);
 }
 
 // A weight element as float32: float32 as it is, bfloat16 (the Scorer's mlp="bf16" for DCN-v2)
@@ -143,17 +162,15 @@ at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   float* py = y.data_ptr<float>();
   // ~64 KB of weight rows per task at least: fewer parallel regions for narrow layers.
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * w.element_size()));
-  if (w.scalar_type() == at::kBFloat16) {
-    const auto* pw = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  auto run = [&](const auto* pw) {
     at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
       small_linear_rows(px, pw, pb, py, M, K, O, o0, o1, relu);
     });
-  } else {
-    const float* pw = w.data_ptr<float>();
-    at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
-      small_linear_rows(px, pw, pb, py, M, K, O, o0, o1, relu);
-    });
-  }
+  };
+  if (w.scalar_type() == at::kBFloat16)
+    run(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()));
+  else
+    run(w.data_ptr<float>());
   return y;
 }
 
@@ -178,25 +195,20 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return relu ? y.relu_() : y;
 }
 
-// x @ w.T + b: through oneDNN from kOneDnnMinRows rows on (common/onednn_linear.h: ATen's fp32
-// products go to MKL, about half oneDNN's rate on the AMD benchmark machine), small_linear below
-// it; ATen for anything else.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (small_linear_ok(x, w, b)) return small_linear(x, w, b, false);
-  if (w.scalar_type() == at::kBFloat16) return linear_bf16(x, w, b, false);
-  auto y = onednn_linear_t(x, w, b);
-  return y.defined() ? y : at::linear(x, w, b);
-}
-
-at::Tensor linear_relu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (small_linear_ok(x, w, b)) return small_linear(x, w, b, true);
-  if (w.scalar_type() == at::kBFloat16) return linear_bf16(x, w, b, true);
-  auto y = onednn_linear_t_relu(x, w, b);
-  return y.defined() ? y : at::linear(x, w, b).relu_();
+// (relu)(x @ w.T + b): through oneDNN from kOneDnnMinRows rows on (common/onednn_linear.h:
+// ATen's fp32 products go to MKL, about half oneDNN's rate on the AMD benchmark machine),
+// small_linear below it, linear_bf16 for bf16 weights; ATen for anything else.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool relu) {
+  if (small_linear_ok(x, w, b)) return small_linear(x, w, b, relu);
+  if (w.scalar_type() == at::kBFloat16) return linear_bf16(x, w, b, relu);
+  auto y = onednn_linear_t_act(x, w, b, relu ? "relu" : "none");
+  if (y.defined()) return y;
+  y = at::linear(x, w, b);
+  return relu ? y.relu_() : y;
 }
 
 at::Tensor mlp_relu(at::Tensor x, at::TensorList wb, size_t begin, size_t end) {
-  for (size_t i = begin; i + 1 < end; i += 2) x = linear_relu(x, wb[i], wb[i + 1]);  // [B, out]
+  for (size_t i = begin; i + 1 < end; i += 2) x = linear(x, wb[i], wb[i + 1], true);  // [B, out]
   return x;
 }
 
@@ -265,7 +277,7 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
     // Bottom MLP once when the dense input is shared (Nd == 1), else per candidate.
     at::Tensor d;  // [Nd, D]
     if (has_bottom) {
-      d = linear_relu(dense, bottom[0], bottom[1]);
+      d = linear(dense, bottom[0], bottom[1], true);
       d = mlp_relu(d, bottom, 2, bottom.size()).contiguous();
       TORCH_CHECK_VALUE(d.size(1) == D, kOp, ": bottom MLP output width ", d.size(1),
                         " != embedding dim ", D);
@@ -340,7 +352,7 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
         const auto S = index_tensor(sc), V = index_tensor(vc);
         const auto r0 = at::from_blob(row0.data(), {K}, fopt);
         const auto u = at::addmv(layers[1], layers[0].index_select(1, S), r0.index_select(0, S));
-        auto h = linear_relu(top_in.index_select(1, V), layers[0].index_select(1, V), u);
+        auto h = linear(top_in.index_select(1, V), layers[0].index_select(1, V), u, true);
         top_in = mlp_relu(h, layers, 2, layers.size());
         done = true;
       }
@@ -381,7 +393,7 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
         auto first = [&](size_t i, bool relu) {  // x0 @ W_i.T + b_i, shared part as a bias
           const auto u = at::addmv(layers[i + 1], layers[i].index_select(1, S).to(at::kFloat), r0s);
           const auto wv = layers[i].index_select(1, V);
-          return relu ? linear_relu(x0v, wv, u) : linear(x0v, wv, u);
+          return linear(x0v, wv, u, relu);
         };
         if (n_cross > 0) xw0 = first(0, false);
         if (kind == kDCNParallel && layers.size() > di) h0 = first(di, true);
@@ -390,7 +402,7 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
     at::Tensor x = x0;
     for (int64_t l = 0; l < n_cross; ++l) {
       const auto xw = (l == 0 && xw0.defined()) ? xw0
-                                                : linear(x, layers[2 * l], layers[2 * l + 1]);
+                                                : linear(x, layers[2 * l], layers[2 * l + 1], false);
       x = at::addcmul(x, x0, xw);  // x0 * xw + x
     }
     if (kind == kDCNParallel) {
@@ -975,18 +987,7 @@ ServingDLRM::ServingDLRM(const int64_t* meta, int64_t n_meta, const uint8_t* blo
                          const float* scale_bias)
     : impl_(std::make_unique<Impl>()) {
   TORCH_CHECK_VALUE(R >= 0 && D >= 1, kOpP, ": weights must be [R, D] with D >= 1");
-  RowReader& rr = impl_->rr;
-  rr.D = D;
-  switch (dtype) {
-    case TableDtype::kFloat32: rr.f32 = static_cast<const float*>(weights); break;
-    case TableDtype::kFloat16: rr.f16 = static_cast<const at::Half*>(weights); break;
-    case TableDtype::kUInt8:
-      TORCH_CHECK_VALUE(scale_bias != nullptr, kOpP, ": uint8 weights need scale_bias [R, 2]");
-      rr.q8 = static_cast<const uint8_t*>(weights);
-      rr.scale_bias = scale_bias;
-      break;
-    default: TORCH_CHECK_TYPE(false, kOpP, ": weights must be float32, float16 or uint8");
-  }
+  impl_->rr = reader_of(weights, dtype, D, scale_bias, kOpP);
   impl_->P = parse(meta, n_meta, blob, n_blob, R, D);
 }
 

@@ -15,10 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -80,13 +78,6 @@ ADREC_CPU_CLONES double bce_chunk(const scalar_t* z, const scalar_t* y, const sc
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define ADREC_HAVE_BCE_AVX512 1
-// float32 chunk with AVX-512 intrinsics (chosen at run time). The auto-vectorised bce_chunk
-// above computes the same formulas, but GCC if-converts its clamps and selects into masked
-// divisions (four per vector); here each vector of 16 costs no division: e^-|z| from a degree-7
-// polynomial scaled by vscalefps, and 1 / (1 + t) and log's 1 / (u + c) from vrcp14ps plus one
-// Newton step (relative error ~2^-28, below float's rounding). 2.6 -> ~1 us at B = 4096.
-// The loss is summed in 16 lanes per chunk as in bce_chunk, so it does not depend on the thread
-// count.
 // 1 / d for d in [1, 4]: vrcp14ps and one Newton step.
 __attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 recip(__m512 d) {
   const __m512 r0 = _mm512_rcp14_ps(d);
@@ -148,9 +139,14 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 bce_vec
   return _mm512_maskz_mov_ps(m, li);
 }
 
-// The chunk: four independent vectors per step (their chains overlap), then the masked tail.
-// Lane sums: acc[j] holds vectors i = 4q + j; they are combined in fixed order, so the result is
-// the same for every call on the same data.
+// float32 chunk with AVX-512 intrinsics (chosen at run time). The auto-vectorised bce_chunk
+// above computes the same formulas, but GCC if-converts its clamps and selects into masked
+// divisions (four per vector); here each vector of 16 costs no division: e^-|z| from a degree-7
+// polynomial scaled by vscalefps, and 1 / (1 + t) and log's 1 / (u + c) from vrcp14ps plus one
+// Newton step (relative error ~2^-28, below float's rounding). 2.6 -> ~1 us at B = 4096.
+// Four independent vectors per step (their chains overlap), then the masked tail. Lane sums:
+// a_j holds vectors i = 4q + j, combined in fixed order, and the chunks' sums in chunk order, so
+// the loss does not depend on the thread count.
 template <bool HAS_W>
 __attribute__((target("avx512f,avx512dq")))
 double bce_chunk_f32_avx512(const float* z, const float* y, const float* w, float* grad,
@@ -188,15 +184,6 @@ double bce_chunk_fast(const scalar_t*, const scalar_t*, const scalar_t*, scalar_
                       double) {
   TORCH_INTERNAL_ASSERT(false, "sigmoid_bce: no AVX-512 path for this dtype");
   return 0;
-}
-
-// ADREC_CPU_ISA=base keeps float32 on the portable bce_chunk (tests compare the two).
-bool force_generic() {
-  static const bool v = [] {
-    const char* e = std::getenv("ADREC_CPU_ISA");
-    return e != nullptr && std::string(e) == "base";
-  }();
-  return v;
 }
 
 bool cpu_has_avx512() {
@@ -262,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_bce_cpu(const at::Tensor& logits_,
     scalar_t* g = grad.template data_ptr<scalar_t>();
     const double inv_b = B > 0 ? 1.0 / static_cast<double>(B) : 0.0;
 #ifdef ADREC_HAVE_BCE_AVX512
-    const bool avx512 = std::is_same_v<scalar_t, float> && cpu_has_avx512() && !force_generic();
+    const bool avx512 = std::is_same_v<scalar_t, float> && cpu_has_avx512() && !isa_base_forced();
 #endif
     // Up to GRAIN_SIZE elements run inline: at B=4096 the whole pass takes a few microseconds,
     // less than waking a second thread.
