@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip malformed rows (counted and reported) instead of stopping")
     p.add_argument("--max-bad-rows", type=int, default=1000,
                    help="with --skip-bad-rows, fail once more rows than this are bad")
+    p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                   help="on: encode DATA once into a temporary file (in TMPDIR) and stream it "
+                        "each epoch (bounded memory, shuffled by chunks); off: hold it in "
+                        "memory; auto (default): hold it when it is small next to the free "
+                        "memory")
     _train_options(p)
     _common(p)
 
@@ -193,18 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _report_warnings(caught) -> None:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-
-
-def _split(batch, fraction: float, seed: int):
-    import torch
-
-    n = batch.batch_size
-    n_valid = round(n * fraction)
-    if not 0 < n_valid < n:
-        raise CLIError(f"cannot hold out {fraction:.0%} of {n} rows for validation; "
-                       "pass --valid DATA")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return batch.take(perm[n_valid:].sort().values), batch.take(perm[:n_valid].sort().values)
 
 
 def _infer_schema(path, label: str, drop: list[str]):
@@ -328,8 +321,8 @@ def cmd_demo(a) -> int:
 def cmd_train(a) -> int:
     import torch
 
-    from .data.readers import load_all
     from .data.schema import Schema
+    from .data.stream import load_training_data
     from .models.registry import build_model
 
     out = Path(a.out)
@@ -344,17 +337,14 @@ def cmd_train(a) -> int:
                 raise CLIError("--drop applies to an inferred schema; edit the --schema file")
         else:
             schema = _infer_schema(a.data, a.label, drop)
-        train = load_all(a.data, schema, label=schema.label, **reader_kw)
-        if a.valid:
-            valid = load_all(a.valid, schema, label=schema.label, **reader_kw)
-        else:
-            train, valid = _split(train, a.valid_fraction, a.seed)
+        data = load_training_data(a.data, schema, valid_path=a.valid,
+                                  valid_fraction=a.valid_fraction, seed=a.seed,
+                                  stream=a.stream, **reader_kw)
+        train, valid = data.train, data.valid
     _report_warnings(caught)
-    if train.batch_size == 0:
-        raise CLIError(f"{a.data}: no data rows")
-    if bool(torch.isnan(train.labels).any()):
-        raise CLIError(f"{a.data}: no label column {schema.label!r} (use --label COL)")
-    print(f"{a.data}: {train.batch_size:,} training rows, {valid.batch_size:,} validation rows; "
+    held = (f"streamed from a {data.cache_bytes / 2**20:,.0f} MiB encoded cache"
+            if data.streamed else "in memory")
+    print(f"{a.data}: {len(train):,} training rows, {len(valid):,} validation rows ({held}); "
           f"{len(schema.sparse_fields())} categorical, {schema.n_dense} dense fields", flush=True)
     torch.manual_seed(a.seed)
     try:
@@ -386,7 +376,7 @@ def cmd_train(a) -> int:
         _json_line({"auc": m["auc"], "logloss": m["logloss"], "calibration": m["calibration"],
                     "best_epoch": result.best_epoch, "epochs": len(result.history),
                     "samples_per_s": result.history[-1]["samples_per_s"] if result.history else None,
-                    "rows_train": train.batch_size, "rows_valid": valid.batch_size,
+                    "rows_train": len(train), "rows_valid": len(valid),
                     "out": str(out)})
     return 0
 

@@ -431,9 +431,16 @@ class Schema:
         if _is_chunk(source):
             source = [source]
         owners = [f for f in self._owners() if f.vocab == "build"]
-        counts: dict[str, object] = {
-            f.name: None for f in owners
-        }  # owner -> pa.Table(values, counts)
+        # owner -> [merged pa.Table(v, c), per-chunk tables since]; merged again when the
+        # pending tables outgrow it, so each value is re-aggregated O(log chunks) times and
+        # at most twice the distinct values are held (the file itself never is)
+        counts: dict[str, list] = {f.name: [] for f in owners}
+
+        def merge(tables):
+            if len(tables) == 1:
+                return tables[0]
+            g = pa.concat_tables(tables).group_by("v").aggregate([("c", "sum")])
+            return pa.table({"v": g["v"], "c": g["c_sum"]})
         stats = {f.name: [0, 0.0, 0.0] for f in self.fields if f.needs_stats}  # n, mean, M2
         seen = 0
         for chunk in source:
@@ -458,11 +465,10 @@ class Schema:
                     t = pa.table(
                         {"v": vc.field("values").cast(pa.string()), "c": vc.field("counts")}
                     )
-                    prev = counts[o.name]
-                    if prev is not None:
-                        g = pa.concat_tables([prev, t]).group_by("v").aggregate([("c", "sum")])
-                        t = pa.table({"v": g["v"], "c": g["c_sum"]})
-                    counts[o.name] = t
+                    tables = counts[o.name]
+                    tables.append(t)
+                    if sum(x.num_rows for x in tables[1:]) >= tables[0].num_rows:
+                        counts[o.name] = [merge(tables)]
                 elif f.name in stats:
                     x = self._dense_prestandardize(f, self._column(cols, f, n))
                     acc = stats[f.name]
@@ -478,7 +484,7 @@ class Schema:
             if max_rows is not None and seen >= max_rows:
                 break
         for f in owners:
-            t = counts[f.name]
+            t = merge(counts[f.name]) if counts[f.name] else None
             if t is None or t.num_rows == 0:
                 f.vocabulary = []
             else:

@@ -14,6 +14,7 @@ import torch
 
 from ..data.batch import Batch, _bag_take
 from ..data.metrics import auc, calibration, logloss
+from ..data.stream import epoch_permutation
 from . import checkpoint as ckpt
 
 SCHEDULES = ("constant", "cosine", "step", "linear")
@@ -62,11 +63,7 @@ class InMemory:
         )
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0):
-        if shuffle:
-            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = None
+        order = epoch_permutation(self.n, seed, epoch) if shuffle else None
         for start in range(0, self.n, batch_size):
             stop = min(start + batch_size, self.n)
             rows = order[start:stop] if order is not None else torch.arange(start, stop)
@@ -95,7 +92,8 @@ def _as_source(data):
 
 
 def _iter_source(src, batch_size: int, shuffle: bool, seed: int, epoch: int) -> Iterable[Batch]:
-    if isinstance(src, InMemory):
+    # InMemory and the data layer's sources (EncodedRows, StreamedRows) share this protocol
+    if hasattr(src, "batches"):
         return src.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
     if callable(src):
         return src(epoch)
@@ -103,7 +101,7 @@ def _iter_source(src, batch_size: int, shuffle: bool, seed: int, epoch: int) -> 
 
 
 def _source_len(src) -> int | None:
-    return len(src) if isinstance(src, InMemory) else None
+    return len(src) if hasattr(src, "batches") else None
 
 
 @torch.no_grad()

@@ -1,0 +1,575 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Training data from files of any size: compact encoded rows, an on-disk cache, shuffled
+streaming, the validation split, and the choice between holding the data and streaming it.
+
+``load_training_data`` is the entry point (the ``train`` command calls it). It fits the schema
+if needed (one streaming pass: vocabulary counts and dense statistics over chunks), then encodes
+every chunk once into compact rows (ids in the smallest integer type their tables allow, no
+offsets for one-id bags, float32 features). Small data stays in memory (``EncodedRows``); large
+data goes, chunk by chunk, into one unlinked temporary file (``EncodedCache``), and each epoch
+reads it back (``StreamedRows``) in a shuffled chunk order through a shuffle buffer of a few
+chunks. Decoding is cheap next to parsing text, so streaming trains about as fast as the
+in-memory path while holding only the buffer, and a .gz file is decompressed and parsed once.
+
+Reading runs in a background thread (``background``) feeding a bounded queue, so it overlaps the
+encoding pass and the training steps; an exception in the thread (a ``DataError`` naming the
+file, line and field) is raised again in the consuming thread.
+
+The validation rows are chosen by a stable hash of the row number (``valid_mask``), identical
+for both paths and for every chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import tempfile
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .batch import Batch, _bag_take
+from .columns import _fmix64
+from .errors import DataError
+
+STREAM_MODES = ("auto", "on", "off")
+CHUNK_ROWS = 65536  # rows per reader chunk, per cache chunk
+BUFFER_CHUNKS = 4  # shuffle buffer of the streamed path, in chunks
+PREFETCH = 8  # batches (or chunks) the background thread may hold ready
+SPLIT_BLOCK = 4096  # rows per block of the validation split
+# in memory when the estimated encoded data is at most this and a quarter of the free memory;
+# above, streaming costs one sequential write and read of the cache, nothing per step
+MEMORY_LIMIT_BYTES = 1 << 30
+
+
+# ---------------------------------------------------------------------------- the split
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def n_valid_rows(total_rows: int, fraction: float) -> int:
+    """How many of ``total_rows`` rows ``valid_mask`` holds out: round(total * fraction)."""
+    return _round(total_rows * fraction)
+
+
+def valid_mask(first_row: int, count: int, total_rows: int, fraction: float, seed: int):
+    """[count] bool: True for the validation rows among rows [first_row, first_row + count) of
+    a file of ``total_rows`` rows (0-based row numbers, bad rows skipped).
+
+    Rows form blocks of ``SPLIT_BLOCK``; block [s, e) holds out round(e*f) - round(s*f) rows (so
+    the total is exactly round(total*f)), those with the smallest hash of (seed, row number).
+    The choice depends only on the row numbers, the total, ``fraction`` and ``seed``.
+    """
+    out = np.zeros(count, dtype=bool)
+    if count <= 0 or fraction <= 0:
+        return out
+    end = first_row + count
+    b0, b1 = first_row // SPLIT_BLOCK, (end - 1) // SPLIT_BLOCK
+    lo, hi = b0 * SPLIT_BLOCK, min((b1 + 1) * SPLIT_BLOCK, total_rows)
+    key = np.uint64(int(_fmix64(np.array([seed & (2**64 - 1)], dtype=np.uint64))[0]))
+    h = _fmix64(np.arange(lo, hi, dtype=np.uint64) ^ key)  # [hi - lo]
+    mask = np.zeros(hi - lo, dtype=bool)
+    for b in range(b0, b1 + 1):
+        s, e = b * SPLIT_BLOCK, min((b + 1) * SPLIT_BLOCK, total_rows)
+        q = _round(e * fraction) - _round(s * fraction)
+        if q > 0:
+            mask[s - lo + np.argsort(h[s - lo:e - lo], kind="stable")[:q]] = True
+    return mask[first_row - lo:end - lo]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """[n] the row order of epoch ``epoch`` of in-memory data: a function of (seed, epoch)
+    only, so resuming at an epoch needs no generator state."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=g)
+
+
+# ---------------------------------------------------------------------------- compact rows
+def index_dtype(schema) -> torch.dtype:
+    """The smallest integer type holding every id of ``schema``'s tables."""
+    biggest = max([c for _, c in schema.tables()], default=1)
+    if biggest <= 2**15:
+        return torch.int16
+    if biggest <= 2**31:
+        return torch.int32
+    return torch.int64
+
+
+def _cumsum0(lengths: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.long)
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out
+
+
+@dataclass(eq=False)
+class EncodedRows:
+    """N encoded rows in compact form; ``take`` gives an ordinary int64 ``Batch``.
+
+    ids [T*N] (``index_dtype``), table-major as ``Batch.indices``; bag_lengths [T*N] int32, or
+    None when every bag holds one id (then ids is a [T, N] matrix and no offsets are stored);
+    dense [N, n_dense], labels [N], vectors [N, V] float32; seq {name: (ids [L], lengths [N]
+    int32)}.
+    """
+
+    ids: torch.Tensor
+    bag_lengths: torch.Tensor | None
+    dense: torch.Tensor
+    labels: torch.Tensor
+    vectors: torch.Tensor
+    num_bags: int
+    seq: dict = field(default_factory=dict)
+    _offsets_cache: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def one_per_bag(self) -> bool:
+        return self.bag_lengths is None
+
+    @classmethod
+    def from_batch(cls, b: Batch, dtype: torch.dtype = torch.int64) -> EncodedRows:
+        lengths = b.offsets.diff()
+        one = b.indices.numel() == b.num_bags * b.batch_size and bool((lengths == 1).all())
+        return cls(
+            ids=b.indices.to(dtype),
+            bag_lengths=None if one else lengths.to(torch.int32),
+            dense=b.dense.float(),
+            labels=b.labels.float(),
+            vectors=b.vectors.float(),
+            num_bags=b.num_bags,
+            seq={k: (b.seq_indices[k].to(dtype), b.seq_offsets[k].diff().to(torch.int32))
+                 for k in b.seq_indices},
+        )
+
+    @staticmethod
+    def concat(parts: list[EncodedRows]) -> EncodedRows:
+        """Rows of ``parts`` one after the other (same schema)."""
+        if len(parts) == 1:
+            return parts[0]
+        T = parts[0].num_bags
+        sizes = [len(p) for p in parts]
+        # table-major: table t's ids of every part in turn
+        if all(p.one_per_bag for p in parts):
+            ids = torch.cat([p.ids.view(T, n) for p, n in zip(parts, sizes)], 1).reshape(-1)
+            bag_lengths = None
+        else:
+            full = [p.bag_lengths if p.bag_lengths is not None
+                    else torch.ones(T * n, dtype=torch.int32) for p, n in zip(parts, sizes)]
+            pieces, lens = [], []
+            for t in range(T):
+                for p, n, bl in zip(parts, sizes, full):
+                    starts = _cumsum0(bl.long())
+                    pieces.append(p.ids[int(starts[t * n]):int(starts[(t + 1) * n])])
+                    lens.append(bl[t * n:(t + 1) * n])
+            ids, bag_lengths = torch.cat(pieces), torch.cat(lens)
+        return EncodedRows(
+            ids=ids, bag_lengths=bag_lengths,
+            dense=torch.cat([p.dense for p in parts]),
+            labels=torch.cat([p.labels for p in parts]),
+            vectors=torch.cat([p.vectors for p in parts]),
+            num_bags=T,
+            seq={k: (torch.cat([p.seq[k][0] for p in parts]),
+                     torch.cat([p.seq[k][1] for p in parts])) for k in parts[0].seq},
+        )
+
+    def take(self, rows: torch.Tensor) -> Batch:
+        """Rows ``rows`` [B] as a ``Batch`` (int64 ids and offsets)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        n, T, B = len(self), self.num_bags, rows.numel()
+        if self.one_per_bag:
+            indices = self.ids.view(T, n)[:, rows].reshape(-1).long()  # [T*B]
+            offsets = torch.arange(T * B + 1)
+        else:
+            bags = (torch.arange(T)[:, None] * n + rows[None, :]).reshape(-1)  # [T*B]
+            indices, offsets = _bag_take(self.ids, self._offsets(), bags)
+            indices = indices.long()
+        seq_i, seq_o = {}, {}
+        for k, (ids, lengths) in self.seq.items():
+            si, so = _bag_take(ids, _cumsum0(lengths.long()), rows)
+            seq_i[k], seq_o[k] = si.long(), so
+        return Batch(indices=indices, offsets=offsets, dense=self.dense[rows],
+                     labels=self.labels[rows], vectors=self.vectors[rows], num_bags=T,
+                     seq_indices=seq_i, seq_offsets=seq_o)
+
+    def _offsets(self) -> torch.Tensor:
+        if self._offsets_cache is None:
+            self._offsets_cache = _cumsum0(self.bag_lengths.long())  # [T*N+1]
+        return self._offsets_cache
+
+    def subset(self, rows: torch.Tensor) -> EncodedRows:
+        """Rows ``rows`` [K] in that order, still compact."""
+        return EncodedRows.from_batch(self.take(rows), self.ids.dtype)
+
+    def select(self, keep: np.ndarray) -> EncodedRows:
+        """The rows where ``keep`` [N] is True, in order, still compact."""
+        if keep.all():
+            return self
+        return self.subset(torch.from_numpy(np.flatnonzero(keep)))
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0):
+        """Mini-batches of ``batch_size`` rows; shuffled by ``epoch_permutation``."""
+        n = len(self)
+        order = epoch_permutation(n, seed, epoch) if shuffle else None
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yield self.take(order[start:stop] if order is not None else torch.arange(start, stop))
+
+    def nbytes(self) -> int:
+        ts = [self.ids, self.dense, self.labels, self.vectors]
+        ts += [self.bag_lengths] if self.bag_lengths is not None else []
+        ts += [t for pair in self.seq.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    # -- the cache's byte layout: the tensors one after the other, each 8-byte aligned ------
+    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+        out = [("ids", self.ids), ("dense", self.dense), ("labels", self.labels),
+               ("vectors", self.vectors)]
+        if self.bag_lengths is not None:
+            out.append(("bag_lengths", self.bag_lengths))
+        for k, (ids, lengths) in self.seq.items():
+            out += [("seq_ids:" + k, ids), ("seq_len:" + k, lengths)]
+        return out
+
+    def to_buffers(self) -> tuple[list, list, int]:
+        """(buffers, layout, nbytes): the tensors' bytes (8-byte aligned, for ``os.pwritev``)
+        and [(name, dtype, shape, byte offset)]."""
+        bufs, layout, pos = [], [], 0
+        for name, t in self._tensors():
+            raw = t.contiguous().view(-1).view(torch.uint8).numpy()
+            layout.append((name, t.dtype, tuple(t.shape), pos))
+            pad = -raw.size % 8
+            bufs += [raw, bytes(pad)] if pad else [raw]
+            pos += raw.size + pad
+        return bufs, layout, pos
+
+    @classmethod
+    def from_buffer(cls, buf: bytearray, layout: list, num_bags: int) -> EncodedRows:
+        t = {}
+        for name, dtype, shape, pos in layout:
+            count = math.prod(shape)
+            t[name] = (torch.frombuffer(buf, dtype=dtype, count=count, offset=pos).view(shape)
+                       if count else torch.zeros(shape, dtype=dtype))
+        seq = {k.split(":", 1)[1]: (t[k], t["seq_len:" + k.split(":", 1)[1]])
+               for k in t if k.startswith("seq_ids:")}
+        return cls(ids=t["ids"], bag_lengths=t.get("bag_lengths"), dense=t["dense"],
+                   labels=t["labels"], vectors=t["vectors"], num_bags=num_bags, seq=seq)
+
+
+# ---------------------------------------------------------------------------- the cache
+class EncodedCache:
+    """Encoded chunks appended to one temporary file, read back one chunk per ``pread``.
+
+    The file is unlinked as soon as it is created (``tempfile.TemporaryFile``), so nothing is
+    left behind whatever ends the process; it lives in ``directory`` (default: ``TMPDIR``).
+    """
+
+    def __init__(self, directory=None):
+        self.directory = directory if directory is not None else tempfile.gettempdir()
+        self._file = tempfile.TemporaryFile(prefix="adrec-cache-", dir=self.directory)
+        self._fd = self._file.fileno()
+        self._closer = weakref.finalize(self, self._file.close)  # closed when dropped
+        self._chunks: list[tuple[int, int, int, list, int]] = []  # (pos, nbytes, rows, layout, T)
+        self._end = 0
+        self.rows = 0
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def nbytes(self) -> int:
+        return self._end
+
+    def append(self, rows: EncodedRows) -> None:
+        bufs, layout, nbytes = rows.to_buffers()
+        try:
+            written = os.pwritev(self._fd, bufs, self._end)
+            if written != nbytes:
+                raise OSError(f"short write, {written} of {nbytes} bytes")
+        except OSError as e:
+            raise OSError(f"cannot write the encoded-data cache in {self.directory} ({e}); set "
+                          "TMPDIR to a directory with more space") from None
+        self._chunks.append((self._end, nbytes, len(rows), layout, rows.num_bags))
+        self._end += nbytes
+        self.rows += len(rows)
+
+    def chunk_rows(self, i: int) -> int:
+        return self._chunks[i][2]
+
+    def read(self, i: int) -> EncodedRows:
+        pos, nbytes, _, layout, T = self._chunks[i]
+        buf = bytearray(nbytes)
+        got = os.preadv(self._fd, [buf], pos)
+        if got != nbytes:
+            raise OSError(f"short read from the encoded-data cache ({got} of {nbytes} bytes)")
+        return EncodedRows.from_buffer(buf, layout, T)
+
+    def close(self) -> None:
+        self._closer()
+
+
+# ---------------------------------------------------------------------------- background
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def background(make_iter, maxsize: int = PREFETCH):
+    """Iterate ``make_iter()`` in a daemon thread, handing items over through a queue of at
+    most ``maxsize`` items (bounded memory). An exception in the thread is raised again here
+    with its message; closing or abandoning this generator (an error or Ctrl-C in the caller)
+    stops the thread at its next hand-over."""
+    q: queue.Queue = queue.Queue(maxsize=max(int(maxsize), 1))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in make_iter():
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer, which re-raises)
+            put(_Failure(e))
+
+    thread = threading.Thread(target=work, name="adrec-data", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = q.get(timeout=0.1)
+            except queue.Empty:
+                if not thread.is_alive() and q.empty():
+                    raise RuntimeError("the data thread ended without a result") from None
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while True:  # unblock a put in progress
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
+        thread.join(timeout=1.0)
+
+
+# ---------------------------------------------------------------------------- streaming
+class StreamedRows:
+    """The rows of an ``EncodedCache`` (all, or one side of the validation split) as a training
+    source: ``batches(batch_size, shuffle, seed, epoch)`` and ``len``, like in-memory data.
+
+    Shuffled epochs visit the chunks in an order drawn from (seed, epoch) and permute the rows
+    of ``buffer_chunks`` chunks at a time; the rows left over after the last full batch of a
+    buffer go first into the next buffer's batches. Memory: the buffer plus the queue.
+    """
+
+    def __init__(self, cache: EncodedCache, side: str = "all", fraction: float = 0.0,
+                 split_seed: int = 0, buffer_chunks: int = BUFFER_CHUNKS,
+                 prefetch: int = PREFETCH):
+        if side not in ("all", "train", "valid"):
+            raise ValueError(f"side must be 'all', 'train' or 'valid', not {side!r}")
+        self.cache = cache
+        self.side = side
+        self.fraction = float(fraction)
+        self.split_seed = int(split_seed)
+        self.buffer_chunks = max(int(buffer_chunks), 1)
+        self.prefetch = prefetch
+        starts = np.cumsum([0] + [cache.chunk_rows(i) for i in range(len(cache))])
+        self._first_row = starts[:-1]
+        n_valid = n_valid_rows(cache.rows, self.fraction) if side != "all" else 0
+        self.n = {"all": cache.rows, "train": cache.rows - n_valid, "valid": n_valid}[side]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _chunk(self, i: int) -> EncodedRows:
+        rows = self.cache.read(i)
+        if self.side == "all":
+            return rows
+        m = valid_mask(int(self._first_row[i]), len(rows), self.cache.rows, self.fraction,
+                       self.split_seed)
+        return rows.select(m if self.side == "valid" else ~m)
+
+    def _produce(self, batch_size: int, shuffle: bool, seed: int, epoch: int):
+        n_chunks = len(self.cache)
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        order = torch.randperm(n_chunks, generator=g).tolist() if shuffle else range(n_chunks)
+        group = self.buffer_chunks if shuffle else 1
+        carry = None  # rows left from the previous buffer, in their drawn order
+        for start in range(0, n_chunks, group):
+            parts = [self._chunk(i) for i in order[start:start + group]]
+            if carry is not None:
+                parts.insert(0, carry)
+            rows = EncodedRows.concat(parts)
+            n, k = len(rows), len(carry) if carry is not None else 0
+            perm = torch.arange(n)
+            if shuffle:  # the carried rows keep their place at the front
+                perm[k:] = k + torch.randperm(n - k, generator=g)
+            full = n - n % batch_size
+            for s in range(0, full, batch_size):
+                yield rows.take(perm[s:s + batch_size])
+            carry = rows.subset(perm[full:]) if full < n else None
+        if carry is not None:
+            yield carry.take(torch.arange(len(carry)))
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0):
+        return background(lambda: self._produce(batch_size, shuffle, seed, epoch),
+                          self.prefetch)
+
+
+# ---------------------------------------------------------------------------- loading
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 << 30
+
+
+def _estimated_bytes(path) -> int:
+    """The encoded size of a file, guessed from its size: compressed input (gzip, Parquet)
+    grows about 4x when decompressed; concatenating the chunks needs twice the result."""
+    from .readers import _is_gzip
+
+    p = Path(path)
+    size = p.stat().st_size
+    compressed = p.suffix.lower() in (".parquet", ".pq") or _is_gzip(p)
+    return size * (8 if compressed else 2)
+
+
+def should_stream(paths, mode: str = "auto") -> bool:
+    """The one place that decides between holding the encoded data and streaming it:
+    ``mode`` "on" streams, "off" holds; "auto" holds when the estimated encoded size is at most
+    ``MEMORY_LIMIT_BYTES`` and a quarter of the available memory."""
+    if mode not in STREAM_MODES:
+        raise ValueError(f"stream mode must be one of {STREAM_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    need = sum(_estimated_bytes(p) for p in paths if p is not None)
+    return need > min(MEMORY_LIMIT_BYTES, _mem_available() // 4)
+
+
+def _chunks(path, schema, reader_kw: dict, quiet_skips: bool = False):
+    """Raw chunks of ``path``, parsed in a background thread. ``quiet_skips`` silences the
+    reader's skipped-rows warning (a pass whose rows are read again later, which warns)."""
+    from .readers import open_reader
+
+    reader = open_reader(path, schema=schema, label=schema.label,
+                         chunk_rows=reader_kw.pop("chunk_rows", CHUNK_ROWS), **reader_kw)
+
+    def rows():
+        if not quiet_skips:
+            yield from reader
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*skipped \d+ bad rows",
+                                    category=RuntimeWarning)
+            yield from reader
+
+    return background(rows, maxsize=2)
+
+
+def _encode_file(path, schema, reader_kw: dict, sink) -> int:
+    """Encode every chunk of ``path`` into ``sink(EncodedRows)``; returns the row count."""
+    dtype = index_dtype(schema)
+    n = 0
+    for chunk in _chunks(path, schema, dict(reader_kw)):
+        b = schema.encode(chunk)
+        if n == 0 and b.batch_size and bool(torch.isnan(b.labels).all()):
+            raise DataError(f"no label column {schema.label!r}", path=path)
+        sink(EncodedRows.from_batch(b, dtype))
+        n += b.batch_size
+    return n
+
+
+@dataclass
+class TrainingData:
+    """The train and validation sources of ``load_training_data`` (``EncodedRows`` in memory
+    or ``StreamedRows``) and how they are held."""
+
+    train: object
+    valid: object
+    streamed: bool
+    cache_bytes: int = 0
+
+
+def load_training_data(path, schema, *, valid_path=None, valid_fraction: float = 0.1,
+                       seed: int = 0, stream: str = "auto", cache_dir=None,
+                       chunk_rows: int = CHUNK_ROWS, buffer_chunks: int = BUFFER_CHUNKS,
+                       **reader_kw) -> TrainingData:
+    """Train/validation data of ``path`` (and ``valid_path``, else ``valid_fraction`` of
+    ``path`` chosen by ``valid_mask`` with ``seed``). Fits ``schema`` first if it is not fitted
+    (a streaming pass over ``path``). ``stream``: "auto" | "on" | "off" (``should_stream``).
+    ``reader_kw`` go to ``open_reader`` (``skip_bad_rows``, ``max_bad_rows``, ``fmt``, ...).
+    Raises ``DataError`` for bad input (file, line, field), ``ValueError`` for a split that
+    leaves either side empty.
+    """
+    reader_kw = {**reader_kw, "chunk_rows": chunk_rows}
+    if not valid_path and not 0 < valid_fraction < 1:
+        raise ValueError(f"the validation fraction must lie in (0, 1), got {valid_fraction}")
+    if not schema.fitted:
+        schema.fit(_chunks(path, schema, dict(reader_kw), quiet_skips=True))
+    streamed = should_stream([path, valid_path], stream)
+    sources = []
+    cache_bytes = 0
+    for p in ([path, valid_path] if valid_path else [path]):
+        if streamed:
+            cache = EncodedCache(cache_dir)
+            _encode_file(p, schema, reader_kw, cache.append)
+            sources.append(cache)
+            cache_bytes += cache.nbytes
+        else:
+            parts: list[EncodedRows] = []
+            _encode_file(p, schema, reader_kw, parts.append)
+            if not parts:
+                parts = [EncodedRows.from_batch(
+                    schema.encode({c: [] for c in schema.raw_columns()}), index_dtype(schema))]
+            rows = EncodedRows.concat(parts)
+            del parts
+            sources.append(rows)
+    total = sources[0].rows if streamed else len(sources[0])
+    if total == 0:
+        raise DataError("no data rows", path=path)
+    if not valid_path:
+        n_valid = n_valid_rows(total, valid_fraction)
+        if not 0 < n_valid < total:
+            raise ValueError(f"{path}: cannot hold out {valid_fraction:.0%} of {total} rows for "
+                             "validation; give a separate validation file")
+    if streamed:
+        if valid_path:
+            train = StreamedRows(sources[0], buffer_chunks=buffer_chunks)
+            valid = StreamedRows(sources[1])
+        else:
+            kw = {"fraction": valid_fraction, "split_seed": seed}
+            train = StreamedRows(sources[0], "train", buffer_chunks=buffer_chunks, **kw)
+            valid = StreamedRows(sources[0], "valid", **kw)
+    elif valid_path:
+        train, valid = sources
+    else:
+        m = valid_mask(0, total, total, valid_fraction, seed)
+        train, valid = sources[0].select(~m), sources[0].select(m)
+    return TrainingData(train=train, valid=valid, streamed=streamed, cache_bytes=cache_bytes)
