@@ -66,7 +66,12 @@ def _is_gzip(path) -> bool:
 
 
 def _line_blocks(path, lines_per_block: int):
-    """Yield (first_line_number, bytes) blocks of whole lines, each ending in b'\\n'."""
+    """Yield (first_line_number, bytes) blocks of whole lines, each ending in b'\\n'.
+
+    A truncated or corrupt gzip stream raises ``DataError`` at the last line that was read
+    completely: pieces are read with ``read1`` (one decompressed buffer at a time), so the text
+    decoded before the break is counted rather than lost inside one large ``read``.
+    """
     opener = gzip.open if _is_gzip(path) else open
     next_line = 1
     pending: list[bytes] = []
@@ -74,7 +79,7 @@ def _line_blocks(path, lines_per_block: int):
     try:
         with opener(path, "rb") as f:
             while True:
-                piece = f.read(_READ_BYTES)
+                piece = f.read1(_READ_BYTES)
                 if piece:
                     pending.append(piece)
                     pending_lines += piece.count(b"\n")
@@ -99,9 +104,18 @@ def _line_blocks(path, lines_per_block: int):
                 if not piece:
                     return
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(
-            f"truncated or corrupt gzip stream ({e})", path=path, line=next_line
-        ) from None
+        raise _gzip_error(path, next_line - 1 + pending_lines, e) from None
+
+
+def _gzip_error(path, complete_lines: int, e) -> DataError:
+    """The error for a gzip stream that breaks after ``complete_lines`` whole lines."""
+    if complete_lines == 0:
+        return DataError(f"truncated or corrupt gzip stream within the first line ({e})",
+                         path=path, line=1)
+    return DataError(
+        f"truncated or corrupt gzip stream after this line, the last one read completely ({e})",
+        path=path, line=complete_lines,
+    )
 
 
 def _split_lines(block: bytes):
@@ -120,7 +134,11 @@ class Reader:
     """A re-iterable stream of raw chunks from one file (each ``iter`` re-opens the file).
 
     ``bad_rows`` counts the rows skipped in the current (or last) pass with ``skip_bad_rows``;
-    ``bad_row_messages`` keeps the first few reasons.
+    ``bad_row_messages`` keeps the first few reasons. The warning that reports them is given
+    once per reader: a later pass over the same file skips the same rows.
+
+    ``keep`` names raw columns to carry through unchanged beside the schema's (e.g. a row key
+    for predictions); a name the file lacks raises ``DataError``.
     """
 
     fmt = ""
@@ -133,6 +151,7 @@ class Reader:
         skip_bad_rows: bool = False,
         max_bad_rows: int = 1000,
         label: str | None = None,
+        keep=(),
     ):
         self.path = Path(path)
         if not self.path.exists():
@@ -149,6 +168,8 @@ class Reader:
         self.bad_rows = 0
         self.bad_row_messages: list[str] = []
         self.rows = 0
+        self.keep = list(keep)
+        self._warned = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, chunk_rows={self.chunk_rows})"
@@ -158,10 +179,13 @@ class Reader:
         self.bad_row_messages = []
         self.rows = 0
         for chunk in self._chunks():
+            if self.keep:
+                self._check_keep(chunk.column_names)
             if chunk.num_rows:
                 self.rows += chunk.num_rows
                 yield chunk
-        if self.bad_rows:
+        if self.bad_rows and not self._warned:
+            self._warned = True
             warnings.warn(
                 f"{self.path}: skipped {self.bad_rows} bad rows "
                 f"(first: {self.bad_row_messages[0]})",
@@ -171,6 +195,15 @@ class Reader:
 
     def _chunks(self):
         raise NotImplementedError
+
+    def _check_keep(self, names: list[str], line=None) -> None:
+        missing = [c for c in self.keep if c not in names]
+        if missing:
+            raise DataError(
+                f"no column {missing[0]!r} to keep (columns: {', '.join(names)})",
+                path=self.path,
+                line=line,
+            )
 
     # -- bad rows -------------------------------------------------------------------------
     def _problems(
@@ -289,9 +322,10 @@ class CSVReader(Reader):
         return names, first_block[end + 1 :], 2
 
     def _needed_columns(self, names: list[str]) -> list[str]:
+        self._check_keep(names, line=1)
         if self.schema is None:
             return names
-        need = self.schema.raw_columns()
+        need = self.schema.raw_columns() + self.keep
         missing = [c for c in need if c not in names]
         if missing:
             raise DataError(
@@ -405,9 +439,7 @@ class CriteoReader(CSVReader):
             with opener(self.path, "rb") as f:
                 first = f.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise DataError(
-                f"truncated or corrupt gzip stream ({e})", path=self.path, line=1
-            ) from None
+            raise _gzip_error(self.path, 0, e) from None
         if self.sep is None:
             self.sep = "\t" if "\t" in first else ","
         token = first.split(self.sep, 1)[0].strip()
@@ -438,7 +470,7 @@ class LibSVMReader(Reader):
         if self.schema is not None:
             ks = [
                 int(m.group(1))
-                for c in self.schema.raw_columns()
+                for c in self.schema.raw_columns() + self.keep
                 if (m := re.fullmatch(r"f(\d+)", c))
             ]
             self.n_fields = max(ks) + 1 if ks else 0
@@ -551,7 +583,7 @@ class LibFFMReader(LibSVMReader):
         if self.schema is not None:
             self.fields = sorted(
                 int(m.group(1))
-                for c in self.schema.raw_columns()
+                for c in set(self.schema.raw_columns() + self.keep)
                 if (m := re.fullmatch(r"f(\d+)", c))
             )
 
@@ -600,7 +632,8 @@ class ParquetReader(Reader):
         names = pf.schema_arrow.names
         columns = None
         if self.schema is not None:
-            need = self.schema.raw_columns()
+            self._check_keep(names)
+            need = self.schema.raw_columns() + self.keep
             missing = [c for c in need if c not in names]
             if missing:
                 raise DataError(
@@ -644,7 +677,8 @@ def open_reader(
     """A streaming ``Reader`` for ``path`` (format from the extension unless ``fmt`` is given).
 
     Iterating yields pyarrow Tables of at most ``chunk_rows`` rows. ``options`` go to the
-    format's reader: ``sep``/``header`` (csv, criteo), ``layout`` (libsvm).
+    format's reader: ``sep``/``header`` (csv, criteo), ``layout`` (libsvm), ``keep`` (any: raw
+    columns carried through beside the schema's).
     """
     fmt = fmt or detect_format(path)
     if fmt not in _READERS:
@@ -661,22 +695,53 @@ def open_reader(
 
 
 def sniff_csv(path, sep: str | None = None, rows: int = 20000):
-    """The first ``rows`` rows of a CSV with pyarrow's type inference (for schema inference)."""
+    """The first ``rows`` rows of a CSV with pyarrow's type inference (for schema inference),
+    and the 1-based line number of each row ([rows] int64).
+
+    Blank lines and rows with a wrong column count are left out of the sample: the validating
+    reader reports them (or skips them with ``skip_bad_rows``) when the file is read.
+    """
+    import pyarrow as pa
     import pyarrow.csv as pcsv
 
     reader = CSVReader(path, sep=sep, chunk_rows=rows + 1)
-    for first_line, block in _line_blocks(reader.path, rows + 1):
-        names, body, _ = reader._read_header(block)
+    for _, block in _line_blocks(reader.path, rows + 1):
+        names, body, first_line = reader._read_header(block)
         if not body:
             break
+        invalid: list[int] = []
+
+        def on_invalid(row):
+            invalid.append(row.number)
+            return "skip"
+
         try:
-            return pcsv.read_csv(
+            table = pcsv.read_csv(
                 io.BytesIO(body),
-                read_options=pcsv.ReadOptions(column_names=names, use_threads=False),
-                parse_options=pcsv.ParseOptions(delimiter=reader.sep),
+                read_options=pcsv.ReadOptions(
+                    column_names=names, use_threads=False, block_size=max(len(body) + 1, 1 << 20)
+                ),
+                parse_options=pcsv.ParseOptions(
+                    delimiter=reader.sep,
+                    quote_char=False if reader.sep == "\t" else '"',
+                    ignore_empty_lines=False,
+                    invalid_row_handler=on_invalid,
+                ),
             )
-        except Exception as e:  # pyarrow raises ArrowInvalid with its own row count
+        except pa.ArrowInvalid as e:  # pyarrow words it with its own row count
             raise DataError(f"cannot sniff column types ({e})", path=path) from None
+        n_lines = body.count(b"\n")
+        local = np.setdiff1d(np.arange(1, n_lines + 1, dtype=np.int64), invalid)
+        line_of = first_line + local - 1
+        if len(line_of) != table.num_rows:
+            raise DataError("rows and lines went out of step (a quoted newline?)", path=path)
+        blank = _blank_lines(body, n_lines)[local - 1]
+        if blank.any():
+            table = table.filter(pa.array(~blank))
+            line_of = line_of[~blank]
+        if table.num_rows:
+            return table, line_of
+        break
     raise DataError("no data rows to infer a schema from", path=path, line=2)
 
 

@@ -388,12 +388,22 @@ class Schema:
     def infer_from_csv(
         cls, path, label: str = "label", overrides=None, drop=(), sep=None, sample_rows: int = 20000
     ) -> Schema:
-        """``infer_from_table`` on the first ``sample_rows`` rows of a CSV (pyarrow types)."""
+        """``infer_from_table`` on the first ``sample_rows`` rows of a CSV (pyarrow types).
+
+        A column of decimal numbers with a few stray non-numeric values (at most 1% of its
+        sampled values, e.g. one ``abc``) is still inferred as dense, and a ``UserWarning``
+        names the column, the first stray value and its line: reading the file then treats
+        such rows as bad rows (an error naming the line, or skipped with ``skip_bad_rows``).
+        ``overrides`` declares another type for the column.
+        """
         from .readers import sniff_csv
 
-        return cls.infer_from_table(
-            sniff_csv(path, sep=sep, rows=sample_rows), label, overrides, drop
-        )
+        table, line_of = sniff_csv(path, sep=sep, rows=sample_rows)
+        skip = set(overrides or ()) | set(drop or ()) | {label}
+        for name in table.column_names:
+            if name not in skip:
+                table = _dense_despite_strays(table, name, line_of, path)
+        return cls.infer_from_table(table, label, overrides, drop)
 
     @classmethod
     def infer(
@@ -632,6 +642,43 @@ class Schema:
         never seen in training map to id 0; missing dense values become ``fill``."""
         names = self.raw_columns() + ([self.label] if any(self.label in r for r in rows) else [])
         return self.encode({k: [r.get(k) for r in rows] for k in names})
+
+
+# A text column is read as dense when at most this share of its sampled values are not numbers.
+_STRAY_SHARE = 0.01
+
+
+def _dense_despite_strays(table, name: str, line_of: np.ndarray, path):
+    """``table`` with column ``name`` as float64 when its text holds decimal numbers but for a
+    few stray values (warned about, with the first one's line); otherwise ``table`` unchanged."""
+    import warnings
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = table.column(name)
+    if not C._is_text(col.type):
+        return table
+    x, bad = C.to_float(col)
+    n_bad = int(bad.sum())
+    numbers = x[np.isfinite(x)]
+    if not n_bad or n_bad > _STRAY_SHARE * (n_bad + numbers.size):
+        return table
+    try:  # integers with strays stay categorical, as integer columns are
+        pc.cast(pc.utf8_trim_whitespace(col.filter(pa.array(np.isfinite(x)))), pa.int64())
+        return table
+    except pa.ArrowInvalid:
+        pass
+    i = int(np.flatnonzero(bad)[0])
+    warnings.warn(
+        f"{path}: column {name!r} holds decimal numbers but line {int(line_of[i])} has "
+        f"{col[i].as_py()!r} ({n_bad} such value{'s' if n_bad > 1 else ''} in the first "
+        f"{len(col):,} rows); inferred as dense, so rows with a non-numeric {name!r} are bad "
+        "rows (skip them with skip_bad_rows, or declare the column's type in a schema)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return table.set_column(table.column_names.index(name), name, pa.array(x, pa.float64()))
 
 
 def _is_chunk(x) -> bool:

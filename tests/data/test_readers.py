@@ -2,6 +2,8 @@
 """Readers: every format on small hand-written files, gzip, bad rows, and the real files."""
 
 import gzip
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -254,13 +256,27 @@ def test_truncated_gzip_names_the_file(tmp_path, name):
     }[name]
     data = gzip.compress(text.encode())
     p = tmp_path / name
-    p.write_bytes(data[: len(data) // 2])
+    cut = data[: len(data) // 2]
+    p.write_bytes(cut)
+    # the error is at the last line the broken stream still holds completely
+    complete = zlib.decompressobj(wbits=31).decompress(cut).count(b"\n")
+    assert 0 < complete < text.count("\n")
     schema = CSV_SCHEMA if name.startswith("x.csv") else None
-    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}.*truncated or corrupt gzip"):
+    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}, line {complete}: truncated "
+                                        "or corrupt gzip stream after this line") as e:
         list(open_reader(p, schema=schema, skip_bad_rows=True))
+    assert e.value.line == complete
     p.write_bytes(data[:10] + b"\x00" * 50 + data[60:])
     with pytest.raises(DataError, match="truncated or corrupt gzip"):
         list(open_reader(p, schema=schema))
+
+
+def test_gzip_broken_within_the_first_line(tmp_path):
+    data = gzip.compress(("label,user\n" + "1,u\n" * 10).encode())
+    p = tmp_path / "x.csv.gz"
+    p.write_bytes(data[:12])
+    with pytest.raises(DataError, match=r"line 1: truncated or corrupt gzip stream within"):
+        list(open_reader(p))
 
 
 def test_libsvm_and_libffm_bad_tokens(tmp_path):
@@ -292,6 +308,46 @@ def test_skip_bad_rows_counts_warns_and_has_a_ceiling(tmp_path):
     assert reader.bad_row_messages[0].startswith("line 3, field 'price'")
     with pytest.raises(DataError, match=r"more than max_bad_rows=3 bad rows"):
         list(open_reader(p, schema=CSV_SCHEMA, skip_bad_rows=True, max_bad_rows=3))
+
+
+def test_skipped_rows_warned_once_per_reader(tmp_path):
+    p = write(tmp_path / "x.csv", "label,user,price,tags\n1,u1,1,a\nx,u2,2,a\n0,u3,3\n")
+    reader = open_reader(p, schema=CSV_SCHEMA, skip_bad_rows=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = rows(reader), rows(reader)  # e.g. fitting, then encoding
+    assert [r["user"] for r in first] == [r["user"] for r in second] == ["u1"]
+    assert reader.bad_rows == 2
+    assert [str(w.message) for w in caught] == [
+        f"{p}: skipped 2 bad rows (first: line 3, field 'label': label must be 0 or 1, got 'x')"
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "libsvm"])
+def test_keep_carries_raw_columns_and_names_a_missing_one(tmp_path, fmt):
+    if fmt == "libsvm":
+        p = write(tmp_path / "x.libsvm", "1 3:1 9:1\n0 4:1\n")
+        keep, want = ["f1"], [{"f1": "9"}, {"f1": None}]
+        schema = Schema([{"name": "f0", "type": "categorical"},
+                         {"name": "f1", "type": "categorical"}])
+    else:
+        p = write(tmp_path / "x.csv", "id,label,user,price,tags\n007,1,u1,1,a\n008,x,u2,2,a\n"
+                                      "009,0,u3,3,b\n")
+        if fmt == "parquet":
+            import pyarrow.csv as pcsv
+
+            table = pcsv.read_csv(p, convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in ("id", "label", "tags")}))
+            p = tmp_path / "x.parquet"
+            pq.write_table(table, p)
+        keep, want = ["id"], [{"id": "007"}, {"id": "009"}]
+        schema = CSV_SCHEMA
+    with pytest.warns(RuntimeWarning, match="skipped 1 bad rows") if fmt != "libsvm" else \
+            warnings.catch_warnings():
+        got = rows(open_reader(p, schema=schema, keep=keep, skip_bad_rows=True))
+    assert [{k: r[k] for k in keep} for r in got] == want  # the raw text: 007 stays 007
+    with pytest.raises(DataError, match=rf"{p.name}.*no column 'nope' to keep \(columns: "):
+        list(open_reader(p, schema=schema, keep=["nope"]))
 
 
 # ---------------------------------------------------------------- real files

@@ -249,6 +249,54 @@ def test_infer_from_csv_types_overrides_and_drop(tmp_path):
         Schema.infer_from_csv(p, drop=["nope"])
 
 
+def _column_file(tmp_path, values, extra_line=None):
+    """A CSV of label, an integer id and ``values`` as column x; ``extra_line`` is inserted as
+    line 5 (after the header and three rows)."""
+    lines = ["label,id,x"] + [f"{i % 2},{i},{v}" for i, v in enumerate(values)]
+    if extra_line is not None:
+        lines.insert(4, extra_line)
+    p = tmp_path / "x.csv"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_infer_leaves_out_rows_with_a_wrong_column_count(tmp_path):
+    p = _column_file(tmp_path, [f"{i}.5" for i in range(200)], extra_line="1,7")
+    s = Schema.infer_from_csv(p)  # the reader reports (or skips) the short row later
+    assert [(f.name, f.type) for f in s.fields] == [("id", "categorical"), ("x", "dense")]
+
+
+def test_infer_warns_of_a_stray_value_in_a_decimal_column(tmp_path):
+    values = [f"{i}.25" for i in range(300)]
+    values[150] = "abc"  # line 152
+    p = _column_file(tmp_path, values)
+    with pytest.warns(UserWarning) as caught:
+        s = Schema.infer_from_csv(p)
+    assert [str(w.message) for w in caught] == [
+        f"{p}: column 'x' holds decimal numbers but line 152 has 'abc' (1 such value in the "
+        "first 300 rows); inferred as dense, so rows with a non-numeric 'x' are bad rows (skip "
+        "them with skip_bad_rows, or declare the column's type in a schema)"
+    ]
+    assert s.field("x").type == "dense" and s.field("x").transform == "log1p_standardize"
+    # the reader then names the line, or skips it
+    with pytest.raises(DataError, match=r"x\.csv, line 152, field 'x': non-numeric value 'abc'"):
+        s.fit(p)
+    # an override or a drop of the column silences the warning
+    assert Schema.infer_from_csv(p, overrides={"x": "categorical"}).field("x").type == "categorical"
+
+
+@pytest.mark.parametrize("values", [
+    [str(i) for i in range(300)],                      # integers: categorical either way
+    [f"{i}.5" for i in range(290)] + ["a", "b", "c", "d"] * 3,   # 4% text: a text column
+])
+def test_infer_keeps_other_text_columns_categorical_without_a_warning(tmp_path, values):
+    values = list(values)
+    values[10] = "abc"
+    p = _column_file(tmp_path, values)
+    s = Schema.infer_from_csv(p)  # filterwarnings = error: any warning fails here
+    assert s.field("x").type == "categorical"
+
+
 def test_batch_slice_take_concat(schema):
     b = schema.encode(TRAIN)
     parts = [b.slice(0, 1), b.slice(1, 3), b.slice(3, 4)]
