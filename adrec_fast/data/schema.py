@@ -674,7 +674,8 @@ def _dense_despite_strays(table, name: str, line_of: np.ndarray, path):
         f"{path}: column {name!r} holds decimal numbers but line {int(line_of[i])} has "
         f"{col[i].as_py()!r} ({n_bad} such value{'s' if n_bad > 1 else ''} in the first "
         f"{len(col):,} rows); inferred as dense, so rows with a non-numeric {name!r} are bad "
-        "rows (skip them with skip_bad_rows, or declare the column's type in a schema)",
+        "rows (skip them with --skip-bad-rows / skip_bad_rows=True, or declare the column's "
+        "type in a schema)",
         UserWarning,
         stacklevel=3,
     )

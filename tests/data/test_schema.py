@@ -275,7 +275,8 @@ def test_infer_warns_of_a_stray_value_in_a_decimal_column(tmp_path):
     assert [str(w.message) for w in caught] == [
         f"{p}: column 'x' holds decimal numbers but line 152 has 'abc' (1 such value in the "
         "first 300 rows); inferred as dense, so rows with a non-numeric 'x' are bad rows (skip "
-        "them with skip_bad_rows, or declare the column's type in a schema)"
+        "them with --skip-bad-rows / skip_bad_rows=True, or declare the column's type in a "
+        "schema)"
     ]
     assert s.field("x").type == "dense" and s.field("x").transform == "log1p_standardize"
     # the reader then names the line, or skips it
