@@ -3,15 +3,15 @@
 
 Importing the package loads the native core ``adrec_fast._C`` (which registers the
 ``torch.ops.adrec`` ops), checks that it was built against the torch that is running, then
-loads the op layer (fake kernels, autograd, backend choice).
+loads the op layer (fake kernels, autograd, backend choice). In a process started as the
+``adrec-fast`` command that waits for ``_load_native()``, which the command line calls once its
+arguments are checked: ``--help`` or a wrong option answers without importing torch.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
-
-import torch
 
 __version__ = "0.1.0"
 
@@ -21,21 +21,36 @@ _FIX = (
     "from the adrec_fast source tree (see README)."
 )
 
-try:
-    from . import _C  # noqa: F401  (static registrars run on load)
-except ImportError as e:  # pragma: no cover - depends on the install
-    raise ImportError(
-        f"adrec_fast: the native extension adrec_fast._C could not be loaded ({e}). "
-        f"It is usually built against another torch than the running {torch.__version__}. "
-        + _FIX
-    ) from e
 
-_built = _C.build_info()["torch"]
-if _built.split("+")[0] != torch.__version__.split("+")[0]:
-    raise ImportError(
-        f"adrec_fast: adrec_fast._C was built against torch {_built}, but torch "
-        f"{torch.__version__} is running. " + _FIX
-    )
+def _load_native() -> None:
+    """Load torch, the native core and the op layer (idempotent)."""
+    import torch
+
+    try:
+        from . import _C  # static registrars run on load
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            f"adrec_fast: the native extension adrec_fast._C could not be loaded ({e}). "
+            f"It is usually built against another torch than the running {torch.__version__}. "
+            + _FIX
+        ) from e
+
+    built = _C.build_info()["torch"]
+    if built.split("+")[0] != torch.__version__.split("+")[0]:
+        raise ImportError(
+            f"adrec_fast: adrec_fast._C was built against torch {built}, but torch "
+            f"{torch.__version__} is running. " + _FIX
+        )
+    _alias_kernels()
+    from . import functional, nn, ops, optim  # noqa: F401  (ops: fake kernels + autograd)
+
+
+def _started_as_cli() -> bool:
+    """True in a process started as ``adrec-fast`` or ``python -m adrec_fast``."""
+    if os.path.basename(sys.argv[0] if sys.argv else "") == "adrec-fast":
+        return True
+    argv = getattr(sys, "orig_argv", [])
+    return any(a == "-m" and b == "adrec_fast" for a, b in zip(argv, argv[1:]))
 
 
 def _alias_kernels() -> None:
@@ -59,9 +74,7 @@ def _alias_kernels() -> None:
     spec.loader.exec_module(module)
 
 
-_alias_kernels()
-
-from . import ops  # noqa: E402,F401  (fake kernels + autograd registration)
-from . import functional, nn, optim  # noqa: E402,F401
+if not _started_as_cli():
+    _load_native()
 
 __all__ = ["functional", "nn", "optim", "ops", "__version__"]

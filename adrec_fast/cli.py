@@ -1,5 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``adrec-fast`` command line: demo, train, eval, predict."""
+"""The ``adrec-fast`` command line: demo, train, eval, predict.
+
+The arguments are parsed and checked before torch and the native core load (``main``), so
+``--help`` and a wrong option answer at once; each command imports what it needs.
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,21 +16,6 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-
-_T_START = time.perf_counter()
-
-
-def _process_age() -> float:
-    """Seconds since this process started (Linux /proc), else since this module loaded:
-    the demo's wall time includes interpreter start and the torch import."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.perf_counter() - _T_START
 
 DESCRIPTION = """\
 adrec-fast: train, evaluate and serve click-through-rate (CTR) models on fused CPU kernels.
@@ -53,7 +42,11 @@ examples:
 # has no deeper structure, so an MLP only adds variance).
 DEMO_MODEL_KW = {"din": {"hidden": []}}
 
-MODEL_HELP = "model name: lr, fm, deepfm, dcnv2, dlrm, din (din needs a behaviour-sequence field)"
+# The registry's names (adrec_fast.models.model_names(); a test keeps them equal), here so that a
+# wrong --model is refused before torch loads and the data is read.
+MODEL_NAMES = ("lr", "fm", "deepfm", "dcnv2", "dlrm", "din")
+MODEL_HELP = ("model name: " + ", ".join(MODEL_NAMES) +
+              " (din needs a behaviour-sequence field)")
 
 
 class CLIError(Exception):
@@ -83,8 +76,14 @@ def _common(p: argparse.ArgumentParser, threads_default: int | None = None) -> N
                          else "torch's choice)"))
 
 
+def _overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model already saved in --out (refused without this flag)")
+
+
 def _train_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    p.add_argument("--model", default="din" if demo else "deepfm", help=MODEL_HELP +
+    p.add_argument("--model", default="din" if demo else "deepfm", choices=MODEL_NAMES,
+                   metavar="NAME", help=MODEL_HELP +
                    (" (default: din)" if demo else " (default: deepfm)"))
     p.add_argument("--epochs", type=int, default=None,
                    help="maximum number of passes over the training data (early stopping may "
@@ -125,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training rows to generate (default 5,000,000), plus up to 100,000 each for "
                         "validation and test")
     p.add_argument("--out", default=None, help="also save the trained model to this directory")
+    _overwrite_option(p)
     _common(p, threads_default=1)
 
     p = sub.add_parser(
@@ -139,13 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "validation and early stopping.\n\n"
                     "The output directory holds best/ (the model with the best validation AUC; "
                     "what eval/predict load), last/ (the final epoch, with optimizer state), "
-                    "metrics.json and PNG plots. It appears only when training succeeds.",
+                    "metrics.json and PNG plots (when matplotlib is installed). It appears only "
+                    "when training succeeds; a directory that already holds a model is replaced "
+                    "only with --overwrite.\n\n"
+                    "Bad rows (a wrong column count, a label that is not 0 or 1, a non-numeric "
+                    "value in a dense column) stop training with an error naming the file, line "
+                    "and field, or are skipped and counted with --skip-bad-rows. An inferred "
+                    "schema reads a column of decimal numbers with a few stray non-numbers (at "
+                    "most 1%% of the first 20,000 rows) as dense, with a warning naming the "
+                    "column, the value and its line: those rows are then bad rows. Declare the "
+                    "column in --schema to read it otherwise.",
         epilog="examples:\n"
                "  adrec-fast train train.csv --model deepfm --out runs/deepfm\n"
                "  adrec-fast train frappe.csv.gz --model fm --label label --drop cost --epochs 5 "
                "--out runs/fm --json")
     p.add_argument("data", metavar="DATA", help="training data file")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to save the model in")
+    _overwrite_option(p)
     p.add_argument("--label", default="label", help="label column, values 0/1 (default: label)")
     p.add_argument("--schema", metavar="FILE", default=None,
                    help="schema file (JSON or YAML) declaring the fields instead of inferring them")
@@ -183,11 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", formatter_class=fmt, help="write click probabilities for DATA to CSV/Parquet",
         description="Load the model saved in DIR and write one click probability per row of "
                     "DATA (column `prediction`, plus the label column when DATA has it) to "
-                    "--out: Parquet when FILE ends in .parquet/.pq, else CSV.",
-        epilog="example:\n  adrec-fast predict runs/deepfm new.csv --out scores.csv")
+                    "--out: Parquet when FILE ends in .parquet/.pq, else CSV. Rows skipped with "
+                    "--skip-bad-rows have no output row: carry a key column through with --keep "
+                    "to match the output to the input.",
+        epilog="example:\n  adrec-fast predict runs/deepfm new.csv --out scores.csv --keep id")
     p.add_argument("dir", metavar="DIR", help="model directory written by `train`")
     p.add_argument("data", metavar="DATA", help="data file with the training columns")
     p.add_argument("--out", required=True, metavar="FILE", help="output .csv or .parquet file")
+    p.add_argument("--keep", metavar="COL,...", default="",
+                   help="comma-separated columns of DATA copied to the output beside the "
+                        "prediction (e.g. a row id), row for row")
     p.add_argument("--batch-size", type=int, default=16384, help="rows per scoring batch")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows")
     _common(p)
@@ -196,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------- helpers
 def _report_warnings(caught) -> None:
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    """Print each distinct warning once (a file read twice, to fit and to train, warns twice)."""
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _infer_schema(path, label: str, drop: list[str]):
@@ -215,15 +231,21 @@ def _infer_schema(path, label: str, drop: list[str]):
         raise
 
 
-def _fresh_out(out: Path) -> None:
-    """Refuse to overwrite a directory that is not an earlier model directory."""
+# Entries that mark a directory as a saved model: train's run directory, a demo checkpoint.
+_MODEL_ENTRIES = {"best", "last", "metrics.json", "checkpoint.json"}
+
+
+def _fresh_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that holds a model (unless ``overwrite``) or anything else."""
     if out.exists():
         if not out.is_dir():
             raise CLIError(f"--out {out} exists and is not a directory")
         entries = {p.name for p in out.iterdir()}
-        if entries and not (entries & {"best", "last", "metrics.json"}):
+        if entries and not (entries & _MODEL_ENTRIES):
             raise CLIError(f"--out {out} exists and does not look like a model directory; "
                            "choose another path")
+        if entries and not overwrite:
+            raise CLIError(f"--out {out} already holds a model; pass --overwrite to replace it")
 
 
 def _train_defaults(a, demo: bool) -> dict:
@@ -245,11 +267,15 @@ def _fit(model, train, valid, a, ckdir, demo=False):
 
 
 def _write_run_files(ckdir: Path, result, trainer_valid, extra: dict) -> None:
-    from .training.plots import plot_calibration, plot_learning_curves
+    from .training.plots import missing_matplotlib, plot_calibration, plot_learning_curves
 
     (ckdir / "metrics.json").write_text(json.dumps(
         {"history": result.history, "best_epoch": result.best_epoch, **extra}, indent=1,
         default=float), encoding="utf-8")
+    note = missing_matplotlib()
+    if note:
+        print(note, file=sys.stderr)
+        return
     if result.history:
         plot_learning_curves(result.history, ckdir / "learning_curves.png")
     if trainer_valid is not None:
@@ -268,6 +294,8 @@ def cmd_demo(a) -> int:
     from .models.registry import build_model
     from .training.loop import Trainer, evaluate
 
+    if a.out:
+        _fresh_out(Path(a.out), a.overwrite)
     n_hold = min(max(int(a.rows) // 10, 1000), 100_000)
     n_train = -(-int(a.rows) // n_hold) * n_hold  # a multiple of n_hold: chunks align
     t0 = time.perf_counter()
@@ -300,7 +328,7 @@ def cmd_demo(a) -> int:
     t_train = time.perf_counter() - t1
     sps = float(np.mean([h["samples_per_s"] for h in result.history]))
     m = evaluate(model, test)
-    wall = _process_age()
+    wall = time.perf_counter() - a.started
     print(f"model {a.model}: test AUC {m['auc']:.4f} (oracle AUC {oracle:.4f}, gap "
           f"{oracle - m['auc']:.4f}), logloss {m['logloss']:.4f}, calibration "
           f"{m['calibration']:.3f}")
@@ -326,7 +354,7 @@ def cmd_train(a) -> int:
     from .models.registry import build_model
 
     out = Path(a.out)
-    _fresh_out(out)
+    _fresh_out(out, a.overwrite)
     drop = [c.strip() for c in a.drop.split(",") if c.strip()]
     reader_kw = {"skip_bad_rows": a.skip_bad_rows, "max_bad_rows": a.max_bad_rows}
     with warnings.catch_warnings(record=True) as caught:
@@ -425,13 +453,26 @@ def cmd_predict(a) -> int:
     from .training.checkpoint import load_model
     from .training.loop import predict
 
+    from .data.readers import batches_from_chunks, open_reader
+
     out = Path(a.out)
     parquet = out.suffix.lower() in (".parquet", ".pq")
+    keep = list(dict.fromkeys(c.strip() for c in a.keep.split(",") if c.strip()))
+    if "prediction" in keep:
+        raise CLIError("--keep: 'prediction' is the name of the output column")
     model, schema, _ = load_model(a.dir)
+    reader = open_reader(a.data, schema=schema, skip_bad_rows=a.skip_bad_rows, keep=keep)
+    kept = []  # the --keep columns of every chunk; rows line up with the predictions
+
+    def chunks():
+        for chunk in reader:
+            kept.append(chunk.select(keep))
+            yield chunk
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ps, ys = [], []
-        for b in _batches(schema, a.data, a.batch_size, a.skip_bad_rows):
+        for b in batches_from_chunks(chunks(), schema, a.batch_size):
             p, y = predict(model, b)
             ps.append(p)
             ys.append(y)
@@ -439,7 +480,10 @@ def cmd_predict(a) -> int:
     p = np.concatenate(ps) if ps else np.zeros(0)
     y = np.concatenate(ys) if ys else np.zeros(0)
     cols = {"prediction": pa.array(p.astype(np.float64))}
-    if y.size and not np.isnan(y).any():
+    if kept:
+        kept_table = pa.concat_tables(kept)
+        cols.update({c: kept_table.column(c) for c in keep})
+    if y.size and not np.isnan(y).any() and schema.label not in cols:
         cols[schema.label] = pa.array(y.astype(np.int64))
     table = pa.table(cols)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -465,22 +509,23 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "predict": c
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command is None:
         parser.print_help()
         return 2
-    try:
-        from .data.errors import DataError
-    except ImportError:  # pragma: no cover
-        DataError = ValueError
-    try:
-        import torch
+    a.started = started  # the demo reports its time from here, not from process start
+    import adrec_fast
 
+    adrec_fast._load_native()  # torch and the native ops; fails loudly if broken
+    import torch
+
+    from .data.errors import DataError
+
+    try:
         if a.threads:
             torch.set_num_threads(a.threads)
-        import adrec_fast  # noqa: F401  (loads the native ops; fails loudly if broken)
-
         return COMMANDS[a.command](a)
     except (CLIError, DataError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"adrec-fast {a.command}: error: {e}", file=sys.stderr)

@@ -67,9 +67,13 @@ def test_train_eval_predict(csvs, capsys):
     p = b.column("prediction").to_numpy()
     assert ((p > 0) & (p < 1)).all()
 
-    # retraining into the same directory replaces it
-    assert main(["train", str(d / "train.csv"), "--model", "lr", "--out", str(out), "--epochs",
-                 "1", "--no-progress", "--valid", str(d / "test.csv"), "--json"]) == 0
+    # retraining into the same directory is refused, then replaces it with --overwrite
+    again = ["train", str(d / "train.csv"), "--model", "lr", "--out", str(out), "--epochs", "1",
+             "--no-progress", "--valid", str(d / "test.csv"), "--json"]
+    assert main(again) == 2
+    assert f"--out {out} already holds a model; pass --overwrite" in capsys.readouterr().err
+    assert json.loads((out / "best" / "checkpoint.json").read_text())["model"]["name"] == "fm"
+    assert main(again + ["--overwrite"]) == 0
     assert _last_json(capsys.readouterr().out)["rows_valid"] == 1000
     assert json.loads((out / "best" / "checkpoint.json").read_text())["model"]["name"] == "lr"
 
@@ -144,14 +148,94 @@ def test_malformed_inputs(csvs, capsys, tmp_path):
     assert _last_json(cap.out)["rows_train"] + _last_json(cap.out)["rows_valid"] == 3999
 
 
+def test_skip_bad_rows_skips_a_short_row_and_warns_once(csvs, capsys, tmp_path):
+    d, lines = csvs
+    rows = list(lines)
+    rows[1233] = rows[1233].rsplit(",", 1)[0]  # line 1234: one column short
+    label = lines[0].replace('"', "").split(",").index("label")
+    r = rows[1500].split(",")
+    r[label] = "x"
+    rows[1500] = ",".join(r)  # line 1501: bad label
+    (tmp_path / "bad.csv").write_text("\n".join(rows) + "\n")
+    rc = main(["train", str(tmp_path / "bad.csv"), "--model", "lr", "--out", str(tmp_path / "o"),
+               "--epochs", "1", "--no-progress", "--skip-bad-rows", "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    res = _last_json(cap.out)
+    assert res["rows_train"] + res["rows_valid"] == 3998
+    assert cap.err.count("skipped 2 bad rows") == 1, cap.err
+    assert "first: line 1234: expected" in cap.err
+
+
+def test_predict_keep_matches_rows_after_skipped_ones(csvs, capsys, tmp_path):
+    import pyarrow.csv as pcsv
+
+    d, lines = csvs
+    run = tmp_path / "run"
+    assert main(["train", str(d / "train.csv"), "--model", "lr", "--out", str(run), "--epochs",
+                 "1", "--no-progress"]) == 0
+    body = lines[3001:3101]
+    keyed = ["rid," + lines[0]] + [f"r{i:03d},{row}" for i, row in enumerate(body)]
+    keyed[6] = keyed[6].rsplit(",", 1)[0]  # row r005 is short: skipped
+    (tmp_path / "keyed.csv").write_text("\n".join(keyed) + "\n")
+    (tmp_path / "plain.csv").write_text("\n".join([lines[0]] + body) + "\n")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(tmp_path / "keyed.csv"), "--out",
+                 str(tmp_path / "k.csv"), "--keep", "rid", "--skip-bad-rows"]) == 0
+    assert main(["predict", str(run), str(tmp_path / "plain.csv"), "--out",
+                 str(tmp_path / "p.csv")]) == 0
+    k = pcsv.read_csv(tmp_path / "k.csv").to_pydict()
+    p = pcsv.read_csv(tmp_path / "p.csv").to_pydict()
+    assert list(k) == ["prediction", "rid", "label"]
+    assert k["rid"] == [f"r{i:03d}" for i in range(100) if i != 5]
+    assert k["prediction"] == pytest.approx([x for i, x in enumerate(p["prediction"]) if i != 5])
+    capsys.readouterr()
+    assert main(["predict", str(run), str(tmp_path / "keyed.csv"), "--out",
+                 str(tmp_path / "n.csv"), "--keep", "rid,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "keyed.csv, line 1: no column 'nope' to keep (columns: rid," in err, err
+    assert not (tmp_path / "n.csv").exists()
+
+
+def test_train_without_matplotlib_skips_the_plots(csvs, capsys, tmp_path, monkeypatch):
+    d, _ = csvs
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "run"
+    assert main(["train", str(d / "train.csv"), "--model", "lr", "--out", str(out), "--epochs",
+                 "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("matplotlib is not installed: no plots written") == 1, err
+    assert (out / "metrics.json").is_file() and not list(out.glob("*.png"))
+
+
 def test_eval_errors(csvs, capsys, tmp_path):
     d, _ = csvs
     assert main(["eval", str(tmp_path / "nothing"), str(d / "test.csv")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
-    assert main(["train", str(d / "train.csv"), "--model", "nope", "--out",
-                 str(tmp_path / "r")]) == 2
-    assert "unknown model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused by the argument parser, before any reading
+        main(["train", str(tmp_path / "absent.csv"), "--model", "nope", "--out",
+              str(tmp_path / "r")])
+    assert e.value.code == 2
+    assert "argument --model: invalid choice: 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_model_names_are_the_registry_names():
+    from adrec_fast.cli import MODEL_NAMES
+    from adrec_fast.models import model_names
+
+    assert sorted(MODEL_NAMES) == model_names()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "x.csv", "--model", "nope", "--out", "o"]])
+def test_help_and_argument_errors_do_not_load_torch(args):
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "adrec_fast", *args],
+                       check=False, capture_output=True, text=True, timeout=60)
+    assert r.returncode == (0 if args == ["--help"] else 2), r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "adrec_fast.cli" in imported
+    assert not {"torch", "adrec_fast._C", "pyarrow", "numpy"} & imported
 
 
 def test_help_is_complete(capsys):
@@ -174,10 +258,22 @@ def test_help_is_complete(capsys):
     assert main([]) == 2
 
 
-def test_demo_tiny(capsys):
-    rc = main(["demo", "--rows", "20000", "--epochs", "1", "--no-progress", "--json"])
+def test_demo_tiny(capsys, tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    rc = main(["demo", "--rows", "20000", "--epochs", "1", "--no-progress", "--json", "--out",
+               str(tmp_path / "demo")])
+    elapsed = time.perf_counter() - t0
     assert rc == 0
     res = _last_json(capsys.readouterr().out)
+    assert 0 < res["wall_s"] <= elapsed  # the command's own time, not the process's age
+    assert (tmp_path / "demo" / "checkpoint.json").is_file()
+    # a second demo into the same --out is refused before it generates any data
+    t0 = time.perf_counter()
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert time.perf_counter() - t0 < 5
+    assert "already holds a model; pass --overwrite" in capsys.readouterr().err
     assert {"auc", "logloss", "oracle_auc", "samples_per_s"} <= set(res)
     assert 0.6 < res["auc"] < res["oracle_auc"] + 0.02
     assert res["samples_per_s"] > 0

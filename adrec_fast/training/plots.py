@@ -1,13 +1,24 @@
 # SPDX-License-Identifier: Apache-2.0
 """PNG plots of a run: learning curves and a reliability (calibration) diagram.
 
-matplotlib is imported lazily, with the non-interactive Agg backend.
+matplotlib (the optional extra ``plot``) is imported lazily, with the non-interactive Agg
+backend; without it, training skips the plots (``missing_matplotlib`` says so).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+
+def missing_matplotlib() -> str | None:
+    """None when matplotlib can be imported, else a one-line note that the plots are skipped."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ("matplotlib is not installed: no plots written "
+                "(pip install matplotlib, or the extra adrec_fast[plot])")
+    return None
 
 
 def _pyplot():
