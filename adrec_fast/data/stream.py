@@ -39,9 +39,9 @@ from .columns import _fmix64
 from .errors import DataError
 
 STREAM_MODES = ("auto", "on", "off")
-CHUNK_ROWS = 65536  # rows per reader chunk, per cache chunk
-BUFFER_CHUNKS = 4  # shuffle buffer of the streamed path, in chunks
-PREFETCH = 8  # batches (or chunks) the background thread may hold ready
+CHUNK_ROWS = 32768  # rows per reader chunk, per cache chunk
+BUFFER_CHUNKS = 4  # shuffle buffer of the streamed path, in chunks (131,072 rows)
+PREFETCH = 1  # buffers (of BUFFER_CHUNKS chunks) the background thread may hold ready
 SPLIT_BLOCK = 4096  # rows per block of the validation split
 # in memory when the estimated encoded data is at most this and a quarter of the free memory;
 # above, streaming costs one sequential write and read of the cache, nothing per step
@@ -124,7 +124,7 @@ class EncodedRows:
     vectors: torch.Tensor
     num_bags: int
     seq: dict = field(default_factory=dict)
-    _offsets_cache: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _offsets: dict = field(default_factory=dict, init=False, repr=False)  # prefix sums
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -148,6 +148,19 @@ class EncodedRows:
                  for k in b.seq_indices},
         )
 
+    def _prefix(self, key: str, lengths: torch.Tensor) -> torch.Tensor:
+        """[len(lengths) + 1] int64 offsets of ``lengths``, computed once."""
+        if key not in self._offsets:
+            self._offsets[key] = _cumsum0(lengths.long())
+        return self._offsets[key]
+
+    def _bags(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bag lengths [T*N] int32, bag offsets [T*N+1] int64), ones for one-id bags."""
+        n = self.num_bags * len(self)
+        if self.bag_lengths is None:
+            return torch.ones(n, dtype=torch.int32), torch.arange(n + 1)
+        return self.bag_lengths, self._prefix("", self.bag_lengths)
+
     @staticmethod
     def concat(parts: list[EncodedRows]) -> EncodedRows:
         """Rows of ``parts`` one after the other (same schema)."""
@@ -160,13 +173,11 @@ class EncodedRows:
             ids = torch.cat([p.ids.view(T, n) for p, n in zip(parts, sizes)], 1).reshape(-1)
             bag_lengths = None
         else:
-            full = [p.bag_lengths if p.bag_lengths is not None
-                    else torch.ones(T * n, dtype=torch.int32) for p, n in zip(parts, sizes)]
+            bags = [p._bags() for p in parts]
             pieces, lens = [], []
             for t in range(T):
-                for p, n, bl in zip(parts, sizes, full):
-                    starts = _cumsum0(bl.long())
-                    pieces.append(p.ids[int(starts[t * n]):int(starts[(t + 1) * n])])
+                for p, n, (bl, bo) in zip(parts, sizes, bags):
+                    pieces.append(p.ids[int(bo[t * n]):int(bo[(t + 1) * n])])
                     lens.append(bl[t * n:(t + 1) * n])
             ids, bag_lengths = torch.cat(pieces), torch.cat(lens)
         return EncodedRows(
@@ -179,33 +190,51 @@ class EncodedRows:
                      torch.cat([p.seq[k][1] for p in parts])) for k in parts[0].seq},
         )
 
-    def take(self, rows: torch.Tensor) -> Batch:
-        """Rows ``rows`` [B] as a ``Batch`` (int64 ids and offsets)."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        n, T, B = len(self), self.num_bags, rows.numel()
-        if self.one_per_bag:
-            indices = self.ids.view(T, n)[:, rows].reshape(-1).long()  # [T*B]
-            offsets = torch.arange(T * B + 1)
-        else:
-            bags = (torch.arange(T)[:, None] * n + rows[None, :]).reshape(-1)  # [T*B]
-            indices, offsets = _bag_take(self.ids, self._offsets(), bags)
-            indices = indices.long()
-        seq_i, seq_o = {}, {}
-        for k, (ids, lengths) in self.seq.items():
-            si, so = _bag_take(ids, _cumsum0(lengths.long()), rows)
-            seq_i[k], seq_o[k] = si.long(), so
-        return Batch(indices=indices, offsets=offsets, dense=self.dense[rows],
-                     labels=self.labels[rows], vectors=self.vectors[rows], num_bags=T,
-                     seq_indices=seq_i, seq_offsets=seq_o)
-
-    def _offsets(self) -> torch.Tensor:
-        if self._offsets_cache is None:
-            self._offsets_cache = _cumsum0(self.bag_lengths.long())  # [T*N+1]
-        return self._offsets_cache
-
     def subset(self, rows: torch.Tensor) -> EncodedRows:
-        """Rows ``rows`` [K] in that order, still compact."""
-        return EncodedRows.from_batch(self.take(rows), self.ids.dtype)
+        """Rows ``rows`` [K] (any order), still compact."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        n, T = len(self), self.num_bags
+        if self.one_per_bag:
+            ids, bag_lengths = self.ids.view(T, n)[:, rows].reshape(-1), None
+        else:
+            bags = (torch.arange(T)[:, None] * n + rows[None, :]).reshape(-1)  # [T*K]
+            ids = _bag_take(self.ids, self._prefix("", self.bag_lengths), bags)[0]
+            bag_lengths = self.bag_lengths[bags]
+        seq = {k: (_bag_take(si, self._prefix(k, sl), rows)[0], sl[rows])
+               for k, (si, sl) in self.seq.items()}
+        return EncodedRows(ids=ids, bag_lengths=bag_lengths, dense=self.dense[rows],
+                           labels=self.labels[rows], vectors=self.vectors[rows],
+                           num_bags=T, seq=seq)
+
+    def slice(self, start: int, stop: int) -> EncodedRows:
+        """Rows [start, stop): views where the layout allows, else small copies."""
+        n, T = len(self), self.num_bags
+        if self.one_per_bag:
+            ids, bag_lengths = self.ids.view(T, n)[:, start:stop].reshape(-1), None
+        else:
+            rows = torch.arange(start, stop)
+            return self.subset(rows)
+        seq = {}
+        for k, (si, sl) in self.seq.items():
+            so = self._prefix(k, sl)
+            seq[k] = (si[int(so[start]):int(so[stop])], sl[start:stop])
+        return EncodedRows(ids=ids, bag_lengths=bag_lengths, dense=self.dense[start:stop],
+                           labels=self.labels[start:stop], vectors=self.vectors[start:stop],
+                           num_bags=T, seq=seq)
+
+    def to_batch(self) -> Batch:
+        """All rows as a ``Batch`` (int64 ids and offsets, float32 features)."""
+        n, T = len(self), self.num_bags
+        offsets = (torch.arange(T * n + 1) if self.one_per_bag
+                   else _cumsum0(self.bag_lengths.long()))
+        return Batch(indices=self.ids.long(), offsets=offsets, dense=self.dense,
+                     labels=self.labels, vectors=self.vectors, num_bags=T,
+                     seq_indices={k: si.long() for k, (si, _) in self.seq.items()},
+                     seq_offsets={k: _cumsum0(sl.long()) for k, (_, sl) in self.seq.items()})
+
+    def take(self, rows: torch.Tensor) -> Batch:
+        """Rows ``rows`` [B] (any order, repeats allowed) as a ``Batch``."""
+        return self.subset(rows).to_batch()
 
     def select(self, keep: np.ndarray) -> EncodedRows:
         """The rows where ``keep`` [N] is True, in order, still compact."""
@@ -219,7 +248,8 @@ class EncodedRows:
         order = epoch_permutation(n, seed, epoch) if shuffle else None
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            yield self.take(order[start:stop] if order is not None else torch.arange(start, stop))
+            yield (self.take(order[start:stop]) if order is not None
+                   else self.slice(start, stop).to_batch())
 
     def nbytes(self) -> int:
         ts = [self.ids, self.dense, self.labels, self.vectors]
@@ -411,31 +441,33 @@ class StreamedRows:
                        self.split_seed)
         return rows.select(m if self.side == "valid" else ~m)
 
-    def _produce(self, batch_size: int, shuffle: bool, seed: int, epoch: int):
+    def _groups(self, batch_size: int, shuffle: bool, seed: int, epoch: int):
+        """(rows, n): rows in training order, a buffer at a time, of which the first n (a
+        multiple of ``batch_size`` but in the last buffer) are due now. The worker permutes
+        (large tensor ops, which release the GIL); the consumer only slices batches."""
         n_chunks = len(self.cache)
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
         order = torch.randperm(n_chunks, generator=g).tolist() if shuffle else range(n_chunks)
         group = self.buffer_chunks if shuffle else 1
         carry = None  # rows left from the previous buffer, in their drawn order
         for start in range(0, n_chunks, group):
-            parts = [self._chunk(i) for i in order[start:start + group]]
+            rows = EncodedRows.concat([self._chunk(i) for i in order[start:start + group]])
+            if shuffle:
+                rows = rows.subset(torch.randperm(len(rows), generator=g))
             if carry is not None:
-                parts.insert(0, carry)
-            rows = EncodedRows.concat(parts)
-            n, k = len(rows), len(carry) if carry is not None else 0
-            perm = torch.arange(n)
-            if shuffle:  # the carried rows keep their place at the front
-                perm[k:] = k + torch.randperm(n - k, generator=g)
-            full = n - n % batch_size
-            for s in range(0, full, batch_size):
-                yield rows.take(perm[s:s + batch_size])
-            carry = rows.subset(perm[full:]) if full < n else None
+                rows = EncodedRows.concat([carry, rows])
+            full = len(rows) - len(rows) % batch_size
+            carry = rows.slice(full, len(rows)) if full < len(rows) else None
+            if full:
+                yield rows, full
         if carry is not None:
-            yield carry.take(torch.arange(len(carry)))
+            yield carry, len(carry)
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0):
-        return background(lambda: self._produce(batch_size, shuffle, seed, epoch),
-                          self.prefetch)
+        for rows, n in background(lambda: self._groups(batch_size, shuffle, seed, epoch),
+                                  self.prefetch):
+            for s in range(0, n, batch_size):
+                yield rows.slice(s, min(s + batch_size, n)).to_batch()
 
 
 # ---------------------------------------------------------------------------- loading
@@ -471,6 +503,21 @@ def should_stream(paths, mode: str = "auto") -> bool:
         return mode == "on"
     need = sum(_estimated_bytes(p) for p in paths if p is not None)
     return need > min(MEMORY_LIMIT_BYTES, _mem_available() // 4)
+
+
+def _release_memory() -> None:
+    """Hand the memory freed by a parsing pass back to the system before training allocates
+    its tables: pyarrow's pool and glibc's per-thread arenas (the reader thread's) keep it
+    otherwise, and the process's peak would hold both."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _chunks(path, schema, reader_kw: dict, quiet_skips: bool = False):
@@ -548,9 +595,8 @@ def load_training_data(path, schema, *, valid_path=None, valid_fraction: float =
             if not parts:
                 parts = [EncodedRows.from_batch(
                     schema.encode({c: [] for c in schema.raw_columns()}), index_dtype(schema))]
-            rows = EncodedRows.concat(parts)
+            sources.append(EncodedRows.concat(parts))
             del parts
-            sources.append(rows)
     total = sources[0].rows if streamed else len(sources[0])
     if total == 0:
         raise DataError("no data rows", path=path)
@@ -572,4 +618,6 @@ def load_training_data(path, schema, *, valid_path=None, valid_fraction: float =
     else:
         m = valid_mask(0, total, total, valid_fraction, seed)
         train, valid = sources[0].select(~m), sources[0].select(m)
+    del sources
+    _release_memory()
     return TrainingData(train=train, valid=valid, streamed=streamed, cache_bytes=cache_bytes)
