@@ -3,6 +3,7 @@
 MLPs, the registry, and the ``CTRModel`` base class (``Batch`` in, logits [B] out)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,8 +12,8 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..data.batch import Batch
-from ..nn import EmbeddingBagCollection, SigmoidBCEHead
-from ..ops import embedding_bag as _eb
+from ..nn import CrossNet, EmbeddingBagCollection, SigmoidBCEHead
+from ..nn.embedding_bag import L2_MODES
 from ..optim import FusedRowwiseAdagrad, FusedSGD
 from . import _dense
 
@@ -49,15 +50,35 @@ def fused_optimizer(name: str | None, lr: float = 0.05):
     raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {name!r}")
 
 
+#: ``dense_init=`` values: how Linear/cross weights start (biases at zero for "xavier")
+DENSE_INITS = ("xavier", "torch")
+
+
+def check_dropout(dropout: float, name: str = "dropout") -> float:
+    dropout = float(dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {dropout}")
+    return dropout
+
+
 def mlp(in_features: int, hidden: Sequence[int], dropout: float = 0.0,
-        batch_norm: bool = False) -> tuple[nn.Sequential, int]:
-    """Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden width. Returns (module, out width)."""
+        batch_norm: bool = False, layer_norm: bool = False) -> tuple[nn.Sequential, int]:
+    """Linear -> [BatchNorm | LayerNorm] -> ReLU -> [Dropout] per hidden width. Returns
+    (module, out width). Dropout is active in train mode only (``model.eval()`` and the Scorer
+    run without it); batch norm uses its running statistics in eval mode."""
+    dropout = check_dropout(dropout)
+    if batch_norm and layer_norm:
+        raise ValueError("choose batch_norm or layer_norm, not both")
     layers: list[nn.Module] = []
     width = in_features
     for h in hidden:
+        if int(h) < 1:
+            raise ValueError(f"hidden widths must be >= 1, got {list(hidden)}")
         layers.append(nn.Linear(width, int(h)))
         if batch_norm:
             layers.append(nn.BatchNorm1d(int(h)))
+        elif layer_norm:
+            layers.append(nn.LayerNorm(int(h)))
         layers.append(nn.ReLU(inplace=True))  # the Linear output is not saved: no copy needed
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
@@ -146,13 +167,15 @@ class SparseLookup(nn.Module):
     """
 
     def __init__(self, schema, embedding_dim: int, optimizer=None, pooling: str = "mean",
-                 init_std: float | None = None, sequences: Sequence[str] = ()):
+                 init_std: float | None = None, sequences: Sequence[str] = (),
+                 l2: float = 0.0, l2_mode: str = "lazy"):
         super().__init__()
         tables = schema.tables()
         if not tables:
             raise ValueError("the schema has no categorical field: nothing to embed")
         self.ebc = EmbeddingBagCollection([c for _, c in tables], embedding_dim, pooling=pooling,
-                                          optimizer=optimizer, init_std=init_std)
+                                          optimizer=optimizer, init_std=init_std, l2=l2,
+                                          l2_mode=l2_mode)
         self.dim = int(embedding_dim)
         bag_tables = [t for _, t in schema.sparse_fields()]
         self.num_bags = len(bag_tables)
@@ -171,12 +194,7 @@ class SparseLookup(nn.Module):
 
     def _global(self, indices: Tensor, offsets: Tensor) -> Tensor:
         """One call on the whole buffer seen as a single table: indices are global row ids."""
-        ebc = self.ebc
-        opt = ebc.optimizer
-        if opt is None or not ebc.training or not torch.is_grad_enabled():
-            return F.embedding_bag(ebc.weight, self.one_table, indices, offsets, None, ebc.pooling)
-        return _eb.embedding_bag_fused_update(ebc.weight, ebc.state, self.one_table, indices,
-                                              offsets, None, ebc.pooling, opt.name, opt.lr, opt.eps)
+        return self.ebc.lookup(self.one_table, indices, offsets)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         B = batch.batch_size
@@ -225,8 +243,23 @@ class CTRModel(nn.Module):
 
     def __init__(self, schema, embedding_dim: int = 16,
                  embedding_optimizer: str | None = "rowwise_adagrad", pooling: str = "mean",
-                 init_std: float | None = None, precision: str = "fp32", **config):
+                 init_std: float | None = None, precision: str = "fp32",
+                 embedding_l2: float = 0.0, embedding_l2_mode: str = "lazy",
+                 dense_init: str = "torch", **config):
         super().__init__()
+        embedding_l2 = float(embedding_l2)
+        if not (embedding_l2 >= 0 and math.isfinite(embedding_l2)):
+            raise ValueError(f"embedding_l2 must be a finite number >= 0, got {embedding_l2}")
+        if embedding_l2_mode not in L2_MODES:
+            raise ValueError(f"embedding_l2_mode must be one of {L2_MODES}, "
+                             f"got {embedding_l2_mode!r}")
+        if embedding_l2 > 0 and embedding_optimizer in (None, "none"):
+            raise ValueError("embedding_l2 needs a fused embedding optimizer "
+                             "(embedding_optimizer='rowwise_adagrad' or 'sgd')")
+        if dense_init not in DENSE_INITS:
+            raise ValueError(f"dense_init must be one of {DENSE_INITS}, got {dense_init!r}")
+        if init_std is not None and not (float(init_std) >= 0 and math.isfinite(init_std)):
+            raise ValueError(f"init_std must be a finite number >= 0, got {init_std}")
         if not schema.fitted:
             raise ValueError("the schema is not fitted (vocabularies/statistics missing); "
                              "call schema.fit(data) first")
@@ -245,9 +278,15 @@ class CTRModel(nn.Module):
         self._emb_opt = embedding_optimizer
         self._pooling = pooling
         self._init_std = init_std
+        self._l2 = (embedding_l2, embedding_l2_mode)
+        self.dense_init = dense_init
         self.config = {"name": self.model_name, "embedding_dim": self.embedding_dim,
                        "embedding_optimizer": embedding_optimizer, "pooling": pooling,
                        "init_std": init_std, **config}
+        if embedding_l2 > 0:  # configs of unregularised models stay as before
+            self.config.update(embedding_l2=embedding_l2, embedding_l2_mode=embedding_l2_mode)
+        if dense_init != "torch":
+            self.config["dense_init"] = dense_init
         if precision != "fp32":  # fp32 checkpoints keep their config as before
             self.config["precision"] = precision
 
@@ -256,11 +295,35 @@ class CTRModel(nn.Module):
                      init_std: float | None = None) -> SparseLookup:
         return SparseLookup(self.schema, dim or self.embedding_dim,
                             fused_optimizer(self._emb_opt), self._pooling,
-                            init_std if init_std is not None else self._init_std, sequences)
+                            init_std if init_std is not None else self._init_std, sequences,
+                            *self._l2)
 
     def _make_linear(self) -> SparseLookup:
-        """Width-1 first-order weights of every sparse bag, initialised to zero."""
-        return SparseLookup(self.schema, 1, fused_optimizer(self._emb_opt), self._pooling, 0.0)
+        """Width-1 first-order weights of every sparse bag, initialised to zero (the same L2 as
+        the embeddings)."""
+        return SparseLookup(self.schema, 1, fused_optimizer(self._emb_opt), self._pooling, 0.0,
+                            (), *self._l2)
+
+    def init_dense(self) -> None:
+        """Re-draw the dense weights per ``dense_init``; every model calls it at the end of its
+        constructor. "xavier": Xavier-normal Linear and cross-layer weights, zero biases;
+        "torch": torch's default initialisation (kept as drawn)."""
+        if self.dense_init != "xavier":
+            return
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_normal_(m.weight)
+                    if m.bias is not None:
+                        m.bias.zero_()
+                elif isinstance(m, CrossNet):
+                    for w in m.weights:
+                        nn.init.xavier_normal_(w)
+                    for b in m.biases:
+                        b.zero_()
+                elif isinstance(m, SigmoidBCEHead):
+                    nn.init.xavier_normal_(m.weight.view(1, -1))
+                    m.bias.zero_()
 
     def tower_precision(self, device: torch.device):
         """Context for the dense tower: ``precision="bf16"`` runs it under

@@ -12,6 +12,16 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
+def canonical_name(name: str) -> str:
+    """The registered name of ``name`` ("DCN-v2" -> "dcnv2"); ValueError when unknown."""
+    key = str(name).lower().replace("-", "").replace("_", "")
+    aliases = {"dcn": "dcnv2", "dcnv2": "dcnv2", "logreg": "lr"}
+    key = aliases.get(key, key)
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
+    return key
+
+
 def build_model(name: str, schema, embedding_dim: int = 16, **kwargs) -> CTRModel:
     """A fresh model ``name`` (see ``model_names()``) for a fitted ``schema``.
 
@@ -22,11 +32,7 @@ def build_model(name: str, schema, embedding_dim: int = 16, **kwargs) -> CTRMode
     drawn from torch's global RNG: seed it first for a reproducible start.
     ``model.config`` rebuilds the same architecture: ``build_model(**model.config, schema=s)``.
     """
-    key = name.lower().replace("-", "").replace("_", "")
-    aliases = {"dcn": "dcnv2", "dcnv2": "dcnv2", "logreg": "lr"}
-    key = aliases.get(key, key)
-    if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
+    key = canonical_name(name)
     cls = MODELS[key]
     allowed = set(model_kwargs(key))
     unknown = sorted(set(kwargs) - allowed)

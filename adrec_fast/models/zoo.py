@@ -27,6 +27,7 @@ class LR(CTRModel):
         super().__init__(schema, embedding_dim, **kw)
         self.linear = self._make_linear()
         self.head = Head(self.dense_in)
+        self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
         lin, _ = self.linear(batch)  # [B, T, 1]
@@ -42,6 +43,7 @@ class FM(CTRModel):
         self.lookup = self._make_lookup()
         self.linear = self._make_linear()
         self.head = Head(self.dense_in)
+        self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
         emb, _ = self.lookup(batch)  # [B, T, D]
@@ -55,15 +57,17 @@ class DeepFM(CTRModel):
     """DeepFM: LR + FM + MLP over ``[flattened embeddings, dense]`` (shared embeddings)."""
 
     def __init__(self, schema, embedding_dim: int = 16, hidden: Sequence[int] = (256, 128),
-                 dropout: float = 0.0, batch_norm: bool = False, **kw):
+                 dropout: float = 0.0, batch_norm: bool = False, layer_norm: bool = False,
+                 **kw):
         super().__init__(schema, embedding_dim, hidden=list(hidden), dropout=dropout,
-                         batch_norm=batch_norm, **kw)
+                         batch_norm=batch_norm, layer_norm=layer_norm, **kw)
         self.lookup = self._make_lookup()
         self.linear = self._make_linear()
         self.deep, width = mlp(self.num_bags * self.embedding_dim + self.dense_in, hidden,
-                               dropout, batch_norm)
+                               dropout, batch_norm, layer_norm)
         self.head = Head(width)
         self.dense_linear = nn.Linear(self.dense_in, 1, bias=False) if self.dense_in else None
+        self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
         B = batch.batch_size
@@ -88,12 +92,13 @@ class DCNv2(CTRModel):
 
     def __init__(self, schema, embedding_dim: int = 16, cross_layers: int = 3,
                  hidden: Sequence[int] = (256, 128), structure: str = "parallel",
-                 dropout: float = 0.0, batch_norm: bool = False, linear: bool = False, **kw):
+                 dropout: float = 0.0, batch_norm: bool = False, layer_norm: bool = False,
+                 linear: bool = False, **kw):
         if structure not in ("parallel", "stacked"):
             raise ValueError(f"structure must be 'parallel' or 'stacked', got {structure!r}")
         super().__init__(schema, embedding_dim, cross_layers=cross_layers, hidden=list(hidden),
                          structure=structure, dropout=dropout, batch_norm=batch_norm,
-                         linear=linear, **kw)
+                         layer_norm=layer_norm, linear=linear, **kw)
         self.structure = structure
         self.lookup = self._make_lookup()
         self.linear = self._make_linear() if linear else None
@@ -101,8 +106,9 @@ class DCNv2(CTRModel):
         self.k = k
         self.pad = gemm_pad(k)  # x0 is built [B, k + pad] with zero columns (see gemm_pad)
         self.cross = CrossNet(k, num_layers=cross_layers)
-        self.deep, width = mlp(k, hidden, dropout, batch_norm)
+        self.deep, width = mlp(k, hidden, dropout, batch_norm, layer_norm)
         self.head = Head(width + k if structure == "parallel" else width)
+        self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
         B = batch.batch_size
@@ -142,9 +148,11 @@ class DLRM(CTRModel):
     supports_bf16 = True
 
     def __init__(self, schema, embedding_dim: int = 16, bottom: Sequence[int] = (64,),
-                 top: Sequence[int] = (256, 128), self_interaction: bool = False, **kw):
+                 top: Sequence[int] = (256, 128), self_interaction: bool = False,
+                 dropout: float = 0.0, batch_norm: bool = False, layer_norm: bool = False, **kw):
         super().__init__(schema, embedding_dim, bottom=list(bottom), top=list(top),
-                         self_interaction=self_interaction, **kw)
+                         self_interaction=self_interaction, dropout=dropout,
+                         batch_norm=batch_norm, layer_norm=layer_norm, **kw)
         self.lookup = self._make_lookup()
         D = self.embedding_dim
         self.self_interaction = self_interaction
@@ -156,11 +164,13 @@ class DLRM(CTRModel):
         F_ = self.num_bags + (1 if self.bottom is not None else 0)
         P = F_ * (F_ + 1) // 2 if self_interaction else F_ * (F_ - 1) // 2
         top_in = P + (D if self.bottom is not None else 0)
-        self.top, width = mlp(top_in, top)
+        # dropout and normalisation in the top MLP (the bottom one maps a few dense inputs)
+        self.top, width = mlp(top_in, top, dropout, batch_norm, layer_norm)
         self.head = Head(width)
         # the top input is built [B, top_in + pad] with zero columns (see gemm_pad); only when
         # there is a dense vector to concatenate anyway (the cat then absorbs the padding)
         self.pad = gemm_pad(top_in) if self.bottom is not None and top else 0
+        self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
         emb, _ = self.lookup(batch)  # [B, T, D]
@@ -191,18 +201,18 @@ class DIN(CTRModel):
     table) and pooled by ``attention_pooling`` with the target's embedding as the query. The
     pooled vectors join the T field embeddings as extra fields, then
     ``logit = first order [linear] + FM over all fields [fm] + MLP([all fields, dense])``.
+    On a schema without a sequence field only that last part remains (no attention).
     """
 
     def __init__(self, schema, embedding_dim: int = 16, hidden: Sequence[int] = (256, 128),
                  sequences: Sequence[str] | None = None, target: str | None = None,
-                 fm: bool = True, linear: bool = True, dropout: float = 0.0, **kw):
+                 fm: bool = True, linear: bool = True, dropout: float = 0.0,
+                 batch_norm: bool = False, layer_norm: bool = False, **kw):
         seq_fields = dict(schema.sequence_fields())
-        if not seq_fields:
-            raise ValueError("model 'din' needs a behaviour-sequence field in the schema "
-                             "(multi_categorical with sequence: true)")
         sequences = list(sequences) if sequences is not None else list(seq_fields)
         super().__init__(schema, embedding_dim, hidden=list(hidden), sequences=sequences,
-                         target=target, fm=fm, linear=linear, dropout=dropout, **kw)
+                         target=target, fm=fm, linear=linear, dropout=dropout,
+                         batch_norm=batch_norm, layer_norm=layer_norm, **kw)
         bags = [name for name, _ in schema.sparse_fields()]
         bag_table = dict(schema.sparse_fields())
         self.target_bag = []
@@ -229,8 +239,10 @@ class DIN(CTRModel):
         self.linear = self._make_linear() if linear else None
         self.use_fm = fm
         n_fields = self.num_bags + len(sequences)
-        self.deep, width = mlp(n_fields * self.embedding_dim + self.dense_in, hidden, dropout)
+        self.deep, width = mlp(n_fields * self.embedding_dim + self.dense_in, hidden, dropout,
+                               batch_norm, layer_norm)
         self.head = Head(width)
+        self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
         B = batch.batch_size
@@ -239,7 +251,7 @@ class DIN(CTRModel):
             F.attention_pooling(emb[:, t].contiguous(), keys[s], batch.seq_offsets[s])  # [B, D]
             for s, t in zip(self.sequences, self.target_bag)
         ]
-        fields = torch.cat([emb, torch.stack(pooled, dim=1)], dim=1)  # [B, T+S, D]
+        fields = torch.cat([emb, torch.stack(pooled, dim=1)], dim=1) if pooled else emb  # [B, T+S, D]
         x = torch.cat([fields.reshape(B, -1), self.dense_input(batch)], dim=1)
         logit = self.head(self.deep(x))
         if self.use_fm:

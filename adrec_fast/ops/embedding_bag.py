@@ -52,6 +52,13 @@ def _global_rows(table_offsets: Tensor, indices: Tensor, offsets: Tensor) -> tup
     return table_offsets.long()[table] + indices.long(), bag
 
 
+def global_rows(table_offsets: Tensor, indices: Tensor, offsets: Tensor) -> Tensor:
+    """[nnz] global row id (row of the weight buffer) of every index of a TBE-layout lookup."""
+    if table_offsets.numel() == 2:
+        return indices.long() + table_offsets[0].long()
+    return _global_rows(table_offsets, indices, offsets.long())[0]
+
+
 def _psw_grad(grad_out, weights, table_offsets, indices, offsets, pooling) -> Tensor:
     """d out / d psw[k] = <grad_out bag slice, weights row> (/ L for mean). [nnz]"""
     T = table_offsets.numel() - 1

@@ -192,6 +192,12 @@ class Trainer:
             at the start of ``fit``, for dropout).
         patience: early stopping after that many epochs without improvement of ``monitor``
             ("auc" up or "logloss" down) on the validation data; None never stops.
+        plateau_factor: reduce-lr-on-plateau: after every epoch whose validation ``monitor``
+            did not improve, multiply every learning rate (dense and fused, on top of
+            ``schedule``) by this factor (e.g. 0.1); None or 1 leaves them.
+        clip_grad_norm: clip the dense parameters' gradient norm to this value each step
+            (the fused embedding update never materialises its gradient, so it is not
+            included); None does not clip.
         restore_best: load the best validation epoch's weights at the end.
         checkpoint_dir: writes ``last/`` every epoch and ``best/`` on improvement.
         progress: tqdm bar with samples/s and loss (on a terminal) and one line per epoch.
@@ -203,7 +209,8 @@ class Trainer:
                  min_factor: float = 0.0, batch_size: int = 1024, seed: int = 0,
                  patience: int | None = None, monitor: str = "auc", restore_best: bool = True,
                  checkpoint_dir=None, progress: bool = True, eval_batch_size: int = 16384,
-                 shuffle: bool = True):
+                 shuffle: bool = True, plateau_factor: float | None = None,
+                 clip_grad_norm: float | None = None):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if optimizer not in DENSE_OPTIMIZERS:
@@ -212,6 +219,14 @@ class Trainer:
             raise ValueError(f"monitor must be 'auc' or 'logloss', got {monitor!r}")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if plateau_factor is not None and not 0 < plateau_factor <= 1:
+            raise ValueError(f"plateau_factor must be in (0, 1], got {plateau_factor}")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0, got {clip_grad_norm}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience must be >= 1 (or None), got {patience}")
         self.model = model
         self.lr = float(lr)
         emb_opt = model.config.get("embedding_optimizer")
@@ -232,6 +247,9 @@ class Trainer:
         self.progress = progress
         self.eval_batch_size = int(eval_batch_size)
         self.shuffle = shuffle
+        self.plateau_factor = plateau_factor
+        self.clip_grad_norm = clip_grad_norm
+        self.plateau_scale = 1.0  # product of the plateau reductions so far
         self.optimizer = self._make_optimizer()
         self.sparse_optimizer = (torch.optim.SparseAdam(model.sparse_parameters(), lr=self.embedding_lr)
                                  if model.sparse_parameters() else None)
@@ -258,10 +276,12 @@ class Trainer:
         return {"lr": self.lr, "embedding_lr": self.embedding_lr, "optimizer": self.optimizer_name,
                 "weight_decay": self.weight_decay, "schedule": self.schedule, **self.schedule_kw,
                 "batch_size": self.batch_size, "seed": self.seed, "patience": self.patience,
-                "monitor": self.monitor, "restore_best": self.restore_best}
+                "monitor": self.monitor, "restore_best": self.restore_best,
+                "plateau_factor": self.plateau_factor, "clip_grad_norm": self.clip_grad_norm}
 
     # -- learning rates -------------------------------------------------------------------
     def _set_lr(self, factor: float) -> None:
+        factor *= self.plateau_scale
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr * factor
         if self.sparse_optimizer is not None:
@@ -282,7 +302,7 @@ class Trainer:
     def _trainer_state(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch,
                 "best_value": self.best_value, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs}
+                "bad_epochs": self.bad_epochs, "plateau_scale": self.plateau_scale}
 
     def save(self, path, metrics: dict | None = None) -> Path:
         """Full training checkpoint (weights, fused + dense optimizer state, RNG, history)."""
@@ -317,6 +337,7 @@ class Trainer:
         self.best_value = st["best_value"]
         self.best_epoch = st["best_epoch"]
         self.bad_epochs = int(st["bad_epochs"])
+        self.plateau_scale = float(st.get("plateau_scale", 1.0))
         self.history = list(doc.get("history", []))
         best = path.parent / "best"
         if self.best_epoch is not None and (best / ckpt.MODEL_FILE).is_file():
@@ -333,6 +354,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         model = self.model
+        self._clip_params = [p for p in self.optimizer.param_groups[0]["params"]]
         train_src = _as_source(train)
         valid_src = _as_source(valid)
         if not (resume and self.resume()):
@@ -363,6 +385,8 @@ class Trainer:
                     if self.sparse_optimizer is not None:
                         self.sparse_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if self.clip_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(self._clip_params, self.clip_grad_norm)
                     self.optimizer.step()
                     if self.sparse_optimizer is not None:
                         self.sparse_optimizer.step()
@@ -387,7 +411,8 @@ class Trainer:
             metrics = {"epoch": self.epoch, "train_loss": loss_sum / max(loss_n, 1),
                        "samples_per_s": seen / max(dt, 1e-9), "train_time_s": dt,
                        "lr_factor": lr_factor(self.schedule, max(self.global_step - 1, 0),
-                                              total_steps, e, **self.schedule_kw)}
+                                              total_steps, e, **self.schedule_kw)
+                       * self.plateau_scale}
             improved = False
             if valid_src is not None:
                 p, y = predict(model, valid_src, self.eval_batch_size)
@@ -403,6 +428,8 @@ class Trainer:
                                             for k, v in model.state_dict().items()}
                 else:
                     self.bad_epochs += 1
+                    if self.plateau_factor is not None:
+                        self.plateau_scale *= self.plateau_factor
                 if self.patience is not None and self.bad_epochs >= self.patience:
                     stopped = True
             self.history.append(metrics)

@@ -111,8 +111,8 @@ def test_bad_arguments(synth):
     with pytest.raises(ValueError, match="embedding_optimizer"):
         build_model("fm", schema, embedding_optimizer="adam")
     flat = Schema([{"name": "a", "type": "categorical", "vocabulary": ["x", "y"]}])
-    with pytest.raises(ValueError, match="sequence"):
-        build_model("din", flat)
+    with pytest.raises(ValueError, match="not a sequence field"):
+        build_model("din", flat, sequences=["a"])
     with pytest.raises(ValueError, match="not fitted"):
         build_model("fm", Schema([{"name": "a", "type": "categorical"}]))
 
