@@ -1,0 +1,75 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The default training recipe of every model: the one place that decides what
+``adrec-fast train DATA --model NAME`` does when no tuning flag is given.
+
+A recipe is the model's keyword arguments (``build_model``), the trainer's (``Trainer``) and the
+number of epochs. The values were chosen by measurement against FuxiCTR 2.3.10 with its BARS
+recipe (``bench/quality.py``; the table and the runs behind each choice are in
+``bench/RESULTS_models.md``).
+
+    model, trainer, epochs = recipes.build("deepfm", schema, seed=0)
+    trainer.fit(train, valid, epochs=epochs)
+
+Any setting can be overridden by name (``build(..., embedding_l2=0.0, batch_size=1024)``):
+names that the model takes go to the model, the others to the trainer.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from .registry import build_model, canonical_name, model_kwargs
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: dict = field(default_factory=dict)  # build_model keyword arguments
+    trainer: dict = field(default_factory=dict)  # Trainer keyword arguments
+    epochs: int = 100  # an upper bound: early stopping ends the run
+
+
+#: shared by every model: early stopping on validation AUC with the best epoch restored,
+#: lr x0.1 after every epoch without improvement, dense gradients clipped at norm 10
+_TRAINER = {"lr": 1e-3, "batch_size": 4096, "patience": 2, "plateau_factor": 0.1,
+            "clip_grad_norm": 10.0, "schedule": "constant"}
+_MODEL = {"embedding_dim": 16, "dense_init": "xavier", "init_std": 1e-4}
+_TOWER = {"hidden": (400, 400, 400), "dropout": 0.2, "batch_norm": True}
+
+RECIPES: dict[str, Recipe] = {
+    "lr": Recipe(model={**_MODEL}, trainer={**_TRAINER}),
+    "fm": Recipe(model={**_MODEL}, trainer={**_TRAINER}),
+    "deepfm": Recipe(model={**_MODEL, **_TOWER, "embedding_l2": 0.0},
+                     trainer={**_TRAINER}),
+    "dcnv2": Recipe(model={**_MODEL, **_TOWER, "cross_layers": 3, "embedding_l2": 0.0},
+                    trainer={**_TRAINER}),
+    "dlrm": Recipe(model={**_MODEL, "top": (400, 400, 400), "dropout": 0.2, "batch_norm": True},
+                   trainer={**_TRAINER}),
+    "din": Recipe(model={**_MODEL, **_TOWER}, trainer={**_TRAINER}),
+}
+
+
+def recipe(name: str) -> Recipe:
+    """The default recipe of model ``name`` (aliases as in ``build_model``)."""
+    return copy.deepcopy(RECIPES[canonical_name(name)])
+
+
+def build(name: str, schema, *, seed: int = 0, progress: bool = True, **overrides):
+    """(model, trainer, epochs) of ``name``'s recipe with ``overrides`` applied. Seed torch's
+    RNG before calling for a reproducible initialisation."""
+    from ..training.loop import Trainer
+
+    key = canonical_name(name)
+    r = recipe(key)
+    model_kw, trainer_kw, epochs = dict(r.model), dict(r.trainer), r.epochs
+    takes = set(model_kwargs(key)) | {"embedding_dim"}
+    for k, v in overrides.items():
+        if k == "epochs":
+            epochs = int(v)
+        elif k in takes:
+            model_kw[k] = v
+        else:
+            trainer_kw[k] = v
+    dim = model_kw.pop("embedding_dim", 16)
+    model = build_model(key, schema, embedding_dim=dim, **model_kw)
+    trainer = Trainer(model, seed=seed, progress=progress, **trainer_kw)
+    return model, trainer, epochs
