@@ -87,19 +87,29 @@ def _train_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    (" (default: din)" if demo else " (default: deepfm)"))
     p.add_argument("--epochs", type=int, default=None,
                    help="maximum number of passes over the training data (early stopping may "
-                        "end sooner; default 2 for the demo, 10 for train)")
+                        "end sooner; default 2 for the demo, the model's recipe for train)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per training step (default 512 for the demo, 1024 for train)")
+                   help="rows per training step (default 512 for the demo, the model's recipe "
+                        "for train)")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate of the dense layers (Adam; default 1e-3 for train, "
-                        "2e-3 for the demo)")
+                   help="learning rate of the dense layers (Adam; default 2e-3 for the demo, "
+                        "the model's recipe for train)")
     p.add_argument("--embedding-lr", type=float, default=None,
                    help="learning rate of the fused row-wise Adagrad on the embedding tables "
                         "(default 0.05)")
-    p.add_argument("--embedding-dim", type=int, default=16, help="embedding width (default 16)")
+    p.add_argument("--embedding-dim", type=int, default=None,
+                   help="embedding width (default 16)")
+    # regularisation; unset = the model's default recipe (adrec_fast/models/recipes.py)
+    p.add_argument("--embedding-l2", type=float, default=None, metavar="LAMBDA",
+                   help="L2 penalty lambda/2*||E||^2 on the embedding tables, applied as lazy "
+                        "decay inside the fused update (>= 0; default: the model's recipe)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout rate of the MLP layers, in [0, 1) (default: the model's recipe)")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch norm in the MLP layers (default: the model's recipe)")
     p.add_argument("--schedule", default=None, choices=["constant", "cosine", "linear", "step"],
                    help="learning-rate schedule (default: cosine for the demo, constant for train)")
-    p.add_argument("--patience", type=int, default=2,
+    p.add_argument("--patience", type=int, default=None,
                    help="stop after this many epochs without a better validation AUC (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -257,13 +267,52 @@ def _train_defaults(a, demo: bool) -> dict:
     }
 
 
+def _recipe(a, demo: bool = False) -> tuple[dict, dict, int]:
+    """(model kwargs, Trainer kwargs, epochs): the model's default recipe
+    (``models.recipes``) with the tuning flags given on the command line applied; the demo
+    keeps its own settings (``_train_defaults``) and takes only the model flags."""
+    from .models import recipes
+
+    flags = {"embedding_dim": a.embedding_dim, "embedding_l2": a.embedding_l2,
+             "dropout": a.dropout, "batch_norm": a.batch_norm}
+    if demo:
+        return ({"embedding_dim": 16, **DEMO_MODEL_KW.get(a.model, {}),
+                 **{k: v for k, v in flags.items() if v is not None}}, {}, 0)
+    flags.update(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, embedding_lr=a.embedding_lr,
+                 schedule=a.schedule, patience=a.patience)
+    try:
+        return recipes.resolve(a.model, **{k: v for k, v in flags.items() if v is not None})
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _check_options(a) -> None:
+    """Out-of-range tuning flags, named (before any data is read)."""
+    checks = [("--epochs", a.epochs, lambda v: v >= 1, ">= 1"),
+              ("--batch-size", a.batch_size, lambda v: v >= 1, ">= 1"),
+              ("--lr", a.lr, lambda v: v > 0, "> 0"),
+              ("--embedding-lr", a.embedding_lr, lambda v: v > 0, "> 0"),
+              ("--embedding-dim", a.embedding_dim, lambda v: v >= 1, ">= 1"),
+              ("--embedding-l2", a.embedding_l2, lambda v: 0 <= v < float("inf"), ">= 0"),
+              ("--dropout", a.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+              ("--patience", a.patience, lambda v: v >= 1, ">= 1")]
+    for flag, v, ok, want in checks:
+        if v is not None and not ok(v):
+            raise CLIError(f"{flag} must be {want}, got {v}")
+
+
 def _fit(model, train, valid, a, ckdir, demo=False):
     from .training.loop import fit
 
+    if not demo:
+        _, trainer_kw, epochs = _recipe(a)
+        return fit(model, train, valid, epochs=epochs, seed=a.seed, checkpoint_dir=ckdir,
+                   progress=not a.no_progress, **trainer_kw)
     d = _train_defaults(a, demo)
     return fit(model, train, valid, epochs=d["epochs"], batch_size=d["batch_size"], lr=d["lr"],
                embedding_lr=a.embedding_lr, schedule=d["schedule"], seed=a.seed,
-               patience=a.patience, checkpoint_dir=ckdir, progress=not a.no_progress)
+               patience=a.patience if a.patience is not None else 2, checkpoint_dir=ckdir,
+               progress=not a.no_progress)
 
 
 def _write_run_files(ckdir: Path, result, trainer_valid, extra: dict) -> None:
@@ -285,6 +334,7 @@ def _write_run_files(ckdir: Path, result, trainer_valid, extra: dict) -> None:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_demo(a) -> int:
+    _check_options(a)
     import numpy as np
     import torch
 
@@ -321,11 +371,14 @@ def cmd_demo(a) -> int:
           f"rows, {len(schema.sparse_fields())} categorical fields + a behaviour history, "
           f"{schema.n_dense} dense ({t_data:.1f}s)", flush=True)
     torch.manual_seed(a.seed)
-    model = build_model(a.model, schema, embedding_dim=a.embedding_dim,
-                        **DEMO_MODEL_KW.get(a.model, {}))
+    try:
+        model = build_model(a.model, schema, **_recipe(a, demo=True)[0])
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
     d = _train_defaults(a, demo=True)
     trainer = Trainer(model, lr=d["lr"], embedding_lr=a.embedding_lr, schedule=d["schedule"],
-                      batch_size=d["batch_size"], seed=a.seed, patience=a.patience,
+                      batch_size=d["batch_size"], seed=a.seed,
+                      patience=a.patience if a.patience is not None else 2,
                       progress=not a.no_progress)
     t1 = time.perf_counter()
     result = trainer.fit(train, valid, epochs=d["epochs"])
@@ -351,6 +404,7 @@ def cmd_demo(a) -> int:
 
 
 def cmd_train(a) -> int:
+    _check_options(a)
     import torch
 
     from .data.schema import Schema
@@ -380,8 +434,8 @@ def cmd_train(a) -> int:
           f"{len(schema.sparse_fields())} categorical, {schema.n_dense} dense fields", flush=True)
     torch.manual_seed(a.seed)
     try:
-        model = build_model(a.model, schema, embedding_dim=a.embedding_dim)
-    except TypeError as e:
+        model = build_model(a.model, schema, **_recipe(a)[0])
+    except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:

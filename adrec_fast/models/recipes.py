@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .registry import build_model, canonical_name, model_kwargs
+from .registry import build_model, canonical_name, model_kwargs, model_names
 
 
 @dataclass(frozen=True)
@@ -32,19 +32,20 @@ class Recipe:
 #: lr x0.1 after every epoch without improvement, dense gradients clipped at norm 10
 _TRAINER = {"lr": 1e-3, "batch_size": 4096, "patience": 2, "plateau_factor": 0.1,
             "clip_grad_norm": 10.0, "schedule": "constant"}
-_MODEL = {"embedding_dim": 16, "dense_init": "xavier", "init_std": 1e-4}
+_MODEL = {"embedding_dim": 16, "dense_init": "xavier"}
 _TOWER = {"hidden": (400, 400, 400), "dropout": 0.2, "batch_norm": True}
 
 RECIPES: dict[str, Recipe] = {
     "lr": Recipe(model={**_MODEL}, trainer={**_TRAINER}),
     "fm": Recipe(model={**_MODEL}, trainer={**_TRAINER}),
-    "deepfm": Recipe(model={**_MODEL, **_TOWER, "embedding_l2": 0.0},
+    "deepfm": Recipe(model={**_MODEL, **_TOWER, "embedding_l2": 0.5},
                      trainer={**_TRAINER}),
-    "dcnv2": Recipe(model={**_MODEL, **_TOWER, "cross_layers": 3, "embedding_l2": 0.0},
+    "dcnv2": Recipe(model={**_MODEL, **_TOWER, "cross_layers": 3, "embedding_l2": 0.5},
                     trainer={**_TRAINER}),
-    "dlrm": Recipe(model={**_MODEL, "top": (400, 400, 400), "dropout": 0.2, "batch_norm": True},
+    "dlrm": Recipe(model={**_MODEL, "top": (400, 400, 400), "dropout": 0.2, "batch_norm": True,
+                          "embedding_l2": 0.5},
                    trainer={**_TRAINER}),
-    "din": Recipe(model={**_MODEL, **_TOWER}, trainer={**_TRAINER}),
+    "din": Recipe(model={**_MODEL, **_TOWER, "embedding_l2": 0.5}, trainer={**_TRAINER}),
 }
 
 
@@ -53,23 +54,35 @@ def recipe(name: str) -> Recipe:
     return copy.deepcopy(RECIPES[canonical_name(name)])
 
 
-def build(name: str, schema, *, seed: int = 0, progress: bool = True, **overrides):
-    """(model, trainer, epochs) of ``name``'s recipe with ``overrides`` applied. Seed torch's
-    RNG before calling for a reproducible initialisation."""
-    from ..training.loop import Trainer
-
+def resolve(name: str, **overrides) -> tuple[dict, dict, int]:
+    """(build_model kwargs incl. embedding_dim, Trainer kwargs, epochs) of ``name``'s recipe
+    with ``overrides`` applied: a name the model takes goes to the model, ``epochs`` to the
+    epochs, anything else to the trainer (which rejects what it does not know)."""
     key = canonical_name(name)
     r = recipe(key)
-    model_kw, trainer_kw, epochs = dict(r.model), dict(r.trainer), r.epochs
+    model_kw, trainer_kw, epochs = copy.deepcopy(r.model), dict(r.trainer), r.epochs
     takes = set(model_kwargs(key)) | {"embedding_dim"}
+    any_model = set().union(*(model_kwargs(n) for n in model_names()))
     for k, v in overrides.items():
         if k == "epochs":
             epochs = int(v)
         elif k in takes:
             model_kw[k] = v
+        elif k in any_model:
+            raise ValueError(f"model {key!r} takes no option {k!r}; its options: "
+                             f"{sorted(takes)}")
         else:
             trainer_kw[k] = v
-    dim = model_kw.pop("embedding_dim", 16)
-    model = build_model(key, schema, embedding_dim=dim, **model_kw)
+    model_kw.setdefault("embedding_dim", 16)
+    return model_kw, trainer_kw, epochs
+
+
+def build(name: str, schema, *, seed: int = 0, progress: bool = True, **overrides):
+    """(model, trainer, epochs) of ``name``'s recipe with ``overrides`` applied. Seed torch's
+    RNG before calling for a reproducible initialisation."""
+    from ..training.loop import Trainer
+
+    model_kw, trainer_kw, epochs = resolve(name, **overrides)
+    model = build_model(canonical_name(name), schema, **model_kw)
     trainer = Trainer(model, seed=seed, progress=progress, **trainer_kw)
     return model, trainer, epochs
