@@ -8,12 +8,17 @@ every chunk once into compact rows (ids in the smallest integer type their table
 offsets for one-id bags, float32 features). Small data stays in memory (``EncodedRows``); large
 data goes, chunk by chunk, into one unlinked temporary file (``EncodedCache``), and each epoch
 reads it back (``StreamedRows``) in a shuffled chunk order through a shuffle buffer of a few
-chunks. Decoding is cheap next to parsing text, so streaming trains about as fast as the
-in-memory path while holding only the buffer, and a .gz file is decompressed and parsed once.
+chunks. Why a cache rather than parsing the text again every epoch (measured on 8M Criteo rows,
+2 shared cores): parsing and encoding run at about 200k rows/s, reading the cache back gives
+about 900k rows/s of shuffled batches, while one training thread takes 30k rows/s (DeepFM);
+so the cache costs the training a few percent of a core instead of ~15%, a .gz file is
+decompressed once, and the chunk order can be shuffled for any input (160 bytes a row on disk).
 
-Reading runs in a background thread (``background``) feeding a bounded queue, so it overlaps the
-encoding pass and the training steps; an exception in the thread (a ``DataError`` naming the
-file, line and field) is raised again in the consuming thread.
+Reading runs in a background thread (``background``) feeding a bounded queue: the text reader
+during the encoding pass, and during training the cache reader, which also permutes each buffer
+(large tensor ops that release the GIL), so the training thread only slices batches. An
+exception in the thread (a ``DataError`` naming the file, line and field) is raised again in
+the consuming thread.
 
 The validation rows are chosen by a stable hash of the row number (``valid_mask``), identical
 for both paths and for every chunk size.
@@ -505,6 +510,20 @@ def should_stream(paths, mode: str = "auto") -> bool:
     return need > min(MEMORY_LIMIT_BYTES, _mem_available() // 4)
 
 
+def _map_large_blocks() -> None:
+    """Make glibc map blocks of 4 MiB and more directly and unmap them when freed (a process-
+    wide setting). By default its threshold rises to the largest block freed (up to 32 MiB), and
+    an evaluation pass with 16k-row batches then leaves its blocks fragmented in the heap: DeepFM
+    on 900k Criteo rows grew +0.95 GB RSS in ``predict`` that way (+0.2 GB with this), in memory
+    and streamed alike. Training steps' blocks stay below 4 MiB and keep the heap's speed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _release_memory() -> None:
     """Hand the memory freed by a parsing pass back to the system before training allocates
     its tables: pyarrow's pool and glibc's per-thread arenas (the reader thread's) keep it
@@ -573,9 +592,11 @@ def load_training_data(path, schema, *, valid_path=None, valid_fraction: float =
     (a streaming pass over ``path``). ``stream``: "auto" | "on" | "off" (``should_stream``).
     ``reader_kw`` go to ``open_reader`` (``skip_bad_rows``, ``max_bad_rows``, ``fmt``, ...).
     Raises ``DataError`` for bad input (file, line, field), ``ValueError`` for a split that
-    leaves either side empty.
+    leaves either side empty. Sets glibc's mmap threshold for the process
+    (``_map_large_blocks``), which keeps the peak memory of training and evaluation bounded.
     """
     reader_kw = {**reader_kw, "chunk_rows": chunk_rows}
+    _map_large_blocks()
     if not valid_path and not 0 < valid_fraction < 1:
         raise ValueError(f"the validation fraction must lie in (0, 1), got {valid_fraction}")
     if not schema.fitted:

@@ -252,3 +252,23 @@ def test_stream_choice(tmp_path):
     assert not should_stream([p, None], "auto")
     with pytest.raises(ValueError, match="stream mode"):
         should_stream([p], "sometimes")
+
+
+def test_compact_rows_give_the_batches_of_in_memory_training():
+    """The demo holds its rows as EncodedRows: every epoch's batches equal InMemory's."""
+    from adrec_fast.training.loop import InMemory
+
+    gen = SyntheticCTR(n_rows=2500, seed=1, n_sparse=3, n_dense=2, max_cardinality=40,
+                       n_users=20, n_items=30)
+    batch = next(gen.batches(2500))
+    compact = EncodedRows.from_batch(batch, torch.int16)
+    for epoch in (0, 1):
+        ours = list(compact.batches(600, shuffle=True, seed=4, epoch=epoch))
+        ref = list(InMemory(batch).batches(600, shuffle=True, seed=4, epoch=epoch))
+        assert len(ours) == len(ref) == 5
+        for a, b in zip(ours, ref):
+            for name in ("indices", "offsets", "dense", "labels", "vectors"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+            assert a.indices.dtype == torch.long
+            assert torch.equal(a.seq_indices["hist"], b.seq_indices["hist"])
+            assert torch.equal(a.seq_offsets["hist"], b.seq_offsets["hist"])
