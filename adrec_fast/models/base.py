@@ -368,6 +368,13 @@ class CTRModel(nn.Module):
         return F.sigmoid_bce(logits, labels, weight)
 
     @torch.no_grad()
+    def shift_logit(self, delta: float) -> None:
+        """Add ``delta`` to every logit, folded into the head's bias (so a checkpoint and the
+        Scorer carry it like any other weight)."""
+        h = self.head
+        (h.head.bias if h.in_features > 0 else h.bias).add_(float(delta))
+
+    @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
         """[B] click probabilities; switches to eval mode (and back)."""
         was = self.training

@@ -29,23 +29,24 @@ class Recipe:
 
 
 #: shared by every model: early stopping on validation AUC with the best epoch restored,
-#: lr x0.1 after every epoch without improvement, dense gradients clipped at norm 10
+#: lr x0.1 after every epoch without improvement, dense gradients clipped at norm 10, the
+#: logits shifted at the end so that the mean prediction matches the validation positive rate
 _TRAINER = {"lr": 1e-3, "batch_size": 4096, "patience": 2, "plateau_factor": 0.1,
-            "clip_grad_norm": 10.0, "schedule": "constant"}
+            "clip_grad_norm": 10.0, "schedule": "constant", "calibrate": True}
 _MODEL = {"embedding_dim": 16, "dense_init": "xavier"}
 _TOWER = {"hidden": (400, 400, 400), "dropout": 0.2, "batch_norm": True}
 
 RECIPES: dict[str, Recipe] = {
-    "lr": Recipe(model={**_MODEL}, trainer={**_TRAINER}),
-    "fm": Recipe(model={**_MODEL}, trainer={**_TRAINER}),
-    "deepfm": Recipe(model={**_MODEL, **_TOWER, "embedding_l2": 0.5},
+    "lr": Recipe(model={**_MODEL}, trainer={**_TRAINER, "embedding_lr": 0.2}),
+    "fm": Recipe(model={**_MODEL}, trainer={**_TRAINER, "embedding_lr": 0.2}),
+    "deepfm": Recipe(model={**_MODEL, **_TOWER, "embedding_l2": 1.0},
                      trainer={**_TRAINER}),
-    "dcnv2": Recipe(model={**_MODEL, **_TOWER, "cross_layers": 3, "embedding_l2": 0.5},
+    "dcnv2": Recipe(model={**_MODEL, **_TOWER, "cross_layers": 3, "embedding_l2": 1.0},
                     trainer={**_TRAINER}),
-    "dlrm": Recipe(model={**_MODEL, "top": (400, 400, 400), "dropout": 0.2, "batch_norm": True,
-                          "embedding_l2": 0.5},
+    "dlrm": Recipe(model={**_MODEL, "top": (400, 400, 400), "dropout": 0.2, "batch_norm": False,
+                          "embedding_l2": 1.0},
                    trainer={**_TRAINER}),
-    "din": Recipe(model={**_MODEL, **_TOWER, "embedding_l2": 0.5}, trainer={**_TRAINER}),
+    "din": Recipe(model={**_MODEL, **_TOWER, "embedding_l2": 1.0}, trainer={**_TRAINER}),
 }
 
 

