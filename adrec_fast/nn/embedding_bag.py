@@ -16,6 +16,22 @@ from ..optim import FusedRowwiseAdagrad, FusedSGD
 
 #: how ``l2`` reaches the table (see EmbeddingBagCollection)
 L2_MODES = ("lazy", "touched")
+#: the lazy mode folds its scale into the table when it falls below this (float32 keeps its
+#: relative precision under any power-of-two scale; the bound only keeps values in range)
+L2_RENORM = 1e-4
+
+
+class _ScaleOut(torch.autograd.Function):
+    """``out * scale`` whose backward passes the incoming gradient on unscaled: the fused update
+    behind ``out`` must see the gradient with respect to the rows of W = scale * weight."""
+
+    @staticmethod
+    def forward(ctx, out, scale):
+        return out * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
 
 
 class EmbeddingBagCollection(nn.Module):
@@ -34,21 +50,22 @@ class EmbeddingBagCollection(nn.Module):
     ``l2 = lambda`` (fused optimizers only) adds the regulariser ``lambda/2 * ||W||^2`` over the
     whole table without a dense pass per step (``l2_mode``):
 
-    * ``"lazy"`` (default): catch-up decay. Dense SGD on ``loss + lambda/2 ||W||^2`` multiplies
-      every row by ``(1 - lr_s * lambda)`` at every step s, touched or not. Here a row is brought
-      up to date when it is next looked up: it is multiplied by the product of the factors of
-      the steps it missed, kept as a running sum of ``log(1 - lr_s * lambda)`` (``l2_logp``) and
-      a per-row copy of that sum at the row's last update (``l2_clock``), so a learning-rate
-      schedule is honoured. The step's own factor is folded into the fused update (its lr is
-      divided by ``(1 - lr * lambda)`` and the factor applied at the next catch-up), so the
-      backward stays one fused kernel. For SGD this is the dense regularised trajectory up to
-      float rounding. For row-wise Adagrad it is decoupled weight decay (``w *= 1 - lr*lambda``
-      every step, the Adagrad state sees only the loss gradient), not the gradient of the L2
-      term passed through Adagrad's normalisation: the same knob with a different scale.
-      Every row is brought up to date (``flush_l2``) before an eval-mode lookup and in
-      ``state_dict``, so evaluation and checkpoints see the decayed table.
+    * ``"lazy"`` (default): dense SGD on ``loss + lambda/2 ||W||^2`` multiplies every row by
+      ``keep = 1 - lr_s * lambda`` at every step s, touched or not. Here the table is stored as
+      ``W = l2_scale * weight`` with one scalar ``l2_scale``: a step multiplies the scalar by
+      ``keep`` (every row decays, at no cost), the lookup scales its output [B, T*D] by it, and
+      the fused update gets the gradient with respect to W and the lr ``lr / (keep * scale)``,
+      so that ``W <- keep * W - lr * step`` holds exactly for the stored rows. When the scalar
+      falls below ``L2_RENORM`` it is folded into the table (one pass over all rows, every
+      ~log(1e-4)/log(keep) steps), as it is before an eval-mode lookup and in ``state_dict``
+      (``flush_l2``), so evaluation, checkpoints and ``weight`` after them see W itself. For
+      SGD this is the dense regularised trajectory up to float rounding, with any lr schedule.
+      For row-wise Adagrad it is decoupled weight decay (``w *= 1 - lr*lambda`` every step, the
+      Adagrad state sees only the loss gradient), not the gradient of the L2 term passed through
+      Adagrad's normalisation: the same knob with a different scale.
     * ``"touched"``: only the rows a step looks up are decayed, by that step's factor (the L2
-      term of the rows in the batch): rows seen rarely are shrunk less.
+      term of the rows in the batch; one extra gather/scatter of those rows per step): rows
+      seen rarely are shrunk less.
     """
 
     def __init__(
@@ -114,15 +131,12 @@ class EmbeddingBagCollection(nn.Module):
         )
         state.zero_()
         self.register_buffer("state", state)
-        # lazy decay bookkeeping (see the class docstring); not saved: state_dict flushes first
-        self.l2_logp = 0.0
-        self.register_buffer("l2_clock", torch.zeros(offs[-1] if l2 > 0 and l2_mode == "lazy"
-                                                     else 0, dtype=torch.float64, device=device),
-                             persistent=False)
-        self._l2_dirty = False
+        # lazy decay: W = l2_scale * weight (see the class docstring); never saved, since
+        # state_dict folds it in first
+        self.l2_scale = 1.0
         if l2 > 0:
             self.register_state_dict_pre_hook(lambda m, *_: m.flush_l2())
-            self.register_load_state_dict_post_hook(lambda m, *_: m._l2_reset_clock())
+            self.register_load_state_dict_post_hook(lambda m, *_: m._l2_loaded())
 
     @property
     def num_tables(self) -> int:
@@ -138,56 +152,43 @@ class EmbeddingBagCollection(nn.Module):
         decay still apply."""
         opt = self.optimizer
         if opt is None or not self.training or not torch.is_grad_enabled():
-            if self._l2_dirty:
-                self.flush_l2()
+            self.flush_l2()
             return F.embedding_bag(
                 self.weight, table_offsets, indices, offsets, per_sample_weights, self.pooling
             )
-        lr = opt.lr
+        lr, scale = opt.lr, 1.0
         if self.l2 > 0:
-            lr = self._l2_step(table_offsets, indices, offsets, opt.lr)
-        return _eb.embedding_bag_fused_update(
+            keep = 1.0 - lr * self.l2  # this step's factor for every row
+            if not keep > 0:
+                raise ValueError(f"embedding L2: lr * l2 must be < 1 (lr {lr}, l2 {self.l2})")
+            if self.l2_mode == "touched":
+                rows = _eb.global_rows(table_offsets, indices, offsets)  # [nnz], repeats allowed
+                with torch.no_grad():
+                    self.weight.index_copy_(0, rows, self.weight.index_select(0, rows).mul_(keep))
+            else:
+                if self.l2_scale < L2_RENORM:
+                    self.flush_l2()
+                scale = self.l2_scale
+                # W <- keep * W - lr * step  <=>  weight <- weight - lr / (keep * scale) * step
+                lr = lr / (keep * scale)
+                self.l2_scale = scale * keep
+        out = _eb.embedding_bag_fused_update(
             self.weight, self.state, table_offsets, indices, offsets, per_sample_weights,
             self.pooling, opt.name, lr, opt.eps,
         )
-
-    # -- L2 regularisation ----------------------------------------------------------------
-    def _l2_step(self, table_offsets: Tensor, indices: Tensor, offsets: Tensor, lr: float) -> float:
-        """Decay the rows this step looks up (before the lookup reads them); returns the lr of
-        the fused update."""
-        keep = 1.0 - lr * self.l2  # this step's factor
-        if not keep > 0:
-            raise ValueError(f"embedding L2: lr * l2 must be < 1 (lr {lr}, l2 {self.l2})")
-        rows = _eb.global_rows(table_offsets, indices, offsets)  # [nnz], repeats allowed
-        with torch.no_grad():
-            if self.l2_mode == "touched":
-                self.weight[rows] = self.weight[rows] * keep
-                return lr
-            # catch up on the steps each row missed (same value written for repeated rows)
-            clock = self.l2_clock[rows]  # [nnz] float64
-            factor = torch.exp(self.l2_logp - clock).to(self.weight.dtype)  # [nnz]
-            self.weight[rows] = self.weight[rows] * factor[:, None]
-            self.l2_clock[rows] = self.l2_logp
-        self.l2_logp += math.log(keep)
-        self._l2_dirty = True
-        # w <- keep * w - lr * g = keep * (w - lr / keep * g): the update with lr / keep now,
-        # the factor keep at the row's next catch-up (l2_logp already includes it)
-        return lr / keep
+        return out if scale == 1.0 else _ScaleOut.apply(out, scale)
 
     @torch.no_grad()
     def flush_l2(self) -> None:
-        """Apply every pending lazy decay (all rows up to date); a no-op when none is pending."""
-        if not self._l2_dirty:
-            return
-        self._l2_dirty = False
-        factor = torch.exp(self.l2_logp - self.l2_clock).to(self.weight.dtype)  # [N]
-        self.weight.mul_(factor[:, None])
-        self.l2_clock.fill_(self.l2_logp)
+        """Fold the lazy decay's scale into the table (``weight`` is W again); a no-op when
+        nothing is pending."""
+        if self.l2_scale != 1.0:
+            self.weight.mul_(self.l2_scale)
+            self.l2_scale = 1.0
 
-    def _l2_reset_clock(self) -> None:
-        """A loaded table is up to date: no decay pending for any row."""
-        self._l2_dirty = False
-        self.l2_clock.fill_(self.l2_logp)
+    def _l2_loaded(self) -> None:
+        """A loaded table is W itself."""
+        self.l2_scale = 1.0
 
     def extra_repr(self) -> str:
         opt = f", optimizer={self.optimizer}" if self.optimizer is not None else ""
