@@ -90,17 +90,19 @@ def main() -> None:
             test = evaluate(model, test_b)
             row = {"model": name, "embedding_lr": elr, "stop_auc": r.best["valid_auc"],
                    "best_epoch": r.best_epoch, "test_auc": test["auc"],
-                   "test_logloss": test["logloss"], "time_s": dt,
+                   "test_logloss": test["logloss"], "test_calibration": test["calibration"],
+                   "time_s": dt,
                    "samples_per_s": float(np.mean([h["samples_per_s"] for h in r.history]))}
             print(json.dumps(row), flush=True)
             if best is None or row["stop_auc"] > best["stop_auc"]:
                 best = row
         results.append(best)
     print()
-    print("| model | test AUC | test logloss | embedding lr | best epoch | samples/s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | test AUC | test logloss | calibration | embedding lr | best epoch | samples/s |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['model']} | {r['test_auc']:.4f} | {r['test_logloss']:.4f} | "
+              f"{r['test_calibration']:.3f} | "
               f"{r['embedding_lr']} | {r['best_epoch']} | {r['samples_per_s']:,.0f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
