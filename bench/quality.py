@@ -10,9 +10,9 @@ gives mean +- std over the seeds.
 Data sets:
   frappe     ../shared/data/frappe/valid.csv.gz split 80/10/10 as bench/frappe_models.py does
              (``split_frappe``), all ten columns categorical, vocabularies from the fit rows.
-  synthetic  adrec_fast's generator (``SyntheticCTR``) with its history column used as a
-             multi-valued categorical field (a list of items sharing the item table, pooled by
-             mean on both sides), 6 dense features; 200k fit, 20k valid, 20k test rows.
+  synthetic  adrec_fast's generator (``SyntheticCTR``, no dense features) with its history
+             column used as a multi-valued categorical field (a list of items sharing the item
+             table, pooled by mean on both sides); 200k fit, 20k valid, 20k test rows.
 
 The peer: FuxiCTR's model classes are not in its wheel, so LR, FM, DeepFM and DCNv2 are
 assembled here from ``fuxictr.pytorch.layers`` (FeatureEmbedding, LogisticRegression,
@@ -81,7 +81,9 @@ def load_synthetic():
     from adrec_fast.data.synthetic import SyntheticCTR
 
     n_fit, n_valid, n_test = SYNTH_ROWS
-    gen = SyntheticCTR(n_rows=n_fit, seed=0)
+    # no dense features: the peer's numeric fields would start from a Xavier-initialised
+    # Linear(1, D) (std 1 for its LR), which its recipe does not recover from (test AUC < 0.5)
+    gen = SyntheticCTR(n_rows=n_fit, seed=0, n_dense=0)
     d = gen.schema().to_dict()
     for f in d["fields"]:
         if f["name"] == "hist":
@@ -252,7 +254,29 @@ def _peer_model(name, feature_map, model_dir):
                 y = self.fc(torch.cat([self.crossnet(emb), self.parallel_dnn(emb)], dim=-1))
             return {"y_pred": self.output_activation(y)}
 
-    return PeerModel()
+    model = PeerModel()
+    _init_unshared_copies(model, feature_map)
+    return model
+
+
+def _init_unshared_copies(model, feature_map):
+    """FuxiCTR's FeatureEmbeddingDict skips the initializer for every feature that declares
+    ``share_embedding``, also where it builds its own table (the width-1 tables of LR and of
+    FM's linear part, built with use_sharing=False): those keep nn.Embedding's N(0, 1). On the
+    synthetic set (the history shares the item table) that made the peer's LR diverge (test AUC
+    0.46); such tables get the peer's own initializer here, N(0, 1e-4) with the padding row 0."""
+    import torch
+    from fuxictr.pytorch.layers import FeatureEmbeddingDict
+    from torch import nn
+
+    for mod in model.modules():
+        if not isinstance(mod, FeatureEmbeddingDict):
+            continue
+        for f, layer in mod.embedding_layers.items():
+            src = feature_map.features[f].get("share_embedding")
+            if src and isinstance(layer, nn.Embedding) and layer is not mod.embedding_layers[src]:
+                with torch.no_grad():
+                    nn.init.normal_(layer.weight[1:], std=1e-4)
 
 
 def run_peer(name, schema, fit, valid, test, seed):
