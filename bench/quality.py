@@ -344,7 +344,10 @@ def _parse_set(items):
     out = {}
     for it in items:
         k, _, v = it.partition("=")
-        out[k] = json.loads(v) if v[:1] in "[{0123456789-tfn" else v
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:  # a bare string such as touched
+            out[k] = v
     return out
 
 
