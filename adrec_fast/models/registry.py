@@ -28,7 +28,11 @@ def build_model(name: str, schema, embedding_dim: int = 16, **kwargs) -> CTRMode
     ``kwargs`` are the model's keyword arguments (e.g. ``hidden=(256, 128)``,
     ``cross_layers=3``, ``structure="stacked"``) plus the shared ones: ``embedding_optimizer``
     (``"rowwise_adagrad"`` default, ``"sgd"``, or ``"none"`` for a sparse-gradient Parameter),
-    ``pooling`` (``"mean"`` | ``"sum"`` for multi-valued bags) and ``init_std``. Parameters are
+    ``pooling`` (``"mean"`` | ``"sum"`` for multi-valued bags), ``init_std``, ``embedding_l2`` /
+    ``embedding_l2_mode`` (L2 on every table, inside the fused update; see
+    ``nn.EmbeddingBagCollection``) and ``dense_init`` ("torch" | "xavier"); deep models also take
+    ``dropout``, ``batch_norm`` and ``layer_norm``. The default training recipe of each model
+    (what ``adrec-fast train`` uses) is ``models.recipes``. Parameters are
     drawn from torch's global RNG: seed it first for a reproducible start.
     ``model.config`` rebuilds the same architecture: ``build_model(**model.config, schema=s)``.
     """
