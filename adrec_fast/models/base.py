@@ -203,7 +203,10 @@ class SparseLookup(nn.Module):
             return self.ebc(batch.indices, batch.offsets).view(B, T, D), {}
         indices, offsets = batch.indices, batch.offsets  # [nnz], [T*B+1]
         nnz = indices.numel()
-        if nnz == T * B:  # one id per bag (plain categorical fields): no ragged bookkeeping
+        # B ids per table (e.g. one id per bag): no ragged bookkeeping. A total of T*B ids
+        # alone is not enough: ragged bags can sum to it with other table boundaries.
+        if nnz == T * B and torch.equal(offsets[::B], torch.arange(0, nnz + 1, B,
+                                                                   device=offsets.device)):
             gidx = (indices.view(T, B) + self.bag_base[:, None]).view(-1)
         else:
             lengths = offsets[1:] - offsets[:-1]  # [T*B]

@@ -265,3 +265,38 @@ def test_din_without_sequence_is_its_fm_mlp_part(synth_schema):
     with torch.no_grad():
         dfm.dense_linear.weight.zero_()
         torch.testing.assert_close(din(batch), dfm(batch))
+
+
+def test_global_path_ragged_bags_summing_to_one_per_bag(synth_schema):
+    """A batch whose bags are ragged but hold T*B ids in total (an empty bag in one table, two
+    ids in a bag of another) is looked up by table, not as if every bag held one id."""
+    from adrec_fast.data.batch import Batch
+
+    schema, batch = synth_schema
+    torch.manual_seed(0)
+    m = build_model("fm", schema, embedding_dim=4, init_std=0.5).eval()
+    B = 4
+    small = batch.slice(0, B)
+    T = small.num_bags
+    lens = torch.ones(T * B, dtype=torch.long)
+    t_hist = [n for n, _ in schema.sparse_fields()].index("hist")
+    t_other = 0 if t_hist else 1
+    lens[t_other * B] = 0  # an empty bag in one table ...
+    lens[t_hist * B + 1] = 2  # ... two history items in another: still T*B ids in all
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    g = torch.Generator().manual_seed(0)
+    idx = torch.cat([torch.randint(0, c, (int(lens[t * B:(t + 1) * B].sum()),), generator=g)
+                     for t, (_, c) in enumerate((n, schema.cardinality(n))
+                                                for n, _ in schema.sparse_fields())])
+    ragged = Batch(indices=idx, offsets=offsets, dense=small.dense, labels=small.labels,
+                   vectors=small.vectors, num_bags=T)
+    ebc = m.lookup.ebc
+    emb, _ = m.lookup(ragged)  # [B, T, D]
+    tofs = ebc.table_offsets
+    bag_t = torch.tensor([t for _, t in schema.sparse_fields()])
+    for t in range(T):
+        for b in range(B):
+            lo, hi = int(offsets[t * B + b]), int(offsets[t * B + b + 1])
+            rows = idx[lo:hi] + tofs[bag_t[t]]
+            want = ebc.weight[rows].mean(0) if hi > lo else torch.zeros(4)
+            torch.testing.assert_close(emb[b, t], want)
