@@ -46,7 +46,8 @@ DEMO_MODEL_KW = {"din": {"hidden": []}}
 # wrong --model is refused before torch loads and the data is read.
 MODEL_NAMES = ("lr", "fm", "deepfm", "dcnv2", "dlrm", "din")
 MODEL_HELP = ("model name: " + ", ".join(MODEL_NAMES) +
-              " (din needs a behaviour-sequence field)")
+              " (din attends over a behaviour-sequence field; without one it is first order + "
+              "FM + MLP)")
 
 
 class CLIError(Exception):
@@ -96,7 +97,8 @@ def _train_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "the model's recipe for train)")
     p.add_argument("--embedding-lr", type=float, default=None,
                    help="learning rate of the fused row-wise Adagrad on the embedding tables "
-                        "(default 0.05)")
+                        "(default 0.05 for the demo, the model's recipe for train: 0.2 for lr "
+                        "and fm, 0.05 for the others)")
     p.add_argument("--embedding-dim", type=int, default=None,
                    help="embedding width (default 16)")
     # regularisation; unset = the model's default recipe (adrec_fast/models/recipes.py)
