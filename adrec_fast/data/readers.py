@@ -335,17 +335,13 @@ class CSVReader(Reader):
             )
         return [c for c in names if c in need or c == self.label]
 
-    def _parse_block(self, block: bytes, first_line: int, names: list[str], include: list[str]):
-        import pyarrow as pa
+    def _read_block(self, block: bytes, names: list[str], on_invalid, convert_options=None):
+        """pyarrow's CSV parse of one block of whole lines: this file's separator (no quoting
+        in TSV), blank lines kept (so rows stay in step with lines), a malformed row passed to
+        ``on_invalid``; ``convert_options`` None lets pyarrow infer the column types."""
         import pyarrow.csv as pcsv
 
-        invalid: list[tuple[int, int, int]] = []
-
-        def on_invalid(row):
-            invalid.append((row.number, row.expected_columns, row.actual_columns))
-            return "skip"
-
-        table = pcsv.read_csv(
+        return pcsv.read_csv(
             io.BytesIO(block),
             read_options=pcsv.ReadOptions(
                 column_names=names, use_threads=False, block_size=max(len(block) + 1, 1 << 20)
@@ -356,12 +352,24 @@ class CSVReader(Reader):
                 ignore_empty_lines=False,
                 invalid_row_handler=on_invalid,
             ),
-            convert_options=pcsv.ConvertOptions(
-                column_types={c: pa.string() for c in names},
-                include_columns=include,
-                strings_can_be_null=False,
-            ),
+            convert_options=convert_options,
         )
+
+    def _parse_block(self, block: bytes, first_line: int, names: list[str], include: list[str]):
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+
+        invalid: list[tuple[int, int, int]] = []
+
+        def on_invalid(row):
+            invalid.append((row.number, row.expected_columns, row.actual_columns))
+            return "skip"
+
+        table = self._read_block(block, names, on_invalid, pcsv.ConvertOptions(
+            column_types={c: pa.string() for c in names},
+            include_columns=include,
+            strings_can_be_null=False,
+        ))
         n_lines = block.count(b"\n")
         local = np.arange(1, n_lines + 1, dtype=np.int64)
         blank = _blank_lines(block, n_lines)
@@ -702,7 +710,6 @@ def sniff_csv(path, sep: str | None = None, rows: int = 20000):
     reader reports them (or skips them with ``skip_bad_rows``) when the file is read.
     """
     import pyarrow as pa
-    import pyarrow.csv as pcsv
 
     reader = CSVReader(path, sep=sep, chunk_rows=rows + 1)
     for _, block in _line_blocks(reader.path, rows + 1):
@@ -716,18 +723,7 @@ def sniff_csv(path, sep: str | None = None, rows: int = 20000):
             return "skip"
 
         try:
-            table = pcsv.read_csv(
-                io.BytesIO(body),
-                read_options=pcsv.ReadOptions(
-                    column_names=names, use_threads=False, block_size=max(len(body) + 1, 1 << 20)
-                ),
-                parse_options=pcsv.ParseOptions(
-                    delimiter=reader.sep,
-                    quote_char=False if reader.sep == "\t" else '"',
-                    ignore_empty_lines=False,
-                    invalid_row_handler=on_invalid,
-                ),
-            )
+            table = reader._read_block(body, names, on_invalid)
         except pa.ArrowInvalid as e:  # pyarrow words it with its own row count
             raise DataError(f"cannot sniff column types ({e})", path=path) from None
         n_lines = body.count(b"\n")

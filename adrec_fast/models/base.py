@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..data.batch import Batch
 from ..nn import CrossNet, EmbeddingBagCollection, SigmoidBCEHead
-from ..nn.embedding_bag import L2_MODES
+from ..nn.embedding_bag import check_l2
 from ..optim import FusedRowwiseAdagrad, FusedSGD
 from . import _dense
 
@@ -250,15 +250,8 @@ class CTRModel(nn.Module):
                  embedding_l2: float = 0.0, embedding_l2_mode: str = "lazy",
                  dense_init: str = "torch", **config):
         super().__init__()
-        embedding_l2 = float(embedding_l2)
-        if not (embedding_l2 >= 0 and math.isfinite(embedding_l2)):
-            raise ValueError(f"embedding_l2 must be a finite number >= 0, got {embedding_l2}")
-        if embedding_l2_mode not in L2_MODES:
-            raise ValueError(f"embedding_l2_mode must be one of {L2_MODES}, "
-                             f"got {embedding_l2_mode!r}")
-        if embedding_l2 > 0 and embedding_optimizer in (None, "none"):
-            raise ValueError("embedding_l2 needs a fused embedding optimizer "
-                             "(embedding_optimizer='rowwise_adagrad' or 'sgd')")
+        embedding_l2 = check_l2(embedding_l2, embedding_l2_mode,
+                                embedding_optimizer not in (None, "none"), "embedding_l2")
         if dense_init not in DENSE_INITS:
             raise ValueError(f"dense_init must be one of {DENSE_INITS}, got {dense_init!r}")
         if init_std is not None and not (float(init_std) >= 0 and math.isfinite(init_std)):

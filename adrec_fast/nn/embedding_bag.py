@@ -34,6 +34,21 @@ class _ScaleOut(torch.autograd.Function):
         return g, None
 
 
+def check_l2(l2: float, mode: str, fused: bool, name: str = "l2") -> float:
+    """The one validation of an embedding L2 setting (``name`` as the caller calls it):
+    ``l2`` finite and >= 0, ``mode`` in ``L2_MODES``, and a fused optimizer when ``l2 > 0``
+    (the decay lives inside the fused update). Returns ``float(l2)``."""
+    l2 = float(l2)
+    if not (l2 >= 0 and math.isfinite(l2)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {l2}")
+    if mode not in L2_MODES:
+        raise ValueError(f"{name}_mode must be one of {L2_MODES}, got {mode!r}")
+    if l2 > 0 and not fused:
+        raise ValueError(f"{name} > 0 needs a fused embedding optimizer (row-wise Adagrad or "
+                         "SGD); without one put the penalty in the loss")
+    return l2
+
+
 class EmbeddingBagCollection(nn.Module):
     """T tables of ``num_embeddings[t]`` rows, all of width ``embedding_dim``, in one
     ``weight [N_total, D]`` buffer.
@@ -94,15 +109,7 @@ class EmbeddingBagCollection(nn.Module):
                 "EmbeddingBagCollection: optimizer must be adrec_fast.optim.FusedSGD, "
                 f"FusedRowwiseAdagrad or None, got {type(optimizer).__name__}"
             )
-        l2 = float(l2)
-        if not (l2 >= 0 and math.isfinite(l2)):
-            raise ValueError(f"EmbeddingBagCollection: l2 must be a finite number >= 0, got {l2}")
-        if l2_mode not in L2_MODES:
-            raise ValueError(f"EmbeddingBagCollection: l2_mode must be one of {L2_MODES}, "
-                             f"got {l2_mode!r}")
-        if l2 > 0 and optimizer is None:
-            raise ValueError("EmbeddingBagCollection: l2 > 0 needs a fused optimizer (FusedSGD or "
-                             "FusedRowwiseAdagrad); with optimizer=None put the penalty in the loss")
+        l2 = check_l2(l2, l2_mode, optimizer is not None, "EmbeddingBagCollection: l2")
         self.l2 = l2
         self.l2_mode = l2_mode
         self.num_embeddings = num_embeddings

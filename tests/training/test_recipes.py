@@ -13,15 +13,6 @@ from adrec_fast.models.registry import build_model, model_names
 from adrec_fast.training.loop import Trainer, evaluate
 
 
-@pytest.fixture(scope="module")
-def small():
-    gen = SyntheticCTR(n_rows=6000, seed=1, n_sparse=6, n_dense=3, max_len=8,
-                       max_cardinality=200, n_users=100, n_items=150)
-    schema = gen.schema()
-    data = schema.encode(gen.generate(6000))
-    return schema, data.slice(0, 5000), data.slice(5000, 6000)
-
-
 def _deepfm(schema):
     torch.manual_seed(0)
     return build_model("deepfm", schema, embedding_dim=8, hidden=(16,))

@@ -19,15 +19,6 @@ from adrec_fast.training.loop import InMemory, Trainer, evaluate, fit, lr_factor
 from adrec_fast.training.plots import plot_calibration, plot_learning_curves, reliability
 
 
-@pytest.fixture(scope="module")
-def small():
-    gen = SyntheticCTR(n_rows=6000, seed=1, n_sparse=6, n_dense=3, max_len=8,
-                       max_cardinality=200, n_users=100, n_items=150)
-    schema = gen.schema()
-    data = schema.encode(gen.generate(6000))
-    return schema, data.slice(0, 5000), data.slice(5000, 6000)
-
-
 def _model(schema, name="deepfm", seed=0, **kw):
     torch.manual_seed(seed)
     if name in ("deepfm", "dcnv2", "din"):
