@@ -9,6 +9,8 @@ Providers (the same architecture and the same dense optimizer, Adam(fused=True),
             the backward; fused dot/BCE ops; in fp32 the tower's products run through oneDNN
             with bias+ReLU fused, ``models._dense``: ``ADREC_DENSE=aten`` measures the ATen/MKL
             path instead; GEMM widths padded to multiples of 16)
+  adrec_recipe  ``adrec`` with the default recipe's regularisers (embedding L2 1.0 as lazy
+            decay inside the fused update, dropout 0.2 in the MLPs): what the CLI trains
   eager     plain PyTorch: one concatenated nn.EmbeddingBag(sparse=True) with torch.optim.Adagrad
             on its sparse gradient, torch interaction code, F.binary_cross_entropy_with_logits
   compile   ``eager`` with its dense tower (interaction, MLPs, loss) under torch.compile (the
@@ -197,9 +199,17 @@ def build_fbgemm(name: str, compiled: bool, precision: str = "fp32"):
     return step
 
 
-def build_adrec(name: str, precision: str = "fp32"):
+#: ``adrec_recipe``: the regularisers of the default training recipe (models/recipes.py), i.e.
+#: the lazy embedding L2 inside the fused update and dropout in the MLPs, on the same shapes
+RECIPE_L2 = 1.0
+RECIPE_DROPOUT = 0.2
+
+
+def build_adrec(name: str, precision: str = "fp32", regularised: bool = False):
     torch.manual_seed(0)
     kw = DLRM_KW if name == "dlrm" else DCN_KW
+    if regularised:  # the training recipe's regularisers on the same architecture
+        kw = {**kw, "embedding_l2": RECIPE_L2, "dropout": RECIPE_DROPOUT}
     model = build_model(name, criteo_schema(), embedding_dim=D, pooling="sum",
                         precision=precision, **kw)
     model.train()
@@ -232,14 +242,15 @@ def _batches() -> list[Batch]:
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled:UserWarning")
 @pytest.mark.benchmark(group="train_step")
-@pytest.mark.parametrize("provider", ["adrec", "eager", "compile", "fbgemm", "fbgemm_compile"])
+@pytest.mark.parametrize("provider", ["adrec", "adrec_recipe", "eager", "compile", "fbgemm",
+                                      "fbgemm_compile"])
 @pytest.mark.parametrize("model", ["dlrm", "dcnv2"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_step(benchmark, precision, model, provider):
     from conftest import bench_rounds
 
-    if provider == "adrec":
-        step = build_adrec(model, precision)
+    if provider.startswith("adrec"):
+        step = build_adrec(model, precision, regularised=provider == "adrec_recipe")
     elif provider.startswith("fbgemm"):
         if FBGEMM is None:
             pytest.skip(f"fbgemm_gpu unavailable: {FBGEMM_WHY}")

@@ -361,9 +361,16 @@ def main() -> None:
     ap.add_argument("--ours", default="yes", choices=["yes", "no"])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe setting of ours (JSON value), e.g. embedding_l2=0.01")
+    ap.add_argument("--peer-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the peer's recipe (PEER), e.g. batch_size=1024 (the "
+                         "BARS range is 1024-4096): a strong peer gets its best setting too")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    for k, v in _parse_set(a.peer_set).items():
+        if k not in PEER:
+            raise SystemExit(f"--peer-set: unknown key {k!r}; keys: {sorted(PEER)}")
+        PEER[k] = v
     import torch
 
     import adrec_fast  # noqa: F401
