@@ -98,7 +98,7 @@ def _train_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--embedding-lr", type=float, default=None,
                    help="learning rate of the fused row-wise Adagrad on the embedding tables "
                         "(default 0.05 for the demo, the model's recipe for train: 0.2 for lr "
-                        "and fm, 0.05 for the others)")
+                        "and fm, 0.03 for deepfm, 0.05 for the others)")
     p.add_argument("--embedding-dim", type=int, default=None,
                    help="embedding width (default 16)")
     # regularisation; unset = the model's default recipe (adrec_fast/models/recipes.py)
