@@ -260,19 +260,22 @@ def _fresh_out(out: Path, overwrite: bool) -> None:
             raise CLIError(f"--out {out} already holds a model; pass --overwrite to replace it")
 
 
-def _train_defaults(a, demo: bool) -> dict:
+def _demo_settings(a) -> dict:
+    """The demo's own training settings (its model and data are its own; `train` takes the
+    model's recipe instead, see ``_recipe``), with the flags given applied."""
     return {
-        "epochs": a.epochs if a.epochs is not None else (2 if demo else 10),
-        "batch_size": a.batch_size if a.batch_size is not None else (512 if demo else 1024),
-        "lr": a.lr if a.lr is not None else (2e-3 if demo else 1e-3),
-        "schedule": a.schedule or ("cosine" if demo else "constant"),
+        "epochs": a.epochs if a.epochs is not None else 2,
+        "batch_size": a.batch_size if a.batch_size is not None else 512,
+        "lr": a.lr if a.lr is not None else 2e-3,
+        "schedule": a.schedule or "cosine",
+        "patience": a.patience if a.patience is not None else 2,
     }
 
 
 def _recipe(a, demo: bool = False) -> tuple[dict, dict, int]:
     """(model kwargs, Trainer kwargs, epochs): the model's default recipe
     (``models.recipes``) with the tuning flags given on the command line applied; the demo
-    keeps its own settings (``_train_defaults``) and takes only the model flags."""
+    keeps its own settings (``_demo_settings``) and takes only the model flags."""
     from .models import recipes
 
     flags = {"embedding_dim": a.embedding_dim, "embedding_l2": a.embedding_l2,
@@ -303,18 +306,12 @@ def _check_options(a) -> None:
             raise CLIError(f"{flag} must be {want}, got {v}")
 
 
-def _fit(model, train, valid, a, ckdir, demo=False):
+def _fit(model, train, valid, a, ckdir):
     from .training.loop import fit
 
-    if not demo:
-        _, trainer_kw, epochs = _recipe(a)
-        return fit(model, train, valid, epochs=epochs, seed=a.seed, checkpoint_dir=ckdir,
-                   progress=not a.no_progress, **trainer_kw)
-    d = _train_defaults(a, demo)
-    return fit(model, train, valid, epochs=d["epochs"], batch_size=d["batch_size"], lr=d["lr"],
-               embedding_lr=a.embedding_lr, schedule=d["schedule"], seed=a.seed,
-               patience=a.patience if a.patience is not None else 2, checkpoint_dir=ckdir,
-               progress=not a.no_progress)
+    _, trainer_kw, epochs = _recipe(a)
+    return fit(model, train, valid, epochs=epochs, seed=a.seed, checkpoint_dir=ckdir,
+               progress=not a.no_progress, **trainer_kw)
 
 
 def _write_run_files(ckdir: Path, result, trainer_valid, extra: dict) -> None:
@@ -377,10 +374,9 @@ def cmd_demo(a) -> int:
         model = build_model(a.model, schema, **_recipe(a, demo=True)[0])
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
-    d = _train_defaults(a, demo=True)
+    d = _demo_settings(a)
     trainer = Trainer(model, lr=d["lr"], embedding_lr=a.embedding_lr, schedule=d["schedule"],
-                      batch_size=d["batch_size"], seed=a.seed,
-                      patience=a.patience if a.patience is not None else 2,
+                      batch_size=d["batch_size"], seed=a.seed, patience=d["patience"],
                       progress=not a.no_progress)
     t1 = time.perf_counter()
     result = trainer.fit(train, valid, epochs=d["epochs"])
