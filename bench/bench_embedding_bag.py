@@ -1,8 +1,21 @@
 # SPDX-License-Identifier: Apache-2.0
 """Pooled multi-table embedding lookup: forward, and the training step (forward + backward +
-optimizer update), adrec_fast against its peers in one run (issue 2 §4, STYLE.md §6).
+optimizer update), adrec_fast against its peers.
 
-Run (about 10-15 min on 2 cores; ``ADREC_BENCH_QUICK=1`` for a 2-shape smoke run)::
+Every round takes the next batch of a pool whose touched rows, times D*4 bytes, are at least 4x
+the L3 (``shapes.make_pool``), so a step reads and updates rows from DRAM as training does. One
+batch repeated every round keeps its rows in the L3 and measures the cache; that variant is kept,
+labelled "cache" (``--cache`` / ``ADREC_BENCH_CACHE=1``), and is not the headline.
+
+Headline ratios (script mode: adrec and its peers alternating round by round on the same
+batches, 3 runs, a Markdown table of medians, spread, ratios and load; about 6-8 min on 2 cores;
+``--quick``: a smoke run of 2 shapes in about a minute)::
+
+    python bench/bench_embedding_bag.py --runs 3
+    python bench/bench_embedding_bag.py --runs 3 --cache          # the cache variant
+
+Every provider on its own (pytest-benchmark, one benchmark per provider, so no alternation;
+about 10-15 min; ``ADREC_BENCH_QUICK=1`` for a 2-shape smoke run)::
 
     python -m pytest bench/bench_embedding_bag.py --benchmark-only \
         --benchmark-json=bench/results_embedding_bag.json
@@ -36,6 +49,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -47,7 +61,20 @@ import torch
 from torch import nn
 
 from peers import import_fbgemm, import_torchrec, optional
-from shapes import QUICK, EmbInputs, EmbShape, emb_shapes, make_grad_out, make_inputs, make_weights
+import _harness as H
+from _harness import cycle, fresh_bytes, l3_bytes
+from shapes import (
+    QUICK,
+    SHAPES,
+    EmbInputs,
+    EmbShape,
+    emb_shapes,
+    make_grad_out,
+    make_inputs,
+    make_pool,
+    make_weights,
+    pool_touched_bytes,
+)
 
 import adrec_fast
 from adrec_fast import reference
@@ -114,7 +141,12 @@ def _give(buf: torch.Tensor) -> None:
 
 @dataclass
 class Prov:
-    step: Callable[[], torch.Tensor]  # the timed call; returns the [B, T*D] output
+    """One provider built for one (shape, optimizer). ``prepare`` turns a batch into the
+    provider's own arguments (layouts, per-table splits) outside the clock; ``step`` is the timed
+    call on them and returns the [B, T*D] output."""
+
+    step: Callable[[object], torch.Tensor | None]
+    prepare: Callable[[EmbInputs], object] = lambda inp: (inp.indices, inp.offsets)
     read_rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # global rows -> [n, D]
     buffers: list[torch.Tensor] = field(default_factory=list)  # pooled, given back on close
     note: str = ""
@@ -130,28 +162,27 @@ def _rows_from_tables(tables: list[torch.Tensor], table_offsets: torch.Tensor, r
     return out
 
 
-def build_row_gather(shape, inp, w0, optim):
+def build_row_gather(shape, tofs, w0, optim):
     rows_per_chunk = max(1024, (1 << 20) // (4 * shape.D))  # ~1 MB buffer, stays in L2
     buf = torch.empty(rows_per_chunk, shape.D)
-    chunks = list(inp.global_ids.split(rows_per_chunk))
 
-    def step():
+    def step(chunks):
         for c in chunks:
             torch.index_select(w0, 0, c, out=buf[: c.numel()])
         return None
 
-    return Prov(step, note=f"index_select in chunks of {rows_per_chunk} rows")
+    return Prov(step, prepare=lambda inp: list(inp.global_ids.split(rows_per_chunk)),
+                note=f"index_select in chunks of {rows_per_chunk} rows")
 
 
-def build_adrec(shape, inp, w0, optim):
-    tofs, idx, offs = inp.table_offsets, inp.indices, inp.offsets
+def build_adrec(shape, tofs, w0, optim):
     if optim is None:
         # The table as EmbeddingBagCollection holds it (adrec's allocation: huge pages), looked up
         # through the functional API.
         buf = _take(w0, adrec_memory=True)
 
-        def step():
-            return AF.embedding_bag(buf, tofs, idx, offs)
+        def step(a):
+            return AF.embedding_bag(buf, tofs, *a)
         return Prov(step, buffers=[buf])
     opt = FusedSGD(LR) if optim == "sgd" else FusedRowwiseAdagrad(LR, eps=EPS)
     buf = _take(w0, adrec_memory=True)
@@ -168,16 +199,16 @@ def build_adrec(shape, inp, w0, optim):
     ebc.train()
     g = make_grad_out(shape)
 
-    def step():
-        out = ebc(idx, offs)
+    def step(a):
+        out = ebc(*a)
         out.backward(g)
         return out
 
     return Prov(step, read_rows=lambda r: ebc.weight[r], buffers=[buf])
 
 
-def build_nn_loop(shape, inp, w0, optim):
-    tofs = inp.table_offsets.tolist()
+def build_nn_loop(shape, tofs, w0, optim):
+    tofs = tofs.tolist()
     train = optim is not None
     buf = _take(w0) if train else w0
     mods = [
@@ -187,23 +218,26 @@ def build_nn_loop(shape, inp, w0, optim):
     ]
     for m in mods:
         m.weight.requires_grad_(train)
-    per_table = inp.per_table
+
+    def prepare(inp):
+        return inp.per_table
+
     if not train:
-        def step():
+        def step(per_table):
             return torch.cat([m(i, o) for m, (i, o) in zip(mods, per_table)], dim=1)
-        return Prov(step)
+        return Prov(step, prepare)
     params = [m.weight for m in mods]
     opt = torch.optim.SGD(params, lr=LR) if optim == "sgd" else torch.optim.Adagrad(params, lr=LR, eps=EPS)
     g = make_grad_out(shape)
 
-    def step():
+    def step(per_table):
         out = torch.cat([m(i, o) for m, (i, o) in zip(mods, per_table)], dim=1)
         out.backward(g)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out
 
-    return Prov(step, read_rows=lambda r: buf[r], buffers=[buf])
+    return Prov(step, prepare, read_rows=lambda r: buf[r], buffers=[buf])
 
 
 def _sample_major(shape, inp: EmbInputs):
@@ -220,33 +254,36 @@ def _sample_major(shape, inp: EmbInputs):
     return torch.from_numpy(inp.global_ids.numpy()[src]), torch.from_numpy(new_off)
 
 
-def build_nn_concat(shape, inp, w0, optim):
+def build_nn_concat(shape, tofs, w0, optim):
     train = optim is not None
     buf = _take(w0) if train else w0
     emb = nn.EmbeddingBag(buf.shape[0], shape.D, mode="sum", sparse=True, include_last_offset=True,
                           _weight=buf)
     emb.weight.requires_grad_(train)
-    gids, goffs = _sample_major(shape, inp)
     B, TD = shape.B, shape.T * shape.D
+
+    def prepare(inp):
+        return _sample_major(shape, inp)
+
     if not train:
-        def step():
-            return emb(gids, goffs).view(B, TD)
-        return Prov(step)
+        def step(a):
+            return emb(*a).view(B, TD)
+        return Prov(step, prepare)
     opt = (torch.optim.SGD(emb.parameters(), lr=LR) if optim == "sgd"
            else torch.optim.Adagrad(emb.parameters(), lr=LR, eps=EPS))
     g = make_grad_out(shape)
 
-    def step():
-        out = emb(gids, goffs).view(B, TD)
+    def step(a):
+        out = emb(*a).view(B, TD)
         out.backward(g)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out
 
-    return Prov(step, read_rows=lambda r: buf[r], buffers=[buf])
+    return Prov(step, prepare, read_rows=lambda r: buf[r], buffers=[buf])
 
 
-def build_fbgemm(shape, inp, w0, optim):
+def build_fbgemm(shape, tofs, w0, optim):
     F = FBGEMM
     ot = {None: F["OptimType"].EXACT_SGD, "sgd": F["OptimType"].EXACT_SGD,
           "rowwise_adagrad": F["OptimType"].EXACT_ROWWISE_ADAGRAD}[optim]
@@ -259,24 +296,23 @@ def build_fbgemm(shape, inp, w0, optim):
             preallocated_host_buffers={"weights": buf.view(-1)},
         )
     tables = tbe.split_embedding_weights()
-    tofs = inp.table_offsets.tolist()
+    starts = tofs.tolist()
     with torch.no_grad():
         for t, w in enumerate(tables):
-            if w.data_ptr() != buf[tofs[t]].data_ptr():
-                w.copy_(w0[tofs[t]:tofs[t + 1]])
-    idx, offs = inp.indices, inp.offsets
+            if w.data_ptr() != buf[starts[t]].data_ptr():
+                w.copy_(w0[starts[t]:starts[t + 1]])
     if optim is None:
-        def step():
-            return tbe(idx, offs)
+        def step(a):
+            return tbe(*a)
         return Prov(step, buffers=[buf])
     g = make_grad_out(shape)
 
-    def step():
-        out = tbe(idx, offs)
+    def step(a):
+        out = tbe(*a)
         out.backward(g)
         return out
 
-    return Prov(step, read_rows=lambda r: _rows_from_tables(tables, inp.table_offsets, r),
+    return Prov(step, read_rows=lambda r: _rows_from_tables(tables, tofs, r),
                 buffers=[buf], note="bounds_check_mode=WARNING (default)")
 
 
@@ -293,36 +329,39 @@ def _trec_tables(shape):
             for t, n in enumerate(shape.rows)]
 
 
-def build_torchrec_ebc(shape, inp, w0, optim):
+def build_torchrec_ebc(shape, tofs, w0, optim):
     R = TORCHREC
     train = optim is not None
     buf = _take(w0) if train else w0
-    tofs = inp.table_offsets.tolist()
+    starts = tofs.tolist()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ebc = R["EBC"](tables=_trec_tables(shape), device=torch.device("meta"))
     for t, bag in enumerate(ebc.embedding_bags.values()):  # plug in the shared weights
-        bag.weight = nn.Parameter(buf[tofs[t]:tofs[t + 1]], requires_grad=train)
-    kjt = _kjt(shape, inp)
+        bag.weight = nn.Parameter(buf[starts[t]:starts[t + 1]], requires_grad=train)
+
+    def prepare(inp):
+        return _kjt(shape, inp)
+
     if not train:
-        def step():
+        def step(kjt):
             return ebc(kjt).values()
-        return Prov(step)
+        return Prov(step, prepare)
     opt = torch.optim.SGD(ebc.parameters(), lr=LR)
     g = make_grad_out(shape)
 
-    def step():
+    def step(kjt):
         out = ebc(kjt).values()
         out.backward(g)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out
 
-    return Prov(step, read_rows=lambda r: buf[r], buffers=[buf],
+    return Prov(step, prepare, read_rows=lambda r: buf[r], buffers=[buf],
                 note="dense gradients (nn.EmbeddingBag sparse=False inside torchrec EBC)")
 
 
-def build_torchrec_fused(shape, inp, w0, optim):
+def build_torchrec_fused(shape, tofs, w0, optim):
     R = TORCHREC
     if optim == "rowwise_adagrad":
         ot, kw = R["RowWiseAdagrad"], {"lr": LR, "eps": EPS}
@@ -332,25 +371,28 @@ def build_torchrec_fused(shape, inp, w0, optim):
         warnings.simplefilter("ignore")
         ebc = R["FusedEBC"](tables=_trec_tables(shape), optimizer_type=ot, optimizer_kwargs=kw,
                             device=torch.device("cpu"))
-    tofs = inp.table_offsets.tolist()
+    starts = tofs.tolist()
     sd = ebc.state_dict()
     tables = [sd[f"embedding_bags.t{t}.weight"] for t in range(shape.T)]
     with torch.no_grad():
         for t, w in enumerate(tables):
-            w.copy_(w0[tofs[t]:tofs[t + 1]])
-    kjt = _kjt(shape, inp)
+            w.copy_(w0[starts[t]:starts[t + 1]])
+
+    def prepare(inp):
+        return _kjt(shape, inp)
+
     if optim is None:
-        def step():
+        def step(kjt):
             return ebc(kjt).values()
-        return Prov(step)
+        return Prov(step, prepare)
     g = make_grad_out(shape)
 
-    def step():
+    def step(kjt):
         out = ebc(kjt).values()
         out.backward(g)
         return out
 
-    return Prov(step, read_rows=lambda r: _rows_from_tables(tables, inp.table_offsets, r))
+    return Prov(step, prepare, read_rows=lambda r: _rows_from_tables(tables, tofs, r))
 
 
 BUILDERS = {
@@ -472,23 +514,22 @@ def _rounds(first_call_s: float) -> tuple[int, int]:
 
 
 # Untimed calls before the timed rounds, for every provider alike. A provider's first calls on a
-# shape run with cold caches, TLBs and allocator: the per-call time falls for 5-15 calls before
-# it settles (one run, 2 threads, D=16, one id per field: adrec 0.30 -> 0.19 ms over 8 calls, the
-# concatenated nn.EmbeddingBag 0.46 -> 0.24 ms over 15), so 3 warm-up rounds left a variable part
-# of the 20 timed rounds in that transient and the medians moved with it.
+# shape run with cold TLBs and a cold allocator: the per-call time falls for 5-15 calls before it
+# settles, so a fixed 3 warm-up rounds would leave a variable part of the timed rounds in that
+# transient (measurements in bench/RESULTS.md).
 WARM_SECONDS = 0.3
 WARM_MIN_CALLS = 3
 WARM_MAX_CALLS = 30
 
 
-def _warm(step: Callable[[], object]) -> int:
-    """Call ``step`` until WARM_SECONDS have passed (at least WARM_MIN_CALLS, at most
-    WARM_MAX_CALLS times); returns the number of calls."""
+def _warm(prov: Prov, batches) -> int:
+    """Call the provider on the next batches until WARM_SECONDS have passed (at least
+    WARM_MIN_CALLS, at most WARM_MAX_CALLS times); returns the number of calls."""
     if QUICK:
         return 0
     n, t_end = 0, time.perf_counter() + WARM_SECONDS
     while n < WARM_MIN_CALLS or (n < WARM_MAX_CALLS and time.perf_counter() < t_end):
-        step()
+        prov.step(prov.prepare(next(batches)))
         n += 1
     return n
 
@@ -505,14 +546,35 @@ def _bytes(shape, inp, mode, optim):
     return fwd + B * T * D * 4 + nnz * 8 + upd
 
 
-def _extra(benchmark, shape, inp, mode, optim, provider, prov):
+# ``ADREC_BENCH_CACHE=1`` (pytest) / ``--cache`` (script): every round on one repeated batch, whose
+# rows then stay in the L3. It measures the cache, not training; its groups say "cache".
+CACHE = os.environ.get("ADREC_BENCH_CACHE", "") not in ("", "0")
+
+
+def batch_pool(shape: EmbShape, cache: bool = CACHE, quick: bool = QUICK) -> list[EmbInputs]:
+    """The batches a benchmark cycles through: a fresh-batch pool (rows touched >= 4x the L3),
+    or the one batch of the cache variant. Quick runs cap the pool (smoke only)."""
+    if cache:
+        return [make_inputs(shape)]
+    return make_pool(shape, fresh_bytes(), max_batches=8 if quick else 512)
+
+
+def _label(shape, pool) -> str:
+    if len(pool) == 1:
+        return f"{shape} cache (1 repeated batch)"
+    return (f"{shape} fresh ({len(pool)} batches, "
+            f"{pool_touched_bytes(shape, pool) / l3_bytes():.1f}x L3)")
+
+
+def _extra(benchmark, shape, inp, mode, optim, provider, prov, pool):
     e = benchmark.extra_info
     e.update(
         provider=provider, optimizer=optim or "", mode=mode, D=shape.D, B=shape.B, T=shape.T,
         pooling=shape.pooling_label, dist=shape.dist, nnz=inp.nnz, unique_rows=inp.U,
         samples=shape.B, rows_gathered=inp.nnz,
         bytes=_bytes(shape, inp, "gather" if provider == "row_gather" else mode, optim),
-        note=prov.note,
+        note=prov.note, batches=len(pool),
+        pool_touched_MB=round(pool_touched_bytes(shape, pool) / 1e6, 1) if len(pool) > 1 else 0,
     )
     e["GB"] = e["bytes"] / 1e9
 
@@ -543,25 +605,35 @@ def _train_cases():
     return [pytest.param(s, p, o, id=f"{s}-{p}-{o}") for s in emb_shapes() for p, o in TRAIN_CASES]
 
 
+def _suffix():
+    return " cache" if CACHE else ""
+
+
+def _pedantic(benchmark, prov: Prov, batches, first_s: float):
+    rounds, warm = _rounds(first_s)
+    benchmark.extra_info["warm_calls"] = _warm(prov, batches)
+    benchmark.pedantic(prov.step, setup=lambda: ((prov.prepare(next(batches)),), {}),
+                       warmup_rounds=warm, rounds=rounds, iterations=1)
+
+
 @pytest.mark.parametrize("shape,backend", _fwd_cases())
 def test_embedding_bag_fwd(benchmark, shape: EmbShape, backend: str):
     _need(backend)
-    benchmark.group = f"embedding_bag_fwd {shape}"
-    inp, w0 = make_inputs(shape), make_weights(shape)
+    benchmark.group = f"embedding_bag_fwd {shape}{_suffix()}"
+    pool, w0 = batch_pool(shape), make_weights(shape)
+    inp = pool[0]
     prov = None
     try:
-        prov = BUILDERS[backend](shape, inp, w0, None)
+        prov = BUILDERS[backend](shape, inp.table_offsets, w0, None)
         with torch.no_grad():
             t0 = time.perf_counter()
-            out = prov.step()
+            out = prov.step(prov.prepare(inp))
             first = time.perf_counter() - t0
             if out is not None:
                 check_forward(out, shape, inp, w0, backend)
             del out
-            rounds, warm = _rounds(first)
-            _extra(benchmark, shape, inp, "fwd", None, backend, prov)
-            benchmark.extra_info["warm_calls"] = _warm(prov.step)
-            benchmark.pedantic(prov.step, warmup_rounds=warm, rounds=rounds, iterations=1)
+            _extra(benchmark, shape, inp, "fwd", None, backend, prov, pool)
+            _pedantic(benchmark, prov, cycle(pool, 1), first)
     finally:
         _release(prov)
 
@@ -570,20 +642,141 @@ def test_embedding_bag_fwd(benchmark, shape: EmbShape, backend: str):
 def test_embedding_bag_fwdbwd(benchmark, shape: EmbShape, backend: str, optim: str):
     """Training step: forward + backward(fixed random grad_out) + optimizer update."""
     _need(backend)
-    benchmark.group = f"embedding_bag_train_{'sgd' if optim == 'sgd' else 'adagrad'} {shape}"
-    inp, w0 = make_inputs(shape), make_weights(shape)
+    kind = "sgd" if optim == "sgd" else "adagrad"
+    benchmark.group = f"embedding_bag_train_{kind} {shape}{_suffix()}"
+    pool, w0 = batch_pool(shape), make_weights(shape)
+    inp = pool[0]
     prov = None
     try:
-        prov = BUILDERS[backend](shape, inp, w0, optim)
+        prov = BUILDERS[backend](shape, inp.table_offsets, w0, optim)
         t0 = time.perf_counter()
-        out = prov.step()
+        out = prov.step(prov.prepare(inp))
         first = time.perf_counter() - t0
         check_forward(out.detach(), shape, inp, w0, backend)
         del out
         check_step(prov, shape, inp, w0, optim, f"{backend}/{optim}")
-        rounds, warm = _rounds(first)
-        _extra(benchmark, shape, inp, "train", optim, backend, prov)
-        benchmark.extra_info["warm_calls"] = _warm(prov.step)
-        benchmark.pedantic(prov.step, warmup_rounds=warm, rounds=rounds, iterations=1)
+        _extra(benchmark, shape, inp, "train", optim, backend, prov, pool)
+        _pedantic(benchmark, prov, cycle(pool, 1), first)
     finally:
         _release(prov)
+
+
+# ------------------------------------------------------------------------------------------
+# Script mode: providers alternating round by round on the same fresh batches, several runs.
+
+# Each step's peers: the ones the targets are set against (forward: the best of the torch and
+# FBGEMM lookups; training: FBGEMM TBE with its fused optimizer). --providers adds others.
+SCRIPT_PEERS = {
+    "fwd": ["nn_embedding_bag_concat", "fbgemm_tbe"],
+    "sgd": ["fbgemm_tbe"],
+    "rowwise_adagrad": ["fbgemm_tbe"],
+}
+TARGET_NOTES = [
+    "Targets: forward >= 1.0x the best peer at one id per field, >= 1.3x at 10-20; training "
+    "step (SGD, row-wise Adagrad) >= 2.0x FBGEMM TBE; each in the median of >= 3 runs.",
+]
+
+
+def _available(provider: str) -> bool:
+    if provider == "fbgemm_tbe":
+        return FBGEMM is not None
+    if provider.startswith("torchrec"):
+        return TORCHREC is not None
+    return provider in BUILDERS
+
+
+def run_case(shape, mode, providers, pool, batches, w0, rounds, check: bool, quick: bool):
+    """Build every provider for (shape, mode), check them once if asked, then time them
+    alternating over ``rounds`` fresh batches. Returns {provider: [seconds]}."""
+    optim = None if mode == "fwd" else mode
+    provs = {}
+    try:
+        for p in providers:
+            provs[p] = BUILDERS[p](shape, pool[0].table_offsets, w0, optim)
+            if check:
+                with torch.set_grad_enabled(optim is not None):
+                    out = provs[p].step(provs[p].prepare(pool[0]))
+                if out is not None:
+                    check_forward(out.detach(), shape, pool[0], w0, p)
+                if optim is not None:
+                    check_step(provs[p], shape, pool[0], w0, optim, f"{p}/{optim}")
+        steps = {p: pv.step for p, pv in provs.items()}
+        prepare = {p: pv.prepare for p, pv in provs.items()}
+        with torch.set_grad_enabled(optim is not None):
+            H.warm({p: (lambda b, p=p: steps[p](prepare[p](b))) for p in provs}, batches,
+                   seconds=0.0 if quick else WARM_SECONDS, min_calls=1 if quick else 3)
+            return H.alternate(steps, batches, rounds, prepare)
+    finally:
+        for pv in provs.values():
+            _release(pv)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    H.add_args(ap)
+    ap.add_argument("--modes", default="fwd,sgd,rowwise_adagrad",
+                    help="comma list of fwd, sgd, rowwise_adagrad")
+    ap.add_argument("--providers", default="",
+                    help="extra providers beside adrec and the default peers (comma list of "
+                         + ", ".join(p for p in BUILDERS if p != "adrec") + ")")
+    ap.add_argument("--shapes", default="",
+                    help="only shapes whose name contains one of these (comma list, e.g. D16-L1)")
+    ap.add_argument("--cache", action="store_true",
+                    help="one repeated batch per shape: measures the cache, not training")
+    args = H.settle(ap.parse_args(argv))
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in SCRIPT_PEERS]
+    if bad:
+        raise SystemExit(f"--modes: unknown {bad}; choose from {list(SCRIPT_PEERS)}")
+    extra = [p for p in args.providers.split(",") if p]
+    bad = [p for p in extra if p not in BUILDERS]
+    if bad:
+        raise SystemExit(f"--providers: unknown {bad}; choose from {list(BUILDERS)}")
+    shapes = SHAPES["criteo_emb_quick" if args.quick else "criteo_emb"]
+    if args.shapes:
+        keys = args.shapes.split(",")
+        shapes = [s for s in shapes if any(k in str(s) for k in keys)]
+        if not shapes:
+            raise SystemExit(f"--shapes {args.shapes!r} matches none of {SHAPES['criteo_emb']}")
+    print(H.header(args, "embedding bag" + (" (cache variant)" if args.cache else "")), flush=True)
+    skipped = set()
+    res = H.Results("Embedding bag: " + ("one repeated batch (cache, not the headline)"
+                                         if args.cache else "fresh batches"))
+    res.notes += TARGET_NOTES
+    streams = {}  # shape -> its batch iterator: every round of every run takes the next batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peers' deprecation notes on their hot paths
+        for run in range(args.runs):
+            l0 = H.load1()
+            for shape in shapes:
+                pool = batch_pool(shape, args.cache, args.quick)
+                w0 = make_weights(shape)
+                for mode in modes:
+                    providers = ["adrec"]
+                    for p in SCRIPT_PEERS[mode] + extra:
+                        if p in providers:
+                            continue
+                        if _available(p):
+                            providers.append(p)
+                        else:
+                            skipped.add(p)
+                    batches = streams.setdefault(str(shape), cycle(pool, 1))
+                    times = run_case(shape, mode, providers, pool, batches, w0, args.rounds,
+                                     check=run == 0, quick=args.quick)
+                    res.add(f"{_label(shape, pool)} {mode}", times)
+                    print(f"run {run + 1}: {shape} {mode}: " + ", ".join(
+                        f"{p} {statistics.median(t) * 1e3:.3f} ms" for p, t in times.items()),
+                        flush=True)
+            res.loads.append((l0, H.load1()))
+    for p in sorted(skipped):
+        why = FBGEMM_WHY if p == "fbgemm_tbe" else TORCHREC_WHY
+        res.notes.append(f"{p} skipped: {why}")
+    print()
+    print(res.markdown(best_peer=True))
+
+
+if __name__ == "__main__":
+    main()

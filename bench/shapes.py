@@ -1,16 +1,21 @@
 # SPDX-License-Identifier: Apache-2.0
 """Named benchmark shapes and their cached, vectorised input generators.
 
-Embedding presets follow issue 2 §4: the 26 Criteo Kaggle categorical fields with their
-cardinalities capped at 1e6 rows (5,569,296 rows in all), D in {16, 64}, B = 4096, one id per
-field or 10-20 ids per field (uniform length), ids uniform or Zipf(s=1.05) per table with the hot
-ranks scattered by a per-table permutation. Inputs are generated once per shape (the weights once
-per (rows, D)) and kept in small caches, so a run pays generation once.
+Embedding presets: the 26 Criteo Kaggle categorical fields with their cardinalities capped at
+1e6 rows (5,569,296 rows in all), D in {16, 64}, B = 4096, one id per field or 10-20 ids per
+field (uniform length), ids uniform or Zipf(s=1.05) per table with the hot ranks scattered by a
+fixed per-table permutation.
+
+``make_pool`` gives a stream of distinct batches per shape whose touched rows exceed a byte
+budget (a multiple of the L3): the benchmarks draw each round's batch from it, as training draws
+a new batch every step. ``make_inputs`` is the pool's first batch. Inputs are cached per input
+key, the weights for the last (rows, D), so a run pays generation once.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -63,7 +68,7 @@ def _criteo(D, L, dist):
 
 
 SHAPES: dict[str, list[EmbShape]] = {
-    # issue 2 §4: 2 x 2 x 2 shapes.
+    # D x pooling factor x id distribution: 2 x 2 x 2 shapes.
     "criteo_emb": [
         _criteo(D, L, dist)
         for D in (16, 64)
@@ -83,56 +88,85 @@ def emb_shapes() -> list[EmbShape]:
 # Inputs
 
 
-@dataclass
+@dataclass(eq=False)
 class EmbInputs:
-    """Inputs of one shape (independent of D). All int64, contiguous.
+    """One batch of one shape (independent of D). All int64, contiguous.
 
-    ``indices``/``offsets`` are the FBGEMM TBE layout (table-major bags, ids within their table);
-    ``global_ids`` are the same ids shifted by their table's first row (for one concatenated
-    table); ``per_table`` holds each table's (ids, offsets[B+1] starting at 0)."""
+    ``indices``/``offsets`` are the FBGEMM TBE layout (table-major bags, ids within their table).
+    Derived layouts are computed on first use (a pool holds hundreds of batches, and most
+    providers need none of them): ``global_ids`` are the ids shifted by their table's first row
+    (for one concatenated table); ``per_table`` holds each table's (ids, offsets[B+1] starting at
+    0); ``unique_rows`` the sorted global rows the batch touches."""
 
     shape_key: tuple
     table_offsets: torch.Tensor  # [T+1]
     indices: torch.Tensor  # [nnz]
     offsets: torch.Tensor  # [T*B+1]
-    global_ids: torch.Tensor  # [nnz]
-    per_table: list[tuple[torch.Tensor, torch.Tensor]]
-    unique_rows: torch.Tensor  # [U] sorted global rows touched by the batch
+    ids_per_table: np.ndarray  # [T]
 
     @property
     def nnz(self) -> int:
         return int(self.indices.numel())
+
+    @cached_property
+    def global_ids(self) -> torch.Tensor:  # [nnz]
+        tofs = self.table_offsets.numpy()
+        return self.indices + torch.from_numpy(np.repeat(tofs[:-1], self.ids_per_table))
+
+    @cached_property
+    def per_table(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        o = self.offsets.numpy()
+        T = len(self.ids_per_table)
+        B = (len(o) - 1) // T
+        out = []
+        for t in range(T):
+            ot = o[t * B:(t + 1) * B + 1]
+            out.append((self.indices[ot[0]:ot[-1]], torch.from_numpy(ot - ot[0])))
+        return out
+
+    @cached_property
+    def unique_rows(self) -> torch.Tensor:  # [U]
+        return torch.unique(self.global_ids, sorted=True)
 
     @property
     def U(self) -> int:
         return int(self.unique_rows.numel())
 
 
-def _zipf_ids(rng: np.random.Generator, n: int, count: int, s: float) -> np.ndarray:
+# Zipf tables: the inverse-CDF and the rank -> row permutation of each table are fixed per
+# (rows, s, seed), so every batch of a shape shares the same hot rows, as training data does.
+_ZIPF: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _zipf_table(n: int, s: float, seed: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+    key = (n, s, seed, t)
+    hit = _ZIPF.get(key)
+    if hit is None:
+        cdf = np.cumsum(np.arange(1, n + 1, dtype=np.float64) ** -s)
+        perm = np.random.default_rng([seed, 0x21F, t]).permutation(n)
+        hit = _ZIPF[key] = (cdf, perm)
+    return hit
+
+
+def _zipf_ids(rng: np.random.Generator, n: int, count: int, s: float, seed: int,
+              t: int) -> np.ndarray:
     """``count`` ids in [0, n) with P(rank k) ~ k^-s (finite support, inverse CDF), the ranks
-    scattered over the table by a random permutation so hot rows are not adjacent."""
+    scattered over the table by the table's fixed permutation so hot rows are not adjacent."""
     if n == 1:
         return np.zeros(count, dtype=np.int64)
-    cdf = np.cumsum(np.arange(1, n + 1, dtype=np.float64) ** -s)
+    cdf, perm = _zipf_table(n, s, seed, t)
     ranks = np.searchsorted(cdf, rng.random(count) * cdf[-1], side="right")
     np.minimum(ranks, n - 1, out=ranks)
-    return rng.permutation(n)[ranks].astype(np.int64, copy=False)
+    return perm[ranks].astype(np.int64, copy=False)
 
 
 def _input_key(shape: EmbShape) -> tuple:
     return (shape.rows, shape.B, shape.L, shape.dist, shape.zipf_s, shape.seed)
 
 
-_INPUTS: dict[tuple, EmbInputs] = {}
-
-
-def make_inputs(shape: EmbShape) -> EmbInputs:
-    """Cached per (rows, B, L, dist, seed): the same ids serve D=16 and D=64."""
-    key = _input_key(shape)
-    hit = _INPUTS.get(key)
-    if hit is not None:
-        return hit
-    rng = np.random.default_rng([shape.seed, 0xADEC, shape.L[0], shape.L[1], len(shape.dist)])
+def _generate(shape: EmbShape, k: int) -> EmbInputs:
+    """Batch ``k`` of ``shape``'s stream (deterministic in (shape, k))."""
+    rng = np.random.default_rng([shape.seed, 0xADEC, shape.L[0], shape.L[1], len(shape.dist), k])
     T, B = shape.T, shape.B
     rows = np.asarray(shape.rows, dtype=np.int64)
     lo, hi = shape.L
@@ -147,30 +181,72 @@ def make_inputs(shape: EmbShape) -> EmbInputs:
         if shape.dist == "uniform":
             parts.append(rng.integers(0, n, size=c, dtype=np.int64))
         elif shape.dist == "zipf":
-            parts.append(_zipf_ids(rng, n, c, shape.zipf_s))
+            parts.append(_zipf_ids(rng, n, c, shape.zipf_s, shape.seed, t))
         else:
             raise ValueError(f"unknown id distribution {shape.dist!r}")
-    indices = np.concatenate(parts)
     table_offsets = np.zeros(T + 1, dtype=np.int64)
     np.cumsum(rows, out=table_offsets[1:])
-    global_ids = indices + np.repeat(table_offsets[:-1], counts)
-    per_table = []
-    for t in range(T):
-        o = offsets[t * B:(t + 1) * B + 1]
-        per_table.append((torch.from_numpy(indices[o[0]:o[-1]].copy()),
-                          torch.from_numpy(o - o[0])))
-    inp = EmbInputs(
-        shape_key=key,
+    return EmbInputs(
+        shape_key=_input_key(shape),
         table_offsets=torch.from_numpy(table_offsets),
-        indices=torch.from_numpy(indices),
+        indices=torch.from_numpy(np.concatenate(parts)),
         offsets=torch.from_numpy(offsets),
-        global_ids=torch.from_numpy(global_ids),
-        per_table=per_table,
-        unique_rows=torch.from_numpy(np.unique(global_ids)),
+        ids_per_table=counts,
     )
-    _INPUTS.clear()  # keep one shape's inputs: runs are ordered shape-major
-    _INPUTS[key] = inp
-    return inp
+
+
+_INPUTS: dict[tuple, EmbInputs] = {}
+
+
+def make_inputs(shape: EmbShape) -> EmbInputs:
+    """Batch 0 of ``shape``, cached per (rows, B, L, dist, seed): the same ids serve D=16 and
+    D=64. A benchmark that times every round on it measures the cache (see ``make_pool``)."""
+    key = _input_key(shape)
+    hit = _INPUTS.get(key)
+    if hit is None:
+        _INPUTS.clear()  # keep one shape's inputs: runs are ordered shape-major
+        hit = _INPUTS[key] = _generate(shape, 0)
+    return hit
+
+
+@dataclass
+class _Stream:
+    batches: list[EmbInputs]
+    seen: np.ndarray  # [N_total] bool: rows touched by the batches so far
+    prefix_rows: list[int]  # [len(batches)]: rows touched by the first n+1 batches
+
+
+_POOLS: dict[tuple, _Stream] = {}
+
+
+def make_pool(shape: EmbShape, min_bytes: int, max_batches: int = 512,
+              min_batches: int = 4) -> list[EmbInputs]:
+    """Batches 0, 1, 2, ... of ``shape`` until the rows they touch together, times D*4 bytes,
+    reach ``min_bytes`` (or ``max_batches``: Zipf ids revisit their hot rows, so their union
+    grows slowly; ``pool_touched_bytes`` says what a pool reached). Pools are cached per input
+    key and extended on demand, so D=16 (which needs 4x the rows of D=64) and D=64 share one
+    stream. At least ``min_batches``, so no two consecutive rounds share a batch."""
+    key = _input_key(shape)
+    st = _POOLS.get(key)
+    if st is None:
+        st = _POOLS[key] = _Stream([], np.zeros(sum(shape.rows), dtype=bool), [])
+    need_rows = -(-int(min_bytes) // (4 * shape.D))
+    n = 1
+    while True:
+        if n > len(st.batches):
+            b = _generate(shape, len(st.batches))
+            st.seen[b.global_ids.numpy()] = True
+            del b.__dict__["global_ids"]  # recomputed on demand: a pool keeps only the ids
+            st.batches.append(b)
+            st.prefix_rows.append(int(np.count_nonzero(st.seen)))
+        if (st.prefix_rows[n - 1] >= need_rows and n >= min_batches) or n >= max_batches:
+            return st.batches[:n]
+        n += 1
+
+
+def pool_touched_bytes(shape: EmbShape, pool: list[EmbInputs]) -> int:
+    """Distinct rows touched by ``pool`` (from ``make_pool``), times D*4 bytes."""
+    return _POOLS[_input_key(shape)].prefix_rows[len(pool) - 1] * 4 * shape.D
 
 
 _WEIGHTS: dict[tuple, torch.Tensor] = {}
