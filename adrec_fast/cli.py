@@ -390,7 +390,7 @@ def cmd_demo(a) -> int:
     print(f"training: {sps:,.0f} samples/s over {len(result.history)} epochs ({t_train:.1f}s); "
           f"total {wall:.1f}s")
     if a.out:
-        from .training.checkpoint import save_checkpoint
+        from .models.checkpoint import save_checkpoint
 
         save_checkpoint(Path(a.out), model, meta={"metrics": m, "history": result.history})
         print(f"model saved to {a.out}")
@@ -474,7 +474,7 @@ def _batches(schema, path, batch_size, skip_bad_rows):
 def cmd_eval(a) -> int:
     import numpy as np
 
-    from .training.checkpoint import load_model
+    from .models.checkpoint import load_model
     from .training.loop import metrics_of, predict
 
     model, schema, config = load_model(a.dir)
@@ -506,7 +506,7 @@ def cmd_predict(a) -> int:
     import numpy as np
     import pyarrow as pa
 
-    from .training.checkpoint import load_model
+    from .models.checkpoint import load_model
     from .training.loop import predict
 
     from .data.readers import batches_from_chunks, open_reader

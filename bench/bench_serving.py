@@ -65,7 +65,7 @@ from adrec_fast.data.batch import Batch
 from adrec_fast.data.schema import Schema
 from adrec_fast.models.registry import build_model
 from adrec_fast.serving import Scorer
-from adrec_fast.training.checkpoint import save_checkpoint
+from adrec_fast.models.checkpoint import save_checkpoint
 
 HERE = Path(__file__).resolve().parent
 CARDS = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,

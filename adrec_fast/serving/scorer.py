@@ -68,7 +68,7 @@ from ..data import columns as C
 from ..data.batch import Batch
 from ..data.errors import DataError
 from ..ops import scorer as _op
-from ..training.checkpoint import load_model, resolve
+from ..models.checkpoint import load_model, resolve
 
 QUANTIZE = (None, "fp16", "int8")
 _KIND = {"dlrm": 0, "parallel": 1, "stacked": 2}

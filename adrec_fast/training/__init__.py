@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Training: ``fit``/``Trainer`` (progress bar, per-epoch AUC/logloss/calibration, early
-stopping, lr schedules, seeds), atomic safetensors+JSON checkpoints with exact resume,
-``load_model`` for serving, and PNG plots."""
-from .checkpoint import load_model, save_checkpoint
+stopping, lr schedules, seeds), exact resume from checkpoints, and PNG plots.
+``save_checkpoint``/``load_model`` come from :mod:`adrec_fast.models.checkpoint`, which holds
+the format beside the models so that serving needs nothing of this package."""
+from ..models.checkpoint import load_model, save_checkpoint
 from .loop import FitResult, InMemory, Trainer, evaluate, fit, lr_factor, metrics_of, predict
 from .plots import plot_calibration, plot_learning_curves
 

@@ -15,7 +15,7 @@ import torch
 from ..data.batch import Batch, _bag_take
 from ..data.metrics import auc, calibration, logloss
 from ..data.stream import epoch_permutation
-from . import checkpoint as ckpt
+from ..models import checkpoint as ckpt
 
 SCHEDULES = ("constant", "cosine", "step", "linear")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")

@@ -156,7 +156,7 @@ def test_intercept_shift():
 def test_calibrate_shifts_the_head_bias(small, tmp_path):
     """calibrate=True: mean validation prediction == positive rate, ranking unchanged, and the
     best/ checkpoint carries the shifted bias."""
-    from adrec_fast.training import checkpoint as ckpt
+    from adrec_fast.models import checkpoint as ckpt
     from adrec_fast.training.loop import predict
 
     schema, train, valid = small

@@ -14,7 +14,7 @@ import adrec_fast  # noqa: F401
 from adrec_fast.data.schema import Schema
 from adrec_fast.data.synthetic import SyntheticCTR
 from adrec_fast.models.registry import build_model
-from adrec_fast.training import checkpoint as ckpt
+from adrec_fast.models import checkpoint as ckpt
 from adrec_fast.training.loop import InMemory, Trainer, evaluate, fit, lr_factor, predict
 from adrec_fast.training.plots import plot_calibration, plot_learning_curves, reliability
 

@@ -1,0 +1,241 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Checkpoints: safetensors for tensors, JSON for everything else; written atomically.
+
+Format (``FORMAT = "adrec_fast.checkpoint"``, ``VERSION = 1``). A checkpoint is a DIRECTORY:
+
+``model.safetensors``
+    ``model.state_dict()``: every weight (dense layers, ``<lookup>.ebc.weight [N_total, D]``
+    embedding tables) and every buffer, which includes the fused embedding optimizer's state
+    (``<lookup>.ebc.state [N_total]`` float32 for row-wise Adagrad, empty for SGD). Keys are
+    the module paths, e.g. ``lookup.ebc.weight``, ``linear.ebc.weight``, ``deep.0.weight``,
+    ``head.head.weight``. Metadata: ``{"format", "version", "model"}``.
+``optimizer.safetensors`` (training checkpoints only)
+    the dense torch optimizer's state tensors as ``state.<param index>.<key>`` (e.g.
+    ``state.3.exp_avg``; indices follow ``model.dense_parameters()`` order), the sparse
+    optimizer's (``embedding_optimizer="none"`` only) as ``sparse_state.<i>.<key>``, and the RNG
+    state ``rng.torch`` (uint8, ``torch.get_rng_state()``).
+``checkpoint.json``
+    ``{"format", "version", "adrec_fast", "torch",
+       "model": model.config   # {"name", "embedding_dim", ...kwargs}: build_model(**config)
+       "schema": Schema.to_dict(),         # fitted vocabularies and dense statistics
+       "embedding_optimizers": [{"name", "lr", "eps"} per EmbeddingBagCollection, or null],
+       "optimizer": {"class", "param_groups": [...without params], "extra_state": {...}},
+       "sparse_optimizer": {...same, only with embedding_optimizer="none"},
+       "epoch": completed epochs, "global_step", "metrics": {...last epoch...},
+       "history": [{per-epoch metrics}], "trainer": {fit settings and early-stopping state},
+       "rng": {"seed", "torch_state": "optimizer.safetensors:rng.torch"}}``
+``schema.json``
+    the same schema on its own (``Schema.load``), for serving tools.
+
+Writing is atomic: files go to a temporary sibling directory that is then renamed into place
+(an existing checkpoint is first renamed aside, then deleted), so a reader sees either the old
+or the new checkpoint, never a half-written one.
+
+A training run's ``checkpoint_dir`` holds ``last/`` (every epoch; resume reads it) and
+``best/`` (the best validation epoch); :func:`load_model` on that directory picks ``best/``,
+then ``last/``. ``load_model(dir) -> (model, schema, config)`` is what serving builds on.
+
+The format lives beside the models, not in the trainer, so that a serving process loads a model
+without importing the training package.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..data.schema import Schema
+from .registry import build_model
+
+FORMAT = "adrec_fast.checkpoint"
+VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+META_FILE = "checkpoint.json"
+SCHEMA_FILE = "schema.json"
+
+
+def _plain(x):
+    """JSON-able copy (tuples -> lists, tensors -> numbers)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def _tensors_for_safetensors(sd: dict) -> dict:
+    # safetensors refuses shared or non-contiguous storage: give every tensor its own copy
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+
+def optimizer_state_tensors(optimizer, prefix: str = "state.") -> tuple[dict, dict]:
+    """A torch optimizer -> (tensors {"<prefix><i>.<key>": Tensor}, json {"class", ...})."""
+    sd = optimizer.state_dict()
+    tensors, extra = {}, {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{prefix}{i}.{k}"] = v
+            else:
+                extra[f"{i}.{k}"] = v
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
+              for g in sd["param_groups"]]
+    return tensors, {"class": type(optimizer).__name__, "param_groups": _plain(groups),
+                     "extra_state": _plain(extra)}
+
+
+def load_optimizer_state(optimizer, tensors: dict, meta: dict, prefix: str = "state.") -> None:
+    """Inverse of :func:`optimizer_state_tensors`."""
+    if meta.get("class") != type(optimizer).__name__:
+        raise ValueError(f"checkpoint optimizer is {meta.get('class')}, "
+                         f"but the trainer uses {type(optimizer).__name__}")
+    state: dict = {}
+    for key, v in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        i, k = key[len(prefix):].split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    for key, v in meta.get("extra_state", {}).items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        for k in ("betas",):
+            if k in g and isinstance(g[k], list):
+                g[k] = tuple(g[k])
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _atomic_dir(path: Path, write) -> None:
+    """Call ``write(tmp_dir)``, then move tmp_dir to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{tag}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(path, model, *, optimizer=None, sparse_optimizer=None,
+                    meta: dict | None = None, rng: bool = True) -> Path:
+    """Write ``model`` (and the dense ``optimizer``'s state; ``sparse_optimizer``: the torch
+    optimizer of tables without a fused optimizer) as a checkpoint directory at ``path``,
+    atomically. ``meta`` adds keys to checkpoint.json (epoch, metrics, history, trainer...).
+    Returns the path."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    path = Path(path)
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "adrec_fast": __version__,
+        "torch": torch.__version__,
+        "model": _plain(model.config),
+        "schema": model.schema.to_dict(),
+        "embedding_optimizers": [
+            None if c.optimizer is None else
+            {"name": c.optimizer.name, "lr": float(c.optimizer.lr), "eps": float(c.optimizer.eps)}
+            for c in model.embedding_collections()
+        ],
+    }
+    opt_tensors: dict = {}
+    if optimizer is not None:
+        opt_tensors, doc["optimizer"] = optimizer_state_tensors(optimizer)
+    if sparse_optimizer is not None:
+        t, doc["sparse_optimizer"] = optimizer_state_tensors(sparse_optimizer, "sparse_state.")
+        opt_tensors.update(t)
+    if rng:
+        opt_tensors["rng.torch"] = torch.get_rng_state()
+        doc.setdefault("rng", {})["torch_state"] = f"{OPTIM_FILE}:rng.torch"
+    doc.update(_plain(meta or {}))
+
+    def write(tmp: Path):
+        save_file(_tensors_for_safetensors(model.state_dict()), str(tmp / MODEL_FILE),
+                  metadata={"format": FORMAT, "version": str(VERSION),
+                            "model": str(model.config.get("name"))})
+        if opt_tensors:
+            save_file(_tensors_for_safetensors(opt_tensors), str(tmp / OPTIM_FILE),
+                      metadata={"format": FORMAT, "version": str(VERSION)})
+        (tmp / META_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        (tmp / SCHEMA_FILE).write_text(model.schema.to_json(indent=1), encoding="utf-8")
+
+    _atomic_dir(path, write)
+    return path
+
+
+def resolve(path) -> Path:
+    """The checkpoint directory that ``path`` names: itself, else its ``best/``, else ``last/``."""
+    path = Path(path)
+    for cand in (path, path / "best", path / "last"):
+        if (cand / META_FILE).is_file() and (cand / MODEL_FILE).is_file():
+            return cand
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint directory: {path}")
+    raise FileNotFoundError(f"{path} is not an adrec_fast checkpoint (no {META_FILE} + "
+                            f"{MODEL_FILE} in it or in its best/ or last/)")
+
+
+def read_meta(path) -> dict:
+    path = resolve(path)
+    doc = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{path / META_FILE}: not an adrec_fast checkpoint")
+    if doc.get("version") != VERSION:
+        raise ValueError(f"{path / META_FILE}: checkpoint version {doc.get('version')} is not "
+                         f"supported (expected {VERSION})")
+    return doc
+
+
+def load_state(model, path) -> dict:
+    """Load a checkpoint's weights (and fused optimizer state, embedding lr) into ``model``;
+    returns the checkpoint.json document."""
+    from safetensors.torch import load_file
+
+    path = resolve(path)
+    doc = read_meta(path)
+    sd = load_file(str(path / MODEL_FILE))
+    model.load_state_dict(sd, strict=True)
+    for c, o in zip(model.embedding_collections(), doc.get("embedding_optimizers", [])):
+        if o is not None and c.optimizer is not None:
+            c.optimizer.lr = float(o["lr"])
+    return doc
+
+
+def load_model(path, map_location: str | torch.device = "cpu"):
+    """``(model, schema, config)`` from a checkpoint directory (or a training run's directory:
+    its best/, else last/). The model is in eval mode, on ``map_location``."""
+    path = resolve(path)
+    doc = read_meta(path)
+    schema = Schema.from_dict(doc["schema"])
+    config = dict(doc["model"])
+    name = config.pop("name")
+    model = build_model(name, schema, **config)
+    load_state(model, path)
+    model.to(map_location)
+    model.eval()
+    return model, schema, doc["model"]
