@@ -1,14 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Training throughput of whole models (issue 3 Done-when): DLRM and DCN-v2, B=4096, the 26
-Criteo Kaggle tables capped at 1e6 rows (5.57M rows), D=16, 13 dense features, 2 threads.
-One timed round = one full training step: forward, fused sigmoid-BCE, backward, embedding update
-and dense optimizer step. samples/s = B / median step time (``extra_info["samples_per_s"]``).
+"""Training throughput of whole models: DLRM and DCN-v2, B=4096, the 26 Criteo Kaggle tables
+capped at 1e6 rows (5.57M rows), D=16, 13 dense features, 2 threads. One timed round = one full
+training step: forward, fused sigmoid-BCE, backward, embedding update and dense optimizer step,
+on the next batch of a pool whose touched embedding rows are >= 4x the L3 (``make_batches``), so
+the step reads and updates its rows from DRAM as training does. samples/s = B / median step time.
 
 Providers (the same architecture and the same dense optimizer, Adam(fused=True), everywhere):
   adrec     adrec_fast.models (one fused EmbeddingBagCollection, row-wise Adagrad fused into
-            the backward; fused dot/BCE ops; in fp32 the tower's products run through oneDNN
-            with bias+ReLU fused, ``models._dense``: ``ADREC_DENSE=aten`` measures the ATen/MKL
-            path instead; GEMM widths padded to multiples of 16)
+            the backward; fused dot/BCE ops; the tower's dense products through the models'
+            dense-linear path)
   adrec_recipe  ``adrec`` with the default recipe's regularisers (embedding L2 1.0 as lazy
             decay inside the fused update, dropout 0.2 in the MLPs): what the CLI trains
   eager     plain PyTorch: one concatenated nn.EmbeddingBag(sparse=True) with torch.optim.Adagrad
@@ -21,13 +21,21 @@ Providers (the same architecture and the same dense optimizer, Adam(fused=True),
   fbgemm_compile  ``fbgemm`` with the tower under torch.compile (the strongest peer: FBGEMM's
             fused sparse path plus the compiled dense tower); skipped without fbgemm_gpu
 
-Precision (``precision`` parameter): ``fp32`` everywhere, or ``bf16`` mixed precision for every
-provider alike: adrec ``build_model(..., precision="bf16")``; the peers' towers (eager, compiled,
-on FBGEMM) run under ``torch.autocast("cpu", dtype=torch.bfloat16)``. Parameters, optimizer
-state and embedding tables stay fp32 in both; compare bf16 only with bf16.
+Precision: ``fp32`` everywhere, or ``bf16`` mixed precision for every provider alike: adrec
+``build_model(..., precision="bf16")``; the peers' towers (eager, compiled, on FBGEMM) run under
+``torch.autocast("cpu", dtype=torch.bfloat16)``. Parameters, optimizer state and embedding
+tables stay fp32 in both; compare bf16 only with bf16.
+
+Headline ratios (script mode: providers alternating step by step on the same batches, 3 runs,
+Markdown table of medians, spread, ratio to the best peer, per-run ratios and load; fp32 with the
+default peers about 5 min on 2 cores, most of it torch.compile; ``--quick``: a smoke run)::
+
+    python bench/bench_train.py --runs 3
+    python bench/bench_train.py --runs 3 --precision fp32,bf16 --providers eager,adrec_recipe
+
+Every provider on its own (pytest-benchmark, no alternation)::
 
     python -m pytest bench/bench_train.py --benchmark-only --benchmark-columns=median
-    python -m pytest bench/bench_train.py --benchmark-only --benchmark-json=/tmp/train.json
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from peers import import_fbgemm, optional
+from _harness import fresh_bytes, l3_bytes
 from shapes import criteo_rows
 from torch import nn
 
@@ -52,7 +61,6 @@ D = 16
 N_DENSE = 13
 ROWS = criteo_rows()
 T = len(ROWS)
-N_BATCHES = 4
 # DLRM Criteo-Kaggle layout (bottom 13-512-256-64-16, top 512-256-1); DCN-v2 3 cross layers in
 # parallel with a 512-256 MLP on x0 = [26 x 16 embeddings, 13 dense] (K = 429)
 DLRM_KW = {"bottom": (512, 256, 64), "top": (512, 256)}
@@ -68,17 +76,32 @@ def criteo_schema() -> Schema:
     return Schema(fields, label="label")
 
 
-def make_batches(seed: int = 0) -> list[Batch]:
-    """N_BATCHES batches of B rows: one uniform id per table, Gaussian dense, random labels."""
+def make_batches(seed: int = 0, min_bytes: int | None = None,
+                 max_batches: int = 256) -> list[Batch]:
+    """Batches of B rows (one uniform id per table, Gaussian dense, random labels) until the
+    embedding rows they touch together, times D*4 bytes, reach ``min_bytes`` (default 4x the L3)
+    or ``max_batches``. Ids are table-major (TBE layout); every batch shares one offsets tensor."""
+    min_bytes = fresh_bytes() if min_bytes is None else min_bytes
     g = np.random.default_rng(seed)
+    starts = np.concatenate([[0], np.cumsum(ROWS)[:-1]])
+    seen = np.zeros(sum(ROWS), dtype=bool)  # rows touched so far
+    offsets = torch.arange(T * B + 1)
     out = []
-    for _ in range(N_BATCHES):
-        ids = np.concatenate([g.integers(0, n, B) for n in ROWS])  # [T*B] table-major
-        out.append(Batch(indices=torch.from_numpy(ids), offsets=torch.arange(T * B + 1),
+    while len(out) < max_batches and (len(out) < 4 or np.count_nonzero(seen) * D * 4 < min_bytes):
+        ids = [g.integers(0, n, B) for n in ROWS]  # per table [B]
+        for t, x in enumerate(ids):
+            seen[x + starts[t]] = True
+        out.append(Batch(indices=torch.from_numpy(np.concatenate(ids)), offsets=offsets,
                          dense=torch.from_numpy(g.standard_normal((B, N_DENSE), dtype=np.float32)),
                          labels=torch.from_numpy((g.random(B) < 0.25).astype(np.float32)),
                          vectors=torch.zeros(B, 0), num_bags=T))
+    out_bytes = int(np.count_nonzero(seen)) * D * 4
+    _POOL_INFO.update(batches=len(out), touched_MB=round(out_bytes / 1e6, 1),
+                      l3_multiple=round(out_bytes / l3_bytes(), 2))
     return out
+
+
+_POOL_INFO: dict = {}
 
 
 # ---------------------------------------------------------------------------- eager peers
@@ -232,8 +255,26 @@ _BATCHES: list[Batch] = []
 
 def _batches() -> list[Batch]:
     if not _BATCHES:
-        _BATCHES.extend(make_batches())
+        from conftest import QUICK
+
+        _BATCHES.extend(make_batches(max_batches=8 if QUICK else 256))
     return _BATCHES
+
+
+PROVIDERS = ["adrec", "adrec_recipe", "eager", "compile", "fbgemm", "fbgemm_compile"]
+
+
+def build(provider: str, model: str, precision: str):
+    """The step function ``step(batch) -> loss`` of one provider."""
+    if provider.startswith("adrec"):
+        return build_adrec(model, precision, regularised=provider == "adrec_recipe")
+    if provider.startswith("fbgemm"):
+        if FBGEMM is None:
+            raise RuntimeError(f"fbgemm_gpu unavailable: {FBGEMM_WHY}")
+        return build_fbgemm(model, provider == "fbgemm_compile", precision)
+    if provider in ("eager", "compile"):
+        return build_eager(model, provider == "compile", precision)
+    raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
 # torch's own warnings in the peers' paths (compile touches torch.jit.script_method and .grad
@@ -249,23 +290,95 @@ def _batches() -> list[Batch]:
 def test_train_step(benchmark, precision, model, provider):
     from conftest import bench_rounds
 
-    if provider.startswith("adrec"):
-        step = build_adrec(model, precision, regularised=provider == "adrec_recipe")
-    elif provider.startswith("fbgemm"):
-        if FBGEMM is None:
-            pytest.skip(f"fbgemm_gpu unavailable: {FBGEMM_WHY}")
-        step = build_fbgemm(model, provider == "fbgemm_compile", precision)
-    else:
-        step = build_eager(model, provider == "compile", precision)
+    if provider.startswith("fbgemm") and FBGEMM is None:
+        pytest.skip(f"fbgemm_gpu unavailable: {FBGEMM_WHY}")
+    step = build(provider, model, precision)
     batches = _batches()
-    losses = [float(step(b).detach()) for b in batches]  # warm-up (compiles) and a sanity check
+    losses = [float(step(b).detach()) for b in batches[:4]]  # warm-up (compiles), sanity check
     assert all(np.isfinite(losses)), losses
-    it = iter(range(10**9))
+    it = iter(range(4, 10**9))
 
     def one():
-        step(batches[next(it) % N_BATCHES])
+        step(batches[next(it) % len(batches)])
 
     benchmark.extra_info.update({"B": B, "T": T, "D": D, "rows": sum(ROWS), "model": model,
-                                 "precision": precision})
+                                 "precision": precision, **_POOL_INFO})
     benchmark.pedantic(one, warmup_rounds=2, rounds=bench_rounds(10), iterations=1)
     benchmark.extra_info["samples_per_s"] = B / benchmark.stats.stats.median
+
+
+# ---------------------------------------------------------------------------- script mode
+# Peers timed by default: the ones that can be the best peer (FBGEMM's fused sparse path, the
+# compiled tower); ``eager`` is slower than ``compile`` on every shape and adds minutes.
+SCRIPT_PEERS = ["compile", "fbgemm", "fbgemm_compile"]
+
+
+def main(argv=None) -> None:
+    import argparse
+    import statistics
+
+    import _harness as H
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    H.add_args(ap, rounds=10)
+    ap.add_argument("--models", default="dlrm,dcnv2")
+    ap.add_argument("--precision", default="fp32", help="comma list of fp32, bf16")
+    ap.add_argument("--providers", default="",
+                    help="extra providers beside adrec and " + ", ".join(SCRIPT_PEERS)
+                         + " (comma list of " + ", ".join(PROVIDERS) + ")")
+    args = H.settle(ap.parse_args(argv))
+    models = [m for m in args.models.split(",") if m]
+    precisions = [p for p in args.precision.split(",") if p]
+    for m in models:
+        if m not in ("dlrm", "dcnv2"):
+            raise SystemExit(f"--models: unknown {m!r}; choose from dlrm, dcnv2")
+    for p in precisions:
+        if p not in ("fp32", "bf16"):
+            raise SystemExit(f"--precision: unknown {p!r}; choose from fp32, bf16")
+    providers = ["adrec"]
+    for p in SCRIPT_PEERS + [p for p in args.providers.split(",") if p]:
+        if p not in PROVIDERS:
+            raise SystemExit(f"--providers: unknown {p!r}; choose from {PROVIDERS}")
+        if p not in providers:
+            providers.append(p)
+    res = H.Results("Whole-model training step (B=4096, D=16, 26 Criteo tables, fresh batches)")
+    if FBGEMM is None:
+        providers = [p for p in providers if not p.startswith("fbgemm")]
+        res.notes.append(f"FBGEMM peers skipped: fbgemm_gpu unavailable ({FBGEMM_WHY})")
+    print(H.header(args, "bench_train"), flush=True)
+    batches = make_batches(max_batches=8 if args.quick else 256)
+    res.notes.append(f"pool: {_POOL_INFO['batches']} batches touching "
+                     f"{_POOL_INFO['touched_MB']} MB of embedding rows "
+                     f"({_POOL_INFO['l3_multiple']}x L3)")
+    res.notes.append("Target: adrec >= 1.25x the best peer in fp32, median of >= 3 runs.")
+    stream = H.cycle(batches)
+    steps = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on the peers' compile/sparse paths
+        for prec in precisions:
+            for m in models:
+                case = steps[(prec, m)] = {}
+                for p in providers:
+                    case[p] = build(p, m, prec)
+                    loss = float(case[p](next(stream)).detach())  # compiles; sanity check
+                    if not np.isfinite(loss):
+                        raise SystemExit(f"{m} {prec} {p}: first loss is {loss}")
+                print(f"built {m} {prec}: {', '.join(case)}", flush=True)
+        for run in range(args.runs):
+            l0 = H.load1()
+            for (prec, m), case in steps.items():
+                H.warm(case, stream, seconds=0.0 if args.quick else 1.0,
+                       min_calls=1 if args.quick else 2)
+                times = H.alternate(case, stream, args.rounds)
+                res.add(f"{m} {prec}", times)
+                print(f"run {run + 1}: {m} {prec}: " + ", ".join(
+                    f"{p} {statistics.median(t) * 1e3:.1f} ms" for p, t in times.items()),
+                    flush=True)
+            res.loads.append((l0, H.load1()))
+    print()
+    print(res.markdown(best_peer=True))
+
+
+if __name__ == "__main__":
+    main()
