@@ -2,6 +2,7 @@
 """Public functions. Thin: each forwards to the op layer, which picks the backend."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .ops import attention_pooling as _attn
@@ -10,6 +11,7 @@ from .ops import dot_interaction as _dot
 from .ops import embedding_bag as _eb
 from .ops import fm_interaction as _fm
 from .ops import sigmoid_bce as _bce
+from .optim import FusedRowwiseAdagrad, FusedSGD
 
 
 def embedding_bag(
@@ -19,6 +21,10 @@ def embedding_bag(
     offsets: Tensor,
     per_sample_weights: Tensor | None = None,
     pooling: str = "sum",
+    *,
+    optimizer: FusedSGD | FusedRowwiseAdagrad | None = None,
+    state: Tensor | None = None,
+    lr: float | None = None,
 ) -> Tensor:
     """Pooled lookup in T tables that share one buffer (FBGEMM TBE layout).
 
@@ -30,19 +36,59 @@ def embedding_bag(
             ``indices[offsets[t*B+b]:offsets[t*B+b+1]]``; ``offsets[-1] == nnz``.
         per_sample_weights: [nnz] optional weight of every index.
         pooling: ``"sum"`` or ``"mean"``; an empty bag gives zeros.
+        optimizer: ``FusedSGD`` or ``FusedRowwiseAdagrad`` to fuse the update into the
+            backward: it updates the touched rows of ``weights`` (and ``state``) in place, and
+            ``weights`` gets no ``.grad``. None: a plain lookup.
+        state: [N_total] float32 row-wise Adagrad state, updated in place (zeros to start);
+            SGD needs none.
+        lr: this step's learning rate, when it is not ``optimizer.lr`` (a schedule, or the
+            rescaled rate of a lazily decayed table).
 
     Returns:
         [B, T*D]: table t's pooled vector in columns ``t*D:(t+1)*D``.
 
-    The backward returns a sparse gradient holding the touched rows only. Forward and backward
-    are deterministic on the CPU (duplicate ids are summed in order of occurrence).
+    Without ``optimizer`` the backward returns a sparse gradient holding the touched rows
+    only; with it, each touched row's summed gradient goes to the optimizer. Forward, backward
+    and the fused update are deterministic on the CPU (duplicate ids are summed in order of
+    occurrence).
 
     Raises:
         IndexError: an id outside its table (names table, position, value).
-        ValueError: malformed offsets or table_offsets, or a shape mismatch.
-        TypeError: a wrong dtype.
+        ValueError: malformed offsets or table_offsets, a shape mismatch, or ``state``/``lr``
+            without an optimizer.
+        TypeError: a wrong dtype or optimizer.
     """
-    return _eb.embedding_bag(weights, table_offsets, indices, offsets, per_sample_weights, pooling)
+    if optimizer is None:
+        if state is not None or lr is not None:
+            raise ValueError("embedding_bag: state and lr belong to a fused optimizer; "
+                             "pass optimizer=FusedSGD(...) or FusedRowwiseAdagrad(...)")
+        return _eb.embedding_bag(
+            weights, table_offsets, indices, offsets, per_sample_weights, pooling
+        )
+    if not isinstance(optimizer, (FusedSGD, FusedRowwiseAdagrad)):
+        raise TypeError("embedding_bag: optimizer must be adrec_fast.optim.FusedSGD, "
+                        f"FusedRowwiseAdagrad or None, got {type(optimizer).__name__}")
+    if state is None:
+        if isinstance(optimizer, FusedRowwiseAdagrad):
+            raise ValueError("embedding_bag: FusedRowwiseAdagrad needs state, a [N_total] "
+                             "float32 tensor (zeros to start)")
+        state = torch.empty(0, dtype=torch.float32, device=weights.device)
+    return _eb.embedding_bag_fused_update(
+        weights, state, table_offsets, indices, offsets, per_sample_weights, pooling,
+        optimizer.name, optimizer.lr if lr is None else lr, optimizer.eps,
+    )
+
+
+def embedding_rows(table_offsets: Tensor, indices: Tensor, offsets: Tensor) -> Tensor:
+    """[nnz] int64: the row of the shared weight buffer that each index of an
+    ``embedding_bag`` call reads (its table's first row + the id)."""
+    return _eb.global_rows(table_offsets, indices, offsets)
+
+
+def check_pooling(pooling: str) -> str:
+    """``pooling`` if ``embedding_bag`` accepts it (``"sum"`` or ``"mean"``), else ValueError."""
+    _eb.pooling_code(pooling)
+    return pooling
 
 
 def fm_interaction(emb: Tensor) -> Tensor:
@@ -83,9 +129,11 @@ def score(x: Tensor, w: Tensor, b: Tensor | float) -> Tensor:
 
 __all__ = [
     "attention_pooling",
+    "check_pooling",
     "cross_layer",
     "dot_interaction",
     "embedding_bag",
+    "embedding_rows",
     "fm_interaction",
     "score",
     "sigmoid_bce",

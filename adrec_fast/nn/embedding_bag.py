@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._memory import empty_table
-from ..ops import embedding_bag as _eb
 from ..optim import FusedRowwiseAdagrad, FusedSGD
 
 #: how ``l2`` reaches the table (see EmbeddingBagCollection)
@@ -103,7 +102,7 @@ class EmbeddingBagCollection(nn.Module):
             raise ValueError(f"EmbeddingBagCollection: every table needs >= 1 row, got {num_embeddings}")
         if embedding_dim <= 0:
             raise ValueError(f"EmbeddingBagCollection: embedding_dim must be > 0, got {embedding_dim}")
-        _eb.pooling_code(pooling)
+        F.check_pooling(pooling)
         if optimizer is not None and not isinstance(optimizer, (FusedSGD, FusedRowwiseAdagrad)):
             raise TypeError(
                 "EmbeddingBagCollection: optimizer must be adrec_fast.optim.FusedSGD, "
@@ -169,7 +168,7 @@ class EmbeddingBagCollection(nn.Module):
             if not keep > 0:
                 raise ValueError(f"embedding L2: lr * l2 must be < 1 (lr {lr}, l2 {self.l2})")
             if self.l2_mode == "touched":
-                rows = _eb.global_rows(table_offsets, indices, offsets)  # [nnz], repeats allowed
+                rows = F.embedding_rows(table_offsets, indices, offsets)  # [nnz], repeats allowed
                 with torch.no_grad():
                     self.weight.index_copy_(0, rows, self.weight.index_select(0, rows).mul_(keep))
             else:
@@ -179,9 +178,9 @@ class EmbeddingBagCollection(nn.Module):
                 # W <- keep * W - lr * step  <=>  weight <- weight - lr / (keep * scale) * step
                 lr = lr / (keep * scale)
                 self.l2_scale = scale * keep
-        out = _eb.embedding_bag_fused_update(
-            self.weight, self.state, table_offsets, indices, offsets, per_sample_weights,
-            self.pooling, opt.name, lr, opt.eps,
+        out = F.embedding_bag(
+            self.weight, table_offsets, indices, offsets, per_sample_weights, self.pooling,
+            optimizer=opt, state=self.state, lr=lr,
         )
         return out if scale == 1.0 else _ScaleOut.apply(out, scale)
 
