@@ -161,8 +161,8 @@ class Results:
         out.append("|---|---|---|---|---|---|")
 
         def fmt(v: list[float]) -> str:
-            return (f"{statistics.median(v) * scale:.3f} "
-                    f"({min(v) * scale:.3f}-{max(v) * scale:.3f})")
+            return (f"{statistics.median(v) * scale:.4g} "
+                    f"({min(v) * scale:.4g}-{max(v) * scale:.4g})")
 
         for case in self.cases:
             provs = self.providers(case)
