@@ -229,14 +229,14 @@ def _report_warnings(caught) -> None:
 
 
 def _infer_schema(path, label: str, drop: list[str]):
-    """``Schema.infer``; when type sniffing fails on a malformed row, re-read the file with the
+    """``infer_schema``; when type sniffing fails on a malformed row, re-read the file with the
     validating reader so that the error names the exact line."""
     from .data.errors import DataError
+    from .data.pipeline import infer_schema
     from .data.readers import open_reader
-    from .data.schema import Schema
 
     try:
-        return Schema.infer(path, label=label, drop=drop)
+        return infer_schema(path, label=label, drop=drop)
     except DataError:
         for _ in open_reader(path, label=label):  # raises DataError(path, line, field)
             pass
@@ -466,7 +466,7 @@ def cmd_train(a) -> int:
 
 
 def _batches(schema, path, batch_size, skip_bad_rows):
-    from .data.readers import iter_batches
+    from .data.pipeline import iter_batches
 
     return iter_batches(path, schema, batch_size, skip_bad_rows=skip_bad_rows)
 
@@ -506,10 +506,10 @@ def cmd_predict(a) -> int:
     import numpy as np
     import pyarrow as pa
 
+    from .data.pipeline import batches_from_chunks
+    from .data.readers import open_reader
     from .models.checkpoint import load_model
     from .training.loop import predict
-
-    from .data.readers import batches_from_chunks, open_reader
 
     out = Path(a.out)
     parquet = out.suffix.lower() in (".parquet", ".pq")

@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--skip-big", action="store_true")
     a = ap.parse_args()
 
-    from adrec_fast.data.schema import criteo_schema
+    from adrec_fast.data.criteo import criteo_schema
 
     schema = Path(tempfile.gettempdir()) / f"adrec_bench_criteo_hash{a.hash_size}.json"
     criteo_schema(hash_size=a.hash_size).save(schema)

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 
-def _bag_take(indices: Tensor, offsets: Tensor, bags: Tensor) -> tuple[Tensor, Tensor]:
-    """Gather bags ``bags`` [K] of a CSR pair -> (indices [nnz'], offsets [K+1])."""
+def bag_take(indices: Tensor, offsets: Tensor, bags: Tensor) -> tuple[Tensor, Tensor]:
+    """The bags ``bags`` [K] (any order, repeats allowed) of a CSR pair ``indices`` [nnz],
+    ``offsets`` [N+1] -> (indices [nnz'], offsets [K+1]) holding just those bags, in order."""
     starts = offsets[bags]  # [K]
     lengths = offsets[bags + 1] - starts  # [K]
     new_offsets = torch.zeros(bags.numel() + 1, dtype=torch.long, device=offsets.device)
@@ -71,10 +72,10 @@ class Batch:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.offsets.device)
         T = self.num_bags
         bags = (torch.arange(T, device=rows.device)[:, None] * B + rows[None, :]).reshape(-1)
-        indices, offsets = _bag_take(self.indices, self.offsets, bags)
+        indices, offsets = bag_take(self.indices, self.offsets, bags)
         seq_i, seq_o = {}, {}
         for name, so in self.seq_offsets.items():
-            seq_i[name], seq_o[name] = _bag_take(self.seq_indices[name], so, rows)
+            seq_i[name], seq_o[name] = bag_take(self.seq_indices[name], so, rows)
         return Batch(
             indices=indices,
             offsets=offsets,

@@ -55,13 +55,15 @@ def to_arrow(values):
         return pa.array(out)
 
 
-def _is_text(t) -> bool:
+def is_text(t) -> bool:
+    """Whether Arrow type ``t`` is a string type."""
     import pyarrow as pa
 
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def _is_list(t) -> bool:
+def is_list(t) -> bool:
+    """Whether Arrow type ``t`` is a list type (variable, large or fixed size)."""
     import pyarrow as pa
 
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
@@ -81,7 +83,7 @@ def tokens(col):
     arr = to_arrow(col)
     n = len(arr)
     bad = np.zeros(n, dtype=bool)
-    if _is_list(arr.type):
+    if is_list(arr.type):
         lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
         bad = lengths > 1
         if bad.any():
@@ -92,7 +94,7 @@ def tokens(col):
         arr = arr.cast(arr.type.value_type)
     if pa.types.is_null(arr.type):
         return pa.nulls(n, pa.string()), bad
-    if not _is_text(arr.type):
+    if not is_text(arr.type):
         arr = pc.cast(arr, pa.string())
     return arr, bad
 
@@ -109,7 +111,7 @@ def token_lists(col, sep: str):
     n = len(arr)
     if pa.types.is_null(arr.type):
         return pa.array([], type=pa.string()), np.zeros(n, dtype=np.int64)
-    if not _is_list(arr.type):
+    if not is_list(arr.type):
         arr, _ = tokens(arr)
         arr = pc.split_pattern(arr, sep)
     lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -143,7 +145,7 @@ def to_float(col):
         return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False).astype(
             np.float64
         ), np.zeros(n, dtype=bool)
-    if not _is_text(arr.type):
+    if not is_text(arr.type):
         bad = pc.is_valid(arr).to_numpy(zero_copy_only=False)
         return np.full(n, np.nan), bad
     trimmed = pc.utf8_trim_whitespace(arr)
@@ -183,14 +185,14 @@ def to_vectors(col, dim: int):
     bad = np.zeros(n, dtype=bool)
     if pa.types.is_null(arr.type):
         return out, bad
-    if not _is_list(arr.type):
+    if not is_list(arr.type):
         arr, _ = tokens(arr)
         arr = pc.split_pattern_regex(pc.utf8_trim_whitespace(arr), r"[ |]+")
     lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     flat = pc.list_flatten(arr)
     values, vbad = to_float(flat)  # [nnz]
     rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
-    if _is_text(flat.type):
+    if is_text(flat.type):
         # a single '' token is what splitting an empty string gives: that is a missing vector
         empty_tok = pc.equal(flat, "").fill_null(True).to_numpy(zero_copy_only=False)
         lengths = lengths - np.bincount(rows[empty_tok], minlength=n)
@@ -243,14 +245,16 @@ def stable_hash(tok, salt: str, size: int) -> np.ndarray:
         hj = h[:active]
         hj ^= data[starts[:active] + j].astype(np.uint64)
         hj *= prime
-    h = _fmix64(h)
+    h = fmix64(h)
     ids = np.empty(n, dtype=np.int64)
     ids[order] = (h % np.uint64(size - 1)).astype(np.int64) + 1
     out[valid] = ids[valid]
     return out
 
 
-def _fmix64(h: np.ndarray) -> np.ndarray:
+def fmix64(h: np.ndarray) -> np.ndarray:
+    """murmur3's 64-bit finaliser on uint64 [n]: a bijection that spreads every input bit over
+    the output (the hashed vocabularies and the validation split both draw on it)."""
     s33 = np.uint64(33)
     h = h ^ (h >> s33)
     h = h * np.uint64(0xFF51AFD7ED558CCD)

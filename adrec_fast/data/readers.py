@@ -14,6 +14,9 @@ libsvm/libffm token) raise ``DataError``; with ``skip_bad_rows=True`` they are d
 in ``reader.bad_rows``, a ``RuntimeWarning`` reports the count at the end of the pass, and a
 ``DataError`` is raised once the count exceeds ``max_bad_rows``. A truncated or corrupt gzip
 stream always raises (the rest of the file is unreadable).
+
+Readers only turn files into chunks; encoding them, fitting a schema on a file and cutting
+batches is :mod:`adrec_fast.data.pipeline`'s work.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from . import columns as C
+from .criteo import CRITEO_COLUMNS, criteo_schema
 from .errors import DataError
 
 FORMATS = ("csv", "criteo", "libsvm", "libffm", "parquet")
-CRITEO_COLUMNS = ["I%d" % i for i in range(1, 14)] + ["C%d" % i for i in range(1, 27)]
 _READ_BYTES = 1 << 22
 
 
@@ -60,7 +63,8 @@ def detect_format(path) -> str:
     return table[ext]
 
 
-def _is_gzip(path) -> bool:
+def is_gzip(path) -> bool:
+    """True when ``path`` starts with the gzip magic bytes (whatever its name says)."""
     with open(path, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
 
@@ -72,7 +76,7 @@ def _line_blocks(path, lines_per_block: int):
     completely: pieces are read with ``read1`` (one decompressed buffer at a time), so the text
     decoded before the break is counted rather than lost inside one large ``read``.
     """
-    opener = gzip.open if _is_gzip(path) else open
+    opener = gzip.open if is_gzip(path) else open
     next_line = 1
     pending: list[bytes] = []
     pending_lines = 0
@@ -437,12 +441,10 @@ class CriteoReader(CSVReader):
     def __init__(self, path, **kw):
         super().__init__(path, **kw)
         if self.schema is None:
-            from .schema import criteo_schema
-
             self.schema = criteo_schema(label=self.label)
 
     def _chunks(self):
-        opener = gzip.open if _is_gzip(self.path) else open
+        opener = gzip.open if is_gzip(self.path) else open
         try:
             with opener(self.path, "rb") as f:
                 first = f.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
@@ -739,79 +741,3 @@ def sniff_csv(path, sep: str | None = None, rows: int = 20000):
             return table, line_of
         break
     raise DataError("no data rows to infer a schema from", path=path, line=2)
-
-
-def iter_batches(
-    path,
-    schema,
-    batch_size: int,
-    *,
-    fmt: str | None = None,
-    shuffle: bool = False,
-    seed: int = 0,
-    drop_last: bool = False,
-    **reader_kwargs,
-):
-    """Encoded ``Batch``es of ``batch_size`` rows streamed from ``path`` with a fitted schema.
-
-    ``shuffle`` permutes rows inside each chunk (a chunk-sized shuffle buffer; seeded).
-    The last batch is smaller unless ``drop_last``.
-    """
-    if not schema.fitted:
-        raise RuntimeError("iter_batches needs a fitted schema; call schema.fit(path) first")
-    reader = (
-        path
-        if isinstance(path, Reader)
-        else open_reader(path, fmt=fmt, schema=schema, **reader_kwargs)
-    )
-    yield from batches_from_chunks(
-        reader, schema, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
-
-
-def batches_from_chunks(
-    chunks,
-    schema,
-    batch_size: int,
-    *,
-    shuffle: bool = False,
-    seed: int = 0,
-    drop_last: bool = False,
-):
-    """Encode raw chunks with ``schema`` and re-cut them into Batches of ``batch_size`` rows."""
-    import torch
-
-    from .batch import Batch
-
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    gen = torch.Generator().manual_seed(seed)
-    carry = None
-    for chunk in chunks:
-        enc = schema.encode(chunk)
-        if shuffle:
-            enc = enc.take(torch.randperm(enc.batch_size, generator=gen))
-        if carry is not None:
-            enc = Batch.concat([carry, enc])
-            carry = None
-        start = 0
-        while enc.batch_size - start >= batch_size:
-            yield enc.slice(start, start + batch_size)
-            start += batch_size
-        if start < enc.batch_size:
-            carry = enc.slice(start, enc.batch_size)
-    if carry is not None and carry.batch_size and not drop_last:
-        yield carry
-
-
-def load_all(path, schema, fmt: str | None = None, **reader_kwargs):
-    """The whole (small) file as one ``Batch``; fits ``schema`` on it first if it is not fitted."""
-    from .batch import Batch
-
-    reader = open_reader(path, fmt=fmt, schema=schema, **reader_kwargs)
-    if not schema.fitted:
-        schema.fit(reader)
-    batches = [schema.encode(chunk) for chunk in reader]
-    if not batches:
-        return schema.encode({c: [] for c in schema.raw_columns()})
-    return Batch.concat(batches)

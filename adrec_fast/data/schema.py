@@ -20,7 +20,11 @@ A ``Schema`` is a list of field specs plus the label column name. Field types:
   spaces or '|'); missing gives zeros.
 
 The schema (with the fitted vocabularies and statistics) is saved as JSON, or YAML for a
-``.yaml``/``.yml`` path, and encodes serving rows exactly as it encoded training rows.
+``.yaml``/``.yml`` path, and encodes serving rows exactly as it encoded training rows: the
+Scorer calls ``lookup`` and ``dense_values``, the same steps ``encode`` takes.
+
+A schema works on columns in memory (Arrow tables, dicts) and never opens a file: inferring
+one from a file, or fitting it on a file, goes through :mod:`adrec_fast.data.pipeline`.
 """
 
 from __future__ import annotations
@@ -361,7 +365,7 @@ class Schema:
                 x = x[np.isfinite(x)]
                 count_like = x.size and x.min() >= 0 and x.max() > 100
                 spec["transform"] = "log1p_standardize" if count_like else "standardize"
-            elif C._is_list(t):
+            elif C.is_list(t):
                 longest = pc.max(pc.list_value_length(arr)).as_py() or 0
                 spec["type"] = "multi_categorical" if longest > 1 else "categorical"
                 if longest > 1:
@@ -384,60 +388,20 @@ class Schema:
             fields.append(spec)
         return cls(fields, label=label)
 
-    @classmethod
-    def infer_from_csv(
-        cls, path, label: str = "label", overrides=None, drop=(), sep=None, sample_rows: int = 20000
-    ) -> Schema:
-        """``infer_from_table`` on the first ``sample_rows`` rows of a CSV (pyarrow types).
-
-        A column of decimal numbers with a few stray non-numeric values (at most 1% of its
-        sampled values, e.g. one ``abc``) is still inferred as dense, and a ``UserWarning``
-        names the column, the first stray value and its line: reading the file then treats
-        such rows as bad rows (an error naming the line, or skipped with ``skip_bad_rows``).
-        ``overrides`` declares another type for the column.
-        """
-        from .readers import sniff_csv
-
-        table, line_of = sniff_csv(path, sep=sep, rows=sample_rows)
-        skip = set(overrides or ()) | set(drop or ()) | {label}
-        for name in table.column_names:
-            if name not in skip:
-                table = _dense_despite_strays(table, name, line_of, path)
-        return cls.infer_from_table(table, label, overrides, drop)
-
-    @classmethod
-    def infer(
-        cls, path, fmt=None, label: str = "label", overrides=None, drop=(), **reader_kwargs
-    ) -> Schema:
-        """Infer from any supported file: CSV by sniffing, the others from their first chunk."""
-        from .readers import detect_format, open_reader
-
-        fmt = fmt or detect_format(path)
-        if fmt == "csv":
-            return cls.infer_from_csv(path, label=label, overrides=overrides, drop=drop)
-        if fmt == "criteo" and not overrides and not drop:
-            return criteo_schema(label=label)
-        reader = open_reader(path, fmt=fmt, label=label, **reader_kwargs)
-        first = next(iter(reader), None)
-        if first is None:
-            raise DataError("no rows to infer a schema from", path=path)
-        return cls.infer_from_table(first, label, overrides, drop)
-
     # ---------------------------------------------------------------- fitting
     def fit(self, source, max_rows: int | None = None) -> Schema:
         """Build vocabularies and dense statistics in one streaming pass; returns self.
 
-        ``source``: a path (opened with ``open_reader``), a reader, an iterable of chunks
-        (pa.Table / dict of columns), or a single chunk. Refitting starts from scratch.
-        Vocabulary order: count descending, then value ascending (deterministic).
+        ``source``: a reader, an iterable of chunks (pa.Table / dict of columns), or a single
+        chunk (a file: ``adrec_fast.data.fit_schema(schema, path)``). Refitting starts from
+        scratch. Vocabulary order: count descending, then value ascending (deterministic).
         """
         import pyarrow as pa
         import pyarrow.compute as pc
 
         if isinstance(source, (str, Path)):
-            from .readers import open_reader
-
-            source = open_reader(source, schema=self, label=self.label)
+            raise TypeError(f"Schema.fit takes chunks of columns, not the path {str(source)!r}; "
+                            "fit on a file with adrec_fast.data.fit_schema(schema, path)")
         if _is_chunk(source):
             source = [source]
         owners = [f for f in self._owners() if f.vocab == "build"]
@@ -535,20 +499,39 @@ class Schema:
             x = _sign_log1p(x)
         return x
 
-    def _lookup(self, o: Field, toks) -> np.ndarray:
-        """Tokens -> ids within owner ``o``'s table (0 = OOV/missing)."""
+    def dense_values(self, name: str, values) -> np.ndarray:
+        """Raw values of dense field ``name`` (list, numpy or Arrow column; None/NaN =
+        missing) -> [n] float32 after its fill, log1p and standardisation, as ``encode`` gives
+        them. Raises ``DataError`` for a non-numeric value."""
+        f = self.field(name)
+        if f.type != "dense":
+            raise ValueError(f"field {name!r} is {f.type}, not dense")
+        x = self._dense_prestandardize(f, values)
+        if f.needs_stats:
+            if f.mean is None:
+                raise RuntimeError(f"field {name!r}: statistics not fitted; call Schema.fit first")
+            x = (x - f.mean) / f.std
+        return x.astype(np.float32)
+
+    def lookup(self, name: str, tokens) -> np.ndarray:
+        """Tokens of sparse field ``name`` (a pyarrow string array, nulls = missing) -> [n]
+        int64 ids within the table the field reads (its ``share_with`` owner's); 0 = never
+        seen in training, or missing. ``columns.tokens`` turns raw values into tokens."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
+        if not self.field(name).is_sparse:
+            raise ValueError(f"field {name!r} is {self.field(name).type}, not categorical")
+        o = self.owner(name)
         if o.vocab == "hash":
-            return C.stable_hash(toks, o.salt, o.hash_size)
+            return C.stable_hash(tokens, o.salt, o.hash_size)
         if o.vocabulary is None:
             raise RuntimeError(f"field {o.name!r}: vocabulary not built yet; call Schema.fit first")
         if o._vocab_arrow is None:
             o._vocab_arrow = pa.array(o.vocabulary, type=pa.string())
-        if len(toks) == 0:
+        if len(tokens) == 0:
             return np.zeros(0, dtype=np.int64)
-        pos = pc.index_in(toks, value_set=o._vocab_arrow)
+        pos = pc.index_in(tokens, value_set=o._vocab_arrow)
         return pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
 
     def encode(self, data) -> Batch:
@@ -571,11 +554,11 @@ class Schema:
                         f"row {row} holds several values; declare the field multi_categorical",
                         field=f.name,
                     )
-                ids_all.append(self._lookup(self.owner(f.name), toks))
+                ids_all.append(self.lookup(f.name, toks))
                 lengths_all.append(np.ones(n, dtype=np.int64))
             elif f.type == "multi_categorical":
                 toks, lengths = C.token_lists(col, f.sep)
-                ids = self._lookup(self.owner(f.name), toks)
+                ids = self.lookup(f.name, toks)
                 keep, lengths = _truncate(lengths, f.max_len, keep_last=f.sequence)
                 ids = ids[keep]
                 if f.sequence:
@@ -587,14 +570,7 @@ class Schema:
                     ids_all.append(ids)
                     lengths_all.append(lengths)
             elif f.type == "dense":
-                x = self._dense_prestandardize(f, col)
-                if f.needs_stats:
-                    if f.mean is None:
-                        raise RuntimeError(
-                            f"field {f.name!r}: statistics not fitted; call Schema.fit first"
-                        )
-                    x = (x - f.mean) / f.std
-                dense.append(x.astype(np.float32))
+                dense.append(self.dense_values(f.name, col))
             else:
                 v, bad = C.to_vectors(col, f.dim)
                 if bad.any():
@@ -644,44 +620,6 @@ class Schema:
         return self.encode({k: [r.get(k) for r in rows] for k in names})
 
 
-# A text column is read as dense when at most this share of its sampled values are not numbers.
-_STRAY_SHARE = 0.01
-
-
-def _dense_despite_strays(table, name: str, line_of: np.ndarray, path):
-    """``table`` with column ``name`` as float64 when its text holds decimal numbers but for a
-    few stray values (warned about, with the first one's line); otherwise ``table`` unchanged."""
-    import warnings
-
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    col = table.column(name)
-    if not C._is_text(col.type):
-        return table
-    x, bad = C.to_float(col)
-    n_bad = int(bad.sum())
-    numbers = x[np.isfinite(x)]
-    if not n_bad or n_bad > _STRAY_SHARE * (n_bad + numbers.size):
-        return table
-    try:  # integers with strays stay categorical, as integer columns are
-        pc.cast(pc.utf8_trim_whitespace(col.filter(pa.array(np.isfinite(x)))), pa.int64())
-        return table
-    except pa.ArrowInvalid:
-        pass
-    i = int(np.flatnonzero(bad)[0])
-    warnings.warn(
-        f"{path}: column {name!r} holds decimal numbers but line {int(line_of[i])} has "
-        f"{col[i].as_py()!r} ({n_bad} such value{'s' if n_bad > 1 else ''} in the first "
-        f"{len(col):,} rows); inferred as dense, so rows with a non-numeric {name!r} are bad "
-        "rows (skip them with --skip-bad-rows / skip_bad_rows=True, or declare the column's "
-        "type in a schema)",
-        UserWarning,
-        stacklevel=3,
-    )
-    return table.set_column(table.column_names.index(name), name, pa.array(x, pa.float64()))
-
-
 def _is_chunk(x) -> bool:
     import pyarrow as pa
 
@@ -709,20 +647,3 @@ def _n_rows(cols: dict) -> int:
         elif m != n:
             raise DataError(f"column {name!r} has {m} rows but others have {n}")
     return n or 0
-
-
-def criteo_schema(label: str = "label", hash_size: int | None = None, min_count: int = 1) -> Schema:
-    """The Criteo layout: I1..I13 dense (sign-preserving log1p then standardised, missing = 0)
-    and C1..C26 categorical (built vocabularies, or hashed into ``hash_size`` rows)."""
-    fields = [
-        {"name": f"I{i}", "type": "dense", "transform": "log1p_standardize", "fill": 0.0}
-        for i in range(1, 14)
-    ]
-    for i in range(1, 27):
-        spec = {"name": f"C{i}", "type": "categorical"}
-        if hash_size:
-            spec.update(vocab="hash", hash_size=hash_size, salt=f"C{i}")
-        else:
-            spec["min_count"] = min_count
-        fields.append(spec)
-    return Schema(fields, label=label)

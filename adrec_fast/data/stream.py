@@ -39,9 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batch import Batch, _bag_take
-from .columns import _fmix64
+from .batch import Batch, bag_take
+from .columns import fmix64
 from .errors import DataError
+from .readers import is_gzip, open_reader
 
 STREAM_MODES = ("auto", "on", "off")
 CHUNK_ROWS = 32768  # rows per reader chunk, per cache chunk
@@ -77,8 +78,8 @@ def valid_mask(first_row: int, count: int, total_rows: int, fraction: float, see
     end = first_row + count
     b0, b1 = first_row // SPLIT_BLOCK, (end - 1) // SPLIT_BLOCK
     lo, hi = b0 * SPLIT_BLOCK, min((b1 + 1) * SPLIT_BLOCK, total_rows)
-    key = np.uint64(int(_fmix64(np.array([seed & (2**64 - 1)], dtype=np.uint64))[0]))
-    h = _fmix64(np.arange(lo, hi, dtype=np.uint64) ^ key)  # [hi - lo]
+    key = np.uint64(int(fmix64(np.array([seed & (2**64 - 1)], dtype=np.uint64))[0]))
+    h = fmix64(np.arange(lo, hi, dtype=np.uint64) ^ key)  # [hi - lo]
     mask = np.zeros(hi - lo, dtype=bool)
     for b in range(b0, b1 + 1):
         s, e = b * SPLIT_BLOCK, min((b + 1) * SPLIT_BLOCK, total_rows)
@@ -203,9 +204,9 @@ class EncodedRows:
             ids, bag_lengths = self.ids.view(T, n)[:, rows].reshape(-1), None
         else:
             bags = (torch.arange(T)[:, None] * n + rows[None, :]).reshape(-1)  # [T*K]
-            ids = _bag_take(self.ids, self._prefix("", self.bag_lengths), bags)[0]
+            ids = bag_take(self.ids, self._prefix("", self.bag_lengths), bags)[0]
             bag_lengths = self.bag_lengths[bags]
-        seq = {k: (_bag_take(si, self._prefix(k, sl), rows)[0], sl[rows])
+        seq = {k: (bag_take(si, self._prefix(k, sl), rows)[0], sl[rows])
                for k, (si, sl) in self.seq.items()}
         return EncodedRows(ids=ids, bag_lengths=bag_lengths, dense=self.dense[rows],
                            labels=self.labels[rows], vectors=self.vectors[rows],
@@ -490,11 +491,9 @@ def _mem_available() -> int:
 def _estimated_bytes(path) -> int:
     """The encoded size of a file, guessed from its size: compressed input (gzip, Parquet)
     grows about 4x when decompressed; concatenating the chunks needs twice the result."""
-    from .readers import _is_gzip
-
     p = Path(path)
     size = p.stat().st_size
-    compressed = p.suffix.lower() in (".parquet", ".pq") or _is_gzip(p)
+    compressed = p.suffix.lower() in (".parquet", ".pq") or is_gzip(p)
     return size * (8 if compressed else 2)
 
 
@@ -542,8 +541,6 @@ def _release_memory() -> None:
 def _chunks(path, schema, reader_kw: dict, quiet_skips: bool = False):
     """Raw chunks of ``path``, parsed in a background thread. ``quiet_skips`` silences the
     reader's skipped-rows warning (a pass whose rows are read again later, which warns)."""
-    from .readers import open_reader
-
     reader = open_reader(path, schema=schema, label=schema.label,
                          chunk_rows=reader_kw.pop("chunk_rows", CHUNK_ROWS), **reader_kw)
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from .metrics import auc
+from .pipeline import batches_from_chunks
+from .schema import Schema
 
 BLOCK_ROWS = 8192
 _CAL_ROWS = 32768
@@ -253,8 +255,6 @@ class SyntheticCTR:
     def schema(self, fit: bool = True):
         """A ready Schema: full vocabularies (id k -> k + 1) and dense statistics fitted on a
         calibration sample, so any row of this generator encodes without a fitting pass."""
-        from .schema import Schema
-
         fields = []
         for name, card in zip(self.sparse_names, self.cardinalities):
             spec = {"name": name, "type": "categorical"}
@@ -290,8 +290,6 @@ class SyntheticCTR:
         drop_last: bool = False,
     ):
         """Encoded Batches of rows [0, n) through ``schema`` (default ``self.schema()``)."""
-        from .readers import batches_from_chunks
-
         schema = schema if schema is not None else self.schema()
         yield from batches_from_chunks(
             self.chunks(n), schema, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last

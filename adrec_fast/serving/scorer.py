@@ -583,7 +583,7 @@ class Scorer:
             return voc.get(tok, 0)
         import pyarrow as pa
 
-        return int(v.schema._lookup(v.schema.owner(f.name), pa.array([tok], pa.string()))[0])
+        return int(v.schema.lookup(f.name, pa.array([tok], pa.string()))[0])
 
     @staticmethod
     def _encode_col(v: _Version, f, col) -> np.ndarray:
@@ -598,7 +598,7 @@ class Scorer:
             toks, _ = C.tokens(col)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
             raise TypeError(f"field {f.name!r}: values cannot be read as categorical ({e})") from e
-        return v.schema._lookup(v.schema.owner(f.name), toks).astype(np.int64, copy=False)
+        return v.schema.lookup(f.name, toks).astype(np.int64, copy=False)
 
     @staticmethod
     def _dense(v: _Version, user: dict, cols: dict, n: int) -> np.ndarray:
@@ -846,12 +846,9 @@ class IdsPath:
 def _dense_values(v: _Version, f, col) -> np.ndarray:
     """Raw dense values -> float32 exactly as ``Schema.encode`` transforms them."""
     try:
-        x = v.schema._dense_prestandardize(f, col)
+        return v.schema.dense_values(f.name, col)
     except DataError as e:  # non-numeric text
         raise TypeError(f"field {f.name!r}: {e}") from e
-    if f.needs_stats:
-        x = (x - f.mean) / f.std
-    return x.astype(np.float32)
 
 
 def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.batch import Batch, _bag_take
+from ..data.batch import Batch, bag_take
 from ..data.metrics import auc, calibration, logloss
 from ..data.stream import epoch_permutation
 from ..models import checkpoint as ckpt
@@ -50,7 +50,7 @@ class InMemory:
         B = rows.numel()
         seq_i, seq_o = {}, {}
         for name, so in b.seq_offsets.items():
-            seq_i[name], seq_o[name] = _bag_take(b.seq_indices[name], so, rows)
+            seq_i[name], seq_o[name] = bag_take(b.seq_indices[name], so, rows)
         return Batch(
             indices=self.ids[:, rows].reshape(-1),
             offsets=torch.arange(self.T * B + 1),

@@ -12,7 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from adrec_fast.data import DataError, Schema, criteo_schema, iter_batches, load_all, open_reader
+from adrec_fast.data import (
+    DataError,
+    Schema,
+    criteo_schema,
+    fit_schema,
+    infer_schema,
+    iter_batches,
+    load_all,
+    open_reader,
+)
 from adrec_fast.data.readers import detect_format
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -132,7 +141,7 @@ def test_libffm_fields_become_list_columns(tmp_path):
         {"label": 1.0, "f0": ["5"], "f1": [], "f2": ["9", "8"]},
         {"label": 0.0, "f0": ["6"], "f1": ["7"], "f2": []},
     ]
-    schema = Schema.infer(p)
+    schema = infer_schema(p)
     assert [(f.name, f.type) for f in schema.fields] == [
         ("f0", "categorical"),
         ("f1", "categorical"),
@@ -190,7 +199,7 @@ def test_parquet_lists_vectors_and_row_numbers(tmp_path):
 def test_iter_batches_recuts_chunks(tmp_path):
     body = "".join(f"{i % 2},u{i % 5},{i},t{i % 3}|t{i % 4}\n" for i in range(23))
     p = write(tmp_path / "x.csv", "label,user,price,tags\n" + body)
-    schema = CSV_SCHEMA.copy().fit(p)
+    schema = fit_schema(CSV_SCHEMA.copy(), p)
     sizes = [b.batch_size for b in iter_batches(p, schema, 5, chunk_rows=7)]
     assert sizes == [5, 5, 5, 5, 3]
     whole = load_all(p, schema)
@@ -356,7 +365,7 @@ def test_keep_carries_raw_columns_and_names_a_missing_one(tmp_path, fmt):
 def test_real_frappe_csv_and_libsvm_agree():
     csv_path = shared("frappe/valid.csv.gz")
     svm_path = shared("frappe/valid.libsvm.gz")
-    schema = Schema.infer_from_csv(csv_path)
+    schema = infer_schema(csv_path)
     assert schema.names == [
         "user",
         "item",
@@ -370,7 +379,7 @@ def test_real_frappe_csv_and_libsvm_agree():
         "city",
     ]
     assert all(f.type == "categorical" for f in schema.fields) and schema.label == "label"
-    schema.fit(csv_path)
+    fit_schema(schema, csv_path)
     a = load_all(csv_path, schema)
     assert a.batch_size == 57722 and int(a.labels.sum()) == 19063
     # the libsvm copy holds the same rows: rename its positional columns to the CSV names
@@ -392,7 +401,7 @@ def test_real_criteo_sample_and_xlearn_ffm():
     assert missing_c.max() >= 9 and missing_c.min() == 0
     ffm = load_all(
         shared("criteo_sample/xlearn_small_train.ffm"),
-        Schema.infer(shared("criteo_sample/xlearn_small_train.ffm")),
+        infer_schema(shared("criteo_sample/xlearn_small_train.ffm")),
     )
     assert ffm.batch_size == 200 and int(ffm.labels.sum()) == 48
     assert ffm.num_bags == 18

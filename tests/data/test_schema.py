@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from adrec_fast.data import Batch, DataError, Schema, stable_hash
+from adrec_fast.data import Batch, DataError, Schema, fit_schema, infer_schema, stable_hash
+from adrec_fast.data import columns as C
 
 FIELDS = [
     {"name": "user", "type": "categorical", "min_count": 2},
@@ -232,7 +233,7 @@ def test_declaration_errors():
 def test_infer_from_csv_types_overrides_and_drop(tmp_path):
     p = tmp_path / "x.csv"
     p.write_text("label,id,name,score,n,extra\r\n1,3,a,0.5,7,z\r\n0,4,b,1.5,800,z\r\n")
-    s = Schema.infer_from_csv(p)
+    s = infer_schema(p)
     assert [(f.name, f.type) for f in s.fields] == [
         ("id", "categorical"),
         ("name", "categorical"),
@@ -240,13 +241,13 @@ def test_infer_from_csv_types_overrides_and_drop(tmp_path):
         ("n", "categorical"),
         ("extra", "categorical"),
     ]
-    s = Schema.infer_from_csv(
+    s = infer_schema(
         p, overrides={"n": "dense", "score": {"transform": "none"}}, drop=["extra"]
     )
     assert [(f.name, f.type) for f in s.fields][2:] == [("score", "dense"), ("n", "dense")]
     assert s.field("score").transform == "none"
     with pytest.raises(ValueError, match="absent"):
-        Schema.infer_from_csv(p, drop=["nope"])
+        infer_schema(p, drop=["nope"])
 
 
 def _column_file(tmp_path, values, extra_line=None):
@@ -262,7 +263,7 @@ def _column_file(tmp_path, values, extra_line=None):
 
 def test_infer_leaves_out_rows_with_a_wrong_column_count(tmp_path):
     p = _column_file(tmp_path, [f"{i}.5" for i in range(200)], extra_line="1,7")
-    s = Schema.infer_from_csv(p)  # the reader reports (or skips) the short row later
+    s = infer_schema(p)  # the reader reports (or skips) the short row later
     assert [(f.name, f.type) for f in s.fields] == [("id", "categorical"), ("x", "dense")]
 
 
@@ -271,7 +272,7 @@ def test_infer_warns_of_a_stray_value_in_a_decimal_column(tmp_path):
     values[150] = "abc"  # line 152
     p = _column_file(tmp_path, values)
     with pytest.warns(UserWarning) as caught:
-        s = Schema.infer_from_csv(p)
+        s = infer_schema(p)
     assert [str(w.message) for w in caught] == [
         f"{p}: column 'x' holds decimal numbers but line 152 has 'abc' (1 such value in the "
         "first 300 rows); inferred as dense, so rows with a non-numeric 'x' are bad rows (skip "
@@ -281,9 +282,9 @@ def test_infer_warns_of_a_stray_value_in_a_decimal_column(tmp_path):
     assert s.field("x").type == "dense" and s.field("x").transform == "log1p_standardize"
     # the reader then names the line, or skips it
     with pytest.raises(DataError, match=r"x\.csv, line 152, field 'x': non-numeric value 'abc'"):
-        s.fit(p)
+        fit_schema(s, p)
     # an override or a drop of the column silences the warning
-    assert Schema.infer_from_csv(p, overrides={"x": "categorical"}).field("x").type == "categorical"
+    assert infer_schema(p, overrides={"x": "categorical"}).field("x").type == "categorical"
 
 
 @pytest.mark.parametrize("values", [
@@ -294,7 +295,7 @@ def test_infer_keeps_other_text_columns_categorical_without_a_warning(tmp_path, 
     values = list(values)
     values[10] = "abc"
     p = _column_file(tmp_path, values)
-    s = Schema.infer_from_csv(p)  # filterwarnings = error: any warning fails here
+    s = infer_schema(p)  # filterwarnings = error: any warning fails here
     assert s.field("x").type == "categorical"
 
 
@@ -320,3 +321,61 @@ def test_fit_streams_chunks_and_accepts_arrow(schema):
     s2 = Schema(FIELDS).fit(halves)
     assert s2 == schema
     assert Schema(FIELDS).fit(t, max_rows=2).field("item").vocabulary == ["i1", "i2", "i4"]
+
+
+def test_public_lookup_and_dense_values_match_encode(schema):
+    """The steps the Scorer takes one field at a time give what ``encode`` gives."""
+    rows = {"user": ["u1", "u9", None], "item": ["i3", "i1", "zz"], "site": ["a", "b", ""],
+            "tags": ["t2", "t9", "t1"], "hist": ["i4", "", "i2|i1"],
+            "price": [3.0, None, -2.0], "age": [None, 50.0, 0.0], "emb": ["", "", ""]}
+    b = schema.encode(rows)
+    assert b.offsets.tolist() == list(range(13))  # one id per bag in this input
+    ids = b.indices.view(4, 3)  # [T, B]
+    for t, name in enumerate(["user", "item", "site", "tags"]):
+        got = schema.lookup(name, C.tokens(rows[name])[0])
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, ids[t].numpy())
+    assert ids[0].tolist() == [1, 0, 0] and ids[1].tolist() == [4, 1, 0]
+    # the history field reads the item table: i4 is id 3 there, i2 id 2
+    assert schema.lookup("hist", pa.array(["i4", "i2", "nope"])).tolist() == [3, 2, 0]
+    for k, name in enumerate(["price", "age"]):
+        got = schema.dense_values(name, rows[name])
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, b.dense[:, k].numpy())
+    # price: fill 0 -> log1p -> standardised with the fitted mean/std
+    f = schema.field("price")
+    x = np.sign([3.0, 0.0, -2.0]) * np.log1p(np.abs([3.0, 0.0, -2.0]))
+    np.testing.assert_allclose(schema.dense_values("price", rows["price"]),
+                               ((x - f.mean) / f.std).astype(np.float32), rtol=1e-6)
+
+
+def test_public_lookup_and_dense_values_name_bad_input(schema):
+    with pytest.raises(ValueError, match="field 'price' is dense, not categorical"):
+        schema.lookup("price", pa.array(["1"]))
+    with pytest.raises(ValueError, match="field 'user' is categorical, not dense"):
+        schema.dense_values("user", [1.0])
+    with pytest.raises(DataError, match="field 'age'.*non-numeric"):
+        schema.dense_values("age", ["x"])
+    with pytest.raises(KeyError):
+        schema.lookup("nope", pa.array(["1"]))
+    unfitted = Schema(FIELDS)
+    with pytest.raises(RuntimeError, match="'item': vocabulary not built yet"):
+        unfitted.lookup("hist", pa.array(["i1"]))
+    with pytest.raises(RuntimeError, match="'price': statistics not fitted"):
+        unfitted.dense_values("price", [1.0])
+
+
+def test_fit_takes_chunks_and_fit_schema_takes_a_file(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("label,c,x\n1,a,1.5\n0,b,2.5\n1,a,3.5\n")
+    fields = [{"name": "c", "type": "categorical"},
+              {"name": "x", "type": "dense", "transform": "standardize"}]
+    with pytest.raises(TypeError, match=r"not the path .*d\.csv.*fit_schema\(schema, path\)"):
+        Schema(fields).fit(p)
+    with pytest.raises(TypeError, match="fit_schema"):
+        Schema(fields).fit(str(p))
+    s = fit_schema(Schema(fields), p)
+    assert s.fitted and s.field("c").vocabulary == ["a", "b"]
+    assert s.field("x").mean == pytest.approx(2.5)
+    assert s == Schema(fields).fit({"label": [1, 0, 1], "c": ["a", "b", "a"], "x": [1.5, 2.5, 3.5]})
+    assert fit_schema(Schema(fields), p, max_rows=1).field("c").vocabulary == ["a"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from adrec_fast.data import Batch, Schema, auc, load_all, logloss
+from adrec_fast.data import Batch, Schema, auc, infer_schema, load_all, logloss
 from adrec_fast.data.metrics import calibration
 from adrec_fast.data.synthetic import BLOCK_ROWS, SyntheticCTR
 
@@ -72,7 +72,7 @@ def test_schema_and_batches(gen):
 def test_write_csv_reads_back_through_inference(gen, tmp_path):
     path = tmp_path / "syn.csv.gz"
     gen.write_csv(path, n=3000, chunk_rows=1000)
-    schema = Schema.infer_from_csv(
+    schema = infer_schema(
         path,
         overrides={
             "hist": {

@@ -218,9 +218,9 @@ def test_frappe_fm(shared_data):
     path = shared_data / "frappe" / "valid.csv.gz"
     if not path.is_file():
         pytest.skip(f"Frappe data not found at {path}")
-    from adrec_fast.data.readers import load_all
+    from adrec_fast.data import infer_schema, load_all
 
-    schema = Schema.infer(path, label="label")
+    schema = infer_schema(path, label="label")
     data = load_all(path, schema)
     perm = torch.randperm(data.batch_size, generator=torch.Generator().manual_seed(0))
     n = data.batch_size
