@@ -162,7 +162,7 @@ class ImportGraph:
                     path = [v]
                     while prev[path[-1]] is not None:
                         path.append(prev[path[-1]])
-                    return [start, *reversed(path[:-1]), start] if len(path) > 1 else [start, v, start]
+                    return [start, *reversed(path[:-1]), start]  # path ends at start
                 if w not in prev:
                     prev[w] = v
                     queue.append(w)
@@ -207,9 +207,23 @@ def test_graph_sees_function_level_imports(graph):
     assert "adrec_fast.functional" in graph.edges["adrec_fast.nn.interaction"]
     assert "adrec_fast._C" in graph.edges["adrec_fast.ops._backend"]  # inside a function
     assert "adrec_fast.training.loop" in graph.edges["adrec_fast.cli"]  # inside a function
-    g = ImportGraph.__new__(ImportGraph)
-    g.edges = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
-    assert g.cycles() == [["a", "b", "c", "a"]]
+
+
+def test_graph_finds_a_cycle_closed_inside_a_function(tmp_path, monkeypatch):
+    pkg = tmp_path / "cyc_pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("from . import c\n")
+    (pkg / "sub" / "c.py").write_text("def f():\n    from ..a import f\n    return f\n")
+    (pkg / "d.py").write_text("import cyc_pkg.a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    g = ImportGraph("cyc_pkg")
+    assert g.edges["cyc_pkg.d"] == {"cyc_pkg.a"}
+    assert g.cycles() == [["cyc_pkg.a", "cyc_pkg.sub.b", "cyc_pkg.sub.c", "cyc_pkg.a"]]
+    (pkg / "sub" / "c.py").write_text("def f():\n    return 1\n")
+    assert ImportGraph("cyc_pkg").cycles() == []
 
 
 def test_no_import_cycle(graph):
