@@ -135,7 +135,7 @@ def scorer_request(tmp: Path, quick: bool):
 
     from adrec_fast.models.registry import build_model
     from adrec_fast.serving import Scorer
-    from adrec_fast.training.checkpoint import save_checkpoint
+    from adrec_fast.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = build_model("dlrm", criteo_schema(), embedding_dim=16, pooling="sum", **KW["dlrm"])
