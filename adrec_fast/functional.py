@@ -10,6 +10,7 @@ from .ops import cross_layer as _cross
 from .ops import dot_interaction as _dot
 from .ops import embedding_bag as _eb
 from .ops import fm_interaction as _fm
+from .ops import linear as _linear
 from .ops import sigmoid_bce as _bce
 from .optim import FusedRowwiseAdagrad, FusedSGD
 
@@ -107,6 +108,18 @@ def cross_layer(x0: Tensor, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """DCN-v2 cross layer. x0 [B, K], x [B, K], weight [K, K], bias [K] -> [B, K]:
     ``x0 * (x @ weight.T + bias) + x``, the elementwise part fused onto the product."""
     return _cross.cross_layer(x0, x, weight, bias)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+           activation: str = "none") -> Tensor:
+    """Dense layer. x [M, K], weight [N, K], bias [N] or None -> [M, N]:
+    ``act(x @ weight.T + bias)`` with ``activation`` ``"none"`` or ``"relu"`` (fused into the
+    product). Every dense product of the models, the cross layer and the Scorer follows this
+    op's choice of engine (oneDNN from 32 rows, a small-batch kernel below, ATen otherwise;
+    ``ADREC_DENSE=aten`` forces ATen). Under ``torch.autocast`` the operands are cast to the
+    autocast dtype, as for ``torch.nn.functional.linear``. Deterministic for a fixed thread
+    count."""
+    return _linear.linear(x, weight, bias, activation)
 
 
 def attention_pooling(query: Tensor, keys: Tensor, offsets: Tensor) -> Tensor:

@@ -29,6 +29,15 @@ TORCH_LIBRARY(adrec, m) {
   m.def("dot_interaction(Tensor emb, bool self_interaction) -> Tensor");
   m.def("dot_interaction_bwd(Tensor grad_out, Tensor emb, bool self_interaction) -> Tensor");
 
+  // x [M, K], weight [N, K], bias [N]? -> act(x @ weight.T + bias) [M, N]; activation "none" or
+  // "relu". Every dense product of the CPU kernels follows this op's policy (csrc/cpu/linear.cpp).
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
+  // result: the forward's output (read for "relu"). -> (grad_x [M, K], grad_weight [N, K],
+  // grad_bias [N]); an output whose output_mask entry is false is an empty tensor.
+  m.def(
+      "linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? result, str activation, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // DCN-v2: x0 [B, K], x [B, K], weight [K, K], bias [K] -> (out [B, K], xw [B, K]);
   // out = x0 * xw + x with xw = x @ weight.T + bias (xw is kept for the backward).
   m.def("cross_layer(Tensor x0, Tensor x, Tensor weight, Tensor bias) -> (Tensor, Tensor)");

@@ -66,6 +66,22 @@ def _samples(op: str):
     if op == "cross_layer_bwd":
         x0, x, xw, g = (torch.randn(4, 6, dtype=d) for _ in range(4))
         return [((g, x0, x, torch.randn(6, 6, dtype=d), xw), {})]
+    if op == "linear":
+        # float64 (ATen); float32 below and from the oneDNN row minimum (32); no bias
+        x, w, b = (torch.randn(*s, dtype=d, requires_grad=True) for s in [(4, 6), (5, 6), (5,)])
+        xf, wf, bf = (torch.randn(*s, requires_grad=True) for s in [(40, 17), (9, 17), (9,)])
+        xs = torch.randn(3, 17, requires_grad=True)
+        return [((x, w, b, "none"), {}), ((x, w, None, "relu"), {}),
+                ((xs, wf, bf, "relu"), {}), ((xf, wf, bf, "relu"), {}),
+                ((xf, wf, None, "none"), {})]
+    if op == "linear_bwd":
+        x, w, g = torch.randn(4, 6, dtype=d), torch.randn(5, 6, dtype=d), torch.randn(4, 5, dtype=d)
+        out = torch.ops.adrec.linear(x, w, None, "relu")
+        xf, wf, gf = torch.randn(40, 17), torch.randn(9, 17), torch.randn(40, 9)
+        return [((g, x, w, None, "none", [True, True, True]), {}),
+                ((g, x, w, out, "relu", [False, True, False]), {}),
+                ((gf, xf, wf, torch.ops.adrec.linear(xf, wf, None, "relu"), "relu",
+                  [True, True, True]), {})]
     if op == "attention_pooling":
         return [(_seqs(grad=True), {})]
     if op == "attention_pooling_bwd":

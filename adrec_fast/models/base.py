@@ -7,7 +7,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as F
@@ -15,7 +14,6 @@ from ..data.batch import Batch
 from ..nn import CrossNet, EmbeddingBagCollection, SigmoidBCEHead
 from ..nn.embedding_bag import check_l2
 from ..optim import FusedRowwiseAdagrad, FusedSGD
-from . import _dense
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd", "none")
 #: ``precision=`` values: the dtype of the dense tower's matrix products
@@ -86,65 +84,21 @@ def mlp(in_features: int, hidden: Sequence[int], dropout: float = 0.0,
     return nn.Sequential(*layers), width
 
 
-#: dense widths are padded to a multiple of this inside the forward (see ``gemm_pad``)
-GEMM_ALIGN = 16
-
-
-def gemm_pad(k: int) -> int:
-    """Zero columns to append to a K-wide GEMM operand: ``(-k) % 16``.
-
-    BLAS on this class of CPU runs 15-30% slower when a product's inner or output width is not
-    a multiple of 16 (fp32, 2 threads: [4096, 429] x [429, 429] at 143 GFLOP/s, at K = 432
-    205 GFLOP/s; [4096, 367] x [367, 512] 170 vs 204). The models pad activations with zero
-    columns and weights with zero rows/columns made on the fly from the unpadded parameters
-    (``TF.pad``), so the parameters, the state dict and checkpoints keep their natural shapes
-    and the padding never reaches an optimizer: its gradient is dropped by ``pad``'s backward.
-    """
-    return (-int(k)) % GEMM_ALIGN
-
-
-#: batches below this many rows are not padded (see ``pad_for``): the oneDNN row minimum
-PAD_MIN_ROWS = _dense.MIN_ROWS
-
-
-def pad_for(pad: int, rows: int) -> int:
-    """The padding a forward of ``rows`` rows uses: ``pad`` from PAD_MIN_ROWS rows on, else 0.
-
-    Padding builds zero-padded copies of the first weights on every forward (``TF.pad``), a
-    fixed cost that a GEMM of thousands of rows earns back and a small batch does not: at one
-    row (a serving request through the model) padding DLRM's [512, 367] top weight took ~40 us
-    of a ~140 us forward. Below that many rows the products run on ATen anyway
-    (``models._dense.MIN_ROWS``)."""
-    return pad if rows >= PAD_MIN_ROWS else 0
-
-
-def run_mlp(seq: nn.Sequential, x: Tensor, pad: int = 0) -> Tensor:
-    """``seq(x)`` for an ``mlp`` stack whose input ``x`` [B, K + pad] carries ``pad`` zero
-    columns: the first Linear's weight [H, K] is zero-padded to [H, K + pad] (same result).
-
-    fp32 on the CPU, each Linear (with the ReLU that follows it fused in) runs through oneDNN
-    (``models._dense``); other modules (BatchNorm, Dropout) run as they are."""
-    if _dense.enabled(x):
-        mods = list(seq)
-        h, i, w_pad = x, 0, pad
-        while i < len(mods):
-            m = mods[i]
-            if isinstance(m, nn.Linear):
-                w = TF.pad(m.weight, (0, w_pad)) if w_pad else m.weight  # [H, K + pad]
-                w_pad = 0
-                relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
-                h = _dense.linear(h, w, m.bias, relu)  # [B, H]
-                i += 2 if relu else 1
-            else:
-                h = m(h)
-                i += 1
-        return h
-    if pad == 0:
-        return seq(x)
-    first = seq[0]
-    h = TF.linear(x, TF.pad(first.weight, (0, pad)), first.bias)  # [B, H]
-    for m in seq[1:]:
-        h = m(h)
+def run_mlp(seq: nn.Sequential, x: Tensor) -> Tensor:
+    """``seq(x)`` for an ``mlp`` stack: each Linear, with the ReLU that follows it fused in, runs
+    through ``functional.linear`` (which chooses how the product runs); other modules
+    (BatchNorm, LayerNorm, Dropout) run as they are."""
+    mods = list(seq)
+    h, i = x, 0
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, nn.Linear):
+            relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
+            h = F.linear(h, m.weight, m.bias, "relu" if relu else "none")  # [B, H]
+            i += 2 if relu else 1
+        else:
+            h = m(h)
+            i += 1
     return h
 
 

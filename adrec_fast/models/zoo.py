@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as F
 from ..data.batch import Batch
 from ..nn import CrossNet
-from .base import CTRModel, Head, gemm_pad, mlp, pad_for, register_model, run_mlp
+from .base import CTRModel, Head, mlp, register_model, run_mlp
 
 
 @register_model("lr")
@@ -75,9 +74,10 @@ class DeepFM(CTRModel):
         lin, _ = self.linear(batch)  # [B, T, 1]
         dense = self.dense_input(batch)  # [B, K_d]
         x = torch.cat([emb.reshape(B, -1), dense], dim=1)  # [B, T*D + K_d]
-        logit = lin.sum(dim=(1, 2)) + F.fm_interaction(emb).squeeze(1) + self.head(self.deep(x))
+        logit = (lin.sum(dim=(1, 2)) + F.fm_interaction(emb).squeeze(1)
+                 + self.head(run_mlp(self.deep, x)))
         if self.dense_linear is not None:
-            logit = logit + self.dense_linear(dense).squeeze(1)
+            logit = logit + F.linear(dense, self.dense_linear.weight).squeeze(1)
         return logit
 
 
@@ -104,7 +104,6 @@ class DCNv2(CTRModel):
         self.linear = self._make_linear() if linear else None
         k = self.num_bags * self.embedding_dim + self.dense_in
         self.k = k
-        self.pad = gemm_pad(k)  # x0 is built [B, k + pad] with zero columns (see gemm_pad)
         self.cross = CrossNet(k, num_layers=cross_layers)
         self.deep, width = mlp(k, hidden, dropout, batch_norm, layer_norm)
         self.head = Head(width + k if structure == "parallel" else width)
@@ -112,27 +111,21 @@ class DCNv2(CTRModel):
 
     def forward(self, batch: Batch) -> Tensor:
         B = batch.batch_size
-        pad = pad_for(self.pad, B)
         emb, _ = self.lookup(batch)  # [B, T, D]
-        parts = [emb.reshape(B, -1), self.dense_input(batch)]
-        if pad:
-            parts.append(emb.new_zeros(1, 1).expand(B, pad))
-        x0 = torch.cat(parts, dim=1)  # [B, K + pad], the pad columns zero
+        x0 = torch.cat([emb.reshape(B, -1), self.dense_input(batch)], dim=1)  # [B, K]
         with self.tower_precision(x0.device):
             x0 = x0.to(self.tower_dtype(x0))  # one cast, shared by the cross net and the MLP
-            xc = self.cross(x0)  # [B, K + pad], the pad columns stay zero
+            xc = self.cross(x0)  # [B, K]
             if self.structure == "parallel":
-                hd = run_mlp(self.deep, x0, pad)  # [B, H]
+                hd = run_mlp(self.deep, x0)  # [B, H]
                 head = self.head.head
                 # head on [cross, deep] without materialising the concatenation
                 w_c = head.weight[: self.k]
-                if pad:
-                    w_c = TF.pad(w_c, (0, pad))
                 dt = xc.dtype
                 logit = torch.addmv(torch.addmv(head.bias.to(dt), hd, head.weight[self.k:].to(dt)),
                                     xc, w_c.to(dt))  # [B]
             else:
-                logit = self.head(run_mlp(self.deep, xc, pad))  # [B]
+                logit = self.head(run_mlp(self.deep, xc))  # [B]
         logit = logit.float()
         if self.linear is not None:
             lin, _ = self.linear(batch)
@@ -167,9 +160,6 @@ class DLRM(CTRModel):
         # dropout and normalisation in the top MLP (the bottom one maps a few dense inputs)
         self.top, width = mlp(top_in, top, dropout, batch_norm, layer_norm)
         self.head = Head(width)
-        # the top input is built [B, top_in + pad] with zero columns (see gemm_pad); only when
-        # there is a dense vector to concatenate anyway (the cat then absorbs the padding)
-        self.pad = gemm_pad(top_in) if self.bottom is not None and top else 0
         self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
@@ -183,12 +173,8 @@ class DLRM(CTRModel):
             d = run_mlp(self.bottom, self.dense_input(batch)).to(emb.dtype)  # [B, D]
             fields = torch.cat([d.unsqueeze(1), emb], dim=1)  # [B, T+1, D]
             z = F.dot_interaction(fields, self.self_interaction)  # [B, P]
-            parts = [d, z]
-            pad = pad_for(self.pad, z.size(0))
-            if pad:
-                parts.append(z.new_zeros(1, 1).expand(z.size(0), pad))
-            x = torch.cat(parts, dim=1)  # [B, D + P + pad]
-            logit = self.head(run_mlp(self.top, x.to(self.tower_dtype(x)), pad))  # [B]
+            x = torch.cat([d, z], dim=1)  # [B, D + P]
+            logit = self.head(run_mlp(self.top, x.to(self.tower_dtype(x))))  # [B]
         return logit.float()
 
 
@@ -253,7 +239,7 @@ class DIN(CTRModel):
         ]
         fields = torch.cat([emb, torch.stack(pooled, dim=1)], dim=1) if pooled else emb  # [B, T+S, D]
         x = torch.cat([fields.reshape(B, -1), self.dense_input(batch)], dim=1)
-        logit = self.head(self.deep(x))
+        logit = self.head(run_mlp(self.deep, x))
         if self.use_fm:
             logit = logit + F.fm_interaction(fields).squeeze(1)
         if self.linear is not None:

@@ -2,7 +2,7 @@
 """The op layer: fake kernels, autograd and backend choice for every ``adrec::`` op."""
 from . import _backend  # noqa: F401
 from . import attention_pooling, cross_layer, dot_interaction, embedding_bag, fm_interaction
-from . import scorer, sigmoid_bce
+from . import linear, scorer, sigmoid_bce
 
 __all__ = [
     "attention_pooling",
@@ -10,6 +10,7 @@ __all__ = [
     "dot_interaction",
     "embedding_bag",
     "fm_interaction",
+    "linear",
     "scorer",
     "sigmoid_bce",
 ]

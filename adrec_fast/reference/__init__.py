@@ -5,6 +5,7 @@ from .cross_layer import cross_layer
 from .dot_interaction import dot_interaction
 from .embedding_bag import embedding_bag, rowwise_adagrad_update, sgd_update
 from .fm_interaction import fm_interaction
+from .linear import linear
 from .sigmoid_bce import score, sigmoid_bce
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "dot_interaction",
     "embedding_bag",
     "fm_interaction",
+    "linear",
     "rowwise_adagrad_update",
     "score",
     "sgd_update",

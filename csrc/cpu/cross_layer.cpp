@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// DCN-v2 cross layer on the CPU. fp32 matrix products go to torch's bundled oneDNN
-// (common/onednn_linear.h: about 2x MKL's rate on the benchmark machine), other dtypes and builds
-// without oneDNN to at::addmm / at::mm. The elementwise epilogues run as one fused pass each,
-// at::parallel_for over row blocks; the backward's pass also produces the bias gradient.
+// DCN-v2 cross layer on the CPU. The matrix products go through the linear op's policy
+// (common/linear.h: oneDNN, ATen or the small-batch kernel). The elementwise epilogues run as one
+// fused pass each, at::parallel_for over row blocks; the backward's pass also produces the bias
+// gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,7 +14,7 @@
 
 #include "common/acc_type.h"
 #include "common/checks.h"
-#include "common/onednn_linear.h"
+#include "common/linear.h"
 #include "common/simd.h"
 
 namespace adrec {
@@ -94,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor> cross_layer_cpu(const at::Tensor& x0_, const 
   TORCH_CHECK_VALUE(bias.size(0) == K, kOp, ": bias must be [K] = [", K, "], got ", bias.sizes());
   auto x0 = x0_.contiguous();                    // [B, K]
   auto x = x_.contiguous();                      // [B, K]
-  auto xw = onednn_linear_t(x, weight, bias);    // [B, K] = x @ W.T + b
-  if (!xw.defined()) xw = at::addmm(bias, x, weight.t());
+  auto xw = linear_forward(x, weight, bias, Activation::kNone);  // [B, K] = x @ W.T + b
   auto out = at::empty_like(x);                  // [B, K]
   const int64_t n = x.numel();
   if (n == 0) return {out, xw};
@@ -129,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_layer_bwd_cpu(
   auto g_xw = at::empty_like(g);    // [B, K] = g * x0, the gradient of x @ W.T + b
   auto g_x0 = at::empty_like(g);    // [B, K] = g * xw
   const int64_t B = g.size(0), K = g.size(1);
-  const bool onednn = onednn_linear_usable(g);
+  const bool onednn = matmul_uses_onednn(g);
   at::Tensor g_xw_t;                // [K, B] = g_xw.T, row-major, for oneDNN's weight gradient
   if (onednn) g_xw_t = at::empty({K, B}, g.options());
   at::Tensor g_b;                   // [K]
@@ -165,12 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_layer_bwd_cpu(
       g_b = gb_acc.to(g.scalar_type());
     });
   }
-  // g_x = g_xw @ W + g (the residual), g_w = g_xw.T @ x; oneDNN for fp32 where it can.
-  auto g_x = onednn_linear_t_add(g_xw, weight.t(), g);  // [B, K]
-  if (!g_x.defined()) g_x = at::addmm(g, g_xw, weight);
-  at::Tensor g_w;  // [K, K]
-  if (g_xw_t.defined()) g_w = onednn_linear_t(g_xw_t, x.t(), std::nullopt);
-  if (!g_w.defined()) g_w = at::mm(g_xw.t(), x);
+  // g_x = g_xw @ W + g (the residual), g_w = g_xw.T @ x
+  auto g_x = matmul_t(g_xw, weight.t(), g);  // [B, K]
+  auto g_w = matmul_t(g_xw_t.defined() ? g_xw_t : g_xw.t(), x.t());  // [K, K]
   return {g_x0, g_x, g_w, g_b};
 }
 

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Serving forward of DLRM and DCN-v2 in one native call: row lookup (fp32, fp16 or int8
-// row-wise tables, dequantized on lookup), interaction, MLPs (oneDNN from 32 rows on, else
-// at::linear), head and sigmoid. The user/context side (user-slot embeddings, the bottom MLP
+// row-wise tables, dequantized on lookup), interaction, MLPs (through the linear op's policy,
+// common/linear.h), head and sigmoid. The user/context side (user-slot embeddings, the bottom MLP
 // when the dense input is shared, DLRM dot products between two shared fields) is computed once
 // per request and copied into every candidate row as a template; only the candidate slots are
 // read per candidate.
@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/onednn_linear.h"
+#include "common/linear.h"
 #include "common/simd.h"
 #include "cpu/scorer.h"
 
@@ -115,96 +115,12 @@ RowReader make_reader(const at::Tensor& w, const std::optional<at::Tensor>& scal
   return reader_of(w.data_ptr(), dt, w.size(1), sbp, kOp);
 }
 
-// A weight element as float32: float32 as it is, bfloat16 (the Scorer's mlp="bf16" for DCN-v2)
-// by placing its 16 bits in the high half.
-ADREC_INLINE float weight_f32(float w) { return w; }
-ADREC_INLINE float weight_f32(uint16_t w) {
-  const uint32_t u = static_cast<uint32_t>(w) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// y[m, o] = (relu)(x[m, :] . w[o, :] + b[o]) for m in [0, M), o in [o0, o1): one weight row at a
-// time against every input row (M is small: the row stays in L1), 16-lane partial sums in
-// float32 (bf16 weights are widened exactly; the inputs stay float32).
-template <typename wt>
-ADREC_CPU_CLONES void small_linear_rows(const float* x, const wt* w, const float* b, float* y,
-                                        int64_t M, int64_t K, int64_t O, int64_t o0, int64_t o1,
-                                        bool relu) {
-  for (int64_t o = o0; o < o1; ++o) {
-    const wt* wr = w + o * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = x + m * K;
-      float acc[16] = {};
-      int64_t k = 0;
-      for (; k + 16 <= K; k += 16)
-        for (int l = 0; l < 16; ++l) acc[l] += weight_f32(wr[k + l]) * xr[k + l];
-      for (; k < K; ++k) acc[k & 15] += weight_f32(wr[k]) * xr[k];
-      float v = b[o];
-      for (int l = 0; l < 16; ++l) v += acc[l];
-      y[m * O + o] = relu && v < 0.f ? 0.f : v;
-    }
-  }
-}
-
-// The products of a request with fewer than kOneDnnMinRows rows (one candidate, a few): each
-// thread streams its share of the weight rows once. at::linear sent these to MKL's single-row
-// path, which ran one DCN-v2 request at N = 1 in ~100 us on 2 threads, about the time of eager
-// PyTorch; the weights (3.6 MB) are read in ~20 us at this machine's L3 rate.
-at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_,
-                        bool relu) {
-  const auto x = x_.contiguous(), w = w_.contiguous(), b = b_.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), O = w.size(0);
-  auto y = at::empty({M, O}, x.options());
-  const float* px = x.data_ptr<float>();
-  const float* pb = b.data_ptr<float>();
-  float* py = y.data_ptr<float>();
-  // ~64 KB of weight rows per task at least: fewer parallel regions for narrow layers.
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * w.element_size()));
-  auto run = [&](const auto* pw) {
-    at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
-      small_linear_rows(px, pw, pb, py, M, K, O, o0, o1, relu);
-    });
-  };
-  if (w.scalar_type() == at::kBFloat16)
-    run(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()));
-  else
-    run(w.data_ptr<float>());
-  return y;
-}
-
-bool small_linear_ok(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return x.scalar_type() == at::kFloat &&
-         (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) &&
-         b.scalar_type() == at::kFloat && x.dim() == 2 && w.dim() == 2 && b.dim() == 1 &&
-         x.size(0) < kOneDnnMinRows && x.size(1) == w.size(1) && b.size(0) == w.size(0) &&
-         x.device().is_cpu();
-}
-
-// bf16 weights from kOneDnnMinRows rows on: the input rounded to bf16 (a bf16 input, the previous
-// deep layer's output, is taken as it is), bias and ReLU fused into oneDNN's bf16 product
-// (float32 accumulation); the result stays bf16 for the next deep layer, and the elementwise
-// steps that read it (cross epilogue, concatenation, head) compute in float32. Without oneDNN:
-// ATen's bf16 product, bias and ReLU in float32.
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool relu) {
-  const auto xb = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
-  auto y = onednn_linear_t_bf16(xb, w, b.to(at::kBFloat16), relu ? "relu" : "none");
-  if (y.defined()) return y;
-  y = at::linear(xb, w).to(at::kFloat).add_(b);
-  return relu ? y.relu_() : y;
-}
-
-// (relu)(x @ w.T + b): through oneDNN from kOneDnnMinRows rows on (common/onednn_linear.h:
-// ATen's fp32 products go to MKL, about half oneDNN's rate on the AMD benchmark machine),
-// small_linear below it, linear_bf16 for bf16 weights; ATen for anything else.
+// (relu)(x @ w.T + b) under the linear op's policy (common/linear.h). bf16 weights (the Scorer's
+// mlp="bf16" for DCN-v2) give a bf16 result from the oneDNN row minimum on, which the next deep
+// layer takes as it is; the elementwise steps that read it (cross epilogue, concatenation, head)
+// compute in float32.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool relu) {
-  if (small_linear_ok(x, w, b)) return small_linear(x, w, b, relu);
-  if (w.scalar_type() == at::kBFloat16) return linear_bf16(x, w, b, relu);
-  auto y = onednn_linear_t_act(x, w, b, relu ? "relu" : "none");
-  if (y.defined()) return y;
-  y = at::linear(x, w, b);
-  return relu ? y.relu_() : y;
+  return linear_forward(x, w, b, relu ? Activation::kRelu : Activation::kNone);
 }
 
 at::Tensor mlp_relu(at::Tensor x, at::TensorList wb, size_t begin, size_t end) {

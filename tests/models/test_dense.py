@@ -1,25 +1,34 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The oneDNN fp32 path of the model towers (``models._dense``) against ATen and an fp64 truth:
-same math, IEEE fp32 accuracy (no reduced-precision mode), and whole models equal with the path
-switched on and off."""
+"""The model towers' dense products through ``functional.linear`` (oneDNN from 32 rows on the
+CPU): IEEE fp32 accuracy against an fp64 truth, and whole models equal with oneDNN switched on
+and off (``torch.backends.mkldnn``; the op then takes ATen with K padded)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as TF
 
-from adrec_fast.models import _dense
+from adrec_fast import functional as F
+from adrec_fast.models.base import mlp, run_mlp
 from adrec_fast.models.registry import build_model
 
 from ._towers import TOWER_CASES as CASES
 from ._towers import tower_batch
 
-pytestmark = pytest.mark.skipif(_dense._LP is None or not torch.backends.mkldnn.is_available(),
-                                reason="torch built without oneDNN")
-
 B = 67  # odd batch: no multiple-of-16 luck
+
+
+@contextlib.contextmanager
+def onednn_off():
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 def _grads(out, inputs, g):
@@ -33,14 +42,15 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("K,N", [(13, 512), (33, 17), (432, 64)])
-def test_linear_matches_fp64(relu, K, N):
+def test_linear_ieee_fp32(relu, K, N):
+    """Within 4x of ATen's own fp32 error against fp64: only the summation order differs (a
+    bf16 or tf32 math mode would be 100-10000x off)."""
     torch.manual_seed(0)
     x = torch.randn(B, K, requires_grad=True)
     w = (torch.randn(N, K) / K**0.5).requires_grad_(True)
     b = torch.randn(N, requires_grad=True)
     g = torch.randn(B, N)
-    assert _dense.enabled(x)
-    out = _dense.linear(x, w, b, relu)
+    out = F.linear(x, w, b, "relu" if relu else "none")
     got = [out, *_grads(out, (x, w, b), g)]
     xd, wd, bd = (t.detach().double().requires_grad_(True) for t in (x, w, b))
     ref = TF.linear(xd, wd, bd)
@@ -52,35 +62,25 @@ def test_linear_matches_fp64(relu, K, N):
     for name, o, t, s in zip(["out", "gx", "gw", "gb"], got, truth, same):
         assert o.dtype == torch.float32
         torch.testing.assert_close(o, s, msg=name)
-        # IEEE fp32: within 4x of ATen's own fp32 error against fp64 (only the summation order
-        # differs; a bf16 or tf32 math mode would be 100-10000x off)
         assert _rel(o, t) <= 4 * _rel(s, t), name
 
 
-def test_linear_without_bias_and_strided_weight():
+@pytest.mark.parametrize("rows", [1, 31, 32, 67])
+@pytest.mark.parametrize("norm", ["none", "batch_norm", "layer_norm"])
+def test_run_mlp_equals_the_modules(rows, norm):
+    """run_mlp fuses each Linear with its ReLU; the result equals running the modules."""
     torch.manual_seed(0)
-    x = torch.randn(B, 20, requires_grad=True)
-    w_full = torch.randn(30, 24, requires_grad=True)
-    w = w_full[:, :20]  # a strided view, as padding/slicing produce
-    out = _dense.linear(x, w, None)
-    torch.testing.assert_close(out, x @ w.t())
-    gx, gw = _grads(out, (x, w_full), torch.ones(B, 30))
-    ex, ew = _grads(x @ w.t(), (x, w_full), torch.ones(B, 30))
-    torch.testing.assert_close(gx, ex)
-    torch.testing.assert_close(gw, ew)
-
-
-def test_enabled_only_for_fp32_cpu_batches():
-    x = torch.randn(_dense.MIN_ROWS, 8)
-    assert _dense.enabled(x)
-    assert not _dense.enabled(x.double())
-    assert not _dense.enabled(x.bfloat16())
-    assert not _dense.enabled(torch.randn(0, 8))
-    # small batches (one serving request) stay on ATen, where oneDNN's per-call cost dominates
-    assert not _dense.enabled(torch.randn(1, 8))
-    assert not _dense.enabled(torch.randn(_dense.MIN_ROWS - 1, 8))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _dense.enabled(x)
+    seq, _ = mlp(13, [24, 8], dropout=0.0, batch_norm=norm == "batch_norm",
+                 layer_norm=norm == "layer_norm")
+    seq.eval()
+    x = torch.randn(rows, 13, requires_grad=True)
+    out = run_mlp(seq, x)
+    ref = seq(x)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    params = [x, *seq.parameters()]
+    for a, e in zip(_grads(out, params, g), _grads(ref, params, g)):
+        torch.testing.assert_close(a, e)
 
 
 @pytest.fixture(scope="module")
@@ -89,19 +89,18 @@ def synth():
 
 
 @pytest.mark.parametrize("key", sorted(CASES))
-def test_model_step_same_with_and_without_onednn(synth, key, monkeypatch):
+def test_model_step_same_with_and_without_onednn(synth, key):
     schema, batch = synth
     name, kw = CASES[key]
     torch.manual_seed(0)
     model = build_model(name, schema, embedding_dim=8, **kw).train()
     ref = copy.deepcopy(model)
     logits = model(batch)
-    monkeypatch.setattr(_dense, "ONEDNN", False)
-    logits_ref = ref(batch)
-    torch.testing.assert_close(logits, logits_ref)
-    ref.loss(logits_ref, batch.labels).backward()
-    monkeypatch.setattr(_dense, "ONEDNN", True)
     model.loss(logits, batch.labels).backward()
+    with onednn_off():
+        logits_ref = ref(batch)
+        ref.loss(logits_ref, batch.labels).backward()
+    torch.testing.assert_close(logits, logits_ref)
     named = dict(ref.named_parameters())
     for n, p in model.named_parameters():
         if p.grad is None:
