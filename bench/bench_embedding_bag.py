@@ -227,7 +227,8 @@ def build_nn_loop(shape, tofs, w0, optim):
             return torch.cat([m(i, o) for m, (i, o) in zip(mods, per_table)], dim=1)
         return Prov(step, prepare)
     params = [m.weight for m in mods]
-    opt = torch.optim.SGD(params, lr=LR) if optim == "sgd" else torch.optim.Adagrad(params, lr=LR, eps=EPS)
+    opt = (torch.optim.SGD(params, lr=LR) if optim == "sgd"
+           else torch.optim.Adagrad(params, lr=LR, eps=EPS))
     g = make_grad_out(shape)
 
     def step(per_table):
@@ -556,7 +557,7 @@ def batch_pool(shape: EmbShape, cache: bool = CACHE, quick: bool = QUICK) -> lis
     or the one batch of the cache variant. Quick runs cap the pool (smoke only)."""
     if cache:
         return [make_inputs(shape)]
-    return make_pool(shape, fresh_bytes(), max_batches=8 if quick else 512)
+    return make_pool(shape, fresh_bytes(), max_batches=8 if quick else 1024)
 
 
 def _label(shape, pool) -> str:
@@ -664,10 +665,11 @@ def test_embedding_bag_fwdbwd(benchmark, shape: EmbShape, backend: str, optim: s
 # ------------------------------------------------------------------------------------------
 # Script mode: providers alternating round by round on the same fresh batches, several runs.
 
-# Each step's peers: the ones the targets are set against (forward: the best of the torch and
-# FBGEMM lookups; training: FBGEMM TBE with its fused optimizer). --providers adds others.
+# Each step's peers: the ones the targets are set against (forward: every lookup that has been
+# the best peer on some shape; training: FBGEMM TBE with its fused optimizer). --providers adds
+# others.
 SCRIPT_PEERS = {
-    "fwd": ["nn_embedding_bag_concat", "fbgemm_tbe"],
+    "fwd": ["nn_embedding_bag_concat", "nn_embedding_bag_loop", "fbgemm_tbe"],
     "sgd": ["fbgemm_tbe"],
     "rowwise_adagrad": ["fbgemm_tbe"],
 }
