@@ -439,8 +439,8 @@ class StreamedRows:
     def __len__(self) -> int:
         return self.n
 
-    def _chunk(self, i: int) -> EncodedRows:
-        rows = self.cache.read(i)
+    def _side(self, i: int, rows: EncodedRows) -> EncodedRows:
+        """The rows of chunk ``i`` (as read) on this source's side of the split."""
         if self.side == "all":
             return rows
         m = valid_mask(int(self._first_row[i]), len(rows), self.cache.rows, self.fraction,
@@ -449,29 +449,39 @@ class StreamedRows:
 
     def _groups(self, batch_size: int, shuffle: bool, seed: int, epoch: int):
         """(rows, n): rows in training order, a buffer at a time, of which the first n (a
-        multiple of ``batch_size`` but in the last buffer) are due now. The worker permutes
-        (large tensor ops, which release the GIL); the consumer only slices batches."""
+        multiple of ``batch_size`` but in the last buffer) are due now.
+
+        The background thread only reads chunks (``os.preadv``, which releases the GIL); the
+        split, concatenation and permutation run here, in the consumer, where they cost about
+        1% of the training time. Any Python the worker runs holds the GIL, which each op of the
+        training step must take back when it returns, and on a machine whose cores are busy
+        that hand-over waits for the worker to be scheduled again."""
         n_chunks = len(self.cache)
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-        order = torch.randperm(n_chunks, generator=g).tolist() if shuffle else range(n_chunks)
+        order = torch.randperm(n_chunks, generator=g).tolist() if shuffle else list(range(n_chunks))
         group = self.buffer_chunks if shuffle else 1
+        read = background(lambda: (self.cache.read(i) for i in order),
+                          max(self.prefetch, 1) * group)
         carry = None  # rows left from the previous buffer, in their drawn order
-        for start in range(0, n_chunks, group):
-            rows = EncodedRows.concat([self._chunk(i) for i in order[start:start + group]])
-            if shuffle:
-                rows = rows.subset(torch.randperm(len(rows), generator=g))
+        try:
+            for start in range(0, n_chunks, group):
+                rows = EncodedRows.concat([self._side(i, next(read))
+                                           for i in order[start:start + group]])
+                if shuffle:
+                    rows = rows.subset(torch.randperm(len(rows), generator=g))
+                if carry is not None:
+                    rows = EncodedRows.concat([carry, rows])
+                full = len(rows) - len(rows) % batch_size
+                carry = rows.slice(full, len(rows)) if full < len(rows) else None
+                if full:
+                    yield rows, full
             if carry is not None:
-                rows = EncodedRows.concat([carry, rows])
-            full = len(rows) - len(rows) % batch_size
-            carry = rows.slice(full, len(rows)) if full < len(rows) else None
-            if full:
-                yield rows, full
-        if carry is not None:
-            yield carry, len(carry)
+                yield carry, len(carry)
+        finally:
+            read.close()  # stops the reader thread when training stops early
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0):
-        for rows, n in background(lambda: self._groups(batch_size, shuffle, seed, epoch),
-                                  self.prefetch):
+        for rows, n in self._groups(batch_size, shuffle, seed, epoch):
             for s in range(0, n, batch_size):
                 yield rows.slice(s, min(s + batch_size, n)).to_batch()
 
