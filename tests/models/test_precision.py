@@ -17,7 +17,7 @@ import torch.nn.functional as TF
 import adrec_fast  # noqa: F401
 from adrec_fast.data.synthetic import SyntheticCTR
 from adrec_fast.models.registry import build_model
-from adrec_fast.training import checkpoint as ckpt
+from adrec_fast.models import checkpoint as ckpt
 
 B = 256
 

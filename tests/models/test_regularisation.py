@@ -188,7 +188,7 @@ def test_dropout_off_in_eval(synth_schema, name, kw):
 def test_dropout_off_in_scorer(tmp_path):
     """A model trained with dropout scores through the Scorer exactly as its eval forward."""
     from adrec_fast.serving import Scorer
-    from adrec_fast.training.checkpoint import save_checkpoint
+    from adrec_fast.models.checkpoint import save_checkpoint
 
     rng = np.random.default_rng(0)
     n = 400

@@ -18,7 +18,7 @@ from adrec_fast import _C
 from adrec_fast.data.schema import Schema
 from adrec_fast.models.registry import build_model
 from adrec_fast.serving import Scorer, dequantize_rows, quantize_rows
-from adrec_fast.training.checkpoint import save_checkpoint
+from adrec_fast.models.checkpoint import save_checkpoint
 
 USER = ["user", "age", "hour"]  # user/context fields of the synthetic schema
 CAND = ["item", "adcat", "price"]
