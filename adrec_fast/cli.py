@@ -101,7 +101,7 @@ def _train_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "and fm, 0.03 for deepfm, 0.05 for the others)")
     p.add_argument("--embedding-dim", type=int, default=None,
                    help="embedding width (default 16)")
-    # regularisation; unset = the model's default recipe (adrec_fast/models/recipes.py)
+    # regularisation; unset = the model's default recipe (adrec_fast/training/recipes.py)
     p.add_argument("--embedding-l2", type=float, default=None, metavar="LAMBDA",
                    help="L2 penalty lambda/2*||E||^2 on the embedding tables, applied as lazy "
                         "decay inside the fused update (>= 0; default: the model's recipe)")
@@ -274,9 +274,9 @@ def _demo_settings(a) -> dict:
 
 def _recipe(a, demo: bool = False) -> tuple[dict, dict, int]:
     """(model kwargs, Trainer kwargs, epochs): the model's default recipe
-    (``models.recipes``) with the tuning flags given on the command line applied; the demo
+    (``training.recipes``) with the tuning flags given on the command line applied; the demo
     keeps its own settings (``_demo_settings``) and takes only the model flags."""
-    from .models import recipes
+    from .training import recipes
 
     flags = {"embedding_dim": a.embedding_dim, "embedding_l2": a.embedding_l2,
              "dropout": a.dropout, "batch_norm": a.batch_norm}

@@ -102,7 +102,7 @@ DATASETS = {"frappe": load_frappe, "synthetic": load_synthetic}
 def run_ours(name, schema, fit, valid, test, seed, overrides):
     import torch
 
-    from adrec_fast.models import recipes
+    from adrec_fast.training import recipes
     from adrec_fast.training.loop import evaluate
 
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ import pytest
 import adrec_fast  # noqa: F401
 from adrec_fast.cli import main
 from adrec_fast.data.synthetic import SyntheticCTR
-from adrec_fast.models import recipes
+from adrec_fast.training import recipes
 
 
 @pytest.fixture(scope="module")

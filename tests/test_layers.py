@@ -361,3 +361,11 @@ def test_functional_embedding_bag_names_bad_fused_arguments():
     assert F.check_pooling("mean") == "mean"
     want = torch.cat([indices[:offsets[2]], indices[offsets[2]:] + 4])  # table 1 starts at 4
     assert torch.equal(F.embedding_rows(tofs, indices, offsets), want)
+
+
+def test_models_reach_no_training_or_serving_module(graph):
+    """Training and serving build on the models, never the reverse (functions included)."""
+    seen = graph.reachable([m for m in graph.modules if _under(m, "adrec_fast.models")])
+    bad = [graph.chain(seen, m) for m in seen
+           if _under(m, "adrec_fast.training", "adrec_fast.serving", "adrec_fast.cli")]
+    assert not bad, "the models import a layer above them:\n" + "\n".join(bad)

@@ -32,7 +32,7 @@ def build_model(name: str, schema, embedding_dim: int = 16, **kwargs) -> CTRMode
     ``embedding_l2_mode`` (L2 on every table, inside the fused update; see
     ``nn.EmbeddingBagCollection``) and ``dense_init`` ("torch" | "xavier"); deep models also take
     ``dropout``, ``batch_norm`` and ``layer_norm``. The default training recipe of each model
-    (what ``adrec-fast train`` uses) is ``models.recipes``. Parameters are
+    (what ``adrec-fast train`` uses) is ``training.recipes``. Parameters are
     drawn from torch's global RNG: seed it first for a reproducible start.
     ``model.config`` rebuilds the same architecture: ``build_model(**model.config, schema=s)``.
     """

@@ -8,7 +8,7 @@ import torch
 
 import adrec_fast  # noqa: F401
 from adrec_fast.data.synthetic import SyntheticCTR
-from adrec_fast.models import recipes
+from adrec_fast.training import recipes
 from adrec_fast.models.registry import build_model, model_names
 from adrec_fast.training.loop import Trainer, evaluate
 

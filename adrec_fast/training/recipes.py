@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .registry import build_model, canonical_name, model_kwargs, model_names
+from ..models.registry import build_model, canonical_name, model_kwargs, model_names
+from .loop import Trainer
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,6 @@ def resolve(name: str, **overrides) -> tuple[dict, dict, int]:
 def build(name: str, schema, *, seed: int = 0, progress: bool = True, **overrides):
     """(model, trainer, epochs) of ``name``'s recipe with ``overrides`` applied. Seed torch's
     RNG before calling for a reproducible initialisation."""
-    from ..training.loop import Trainer
 
     model_kw, trainer_kw, epochs = resolve(name, **overrides)
     model = build_model(canonical_name(name), schema, **model_kw)
