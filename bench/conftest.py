@@ -7,6 +7,11 @@
   another busy process on these 2 cores changes a timing by 2-40x, so a result taken under load
   is noted as such.
 - ``ADREC_BENCH_QUICK=1`` selects the quick presets and fewer rounds (see ``bench_rounds``).
+- Every round takes fresh inputs from a pool that touches >= 4x the L3 (``_harness``); the
+  embedding benchmarks' ``ADREC_BENCH_CACHE=1`` times one repeated batch instead (the cache
+  variant, labelled "cache" in the groups).
+- One benchmark per provider cannot alternate providers within a round: the headline ratios come
+  from each file's script mode (``python bench/bench_<op>.py --runs 3``).
 
 Plain ``pytest`` does not collect bench/ (``testpaths = ["tests"]``).
 """
