@@ -52,14 +52,21 @@ from shapes import EmbShape, make_pool, make_weights, pool_touched_bytes
 
 TARGET = 2.5
 N_CAND = 64
-# Burner processes: each keeps exactly one thread busy (1 BLAS thread, or the GIL).
+# Burner processes: each keeps exactly one thread busy (1 BLAS thread, or the GIL), and exits
+# when its parent does, so a benchmark killed mid-run leaves no spinning process behind.
 BURNERS = {
-    "matmul": ("import numpy as np\n"
+    "matmul": ("import os\n"
+               "import numpy as np\n"
+               "parent = os.getppid()\n"
                "a = np.random.rand(256, 256)\n"
-               "while True:\n"
+               "while os.getppid() == parent:\n"
                "    b = a @ a\n"
                "    a = b / np.abs(b).max()\n"),
-    "spin": "while True:\n    pass\n",
+    "spin": ("import os\n"
+             "parent = os.getppid()\n"
+             "while os.getppid() == parent:\n"
+             "    for _ in range(100000):\n"
+             "        pass\n"),
 }
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
