@@ -20,7 +20,7 @@ Before timing, every provider's output and input gradients are checked once agai
 reference run in float64.
 
 Headline ratios (script mode: the three providers alternating round by round on the same sets,
-3 runs, Markdown table; about 3 min for all five ops on 2 cores, most of it torch.compile;
+3 runs, Markdown table; about 2 min for all five ops on 2 quiet cores, much of it torch.compile;
 ``--quick`` for a smoke run)::
 
     python bench/_common_ops.py --runs 3                  # all five ops

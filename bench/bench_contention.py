@@ -22,7 +22,7 @@ matrices with 1 BLAS thread (busy cores plus cache and memory traffic); ``spin``
 a pure Python loop (busy cores only). The burners' CPU time over the phase is printed, so a
 burner that did not run is seen.
 
-    python bench/bench_contention.py --runs 3       # about 2 min on 2 cores
+    python bench/bench_contention.py --runs 3       # about 2 min on 2 quiet cores
     python bench/bench_contention.py --quick        # smoke run, about 40 s
 """
 from __future__ import annotations

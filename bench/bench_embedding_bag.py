@@ -8,8 +8,8 @@ batch repeated every round keeps its rows in the L3 and measures the cache; that
 labelled "cache" (``--cache`` / ``ADREC_BENCH_CACHE=1``), and is not the headline.
 
 Headline ratios (script mode: adrec and its peers alternating round by round on the same
-batches, 3 runs, a Markdown table of medians, spread, ratios and load; about 6-8 min on 2 cores;
-``--quick``: a smoke run of 2 shapes in about a minute)::
+batches, 3 runs, a Markdown table of medians, spread, ratios and load; about 5-10 min on 2 quiet
+cores and 7-8 GB of memory; ``--quick``: a smoke run of 2 shapes in about a minute)::
 
     python bench/bench_embedding_bag.py --runs 3
     python bench/bench_embedding_bag.py --runs 3 --cache          # the cache variant

@@ -28,7 +28,8 @@ tables stay fp32 in both; compare bf16 only with bf16.
 
 Headline ratios (script mode: providers alternating step by step on the same batches, 3 runs,
 Markdown table of medians, spread, ratio to the best peer, per-run ratios and load; fp32 with the
-default peers about 5 min on 2 cores, most of it torch.compile; ``--quick``: a smoke run)::
+default peers about 3-5 min on 2 quiet cores, much of it torch.compile; ``--quick``: a smoke
+run of DLRM against one peer)::
 
     python bench/bench_train.py --runs 3
     python bench/bench_train.py --runs 3 --precision fp32,bf16 --providers eager,adrec_recipe
@@ -322,12 +323,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     H.add_args(ap, rounds=10)
-    ap.add_argument("--models", default="dlrm,dcnv2")
+    ap.add_argument("--models", default=None, help="comma list of dlrm, dcnv2 (default both; "
+                    "--quick: dlrm)")
     ap.add_argument("--precision", default="fp32", help="comma list of fp32, bf16")
     ap.add_argument("--providers", default="",
                     help="extra providers beside adrec and " + ", ".join(SCRIPT_PEERS)
                          + " (comma list of " + ", ".join(PROVIDERS) + ")")
     args = H.settle(ap.parse_args(argv))
+    if args.models is None:
+        args.models = "dlrm" if args.quick else "dlrm,dcnv2"
     models = [m for m in args.models.split(",") if m]
     precisions = [p for p in args.precision.split(",") if p]
     for m in models:
@@ -337,7 +341,10 @@ def main(argv=None) -> None:
         if p not in ("fp32", "bf16"):
             raise SystemExit(f"--precision: unknown {p!r}; choose from fp32, bf16")
     providers = ["adrec"]
-    for p in SCRIPT_PEERS + [p for p in args.providers.split(",") if p]:
+    # --quick: one peer that still goes through torch.compile and FBGEMM (compiling is most of
+    # a smoke run's time)
+    peers = ["fbgemm_compile" if FBGEMM is not None else "compile"] if args.quick else SCRIPT_PEERS
+    for p in peers + [p for p in args.providers.split(",") if p]:
         if p not in PROVIDERS:
             raise SystemExit(f"--providers: unknown {p!r}; choose from {PROVIDERS}")
         if p not in providers:
