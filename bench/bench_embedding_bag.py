@@ -9,7 +9,7 @@ labelled "cache" (``--cache`` / ``ADREC_BENCH_CACHE=1``), and is not the headlin
 
 Headline ratios (script mode: adrec and its peers alternating round by round on the same
 batches, 3 runs, a Markdown table of medians, spread, ratios and load; about 5-10 min on 2 quiet
-cores and 7-8 GB of memory; ``--quick``: a smoke run of 2 shapes in about a minute)::
+cores and about 5 GB of memory; ``--quick``: a smoke run of 2 shapes in about a minute)::
 
     python bench/bench_embedding_bag.py --runs 3
     python bench/bench_embedding_bag.py --runs 3 --cache          # the cache variant
@@ -131,7 +131,7 @@ def _give(buf: torch.Tensor) -> None:
     for k in list(_POOL):  # keep buffers of the current D only
         if k[0] != key[0]:
             del _POOL[k]
-    if len(_POOL.setdefault(key, [])) < 2:
+    if not _POOL.setdefault(key, []):  # one spare per kind: a D=64 table is 1.4 GB
         _POOL[key].append(buf)
 
 
