@@ -9,7 +9,7 @@ labelled "cache" (``--cache`` / ``ADREC_BENCH_CACHE=1``), and is not the headlin
 
 Headline ratios (script mode: adrec and its peers alternating round by round on the same
 batches, 3 runs, a Markdown table of medians, spread, ratios and load; about 5-10 min on 2 quiet
-cores and about 5 GB of memory; ``--quick``: a smoke run of 2 shapes in about a minute)::
+cores and about 6 GB of memory; ``--quick``: a smoke run of 2 shapes in about a minute)::
 
     python bench/bench_embedding_bag.py --runs 3
     python bench/bench_embedding_bag.py --runs 3 --cache          # the cache variant
