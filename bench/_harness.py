@@ -156,6 +156,10 @@ class Results:
             out.append("1-minute load before / after each run: " + ", ".join(
                 f"{a:.2f} / {b:.2f}" for a, b in self.loads))
             out.append("")
+        out.append(f"Each time: the median over {len(self.loads) or 'the'} run(s) of each run's "
+                   "median (min-max of the runs' medians). Ratio > 1: "
+                   f"{self.ours} is faster.")
+        out.append("")
         out.append(f"| case | {self.ours} {self.unit} (min-max) | peer | peer {self.unit} "
                    f"(min-max) | peer / {self.ours} (ratio of medians) | per-run ratios |")
         out.append("|---|---|---|---|---|---|")
@@ -204,6 +208,8 @@ def header(args: argparse.Namespace, what: str) -> str:
         f"1-minute load at start: {la[0]:.2f} (5-min {la[1]:.2f})"
         + ("; QUICK smoke run, timings not meaningful" if args.quick else ""),
     ]
+    if args.runs < 3 and not args.quick:
+        lines.append("NOTE: fewer than 3 runs; a headline ratio needs the spread of >= 3")
     if la[0] > 0.5 * (os.cpu_count() or 1):
         lines.append("WARNING: the machine is busy; compare ratios within this run only")
     return "\n".join(lines)
