@@ -19,8 +19,9 @@ Every run times all workloads alternating round by round, once alone and once un
 contention mode, the phase order reversed from one run to the next so that drift in load does not
 land on one phase. Contention (``--burn``): ``matmul``: 2 processes each multiplying 256x256
 matrices with 1 BLAS thread (busy cores plus cache and memory traffic); ``spin``: 2 processes in
-a pure Python loop (busy cores only). The burners' CPU time over the phase is printed, so a
-burner that did not run is seen.
+a pure Python loop (busy cores only). The burners' CPU time over the phase, in threads, is
+printed: about 1.0 when they share 2 otherwise idle cores with the benchmark's 2 threads (up to
+2.0 while the benchmark waits); well below 1 means they did not get their share.
 
     python bench/bench_contention.py --runs 3       # about 2 min on 2 quiet cores
     python bench/bench_contention.py --quick        # smoke run, about 40 s
