@@ -6,7 +6,8 @@ from torch import Tensor
 ACTIVATIONS = ("none", "relu")
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "none") -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+           activation: str = "none") -> Tensor:
     """x [M, K], weight [N, K], bias [N] or None -> [M, N]: act(x @ weight.T + bias), act one of
     ``"none"`` (identity) or ``"relu"``."""
     if activation not in ACTIVATIONS:
