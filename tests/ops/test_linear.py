@@ -3,7 +3,6 @@
 padded when oneDNN is off) and its backward vs the reference, fp64 truth and hand values."""
 from __future__ import annotations
 
-import contextlib
 import math
 import subprocess
 import sys
@@ -20,17 +19,6 @@ from ..conftest import assert_close_verbose, assert_no_worse_than_torch, rerun_i
 # one below it; odd widths; the DLRM top / DCN-v2 widths (K not a multiple of 16)
 SHAPES = [(1, 1, 1), (1, 17, 33), (5, 13, 512), (31, 33, 17), (32, 33, 17), (67, 432, 64),
           (64, 367, 40), (40, 429, 429)]
-
-
-@contextlib.contextmanager
-def onednn_off():
-    """torch.backends.mkldnn disabled (``mkldnn.flags`` also sets a TF32 switch that warns)."""
-    was = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = was
 
 
 def _inputs(M, K, N, dtype, bias=True):
@@ -128,15 +116,15 @@ def test_autocast_runs_in_bfloat16():
 
 
 @pytest.mark.parametrize("shape", [(40, 13, 512), (64, 367, 40), (33, 429, 429)], ids=str)
-def test_aten_path_with_padding(shape):
-    """With oneDNN off, float32 products of at least 32 rows go to ATen with K padded to a
-    multiple of 16; the padding must not change any value."""
+def test_aten_path_with_padding(shape, monkeypatch):
+    """With oneDNN off (torch.backends.mkldnn), float32 products of at least 32 rows go to ATen
+    with K padded to a multiple of 16; the padding must not change any value."""
     M, K, N = shape
     args = _inputs(M, K, N, torch.float32)
     g = torch.randn(M, N)
     truth, truth_grads = _truth(args, g, "relu")
-    with onednn_off():
-        out, grads = _run(lambda x, w, b: F.linear(x, w, b, "relu"), args, g)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    out, grads = _run(lambda x, w, b: F.linear(x, w, b, "relu"), args, g)
     assert_close_verbose(out, truth.float())
     for got, want in zip(grads, truth_grads):
         assert_close_verbose(got, want.float())
