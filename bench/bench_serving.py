@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Serving latency and throughput (issue 4): one user against N candidates, DLRM and DCN-v2 of
-the trainer issue's shapes (26 Criteo Kaggle tables capped at 1e6 rows = 5.57M rows, D=16,
+"""Serving latency and throughput: one user against N candidates, DLRM and DCN-v2 of the
+training benchmark's shapes (26 Criteo Kaggle tables capped at 1e6 rows = 5.57M rows, D=16,
 13 dense features; DLRM bottom 13-512-256-64-16 / top 512-256, DCN-v2 3 cross + 512-256).
 
 Request: C1..C13 and the 13 dense features are user/context-side (one value per request),
@@ -445,7 +445,7 @@ TARGETS = {1: 10.0, 64: 3.0, 512: 1.5, 4096: 1.2}
 
 
 def targets(res: dict, model: str = "dlrm", threads: int = 2) -> str:
-    """p99 ratios against the best peer of the same run (issue 4's targets)."""
+    """p99 ratios against the best peer of the same run (the serving targets in ``TARGETS``)."""
     lat = [r for r in res["latency"] if r["model"] == model and r["threads"] == threads]
     if not lat:
         return ""

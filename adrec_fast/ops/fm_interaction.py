@@ -26,9 +26,9 @@ def _backward(ctx, grad_out):
     return torch.ops.adrec.fm_interaction_bwd(grad_out, emb)
 
 
-# adrec::fm_interaction's own autograd is C++ (csrc/autograd/fm_interaction.cpp: the Python
-# wrapper's overhead was the margin against torch.compile); _setup_context and _backward above
-# serve the Triton op, and define the same rule.
+# adrec::fm_interaction's own autograd is C++ (csrc/autograd/fm_interaction.cpp: a Python
+# autograd wrapper costs about the op's whole margin over torch.compile); _setup_context and
+# _backward above serve the Triton op, and define the same rule.
 
 
 def fm_interaction(emb):

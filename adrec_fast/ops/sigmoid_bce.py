@@ -33,7 +33,7 @@ def _backward(ctx, grad_loss, grad_grad):
 
 
 # adrec::sigmoid_bce's own autograd is C++ (csrc/autograd/sigmoid_bce.cpp: the op is
-# overhead-bound and the Python wrapper cost more than eager's whole step); _setup_context and
+# overhead-bound and a Python wrapper costs more than eager's whole step); _setup_context and
 # _backward above serve the Triton op, and define the same rule.
 
 
