@@ -38,12 +38,13 @@ constexpr int64_t kMinRows = 32;
 
 // ATen sends float32 products to BLAS (MKL on x86), which runs 15-30% slower when the inner
 // width is not a multiple of 16 ([4096, 429] x [429, 429]: 143 GFLOP/s, at K = 432 205 GFLOP/s).
-// oneDNN's kernels handle the tail themselves (same rate at 429 and 432), so only the ATen path
-// pads, and only from kMinRows rows on, where the copies are repaid.
+// oneDNN's kernels handle the tail themselves (at 429 within 5% of 432, about what the padding
+// copies cost), so only the ATen path pads, and only from kMinRows rows on, where the copies are
+// repaid.
 constexpr int64_t kGemmAlign = 16;
 
-// ADREC_DENSE=aten sends every product to ATen (for comparisons); "onednn" (the default) lets
-// the policy above choose. Read once, here.
+// ADREC_DENSE=aten sends to ATen every product that would go to oneDNN (for comparisons; the
+// small-batch kernel stays); "onednn" (the default) lets the policy above choose. Read once, here.
 bool dense_onednn_allowed() {
   static const bool allowed = [] {
     const char* v = std::getenv("ADREC_DENSE");
