@@ -267,7 +267,9 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
       if (!sc.empty() && !vc.empty()) {
         const auto S = index_tensor(sc), V = index_tensor(vc);
         const auto r0 = at::from_blob(row0.data(), {K}, fopt);
-        const auto u = at::addmv(layers[1], layers[0].index_select(1, S), r0.index_select(0, S));
+        const auto u =  // [O]: the shared columns' product, a bias of the per-candidate one
+            linear(r0.index_select(0, S).unsqueeze(0), layers[0].index_select(1, S), layers[1],
+                   false).squeeze(0);
         auto h = linear(top_in.index_select(1, V), layers[0].index_select(1, V), u, true);
         top_in = mlp_relu(h, layers, 2, layers.size());
         done = true;
@@ -307,7 +309,9 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
         const auto r0s = at::from_blob(row0.data(), {K}, fopt).index_select(0, S);  // [Ks]
         const auto x0v = x0.index_select(1, V);                                      // [N, Kv]
         auto first = [&](size_t i, bool relu) {  // x0 @ W_i.T + b_i, shared part as a bias
-          const auto u = at::addmv(layers[i + 1], layers[i].index_select(1, S).to(at::kFloat), r0s);
+          const auto u =  // [O]; bf16 weights are widened inside the product
+              linear(r0s.unsqueeze(0), layers[i].index_select(1, S), layers[i + 1], false)
+                  .squeeze(0);
           const auto wv = layers[i].index_select(1, V);
           return linear(x0v, wv, u, relu);
         };
