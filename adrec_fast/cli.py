@@ -444,13 +444,9 @@ def cmd_train(a) -> int:
         m = metrics_of(y, p)
         _write_run_files(tmp, result, (p, y),
                          {"valid": m, "data": str(a.data), "model": model.config})
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:6]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        from .models.checkpoint import replace_dir
+
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

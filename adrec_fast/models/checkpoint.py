@@ -118,6 +118,18 @@ def load_optimizer_state(optimizer, tensors: dict, meta: dict, prefix: str = "st
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished directory ``tmp`` to ``path``, replacing what is there: a reader sees
+    the old directory or the new one, never a mix (the old one is removed afterwards)."""
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
 def _atomic_dir(path: Path, write) -> None:
     """Call ``write(tmp_dir)``, then move tmp_dir to ``path`` atomically."""
     path = Path(path)
@@ -127,13 +139,7 @@ def _atomic_dir(path: Path, write) -> None:
     tmp.mkdir()
     try:
         write(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{tag}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
