@@ -12,7 +12,7 @@
 // - Waiting does not burn a shared core. Idle workers poll for the next job for a short while
 //   (back-to-back calls then skip a futex wake-up) and sleep after; a caller waiting for the last
 //   pieces polls briefly and sleeps on a futex. While the pool's threads are being preempted (a
-//   sign that the cores are shared) nobody polls.
+//   sign that the cores are shared) idle workers do not poll.
 // Measured with the row-wise Adagrad step under contention: bench/RESULTS.md, "Tuning constants".
 // Concurrent calls from several Python threads do not queue: a call that finds the pool busy runs
 // on its own thread, as does a call made from inside a task.
@@ -91,7 +91,9 @@ class WorkPool {
     // notified; one that did so after it sees the new generation in its wait predicate.
     pub_gen_.store(g);
     if (sleepers_.load() > 0) {
-      std::lock_guard<std::mutex> lk(m_);
+      // Taking m_ orders this against a worker between its predicate check and its sleep; the
+      // notify comes after the unlock, so a woken worker does not block on m_ again.
+      { std::lock_guard<std::mutex> lk(m_); }
       cv_work_.notify_all();
     }
     in_task() = true;
@@ -152,7 +154,8 @@ class WorkPool {
             nullptr, 0);
   }
 
-  // Whether a thread of the pool was preempted lately (the cores are shared): then nobody polls.
+  // Whether a thread of the pool was preempted lately (the cores are shared): then idle workers
+  // sleep at once.
   bool contended() const {
     return now_ns() < contended_until_.load(std::memory_order_relaxed);
   }
@@ -182,9 +185,12 @@ class WorkPool {
     }
   }
 
-  // The caller, once every item is claimed: waits for the items other threads still run.
+  // The caller, once every item is claimed: waits for the items other threads still run. It
+  // polls first, even on shared cores: what is left is at most one piece per worker, and a
+  // caller that sleeps waits for the scheduler to run it again, which on a busy core takes
+  // longer than a piece.
   void wait_done(Slot& s) {
-    const int64_t spin = contended() ? 0 : tuning::kPoolWaitSpinNs;
+    const int64_t spin = tuning::kPoolWaitSpinNs;
     const int64_t t0 = now_ns();
     for (int k = 1; s.remaining.load(std::memory_order_acquire) > 0; ++k) {
       cpu_pause();

@@ -31,7 +31,7 @@ constexpr int64_t kDirectMinFallbackBytes = int64_t(8) << 20;
 constexpr int64_t kPoolSpinNs = 100 * 1000;
 // How long a caller polls for the pool's last items before it sleeps on them.
 constexpr int64_t kPoolWaitSpinNs = 50 * 1000;
-// After a pool thread was preempted, nobody polls for this long.
+// After a pool thread was preempted, idle workers do not poll for this long.
 constexpr int64_t kPoolContendedHoldNs = 20 * 1000 * 1000;
 // parallel_for cuts a range into at most this many pieces per thread: a thread that is
 // descheduled mid-call then holds up a quarter of its share, not all of it.
