@@ -14,12 +14,20 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <limits>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "common/cpu_isa.h"
+#include "common/parallel.h"
+#include "common/tuning.h"
 #include "cpu/scorer.h"
 
 #if defined(__linux__)
@@ -165,6 +173,85 @@ class ServingDLRMHandle {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "adrec_fast native core";
+  // Resolve ADREC_CPU_ISA now, so that a bad value fails the import with its message rather
+  // than the first kernel call.
+  try {
+    adrec::cpu_isa();
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  // What the CPU kernels use in this process: the ISA level (common/cpu_isa.h) and the
+  // thresholds derived from the machine (common/tuning.h).
+  m.def("runtime_info", [] {
+    py::dict d;
+    d["cpu_isa"] = std::string(adrec::isa_name(adrec::cpu_isa()));
+    d["cpu_isa_supported"] = std::string(adrec::isa_name(adrec::cpu_isa_supported()));
+    d["avx512_bf16"] = adrec::cpu_has_avx512_bf16();
+    d["l3_bytes"] = adrec::tuning::l3_bytes();
+    auto& t = adrec::tuning::thresholds();
+    d["stream_out_bytes"] = t.stream_out_bytes.load();
+    d["direct_min_bytes"] = t.direct_min_bytes.load();
+    d["pool_spin_us"] = t.pool_spin_ns.load() / 1000;
+    return d;
+  });
+  // Tests only: the kernels' thread pool (common/parallel.h) without a kernel around it.
+  // parallel_for over [0, n) -> how often each index was visited.
+  m.def("_pool_for", [](int64_t n, int64_t grain) {
+    std::vector<std::atomic<int32_t>> seen(static_cast<size_t>(std::max<int64_t>(n, 0)));
+    {
+      py::gil_scoped_release nogil;
+      adrec::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t i = b0; i < b1; ++i) seen[i].fetch_add(1);
+      });
+    }
+    py::list out;
+    for (auto& v : seen) out.append(v.load());
+    return out;
+  });
+  // parallel_items over n items, item `bad` throwing: the error must reach the caller.
+  m.def("_pool_throw", [](int64_t n, int64_t bad) {
+    py::gil_scoped_release nogil;
+    adrec::parallel_items(n, [&](int64_t i) {
+      if (i == bad) throw std::runtime_error("task " + std::to_string(i) + " failed");
+    });
+  });
+  // parallel_team(T) whose threads meet at a barrier (given up after 10 s) -> (team size each
+  // thread saw, whether every thread reached the barrier in time).
+  m.def("_pool_team", [](int64_t threads) {
+    std::atomic<int64_t> arrived{0}, size{-1};
+    std::atomic<bool> ok{true};
+    {
+      py::gil_scoped_release nogil;
+      adrec::parallel_team(threads, [&](int64_t, int64_t T) {
+        size.store(T);
+        arrived.fetch_add(1);
+        const auto t0 = std::chrono::steady_clock::now();
+        while (arrived.load() < T) {
+          if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(10)) {
+            ok.store(false);
+            break;
+          }
+        }
+      });
+    }
+    return py::make_tuple(size.load(), ok.load() && arrived.load() == size.load());
+  });
+  // Tests only: lowers a threshold so that a small input reaches the path it guards
+  // (stream_out_bytes, direct_min_bytes: bytes, 0 = never; pool_spin_us: microseconds).
+  m.def("_set_tuning", [](py::kwargs kw) {
+    auto& t = adrec::tuning::thresholds();
+    for (auto item : kw) {
+      const std::string k = py::str(item.first);
+      const int64_t v = py::cast<int64_t>(item.second);
+      const int64_t bytes = v > 0 ? v : std::numeric_limits<int64_t>::max();
+      if (k == "stream_out_bytes") t.stream_out_bytes.store(bytes);
+      else if (k == "direct_min_bytes") t.direct_min_bytes.store(bytes);
+      else if (k == "pool_spin_us") t.pool_spin_ns.store(std::max<int64_t>(v, 0) * 1000);
+      else
+        throw py::value_error("_set_tuning: unknown setting '" + k +
+                              "' (stream_out_bytes, direct_min_bytes, pool_spin_us)");
+    }
+  });
   // Asks the kernel to back the 2 MiB-aligned interior of [address, address + nbytes) with
   // transparent huge pages (madvise MADV_HUGEPAGE; Linux only). Call it on a fresh allocation
   // before its first write. A pooled lookup reads random rows of a table of hundreds of MB: with

@@ -4,7 +4,7 @@
 //
 // Why C++ and not `torch.library.register_autograd` (STYLE.md §3): this op is overhead-bound.
 // At B = 4096 its kernel takes a few microseconds, and the Python autograd wrapper cost ~21 us
-// per forward + backward, more than eager PyTorch's whole step (~25 us), so the 1.5x over
+// per forward + backward, more than eager PyTorch's whole step (~25 us), so the 1.5x target over
 // eager could not be reached from Python. See bench/RESULTS_interaction.md. The fake kernel stays
 // in Python (adrec_fast/ops/sigmoid_bce.py).
 #include <ATen/ATen.h>

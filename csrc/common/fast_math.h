@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "common/simd.h"
+#include "common/cpu_isa.h"
 
 namespace adrec {
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Target attention pooling on the CPU: at::parallel_for over blocks of samples; per sample the
+// Target attention pooling on the CPU: adrec::parallel_for over blocks of samples; per sample the
 // scores, a max-subtracted softmax and the weighted key sum in acc_t, with per-task buffers of
 // the longest sequence; dot products per key, weighted sums vectorised over D.
 #include <ATen/ATen.h>
@@ -16,7 +16,8 @@
 #include "common/acc_type.h"
 #include "common/checks.h"
 #include "common/fast_math.h"
-#include "common/simd.h"
+#include "common/cpu_isa.h"
+#include "common/parallel.h"
 
 namespace adrec {
 namespace {
@@ -72,12 +73,12 @@ Seqs check_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Ten
 }
 
 template <typename scalar_t>
-ADREC_CPU_CLONES void attn_fwd_block(const scalar_t* query /* [B, D] */,
-                                     const scalar_t* keys /* [L_total, D] */,
-                                     const int64_t* o /* [B+1] */, scalar_t* out /* [B, D] */,
-                                     scalar_t* probs /* [L_total] */,
-                                     acc_t<scalar_t>* buf /* [max_len + D] */, int64_t b0,
-                                     int64_t b1, int64_t D) {
+ADREC_INLINE void attn_fwd_block(const scalar_t* query /* [B, D] */,
+                                 const scalar_t* keys /* [L_total, D] */,
+                                 const int64_t* o /* [B+1] */, scalar_t* out /* [B, D] */,
+                                 scalar_t* probs /* [L_total] */,
+                                 acc_t<scalar_t>* buf /* [max_len + D] */, int64_t b0,
+                                 int64_t b1, int64_t D) {
   using acc = acc_t<scalar_t>;
   const acc scale = D > 0 ? acc(1) / std::sqrt(static_cast<acc>(D)) : acc(1);
   acc* q = buf;      // [D] scaled query
@@ -112,15 +113,15 @@ ADREC_CPU_CLONES void attn_fwd_block(const scalar_t* query /* [B, D] */,
 //   gp_l = g.k_l, gs_l = p_l (gp_l - sum_m p_m gp_m),
 //   grad_q = sum_l gs_l k_l / sqrt(D), grad_k_l = p_l g + gs_l q / sqrt(D).
 template <typename scalar_t>
-ADREC_CPU_CLONES void attn_bwd_block(const scalar_t* grad_out /* [B, D] */,
-                                     const scalar_t* query /* [B, D] */,
-                                     const scalar_t* keys /* [L_total, D] */,
-                                     const int64_t* o /* [B+1] */,
-                                     const scalar_t* probs /* [L_total] */,
-                                     scalar_t* grad_q /* [B, D] */,
-                                     scalar_t* grad_k /* [L_total, D] */,
-                                     acc_t<scalar_t>* buf /* [max_len + 3D] */, int64_t b0,
-                                     int64_t b1, int64_t D) {
+ADREC_INLINE void attn_bwd_block(const scalar_t* grad_out /* [B, D] */,
+                                 const scalar_t* query /* [B, D] */,
+                                 const scalar_t* keys /* [L_total, D] */,
+                                 const int64_t* o /* [B+1] */,
+                                 const scalar_t* probs /* [L_total] */,
+                                 scalar_t* grad_q /* [B, D] */,
+                                 scalar_t* grad_k /* [L_total, D] */,
+                                 acc_t<scalar_t>* buf /* [max_len + 3D] */, int64_t b0,
+                                 int64_t b1, int64_t D) {
   using acc = acc_t<scalar_t>;
   const acc scale = D > 0 ? acc(1) / std::sqrt(static_cast<acc>(D)) : acc(1);
   acc* g = buf;           // [D]
@@ -179,9 +180,11 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_cpu(const at::Tensor& query
     const int64_t* o = s.offsets.data_ptr<int64_t>();
     scalar_t* po = out.template data_ptr<scalar_t>();
     scalar_t* pp = probs.template data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(B, L, D), [&](int64_t b0, int64_t b1) {
-      std::vector<acc> buf(s.max_len + D + 1);
-      attn_fwd_block<scalar_t>(pq, pk, o, po, pp, buf.data(), b0, b1, D);
+    parallel_for(0, B, grain_for(B, L, D), [&](int64_t b0, int64_t b1) {
+      isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+        std::vector<acc> buf(s.max_len + D + 1);
+        attn_fwd_block<scalar_t>(pq, pk, o, po, pp, buf.data(), b0, b1, D);
+      });
     });
   });
   return {out, probs};
@@ -218,9 +221,11 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_bwd_cpu(const at::Tensor& g
     const int64_t* o = s.offsets.data_ptr<int64_t>();
     scalar_t* pgq = grad_q.template data_ptr<scalar_t>();
     scalar_t* pgk = grad_k.template data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(B, L, D), [&](int64_t b0, int64_t b1) {
-      std::vector<acc> buf(s.max_len + 3 * D + 1);
-      attn_bwd_block<scalar_t>(pg, pq, pk, o, pp, pgq, pgk, buf.data(), b0, b1, D);
+    parallel_for(0, B, grain_for(B, L, D), [&](int64_t b0, int64_t b1) {
+      isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+        std::vector<acc> buf(s.max_len + 3 * D + 1);
+        attn_bwd_block<scalar_t>(pg, pq, pk, o, pp, pgq, pgk, buf.data(), b0, b1, D);
+      });
     });
   });
   return {grad_q, grad_k};

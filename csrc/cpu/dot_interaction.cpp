@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// DLRM pairwise dot interaction on the CPU: at::parallel_for over blocks of samples; per sample
+// DLRM pairwise dot interaction on the CPU: adrec::parallel_for over blocks of samples; per sample
 // a small Gram product in a per-thread buffer, vectorised over 16-wide chunks (of fields j in the
 // forward, of columns d in the backward), accumulating in acc_t.
 #include <ATen/ATen.h>
@@ -14,7 +14,8 @@
 
 #include "common/acc_type.h"
 #include "common/checks.h"
-#include "common/simd.h"
+#include "common/cpu_isa.h"
+#include "common/parallel.h"
 
 namespace adrec {
 namespace {
@@ -37,9 +38,9 @@ ADREC_INLINE int64_t row_start(int64_t i, int64_t F, bool self) {
 // the inner loop runs over 16 consecutive j with e[i, d] broadcast; only the column chunks that
 // reach the upper triangle are computed, then the pairs j >= j0 of each row are copied out.
 template <typename scalar_t>
-ADREC_CPU_CLONES void dot_fwd_block(const scalar_t* emb /* [B, F, D] */, scalar_t* out /* [B, P] */,
-                                    acc_t<scalar_t>* et /* [D, Fp] */, int64_t b0, int64_t b1,
-                                    int64_t F, int64_t D, bool self) {
+ADREC_INLINE void dot_fwd_block(const scalar_t* emb /* [B, F, D] */, scalar_t* out /* [B, P] */,
+                                acc_t<scalar_t>* et /* [D, Fp] */, int64_t b0, int64_t b1,
+                                int64_t F, int64_t D, bool self) {
   using acc = acc_t<scalar_t>;
   const int64_t Fp = (F + kW - 1) / kW * kW;
   const int64_t P = num_pairs(F, self);
@@ -107,11 +108,11 @@ ADREC_INLINE void dot_bwd_chunk(const acc_t<scalar_t>* G /* [F, F] */,
 }
 
 template <typename scalar_t>
-ADREC_CPU_CLONES void dot_bwd_block(const scalar_t* grad_out /* [B, P] */,
-                                    const scalar_t* emb /* [B, F, D] */,
-                                    scalar_t* grad_emb /* [B, F, D] */,
-                                    acc_t<scalar_t>* G /* [F, F] */, int64_t b0, int64_t b1,
-                                    int64_t F, int64_t D, bool self) {
+ADREC_INLINE void dot_bwd_block(const scalar_t* grad_out /* [B, P] */,
+                                const scalar_t* emb /* [B, F, D] */,
+                                scalar_t* grad_emb /* [B, F, D] */,
+                                acc_t<scalar_t>* G /* [F, F] */, int64_t b0, int64_t b1,
+                                int64_t F, int64_t D, bool self) {
   using acc = acc_t<scalar_t>;
   const int64_t P = num_pairs(F, self);
   const int64_t off = self ? 0 : 1;
@@ -151,9 +152,9 @@ ADREC_INLINE void load16(vf16& v, const float* p, int64_t n) {
   }
 }
 
-ADREC_CPU_CLONES void dot_fwd_block_f32(const float* emb /* [B, F, D] */, float* out /* [B, P] */,
-                                        float* et /* [D, Fp] */, int64_t b0, int64_t b1,
-                                        int64_t F, int64_t D, bool self) {
+ADREC_INLINE void dot_fwd_block_f32(const float* emb /* [B, F, D] */, float* out /* [B, P] */,
+                                    float* et /* [D, Fp] */, int64_t b0, int64_t b1,
+                                    int64_t F, int64_t D, bool self) {
   const int64_t Fp = (F + kW - 1) / kW * kW;
   const int64_t P = num_pairs(F, self);
   const int64_t off = self ? 0 : 1;
@@ -215,9 +216,9 @@ ADREC_INLINE void dot_bwd_f32_chunk(const float* G /* [F, F] */, const float* e 
   }
 }
 
-ADREC_CPU_CLONES void dot_bwd_block_f32(const float* grad_out /* [B, P] */, const float* emb /* [B, F, D] */,
-                                        float* grad_emb /* [B, F, D] */, float* G /* [F, F] */,
-                                        int64_t b0, int64_t b1, int64_t F, int64_t D, bool self) {
+ADREC_INLINE void dot_bwd_block_f32(const float* grad_out /* [B, P] */, const float* emb /* [B, F, D] */,
+                                    float* grad_emb /* [B, F, D] */, float* G /* [F, F] */,
+                                    int64_t b0, int64_t b1, int64_t F, int64_t D, bool self) {
   const int64_t P = num_pairs(F, self);
   const int64_t off = self ? 0 : 1;
   if (!self)
@@ -256,15 +257,17 @@ at::Tensor dot_interaction_cpu(const at::Tensor& emb_, bool self_interaction) {
     const scalar_t* e = emb.template data_ptr<scalar_t>();
     scalar_t* o = out.template data_ptr<scalar_t>();
     const int64_t Fp = (F + kW - 1) / kW * kW;
-    at::parallel_for(0, B, grain_for(F * F * D), [&](int64_t b0, int64_t b1) {
-      std::vector<acc> et(std::max<int64_t>(1, D * Fp));  // [D, Fp] per task
-      if (std::is_same_v<scalar_t, float>) {
-        // (casts, not if constexpr: this lambda is not a template, every dtype compiles it)
-        dot_fwd_block_f32(reinterpret_cast<const float*>(e), reinterpret_cast<float*>(o),
-                          reinterpret_cast<float*>(et.data()), b0, b1, F, D, self_interaction);
-      } else {
-        dot_fwd_block<scalar_t>(e, o, et.data(), b0, b1, F, D, self_interaction);
-      }
+    parallel_for(0, B, grain_for(F * F * D), [&](int64_t b0, int64_t b1) {
+      isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+        std::vector<acc> et(std::max<int64_t>(1, D * Fp));  // [D, Fp] per task
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          // (casts: scalar_t is not a parameter of this lambda, so every dtype compiles both)
+          dot_fwd_block_f32(reinterpret_cast<const float*>(e), reinterpret_cast<float*>(o),
+                            reinterpret_cast<float*>(et.data()), b0, b1, F, D, self_interaction);
+        } else {
+          dot_fwd_block<scalar_t>(e, o, et.data(), b0, b1, F, D, self_interaction);
+        }
+      });
     });
   });
   return out;
@@ -290,15 +293,17 @@ at::Tensor dot_interaction_bwd_cpu(const at::Tensor& grad_out_, const at::Tensor
     const scalar_t* g = grad_out.template data_ptr<scalar_t>();
     const scalar_t* e = emb.template data_ptr<scalar_t>();
     scalar_t* ge = grad_emb.template data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(F * F * D), [&](int64_t b0, int64_t b1) {
-      std::vector<acc> G(F * F);  // [F, F] per task
-      if (std::is_same_v<scalar_t, float>) {
-        dot_bwd_block_f32(reinterpret_cast<const float*>(g), reinterpret_cast<const float*>(e),
-                          reinterpret_cast<float*>(ge), reinterpret_cast<float*>(G.data()), b0, b1,
-                          F, D, self_interaction);
-      } else {
-        dot_bwd_block<scalar_t>(g, e, ge, G.data(), b0, b1, F, D, self_interaction);
-      }
+    parallel_for(0, B, grain_for(F * F * D), [&](int64_t b0, int64_t b1) {
+      isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+        std::vector<acc> G(F * F);  // [F, F] per task
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          dot_bwd_block_f32(reinterpret_cast<const float*>(g), reinterpret_cast<const float*>(e),
+                            reinterpret_cast<float*>(ge), reinterpret_cast<float*>(G.data()), b0, b1,
+                            F, D, self_interaction);
+        } else {
+          dot_bwd_block<scalar_t>(g, e, ge, G.data(), b0, b1, F, D, self_interaction);
+        }
+      });
     });
   });
   return grad_emb;

@@ -10,9 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <fstream>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -22,25 +20,18 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/embedding_bag_checks.h"
-#include "common/pool.h"
-#include "common/simd.h"
+#include "common/cpu_isa.h"
+#include "common/parallel.h"
+#include "common/tuning.h"
 
 namespace adrec {
 namespace {
 
 constexpr const char* kOp = "embedding_bag";
-// How many indices ahead the kernels prefetch rows: about 8 KB of rows (128 cache lines) in
-// flight, which covers DRAM latency with enough misses outstanding per core. Measured on a Zen4
-// core with 26 Criteo tables (5.57M rows): 16 rows ahead left the gather latency-bound (1.3-1.5x
-// slower at D=16 than 64-128 rows ahead); more than ~128 lines ahead evicts rows before use.
-// ADREC_PREFETCH_BYTES overrides the 8 KB (tuning on other CPUs).
+// How many indices ahead the kernels prefetch rows: tuning::kPrefetchBytes of rows in flight.
 inline int64_t prefetch_distance(int64_t row_bytes) {
-  static const int64_t ahead = [] {
-    const char* e = std::getenv("ADREC_PREFETCH_BYTES");
-    const long long v = e != nullptr ? std::atoll(e) : 0;
-    return v > 0 ? static_cast<int64_t>(v) : int64_t(8192);
-  }();
-  return std::max<int64_t>(1, std::min<int64_t>(512, ahead / std::max<int64_t>(1, row_bytes)));
+  return std::max<int64_t>(
+      1, std::min<int64_t>(512, tuning::kPrefetchBytes / std::max<int64_t>(1, row_bytes)));
 }
 // Probes of the backward's row map (one line each) run this many indices ahead.
 constexpr int64_t kProbePrefetch = 32;
@@ -50,47 +41,14 @@ constexpr int64_t kGradPrefetch = 16;
 // Output bytes per forward tile: [tile, T*D] stays in L2 while the tile's tables are gathered.
 constexpr int64_t kTileBytes = 512 * 1024;
 
-// Forward outputs at least this large are written with non-temporal (streaming) stores.
-// Table-major traversal writes each bag's D floats into a different line of a [B, T*D] output
-// (a stride of T*D*4 bytes), so ordinary stores make every output line a demand read-for-
-// ownership miss that the hardware prefetchers do not predict. Streaming stores skip that read
-// (measured A/B in one process, 2 threads, B = 4096, the 26 Criteo tables, D = 64, 27 MB
-// output: one id per bag 0.93 -> 0.71 ms on a repeated batch and 1.08 -> 0.89 ms over four
-// cycling batches; 10-20 ids per bag 4.72 -> 4.33 ms; at D = 16 no gain), but leave the output out of
-// cache: an output that fits comfortably in the last-level cache stays on ordinary stores, so
-// that the next layer reads it from cache. The threshold is half of the L3 that cpu0 shares
-// (Linux sysfs; glibc's sysconf reports the whole package's L3 on this VM, 384 MB instead of
-// 32 MB), or 16 MB where unknown. ADREC_STREAM_OUT_BYTES overrides it (0 = never stream).
-inline int64_t l3_bytes() {
-  for (int i = 0; i < 8; ++i) {
-    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
-    std::ifstream level(dir + "level"), size(dir + "size");
-    int lv = 0;
-    std::string sz;
-    if (!(level >> lv) || !(size >> sz)) break;
-    if (lv != 3 || sz.empty()) continue;
-    const long long v = std::atoll(sz.c_str());
-    const char unit = sz.back();
-    return static_cast<int64_t>(v) * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
-  }
-  return 0;
-}
-
-// A size threshold in bytes: the environment variable `env` when set (0 or less = never, i.e.
-// the largest int64), else the L3 size / divisor, else `fallback` where the L3 is unknown.
-inline int64_t l3_threshold(const char* env, int64_t divisor, int64_t fallback) {
-  const char* e = std::getenv(env);
-  if (e != nullptr && *e != '\0') {
-    const long long v = std::atoll(e);
-    return v > 0 ? static_cast<int64_t>(v) : std::numeric_limits<int64_t>::max();
-  }
-  const int64_t l3 = l3_bytes();
-  return l3 > 0 ? l3 / divisor : fallback;
-}
-
+// Forward outputs of at least tuning::thresholds().stream_out_bytes are written with
+// non-temporal (streaming) stores. Table-major traversal writes each bag's D floats into a
+// different line of a [B, T*D] output (a stride of T*D*4 bytes), so ordinary stores make every
+// output line a demand read-for-ownership miss that the hardware prefetchers do not predict;
+// streaming stores skip that read but leave the output out of cache, so an output that fits
+// comfortably in the last-level cache stays on ordinary stores for the next layer to read.
 inline int64_t stream_out_bytes() {
-  static const int64_t bytes = l3_threshold("ADREC_STREAM_OUT_BYTES", 2, int64_t(16) << 20);
-  return bytes;
+  return tuning::thresholds().stream_out_bytes.load(std::memory_order_relaxed);
 }
 
 // Whether the first (up to) 1024 ids of a table's segment hold fewer than 5% repeats: a cheap
@@ -114,15 +72,10 @@ bool mostly_unique(const index_t* ids, int64_t n) {
 
 // The fused backward takes fused_table_direct_f32 for a table with D >= 64 whose gradient
 // buffer could reach this size (its index count x D x 4 bytes) and whose ids mostly do not
-// repeat (mostly_unique): a quarter of the L3 (two threads' buffers then exceed half of it), or
-// 8 MB where unknown; ADREC_DIRECT_MIN_BYTES overrides it (0 = never). Measured A/B, row-wise
-// Adagrad step, D = 64, B = 4096, 26 tables, 2 threads: uniform ids with 10-20 per bag (large
-// tables: ~61k ids, 15 MB) 19.8 -> 18.0 ms and 20.2 -> 18.3 ms; an earlier variant that took the
-// direct path for every D = 64 table was 4-10% slower with one id per bag (1 MB buffers) and 9%
-// slower with Zipf ids, hence the size threshold and the repeat sample.
+// repeat (mostly_unique): for one id per bag (small buffers) and for Zipf ids the buffered path
+// is faster.
 inline int64_t direct_min_bytes() {
-  static const int64_t bytes = l3_threshold("ADREC_DIRECT_MIN_BYTES", 4, int64_t(8) << 20);
-  return bytes;
+  return tuning::thresholds().direct_min_bytes.load(std::memory_order_relaxed);
 }
 
 struct Layout {
@@ -133,10 +86,9 @@ struct Layout {
 };
 
 // One branch-free pass over the bag lengths o[i+1] - o[i], i < n: returns whether none is
-// negative, and sets all_ones to whether every one is 1. Vectorised per ISA (ADREC_CPU_CLONES):
-// with the 26 Criteo tables at B = 4096 the scalar loop with a branch per bag took ~30 us, about
-// a tenth of a one-id-per-bag forward.
-ADREC_CPU_CLONES bool scan_offsets(const int64_t* o, int64_t n, bool& all_ones) {
+// negative, and sets all_ones to whether every one is 1. Branch-free and vectorised per ISA
+// (isa_dispatch): a branch per bag costs about a tenth of a one-id-per-bag forward.
+ADREC_INLINE bool scan_offsets(const int64_t* o, int64_t n, bool& all_ones) {
   int64_t neg = 0, not_one = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t len = o[i + 1] - o[i];
@@ -165,7 +117,8 @@ Layout check_layout(const at::Tensor& weights, const at::Tensor& table_offsets,
   TORCH_CHECK_VALUE(o[0] == 0, kOp, ": offsets[0] must be 0, got ", o[0]);
   const int64_t n_bags = L.offsets.numel() - 1;
   bool ones = true;
-  if (!scan_offsets(o, n_bags, ones)) {  // find the first decrease for the message
+  const bool ok = isa_dispatch([&](auto) ADREC_LAMBDA_INLINE { return scan_offsets(o, n_bags, ones); });
+  if (!ok) {  // find the first decrease for the message
     for (int64_t i = 0; i < n_bags; ++i) {
       TORCH_CHECK_VALUE(o[i + 1] >= o[i], kOp, ": offsets must be non-decreasing, but offsets[",
                         i + 1, "]=", o[i + 1], " < offsets[", i, "]=", o[i]);
@@ -218,8 +171,8 @@ inline void prefetch_row(const scalar_t* row, int64_t D) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + b, 0, 3);
 }
 
-// Runs fn(i, i+1) for i in [0, n) on the work pool (common/pool.h): threads claim items from a
-// shared counter, and a thread the OS has not scheduled is never waited for.
+// Runs fn(i, i+1) for i in [0, n) on the work pool (common/parallel.h): threads claim items from
+// a shared counter, so a thread the OS has descheduled holds up only the item it is in.
 template <typename Fn>
 void for_each_chunk(int64_t n, Fn&& fn) {
   parallel_items(n, [&](int64_t i) { fn(i, i + 1); });
@@ -238,29 +191,13 @@ struct F32Args {
   bool stream;                   // write bags with streaming stores (stream_out_bytes)
 };
 
-namespace isa_base {
-#define ADREC_TARGET
-#define ADREC_TARGET_AVX2 0
 #include "cpu/embedding_bag_f32.inc"
-#undef ADREC_TARGET_AVX2
-#undef ADREC_TARGET
-}  // namespace isa_base
-namespace isa_avx2 {
-#define ADREC_TARGET __attribute__((target("avx2,fma")))
-#define ADREC_TARGET_AVX2 1
-#include "cpu/embedding_bag_f32.inc"
-#undef ADREC_TARGET_AVX2
-#undef ADREC_TARGET
-}  // namespace isa_avx2
 
-// AVX2+FMA when the CPU has it; ADREC_CPU_ISA=base forces the baseline path (tests use it).
-bool use_avx2() {
-  static const bool v = [] {
-    if (isa_base_forced()) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return v;
+// The float32 row kernels run on ISA levels up to AVX2: AVX-512 buys nothing in these
+// memory-bound loops, and a third copy would only add build time.
+template <typename F>
+auto f32_dispatch(const F& f) {
+  return isa_dispatch<Isa::avx2>(f);
 }
 
 // The float32 kernels exist for these widths (D % 8 == 0).
@@ -290,16 +227,12 @@ void forward_kernel(const Layout& L, const scalar_t* w, const index_t* idx, cons
     // base is 64-byte aligned), or the write-combining buffers flush partial lines.
     const bool stream = DV % 16 == 0 && B * T * D * static_cast<int64_t>(sizeof(float)) >= stream_out_bytes();
     const F32Args args{T, B, tile, kPrefetch, o, tofs, w, psw, out, &bad, stream};
-    const bool avx2 = use_avx2();
     const bool ones = L.all_ones;
     for_each_chunk(n_tiles, [&](int64_t i0, int64_t i1) {
-      if (avx2) {
-        if (ones) isa_avx2::forward_tiles_f32_ones<DV, HAS_PSW>(args, idx, i0, i1);
-        else isa_avx2::forward_tiles_f32<DV, HAS_PSW, MEAN>(args, idx, i0, i1);
-      } else {
-        if (ones) isa_base::forward_tiles_f32_ones<DV, HAS_PSW>(args, idx, i0, i1);
-        else isa_base::forward_tiles_f32<DV, HAS_PSW, MEAN>(args, idx, i0, i1);
-      }
+      f32_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+        if (ones) forward_tiles_f32_ones<DV, HAS_PSW>(args, idx, i0, i1);
+        else forward_tiles_f32<DV, HAS_PSW, MEAN>(args, idx, i0, i1);
+      });
     });
     return;
   }
@@ -451,7 +384,7 @@ struct RowMap {
   }
 };
 
-// Per-thread scratch that survives across calls (OpenMP keeps its worker threads), so the
+// Per-thread scratch that survives across calls (the pool keeps its worker threads), so the
 // backward does not map fresh pages for its gradient buffer on every step.
 template <typename acc>
 struct Scratch {
@@ -615,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_bwd_cpu(
     grads = at::empty({U, D}, weights.options());
     int64_t* rp = rows.template data_ptr<int64_t>();
     scalar_t* gp = grads.template data_ptr<scalar_t>();
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         std::copy(uniq[t].begin(), uniq[t].end(), rp + base[t]);
         for (size_t j = 0; j < tgrads[t].size(); ++j)
@@ -660,7 +593,6 @@ void embedding_bag_bwd_update_cpu(const at::Tensor& grad_out_, const at::Tensor&
     if constexpr (std::is_same<scalar_t, float>::value && f32_fast_dim(DV)) {
       const F32Args args{L.T, L.B, 0, prefetch_distance(D * 4), L.offsets.data_ptr<int64_t>(),
                          L.table_offsets.data(), w, pw, nullptr, nullptr};
-      const bool avx2 = use_avx2();
       for_each_table(L, [&](int64_t t) {
         auto& sc = scratch<float>();
         const int64_t* o = args.offsets;
@@ -677,24 +609,18 @@ void embedding_bag_bwd_update_cpu(const at::Tensor& grad_out_, const at::Tensor&
           if (static_cast<int64_t>(sc.slot_of.size()) < nnz_t) sc.slot_of.resize(nnz_t);
           if (static_cast<int64_t>(sc.cnt.size()) < max_u) sc.cnt.resize(max_u);
           if (static_cast<int64_t>(sc.rslot.size()) < max_u) sc.rslot.resize(max_u);
-          if (avx2)
-            isa_avx2::fused_table_direct_f32<DV, HAS_PSW, MEAN>(
+          f32_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+            fused_table_direct_f32<DV, HAS_PSW, MEAN>(
                 args, t, g, idx, sc.map, sc.slot_of.data(), sc.cnt.data(), sc.rslot.data(),
                 sc.uniq.data(), sc.gbuf.data(), wt, stt, static_cast<int>(optimizer), alr, aeps);
-          else
-            isa_base::fused_table_direct_f32<DV, HAS_PSW, MEAN>(
-                args, t, g, idx, sc.map, sc.slot_of.data(), sc.cnt.data(), sc.rslot.data(),
-                sc.uniq.data(), sc.gbuf.data(), wt, stt, static_cast<int>(optimizer), alr, aeps);
-        } else if (avx2) {
-          const int64_t U = isa_avx2::accumulate_table_f32<DV, HAS_PSW, MEAN>(
-              args, t, g, idx, sc.map, sc.gbuf.data(), sc.uniq.data());
-          isa_avx2::update_rows_f32<DV>(wt, stt, sc.uniq.data(), sc.gbuf.data(), U,
-                                        static_cast<int>(optimizer), alr, aeps, args.pf);
+          });
         } else {
-          const int64_t U = isa_base::accumulate_table_f32<DV, HAS_PSW, MEAN>(
-              args, t, g, idx, sc.map, sc.gbuf.data(), sc.uniq.data());
-          isa_base::update_rows_f32<DV>(wt, stt, sc.uniq.data(), sc.gbuf.data(), U,
-                                        static_cast<int>(optimizer), alr, aeps, args.pf);
+          f32_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+            const int64_t U = accumulate_table_f32<DV, HAS_PSW, MEAN>(
+                args, t, g, idx, sc.map, sc.gbuf.data(), sc.uniq.data());
+            update_rows_f32<DV>(wt, stt, sc.uniq.data(), sc.gbuf.data(), U,
+                                static_cast<int>(optimizer), alr, aeps, args.pf);
+          });
         }
       });
       return;

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// FM second-order term on the CPU: at::parallel_for over blocks of samples; per sample one pass
+// FM second-order term on the CPU: adrec::parallel_for over blocks of samples; per sample one pass
 // over its [F, D] embeddings in 16-wide column chunks (vectorised over D), float32 summed in
 // double in the forward, acc_t otherwise.
 #include <ATen/ATen.h>
@@ -13,7 +13,8 @@
 
 #include "common/acc_type.h"
 #include "common/checks.h"
-#include "common/simd.h"
+#include "common/cpu_isa.h"
+#include "common/parallel.h"
 
 namespace adrec {
 namespace {
@@ -52,8 +53,8 @@ ADREC_INLINE fwd_acc_t<scalar_t> fm_chunk(const scalar_t* e /* [F, D] at column 
 }
 
 template <typename scalar_t>
-ADREC_CPU_CLONES void fm_fwd_block(const scalar_t* emb /* [B, F, D] */, scalar_t* out /* [B] */,
-                                   int64_t b0, int64_t b1, int64_t F, int64_t D) {
+ADREC_INLINE void fm_fwd_block(const scalar_t* emb /* [B, F, D] */, scalar_t* out /* [B] */,
+                               int64_t b0, int64_t b1, int64_t F, int64_t D) {
   using acc = fwd_acc_t<scalar_t>;
   for (int64_t b = b0; b < b1; ++b) {
     const scalar_t* e = emb + b * F * D;  // [F, D]
@@ -85,10 +86,10 @@ ADREC_INLINE void fm_bwd_chunk(const scalar_t* e /* [F, D] at d0 */, scalar_t* g
 }
 
 template <typename scalar_t>
-ADREC_CPU_CLONES void fm_bwd_block(const scalar_t* grad_out /* [B] */,
-                                   const scalar_t* emb /* [B, F, D] */,
-                                   scalar_t* grad_emb /* [B, F, D] */, int64_t b0, int64_t b1,
-                                   int64_t F, int64_t D) {
+ADREC_INLINE void fm_bwd_block(const scalar_t* grad_out /* [B] */,
+                               const scalar_t* emb /* [B, F, D] */,
+                               scalar_t* grad_emb /* [B, F, D] */, int64_t b0, int64_t b1,
+                               int64_t F, int64_t D) {
   using acc = acc_t<scalar_t>;
   for (int64_t b = b0; b < b1; ++b) {
     const scalar_t* e = emb + b * F * D;
@@ -162,8 +163,8 @@ ADREC_INLINE void fm_fwd_f32_samples(const float* emb, float* out, int64_t b, in
   for (int s = 0; s < NS; ++s) out[b + s] = static_cast<float>(0.5 * tot[s]);
 }
 
-ADREC_CPU_CLONES void fm_fwd_block_f32(const float* emb /* [B, F, D] */, float* out /* [B] */,
-                                       int64_t b0, int64_t b1, int64_t F, int64_t D) {
+ADREC_INLINE void fm_fwd_block_f32(const float* emb /* [B, F, D] */, float* out /* [B] */,
+                                   int64_t b0, int64_t b1, int64_t F, int64_t D) {
   int64_t b = b0;
   for (; b + 2 <= b1; b += 2) fm_fwd_f32_samples<2>(emb, out, b, F, D);
   for (; b < b1; ++b) fm_fwd_f32_samples<1>(emb, out, b, F, D);
@@ -193,9 +194,9 @@ ADREC_INLINE void fm_bwd_f32_chunk(const float* e /* [F, D] at d0 */, float* ge 
   }
 }
 
-ADREC_CPU_CLONES void fm_bwd_block_f32(const float* grad_out /* [B] */, const float* emb /* [B, F, D] */,
-                                       float* grad_emb /* [B, F, D] */, int64_t b0, int64_t b1,
-                                       int64_t F, int64_t D) {
+ADREC_INLINE void fm_bwd_block_f32(const float* grad_out /* [B] */, const float* emb /* [B, F, D] */,
+                                   float* grad_emb /* [B, F, D] */, int64_t b0, int64_t b1,
+                                   int64_t F, int64_t D) {
   for (int64_t b = b0; b < b1; ++b) {
     const float* e = emb + b * F * D;
     float* ge = grad_emb + b * F * D;
@@ -226,13 +227,15 @@ at::Tensor fm_interaction_cpu(const at::Tensor& emb_) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "fm_interaction_cpu", [&] {
     const scalar_t* e = emb.template data_ptr<scalar_t>();
     scalar_t* o = out.template data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(F * D), [&](int64_t b0, int64_t b1) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        // (a cast, not a branch on a template: this lambda is compiled for every dtype)
-        fm_fwd_block_f32(reinterpret_cast<const float*>(e), reinterpret_cast<float*>(o), b0, b1, F, D);
-      } else {
-        fm_fwd_block<scalar_t>(e, o, b0, b1, F, D);
-      }
+    parallel_for(0, B, grain_for(F * D), [&](int64_t b0, int64_t b1) {
+      isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          // (a cast, not a branch on a template: this lambda is compiled for every dtype)
+          fm_fwd_block_f32(reinterpret_cast<const float*>(e), reinterpret_cast<float*>(o), b0, b1, F, D);
+        } else {
+          fm_fwd_block<scalar_t>(e, o, b0, b1, F, D);
+        }
+      });
     });
   });
   return out;
@@ -255,13 +258,15 @@ at::Tensor fm_interaction_bwd_cpu(const at::Tensor& grad_out_, const at::Tensor&
     const scalar_t* g = grad_out.template data_ptr<scalar_t>();
     const scalar_t* e = emb.template data_ptr<scalar_t>();
     scalar_t* ge = grad_emb.template data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(F * D), [&](int64_t b0, int64_t b1) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        fm_bwd_block_f32(reinterpret_cast<const float*>(g), reinterpret_cast<const float*>(e),
-                         reinterpret_cast<float*>(ge), b0, b1, F, D);
-      } else {
-        fm_bwd_block<scalar_t>(g, e, ge, b0, b1, F, D);
-      }
+    parallel_for(0, B, grain_for(F * D), [&](int64_t b0, int64_t b1) {
+      isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          fm_bwd_block_f32(reinterpret_cast<const float*>(g), reinterpret_cast<const float*>(e),
+                           reinterpret_cast<float*>(ge), b0, b1, F, D);
+        } else {
+          fm_bwd_block<scalar_t>(g, e, ge, b0, b1, F, D);
+        }
+      });
     });
   });
   return grad_emb;

@@ -1,15 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
-// Sigmoid + BCE on the CPU: at::parallel_for over fixed 2048-element chunks, at least 16 per
+// Sigmoid + BCE on the CPU: adrec::parallel_for over fixed 2048-element chunks, at least 16 per
 // task (partial loss sums are combined in chunk order, so the loss does not depend on the thread
 // count); loss and gradient from one exp and one log1p per element (float32: AVX-512 intrinsics
-// where the CPU has them, else the auto-vectorised loop). Score: one task per block of rows, row
+// where cpu_isa() is avx512, else the auto-vectorised loop for that ISA). Score: one task per block of rows, row
 // dot products in 16 lanes, then the sigmoid.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
+// GCC 12 flags the _mm512_undefined_ps inside avx512fintrin.h's intrinsics as maybe
+// uninitialized: a false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 #include <algorithm>
@@ -23,8 +25,9 @@
 
 #include "common/acc_type.h"
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/fast_math.h"
-#include "common/simd.h"
+#include "common/parallel.h"
 
 namespace adrec {
 namespace {
@@ -61,7 +64,7 @@ ADREC_INLINE acc_t<scalar_t> bce_elem(const scalar_t* z, const scalar_t* y, cons
 // One chunk of n elements; returns sum_i w_i l_i. The sum runs in kW lanes (vertical adds), so
 // the loop vectorises without reassociating a single scalar sum.
 template <bool HAS_W, typename scalar_t>
-ADREC_CPU_CLONES double bce_chunk(const scalar_t* z, const scalar_t* y, const scalar_t* w,
+ADREC_INLINE double bce_chunk(const scalar_t* z, const scalar_t* y, const scalar_t* w,
                                   scalar_t* grad, int64_t n, double inv_b) {
   using acc = acc_t<scalar_t>;
   const acc ib = static_cast<acc>(inv_b);
@@ -79,7 +82,7 @@ ADREC_CPU_CLONES double bce_chunk(const scalar_t* z, const scalar_t* y, const sc
 #if defined(__GNUC__) && defined(__x86_64__)
 #define ADREC_HAVE_BCE_AVX512 1
 // 1 / d for d in [1, 4]: vrcp14ps and one Newton step.
-__attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 recip(__m512 d) {
+ADREC_TARGET_AVX512 ADREC_INLINE __m512 recip(__m512 d) {
   const __m512 r0 = _mm512_rcp14_ps(d);
   return _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0f)));
 }
@@ -87,7 +90,7 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 recip(_
 // One vector of 16 elements (lanes outside m are neither read nor written); returns the lanes'
 // w l, zero outside m.
 template <bool HAS_W>
-__attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 bce_vec16(
+ADREC_TARGET_AVX512 ADREC_INLINE __m512 bce_vec16(
     const float* z, const float* y, const float* w, float* grad, int64_t i, __mmask16 m,
     __m512 ib) {
   z += i, y += i, grad += i;
@@ -139,17 +142,17 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 bce_vec
   return _mm512_maskz_mov_ps(m, li);
 }
 
-// float32 chunk with AVX-512 intrinsics (chosen at run time). The auto-vectorised bce_chunk
-// above computes the same formulas, but GCC if-converts its clamps and selects into masked
-// divisions (four per vector); here each vector of 16 costs no division: e^-|z| from a degree-7
-// polynomial scaled by vscalefps, and 1 / (1 + t) and log's 1 / (u + c) from vrcp14ps plus one
-// Newton step (relative error ~2^-28, below float's rounding). 2.6 -> ~1 us at B = 4096.
+// float32 chunk with AVX-512 intrinsics (when cpu_isa() is avx512). The auto-vectorised
+// bce_chunk above computes the same formulas, but GCC if-converts its clamps and selects into
+// masked divisions (four per vector); here each vector of 16 costs no division: e^-|z| from a
+// degree-7 polynomial scaled by vscalefps, and 1 / (1 + t) and log's 1 / (u + c) from vrcp14ps
+// plus one Newton step (relative error ~2^-28, below float's rounding). bench/RESULTS.md
+// ("Tuning constants") has the two loops' times.
 // Four independent vectors per step (their chains overlap), then the masked tail. Lane sums:
 // a_j holds vectors i = 4q + j, combined in fixed order, and the chunks' sums in chunk order, so
 // the loss does not depend on the thread count.
 template <bool HAS_W>
-__attribute__((target("avx512f,avx512dq")))
-double bce_chunk_f32_avx512(const float* z, const float* y, const float* w, float* grad,
+ADREC_TARGET_AVX512 double bce_chunk_f32_avx512(const float* z, const float* y, const float* w, float* grad,
                             int64_t n, double inv_b) {
   const __m512 ib = _mm512_set1_ps(static_cast<float>(inv_b));
   const __mmask16 all = 0xFFFF;
@@ -185,15 +188,10 @@ double bce_chunk_fast(const scalar_t*, const scalar_t*, const scalar_t*, scalar_
   TORCH_INTERNAL_ASSERT(false, "sigmoid_bce: no AVX-512 path for this dtype");
   return 0;
 }
-
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
 #endif
 
 template <typename scalar_t>
-ADREC_CPU_CLONES void score_block(const scalar_t* x /* [B, K] */, const scalar_t* w /* [K] */,
+ADREC_INLINE void score_block(const scalar_t* x /* [B, K] */, const scalar_t* w /* [K] */,
                                   acc_t<scalar_t> bias, scalar_t* out /* [B] */, int64_t b0,
                                   int64_t b1, int64_t K) {
   using acc = acc_t<scalar_t>;
@@ -249,22 +247,27 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_bce_cpu(const at::Tensor& logits_,
     scalar_t* g = grad.template data_ptr<scalar_t>();
     const double inv_b = B > 0 ? 1.0 / static_cast<double>(B) : 0.0;
 #ifdef ADREC_HAVE_BCE_AVX512
-    const bool avx512 = std::is_same_v<scalar_t, float> && cpu_has_avx512() && !isa_base_forced();
+    const bool avx512 = std::is_same_v<scalar_t, float> && cpu_isa() >= Isa::avx512;
 #endif
     // Up to GRAIN_SIZE elements run inline: at B=4096 the whole pass takes a few microseconds,
     // less than waking a second thread.
-    at::parallel_for(0, nchunks, at::internal::GRAIN_SIZE / kChunk, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t i0 = c * kChunk, n = std::min(kChunk, B - i0);
+    parallel_for(0, nchunks, at::internal::GRAIN_SIZE / kChunk, [&](int64_t c0, int64_t c1) {
 #ifdef ADREC_HAVE_BCE_AVX512
-        if (avx512) {
+      if (avx512) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t i0 = c * kChunk, n = std::min(kChunk, B - i0);
           partial[c] = bce_chunk_fast(z + i0, y + i0, w ? w + i0 : nullptr, g + i0, n, inv_b);
-          continue;
         }
-#endif
-        partial[c] = w ? bce_chunk<true>(z + i0, y + i0, w + i0, g + i0, n, inv_b)
-                       : bce_chunk<false>(z + i0, y + i0, w, g + i0, n, inv_b);
+        return;
       }
+#endif
+      isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t i0 = c * kChunk, n = std::min(kChunk, B - i0);
+          partial[c] = w ? bce_chunk<true>(z + i0, y + i0, w + i0, g + i0, n, inv_b)
+                         : bce_chunk<false>(z + i0, y + i0, w, g + i0, n, inv_b);
+        }
+      });
     });
     double total = 0;
     for (double p : partial) total += p;
@@ -299,8 +302,8 @@ at::Tensor score_cpu(const at::Tensor& x_, const at::Tensor& w_, const at::Tenso
     const scalar_t* pw = w.template data_ptr<scalar_t>();
     scalar_t* po = out.template data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, K));
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-      score_block<scalar_t>(px, pw, bias, po, b0, b1, K);
+    parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+      isa_dispatch([&](auto) ADREC_LAMBDA_INLINE { score_block<scalar_t>(px, pw, bias, po, b0, b1, K); });
     });
   });
   return out;

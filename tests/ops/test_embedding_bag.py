@@ -18,6 +18,12 @@ from adrec_fast.optim import FusedRowwiseAdagrad, FusedSGD
 
 from ..conftest import assert_close_verbose, rerun_in_child
 
+# rerun_in_child(..., ADREC_TEST_TUNING="name=value,...") lowers the kernels' thresholds in the
+# child (adrec_fast._C._set_tuning), so that small inputs reach the paths they guard.
+if os.environ.get("ADREC_TEST_TUNING"):
+    adrec_fast._C._set_tuning(**{k: int(v) for k, v in (
+        kv.split("=") for kv in os.environ["ADREC_TEST_TUNING"].split(","))})
+
 
 def make_bags(rows, B, max_len, index_dtype=torch.int64, min_len=0, dup=False):
     """Random TBE inputs: table_offsets [T+1], indices [nnz], offsets [T*B+1]."""
@@ -215,6 +221,7 @@ def test_module_sparse_grad_with_torch_optimizer():
 
 _WIDE_ROWS_CHILD = """
 import sys, torch, adrec_fast
+adrec_fast._C._set_tuning(direct_min_bytes=int(sys.argv[3]))
 torch.manual_seed(int(sys.argv[1]))
 rows, B, D = [5000, 3000, 40], 64, 64
 T = len(rows)
@@ -255,7 +262,7 @@ torch.save(out, sys.argv[2])
 def test_fused_update_wide_rows_direct_path(tmp_path):
     """D >= 64 tables with long segments of mostly non-repeating ids update their rows that
     occur once straight from grad_out (fused_table_direct_f32). Force that path on small tables
-    (ADREC_DIRECT_MIN_BYTES=1, read once per process, so in a child), with some repeated rows in
+    (direct_min_bytes=1 through _C._set_tuning, in a child), with some repeated rows in
     the large tables and many in the small one, and check it against the reference optimizer
     and against the buffered path (the default at this size): equal to float32 rounding, and
     bit for bit without per-sample weights (with them, FMA contraction may differ by an ulp)."""
@@ -263,9 +270,8 @@ def test_fused_update_wide_rows_direct_path(tmp_path):
     outs = {}
     for name, env_min in (("direct", "1"), ("buffered", "0")):
         path = tmp_path / f"{name}.pt"
-        env = dict(os.environ, ADREC_DIRECT_MIN_BYTES=env_min)
-        res = subprocess.run([sys.executable, "-c", _WIDE_ROWS_CHILD, str(seed), str(path)],
-                             capture_output=True, text=True, timeout=300, env=env)
+        res = subprocess.run([sys.executable, "-c", _WIDE_ROWS_CHILD, str(seed), str(path), env_min],
+                             capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         outs[name] = torch.load(path)
     d, b = outs["direct"], outs["buffered"]
@@ -421,18 +427,19 @@ def test_int32_overflow_row_offsets():
 
 
 def test_baseline_isa_path_matches_reference():
-    """The float32 kernels are built twice (baseline and AVX2+FMA, chosen at run time): run the
-    forward, backward and fused-update comparisons again with the baseline forced."""
+    """The float32 kernels are built for the baseline and AVX2 (isa_dispatch, chosen at run time):
+    run the forward, backward and fused-update comparisons again with the baseline forced."""
     rerun_in_child(__file__, "matches_reference and not baseline and (float32 or sgd or adagrad)",
                    ADREC_CPU_ISA="base")
 
 
 @pytest.mark.parametrize("isa", ["default", "base"])
 def test_streaming_store_path_matches_reference(isa):
-    """Large forward outputs are written with streaming stores (ADREC_STREAM_OUT_BYTES, read
-    once per process): force them on for every output (D = 16 and 64 qualify; 17, 33 do not)
-    and rerun the float32 forward comparisons, with both ISA builds."""
-    env = {"ADREC_STREAM_OUT_BYTES": "1", **({"ADREC_CPU_ISA": "base"} if isa == "base" else {})}
+    """Large forward outputs are written with streaming stores (stream_out_bytes): force them on
+    for every output (D = 16 and 64 qualify; 17, 33 do not) and rerun the float32 forward
+    comparisons, with the default and the baseline ISA (read once per process: in a child)."""
+    env = {"ADREC_TEST_TUNING": "stream_out_bytes=1",
+           **({"ADREC_CPU_ISA": "base"} if isa == "base" else {})}
     rerun_in_child(__file__, "(matches_reference and not baseline and not streaming and float32)"
                              " or one_index_per_bag or literal or empty_batch or out_of_range", **env)
 
@@ -467,7 +474,8 @@ def test_concurrent_calls_from_python_threads():
 _POOL_CHILD = r"""
 import random, sys, time, concurrent.futures
 import torch
-from adrec_fast import functional as F, reference as R
+from adrec_fast import _C, functional as F, reference as R
+_C._set_tuning(pool_spin_us=int(sys.argv[2]))
 torch.set_num_threads(2)
 gen = torch.Generator().manual_seed(int(sys.argv[1]))
 rows, D = [300, 40, 1000, 7], 16
@@ -497,13 +505,12 @@ print("ok")
 
 @pytest.mark.parametrize("spin_us", ["0", "100", "100000"])
 def test_work_pool_back_to_back_and_sleeping_calls(spin_us):
-    """The embedding kernels' work pool: idle workers poll for ADREC_POOL_SPIN_US microseconds
-    for the next job, then sleep. Hundreds of calls back to back, with gaps shorter and longer
-    than the polling time, and from several Python threads, must all equal the reference (in a
-    child: the setting is read once per process, and a lost wake-up would hang, not crash)."""
-    env = dict(os.environ, ADREC_POOL_SPIN_US=spin_us)
-    res = subprocess.run([sys.executable, "-c", _POOL_CHILD, "5"], capture_output=True, text=True,
-                         timeout=300, env=env)
+    """The kernels' work pool: idle workers poll for the next job for pool_spin_us microseconds,
+    then sleep. Hundreds of calls back to back, with gaps shorter and longer than the polling
+    time, and from several Python threads, must all equal the reference (in a child: a lost
+    wake-up would hang, not crash)."""
+    res = subprocess.run([sys.executable, "-c", _POOL_CHILD, "5", spin_us], capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 
