@@ -63,6 +63,14 @@ for dt in (torch.float32, torch.float64):
     out[f"bce_w{dt}"] = ops.sigmoid_bce(z, y, torch.rand(70001, dtype=dt))
     x = torch.randn(100, 37, dtype=dt)
     out[f"score{dt}"] = ops.score(x, torch.randn(37, dtype=dt), torch.tensor(0.3, dtype=dt))
+    x0, xl = torch.randn(70, 37, dtype=dt), torch.randn(70, 37, dtype=dt)
+    cw, cb = torch.randn(37, 37, dtype=dt), torch.randn(37, dtype=dt)
+    co, cxw = ops.cross_layer(x0, xl, cw, cb)
+    out[f"cross{dt}"] = co
+    out[f"cross_bwd{dt}"] = ops.cross_layer_bwd(torch.randn_like(co), x0, xl, cw, cxw)
+for M in (1, 5, 31):  # the small-batch kernel of adrec::linear
+    x, w, b = torch.randn(M, 45), torch.randn(40, 45), torch.randn(40)
+    out[f"lin{M}"] = ops.linear(x, w, b, "relu")
 torch.save(out, sys.argv[1])
 """
 

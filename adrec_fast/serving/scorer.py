@@ -19,9 +19,11 @@ pybind11 handle: numpy in and out, no torch.ops dispatch, the GIL released; the 
 registered for torch.compile and runs the same kernel). ``pack_dlrm`` lays the MLP weights out
 in blocks, fp32 or, with ``mlp="bf16"``, bfloat16, and splits the first top layer into its
 shared columns, computed once per request, and its per-candidate columns. Its kernels are the
-project's own (csrc/cpu/scorer_mlp.inc; AVX512_BF16 chosen at run time, a portable kernel
-elsewhere), run by one OpenMP team per request, with reusable per-thread buffers. ``mlp="bf16"`` rounds the MLP weights and every layer input to bfloat16 and accumulates
-in float32 (opt-in: the default keeps the fp32 model, equal to the model's forward within 1e-5).
+project's own (csrc/cpu/scorer_mlp.inc; AVX512_BF16 where ``ADREC_CPU_ISA`` allows it, a
+portable kernel elsewhere), run by one team of the kernels' thread pool per request, with
+reusable per-thread buffers. ``mlp="bf16"`` rounds the MLP weights and every layer input to
+bfloat16 and accumulates in float32 (opt-in: the default keeps the fp32 model, equal to the
+model's forward within 1e-5).
 
 Native path (DCN-v2 without its first-order ``linear`` term, and DLRM with a candidate-side dense
 field, on schemas of plain categorical + dense fields): ONE call of ``adrec::serving_forward`` per
@@ -129,8 +131,8 @@ def _block_layer(w: torch.Tensor, b: torch.Tensor, Kp: int, bf16: bool):
     return Ob, blk.view(-1).view(torch.uint8), bp.view(torch.uint8)
 
 
-def pack_dlrm(nat: dict, bag_base, bag_card, cand_slots, mlp: str | None = None,
-              portable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_dlrm(nat: dict, bag_base, bag_card, cand_slots,
+              mlp: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack a DLRM (the native parameters of a loaded version) for one field split ->
     (meta [H] int64, blob [bytes] uint8), the model operand of ``adrec::serving_dlrm``.
 
@@ -140,8 +142,8 @@ def pack_dlrm(nat: dict, bag_base, bag_card, cand_slots, mlp: str | None = None,
     pairs of two user-side fields (computed once per request: u = W_s s + b) and those of the
     pairs that involve a candidate field (per candidate: relu(u + W_v z_v)). The head is the last
     layer (one output, no relu). ``mlp="bf16"`` stores the MLP weights in bfloat16 (activations
-    are rounded to bfloat16 too, accumulation is float32); ``portable`` makes the kernel skip
-    AVX512_BF16 (tests compare the two kernels)."""
+    are rounded to bfloat16 too, accumulation is float32). Which kernel runs the layers
+    (AVX512_BF16 or the portable one) follows ``ADREC_CPU_ISA``, like every CPU kernel."""
     if mlp not in MLP:
         raise ValueError(f"mlp must be one of {MLP}, got {mlp!r}")
     bf16 = mlp == "bf16"
@@ -202,8 +204,8 @@ def pack_dlrm(nat: dict, bag_base, bag_card, cand_slots, mlp: str | None = None,
     base = np.asarray(bag_base, dtype=np.int64)
     card = np.asarray(bag_card, dtype=np.int64)
     cs = [int(c) for c in cand_slots]
-    header = [_MAGIC, int(bf16), int(portable), D, F, int(hb), Kd, len(user_slots), len(cs),
-              len(ps), len(pv), len(layers), len(bottom) // 2, 0, 0, 0]
+    header = [_MAGIC, int(bf16), D, F, int(hb), Kd, len(user_slots), len(cs),
+              len(ps), len(pv), len(layers), len(bottom) // 2, 0, 0, 0, 0]
     meta = (header + [t + off for t in user_slots] + base[user_slots].tolist()
             + card[user_slots].tolist() + [t + off for t in cs] + base[cs].tolist()
             + card[cs].tolist() + [i for i, _ in ps] + [j for _, j in ps]
@@ -301,7 +303,6 @@ class _Version:
         self.plans: dict = {}  # frozenset of candidate slots -> cand_slots tensor (benign race)
         self.packed: dict = {}  # (candidate slots) -> (meta, blob) of pack_dlrm (benign race)
         self.handles: dict = {}  # (candidate slots) -> its serving_dlrm_handle (benign race)
-        self.portable = False  # tests: the packed model skips AVX512_BF16
 
     def packed_for(self, cand_slots) -> tuple[torch.Tensor, torch.Tensor]:
         """(meta, blob) of this version packed for the split ``cand_slots`` (cached)."""
@@ -309,7 +310,7 @@ class _Version:
         got = self.packed.get(key)
         if got is None:
             got = self.packed.setdefault(key, pack_dlrm(self.native, self.bag_base, self.bag_card,
-                                                        key, self.mlp, self.portable))
+                                                        key, self.mlp))
         return got
 
     def handle_for(self, cand_slots):

@@ -27,10 +27,13 @@
 #define ADREC_ISA_X86 1
 #define ADREC_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #define ADREC_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+// x86-64-v4 plus the bfloat16 dot product (vdpbf16ps); call only where cpu_has_avx512_bf16()
+#define ADREC_TARGET_AVX512_BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #else
 #define ADREC_ISA_X86 0
 #define ADREC_TARGET_AVX2
 #define ADREC_TARGET_AVX512
+#define ADREC_TARGET_AVX512_BF16
 #endif
 
 namespace adrec {

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // DCN-v2 cross layer on the CPU. The matrix products go through the linear op's policy
 // (common/linear.h: oneDNN, ATen or the small-batch kernel). The elementwise epilogues run as one
-// fused pass each, at::parallel_for over row blocks; the backward's pass also produces the bias
+// fused pass each, adrec::parallel_for over row blocks; the backward's pass also produces the bias
 // gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,7 +15,8 @@
 #include "common/acc_type.h"
 #include "common/checks.h"
 #include "common/linear.h"
-#include "common/simd.h"
+#include "common/cpu_isa.h"
+#include "common/parallel.h"
 
 namespace adrec {
 namespace {
@@ -25,8 +26,8 @@ constexpr const char* kOpBwd = "cross_layer_bwd";
 
 // out = x0 * xw + x over n elements.
 template <typename scalar_t>
-ADREC_CPU_CLONES void cross_epilogue(const scalar_t* x0, const scalar_t* xw, const scalar_t* x,
-                                     scalar_t* out, int64_t n) {
+ADREC_INLINE void cross_epilogue(const scalar_t* x0, const scalar_t* xw, const scalar_t* x,
+                                 scalar_t* out, int64_t n) {
   using acc = acc_t<scalar_t>;
   for (int64_t k = 0; k < n; ++k)
     out[k] = static_cast<scalar_t>(static_cast<acc>(x0[k]) * static_cast<acc>(xw[k]) +
@@ -42,10 +43,10 @@ constexpr int64_t kRowsPerBlock = 64;
 // there: the weight-gradient product wants g_xw.T row-major, and writing it here from the block
 // in cache is cheaper than transposing the whole [B, K] afterwards.
 template <typename scalar_t>
-ADREC_CPU_CLONES void cross_bwd_epilogue(const scalar_t* g, const scalar_t* x0, const scalar_t* xw,
-                                         scalar_t* g_xw, scalar_t* g_x0, scalar_t* g_xw_t,
-                                         int64_t ld_t, acc_t<scalar_t>* colsum, int64_t rows,
-                                         int64_t K) {
+ADREC_INLINE void cross_bwd_epilogue(const scalar_t* g, const scalar_t* x0, const scalar_t* xw,
+                                     scalar_t* g_xw, scalar_t* g_x0, scalar_t* g_xw_t,
+                                     int64_t ld_t, acc_t<scalar_t>* colsum, int64_t rows,
+                                     int64_t K) {
   using acc = acc_t<scalar_t>;
   for (int64_t k = 0; k < K; ++k) colsum[k] = acc(0);
   for (int64_t r = 0; r < rows; ++r) {
@@ -103,8 +104,10 @@ std::tuple<at::Tensor, at::Tensor> cross_layer_cpu(const at::Tensor& x0_, const 
     const scalar_t* pxw = xw.template data_ptr<scalar_t>();
     const scalar_t* px = x.template data_ptr<scalar_t>();
     scalar_t* po = out.template data_ptr<scalar_t>();
-    at::parallel_for(0, n, at::internal::GRAIN_SIZE, [&](int64_t k0, int64_t k1) {
-      cross_epilogue<scalar_t>(px0 + k0, pxw + k0, px + k0, po + k0, k1 - k0);
+    parallel_for(0, n, at::internal::GRAIN_SIZE, [&](int64_t k0, int64_t k1) {
+      isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+        cross_epilogue<scalar_t>(px0 + k0, pxw + k0, px + k0, po + k0, k1 - k0);
+      });
     });
   });
   return {out, xw};
@@ -146,15 +149,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_layer_bwd_cpu(
       const int64_t nblocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
       std::vector<acc> partial(static_cast<size_t>(nblocks * K));  // [nblocks, K]
       const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kRowsPerBlock * K));
-      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t r0 = blk * kRowsPerBlock;
-          const int64_t rows = std::min(kRowsPerBlock, B - r0);
-          const int64_t o = r0 * K;
-          cross_bwd_epilogue<scalar_t>(pg + o, px0 + o, pxw + o, pgxw + o, pgx0 + o,
-                                       pgxwt == nullptr ? nullptr : pgxwt + r0, B,
-                                       partial.data() + blk * K, rows, K);
-        }
+      parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+        isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t r0 = blk * kRowsPerBlock;
+            const int64_t rows = std::min(kRowsPerBlock, B - r0);
+            const int64_t o = r0 * K;
+            cross_bwd_epilogue<scalar_t>(pg + o, px0 + o, pxw + o, pgxw + o, pgx0 + o,
+                                         pgxwt == nullptr ? nullptr : pgxwt + r0, B,
+                                         partial.data() + blk * K, rows, K);
+          }
+        });
       });
       auto gb_acc = at::empty({K}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
       acc* pb = gb_acc.template data_ptr<acc>();

@@ -5,7 +5,7 @@
 // when the dense input is shared, DLRM dot products between two shared fields) is computed once
 // per request and copied into every candidate row as a template; only the candidate slots are
 // read per candidate.
-// Candidate rows are filled by at::parallel_for over row blocks.
+// Candidate rows are filled by adrec::parallel_for over row blocks.
 // GCC 12 reports a false -Wmaybe-uninitialized inside its own avx512fintrin.h for the AVX-512
 // intrinsics of scorer_mlp.inc (the header's _mm512_undefined idiom); the state must cover the
 // header's locations, hence file-wide.
@@ -15,7 +15,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,7 +31,8 @@
 
 #include "common/checks.h"
 #include "common/linear.h"
-#include "common/simd.h"
+#include "common/cpu_isa.h"
+#include "common/parallel.h"
 #include "cpu/scorer.h"
 
 namespace adrec {
@@ -234,7 +234,7 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
     float* pz = top_in.data_ptr<float>();
     const float* pd = has_bottom ? d.data_ptr<float>() : nullptr;
     const int64_t nv = static_cast<int64_t>(vp.size());
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       std::vector<float> fields(fields0);  // [F, D] this task's copy
       for (int64_t n = n0; n < n1; ++n) {
         for (int64_t c = 0; c < Tc; ++c) rr.row(crows[n * Tc + c], fields.data() + (slots[c] + off) * D);
@@ -287,7 +287,7 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
     if (Nd == 1 && Kd) std::memcpy(row0.data() + T * D, pdense, sizeof(float) * Kd);
     at::Tensor x0 = at::empty({N, K}, fopt);
     float* px = x0.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         float* x = px + n * K;
         std::memcpy(x, row0.data(), sizeof(float) * K);
@@ -350,7 +350,7 @@ namespace {
 constexpr const char* kOpP = "serving_dlrm";
 constexpr int64_t kMagic = 0x4144524543534431LL;  // "ADRECSD1"
 enum : int64_t {
-  H_MAGIC, H_PREC, H_PORTABLE, H_D, H_F, H_HB, H_KD, H_TU, H_TC, H_PS, H_PV, H_L, H_NB, H_SIZE = 16
+  H_MAGIC, H_PREC, H_D, H_F, H_HB, H_KD, H_TU, H_TC, H_PS, H_PV, H_L, H_NB, H_SIZE = 16
 };
 constexpr int64_t kMaxLayers = 64;
 // From this many rows per thread on, threads split the candidates (each runs the whole tower on
@@ -372,7 +372,7 @@ struct Layer {
 // (the dense vector and the pairs of two shared fields); nb + 1: its candidate columns; then
 // the rest of the top MLP; the last layer is the head (one output, no relu).
 struct Packed {
-  bool bf16 = false, portable = false, hb = false;
+  bool bf16 = false, hb = false;
   int64_t D = 0, F = 0, Kd = 0, Tu = 0, Tc = 0, Ps = 0, Pv = 0, L = 0, nb = 0, maxw = 16;
   const int64_t *ufield, *ubase, *ucard, *cfield, *cbase, *ccard, *psi, *psj, *pvi, *pvj;
   std::array<Layer, kMaxLayers> layers;
@@ -389,7 +389,6 @@ Packed parse(const int64_t* h, int64_t n, const uint8_t* base, int64_t bytes, in
   Packed P;
   P.bf16 = h[H_PREC] == 1;
   TORCH_CHECK_VALUE(h[H_PREC] == 0 || h[H_PREC] == 1, kOpP, ": bad precision ", h[H_PREC]);
-  P.portable = h[H_PORTABLE] != 0;
   P.D = h[H_D], P.F = h[H_F], P.hb = h[H_HB] != 0, P.Kd = h[H_KD], P.Tu = h[H_TU];
   P.Tc = h[H_TC], P.Ps = h[H_PS], P.Pv = h[H_PV], P.L = h[H_L], P.nb = h[H_NB];
   TORCH_CHECK_VALUE(P.D == D, kOpP, ": packed for D = ", P.D, " but the table has D = ", D);
@@ -547,8 +546,8 @@ ADREC_INLINE void gram_rows(const float* fields, const float* FT, int64_t D, int
 // Stage A: the shared columns s [Ksp] (the dense vector d when there is a bottom MLP, then the
 // pairs of two shared fields) and FT for the candidates. fields [F, D] holds the shared fields
 // (field 0 = d); G is scratch [F][Fp]; rowf [F] scratch.
-ADREC_CPU_CLONES void shared_pairs(const Packed& P, const float* fields, float* FT, int64_t Fp,
-                                   float* G, int64_t* rowf, float* s, int64_t Ksp) {
+ADREC_INLINE void shared_pairs_body(const Packed& P, const float* fields, float* FT, int64_t Fp,
+                                    float* G, int64_t* rowf, float* s, int64_t Ksp) {
   const int64_t D = P.D, F = P.F;
   transpose_fields(fields, F, D, Fp, FT);
   for (int64_t f = 0; f < F; ++f) rowf[f] = f;
@@ -565,9 +564,10 @@ ADREC_CPU_CLONES void shared_pairs(const Packed& P, const float* fields, float* 
 // One tile of candidates: their varying pairs zv [M][Kvp] (float32, zero padded), and their bf16
 // pairs zb [M][Kvp / 2] when the model is bf16. fields [F, D] and FT hold the shared fields on
 // entry; G [Tc][Fp] scratch; gidx [Pv]: where pair q is in G (-1: no candidate field in it).
-ADREC_CPU_CLONES void candidate_pairs(const Packed& P, const RowReader& rr, const int64_t* cid,
-                                      int64_t m0, int64_t M, float* fields, float* FT, int64_t Fp,
-                                      float* G, const int64_t* gidx, float* zv, uint32_t* zb) {
+ADREC_INLINE void candidate_pairs_body(const Packed& P, const RowReader& rr, const int64_t* cid,
+                                       int64_t m0, int64_t M, float* fields, float* FT,
+                                       int64_t Fp, float* G, const int64_t* gidx, float* zv,
+                                       uint32_t* zb) {
   const int64_t D = P.D, Kvp = pad16(P.Pv);
   for (int64_t m = 0; m < M; ++m) {
     const int64_t* ids = cid + (m0 + m) * P.Tc;
@@ -584,6 +584,19 @@ ADREC_CPU_CLONES void candidate_pairs(const Packed& P, const RowReader& rr, cons
     for (int64_t q = P.Pv; q < Kvp; ++q) z[q] = 0.f;
     if (zb) pack_bf16(z, Kvp, zb + m * (Kvp / 2));
   }
+}
+
+// The two stages' entry points, compiled per ISA level (common/cpu_isa.h).
+void shared_pairs(const Packed& P, const float* fields, float* FT, int64_t Fp, float* G,
+                  int64_t* rowf, float* s, int64_t Ksp) {
+  isa_dispatch([&](auto) ADREC_LAMBDA_INLINE { shared_pairs_body(P, fields, FT, Fp, G, rowf, s, Ksp); });
+}
+void candidate_pairs(const Packed& P, const RowReader& rr, const int64_t* cid, int64_t m0,
+                     int64_t M, float* fields, float* FT, int64_t Fp, float* G,
+                     const int64_t* gidx, float* zv, uint32_t* zb) {
+  isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+    candidate_pairs_body(P, rr, cid, m0, M, fields, FT, Fp, G, gidx, zv, zb);
+  });
 }
 
 inline void run_layer(const Packed& P, LayerFn bf16_fn, const Layer& l, const void* x, int64_t ldx,
@@ -664,10 +677,10 @@ constexpr int64_t kPrivateLayerBytes = 32 * 1024;
 
 // The forward itself; every argument was checked by the caller (no throw in the team).
 //
-// Threads. One OpenMP team per request. Stage A (user side, one row): small layers are computed
-// by every thread (no barrier), large ones are split by output blocks (a barrier after each);
-// each thread always gets the same blocks, so its share of the weights stays in its core's
-// cache from request to request. Stage B (candidates): below kRowsPerThread rows per thread the
+// Threads. One team of the pool per request (parallel_team: its threads meet at barriers).
+// Stage A (user side, one row): small layers are computed by every thread (no barrier), large
+// ones are split by output blocks (a barrier after each); each thread always gets the same
+// blocks, so its share of the weights stays in its core's cache from request to request. Stage B (candidates): below kRowsPerThread rows per thread the
 // layers are split by output blocks too, with a barrier per layer; the first top layer's shared
 // part u is then needed only for the thread's own blocks, so it needs no barrier of its own. From
 // kRowsPerThread rows per thread on, each thread runs the whole tower on its own rows.
@@ -675,11 +688,11 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
                   const float* dense, int64_t N, float* out) {
   const int64_t D = P.D, F = P.F, W = P.maxw, Kvp = pad16(P.Pv), Fp = pad32(F);
   const int64_t Ksp = P.layers[P.nb].Kp, O1 = P.layers[P.nb].Ob * 16;
-  const LayerFn bf16_fn = pick_bf16_layer(P.portable);
+  const LayerFn bf16_fn = pick_bf16_layer();
   const bool bf = P.bf16;
   const Layer* Ls = P.layers.data();
   const int64_t wbytes = bf ? 32 : 64;  // weight bytes per (padded input, output block)
-  int nt = omp_in_parallel() ? 1 : at::get_num_threads();
+  int nt = at::get_num_threads();  // parallel_team runs a nested call on one thread
   const bool row_split = N >= kRowsPerThread * nt;
   if (row_split) nt = static_cast<int>(std::min<int64_t>(nt, N / kRowsPerThread));
   // candidate pairs of the layer split: every thread computes all of them when that is cheap
@@ -705,9 +718,8 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
   TeamBarrier* bar = new (A.take<TeamBarrier>(1)) TeamBarrier();
   const int64_t* gidx = P.gidx.data();
 
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int tid = omp_get_thread_num(), T = omp_get_num_threads();
+  parallel_team(nt, [&](int64_t team_tid, int64_t team_size) {
+    const int tid = static_cast<int>(team_tid), T = static_cast<int>(team_size);
     auto split = [&](int64_t n) { return std::make_pair(n * tid / T, n * (tid + 1) / T); };
     // the team barrier, prefetching this thread's blocks of layer l (none when l == P.L)
     WeightPrefetch pf;
@@ -840,7 +852,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
         for (int64_t m = 0; m < M; ++m) out[m0 + m] = sigmoidf(th[m * 16]);
       }
     }
-  }
+  });
 }
 
 // Every id and dense value of a request is checked before the team starts (nothing may throw
