@@ -19,8 +19,9 @@ pybind11 handle: numpy in and out, no torch.ops dispatch, the GIL released; the 
 registered for torch.compile and runs the same kernel). ``pack_dlrm`` lays the MLP weights out
 in blocks, fp32 or, with ``mlp="bf16"``, bfloat16, and splits the first top layer into its
 shared columns, computed once per request, and its per-candidate columns. Its kernels are the
-project's own (csrc/cpu/scorer_mlp.inc; AVX512_BF16 where ``ADREC_CPU_ISA`` allows it, a
-portable kernel elsewhere), run by one team of the kernels' thread pool per request, with
+project's own, blocked layers of the dense-product op (csrc/cpu/linear_blocked.inc, chosen in
+csrc/cpu/linear.cpp: AVX512_BF16 where ``ADREC_CPU_ISA`` allows it, a portable kernel
+elsewhere), run by one team of the kernels' thread pool per request, with
 reusable per-thread buffers. ``mlp="bf16"`` rounds the MLP weights and every layer input to
 bfloat16 and accumulates in float32 (opt-in: the default keeps the fp32 model, equal to the
 model's forward within 1e-5).
@@ -116,7 +117,7 @@ def _pad16(k: int) -> int:
 
 def _block_layer(w: torch.Tensor, b: torch.Tensor, Kp: int, bf16: bool):
     """w [O, K], b [O] -> (Ob, weight bytes, bias bytes) in the blocked layout of
-    csrc/cpu/scorer_mlp.inc: fp32 [Ob][Kp][16], bf16 [Ob][Kp/2][16][2] (round to nearest even);
+    common/linear_blocked.h: fp32 [Ob][Kp][16], bf16 [Ob][Kp/2][16][2] (round to nearest even);
     the bias stays float32 [Ob * 16]. Padding is zero."""
     O, K = w.shape
     Ob = (O + 15) // 16

@@ -7,13 +7,23 @@
 //     dispatcher (`mkldnn::_linear_pointwise`, registered by every x86 torch build; no oneDNN
 //     headers or link flags needed), with bias and activation fused into its epilogue;
 //   * anything else (other dtypes, a torch without oneDNN, `torch.backends.mkldnn` disabled,
-//     ADREC_DENSE=aten): ATen, with K padded to kGemmAlign for float32.
+//     ADREC_DENSE=aten): ATen, with K padded to kGemmAlign for float32;
+//   * the packed serving model's layers, whose weights are blocked ahead of time
+//     (common/linear_blocked.h): the blocked kernels of linear_blocked.inc, fp32, or bf16 through
+//     AVX512_BF16 where cpu_isa() allows it and the portable bf16 kernel elsewhere.
+// GCC 12 reports a false -Wmaybe-uninitialized inside its own avx512fintrin.h for the AVX-512
+// intrinsics of linear_blocked.inc (the header's _mm512_undefined idiom); the state must cover the
+// header's locations, hence file-wide.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include "common/linear.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +34,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_isa.h"
+#include "common/linear_blocked.h"
 #include "common/parallel.h"
 
 namespace adrec {
@@ -315,6 +326,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
                       " but grad_out has shape ", grad_out.sizes());
   }
   return linear_backward(grad_out, x, weight, out, act, output_mask);
+}
+
+// ---------------------------------------------------------------------------- blocked layers
+namespace {
+#include "cpu/linear_blocked.inc"
+}  // namespace
+
+void blocked_linear(const LayerCall& a, bool bf16) {
+  static const LayerFn bf16_layer = pick_bf16_layer();  // cpu_isa() is fixed for the process
+  if (bf16) bf16_layer(a);
+  else layer_f32(a);
 }
 
 TORCH_LIBRARY_IMPL(adrec, CPU, m) {

@@ -6,12 +6,6 @@
 // per request and copied into every candidate row as a template; only the candidate slots are
 // read per candidate.
 // Candidate rows are filled by adrec::parallel_for over row blocks.
-// GCC 12 reports a false -Wmaybe-uninitialized inside its own avx512fintrin.h for the AVX-512
-// intrinsics of scorer_mlp.inc (the header's _mm512_undefined idiom); the state must cover the
-// header's locations, hence file-wide.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -31,6 +25,7 @@
 
 #include "common/checks.h"
 #include "common/linear.h"
+#include "common/linear_blocked.h"
 #include "common/cpu_isa.h"
 #include "common/parallel.h"
 #include "cpu/scorer.h"
@@ -342,10 +337,8 @@ at::Tensor serving_forward_cpu(const at::Tensor& weights,
 // ============================================================================ packed DLRM path
 // adrec::serving_dlrm: DLRM with the user/context side shared, on a model packed once per
 // (checkpoint, field split) by adrec_fast/serving/scorer.py (pack_dlrm): `meta` int64 describes
-// the split and the layers, `blob` uint8 holds the blocked MLP weights (scorer_mlp.inc).
+// the split and the layers, `blob` uint8 holds the blocked MLP weights (common/linear_blocked.h).
 namespace {
-
-#include "cpu/scorer_mlp.inc"
 
 constexpr const char* kOpP = "serving_dlrm";
 constexpr int64_t kMagic = 0x4144524543534431LL;  // "ADRECSD1"
@@ -599,13 +592,12 @@ void candidate_pairs(const Packed& P, const RowReader& rr, const int64_t* cid, i
   });
 }
 
-inline void run_layer(const Packed& P, LayerFn bf16_fn, const Layer& l, const void* x, int64_t ldx,
+inline void run_layer(const Packed& P, const Layer& l, const void* x, int64_t ldx,
                       int64_t M, int64_t ob0, int64_t ob1, const float* bias, float* y,
                       int64_t ldy, uint32_t* yb, int64_t ldyb) {
   if (ob0 >= ob1 || M == 0) return;
   LayerCall c{l.w, bias ? bias : l.b, l.Kp, x, ldx, M, ob0, ob1, l.relu, y, ldy, yb, ldyb};
-  if (P.bf16) bf16_fn(c);
-  else layer_f32(c);
+  blocked_linear(c, P.bf16);
 }
 
 inline float sigmoidf(float z) { return 1.f / (1.f + std::exp(-z)); }
@@ -688,7 +680,6 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
                   const float* dense, int64_t N, float* out) {
   const int64_t D = P.D, F = P.F, W = P.maxw, Kvp = pad16(P.Pv), Fp = pad32(F);
   const int64_t Ksp = P.layers[P.nb].Kp, O1 = P.layers[P.nb].Ob * 16;
-  const LayerFn bf16_fn = pick_bf16_layer();
   const bool bf = P.bf16;
   const Layer* Ls = P.layers.data();
   const int64_t wbytes = bf ? 32 : 64;  // weight bytes per (padded input, output block)
@@ -775,7 +766,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
         const auto r = split(ly.Ob);
         ob0 = r.first, ob1 = r.second;
       }
-      run_layer(P, bf16_fn, ly, bf ? static_cast<const void*>(xb) : xa, 0, 1, ob0, ob1, nullptr,
+      run_layer(P, ly, bf ? static_cast<const void*>(xb) : xa, 0, 1, ob0, ob1, nullptr,
                 (!bf || last) ? ya : nullptr, 0, bf && !last ? yb : nullptr, 0);
       if (!priv) barrier_before(l + 1);  // l + 1 == P.nb: u, split as the layer split
       xa = ya, xb = yb;
@@ -785,7 +776,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
     if (bf) pack_bf16(s, Ksp, sb);
     // u = W_s s + b for this thread's blocks of the first top layer
     const auto r1 = split(Ls[P.nb].Ob);
-    run_layer(P, bf16_fn, Ls[P.nb], bf ? static_cast<const void*>(sb) : s, 0, 1, r1.first,
+    run_layer(P, Ls[P.nb], bf ? static_cast<const void*>(sb) : s, 0, 1, r1.first,
               r1.second, nullptr, u, 0, nullptr, 0);
 
     // ---- stage B: the candidates
@@ -811,7 +802,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
         uint32_t* yb = ping ? g0 : g1;
         // the first candidate layer keeps the blocks of u this thread computed
         const auto r = (l == P.nb + 1) ? r1 : split(Ls[l].Ob);
-        run_layer(P, bf16_fn, Ls[l], x, ldx, N, r.first, r.second, l == P.nb + 1 ? u : nullptr,
+        run_layer(P, Ls[l], x, ldx, N, r.first, r.second, l == P.nb + 1 ? u : nullptr,
                   (!bf || is_head) ? y : nullptr, is_head ? 16 : W,
                   (bf && !is_head) ? yb : nullptr, W / 2);
         if (is_head) {
@@ -843,7 +834,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
           const bool ping = (l - P.nb) % 2 == 1, is_head = l == Lh;
           float* y = is_head ? th : (ping ? t0 : t1);
           uint32_t* yb = ping ? tb0 : tb1;
-          run_layer(P, bf16_fn, Ls[l], x, ldx, M, 0, Ls[l].Ob, l == P.nb + 1 ? u : nullptr,
+          run_layer(P, Ls[l], x, ldx, M, 0, Ls[l].Ob, l == P.nb + 1 ? u : nullptr,
                     (!bf || is_head) ? y : nullptr, is_head ? 16 : W,
                     (bf && !is_head) ? yb : nullptr, W / 2);
           x = bf ? static_cast<const void*>(yb) : y;
