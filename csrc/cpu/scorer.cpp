@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -669,13 +670,18 @@ constexpr int64_t kPrivateLayerBytes = 32 * 1024;
 
 // The forward itself; every argument was checked by the caller (no throw in the team).
 //
-// Threads. One team of the pool per request (parallel_team: its threads meet at barriers).
+// Threads. One OpenMP team per request, not a team of the kernels' pool (common/parallel.h):
+// a request lasts 10-400 us, and OpenMP's threads spin for the next region where the pool's
+// workers sleep on a futex once idle, so the pool's team adds the wake-up of its second thread to
+// every request (DLRM, 2 threads, three back-to-back pairs, bench/RESULTS_serving.md: p99 at N=1
+// 22-38 us with OpenMP, 60-68 us with the pool team; p50 at N=64 193-202 vs 222-242 us).
 // Stage A (user side, one row): small layers are computed by every thread (no barrier), large
 // ones are split by output blocks (a barrier after each); each thread always gets the same
-// blocks, so its share of the weights stays in its core's cache from request to request. Stage B (candidates): below kRowsPerThread rows per thread the
-// layers are split by output blocks too, with a barrier per layer; the first top layer's shared
-// part u is then needed only for the thread's own blocks, so it needs no barrier of its own. From
-// kRowsPerThread rows per thread on, each thread runs the whole tower on its own rows.
+// blocks, so its share of the weights stays in its core's cache from request to request. Stage
+// B (candidates): below kRowsPerThread rows per thread the layers are split by output blocks
+// too, with a barrier per layer; the first top layer's shared part u is then needed only for the
+// thread's own blocks, so it needs no barrier of its own. From kRowsPerThread rows per thread on,
+// each thread runs the whole tower on its own rows.
 void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, const int64_t* cid,
                   const float* dense, int64_t N, float* out) {
   const int64_t D = P.D, F = P.F, W = P.maxw, Kvp = pad16(P.Pv), Fp = pad32(F);
@@ -683,7 +689,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
   const bool bf = P.bf16;
   const Layer* Ls = P.layers.data();
   const int64_t wbytes = bf ? 32 : 64;  // weight bytes per (padded input, output block)
-  int nt = at::get_num_threads();  // parallel_team runs a nested call on one thread
+  int nt = omp_in_parallel() ? 1 : at::get_num_threads();
   const bool row_split = N >= kRowsPerThread * nt;
   if (row_split) nt = static_cast<int>(std::min<int64_t>(nt, N / kRowsPerThread));
   // candidate pairs of the layer split: every thread computes all of them when that is cheap
@@ -709,8 +715,9 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
   TeamBarrier* bar = new (A.take<TeamBarrier>(1)) TeamBarrier();
   const int64_t* gidx = P.gidx.data();
 
-  parallel_team(nt, [&](int64_t team_tid, int64_t team_size) {
-    const int tid = static_cast<int>(team_tid), T = static_cast<int>(team_size);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = omp_get_thread_num(), T = omp_get_num_threads();
     auto split = [&](int64_t n) { return std::make_pair(n * tid / T, n * (tid + 1) / T); };
     // the team barrier, prefetching this thread's blocks of layer l (none when l == P.L)
     WeightPrefetch pf;
@@ -843,7 +850,7 @@ void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, cons
         for (int64_t m = 0; m < M; ++m) out[m0 + m] = sigmoidf(th[m * 16]);
       }
     }
-  });
+  }
 }
 
 // Every id and dense value of a request is checked before the team starts (nothing may throw
