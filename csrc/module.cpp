@@ -2,9 +2,9 @@
 // The pybind11 module: non-tensor utilities only. Ops are registered through torch.library
 // by static registrars in registration.cpp and the per-device files.
 //
-// One deliberate exception to STYLE.md section 3: ServingDLRM, the serving fast path of a packed
-// DLRM, numpy buffers in and out. At one candidate the kernel takes ~10 us, and calling it as
-// torch.ops.adrec.serving_dlrm adds ~3 us of dispatch (schema matching, boxing) and ~2 us of
+// One deliberate exception to STYLE.md section 3: ServingModel, the serving executor's entry
+// point, numpy buffers in and out. At one candidate the kernel takes ~10 us, and calling it as
+// torch.ops.adrec.serving_forward adds ~3 us of dispatch (schema matching, boxing) and ~2 us of
 // torch.from_numpy / .numpy() per request (bench/RESULTS_serving.md); a serving stack calls it
 // from Python with numpy arrays and needs neither autograd nor torch.compile there. The op stays
 // registered (fake kernel, opcheck, torch.compile) and both paths run the same checks and the
@@ -71,30 +71,31 @@ std::string describe(py::handle obj) {
 template <class T>
 py::array_t<T> array_arg(py::handle obj, const char* name, py::ssize_t ndim, const char* shape) {
   if (!py::isinstance<py::array_t<T>>(obj))
-    throw py::type_error(std::string("ServingDLRM: ") + name + " must be a numpy " +
+    throw py::type_error(std::string("ServingModel: ") + name + " must be a numpy " +
                          py::str(py::dtype::of<T>()).cast<std::string>() + " array " + shape +
                          ", got " + describe(obj));
   auto a = py::reinterpret_borrow<py::array_t<T>>(obj);
   if (a.ndim() != ndim)
-    throw py::value_error(std::string("ServingDLRM: ") + name + " must be " + shape + ", got " +
+    throw py::value_error(std::string("ServingModel: ") + name + " must be " + shape + ", got " +
                           describe(obj));
   if (!(a.flags() & py::array::c_style)) a = py::array_t<T, py::array::c_style>::ensure(a);
   return a;
 }
 
-// The packed DLRM of adrec_fast.serving.scorer.pack_dlrm over its embedding buffer, and the
-// numpy buffers it points into.
-class ServingDLRMHandle {
+// A model packed by adrec_fast.serving.scorer.pack over its embedding rows (and first-order
+// weights), and the numpy buffers it points into.
+class ServingModelHandle {
  public:
-  ServingDLRMHandle(py::handle meta, py::handle blob, py::handle weights, py::handle scale_bias) {
+  ServingModelHandle(py::handle meta, py::handle blob, py::handle weights, py::handle scale_bias,
+                     py::handle lin) {
     auto m = array_arg<int64_t>(meta, "meta", 1, "[H]");
     auto b = array_arg<uint8_t>(blob, "blob", 1, "[bytes]");
     if (!py::isinstance<py::array>(weights))
-      throw py::type_error("ServingDLRM: weights must be a numpy array [R, D], got " +
+      throw py::type_error("ServingModel: weights must be a numpy array [R, D], got " +
                            describe(weights));
     auto w = py::reinterpret_borrow<py::array>(weights);
     if (w.ndim() != 2 || !(w.flags() & py::array::c_style))
-      throw py::value_error("ServingDLRM: weights must be a C-contiguous [R, D] array, got " +
+      throw py::value_error("ServingModel: weights must be a C-contiguous [R, D] array, got " +
                             describe(weights));
     adrec::TableDtype dt;
     if (py::isinstance<py::array_t<float>>(w)) {
@@ -104,69 +105,95 @@ class ServingDLRMHandle {
     } else if (py::isinstance<py::array_t<uint8_t>>(w)) {
       dt = adrec::TableDtype::kUInt8;
     } else {
-      throw py::type_error("ServingDLRM: weights must be float32, float16 or uint8, got " +
+      throw py::type_error("ServingModel: weights must be float32, float16 or uint8, got " +
                            describe(weights));
     }
     const float* sb = nullptr;
     if (!scale_bias.is_none()) {
       auto s = array_arg<float>(scale_bias, "scale_bias", 2, "[R, 2]");
       if (s.shape(0) != w.shape(0) || s.shape(1) != 2)
-        throw py::value_error("ServingDLRM: scale_bias must be [R, 2] = [" +
+        throw py::value_error("ServingModel: scale_bias must be [R, 2] = [" +
                               std::to_string(w.shape(0)) + ", 2], got " + describe(scale_bias));
       sb = s.data();
       keep_.push_back(std::move(s));
     }
+    const float* pl = nullptr;
+    if (!lin.is_none()) {
+      auto l = array_arg<float>(lin, "lin", 1, "[R]");
+      if (l.shape(0) != w.shape(0))
+        throw py::value_error("ServingModel: lin must be [R] = [" + std::to_string(w.shape(0)) +
+                              "], got " + describe(lin));
+      pl = l.data();
+      keep_.push_back(std::move(l));
+    }
     impl_ = translate_errors([&] {
-      return std::make_unique<adrec::ServingDLRM>(m.data(), m.size(), b.data(), b.size(),
-                                                  w.data(), dt, w.shape(0), w.shape(1), sb);
+      return std::make_unique<adrec::ServingModel>(m.data(), m.size(), b.data(), b.size(),
+                                                   w.data(), dt, w.shape(0), w.shape(1), sb, pl);
     });
     keep_.push_back(std::move(m));
     keep_.push_back(std::move(b));
     keep_.push_back(std::move(w));
   }
 
-  // user_ids int64 [Tu], cand_ids int64 [N, Tc], dense float32 [Kd] (None when Kd = 0) ->
+  // user_ids int64 [Tu] (or [T]), cand_ids int64 [N, Tc], dense float32 [Kd] or [Nd, Kd] (None
+  // when Kd = 0), seq_ids int64 [sum L] and seq_lengths int64 [S] (None when S = 0) ->
   // probabilities float32 [N]. The GIL is released while the kernel runs.
-  py::array_t<float> operator()(py::handle user_ids, py::handle cand_ids,
-                                py::handle dense) const {
+  py::array_t<float> operator()(py::handle user_ids, py::handle cand_ids, py::handle dense,
+                                py::handle seq_ids, py::handle seq_lengths) const {
     const auto u = array_arg<int64_t>(user_ids, "user_ids", 1, "[Tu]");
     const auto c = array_arg<int64_t>(cand_ids, "cand_ids", 2, "[N, Tc]");
-    const int64_t Tu = impl_->num_user(), Tc = impl_->num_cand(), Kd = impl_->num_dense();
-    if (u.shape(0) != Tu)
-      throw py::value_error("ServingDLRM: user_ids must be [" + std::to_string(Tu) + "], got " +
-                            describe(user_ids));
+    const int64_t Tc = impl_->num_cand(), Kd = impl_->num_dense(), S = impl_->num_seq();
     if (c.shape(1) != Tc)
-      throw py::value_error("ServingDLRM: cand_ids must be [N, " + std::to_string(Tc) +
+      throw py::value_error("ServingModel: cand_ids must be [N, " + std::to_string(Tc) +
                             "], got " + describe(cand_ids));
     py::array_t<float> d;
     const float* pd = nullptr;
+    int64_t Nd = 1;
     if (Kd > 0 && dense.is_none())
-      throw py::value_error("ServingDLRM: dense values needed: dense must be float32 [" +
+      throw py::value_error("ServingModel: dense values needed: dense must be float32 [" +
                             std::to_string(Kd) + "], got None");
     if (!dense.is_none()) {
-      d = array_arg<float>(dense, "dense", 1, "[Kd]");
-      if (d.shape(0) != Kd)
-        throw py::value_error("ServingDLRM: dense must be [" + std::to_string(Kd) +
-                              "] (shared by every candidate), got " + describe(dense));
+      const bool one = py::isinstance<py::array>(dense) &&
+                       py::reinterpret_borrow<py::array>(dense).ndim() == 1;
+      d = one ? array_arg<float>(dense, "dense", 1, "[Kd]")
+              : array_arg<float>(dense, "dense", 2, "[Nd, Kd]");
+      if (d.shape(d.ndim() - 1) != Kd)
+        throw py::value_error("ServingModel: dense must be [" + std::to_string(Kd) +
+                              "] or [N, " + std::to_string(Kd) + "], got " + describe(dense));
+      Nd = one ? 1 : d.shape(0);
       pd = d.data();
+    }
+    py::array_t<int64_t> q, ql;
+    const int64_t *pq = nullptr, *pql = nullptr;
+    if (S > 0) {
+      if (seq_ids.is_none() || seq_lengths.is_none())
+        throw py::value_error("ServingModel: the model reads " + std::to_string(S) +
+                              " behaviour histories: pass seq_ids and seq_lengths");
+      q = array_arg<int64_t>(seq_ids, "seq_ids", 1, "[sum L]");
+      ql = array_arg<int64_t>(seq_lengths, "seq_lengths", 1, "[S]");
+      int64_t tot = 0;
+      for (int64_t s = 0; s < ql.shape(0); ++s) tot += std::max<int64_t>(ql.data()[s], 0);
+      if (ql.shape(0) != S || q.shape(0) != tot)
+        throw py::value_error("ServingModel: seq_lengths must be [" + std::to_string(S) +
+                              "] and sum to the length of seq_ids, got " + describe(seq_lengths) +
+                              " and " + describe(seq_ids));
+      pq = q.data(), pql = ql.data();
     }
     const int64_t N = c.shape(0);
     py::array_t<float> out(N);
     float* po = out.mutable_data();
     translate_errors([&] {
       py::gil_scoped_release nogil;
-      impl_->score(u.data(), c.data(), N, pd, po);
+      impl_->score(u.data(), u.shape(0), c.data(), N, pd, Nd, pq, pql, po);
     });
     return out;
   }
 
-  int64_t num_user() const { return impl_->num_user(); }
-  int64_t num_cand() const { return impl_->num_cand(); }
-  int64_t num_dense() const { return impl_->num_dense(); }
+  const adrec::ServingModel& impl() const { return *impl_; }
 
  private:
   std::vector<py::object> keep_;  // the buffers impl_ points into
-  std::unique_ptr<adrec::ServingDLRM> impl_;
+  std::unique_ptr<adrec::ServingModel> impl_;
 };
 
 }  // namespace
@@ -273,18 +300,25 @@ PYBIND11_MODULE(_C, m) {
 #endif
       },
       py::arg("address"), py::arg("nbytes"));
-  py::class_<ServingDLRMHandle>(m, "ServingDLRM",
-                                "A packed DLRM for numpy requests (csrc/cpu/scorer.h): "
-                                "ServingDLRM(meta, blob, weights, scale_bias) takes numpy views "
-                                "of pack_dlrm's meta / blob and the embedding buffer; calling it "
-                                "with (user_ids, cand_ids, dense) returns probabilities [N].")
-      .def(py::init<py::handle, py::handle, py::handle, py::handle>(), py::arg("meta"),
-           py::arg("blob"), py::arg("weights"), py::arg("scale_bias") = py::none())
-      .def("__call__", &ServingDLRMHandle::operator(), py::arg("user_ids"), py::arg("cand_ids"),
-           py::arg("dense") = py::none())
-      .def_property_readonly("num_user", &ServingDLRMHandle::num_user)
-      .def_property_readonly("num_cand", &ServingDLRMHandle::num_cand)
-      .def_property_readonly("num_dense", &ServingDLRMHandle::num_dense);
+  py::class_<ServingModelHandle>(m, "ServingModel",
+                                 "A packed model for numpy requests (csrc/cpu/scorer.h): "
+                                 "ServingModel(meta, blob, weights, scale_bias, lin) takes numpy "
+                                 "views of pack's meta / blob, the embedding rows and the "
+                                 "first-order weights; calling it with (user_ids, cand_ids, "
+                                 "dense, seq_ids, seq_lengths) returns probabilities [N].")
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle>(),
+           py::arg("meta"), py::arg("blob"), py::arg("weights"), py::arg("scale_bias") = py::none(),
+           py::arg("lin") = py::none())
+      .def("__call__", &ServingModelHandle::operator(), py::arg("user_ids"), py::arg("cand_ids"),
+           py::arg("dense") = py::none(), py::arg("seq_ids") = py::none(),
+           py::arg("seq_lengths") = py::none())
+      .def_property_readonly("num_slots", [](const ServingModelHandle& h) { return h.impl().num_slots(); })
+      .def_property_readonly("num_user", [](const ServingModelHandle& h) { return h.impl().num_user(); })
+      .def_property_readonly("num_cand", [](const ServingModelHandle& h) { return h.impl().num_cand(); })
+      .def_property_readonly("num_dense", [](const ServingModelHandle& h) { return h.impl().num_dense(); })
+      .def_property_readonly("num_seq", [](const ServingModelHandle& h) { return h.impl().num_seq(); })
+      .def_property_readonly("dense_varies",
+                             [](const ServingModelHandle& h) { return h.impl().dense_varies(); });
   m.def("build_info", [] {
     py::dict d;
     d["torch"] = std::string(ADREC_TORCH_VERSION);

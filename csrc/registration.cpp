@@ -60,19 +60,14 @@ TORCH_LIBRARY(adrec, m) {
   // x [B, K], w [K], b [] or [1] -> sigmoid(x @ w + b) [B]
   m.def("score(Tensor x, Tensor w, Tensor b) -> Tensor");
 
-  // Serving forward of DLRM (kind 0) / DCN-v2 parallel (1) / stacked (2) in one call.
-  // weights [R, D] float32/float16/uint8 (+ scale_bias [R, 2] for uint8: q * scale + bias);
-  // user_rows [T] global rows (slots not in cand_slots); cand_rows [N, Tc] global rows of the
-  // candidate slots cand_slots [Tc]; dense [Nd, K_d], Nd = 1 (shared) or N. -> probabilities [N]
+  // The serving executor (csrc/cpu/scorer.cpp): every zoo model on a model packed once per
+  // (checkpoint, field split) by adrec_fast.serving.scorer.pack: meta [H] int64, blob [bytes]
+  // uint8; weights [R, D] float32/float16/uint8 (+ scale_bias [R, 2] for uint8: q * scale +
+  // bias); lin [R] first-order weights; user_ids [Tu] (or [T]) and cand_ids [N, Tc] int64 ids
+  // within their tables; dense [Nd, K_d] float32 (Nd = 1: shared); seq_ids [sum L] with
+  // seq_lengths [S]: the user's behaviour histories -> probabilities [N]
   m.def(
-      "serving_forward(Tensor weights, Tensor? scale_bias, Tensor user_rows, Tensor cand_rows, "
-      "Tensor cand_slots, Tensor dense, Tensor[] bottom, Tensor[] layers, Tensor head_w, "
-      "Tensor head_b, int kind, int n_cross, bool self_interaction) -> Tensor");
-  // DLRM serving on a model packed once per (checkpoint, field split) by
-  // adrec_fast.serving.scorer.pack_dlrm: meta [H] int64, blob [bytes] uint8 (blocked fp32 or bf16
-  // MLP weights); weights / scale_bias as above; user_ids [Tu] and cand_ids [N, Tc] int64 ids
-  // within their tables, in the packed slot order; dense [K_d] float32 shared -> [N] probabilities
-  m.def(
-      "serving_dlrm(Tensor meta, Tensor blob, Tensor weights, Tensor? scale_bias, "
-      "Tensor user_ids, Tensor cand_ids, Tensor dense) -> Tensor");
+      "serving_forward(Tensor meta, Tensor blob, Tensor weights, Tensor? scale_bias, "
+      "Tensor? lin, Tensor user_ids, Tensor cand_ids, Tensor dense, Tensor seq_ids, "
+      "Tensor seq_lengths) -> Tensor");
 }

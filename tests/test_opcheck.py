@@ -98,42 +98,37 @@ def _samples(op: str):
         return [((x, w, torch.randn((), dtype=d, requires_grad=True)), {}),
                 ((x, w, torch.randn(1, dtype=d, requires_grad=True)), {})]
     if op == "serving_forward":
-        # 3 slots of D=4 over 10 rows; slot 1 per candidate (N=5); DLRM with a bottom MLP and a
-        # shared dense row, DCN-v2 (parallel, stacked) with per-candidate dense, int8 and fp16
-        w = torch.randn(10, 4)
-        user, cand = torch.tensor([1, 0, 7]), torch.randint(0, 10, (5, 1))
-        slot = torch.tensor([1])
-        bottom = [torch.randn(4, 2), torch.randn(4)]
-        top = [torch.randn(6, 10), torch.randn(6)]
-        q = torch.randint(0, 256, (10, 4), dtype=torch.uint8)
-        sb = torch.rand(10, 2)
-        K = 3 * 4 + 2
-        cross = [torch.randn(K, K), torch.randn(K)]
-        deep = [torch.randn(5, K), torch.randn(5)]
-        return [((w, None, user, cand, slot, torch.randn(1, 2), bottom, top, torch.randn(6),
-                  torch.randn(()), 0, 0, False), {}),
-                ((q, sb, user, cand, slot, torch.randn(1, 2), bottom, top, torch.randn(6),
-                  torch.randn(()), 0, 0, False), {}),
-                ((w.half(), None, user, cand, slot, torch.randn(5, 2), [], cross + deep,
-                  torch.randn(K + 5), torch.randn(()), 1, 1, False), {}),
-                ((w, None, user, cand, slot, torch.randn(5, 2), [], cross + deep,
-                  torch.randn(5), torch.randn(()), 2, 1, False), {})]
-    if op == "serving_dlrm":
-        # a DLRM packed for slot 1 per candidate (N=5), fp32 and bf16 MLPs, fp32 and int8 tables
-        from adrec_fast.serving import pack_dlrm
+        # small specs packed for slot 1 per candidate (N=5): DLRM (fp32 and bf16 layers, fp32
+        # and int8 tables), DCN-v2 with a candidate-side dense column, DIN with a history
+        from adrec_fast.models.serving_spec import Layer, ServingSpec
+        from adrec_fast.serving import pack
 
         w = torch.randn(10, 4)
-        nat = {"weights": w, "bottom": [torch.randn(4, 2), torch.randn(4)],
-               "layers": [torch.randn(6, 10), torch.randn(6)], "head_w": torch.randn(6),
-               "head_b": torch.randn(()), "self_interaction": False}
         base, card = [0, 4, 7], [4, 3, 3]
-        user, cand, dense = torch.tensor([1, 2]), torch.randint(0, 3, (5, 1)), torch.randn(2)
+        user, cand = torch.tensor([1, 0, 2]), torch.randint(0, 3, (5, 1))
         q = torch.randint(0, 256, (10, 4), dtype=torch.uint8)
+        e = torch.zeros(0, dtype=torch.long)
+        dlrm = ServingSpec(w, "dot", bottom=[Layer(torch.randn(4, 2), torch.randn(4))],
+                           deep=[Layer(torch.randn(6, 10), torch.randn(6))], head=torch.randn(6))
         out = []
         for mlp in (None, "bf16"):
-            meta, blob = pack_dlrm(nat, base, card, [1], mlp)
-            out += [((meta, blob, w, None, user, cand, dense), {}),
-                    ((meta, blob, q, torch.rand(10, 2), user, cand, dense), {})]
+            meta, blob = pack(dlrm, base, card, [], [], 2, [1], (), mlp)
+            out += [((meta, blob, w, None, None, user, cand, torch.randn(1, 2), e, e), {}),
+                    ((meta, blob, q, torch.rand(10, 2), None, user, cand, torch.randn(1, 2), e,
+                      e), {})]
+        K = 3 * 4 + 2
+        dcn = ServingSpec(w, lin=torch.randn(10), cross=[(torch.randn(K, K), torch.randn(K))],
+                          deep=[Layer(torch.randn(5, K), torch.randn(5))], head=torch.randn(5),
+                          cross_head=torch.randn(K), bias=0.3)
+        meta, blob = pack(dcn, base, card, [], [], 2, [1], (1,))
+        out.append(((meta, blob, w.half(), None, torch.randn(10), user, cand, torch.randn(5, 2),
+                     e, e), {}))
+        din = ServingSpec(w, lin=torch.randn(10), fm=True, sequences=[("h", 1)],
+                          deep=[Layer(torch.randn(5, 4 * 4 + 2), torch.randn(5))],
+                          head=torch.randn(5))
+        meta, blob = pack(din, base, card, [4], [3], 2, [1])
+        out.append(((meta, blob, w, None, torch.randn(10), user, cand, torch.randn(1, 2),
+                     torch.tensor([0, 2, 1]), torch.tensor([3])), {}))
         return out
     return None
 

@@ -324,6 +324,11 @@ class CTRModel(nn.Module):
         h = self.head
         (h.head.bias if h.in_features > 0 else h.bias).add_(float(delta))
 
+    def serving_spec(self):
+        """The model as the serving executor runs it (``models.serving_spec.ServingSpec``), or
+        None: then the Scorer serves it by its own forward (and says so when it loads)."""
+        return None
+
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
         """[B] click probabilities; switches to eval mode (and back)."""

@@ -16,6 +16,12 @@ from .. import functional as F
 from ..data.batch import Batch
 from ..nn import CrossNet
 from .base import CTRModel, Head, mlp, register_model, run_mlp
+from .serving_spec import ServingSpec, head_terms, mlp_layers
+
+
+def _lin(model) -> Tensor | None:
+    """The first-order table [R] of a model's ``linear`` lookup (None without one)."""
+    return None if model.linear is None else model.linear.ebc.weight.detach().float().view(-1)
 
 
 @register_model("lr")
@@ -31,6 +37,11 @@ class LR(CTRModel):
     def forward(self, batch: Batch) -> Tensor:
         lin, _ = self.linear(batch)  # [B, T, 1]
         return lin.sum(dim=(1, 2)) + self.head(self.dense_input(batch))  # [B]
+
+    def serving_spec(self) -> ServingSpec:
+        w, b = head_terms(self.head)
+        table = self.linear.ebc.weight.detach().float()  # [R, 1]: no embeddings of its own
+        return ServingSpec(table, lin=_lin(self), dense_w=w, bias=b)
 
 
 @register_model("fm")
@@ -49,6 +60,11 @@ class FM(CTRModel):
         lin, _ = self.linear(batch)  # [B, T, 1]
         fm = F.fm_interaction(emb).squeeze(1)  # [B]
         return lin.sum(dim=(1, 2)) + fm + self.head(self.dense_input(batch))
+
+    def serving_spec(self) -> ServingSpec:
+        w, b = head_terms(self.head)
+        return ServingSpec(self.lookup.ebc.weight.detach().float(), lin=_lin(self), fm=True,
+                           dense_w=w, bias=b)
 
 
 @register_model("deepfm")
@@ -79,6 +95,15 @@ class DeepFM(CTRModel):
         if self.dense_linear is not None:
             logit = logit + F.linear(dense, self.dense_linear.weight).squeeze(1)
         return logit
+
+    def serving_spec(self) -> ServingSpec | None:
+        deep = mlp_layers(self.deep)
+        if deep is None:
+            return None
+        w, b = head_terms(self.head)
+        dw = None if self.dense_linear is None else self.dense_linear.weight.detach().float()[0]
+        return ServingSpec(self.lookup.ebc.weight.detach().float(), lin=_lin(self), fm=True,
+                           dense_w=dw, deep=deep, head=w, bias=b)
 
 
 @register_model("dcnv2")
@@ -132,6 +157,20 @@ class DCNv2(CTRModel):
             logit = logit + lin.sum(dim=(1, 2))
         return logit
 
+    def serving_spec(self) -> ServingSpec | None:
+        deep = mlp_layers(self.deep)
+        if deep is None:
+            return None
+        w, b = head_terms(self.head)
+        cross = [(wc.detach().float(), bc.detach().float())
+                 for wc, bc in zip(self.cross.weights, self.cross.biases)]
+        ch = None
+        if self.structure == "parallel":
+            ch, w = w[: self.k], w[self.k:]
+        return ServingSpec(self.lookup.ebc.weight.detach().float(), lin=_lin(self), cross=cross,
+                           structure=self.structure, deep=deep, head=w, cross_head=ch, bias=b)
+
+
 @register_model("dlrm")
 class DLRM(CTRModel):
     """DLRM: bottom MLP maps the dense input to a D-vector, ``dot_interaction`` over
@@ -176,6 +215,16 @@ class DLRM(CTRModel):
             x = torch.cat([d, z], dim=1)  # [B, D + P]
             logit = self.head(run_mlp(self.top, x.to(self.tower_dtype(x))))  # [B]
         return logit.float()
+
+    def serving_spec(self) -> ServingSpec | None:
+        bottom = mlp_layers(self.bottom)
+        top = mlp_layers(self.top)
+        if bottom is None or top is None:
+            return None
+        w, b = head_terms(self.head)
+        return ServingSpec(self.lookup.ebc.weight.detach().float(), interaction="dot",
+                           bottom=bottom, self_interaction=bool(self.self_interaction), deep=top,
+                           head=w, bias=b)
 
 
 @register_model("din")
@@ -246,3 +295,12 @@ class DIN(CTRModel):
             lin, _ = self.linear(batch)
             logit = logit + lin.sum(dim=(1, 2))
         return logit
+
+    def serving_spec(self) -> ServingSpec | None:
+        deep = mlp_layers(self.deep)
+        if deep is None:
+            return None
+        w, b = head_terms(self.head)
+        return ServingSpec(self.lookup.ebc.weight.detach().float(), lin=_lin(self),
+                           fm=self.use_fm, sequences=list(zip(self.sequences, self.target_bag)),
+                           deep=deep, head=w, bias=b)

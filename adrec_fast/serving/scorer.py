@@ -1,80 +1,66 @@
 # SPDX-License-Identifier: Apache-2.0
 """Low-latency scoring of one user against N candidates, from a trained checkpoint.
 
-``Scorer.load(dir, quantize=None | "fp16" | "int8", threads=None, mlp=None | "bf16")`` builds an
-immutable model version; ``score(user, candidates) -> np.ndarray [N]`` probabilities; ``top_k``;
-``score_ids`` (ids already encoded, dicts per field); ``ids_path(cand_fields)`` (the leanest path:
-id arrays in, probabilities out, DLRM); ``swap(dir)`` replaces the version atomically.
+``Scorer.load(dir, quantize=None | "fp16" | "int8", threads=None, mlp=None | "bf16",
+missing="error" | "default")`` builds an immutable model version; ``score(user, candidates) ->
+np.ndarray [N]`` probabilities; ``top_k``; ``score_ids`` (ids already encoded, dicts per field);
+``ids_path(cand_fields)`` (the leanest path: id arrays in, probabilities out); ``swap(dir)``
+replaces the version atomically.
 
 Field split. A request names the user/context side once (``user``: one value per field) and the
 candidate side per candidate (``candidates``: a dict of equal-length columns, or a list of dicts).
 The split is per request: a field is candidate-side when ``candidates`` holds it, user-side
-otherwise (a field in neither is missing: id 0 / the dense ``fill``, as in training). A field may
-not be given on both sides.
+otherwise. A field may not be given on both sides; a field in neither is an error naming it,
+unless the Scorer was loaded with ``missing="default"`` (then it takes its training default: id 0,
+the dense ``fill``, an empty history).
 
-Packed DLRM path (DLRM on a schema of plain categorical + dense fields, every dense field
-user-side): ONE native call per request on the model packed once per field split, through the
-numpy entry point of the ``adrec::serving_dlrm`` kernel (``ops.scorer.serving_dlrm_handle``, a
-pybind11 handle: numpy in and out, no torch.ops dispatch, the GIL released; the op itself stays
-registered for torch.compile and runs the same kernel). ``pack_dlrm`` lays the MLP weights out
-in blocks, fp32 or, with ``mlp="bf16"``, bfloat16, and splits the first top layer into its
-shared columns, computed once per request, and its per-candidate columns. Its kernels are the
-project's own, blocked layers of the dense-product op (csrc/cpu/linear_blocked.inc, chosen in
-csrc/cpu/linear.cpp: AVX512_BF16 where ``ADREC_CPU_ISA`` allows it, a portable kernel
-elsewhere), run by one team of the kernels' thread pool per request, with
-reusable per-thread buffers. ``mlp="bf16"`` rounds the MLP weights and every layer input to
-bfloat16 and accumulates in float32 (opt-in: the default keeps the fp32 model, equal to the
-model's forward within 1e-5).
+The executor. Every zoo model describes itself (``model.serving_spec()``,
+adrec_fast/models/serving_spec.py): slots and sides, interaction (FM, DLRM dot, DCN-v2 cross,
+target attention over a behaviour history), layers and head. ``pack`` lays such a spec out once
+per field split (fp32 or, with ``mlp="bf16"``, bfloat16 layer weights in the blocked layout of
+common/linear_blocked.h; the first layer split into the columns of the shared inputs and those
+that vary per candidate), and one native call runs a request (``ops.scorer.serving_handle``,
+csrc/cpu/scorer.cpp): the user side once (user embeddings, history keys, shared first-layer
+products, DLRM's bottom MLP), then the candidates. The GIL is released while it runs.
+A model without a spec (a user-defined one, or a schema with multi-valued bags or vectors) is
+served by its own torch forward on the request expanded to N rows, with a warning at load.
 
-Native path (DCN-v2 without its first-order ``linear`` term, and DLRM with a candidate-side dense
-field, on schemas of plain categorical + dense fields): ONE call of ``adrec::serving_forward`` per
-request (lookup with
-dequantize-on-lookup, interaction, MLPs, head, sigmoid; csrc/cpu/scorer.cpp). The user-side
-embeddings are read once per request; DLRM's bottom MLP runs once per request when every dense
-field is user-side (when any dense field is candidate-side, the dense input is per candidate and
-the bottom MLP runs on N rows), and DLRM dot products between two user-side fields are computed
-once. torch.ops releases the GIL while the kernel runs (pybind_utils ``invokeOperatorFromPython``
-drops it around the call; tests/serving checks that another Python thread keeps running).
+Raw values are encoded as in training (``Schema.encode``): an unseen categorical value is id 0
+(out of vocabulary), ``None`` is missing (id 0, or the dense ``fill``). Bad requests: an unknown
+field -> ``ValueError`` naming it; a value of a wrong type -> ``TypeError`` naming the field; an
+id out of range on the id paths -> ``IndexError`` naming the field; no candidates -> ``ValueError``;
+NaN in a dense value -> ``ValueError``.
 
-Torch path (LR, FM, DeepFM, DIN, DCN-v2 with ``linear=True``, schemas with multi-categorical /
-sequence / vector fields): the request is expanded to N rows (user values repeated) and the
-model's own forward runs once under ``torch.inference_mode`` (one fused op per layer); the user
-side is not shared there.
-
-Bad requests: an unknown field -> ``ValueError`` naming it; a value of a wrong type -> ``TypeError``
-naming the field; an id out of range on the fast path -> ``IndexError``; no candidates ->
-``ValueError``; NaN in a dense value -> ``ValueError`` (``None`` is "missing" and becomes the field's
-``fill``, as in training); an unseen categorical value -> id 0 (out of vocabulary), as in training.
-
-Threads. A version's tensors are never written after loading and are shared by every thread; a
+Threads. A version's buffers are never written after loading and are shared by every thread; a
 request reads ``self._version`` once at its start and uses only that version, so a concurrent
 ``swap`` never mixes two versions in one answer and never fails a request. ``threads`` sets
-torch's intra-op thread count (process-wide: ``torch.set_num_threads``).
+torch's intra-op thread count (process-wide: ``torch.set_num_threads``), which the executor uses.
 
 Quantization (``quantize``): ``"fp16"`` stores the tables in float16; ``"int8"`` stores them row-wise
 as uint8 with a float32 (scale, bias) per row, ``x ~= q * scale + bias`` with
-``scale = (max - min) / 255``, ``bias = min`` (error <= scale / 2 per element). The native kernel
+``scale = (max - min) / 255``, ``bias = min`` (error <= scale / 2 per element). The executor
 dequantizes on lookup; on the torch path the dequantized values replace the fp32 tables (same
-numbers, no memory saving).
+numbers, no memory saving). First-order weights stay float32.
 """
 from __future__ import annotations
 
 import copy
 import math
 import threading
+import warnings
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..data import columns as C
-from ..data.batch import Batch
 from ..data.errors import DataError
-from ..ops import scorer as _op
 from ..models.checkpoint import load_model, resolve
+from ..models.serving_spec import ServingSpec
+from ..ops import scorer as _op
 
 QUANTIZE = (None, "fp16", "int8")
-_KIND = {"dlrm": 0, "parallel": 1, "stacked": 2}
+MLP = (None, "fp32", "bf16")
+MISSING = ("error", "default")
 
 
 # ---------------------------------------------------------------------------- quantization
@@ -106,9 +92,12 @@ def dequantize_rows(storage: torch.Tensor, scale_bias: torch.Tensor | None) -> t
     return storage.float() * scale_bias[:, :1] + scale_bias[:, 1:]
 
 
-# ---------------------------------------------------------------------------- packed DLRM
-MLP = (None, "fp32", "bf16")
-_MAGIC = 0x4144524543534431  # csrc/cpu/scorer.cpp kMagic
+# ---------------------------------------------------------------------------- packing
+_MAGIC = 0x4144524543534532  # csrc/cpu/scorer.cpp kMagic, and its header below
+_HEADER = ("magic prec kind D T S Kd Tu Tc hb nb nf lt ncross Ps Pv flags dense_w cross_head "
+           "bias Ks Kv Kx dvar").split()
+_ACT = {"none": 0, "relu": 1, "cross": 2}
+_IN_ZV, _IN_PREV, _IN_CROSS = 0, 1, 2
 
 
 def _pad16(k: int) -> int:
@@ -132,137 +121,152 @@ def _block_layer(w: torch.Tensor, b: torch.Tensor, Kp: int, bf16: bool):
     return Ob, blk.view(-1).view(torch.uint8), bp.view(torch.uint8)
 
 
-def pack_dlrm(nat: dict, bag_base, bag_card, cand_slots,
-              mlp: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack a DLRM (the native parameters of a loaded version) for one field split ->
-    (meta [H] int64, blob [bytes] uint8), the model operand of ``adrec::serving_dlrm``.
+def pack(spec: ServingSpec, bag_base, bag_card, seq_base, seq_card, n_dense: int, cand_slots,
+         dense_cand=(), mlp: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay ``spec`` out for one field split -> (meta [H] int64, blob [bytes] uint8), the model
+    operand of ``adrec::serving_forward``.
 
-    Fields: the bottom MLP's output (when there is one) is field 0, sparse slot t is field
-    t + 1 (t without a bottom MLP); ``cand_slots`` are the candidate-side slots, every other slot
-    is user-side. The first top layer is split by columns: those of the dense vector and of the
-    pairs of two user-side fields (computed once per request: u = W_s s + b) and those of the
-    pairs that involve a candidate field (per candidate: relu(u + W_v z_v)). The head is the last
-    layer (one output, no relu). ``mlp="bf16"`` stores the MLP weights in bfloat16 (activations
-    are rounded to bfloat16 too, accumulation is float32). Which kernel runs the layers
-    (AVX512_BF16 or the portable one) follows ``ADREC_CPU_ISA``, like every CPU kernel."""
+    ``bag_base`` / ``bag_card`` [T]: each bag's first row in ``spec.table`` and its table size;
+    ``seq_base`` / ``seq_card`` likewise for ``spec.sequences``; ``n_dense``: the dense width
+    K_d; ``cand_slots``: the bags given
+    per candidate, ``dense_cand``: the dense positions given per candidate (every other one is
+    shared). The first layer that reads the concatenated input (x0 = [fields, dense], or DLRM's
+    [bottom output, pairs]) is split by columns: those of shared inputs become a product
+    computed once per request (its bias), the others stay per candidate. ``mlp="bf16"`` stores
+    the layer weights in bfloat16 (activations are rounded to bfloat16, accumulation is
+    float32)."""
     if mlp not in MLP:
         raise ValueError(f"mlp must be one of {MLP}, got {mlp!r}")
     bf16 = mlp == "bf16"
-    bottom = nat["bottom"]
-    hb = len(bottom) > 0
-    D = int(nat["weights"].shape[1])
-    T = len(bag_base)
-    cset = {int(c) for c in cand_slots}
-    user_slots = [t for t in range(T) if t not in cset]
-    off = 1 if hb else 0
-    F = T + off
-    shared = [True] * off + [t not in cset for t in range(T)]
-    kd = D if hb else 0  # top-input columns before the pairs
-    scols, vcols, ps, pv = list(range(kd)), [], [], []
-    p = 0
-    for i in range(F):
-        for j in range(i if nat["self_interaction"] else i + 1, F):
-            if shared[i] and shared[j]:
-                scols.append(kd + p)
-                ps.append((i, j))
-            else:
-                vcols.append(kd + p)
-                pv.append((i, j))
-            p += 1
-    top = nat["layers"]
-    chain = [(top[k], top[k + 1], True) for k in range(0, len(top), 2)]
-    chain.append((nat["head_w"][None], nat["head_b"].reshape(1), False))
-    w1, b1, relu1 = chain[0]
-    if w1.shape[1] != kd + p:
-        raise ValueError(f"first top layer has {w1.shape[1]} inputs, expected {kd + p}")
-    layers = []  # (Kp, Ob, relu, weight bytes, bias bytes)
-    Kd = int(bottom[0].shape[1]) if hb else 0
-    kp = _pad16(Kd)
-    for k in range(0, len(bottom), 2):
-        Ob, wb, bb = _block_layer(bottom[k], bottom[k + 1], kp, bf16)
-        layers.append((kp, Ob, 1, wb, bb))
-        kp = Ob * 16
+    D = int(spec.table.shape[1])
+    T, S = len(bag_base), len(spec.sequences)
+    cset, dset = {int(c) for c in cand_slots}, {int(j) for j in dense_cand}
+    dot = spec.interaction == "dot"
+    bottom = spec.bottom if dot else []
+    hb = bool(bottom)
+    Kd = int(n_dense)
+    dvar = len(dset)
+    # fields: DLRM [bottom output?, bags]; the others [bags, pooled histories]
+    if dot:
+        F = T + int(hb)
+        shared = ([dvar == 0] if hb else []) + [t not in cset for t in range(T)]
+    else:
+        F = T + S
+        shared = [t not in cset for t in range(T)] + [t not in cset for _, t in spec.sequences]
+    # first-layer columns (in the model's input order) that are shared / vary
+    scols, vcols, ps, pv = [], [], [], []
+    if dot:
+        if hb:
+            (scols if dvar == 0 else vcols).extend(range(D))
+        p, k0 = 0, D if hb else 0
+        for i in range(F):
+            for j in range(i if spec.self_interaction else i + 1, F):
+                if shared[i] and shared[j]:
+                    scols.append(k0 + p)
+                    ps.append((i, j))
+                else:
+                    vcols.append(k0 + p)
+                    pv.append((i, j))
+                p += 1
+        Kin = k0 + p
+    else:
+        for f in range(F):
+            (scols if shared[f] else vcols).extend(range(f * D, (f + 1) * D))
+        for j in range(Kd):
+            (vcols if j in dset else scols).append(F * D + j)
+        Kin = F * D + Kd
+    Kx = Kin if spec.cross else 0
     s_idx, v_idx = torch.tensor(scols, dtype=torch.long), torch.tensor(vcols, dtype=torch.long)
-    Ob1, wb, bb = _block_layer(w1[:, s_idx], b1, _pad16(len(scols)), bf16)
-    layers.append((_pad16(len(scols)), Ob1, 0, wb, bb))  # u = W_s s + b: no relu
-    _, wb, bb = _block_layer(w1[:, v_idx], torch.zeros_like(b1), _pad16(len(vcols)), bf16)
-    layers.append((_pad16(len(vcols)), Ob1, int(relu1), wb, bb))  # its bias is u
-    kp = Ob1 * 16
-    for w, b, relu in chain[1:]:
-        Ob, wb, bb = _block_layer(w, b, kp, bf16)
-        layers.append((kp, Ob, int(relu), wb, bb))
-        kp = Ob * 16
-    chunks, pos, desc = [], 0, []
-    for kp_, ob, relu, wb, bb in layers:
-        offs = []
-        for c in (wb, bb):
-            offs.append(pos)
-            pad = (-c.numel()) % 64
-            chunks += [c, torch.zeros(pad, dtype=torch.uint8)]
-            pos += c.numel() + pad
-        desc += [kp_, ob, relu, offs[0], offs[1]]
-    blob = torch.cat(chunks)
-    base = np.asarray(bag_base, dtype=np.int64)
-    card = np.asarray(bag_card, dtype=np.int64)
-    cs = [int(c) for c in cand_slots]
-    header = [_MAGIC, int(bf16), D, F, int(hb), Kd, len(user_slots), len(cs),
-              len(ps), len(pv), len(layers), len(bottom) // 2, 0, 0, 0, 0]
-    meta = (header + [t + off for t in user_slots] + base[user_slots].tolist()
-            + card[user_slots].tolist() + [t + off for t in cs] + base[cs].tolist()
-            + card[cs].tolist() + [i for i, _ in ps] + [j for _, j in ps]
-            + [i for i, _ in pv] + [j for _, j in pv] + desc)
-    return torch.tensor(meta, dtype=torch.long), blob
+    Ksp, Kvp, Kxp = _pad16(len(scols)), _pad16(len(vcols)), _pad16(Kx)
 
+    records, blobs = [], []  # (Kp, Ob, act, in, ubias, weight bytes, bias bytes)
 
-# ---------------------------------------------------------------------------- MLP extraction
-def _linear_relu_pairs(seq: nn.Module) -> list[torch.Tensor] | None:
-    """An eval-mode ``Linear -> [BatchNorm1d] -> ReLU -> [Dropout]`` stack -> [w0, b0, w1, b1, ...]
-    with BatchNorm folded into the linear; None when the stack has another shape."""
-    out: list[torch.Tensor] = []
-    pending = None  # (w, b) of a Linear not yet followed by its ReLU
-    for m in seq:
-        if isinstance(m, nn.Linear):
-            if pending is not None:
-                return None
-            b = m.bias if m.bias is not None else torch.zeros(m.out_features)
-            pending = [m.weight.detach().float(), b.detach().float()]
-        elif isinstance(m, nn.BatchNorm1d):
-            if pending is None or not m.track_running_stats or m.running_mean is None:
-                return None
-            s = (m.weight.detach() if m.affine else 1.0) / torch.sqrt(m.running_var + m.eps)
-            beta = m.bias.detach() if m.affine else 0.0
-            pending = [pending[0] * s[:, None], (pending[1] - m.running_mean) * s + beta]
-        elif isinstance(m, nn.ReLU):
-            if pending is None:
-                return None
-            out += [t.contiguous().clone() for t in pending]
-            pending = None
-        elif isinstance(m, nn.Dropout):
-            continue
+    def add(w, b, Kp, act, inp=0, ub=-1):
+        Ob, wb, bb = _block_layer(w, b, Kp, bf16)
+        records.append([Kp, Ob, _ACT[act], inp, ub])
+        blobs.append((wb, bb))
+
+    kp = _pad16(Kd)
+    for ly in bottom:
+        add(ly.weight, ly.bias, kp, ly.act)
+        kp = _pad16(ly.weight.shape[0])
+    # the tower: (weight [O, K], bias [O], act, input), input one of "x0" (split), prev, cross
+    tower = []
+    for i, (w, b) in enumerate(spec.cross):
+        tower.append((w, b, "cross", "x0" if i == 0 else _IN_CROSS))
+    deep_in = "x0" if not spec.cross or spec.structure == "parallel" else _IN_CROSS
+    for i, ly in enumerate(spec.deep):
+        tower.append((ly.weight, ly.bias, ly.act, deep_in if i == 0 else _IN_PREV))
+    if spec.head is not None:
+        tower.append((spec.head[None], torch.zeros(1), "none", deep_in if not spec.deep
+                      else _IN_PREV))
+    nf = sum(1 for *_, inp in tower if inp == "x0")
+    for w, b, *_ in (t for t in tower if t[3] == "x0"):  # u_j = W_s s + b: once per request
+        if w.shape[1] != Kin:
+            raise ValueError(f"a first layer has {w.shape[1]} inputs, expected {Kin}")
+        add(w[:, s_idx], b, Ksp, "none")
+    j = 0
+    for w, b, act, inp in tower:
+        if inp == "x0":
+            add(w[:, v_idx], torch.zeros_like(b), Kvp, act, _IN_ZV, j)
+            j += 1
         else:
-            return None
-    return out if pending is None else None
+            add(w, b, Kxp if inp == _IN_CROSS or act == "cross" else _pad16(w.shape[1]), act, inp)
+    chunks, pos = [], 0
+
+    def put(t: torch.Tensor) -> int:
+        nonlocal pos
+        off = pos
+        pad = (-t.numel()) % 64
+        chunks.extend([t, torch.zeros(pad, dtype=torch.uint8)])
+        pos += t.numel() + pad
+        return off
+
+    for rec, (wb, bb) in zip(records, blobs):
+        rec += [put(wb), put(bb)]
+
+    def vec(t) -> int:
+        return -1 if t is None else put(t.detach().float().contiguous().view(torch.uint8))
+
+    hdr = dict(magic=_MAGIC, prec=int(bf16), kind=int(dot), D=D, T=T, S=S, Kd=Kd,
+               Tu=T - len(cset), Tc=len(cset), hb=int(hb), nb=len(bottom), nf=nf,
+               lt=len(tower), ncross=len(spec.cross), Ps=len(ps), Pv=len(pv),
+               flags=int(spec.lin is not None) | 2 * int(spec.fm), dense_w=vec(spec.dense_w),
+               cross_head=vec(spec.cross_head), bias=vec(torch.tensor([spec.bias])),
+               Ks=len(scols), Kv=len(vcols), Kx=Kx, dvar=dvar)
+    base, card = np.asarray(bag_base, np.int64), np.asarray(bag_card, np.int64)
+    meta = ([hdr[k] for k in _HEADER] + base.tolist() + card.tolist()
+            + [int(t in cset) for t in range(T)] + [int(j in dset) for j in range(Kd)]
+            + list(map(int, seq_base)) + list(map(int, seq_card))
+            + [t for _, t in spec.sequences] + [i for i, _ in ps] + [j for _, j in ps]
+            + [i for i, _ in pv] + [j for _, j in pv] + [x for r in records for x in r])
+    blob = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
+    return torch.tensor(meta, dtype=torch.long), blob
 
 
 # ---------------------------------------------------------------------------- one version
 class _Version:
     """One loaded checkpoint: immutable after ``__init__`` (shared by every request thread)."""
 
-    def __init__(self, path, quantize: str | None, serial: int, mlp: str | None = None):
+    def __init__(self, path, quantize: str | None, serial: int, mlp: str | None = None,
+                 missing: str = "error"):
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         if mlp not in MLP:
             raise ValueError(f"mlp must be one of {MLP}, got {mlp!r}")
+        if missing not in MISSING:
+            raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
         model, schema, config = load_model(path)
         self.path = str(resolve(path))
         self.serial = serial
         self.quantize = quantize
+        self.mlp = None if mlp == "fp32" else mlp
+        self.missing = missing
         self.schema = schema
         self.config = dict(config)
         self.name = config["name"]
         for p in model.parameters():
             p.requires_grad_(False)
-        # fields: raw column -> Field; bag order; dense order
         self.by_source = {f.source: f for f in schema.fields}
         self.bags = [name for name, _ in schema.sparse_fields()]
         self.bag_pos = {schema.field(n).source: i for i, n in enumerate(self.bags)}
@@ -271,141 +275,97 @@ class _Version:
         self.bag_card = np.array([schema.cardinality(n) for n in self.bags], dtype=np.int64)
         self.dense = [schema.field(n) for n in schema.dense_fields()]
         self.dense_pos = {f.source: i for i, f in enumerate(self.dense)}
-        self.simple = all(f.type == "dense" or (f.type == "categorical") for f in schema.fields)
         self.vocab = {}
         for f in schema.fields:
             o = schema.owner(f.name)
             if f.type == "categorical" and o.vocab == "build":
                 self.vocab[f.source] = {v: i + 1 for i, v in enumerate(o.vocabulary)}
-        self.native = None
-        if self.simple:
-            self.native = self._native_params(model, quantize)
-        self.mlp = mlp
-        # DLRM on the native path: packed per field split (pack_dlrm), one call of its numpy
-        # handle (handle_for) per request when every dense field is user-side
-        self.packable = self.native is not None and self.native["kind"] == _KIND["dlrm"]
-        if mlp == "bf16" and self.native is None:
-            raise ValueError(f"mlp='bf16' needs a model on the native path (DLRM, DCN-v2); "
-                             f"{self.name!r} runs its MLPs in float32 (use mlp=None)")
-        if mlp == "bf16" and not self.packable:
-            # DCN-v2: the cross and deep weights in bfloat16 (biases, head and every elementwise
-            # step stay float32); serving_forward runs those products in bf16
-            lay = self.native["layers"]
-            self.native["layers"] = [t.bfloat16().contiguous() if i % 2 == 0 else t
-                                     for i, t in enumerate(lay)]
-        if self.native is None and quantize is not None:
-            model = copy.deepcopy(model)
-            for ebc in model.embedding_collections():
-                st, sb = quantize_rows(ebc.weight, quantize)
-                with torch.no_grad():
-                    ebc.weight.copy_(dequantize_rows(st, sb))
-        # the native path needs none of the model's tensors: drop it (and its tables)
-        self.model = None if self.native is not None else model
-        self.plans: dict = {}  # frozenset of candidate slots -> cand_slots tensor (benign race)
-        self.packed: dict = {}  # (candidate slots) -> (meta, blob) of pack_dlrm (benign race)
-        self.handles: dict = {}  # (candidate slots) -> its serving_dlrm_handle (benign race)
+        simple = all(f.type in ("categorical", "dense") or (f.type == "multi_categorical"
+                                                          and f.sequence)
+                     for f in schema.fields)
+        spec = model.serving_spec() if simple else None
+        self.spec = None
+        if spec is not None:
+            st, sb = quantize_rows(spec.table, quantize)
+            self.weights = st.clone() if quantize is None else st  # our own copy
+            self.scale_bias = sb
+            self.lin = None if spec.lin is None else spec.lin.detach().float().contiguous().clone()
+            self.spec = copy.copy(spec)
+            self.spec.table = self.weights  # packing reads only its width
+            seq_table = dict(schema.sequence_fields())
+            self.seqs = [s for s, _ in spec.sequences]
+            self.seq_pos = {schema.field(s).source: i for i, s in enumerate(self.seqs)}
+            self.seq_base = [int(tofs[seq_table[s]]) for s in self.seqs]
+            self.seq_card = [schema.cardinality(s) for s in self.seqs]
+            self.model = None  # the executor needs none of the model's tensors
+        else:
+            what = ("multi-valued bags or vector fields" if not simple
+                    else f"no serving spec for model {self.name!r}")
+            warnings.warn(f"Scorer: {what}: requests run the model's torch forward on N rows",
+                          stacklevel=4)
+            if mlp == "bf16":
+                raise ValueError(f"mlp='bf16' needs the executor; {self.name!r} runs its torch "
+                                 "forward in float32 (use mlp=None)")
+            if quantize is not None:
+                model = copy.deepcopy(model)
+                for ebc in model.embedding_collections():
+                    st, sb = quantize_rows(ebc.weight, quantize)
+                    with torch.no_grad():
+                        ebc.weight.copy_(dequantize_rows(st, sb))
+            self.model = model
+        self.handles: dict = {}  # (cand slots, dense cand) -> its handle (benign race)
 
-    def packed_for(self, cand_slots) -> tuple[torch.Tensor, torch.Tensor]:
-        """(meta, blob) of this version packed for the split ``cand_slots`` (cached)."""
-        key = tuple(int(c) for c in cand_slots)
-        got = self.packed.get(key)
-        if got is None:
-            got = self.packed.setdefault(key, pack_dlrm(self.native, self.bag_base, self.bag_card,
-                                                        key, self.mlp))
-        return got
+    def packed_for(self, cand_slots, dense_cand=()) -> tuple[torch.Tensor, torch.Tensor]:
+        """(meta, blob) of this version packed for one field split."""
+        return pack(self.spec, self.bag_base, self.bag_card, self.seq_base, self.seq_card,
+                    len(self.dense), cand_slots, dense_cand, self.mlp)
 
-    def handle_for(self, cand_slots):
-        """The numpy entry point (``ops.scorer.serving_dlrm_handle``) of ``packed_for``."""
-        key = tuple(int(c) for c in cand_slots)
+    def handle_for(self, cand_slots, dense_cand=()):
+        """The executor's numpy entry point for one field split (cached)."""
+        key = (tuple(sorted(int(c) for c in cand_slots)), tuple(sorted(dense_cand)))
         got = self.handles.get(key)
         if got is None:
-            meta, blob = self.packed_for(key)
-            nat = self.native
-            got = self.handles.setdefault(key, _op.serving_dlrm_handle(
-                meta, blob, nat["weights"], nat["scale_bias"]))
+            meta, blob = self.packed_for(*key)
+            got = self.handles.setdefault(key, _op.serving_handle(
+                meta, blob, self.weights, self.scale_bias, self.lin))
         return got
 
-    def _native_params(self, model, quantize):
-        name = self.name
-        if name == "dlrm":
-            kind, n_cross = _KIND["dlrm"], 0
-            if model.bottom is not None:
-                bottom = _linear_relu_pairs(model.bottom)
-                if bottom is None:
-                    return None
-            else:
-                bottom = []
-            layers = _linear_relu_pairs(model.top)
-            self_inter = bool(model.self_interaction)
-        elif name == "dcnv2":
-            if model.linear is not None:
-                return None
-            kind, bottom, self_inter = _KIND[model.structure], [], False
-            deep = _linear_relu_pairs(model.deep)
-            if deep is None:
-                return None
-            cross = []
-            for w, b in zip(model.cross.weights, model.cross.biases):
-                cross += [w.detach().float().contiguous().clone(),
-                          b.detach().float().contiguous().clone()]
-            n_cross = len(model.cross.weights)
-            layers = cross + deep
-        else:
-            return None
-        if layers is None or model.head.in_features == 0 or model.n_vector:
-            return None
-        weights, sb = quantize_rows(model.lookup.ebc.weight, quantize)
-        if quantize is None:
-            weights = weights.clone()  # our own copy: the model's buffer is not aliased
-        head = model.head.head
-        return {"weights": weights, "scale_bias": sb, "bottom": bottom, "layers": layers,
-                "head_w": head.weight.detach().float().contiguous().clone(),
-                "head_b": head.bias.detach().float().reshape(()).clone(),
-                "kind": kind, "n_cross": n_cross, "self_interaction": self_inter}
-
-    # -- the forward on encoded ids -----------------------------------------------------
     def forward_ids(self, user_ids: np.ndarray, cand_slots: list[int], cand_ids: np.ndarray,
-                    dense: np.ndarray) -> np.ndarray:
+                    dense: np.ndarray, dense_cand=(), seqs=None) -> np.ndarray:
         """user_ids [T] int64 (ignored at candidate slots), cand_ids [N, Tc] int64 of the slots
-        ``cand_slots``, dense [Nd, K_d] float32 (Nd = 1: shared) -> probabilities [N]."""
-        N = cand_ids.shape[0]
-        nat = self.native
-        if self.packable and dense.shape[0] == 1:
-            user = np.delete(user_ids, cand_slots) if cand_slots else user_ids
-            return self.handle_for(cand_slots)(user, cand_ids, dense[0])
+        ``cand_slots`` (bag order), dense [Nd, K_d] float32 (Nd = 1: shared), seqs: one int64
+        array per history -> probabilities [N]."""
+        if self.spec is not None:
+            sid, sl = _seq_arrays(seqs, len(self.seqs))
+            return self.handle_for(cand_slots, dense_cand)(user_ids, cand_ids, dense, sid, sl)
+        from ..data.batch import Batch
+
+        N, T = cand_ids.shape[0], len(self.bags)
+        idx = np.empty((T, N), dtype=np.int64)  # table-major bags, one id each
+        idx[:] = user_ids[:, None]
+        if len(cand_slots):
+            idx[list(cand_slots)] = cand_ids.T
+        d = np.broadcast_to(dense, (N, dense.shape[1])).astype(np.float32)
+        batch = Batch(indices=torch.from_numpy(idx.reshape(-1)),
+                      offsets=torch.arange(T * N + 1, dtype=torch.long),
+                      dense=torch.from_numpy(d), labels=torch.full((N,), float("nan")),
+                      vectors=torch.zeros(N, 0), num_bags=T)
+        return self.forward_batch(batch)
+
+    def forward_batch(self, batch) -> np.ndarray:
         with torch.inference_mode():
-            if self.mlp == "bf16" and self.packable:
-                raise ValueError("mlp='bf16' needs every dense field on the user side (the "
-                                 "bottom MLP runs once per request); pass them in `user`")
-            if nat is not None:
-                key = tuple(cand_slots)
-                plan = self.plans.get(key)
-                if plan is None:  # (slots [Tc], their row bases [Tc]) for this split
-                    plan = self.plans.setdefault(key, (torch.tensor(cand_slots, dtype=torch.long),
-                                                       self.bag_base[cand_slots]))
-                slots, cand_base = plan
-                user_rows = torch.from_numpy(user_ids + self.bag_base)  # [T]
-                cand_rows = torch.from_numpy(cand_ids + cand_base)  # [N, Tc]
-                out = _op.serving_forward(
-                    nat["weights"], nat["scale_bias"], user_rows, cand_rows, slots,
-                    torch.from_numpy(dense), nat["bottom"], nat["layers"], nat["head_w"],
-                    nat["head_b"], nat["kind"], nat["n_cross"], nat["self_interaction"])
-                return out.numpy()
-            T = len(self.bags)
-            idx = np.empty((T, N), dtype=np.int64)  # table-major bags, one id each
-            idx[:] = user_ids[:, None]
-            if cand_slots:
-                idx[cand_slots] = cand_ids.T
-            d = np.broadcast_to(dense, (N, dense.shape[1])).astype(np.float32)
-            batch = Batch(indices=torch.from_numpy(idx.reshape(-1)),
-                          offsets=torch.arange(T * N + 1, dtype=torch.long),
-                          dense=torch.from_numpy(d), labels=torch.full((N,), float("nan")),
-                          vectors=torch.zeros(N, 0), num_bags=T)
             return torch.sigmoid(self.model(batch)).numpy()
 
-    def forward_batch(self, batch: Batch) -> np.ndarray:
-        with torch.inference_mode():
-            return torch.sigmoid(self.model(batch)).numpy()
+
+def _seq_arrays(seqs, S: int):
+    if S == 0:
+        return None, None
+    seqs = [np.zeros(0, np.int64)] * S if seqs is None else seqs
+    if len(seqs) != S:
+        raise ValueError(f"{S} behaviour histories expected, got {len(seqs)}")
+    parts = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
+    return (np.concatenate(parts) if S > 1 else parts[0],
+            np.array([p.shape[0] for p in parts], dtype=np.int64))
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -452,25 +412,27 @@ def _column(values, name: str) -> list | np.ndarray:
 class Scorer:
     """Scores one user against N candidate ads with a trained checkpoint (see module doc)."""
 
-    def __init__(self, version: _Version, quantize: str | None, mlp: str | None = None):
+    def __init__(self, version: _Version, quantize: str | None, mlp: str | None = None,
+                 missing: str = "error"):
         self._version = version
         self._quantize = quantize
         self._mlp = mlp
+        self._missing = missing
         self._swap_lock = threading.Lock()
 
     @classmethod
     def load(cls, checkpoint_dir, quantize: str | None = None, threads: int | None = None,
-             mlp: str | None = None) -> Scorer:
+             mlp: str | None = None, missing: str = "error") -> Scorer:
         """Load a checkpoint directory (or a run directory: its best/, else last/).
-        ``mlp="bf16"`` (opt-in): DLRM's MLP weights and activations in bfloat16 with float32
-        accumulation (AVX512_BF16 where the CPU has it); DCN-v2's cross and deep weights in
-        bfloat16 (biases, head and the elementwise steps in float32; bf16 products from 32
-        candidates on). The default keeps everything in float32."""
+        ``mlp="bf16"`` (opt-in): the layer weights and activations in bfloat16 with float32
+        accumulation (AVX512_BF16 where the CPU has it); the default keeps everything in
+        float32. ``missing="default"``: a field a request leaves out takes its training default
+        instead of raising."""
         if threads is not None:
             if int(threads) < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(int(threads))
-        return cls(_Version(checkpoint_dir, quantize, 0, mlp), quantize, mlp)
+        return cls(_Version(checkpoint_dir, quantize, 0, mlp, missing), quantize, mlp, missing)
 
     # -- versions -----------------------------------------------------------------------
     @property
@@ -481,19 +443,20 @@ class Scorer:
 
     @property
     def native(self) -> bool:
-        """True when requests run as one ``adrec::serving_forward`` call."""
-        return self._version.native is not None
+        """True when requests run on the native executor (every zoo model)."""
+        return self._version.spec is not None
 
     @property
     def schema(self):
         return self._version.schema
 
     def swap(self, checkpoint_dir) -> tuple[int, str]:
-        """Load ``checkpoint_dir`` (same quantization) and make it the version of every request
-        that starts afterwards; requests in flight finish on the version they started with.
+        """Load ``checkpoint_dir`` (same settings) and make it the version of every request that
+        starts afterwards; requests in flight finish on the version they started with.
         On a load error the current version stays. Returns the new ``version``."""
         with self._swap_lock:
-            new = _Version(checkpoint_dir, self._quantize, self._version.serial + 1, self._mlp)
+            new = _Version(checkpoint_dir, self._quantize, self._version.serial + 1, self._mlp,
+                           self._missing)
             self._version = new  # one reference store: atomic for readers
         return new.serial, new.path
 
@@ -527,26 +490,38 @@ class Scorer:
             if len(cols[name]) != n:
                 raise ValueError(f"candidate column {name!r} has {len(cols[name])} values, "
                                  f"expected {n}")
-        if not v.simple:
+        if v.missing == "error":
+            gone = [f.source for f in v.schema.fields if f.source not in user and
+                    f.source not in cols]
+            if gone:
+                raise ValueError(f"fields missing from the request: {gone} (give them in `user` "
+                                 "or per candidate; Scorer.load(..., missing='default') fills "
+                                 "them with their training default)")
+        if v.spec is None:
             return self._score_general(v, user, cols, n)
         T = len(v.bags)
         user_ids = np.zeros(T, dtype=np.int64)
-        cand_slots, cand_cols = [], []
+        cand_slots, cand_cols, seqs = [], [], [np.zeros(0, np.int64)] * len(v.seqs)
         for name, val in user.items():
             f = v.by_source[name]
             if f.type == "categorical":
                 user_ids[v.bag_pos[name]] = self._encode_one(v, f, val)
-            else:
+            elif f.type == "dense":
                 _check_dense_scalar(val, name)
-        for name, col in cols.items():
-            f = v.by_source[name]
-            if f.type == "categorical":
-                cand_slots.append(v.bag_pos[name])
-                cand_cols.append(self._encode_col(v, f, col))
+            else:
+                seqs[v.seq_pos[name]] = self._encode_seq(v, f, val)
+        for name in sorted((c for c in cols if v.by_source[c].type == "categorical"),
+                           key=v.bag_pos.get):
+            cand_slots.append(v.bag_pos[name])
+            cand_cols.append(self._encode_col(v, v.by_source[name], cols[name]))
+        for name in cols:
+            if v.by_source[name].type == "multi_categorical":
+                raise ValueError(f"field {name!r}: a behaviour history is user-side; give it "
+                                 "in `user`")
         cand_ids = (np.stack(cand_cols, axis=1) if cand_cols
                     else np.zeros((n, 0), dtype=np.int64))  # [N, Tc]
-        dense = self._dense(v, user, cols, n)
-        return v.forward_ids(user_ids, cand_slots, cand_ids, dense)
+        dense, dcand = self._dense(v, user, cols, n)
+        return v.forward_ids(user_ids, cand_slots, cand_ids, dense, dcand, seqs)
 
     @staticmethod
     def _candidate_columns(candidates) -> tuple[dict, int]:
@@ -588,6 +563,17 @@ class Scorer:
         return int(v.schema.lookup(f.name, pa.array([tok], pa.string()))[0])
 
     @staticmethod
+    def _encode_seq(v: _Version, f, val) -> np.ndarray:
+        import pyarrow as pa
+
+        try:
+            toks, lengths = C.token_lists(pa.array([val]), f.sep)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise TypeError(f"field {f.name!r}: values cannot be read as a history ({e})") from e
+        ids = v.schema.lookup(f.name, toks).astype(np.int64, copy=False)
+        return ids[-f.max_len:] if f.max_len and ids.shape[0] > f.max_len else ids
+
+    @staticmethod
     def _encode_col(v: _Version, f, col) -> np.ndarray:
         import pyarrow as pa
 
@@ -603,11 +589,11 @@ class Scorer:
         return v.schema.lookup(f.name, toks).astype(np.int64, copy=False)
 
     @staticmethod
-    def _dense(v: _Version, user: dict, cols: dict, n: int) -> np.ndarray:
-        """[Nd, K_d] float32 transformed dense values; Nd = 1 unless a dense field is per
-        candidate."""
-        per_cand = any(name in v.dense_pos for name in cols)
-        rows = n if per_cand else 1
+    def _dense(v: _Version, user: dict, cols: dict, n: int):
+        """([Nd, K_d] float32 transformed dense values, candidate-side dense positions);
+        Nd = 1 unless a dense field is per candidate."""
+        dcand = tuple(i for name, i in v.dense_pos.items() if name in cols)
+        rows = n if dcand else 1
         out = np.empty((rows, len(v.dense)), dtype=np.float32)
         for j, f in enumerate(v.dense):
             if f.source in cols:
@@ -625,7 +611,7 @@ class Scorer:
             else:
                 x = _dense_values(v, f, [user.get(f.source)])
             out[:, j] = x
-        return out
+        return out, dcand
 
     def _score_general(self, v: _Version, user: dict, cols: dict, n: int) -> np.ndarray:
         """Any schema: repeat the user values N times, encode with the schema, model forward."""
@@ -641,6 +627,8 @@ class Scorer:
             if v.by_source[name].type == "dense":
                 for x in col:
                     _check_dense_scalar(x, name)
+        for f in v.schema.fields:  # missing="default": the training default
+            full.setdefault(f.source, [None] * n)
         try:
             batch = v.schema.encode_columns(full)
         except Exception as e:  # a DataError or an arrow error: the value was of a wrong type
@@ -649,21 +637,19 @@ class Scorer:
 
     # -- the leanest path: id arrays ---------------------------------------------------
     def ids_path(self, cand_fields) -> IdsPath:
-        """A callable for requests of one field split, ids already encoded (DLRM on the native
-        path): ``fn(user_ids, cand_ids, dense) -> probabilities [N]``. See :class:`IdsPath`."""
+        """A callable for requests of one field split, ids already encoded:
+        ``fn(user_ids, cand_ids, dense, seqs) -> probabilities [N]``. See :class:`IdsPath`."""
         return IdsPath(self, cand_fields)
 
     # -- the fast path: encoded ids ----------------------------------------------------
-    def score_ids(self, user_ids: dict, cand_ids: dict, dense=None) -> np.ndarray:
+    def score_ids(self, user_ids: dict, cand_ids: dict, dense=None, seqs=None) -> np.ndarray:
         """Fast path, no schema work. ``user_ids``: {field: id}, ``cand_ids``: {field: int
         array [N]}, ids within the field's table as the schema encodes them (a sparse field in
         neither gets id 0); ``dense``: transformed dense values in ``schema.dense_fields()``
-        order, [K_d] (shared) or [N, K_d]; required when the schema has dense fields.
-        Plain categorical + dense schemas only. Raises IndexError for an id out of range."""
+        order, [K_d] (shared) or [N, K_d]; required when the schema has dense fields; ``seqs``:
+        one id array per behaviour history (``schema.sequence_fields()`` order).
+        Raises IndexError for an id out of range."""
         v = self._version
-        if not v.simple:
-            raise NotImplementedError("score_ids needs a schema of categorical and dense fields "
-                                      "only; use score()")
         T = len(v.bags)
         uid = np.zeros(T, dtype=np.int64)
         for name, i in user_ids.items():
@@ -673,7 +659,7 @@ class Scorer:
             if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
                 raise TypeError(f"field {name!r}: id must be an int, got {type(i).__name__}")
             uid[pos] = i
-        slots, arrs, n = [], [], None
+        cols, n = {}, None
         for name, a in cand_ids.items():
             pos = v.bag_pos.get(name)
             if pos is None:
@@ -688,24 +674,14 @@ class Scorer:
                 n = a.shape[0]
             elif a.shape[0] != n:
                 raise ValueError(f"field {name!r}: {a.shape[0]} candidate ids, expected {n}")
-            slots.append(pos)
-            arrs.append(a.astype(np.int64, copy=False))
+            cols[pos] = a.astype(np.int64, copy=False)
         if not n:
             raise ValueError("empty candidate list")
-        cand = np.stack(arrs, axis=1)  # [N, Tc]
-        card = v.bag_card
-        bad = (uid < 0) | (uid >= card)
-        bad[slots] = False
-        if bad.any():
-            t = int(np.flatnonzero(bad)[0])
-            raise IndexError(f"field {v.bags[t]!r}: id {int(uid[t])} out of range "
-                             f"[0, {int(card[t])})")
-        cb = (cand < 0) | (cand >= card[slots])
-        if cb.any():
-            r, c = (int(x[0]) for x in np.nonzero(cb))
-            raise IndexError(f"field {v.bags[slots[c]]!r}: candidate {r} id {int(cand[r, c])} "
-                             f"out of range [0, {int(card[slots[c]])})")
+        slots = sorted(cols)
+        cand = np.ascontiguousarray(np.stack([cols[s] for s in slots], axis=1))  # [N, Tc]
+        _check_ids(v, [t for t in range(T) if t not in cols], uid, slots, cand)
         K = len(v.dense)
+        dcand: tuple = ()
         if K == 0:
             d = np.zeros((1, 0), dtype=np.float32)
         else:
@@ -719,31 +695,44 @@ class Scorer:
             if np.isnan(d).any():
                 raise ValueError("NaN dense value")
             d = np.ascontiguousarray(d)
-        return v.forward_ids(uid, slots, cand, d)
+            if d.shape[0] > 1:
+                dcand = tuple(range(K))
+        return v.forward_ids(uid, slots, cand, d, dcand, seqs)
+
+
+def _check_ids(v: _Version, user_slots, uid, cand_slots, cand) -> None:
+    """IndexError naming the field of the first id out of its table."""
+    for t in user_slots:
+        if not 0 <= uid[t] < v.bag_card[t]:
+            raise IndexError(f"field {v.bags[t]!r}: id {int(uid[t])} out of range "
+                             f"[0, {int(v.bag_card[t])})")
+    for c, t in enumerate(cand_slots):
+        bad = np.flatnonzero((cand[:, c] < 0) | (cand[:, c] >= v.bag_card[t]))
+        if bad.size:
+            r = int(bad[0])
+            raise IndexError(f"field {v.bags[t]!r}: candidate {r} id {int(cand[r, c])} out of "
+                             f"range [0, {int(v.bag_card[t])})")
 
 
 class IdsPath:
     """The leanest request path: one field split, ids already encoded, numpy in and out.
 
     ``cand_fields``: the candidate-side sparse fields (raw column names); every other sparse
-    field is user-side, in schema order: ``user_fields``. A call takes
-    ``user_ids`` int64 [len(user_fields)], ``cand_ids`` int64 [N, len(cand_fields)] (ids within
-    each field's table, as the schema encodes them) and ``dense`` float32 [K_d] (transformed
-    values in ``schema.dense_fields()`` order, shared by every candidate; omit it when the schema
-    has no dense field), and returns probabilities [N] float32. Per request a DLRM makes one call
-    of the packed-DLRM kernel through its numpy entry point (``ops.scorer.serving_dlrm_handle``:
-    no torch.ops dispatch, no tensors, GIL released) on the model packed once for this split (no
-    per-request dict or schema work); a DCN-v2 makes one ``adrec::serving_forward`` call, without
-    the dict handling of ``score_ids``. Bad requests: a wrong dtype or shape -> TypeError /
-    ValueError naming the argument, an id out of range -> IndexError naming the field, no
-    candidates or a NaN dense value -> ValueError. Hot swaps apply: every call uses the version
-    current at its start."""
+    field is user-side, in schema order: ``user_fields``. A call takes ``user_ids`` int64
+    [len(user_fields)], ``cand_ids`` int64 [N, len(cand_fields)] (ids within each field's table,
+    as the schema encodes them), ``dense`` float32 [K_d] (transformed values in
+    ``schema.dense_fields()`` order, shared by every candidate; omit it when the schema has no
+    dense field) and ``seqs`` (one int64 id array per behaviour history, for DIN), and returns
+    probabilities [N] float32: one call of the executor's numpy entry point on the model packed
+    for this split. Bad requests: a wrong dtype or shape -> TypeError / ValueError naming the
+    argument, an id out of range -> IndexError naming the field, no candidates or a NaN dense
+    value -> ValueError. Hot swaps apply: every call uses the version current at its start."""
 
     def __init__(self, scorer: Scorer, cand_fields):
         v = scorer._version
-        if v.native is None:
-            raise NotImplementedError(f"ids_path needs a model on the native path (DLRM, "
-                                      f"DCN-v2), not {v.name!r}; use score_ids()")
+        if v.spec is None:
+            raise NotImplementedError(f"ids_path needs a model the executor runs, not "
+                                      f"{v.name!r}; use score_ids()")
         cand_fields = list(cand_fields)
         for name in cand_fields:
             if name not in v.bag_pos:
@@ -755,94 +744,53 @@ class IdsPath:
         self.cand_fields = tuple(cand_fields)
         self.user_fields = tuple(by_slot[t] for t in range(len(v.bags))
                                  if by_slot[t] not in cand_fields)
+        slots = [v.bag_pos[f] for f in self.cand_fields]
+        # the executor reads candidate columns in slot order
+        self._perm = None if slots == sorted(slots) else np.argsort(slots)
         self._scorer = scorer
         self._bound = None
 
     def _bind(self, v: _Version):
-        if v.native is None:
-            raise NotImplementedError(f"the current version ({v.name!r}) is not on the native "
-                                      "path (DLRM, DCN-v2)")
-        slots = [v.bag_pos[f] for f in self.cand_fields]
-        if v.packable:
-            fn = v.handle_for(slots)
-        else:
-            fn = self._native_call(v, slots)
-        b = (v, fn)
+        if v.spec is None:
+            raise NotImplementedError(f"the current version ({v.name!r}) has no serving spec")
+        b = (v, v.handle_for([v.bag_pos[f] for f in self.cand_fields]), len(v.seqs))
         self._bound = b  # one reference store; a racing thread binds the same values
         return b
 
-    @staticmethod
-    def _native_call(v: _Version, cand_slots: list[int]):
-        """A request function for the models that run as one ``adrec::serving_forward`` call
-        (DCN-v2): the same arguments and checks as the packed DLRM's handle, in numpy."""
-        T = len(v.bags)
-        user_slots = np.array([t for t in range(T) if t not in cand_slots], dtype=np.int64)
-        Tu, Tc, Kd = len(user_slots), len(cand_slots), len(v.dense)
-        ucard, ccard = v.bag_card[user_slots], v.bag_card[np.array(cand_slots, dtype=np.int64)]
-        no_dense = np.zeros((1, 0), dtype=np.float32)
-
-        def arr(x, name, dtype, shape):
-            if not isinstance(x, np.ndarray) or x.dtype != dtype:
-                got = (f"{x.dtype} array {list(x.shape)}" if isinstance(x, np.ndarray)
-                       else type(x).__name__)
-                raise TypeError(f"ids_path: {name} must be a numpy {np.dtype(dtype)} array "
-                                f"{shape}, got {got}")
-            return x
-
-        def run(user_ids, cand_ids, dense):
-            u = arr(user_ids, "user_ids", np.int64, f"[{Tu}]")
-            c = arr(cand_ids, "cand_ids", np.int64, f"[N, {Tc}]")
-            if u.shape != (Tu,):
-                raise ValueError(f"ids_path: user_ids must be [{Tu}], got {list(u.shape)}")
-            if c.ndim != 2 or c.shape[1] != Tc:
-                raise ValueError(f"ids_path: cand_ids must be [N, {Tc}], got {list(c.shape)}")
-            if c.shape[0] == 0:
-                raise ValueError("ids_path: empty candidate list (cand_ids has no rows)")
-            if Kd:
-                if dense is None:
-                    raise ValueError(f"ids_path: dense values needed for "
-                                     f"{[f.name for f in v.dense]} (dense float32 [{Kd}])")
-                d = arr(dense, "dense", np.float32, f"[{Kd}]")
-                if d.shape != (Kd,):
-                    raise ValueError(f"ids_path: dense must be [{Kd}], got {list(d.shape)}")
-                if np.isnan(d).any():
-                    raise ValueError(f"ids_path: dense[{int(np.flatnonzero(np.isnan(d))[0])}] is NaN")
-                d = np.ascontiguousarray(d)[None]
-            else:
-                if dense is not None and np.size(dense):
-                    raise ValueError("ids_path: the schema has no dense field; pass dense=None")
-                d = no_dense
-            if ((u < 0) | (u >= ucard)).any() or ((c < 0) | (c >= ccard)).any():
-                raise IndexError("ids_path: id out of range")  # named by _index_error
-            uid = np.zeros(T, dtype=np.int64)
-            uid[user_slots] = u
-            return v.forward_ids(uid, cand_slots, np.ascontiguousarray(c), d)
-
-        return run
-
-    def __call__(self, user_ids: np.ndarray, cand_ids: np.ndarray, dense=None) -> np.ndarray:
+    def __call__(self, user_ids: np.ndarray, cand_ids: np.ndarray, dense=None,
+                 seqs=None) -> np.ndarray:
         b = self._bound
         v = self._scorer._version  # this request's version
         if b is None or b[0] is not v:
             b = self._bind(v)
+        if not isinstance(user_ids, np.ndarray) or user_ids.dtype != np.int64:
+            raise TypeError(f"ids_path: user_ids must be a numpy int64 array "
+                            f"[{len(self.user_fields)}], got {_describe(user_ids)}")
+        if user_ids.ndim != 1 or user_ids.shape[0] != len(self.user_fields):
+            raise ValueError(f"ids_path: user_ids must be [{len(self.user_fields)}] "
+                             f"({list(self.user_fields)}), got {_describe(user_ids)}")
+        if self._perm is not None and isinstance(cand_ids, np.ndarray) and cand_ids.ndim == 2:
+            cand_ids = np.ascontiguousarray(cand_ids[:, self._perm])
+        sid, sl = _seq_arrays(seqs, b[2])
         try:
-            return b[1](user_ids, cand_ids, dense)
+            return b[1](user_ids, cand_ids, dense, sid, sl)
         except IndexError:
             raise self._index_error(v, user_ids, cand_ids) from None
 
     def _index_error(self, v: _Version, user_ids, cand_ids) -> IndexError:
-        for name, i in zip(self.user_fields, user_ids.tolist()):
-            card = int(v.bag_card[v.bag_pos[name]])
-            if not 0 <= i < card:
-                return IndexError(f"field {name!r}: id {i} out of range [0, {card})")
-        for c, name in enumerate(self.cand_fields):
-            card = int(v.bag_card[v.bag_pos[name]])
-            bad = np.flatnonzero((cand_ids[:, c] < 0) | (cand_ids[:, c] >= card))
-            if bad.size:
-                r = int(bad[0])
-                return IndexError(f"field {name!r}: candidate {r} id {int(cand_ids[r, c])} out "
-                                  f"of range [0, {card})")
-        return IndexError("ids_path: id out of range")
+        user_slots = [v.bag_pos[f] for f in self.user_fields]
+        uid = np.zeros(len(v.bags), dtype=np.int64)
+        uid[user_slots] = user_ids
+        slots = sorted(v.bag_pos[f] for f in self.cand_fields)
+        try:
+            _check_ids(v, user_slots, uid, slots, cand_ids)
+        except IndexError as e:
+            return e
+        return IndexError("ids_path: a history id is out of range")
+
+
+def _describe(x) -> str:
+    return f"{x.dtype} array {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
 
 
 def _dense_values(v: _Version, f, col) -> np.ndarray:
@@ -859,10 +807,10 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load(checkpoint_dir, quantize: str | None = None, threads: int | None = None,
-         mlp: str | None = None) -> Scorer:
+         mlp: str | None = None, missing: str = "error") -> Scorer:
     """Same as :meth:`Scorer.load`."""
-    return Scorer.load(checkpoint_dir, quantize, threads, mlp)
+    return Scorer.load(checkpoint_dir, quantize, threads, mlp, missing)
 
 
-__all__ = ["MLP", "QUANTIZE", "IdsPath", "Scorer", "dequantize_rows", "load", "pack_dlrm",
+__all__ = ["MISSING", "MLP", "QUANTIZE", "IdsPath", "Scorer", "dequantize_rows", "load", "pack",
            "quantize_rows"]

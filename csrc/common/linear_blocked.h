@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// Pre-blocked layers: the products of the packed serving model (adrec::serving_dlrm), whose
-// weights are laid out once per model (adrec_fast/serving/scorer.py, pack_dlrm) so that a
+// Pre-blocked layers: the products of the packed serving model (adrec::serving_forward), whose
+// weights are laid out once per model (adrec_fast/serving/scorer.py, pack) so that a
 // request reads them in the order the kernels use. The kernels and the choice among them (fp32,
 // bf16 with AVX512_BF16 where cpu_isa() allows it, portable bf16) live in csrc/cpu/linear.cpp with
 // the rest of the dense-product policy (csrc/cpu/linear_blocked.inc).

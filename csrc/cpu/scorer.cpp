@@ -1,11 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
-// Serving forward of DLRM and DCN-v2 in one native call: row lookup (fp32, fp16 or int8
-// row-wise tables, dequantized on lookup), interaction, MLPs (through the linear op's policy,
-// common/linear.h), head and sigmoid. The user/context side (user-slot embeddings, the bottom MLP
-// when the dense input is shared, DLRM dot products between two shared fields) is computed once
-// per request and copied into every candidate row as a template; only the candidate slots are
-// read per candidate.
-// Candidate rows are filled by adrec::parallel_for over row blocks.
+// The serving executor: one user against N candidates, every zoo model, one native call.
+//
+// A model is packed once per field split by adrec_fast/serving/scorer.py (pack): `meta` int64
+// describes the slots, the split, the interaction and the layers; `blob` uint8 holds the
+// blocked layer weights (common/linear_blocked.h) and a few float vectors. Per request:
+//   stage A (once): the user-side embeddings, the user's history keys, DLRM's bottom MLP when
+//     the dense input is shared, the first-layer input s of everything shared (shared fields,
+//     shared dense values, DLRM dots of two shared fields) and its products u_j = W_sj s + b_j,
+//     the user part of the scalar terms (first order, dense linear, FM sums, bias);
+//   stage B (per candidate): the candidate rows, target attention over the history, the
+//     varying first-layer input zv and, for the cross network, the full x0; then the tower:
+//     cross layers, MLP, head (its first layers take u_j as their bias), sigmoid.
+// Every logit is  side + head(tower)  with side = bias + first order + dense linear + FM
+// (+ the head's cross columns for a parallel DCN-v2).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -17,7 +24,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <thread>
@@ -25,24 +31,35 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/linear.h"
-#include "common/linear_blocked.h"
 #include "common/cpu_isa.h"
-#include "common/parallel.h"
+#include "common/linear_blocked.h"
 #include "cpu/scorer.h"
 
 namespace adrec {
 namespace {
 
 constexpr const char* kOp = "serving_forward";
-constexpr int64_t kDLRM = 0, kDCNParallel = 1, kDCNStacked = 2;
-// From this many candidates on, the first layer's shared columns are split off (the column
-// gathers of the weight cost more than they save on smaller requests).
-constexpr int64_t kSplitMin = 128;
+constexpr int64_t kMagic = 0x4144524543534532LL;  // "ADRECSE2"
+// meta header (adrec_fast/serving/scorer.py writes the same fields)
+enum : int64_t {
+  H_MAGIC, H_PREC, H_KIND, H_D, H_T, H_S, H_KD, H_TU, H_TC, H_HB, H_NB, H_NF, H_LT, H_NCROSS,
+  H_PS, H_PV, H_FLAGS, H_DENSE_W, H_CROSS_HEAD, H_BIAS, H_KS, H_KV, H_KX, H_DVAR, H_SIZE
+};
+enum : int64_t { kConcat = 0, kDot = 1 };
+enum : int64_t { kActNone = 0, kActRelu = 1, kActCross = 2 };  // layer activation
+enum : int64_t { kInZv = 0, kInPrev = 1, kInCross = 2 };        // tower layer input
+constexpr int64_t kMaxLayers = 64;
+// From this many rows per thread on, threads split the candidates (each runs the whole tower on
+// its rows, no barrier); below it they split every layer's outputs (the weights, read once per
+// request, are then spread over the cores' caches) with a barrier per layer.
+constexpr int64_t kRowsPerThread = 16;
+constexpr int64_t kTile = 32;  // candidate rows per tile in the row split
+// Weight bytes up to which every thread computes a whole stage-A layer itself (in its own
+// buffers) rather than its share of the outputs followed by a barrier.
+constexpr int64_t kPrivateLayerBytes = 32 * 1024;
 
-at::Tensor index_tensor(const std::vector<int64_t>& v) {
-  return at::tensor(at::ArrayRef<int64_t>(v), at::TensorOptions().dtype(at::kLong));
-}
+inline int64_t pad16(int64_t k) { return (k + 15) / 16 * 16; }
+inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
 
 // One embedding buffer [R, D] in one of three storages; row() writes a float32 copy.
 struct RowReader {
@@ -50,7 +67,7 @@ struct RowReader {
   const at::Half* f16 = nullptr;
   const uint8_t* q8 = nullptr;
   const float* scale_bias = nullptr;  // [R, 2]: x = q * scale + bias (int8 row-wise)
-  int64_t D = 0;
+  int64_t R = 0, D = 0;
 
   inline void row(int64_t r, float* out) const {
     if (f32) {
@@ -66,414 +83,210 @@ struct RowReader {
   }
 };
 
-// A reader over raw storage `weights` [R, D] of `dtype` (+ scale_bias [R, 2] for uint8); `op`
-// names the caller in the error.
-RowReader reader_of(const void* weights, TableDtype dtype, int64_t D, const float* scale_bias,
-                    const char* op) {
+RowReader reader_of(const void* weights, TableDtype dtype, int64_t R, int64_t D,
+                    const float* scale_bias) {
+  TORCH_CHECK_VALUE(R >= 0 && D >= 1, kOp, ": weights must be [R, D] with D >= 1");
   RowReader rr;
-  rr.D = D;
+  rr.R = R, rr.D = D;
   switch (dtype) {
     case TableDtype::kFloat32: rr.f32 = static_cast<const float*>(weights); break;
     case TableDtype::kFloat16: rr.f16 = static_cast<const at::Half*>(weights); break;
     case TableDtype::kUInt8:
-      TORCH_CHECK_VALUE(scale_bias != nullptr, op, ": uint8 weights need scale_bias [R, 2]");
+      TORCH_CHECK_VALUE(scale_bias != nullptr, kOp, ": uint8 weights need scale_bias [R, 2]");
       rr.q8 = static_cast<const uint8_t*>(weights);
       rr.scale_bias = scale_bias;
       break;
-    default: TORCH_CHECK_TYPE(false, op, ": weights must be float32, float16 or uint8");
+    default: TORCH_CHECK_TYPE(false, kOp, ": weights must be float32, float16 or uint8");
   }
   return rr;
 }
 
-RowReader make_reader(const at::Tensor& w, const std::optional<at::Tensor>& scale_bias) {
-  check_dim(w, 2, kOp, "weights", "[R, D]");
-  TORCH_CHECK_VALUE(w.is_contiguous(), kOp, ": weights must be contiguous");
-  const float* sbp = nullptr;
-  TableDtype dt;
-  if (w.scalar_type() == at::kFloat) {
-    dt = TableDtype::kFloat32;
-  } else if (w.scalar_type() == at::kHalf) {
-    dt = TableDtype::kFloat16;
-  } else if (w.scalar_type() == at::kByte) {
-    dt = TableDtype::kUInt8;
-    TORCH_CHECK_VALUE(scale_bias.has_value(), kOp, ": uint8 weights need scale_bias [R, 2]");
-    const auto& sb = *scale_bias;
-    TORCH_CHECK_TYPE(sb.scalar_type() == at::kFloat, kOp, ": scale_bias must be float32");
-    TORCH_CHECK_VALUE(sb.dim() == 2 && sb.size(0) == w.size(0) && sb.size(1) == 2 &&
-                          sb.is_contiguous(),
-                      kOp, ": scale_bias must be contiguous [R, 2] = [", w.size(0), ", 2], got ",
-                      sb.sizes());
-    sbp = sb.data_ptr<float>();
-  } else {
-    TORCH_CHECK_TYPE(false, kOp, ": weights must be float32, float16 or uint8, got ",
-                     w.scalar_type());
-  }
-  return reader_of(w.data_ptr(), dt, w.size(1), sbp, kOp);
-}
-
-// (relu)(x @ w.T + b) under the linear op's policy (common/linear.h). bf16 weights (the Scorer's
-// mlp="bf16" for DCN-v2) give a bf16 result from the oneDNN row minimum on, which the next deep
-// layer takes as it is; the elementwise steps that read it (cross epilogue, concatenation, head)
-// compute in float32.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool relu) {
-  return linear_forward(x, w, b, relu ? Activation::kRelu : Activation::kNone);
-}
-
-at::Tensor mlp_relu(at::Tensor x, at::TensorList wb, size_t begin, size_t end) {
-  for (size_t i = begin; i + 1 < end; i += 2) x = linear(x, wb[i], wb[i + 1], true);  // [B, out]
-  return x;
-}
-
-}  // namespace
-
-// weights [R, D] float32/float16/uint8 (+ scale_bias [R, 2]); user_rows [T] int64 global rows
-// (read only for slots not in cand_slots); cand_rows [N, Tc] int64 global rows of the candidate
-// slots cand_slots [Tc]; dense [Nd, K_d] float32 with Nd in {1, N} (1 = shared by every
-// candidate). kind 0 = DLRM (bottom: bottom MLP (w, b) pairs, layers: top MLP pairs),
-// 1 / 2 = DCN-v2 parallel / stacked (layers: n_cross cross (w, b) pairs, then the deep MLP's).
-// Returns probabilities [N] float32.
-at::Tensor serving_forward_cpu(const at::Tensor& weights,
-                               const std::optional<at::Tensor>& scale_bias,
-                               const at::Tensor& user_rows_, const at::Tensor& cand_rows_,
-                               const at::Tensor& cand_slots_, const at::Tensor& dense_,
-                               at::TensorList bottom, at::TensorList layers,
-                               const at::Tensor& head_w, const at::Tensor& head_b, int64_t kind,
-                               int64_t n_cross, bool self_interaction) {
-  TORCH_CHECK_VALUE(kind == kDLRM || kind == kDCNParallel || kind == kDCNStacked, kOp,
-                    ": kind must be 0 (DLRM), 1 or 2 (DCN-v2), got ", kind);
-  const RowReader rr = make_reader(weights, scale_bias);
-  const int64_t R = weights.size(0), D = rr.D;
-  TORCH_CHECK_TYPE(user_rows_.scalar_type() == at::kLong && cand_rows_.scalar_type() == at::kLong &&
-                       cand_slots_.scalar_type() == at::kLong,
-                   kOp, ": user_rows, cand_rows and cand_slots must be int64");
-  check_dim(user_rows_, 1, kOp, "user_rows", "[T]");
-  check_dim(cand_rows_, 2, kOp, "cand_rows", "[N, Tc]");
-  check_dim(cand_slots_, 1, kOp, "cand_slots", "[Tc]");
-  check_dim(dense_, 2, kOp, "dense", "[Nd, K_d]");
-  TORCH_CHECK_TYPE(dense_.scalar_type() == at::kFloat, kOp, ": dense must be float32");
-  const auto user_rows = user_rows_.contiguous();    // [T]
-  const auto cand_rows = cand_rows_.contiguous();    // [N, Tc]
-  const auto cand_slots = cand_slots_.contiguous();  // [Tc]
-  const auto dense = dense_.contiguous();            // [Nd, K_d]
-  const int64_t T = user_rows.size(0), N = cand_rows.size(0), Tc = cand_rows.size(1);
-  const int64_t Nd = dense.size(0), Kd = dense.size(1);
-  TORCH_CHECK_VALUE(N >= 1, kOp, ": no candidates");
-  TORCH_CHECK_VALUE(cand_slots.size(0) == Tc, kOp, ": cand_slots has ", cand_slots.size(0),
-                    " entries but cand_rows has ", Tc, " columns");
-  TORCH_CHECK_VALUE(Nd == 1 || Nd == N, kOp, ": dense must have 1 or N = ", N, " rows, got ", Nd);
-  TORCH_CHECK_VALUE(layers.size() % 2 == 0 && bottom.size() % 2 == 0, kOp,
-                    ": bottom and layers are (weight, bias) pairs");
-
-  // Slot kinds; every row id is checked before any parallel work (no throw inside it).
-  const int64_t* slots = cand_slots.data_ptr<int64_t>();
-  std::vector<char> is_cand(T, 0);
-  for (int64_t c = 0; c < Tc; ++c) {
-    TORCH_CHECK_INDEX(slots[c] >= 0 && slots[c] < T, kOp, ": cand_slots[", c, "] = ", slots[c],
-                      " is not a slot in [0, ", T, ")");
-    is_cand[slots[c]] = 1;
-  }
-  const int64_t* urows = user_rows.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK_INDEX(is_cand[t] || (urows[t] >= 0 && urows[t] < R), kOp, ": user_rows[", t,
-                      "] = ", urows[t], " is out of range [0, ", R, ")");
-  const int64_t* crows = cand_rows.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N * Tc; ++i)
-    TORCH_CHECK_INDEX(crows[i] >= 0 && crows[i] < R, kOp, ": cand_rows[", i / Tc, ", ", i % Tc,
-                      "] = ", crows[i], " is out of range [0, ", R, ")");
-  const float* pdense = dense.data_ptr<float>();
-  const auto fopt = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor top_in;  // [N, K] input of the per-candidate layers
-
-  if (kind == kDLRM) {
-    const bool has_bottom = !bottom.empty();
-    // Bottom MLP once when the dense input is shared (Nd == 1), else per candidate.
-    at::Tensor d;  // [Nd, D]
-    if (has_bottom) {
-      d = linear(dense, bottom[0], bottom[1], true);
-      d = mlp_relu(d, bottom, 2, bottom.size()).contiguous();
-      TORCH_CHECK_VALUE(d.size(1) == D, kOp, ": bottom MLP output width ", d.size(1),
-                        " != embedding dim ", D);
-    }
-    const int64_t F = T + (has_bottom ? 1 : 0), off = has_bottom ? 1 : 0;
-    const int64_t P = self_interaction ? F * (F + 1) / 2 : F * (F - 1) / 2;
-    const int64_t Kd_top = has_bottom ? D : 0, K = Kd_top + P;
-    // Field f is shared when it is the dense vector with Nd == 1, or a user slot.
-    std::vector<char> shared(F);
-    for (int64_t f = 0; f < F; ++f)
-      shared[f] = (has_bottom && f == 0) ? (Nd == 1) : !is_cand[f - off];
-    std::vector<int64_t> vi, vj, vp;  // pairs that vary per candidate -> output column
-    std::vector<float> fields0(F * D, 0.f);  // [F, D] shared fields
-    for (int64_t t = 0; t < T; ++t)
-      if (!is_cand[t]) rr.row(urows[t], fields0.data() + (t + off) * D);
-    if (has_bottom && Nd == 1) std::memcpy(fields0.data(), d.data_ptr<float>(), sizeof(float) * D);
-    std::vector<float> row0(K, 0.f);  // [K] template row: shared dense vector and shared pairs
-    if (has_bottom && Nd == 1) std::memcpy(row0.data(), d.data_ptr<float>(), sizeof(float) * D);
-    {
-      int64_t p = Kd_top;
-      for (int64_t i = 0; i < F; ++i)
-        for (int64_t j = self_interaction ? i : i + 1; j < F; ++j, ++p) {
-          // pair order (i, j) row-major, j > i (or >= i), as adrec::dot_interaction
-          if (shared[i] && shared[j]) {
-            float acc = 0.f;
-            const float* a = fields0.data() + i * D;
-            const float* b = fields0.data() + j * D;
-            for (int64_t k = 0; k < D; ++k) acc += a[k] * b[k];
-            row0[p] = acc;
-          } else {
-            vi.push_back(i);
-            vj.push_back(j);
-            vp.push_back(p);
-          }
-        }
-    }
-    top_in = at::empty({N, K}, fopt);
-    float* pz = top_in.data_ptr<float>();
-    const float* pd = has_bottom ? d.data_ptr<float>() : nullptr;
-    const int64_t nv = static_cast<int64_t>(vp.size());
-    parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      std::vector<float> fields(fields0);  // [F, D] this task's copy
-      for (int64_t n = n0; n < n1; ++n) {
-        for (int64_t c = 0; c < Tc; ++c) rr.row(crows[n * Tc + c], fields.data() + (slots[c] + off) * D);
-        float* z = pz + n * K;
-        std::memcpy(z, row0.data(), sizeof(float) * K);
-        if (has_bottom && Nd != 1) {
-          std::memcpy(fields.data(), pd + n * D, sizeof(float) * D);
-          std::memcpy(z, pd + n * D, sizeof(float) * D);
-        }
-        for (int64_t q = 0; q < nv; ++q) {
-          const float* a = fields.data() + vi[q] * D;
-          const float* b = fields.data() + vj[q] * D;
-          float acc = 0.f;
-          for (int64_t k = 0; k < D; ++k) acc += a[k] * b[k];
-          z[vp[q]] = acc;
-        }
-      }
-    });
-    // Large N: the first top layer's product with the shared columns (dense vector when
-    // shared, pairs of two shared fields) is one matrix-vector product per request; the GEMM
-    // sees only the columns that vary per candidate.
-    bool done = false;
-    if (N >= kSplitMin && layers.size() >= 2) {
-      std::vector<char> col_var(K, 0);
-      if (has_bottom && Nd != 1)
-        for (int64_t k = 0; k < D; ++k) col_var[k] = 1;
-      for (int64_t q = 0; q < nv; ++q) col_var[vp[q]] = 1;
-      std::vector<int64_t> sc, vc;
-      for (int64_t k = 0; k < K; ++k) (col_var[k] ? vc : sc).push_back(k);
-      if (!sc.empty() && !vc.empty()) {
-        const auto S = index_tensor(sc), V = index_tensor(vc);
-        const auto r0 = at::from_blob(row0.data(), {K}, fopt);
-        const auto u =  // [O]: the shared columns' product, a bias of the per-candidate one
-            linear(r0.index_select(0, S).unsqueeze(0), layers[0].index_select(1, S), layers[1],
-                   false).squeeze(0);
-        auto h = linear(top_in.index_select(1, V), layers[0].index_select(1, V), u, true);
-        top_in = mlp_relu(h, layers, 2, layers.size());
-        done = true;
-      }
-    }
-    if (!done) top_in = mlp_relu(top_in, layers, 0, layers.size());
-  } else {
-    // DCN-v2: x0 = [flattened embeddings, dense] [N, K]
-    const int64_t K = T * D + Kd;
-    TORCH_CHECK_VALUE(static_cast<int64_t>(layers.size()) >= 2 * n_cross, kOp,
-                      ": layers holds fewer than n_cross (weight, bias) pairs");
-    std::vector<float> row0(K, 0.f);  // [K] template: user slots and shared dense
-    for (int64_t t = 0; t < T; ++t)
-      if (!is_cand[t]) rr.row(urows[t], row0.data() + t * D);
-    if (Nd == 1 && Kd) std::memcpy(row0.data() + T * D, pdense, sizeof(float) * Kd);
-    at::Tensor x0 = at::empty({N, K}, fopt);
-    float* px = x0.data_ptr<float>();
-    parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        float* x = px + n * K;
-        std::memcpy(x, row0.data(), sizeof(float) * K);
-        for (int64_t c = 0; c < Tc; ++c) rr.row(crows[n * Tc + c], x + slots[c] * D);
-        if (Nd != 1 && Kd) std::memcpy(x + T * D, pdense + n * Kd, sizeof(float) * Kd);
-      }
-    });
-    // Large N: the first cross layer and (parallel) the first deep layer multiply x0, whose
-    // user-side columns are shared: their part is one matrix-vector product per request.
-    const size_t di = static_cast<size_t>(2 * n_cross);  // first deep layer in `layers`
-    at::Tensor xw0, h0;
-    if (N >= kSplitMin) {
-      std::vector<int64_t> sc, vc;
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t k = 0; k < D; ++k) (is_cand[t] ? vc : sc).push_back(t * D + k);
-      for (int64_t k = 0; k < Kd; ++k) (Nd != 1 ? vc : sc).push_back(T * D + k);
-      if (!sc.empty() && !vc.empty()) {
-        const auto S = index_tensor(sc), V = index_tensor(vc);
-        const auto r0s = at::from_blob(row0.data(), {K}, fopt).index_select(0, S);  // [Ks]
-        const auto x0v = x0.index_select(1, V);                                      // [N, Kv]
-        auto first = [&](size_t i, bool relu) {  // x0 @ W_i.T + b_i, shared part as a bias
-          const auto u =  // [O]; bf16 weights are widened inside the product
-              linear(r0s.unsqueeze(0), layers[i].index_select(1, S), layers[i + 1], false)
-                  .squeeze(0);
-          const auto wv = layers[i].index_select(1, V);
-          return linear(x0v, wv, u, relu);
-        };
-        if (n_cross > 0) xw0 = first(0, false);
-        if (kind == kDCNParallel && layers.size() > di) h0 = first(di, true);
-      }
-    }
-    at::Tensor x = x0;
-    for (int64_t l = 0; l < n_cross; ++l) {
-      const auto xw = (l == 0 && xw0.defined()) ? xw0
-                                                : linear(x, layers[2 * l], layers[2 * l + 1], false);
-      x = at::addcmul(x, x0, xw);  // x0 * xw + x
-    }
-    if (kind == kDCNParallel) {
-      at::Tensor h = h0.defined() ? mlp_relu(h0, layers, di + 2, layers.size())
-                                  : mlp_relu(x0, layers, di, layers.size());
-      top_in = at::cat({x, h}, 1);
-    } else {
-      top_in = mlp_relu(x, layers, 2 * n_cross, layers.size());
-    }
-  }
-  if (top_in.scalar_type() != at::kFloat) top_in = top_in.to(at::kFloat);  // bf16 deep output
-  TORCH_CHECK_VALUE(head_w.dim() == 1 && head_w.size(0) == top_in.size(1), kOp,
-                    ": head_w must be [", top_in.size(1), "], got ", head_w.sizes());
-  return at::sigmoid(at::add(at::mv(top_in, head_w), head_b));  // [N]
-}
-
-// ============================================================================ packed DLRM path
-// adrec::serving_dlrm: DLRM with the user/context side shared, on a model packed once per
-// (checkpoint, field split) by adrec_fast/serving/scorer.py (pack_dlrm): `meta` int64 describes
-// the split and the layers, `blob` uint8 holds the blocked MLP weights (common/linear_blocked.h).
-namespace {
-
-constexpr const char* kOpP = "serving_dlrm";
-constexpr int64_t kMagic = 0x4144524543534431LL;  // "ADRECSD1"
-enum : int64_t {
-  H_MAGIC, H_PREC, H_D, H_F, H_HB, H_KD, H_TU, H_TC, H_PS, H_PV, H_L, H_NB, H_SIZE = 16
-};
-constexpr int64_t kMaxLayers = 64;
-// From this many rows per thread on, threads split the candidates (each runs the whole tower on
-// its rows, no barrier); below it they split every layer's outputs (the weights, read once per
-// request, are then spread over the cores' caches) with a barrier per layer.
-constexpr int64_t kRowsPerThread = 16;
-constexpr int64_t kTile = 32;  // candidate rows per tile in the row split
-
-inline int64_t pad16(int64_t k) { return (k + 15) / 16 * 16; }
-
 struct Layer {
-  int64_t Kp = 0, Ob = 0;
-  bool relu = false;
+  int64_t Kp = 0, Ob = 0, act = 0, in = 0, ubias = -1;
   const void* w = nullptr;
   const float* b = nullptr;
 };
 
-// The parsed packed model. Layers: [0, nb) bottom MLP; nb: first top layer's shared columns
-// (the dense vector and the pairs of two shared fields); nb + 1: its candidate columns; then
-// the rest of the top MLP; the last layer is the head (one output, no relu).
-struct Packed {
-  bool bf16 = false, hb = false;
-  int64_t D = 0, F = 0, Kd = 0, Tu = 0, Tc = 0, Ps = 0, Pv = 0, L = 0, nb = 0, maxw = 16;
-  const int64_t *ufield, *ubase, *ucard, *cfield, *cbase, *ccard, *psi, *psj, *pvi, *pvj;
-  std::array<Layer, kMaxLayers> layers;
-  // [Pv] where candidate pair q sits in the candidates' Gram rows [Tc][Fp] (candidate_pairs),
-  // -1 when neither of its fields is a candidate field
-  std::vector<int64_t> gidx;
+// The parsed packed model; it points into meta and blob.
+struct Spec {
+  bool bf16 = false, hb = false, lin = false, fm = false;
+  int64_t kind = 0, D = 0, T = 0, S = 0, F = 0, Kd = 0, Tu = 0, Tc = 0, nb = 0, nf = 0, lt = 0;
+  int64_t ncross = 0, Ps = 0, Pv = 0, Ks = 0, Kv = 0, Kx = 0, dvar = 0, maxw = 16;
+  const int64_t *base, *card, *side, *dense_var, *sbase, *scard, *starget, *psi, *psj, *pvi,
+      *pvj;
+  const float* dense_w = nullptr;     // [Kd] or null
+  const float* cross_head = nullptr;  // [Kx] or null
+  float bias = 0.f;
+  std::array<Layer, kMaxLayers> L;  // [0, nb) bottom, [nb, nb + nf) the u_j, then the tower
+  std::vector<int64_t> uslot, cslot;  // user / candidate slots in order
+  std::vector<int64_t> vfield;        // fields that vary per candidate (after the slots)
+  std::vector<char> shared;           // [F] field is the same for every candidate
+  std::vector<int64_t> gidx;          // dot: [Pv] where pair q is in the Gram rows, or -1
+  int64_t field_of_slot(int64_t t) const { return t + (kind == kDot && hb ? 1 : 0); }
+  const Layer& tower(int64_t l) const { return L[nb + nf + l]; }
 };
 
-// meta h [n] int64 and blob base [bytes] (pack_dlrm) over a table of R rows of width D. The
-// result points into both buffers.
-Packed parse(const int64_t* h, int64_t n, const uint8_t* base, int64_t bytes, int64_t R,
-             int64_t D) {
-  TORCH_CHECK_VALUE(n >= H_SIZE && h[H_MAGIC] == kMagic, kOpP, ": meta is not a packed model");
-  Packed P;
-  P.bf16 = h[H_PREC] == 1;
-  TORCH_CHECK_VALUE(h[H_PREC] == 0 || h[H_PREC] == 1, kOpP, ": bad precision ", h[H_PREC]);
-  P.D = h[H_D], P.F = h[H_F], P.hb = h[H_HB] != 0, P.Kd = h[H_KD], P.Tu = h[H_TU];
-  P.Tc = h[H_TC], P.Ps = h[H_PS], P.Pv = h[H_PV], P.L = h[H_L], P.nb = h[H_NB];
-  TORCH_CHECK_VALUE(P.D == D, kOpP, ": packed for D = ", P.D, " but the table has D = ", D);
+Spec parse(const int64_t* h, int64_t n, const uint8_t* blob, int64_t bytes, int64_t R,
+           int64_t D) {
+  TORCH_CHECK_VALUE(n >= H_SIZE && h[H_MAGIC] == kMagic, kOp, ": meta is not a packed model");
+  Spec P;
+  TORCH_CHECK_VALUE(h[H_PREC] == 0 || h[H_PREC] == 1, kOp, ": bad precision ", h[H_PREC]);
+  TORCH_CHECK_VALUE(h[H_KIND] == kConcat || h[H_KIND] == kDot, kOp, ": bad kind ", h[H_KIND]);
+  TORCH_CHECK_VALUE((h[H_HB] == 0 || h[H_HB] == 1) && h[H_FLAGS] >= 0 && h[H_FLAGS] <= 3, kOp,
+                    ": inconsistent meta header");
+  P.bf16 = h[H_PREC] == 1, P.kind = h[H_KIND], P.D = h[H_D], P.T = h[H_T], P.S = h[H_S];
+  P.Kd = h[H_KD], P.Tu = h[H_TU], P.Tc = h[H_TC], P.hb = h[H_HB] != 0, P.nb = h[H_NB];
+  P.nf = h[H_NF], P.lt = h[H_LT], P.ncross = h[H_NCROSS], P.Ps = h[H_PS], P.Pv = h[H_PV];
+  P.lin = (h[H_FLAGS] & 1) != 0, P.fm = (h[H_FLAGS] & 2) != 0;
+  P.Ks = h[H_KS], P.Kv = h[H_KV], P.Kx = h[H_KX], P.dvar = h[H_DVAR];
+  TORCH_CHECK_VALUE(P.D == D, kOp, ": packed for D = ", P.D, " but the table has D = ", D);
   // every count is bounded by the meta's length before any arithmetic on it (no overflow)
-  TORCH_CHECK_VALUE(P.Tu >= 0 && P.Tc >= 0 && P.Ps >= 0 && P.Pv >= 0 && P.Kd >= 0 &&
-                        P.Tu <= n && P.Tc <= n && P.Ps <= n && P.Pv <= n && P.D >= 1 &&
-                        P.Kd <= bytes && P.nb >= 0 && P.nb <= kMaxLayers &&
-                        P.L <= kMaxLayers && P.F == P.Tu + P.Tc + (P.hb ? 1 : 0) &&
-                        P.hb == (P.Kd > 0) && (P.hb || P.nb == 0) && P.nb >= (P.hb ? 1 : 0) &&
-                        P.L >= P.nb + 2,
-                    kOpP, ": inconsistent meta header");
-  const int64_t need = H_SIZE + 3 * (P.Tu + P.Tc) + 2 * (P.Ps + P.Pv) + 5 * P.L;
-  TORCH_CHECK_VALUE(n == need, kOpP, ": meta has ", n, " entries, expected ", need);
+  for (int64_t k : {P.T, P.S, P.Kd, P.Tu, P.Tc, P.nb, P.nf, P.lt, P.ncross, P.Ps, P.Pv, P.dvar})
+    TORCH_CHECK_VALUE(k >= 0 && k <= n, kOp, ": inconsistent meta header");
+  TORCH_CHECK_VALUE(P.Tu + P.Tc == P.T && P.nb + P.nf + P.lt <= kMaxLayers && P.nf <= 2 &&
+                        P.dvar <= P.Kd && P.ncross <= P.lt && P.Ks >= 0 && P.Kv >= 0 &&
+                        P.Kx >= 0 && P.Ks <= bytes && P.Kv <= bytes && P.Kx <= bytes &&
+                        (P.kind == kDot || (!P.hb && P.nb == 0 && P.Ps + P.Pv == 0)) &&
+                        (P.kind == kConcat || (P.S == 0 && P.ncross == 0 && !P.fm)) &&
+                        (P.hb == (P.nb > 0)) && (P.lt > 0 || P.nf == 0),
+                    kOp, ": inconsistent meta header");
+  const int64_t need = H_SIZE + 3 * P.T + P.Kd + 3 * P.S + 2 * (P.Ps + P.Pv) +
+                       7 * (P.nb + P.nf + P.lt);
+  TORCH_CHECK_VALUE(n == need, kOp, ": meta has ", n, " entries, expected ", need);
   const int64_t* a = h + H_SIZE;
-  P.ufield = a, P.ubase = a + P.Tu, P.ucard = a + 2 * P.Tu;
-  a += 3 * P.Tu;
-  P.cfield = a, P.cbase = a + P.Tc, P.ccard = a + 2 * P.Tc;
-  a += 3 * P.Tc;
-  P.psi = a, P.psj = a + P.Ps;
-  a += 2 * P.Ps;
-  P.pvi = a, P.pvj = a + P.Pv;
-  a += 2 * P.Pv;
-  const int64_t F0 = P.hb ? 1 : 0;  // field 0 is the bottom MLP's output when there is one
-  for (int64_t i = 0; i < P.Tu; ++i)
-    TORCH_CHECK_VALUE(P.ufield[i] >= F0 && P.ufield[i] < P.F && P.ubase[i] >= 0 &&
-                          P.ubase[i] <= R && P.ucard[i] >= 1 && P.ucard[i] <= R - P.ubase[i],
-                      kOpP, ": bad user slot ", i, " in meta");
-  for (int64_t i = 0; i < P.Tc; ++i)
-    TORCH_CHECK_VALUE(P.cfield[i] >= F0 && P.cfield[i] < P.F && P.cbase[i] >= 0 &&
-                          P.cbase[i] <= R && P.ccard[i] >= 1 && P.ccard[i] <= R - P.cbase[i],
-                      kOpP, ": bad candidate slot ", i, " in meta");
-  for (int64_t q = 0; q < P.Ps; ++q)
-    TORCH_CHECK_VALUE(P.psi[q] >= 0 && P.psi[q] < P.F && P.psj[q] >= 0 && P.psj[q] < P.F, kOpP,
-                      ": bad shared pair ", q);
-  for (int64_t q = 0; q < P.Pv; ++q)
-    TORCH_CHECK_VALUE(P.pvi[q] >= 0 && P.pvi[q] < P.F && P.pvj[q] >= 0 && P.pvj[q] < P.F, kOpP,
-                      ": bad candidate pair ", q);
-  for (int64_t l = 0; l < P.L; ++l, a += 5) {
-    Layer& y = P.layers[l];
-    y.Kp = a[0], y.Ob = a[1], y.relu = a[2] != 0;
-    const int64_t wo = a[3], bo = a[4], per = P.bf16 ? 32 : 64;  // weight bytes per (k, block)
+  P.base = a, P.card = a + P.T, P.side = a + 2 * P.T;
+  a += 3 * P.T;
+  P.dense_var = a;
+  a += P.Kd;
+  P.sbase = a, P.scard = a + P.S, P.starget = a + 2 * P.S;
+  a += 3 * P.S;
+  P.psi = a, P.psj = a + P.Ps, P.pvi = a + 2 * P.Ps, P.pvj = a + 2 * P.Ps + P.Pv;
+  a += 2 * (P.Ps + P.Pv);
+  for (int64_t t = 0; t < P.T; ++t) {
+    TORCH_CHECK_VALUE(P.base[t] >= 0 && P.base[t] <= R && P.card[t] >= 1 &&
+                          P.card[t] <= R - P.base[t] && (P.side[t] == 0 || P.side[t] == 1),
+                      kOp, ": bad slot ", t, " in meta");
+    (P.side[t] ? P.cslot : P.uslot).push_back(t);
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(P.uslot.size()) == P.Tu, kOp, ": bad slot sides");
+  int64_t dv = 0;
+  for (int64_t j = 0; j < P.Kd; ++j) {
+    TORCH_CHECK_VALUE(P.dense_var[j] == 0 || P.dense_var[j] == 1, kOp, ": bad dense flag");
+    dv += P.dense_var[j];
+  }
+  TORCH_CHECK_VALUE(dv == P.dvar, kOp, ": dense flags do not match the header");
+  for (int64_t s = 0; s < P.S; ++s)
+    TORCH_CHECK_VALUE(P.sbase[s] >= 0 && P.sbase[s] <= R && P.scard[s] >= 1 &&
+                          P.scard[s] <= R - P.sbase[s] && P.starget[s] >= 0 &&
+                          P.starget[s] < P.T,
+                      kOp, ": bad sequence ", s, " in meta");
+  // fields and which of them vary per candidate
+  P.F = P.kind == kDot ? P.T + (P.hb ? 1 : 0) : P.T + P.S;
+  P.shared.assign(P.F, 1);
+  if (P.kind == kDot && P.hb) P.shared[0] = P.dvar == 0;
+  for (int64_t t = 0; t < P.T; ++t) P.shared[P.field_of_slot(t)] = P.side[t] == 0;
+  for (int64_t s = 0; s < P.S; ++s) P.shared[P.T + s] = P.side[P.starget[s]] == 0;
+  for (int64_t f = 0; f < P.F; ++f)
+    if (!P.shared[f]) P.vfield.push_back(f);
+  const int64_t nvf = static_cast<int64_t>(P.vfield.size());
+  for (int64_t q = 0; q < P.Ps + P.Pv; ++q) {
+    const int64_t i = q < P.Ps ? P.psi[q] : P.pvi[q - P.Ps], j = q < P.Ps ? P.psj[q] : P.pvj[q - P.Ps];
+    TORCH_CHECK_VALUE(i >= 0 && i < P.F && j >= 0 && j < P.F &&
+                          (q < P.Ps) == (P.shared[i] && P.shared[j]),
+                      kOp, ": bad pair ", q, " in meta");
+  }
+  if (P.kind == kConcat) {
+    TORCH_CHECK_VALUE(P.Ks == (P.F - nvf) * P.D + P.Kd - P.dvar && P.Kv == nvf * P.D + P.dvar &&
+                          P.Kx == (P.ncross ? P.F * P.D + P.Kd : 0),
+                      kOp, ": first-layer widths do not match the split");
+  } else {
+    const int64_t d = P.hb ? P.D : 0;
+    TORCH_CHECK_VALUE(P.Ks == (P.dvar ? 0 : d) + P.Ps && P.Kv == (P.dvar ? d : 0) + P.Pv &&
+                          P.Kx == 0,
+                      kOp, ": first-layer widths do not match the split");
+  }
+  auto vec = [&](int64_t off, int64_t len, const char* what) -> const float* {
+    if (off < 0) return nullptr;
+    TORCH_CHECK_VALUE(off % 4 == 0 && off <= bytes && len <= (bytes - off) / 4, kOp, ": bad ",
+                      what, " offset in meta");
+    return reinterpret_cast<const float*>(blob + off);
+  };
+  P.dense_w = vec(h[H_DENSE_W], P.Kd, "dense_w");
+  P.cross_head = vec(h[H_CROSS_HEAD], P.Kx, "cross_head");
+  const float* bias = vec(h[H_BIAS], 1, "bias");
+  TORCH_CHECK_VALUE(bias != nullptr, kOp, ": meta has no bias");
+  P.bias = *bias;
+  const int64_t per = P.bf16 ? 32 : 64;  // weight bytes per (padded input, output block)
+  for (int64_t l = 0; l < P.nb + P.nf + P.lt; ++l, a += 7) {
+    Layer& y = P.L[l];
+    y.Kp = a[0], y.Ob = a[1], y.act = a[2], y.in = a[3], y.ubias = a[4];
+    const int64_t wo = a[5], bo = a[6];
     TORCH_CHECK_VALUE(y.Kp >= 0 && y.Kp % 16 == 0 && y.Kp <= bytes && y.Ob >= 1 &&
                           y.Ob <= bytes / 64 && (y.Kp == 0 || y.Ob <= bytes / (y.Kp * per)) &&
                           wo >= 0 && bo >= 0 && wo <= bytes && bo <= bytes && wo % 64 == 0 &&
                           bo % 64 == 0 && y.Ob * y.Kp * per <= bytes - wo &&
-                          y.Ob * 64 <= bytes - bo,
-                      kOpP, ": bad layer ", l, " in meta");
-    y.w = base + wo;
-    y.b = reinterpret_cast<const float*>(base + bo);
+                          y.Ob * 64 <= bytes - bo && y.act >= 0 && y.act <= 2 && y.in >= 0 &&
+                          y.in <= 2 && y.ubias >= -1 && y.ubias < P.nf,
+                      kOp, ": bad layer ", l, " in meta");
+    y.w = blob + wo;
+    y.b = reinterpret_cast<const float*>(blob + bo);
     P.maxw = std::max(P.maxw, std::max(y.Kp, y.Ob * 16));
   }
-  // chain shapes: each layer's padded input is the previous layer's padded output
-  const auto& Ls = P.layers;
-  if (P.hb) {
-    TORCH_CHECK_VALUE(Ls[0].Kp == pad16(P.Kd) && Ls[P.nb - 1].Ob * 16 >= P.D, kOpP,
-                      ": bottom MLP shapes do not match the dense width / D");
-    for (int64_t l = 1; l < P.nb; ++l)
-      TORCH_CHECK_VALUE(Ls[l].Kp == Ls[l - 1].Ob * 16, kOpP, ": bottom layer ", l, " shape");
+  // chain shapes
+  const int64_t Kxp = pad16(P.Kx);
+  for (int64_t l = 0; l < P.nb; ++l)
+    TORCH_CHECK_VALUE(P.L[l].Kp == (l ? P.L[l - 1].Ob * 16 : pad16(P.Kd)) && P.L[l].act == kActRelu,
+                      kOp, ": bottom layer ", l, " shape");
+  if (P.hb) TORCH_CHECK_VALUE(P.L[P.nb - 1].Ob * 16 >= P.D, kOp, ": bottom output < D");
+  for (int64_t j = 0; j < P.nf; ++j)
+    TORCH_CHECK_VALUE(P.L[P.nb + j].Kp == pad16(P.Ks) && P.L[P.nb + j].act == kActNone, kOp,
+                      ": shared layer ", j, " shape");
+  std::vector<char> used(P.nf, 0);
+  int64_t prev = -1;  // Ob * 16 of the last non-cross tower layer
+  for (int64_t l = 0; l < P.lt; ++l) {
+    const Layer& y = P.tower(l);
+    const bool cross = l < P.ncross;
+    TORCH_CHECK_VALUE(cross == (y.act == kActCross), kOp, ": tower layer ", l, " activation");
+    bool ok = false;
+    if (y.in == kInZv) {
+      ok = y.Kp == pad16(P.Kv) && y.ubias >= 0 && !used[y.ubias] &&
+           P.L[P.nb + y.ubias].Ob == y.Ob && (l == 0 || (l == P.ncross && P.ncross > 0));
+      if (ok) used[y.ubias] = 1;
+    } else if (y.in == kInPrev) {
+      ok = y.ubias < 0 && prev >= 0 && y.Kp == prev;
+    } else {
+      ok = y.ubias < 0 && P.ncross > 0 && l > 0 && y.Kp == Kxp && (cross || l == P.ncross);
+    }
+    if (cross) ok = ok && y.Ob * 16 == Kxp;
+    TORCH_CHECK_VALUE(ok, kOp, ": tower layer ", l, " shape or input");
+    if (!cross) prev = y.Ob * 16;
   }
-  const Layer &s = Ls[P.nb], &v = Ls[P.nb + 1];
-  TORCH_CHECK_VALUE(s.Kp == pad16((P.hb ? P.D : 0) + P.Ps) && v.Kp == pad16(P.Pv) && s.Ob == v.Ob,
-                    kOpP, ": first top layer shapes do not match the pairs");
-  for (int64_t l = P.nb + 2; l < P.L; ++l)
-    TORCH_CHECK_VALUE(Ls[l].Kp == Ls[l - 1].Ob * 16, kOpP, ": top layer ", l, " shape");
-  TORCH_CHECK_VALUE(Ls[P.L - 1].Ob == 1 && !Ls[P.L - 1].relu, kOpP, ": the last layer must be "
-                    "the head (one output, no relu)");
-  const int64_t Fp = (P.F + 31) / 32 * 32;  // pad32
-  std::vector<int64_t> crow(P.F, -1);       // field -> its first candidate slot
-  for (int64_t c = P.Tc - 1; c >= 0; --c) crow[P.cfield[c]] = c;
-  P.gidx.resize(P.Pv);
-  for (int64_t q = 0; q < P.Pv; ++q) {
-    const int64_t i = P.pvi[q], j = P.pvj[q];
-    P.gidx[q] = crow[i] >= 0 ? crow[i] * Fp + j : (crow[j] >= 0 ? crow[j] * Fp + i : -1);
+  for (int64_t j = 0; j < P.nf; ++j) TORCH_CHECK_VALUE(used[j], kOp, ": shared layer unused");
+  if (P.lt) {
+    const Layer& hd = P.tower(P.lt - 1);
+    TORCH_CHECK_VALUE(hd.Ob == 1 && hd.act == kActNone && P.lt > P.ncross, kOp,
+                      ": the last layer must be the head (one output, no activation)");
+  }
+  TORCH_CHECK_VALUE(P.cross_head == nullptr || P.ncross > 0, kOp, ": cross_head without cross");
+  if (P.kind == kDot) {  // where pair q sits in the candidates' Gram rows
+    const int64_t Fp = pad32(P.F);
+    std::vector<int64_t> vrow(P.F, -1);
+    for (int64_t r = nvf - 1; r >= 0; --r) vrow[P.vfield[r]] = r;
+    P.gidx.resize(P.Pv);
+    for (int64_t q = 0; q < P.Pv; ++q) {
+      const int64_t i = P.pvi[q], j = P.pvj[q];
+      P.gidx[q] = vrow[i] >= 0 ? vrow[i] * Fp + j : vrow[j] * Fp + i;
+    }
   }
   return P;
-}
-
-Packed parse(const at::Tensor& meta, const at::Tensor& blob, int64_t R, int64_t D) {
-  TORCH_CHECK_TYPE(meta.scalar_type() == at::kLong && meta.dim() == 1 && meta.is_contiguous(),
-                   kOpP, ": meta must be a contiguous 1-D int64 tensor (from pack_dlrm)");
-  TORCH_CHECK_TYPE(blob.scalar_type() == at::kByte && blob.dim() == 1 && blob.is_contiguous(),
-                   kOpP, ": blob must be a contiguous 1-D uint8 tensor (from pack_dlrm)");
-  return parse(meta.data_ptr<int64_t>(), meta.numel(), blob.data_ptr<uint8_t>(), blob.numel(), R,
-               D);
 }
 
 // A 64-byte aligned bump allocator over a thread's reusable buffer.
 struct Arena {
   std::vector<char> buf;
   size_t used = 0;
-  void reserve(size_t bytes) {
+  void reserve(int64_t floats) {
+    const size_t bytes = static_cast<size_t>(floats) * 4 + 64 * 48;
     if (buf.size() < bytes + 64) buf.assign(bytes + 64, 0);
     used = 0;
   }
@@ -485,7 +298,8 @@ struct Arena {
     return reinterpret_cast<T*>(p);
   }
 };
-size_t arena_bytes(int64_t floats) { return static_cast<size_t>(floats) * 4 + 64 * 32; }
+thread_local Arena t_request;  // the calling thread's per-request buffers (shared with its team)
+thread_local Arena t_private;  // every team thread's own buffers
 
 ADREC_INLINE float dot(const float* a, const float* b, int64_t D) {
   float acc = 0.f;
@@ -493,13 +307,9 @@ ADREC_INLINE float dot(const float* a, const float* b, int64_t D) {
   return acc;
 }
 
-// One tile of candidates: their varying pairs zv [M][Kvp] (float32, zero padded), and their bf16
-// pairs zb [M][Kvp / 2] when the model is bf16. fields [F, D] holds the shared fields on entry.
-// Pair dot products through a small Gram matrix: FT [D][Fp] holds the fields transposed
+// DLRM's pair dot products through a small Gram matrix: FT [D][Fp] holds the fields transposed
 // (Fp = F padded to 32, zero columns), and G[r][j] = <field rowf[r], field j> for every j comes
 // from D vector FMAs per 16 columns, instead of one horizontal dot product per pair.
-inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
-
 ADREC_INLINE void transpose_fields(const float* fields, int64_t F, int64_t D, int64_t Fp,
                                    float* FT) {
   for (int64_t k = 0; k < D; ++k)
@@ -537,115 +347,157 @@ ADREC_INLINE void gram_rows(const float* fields, const float* FT, int64_t D, int
   for (; r < nr; ++r) gram_pass<1>(fields, FT, D, Fp, rowf + r, G + r * Fp);
 }
 
-// Stage A: the shared columns s [Ksp] (the dense vector d when there is a bottom MLP, then the
-// pairs of two shared fields) and FT for the candidates. fields [F, D] holds the shared fields
-// (field 0 = d); G is scratch [F][Fp]; rowf [F] scratch.
-ADREC_INLINE void shared_pairs_body(const Packed& P, const float* fields, float* FT, int64_t Fp,
-                                    float* G, int64_t* rowf, float* s, int64_t Ksp) {
-  const int64_t D = P.D, F = P.F;
-  transpose_fields(fields, F, D, Fp, FT);
-  for (int64_t f = 0; f < F; ++f) rowf[f] = f;
-  gram_rows(fields, FT, D, Fp, rowf, F, G);
-  int64_t k = 0;
-  if (P.hb) {
-    for (int64_t i = 0; i < D; ++i) s[i] = fields[i];
-    k = D;
+// softmax(K q / sqrt(D)) K over the L keys K [L][D] -> out [D] (zeros when L = 0), as
+// adrec::attention_pooling
+ADREC_INLINE void attend(const float* K, int64_t L, const float* q, int64_t D, float* sc,
+                         float* out) {
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+  if (L == 0) return;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  float mx = -INFINITY;
+  for (int64_t l = 0; l < L; ++l) mx = std::max(mx, sc[l] = dot(K + l * D, q, D) * scale);
+  float z = 0.f;
+  for (int64_t l = 0; l < L; ++l) z += sc[l] = std::exp(sc[l] - mx);
+  for (int64_t l = 0; l < L; ++l) {
+    const float p = sc[l] / z;
+    for (int64_t d = 0; d < D; ++d) out[d] += p * K[l * D + d];
   }
-  for (int64_t q = 0; q < P.Ps; ++q) s[k + q] = G[P.psi[q] * Fp + P.psj[q]];
-  for (int64_t q = k + P.Ps; q < Ksp; ++q) s[q] = 0.f;
 }
 
-// One tile of candidates: their varying pairs zv [M][Kvp] (float32, zero padded), and their bf16
-// pairs zb [M][Kvp / 2] when the model is bf16. fields [F, D] and FT hold the shared fields on
-// entry; G [Tc][Fp] scratch; gidx [Pv]: where pair q is in G (-1: no candidate field in it).
-ADREC_INLINE void candidate_pairs_body(const Packed& P, const RowReader& rr, const int64_t* cid,
-                                       int64_t m0, int64_t M, float* fields, float* FT,
-                                       int64_t Fp, float* G, const int64_t* gidx, float* zv,
-                                       uint32_t* zb) {
-  const int64_t D = P.D, Kvp = pad16(P.Pv);
+// What every thread knows after stage A.
+struct UserSide {
+  float* fields;      // [F, D] shared fields; the varying ones are overwritten per candidate
+  float* FT;          // dot: [D, Fp] fields transposed
+  float* G;           // dot: [F or nvf, Fp] Gram rows
+  const float* keys;  // [sum L, D] history rows
+  const int64_t* seq_off;  // [S + 1]
+  float* sc;          // [max L] attention scratch
+  float* su;          // [D] FM: sum of the shared fields
+  float qu = 0.f;     // FM: sum of their squared norms
+  float side = 0.f;   // bias + shared first order + shared dense linear
+};
+
+// The per-candidate inputs of rows [m0, m0 + M): zv [M][ldz] (the varying first-layer
+// columns, zero padded), x0 [M][ldx] (cross network: [fields, dense], zero padded) and side [M].
+// dbot [M][ldb]: DLRM's bottom MLP output per candidate when the dense input varies.
+ADREC_INLINE void candidate_rows_body(const Spec& P, const RowReader& rr, const float* lin,
+                                      const int64_t* cid, const float* dense, int64_t Nd,
+                                      int64_t m0, int64_t M, UserSide& U, const float* dbot,
+                                      int64_t ldb, float* zv, int64_t ldz, float* x0,
+                                      int64_t ldx, float* side) {
+  const int64_t D = P.D, Kd = P.Kd, Fp = pad32(P.F), nvf = static_cast<int64_t>(P.vfield.size());
+  float* fields = U.fields;
   for (int64_t m = 0; m < M; ++m) {
-    const int64_t* ids = cid + (m0 + m) * P.Tc;
+    const int64_t n = m0 + m;
+    const int64_t* ids = cid + n * P.Tc;
+    const float* drow = dense + (Nd > 1 ? n : 0) * Kd;
+    float s = U.side;
     for (int64_t c = 0; c < P.Tc; ++c) {
-      const int64_t f = P.cfield[c];
-      float* row = fields + f * D;
-      rr.row(P.cbase[c] + ids[c], row);
-      for (int64_t k = 0; k < D; ++k) FT[k * Fp + f] = row[k];
+      const int64_t t = P.cslot[c], r = P.base[t] + ids[c];
+      rr.row(r, fields + P.field_of_slot(t) * D);
+      if (P.lin) s += lin[r];
     }
-    gram_rows(fields, FT, D, Fp, P.cfield, P.Tc, G);
-    float* z = zv + m * Kvp;
-    for (int64_t q = 0; q < P.Pv; ++q)
-      z[q] = gidx[q] >= 0 ? G[gidx[q]] : dot(fields + P.pvi[q] * D, fields + P.pvj[q] * D, D);
-    for (int64_t q = P.Pv; q < Kvp; ++q) z[q] = 0.f;
-    if (zb) pack_bf16(z, Kvp, zb + m * (Kvp / 2));
+    if (P.dense_w)
+      for (int64_t j = 0; j < Kd; ++j)
+        if (P.dense_var[j]) s += P.dense_w[j] * drow[j];
+    float* z = zv + m * ldz;
+    int64_t k = 0;
+    if (P.kind == kConcat) {
+      for (int64_t i = 0; i < P.S; ++i)
+        if (!P.shared[P.T + i])
+          attend(U.keys + U.seq_off[i] * D, U.seq_off[i + 1] - U.seq_off[i],
+                 fields + P.starget[i] * D, D, U.sc, fields + (P.T + i) * D);
+      for (int64_t v = 0; v < nvf; ++v, k += D)
+        std::memcpy(z + k, fields + P.vfield[v] * D, sizeof(float) * D);
+      for (int64_t j = 0; j < Kd; ++j)
+        if (P.dense_var[j]) z[k++] = drow[j];
+      if (P.fm) {
+        float q = U.qu, ss = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          float a = U.su[d];
+          for (int64_t v = 0; v < nvf; ++v) a += fields[P.vfield[v] * D + d];
+          ss += a * a;
+        }
+        for (int64_t v = 0; v < nvf; ++v) {
+          const float* e = fields + P.vfield[v] * D;
+          q += dot(e, e, D);
+        }
+        s += 0.5f * (ss - q);
+      }
+      if (x0) {
+        float* x = x0 + m * ldx;
+        std::memcpy(x, fields, sizeof(float) * P.F * D);
+        std::memcpy(x + P.F * D, drow, sizeof(float) * Kd);
+        for (int64_t i = P.Kx; i < ldx; ++i) x[i] = 0.f;
+      }
+    } else {
+      if (P.hb && P.dvar) {  // field 0: this candidate's bottom MLP output
+        std::memcpy(fields, dbot + m * ldb, sizeof(float) * D);
+        std::memcpy(z, fields, sizeof(float) * D);
+        k = D;
+      }
+      for (int64_t v = 0; v < nvf; ++v) {
+        const int64_t f = P.vfield[v];
+        for (int64_t d = 0; d < D; ++d) U.FT[d * Fp + f] = fields[f * D + d];
+      }
+      gram_rows(fields, U.FT, D, Fp, P.vfield.data(), nvf, U.G);
+      for (int64_t q = 0; q < P.Pv; ++q) z[k + q] = U.G[P.gidx[q]];
+      k += P.Pv;
+    }
+    for (; k < ldz; ++k) z[k] = 0.f;
+    side[m] = s;
   }
 }
 
-// The two stages' entry points, compiled per ISA level (common/cpu_isa.h).
-void shared_pairs(const Packed& P, const float* fields, float* FT, int64_t Fp, float* G,
-                  int64_t* rowf, float* s, int64_t Ksp) {
-  isa_dispatch([&](auto) ADREC_LAMBDA_INLINE { shared_pairs_body(P, fields, FT, Fp, G, rowf, s, Ksp); });
-}
-void candidate_pairs(const Packed& P, const RowReader& rr, const int64_t* cid, int64_t m0,
-                     int64_t M, float* fields, float* FT, int64_t Fp, float* G,
-                     const int64_t* gidx, float* zv, uint32_t* zb) {
+void candidate_rows(const Spec& P, const RowReader& rr, const float* lin, const int64_t* cid,
+                    const float* dense, int64_t Nd, int64_t m0, int64_t M, UserSide& U,
+                    const float* dbot, int64_t ldb, float* zv, int64_t ldz, float* x0,
+                    int64_t ldx, float* side) {
   isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
-    candidate_pairs_body(P, rr, cid, m0, M, fields, FT, Fp, G, gidx, zv, zb);
+    candidate_rows_body(P, rr, lin, cid, dense, Nd, m0, M, U, dbot, ldb, zv, ldz, x0, ldx, side);
   });
 }
 
-inline void run_layer(const Packed& P, const Layer& l, const void* x, int64_t ldx,
-                      int64_t M, int64_t ob0, int64_t ob1, const float* bias, float* y,
-                      int64_t ldy, uint32_t* yb, int64_t ldyb) {
+// dot: the shared pairs of stage A into s[k...], through the Gram matrix of every field
+void shared_pairs(const Spec& P, UserSide& U, float* s) {
+  isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+    const int64_t D = P.D, F = P.F, Fp = pad32(F);
+    transpose_fields(U.fields, F, D, Fp, U.FT);
+    std::vector<int64_t> rowf(F);
+    for (int64_t f = 0; f < F; ++f) rowf[f] = f;
+    gram_rows(U.fields, U.FT, D, Fp, rowf.data(), F, U.G);
+    for (int64_t q = 0; q < P.Ps; ++q) s[q] = U.G[P.psi[q] * Fp + P.psj[q]];
+  });
+}
+
+// act(x W^T + b) for rows [0, M) and output blocks [ob0, ob1) of layer l; bf16 models read x
+// through xb (x packed to bfloat16 pairs by the caller).
+inline void run_layer(const Spec& P, const Layer& l, const float* x, const uint32_t* xb,
+                      int64_t ldx, int64_t M, int64_t ob0, int64_t ob1, const float* bias,
+                      float* y, int64_t ldy) {
   if (ob0 >= ob1 || M == 0) return;
-  LayerCall c{l.w, bias ? bias : l.b, l.Kp, x, ldx, M, ob0, ob1, l.relu, y, ldy, yb, ldyb};
+  LayerCall c{l.w, bias ? bias : l.b, l.Kp, P.bf16 ? static_cast<const void*>(xb) : x,
+              P.bf16 ? ldx / 2 : ldx, M, ob0, ob1, l.act == kActRelu, y, ldy, nullptr, 0};
   blocked_linear(c, P.bf16);
+}
+
+inline void pack_rows(const float* x, int64_t ldx, int64_t M, int64_t Kp, uint32_t* xb) {
+  for (int64_t m = 0; m < M; ++m) pack_bf16(x + m * ldx, Kp, xb + m * (ldx / 2));
 }
 
 inline float sigmoidf(float z) { return 1.f / (1.f + std::exp(-z)); }
 
-// The weights a thread reads next, prefetched while it waits at a barrier: at one candidate the
-// request is bound by how fast both cores pull the MLP weights from L3, and a waiting core's
-// share of that bandwidth is otherwise lost. The layer kernels read the first blocks of a
-// thread's range side by side, each from its start: those are the streams, one cache line at a
-// time, round robin.
-struct WeightPrefetch {
-  const char* cur[4] = {};
-  const char* end[4] = {};
-  int n = 0, next = 0;
-  // output blocks [r.first, r.second) of layer l, wbytes weight bytes per (input, block)
-  void set(const Layer& l, std::pair<int64_t, int64_t> r, int64_t wbytes) {
-    n = 0, next = 0;
-    const int64_t bs = l.Kp * wbytes;
-    for (int64_t ob = r.first; ob < r.second && n < 4; ++ob, ++n) {
-      cur[n] = static_cast<const char*>(l.w) + ob * bs;
-      end[n] = cur[n] + bs;
-    }
-  }
-  // one line of the next unfinished stream; false when every stream is done
-  inline bool step() {
-    for (int i = 0; i < n; ++i) {
-      const int k = next;
-      next = next + 1 == n ? 0 : next + 1;
-      if (cur[k] < end[k]) {
-        _mm_prefetch(cur[k], _MM_HINT_T0);
-        cur[k] += 64;
-        return true;
-      }
-    }
-    return false;
-  }
-};
-
-// The team's barrier (a generation counter): ~0.05-0.1 us where `omp barrier` took ~0.2 us here,
-// and its waiting threads prefetch (WeightPrefetch). A thread that has waited kYieldSpins idle
-// spins yields its core: its partner may have been descheduled by another process.
+// The team's barrier (a generation counter), ~0.05-0.1 us where `omp barrier` took ~0.2 us. A
+// thread that has waited kYieldSpins idle spins yields its core: its partner may have been
+// descheduled by another process. Waiting threads prefetch the weights they read next: at one
+// candidate a request is bound by how fast the cores pull the weights from L3.
 struct TeamBarrier {
   alignas(64) std::atomic<int> arrived{0};
   alignas(64) std::atomic<int> gen{0};
 };
 constexpr int64_t kYieldSpins = 1 << 14;
 
-inline void team_wait(TeamBarrier& b, int T, WeightPrefetch& pf) {
+inline void team_wait(TeamBarrier& b, int T, const char* pf, const char* pf_end) {
   if (T == 1) return;
   const int g = b.gen.load(std::memory_order_acquire);  // gen moves only once all T arrived
   if (b.arrived.fetch_add(1, std::memory_order_acq_rel) == T - 1) {
@@ -655,288 +507,426 @@ inline void team_wait(TeamBarrier& b, int T, WeightPrefetch& pf) {
   }
   int64_t idle = 0;
   while (b.gen.load(std::memory_order_acquire) == g) {
-    if (pf.step()) continue;
+    if (pf < pf_end) {
+      _mm_prefetch(pf, _MM_HINT_T0);
+      pf += 64;
+      continue;
+    }
     _mm_pause();
     if (++idle > kYieldSpins) std::this_thread::yield();
   }
 }
 
-thread_local Arena t_request;  // the calling thread's per-request buffers (shared with its team)
-thread_local Arena t_private;  // every team thread's own buffers
-
-// Weight bytes up to which every thread computes a whole stage-A layer itself (in its own
-// buffers) rather than its share of the outputs followed by a barrier.
-constexpr int64_t kPrivateLayerBytes = 32 * 1024;
-
-// The forward itself; every argument was checked by the caller (no throw in the team).
+// The forward; every argument was checked by the caller (nothing may throw inside the team).
 //
 // Threads. One OpenMP team per request, not a team of the kernels' pool (common/parallel.h):
 // a request lasts 10-400 us, and OpenMP's threads spin for the next region where the pool's
 // workers sleep on a futex once idle, so the pool's team adds the wake-up of its second thread to
 // every request (DLRM, 2 threads, three back-to-back pairs, bench/RESULTS_serving.md: p99 at N=1
-// 22-38 us with OpenMP, 60-68 us with the pool team; p50 at N=64 193-202 vs 222-242 us).
-// Stage A (user side, one row): small layers are computed by every thread (no barrier), large
-// ones are split by output blocks (a barrier after each); each thread always gets the same
-// blocks, so its share of the weights stays in its core's cache from request to request. Stage
-// B (candidates): below kRowsPerThread rows per thread the layers are split by output blocks
-// too, with a barrier per layer; the first top layer's shared part u is then needed only for the
-// thread's own blocks, so it needs no barrier of its own. From kRowsPerThread rows per thread on,
-// each thread runs the whole tower on its own rows.
-void dlrm_forward(const Packed& P, const RowReader& rr, const int64_t* uid, const int64_t* cid,
-                  const float* dense, int64_t N, float* out) {
-  const int64_t D = P.D, F = P.F, W = P.maxw, Kvp = pad16(P.Pv), Fp = pad32(F);
-  const int64_t Ksp = P.layers[P.nb].Kp, O1 = P.layers[P.nb].Ob * 16;
-  const bool bf = P.bf16;
-  const Layer* Ls = P.layers.data();
-  const int64_t wbytes = bf ? 32 : 64;  // weight bytes per (padded input, output block)
+// 22-38 us with OpenMP, 60-68 us with the pool team).
+// Stage A: small layers are computed by every thread (no barrier), large ones split by output
+// blocks (a barrier after each); the u_j are split like the tower layer that reads them, so in
+// the layer split below a thread needs only its own blocks of them. Stage B: below
+// kRowsPerThread rows per thread every tower layer is split by output blocks, with a barrier
+// per layer; from kRowsPerThread rows per thread on, each thread runs the whole tower on its own
+// rows, tile by tile.
+void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t* uid,
+             bool uid_full, const int64_t* cid, const float* dense, int64_t Nd,
+             const int64_t* seq_ids, const int64_t* seq_off, int64_t N, float* out) {
+  const int64_t D = P.D, F = P.F, W = P.maxw, Fp = pad32(F);
+  const int64_t Kvp = pad16(P.Kv), Ksp = pad16(P.Ks), Kxp = pad16(P.Kx), Kdp = pad16(P.Kd);
+  const int64_t nvf = static_cast<int64_t>(P.vfield.size()), Lsum = seq_off[P.S];
+  const int64_t wbytes = P.bf16 ? 32 : 64;
   int nt = omp_in_parallel() ? 1 : at::get_num_threads();
   const bool row_split = N >= kRowsPerThread * nt;
   if (row_split) nt = static_cast<int>(std::min<int64_t>(nt, N / kRowsPerThread));
-  // candidate pairs of the layer split: every thread computes all of them when that is cheap
-  const bool zv_private = !row_split && N * P.Pv <= 1024;
+  const bool vbottom = P.hb && P.dvar;  // the bottom MLP runs per candidate
+  const int64_t nl = row_split ? 0 : N;  // rows of the shared (layer split) buffers
   Arena& A = t_request;
-  A.reserve(arena_bytes(3 * W + O1 + sizeof(TeamBarrier) / 4 +
-                       (row_split ? 0 : N * (3 * W + 2 * Kvp + 16))));
-  float* s0 = A.take<float>(W);               // [W] stage-A outputs of split layers (ping)
-  float* s1 = A.take<float>(W);               // (pong)
-  float* u = A.take<float>(O1);               // [O1] first top layer, shared part (+ bias)
-  const int64_t nzv = row_split || zv_private ? 0 : N;
-  float* zv = A.take<float>(nzv * Kvp);       // [N, Kvp] candidate pairs (layer split)
-  uint32_t* zb = A.take<uint32_t>(nzv * Kvp / 2);
-  const int64_t nh = row_split ? 0 : N;
-  float* h0 = A.take<float>(nh * W);          // [N, W] activations (layer split)
-  float* h1 = A.take<float>(nh * W);
-  uint32_t* g0 = A.take<uint32_t>(nh * W / 2);
-  uint32_t* g1 = A.take<uint32_t>(nh * W / 2);
-  float* head = A.take<float>(nh * 16);       // [N, 16] head outputs
-  // shared bf16 stage-A outputs live right after the float ones: [W / 2] each
-  uint32_t* sb0 = A.take<uint32_t>(W / 2);
-  uint32_t* sb1 = A.take<uint32_t>(W / 2);
+  int64_t uw = 0;
+  for (int64_t j = 0; j < P.nf; ++j) uw += P.L[P.nb + j].Ob * 16 + 16;
+  A.reserve(2 * W + uw + 64 + nl * (Kvp + 3 * Kxp + 3 * W + 16 + 1));
+  float* s0 = A.take<float>(W);  // stage-A outputs of split layers (ping, pong)
+  float* s1 = A.take<float>(W);
+  float* u[2] = {nullptr, nullptr};
+  for (int64_t j = 0; j < P.nf; ++j) u[j] = A.take<float>(P.L[P.nb + j].Ob * 16);
+  float* zv = A.take<float>(nl * Kvp);  // layer split: [N, Kvp], [N, Kxp] x3, [N, W] x3, ...
+  float* x0 = A.take<float>(P.ncross ? nl * Kxp : 0);
+  float* xa = A.take<float>(P.ncross ? nl * Kxp : 0);
+  float* xc = A.take<float>(P.ncross ? nl * Kxp : 0);
+  float* h0 = A.take<float>(nl * W);
+  float* h1 = A.take<float>(nl * W);
+  float* yt = A.take<float>(P.ncross ? nl * W : 0);
+  float* side = A.take<float>(nl);
   TeamBarrier* bar = new (A.take<TeamBarrier>(1)) TeamBarrier();
-  const int64_t* gidx = P.gidx.data();
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int tid = omp_get_thread_num(), T = omp_get_num_threads();
     auto split = [&](int64_t n) { return std::make_pair(n * tid / T, n * (tid + 1) / T); };
-    // the team barrier, prefetching this thread's blocks of layer l (none when l == P.L)
-    WeightPrefetch pf;
-    auto barrier_before = [&](int64_t l) {
-      pf.n = 0;
-      if (l < P.L) {
-        const bool priv = l < P.nb && Ls[l].Kp * Ls[l].Ob * wbytes <= kPrivateLayerBytes;
-        pf.set(Ls[l], priv ? std::make_pair(int64_t(0), Ls[l].Ob) : split(Ls[l].Ob), wbytes);
+    auto barrier = [&](const Layer* next) {
+      const char *pf = nullptr, *pe = nullptr;
+      if (next) {  // this thread's first output block of the next layer
+        const auto r = split(next->Ob);
+        pf = static_cast<const char*>(next->w) + r.first * next->Kp * wbytes;
+        pe = r.first < r.second ? pf + next->Kp * wbytes : pf;
       }
-      team_wait(*bar, T, pf);
+      team_wait(*bar, T, pf, pe);
     };
+    const int64_t rows = row_split ? kTile : N;  // rows of this thread's candidate buffers
     Arena& PA = t_private;
-    const int64_t tile = row_split ? kTile : 0, zrows = zv_private ? N : 0;
-    PA.reserve(arena_bytes(F * D + 4 * W + 2 * Ksp + (zrows + tile) * 2 * Kvp +
-                           tile * (3 * W + 16) + (D + 2 * F + 2) * Fp + 2 * F));
-    float* fields = PA.take<float>(F * D);    // [F, D] shared fields, then candidate rows
-    float* FT = PA.take<float>(D * Fp);       // [D, Fp] fields transposed
-    float* G = PA.take<float>(F * Fp);        // [F, Fp] Gram rows
-    int64_t* rowf = PA.take<int64_t>(F);
-    float* p0 = PA.take<float>(W);            // [W] private stage-A activations (ping)
+    PA.reserve(2 * F * D + D * Fp + F * Fp + (Lsum + 1) * D + Lsum + 4 * W + 2 * Ksp + D +
+               (vbottom ? 2 * rows * W : 0) + rows * W +
+               (row_split ? kTile * (Kvp + 3 * Kxp + 3 * W + 16 + 1) : 0));
+    UserSide U;
+    U.fields = PA.take<float>(F * D);
+    U.FT = PA.take<float>(D * Fp);
+    U.G = PA.take<float>(F * Fp);
+    float* keys = PA.take<float>(Lsum * D);
+    U.keys = keys, U.seq_off = seq_off;
+    U.sc = PA.take<float>(Lsum + 1);
+    U.su = PA.take<float>(D);
+    float* p0 = PA.take<float>(W);
     float* p1 = PA.take<float>(W);
-    uint32_t* pb0 = PA.take<uint32_t>(W / 2);
-    uint32_t* pb1 = PA.take<uint32_t>(W / 2);
-    float* s = PA.take<float>(Ksp);           // [Ksp] shared columns: dense vector, shared pairs
-    uint32_t* sb = PA.take<uint32_t>(Ksp / 2);
+    uint32_t* pb = PA.take<uint32_t>(W);  // a bf16 copy of one stage-A input
+    float* s = PA.take<float>(Ksp);
+    uint32_t* xbuf = PA.take<uint32_t>(rows * W / 2 + 16);  // bf16 copy of a tower input
 
     // ---- stage A: the user/context side, once per request
-    std::memset(fields, 0, sizeof(float) * F * D);
-    for (int64_t i = 0; i < P.Tu; ++i) rr.row(P.ubase[i] + uid[i], fields + P.ufield[i] * D);
-    const float* xa = p1;
-    const uint32_t* xb = pb1;
-    if (P.hb) {
-      const int64_t Kp = Ls[0].Kp;
-      std::memset(p1, 0, sizeof(float) * Kp);
+    std::memset(U.fields, 0, sizeof(float) * F * D);
+    float sd = P.bias;
+    for (int64_t i = 0; i < P.Tu; ++i) {
+      const int64_t t = P.uslot[i], r = P.base[t] + uid[uid_full ? t : i];
+      rr.row(r, U.fields + P.field_of_slot(t) * D);
+      if (P.lin) sd += lin[r];
+    }
+    for (int64_t i = 0; i < P.S; ++i)
+      for (int64_t l = seq_off[i]; l < seq_off[i + 1]; ++l)
+        rr.row(P.sbase[i] + seq_ids[l], keys + l * D);
+    for (int64_t i = 0; i < P.S; ++i)
+      if (P.shared[P.T + i])
+        attend(keys + seq_off[i] * D, seq_off[i + 1] - seq_off[i],
+               U.fields + P.starget[i] * D, D, U.sc, U.fields + (P.T + i) * D);
+    if (P.dense_w)
+      for (int64_t j = 0; j < P.Kd; ++j)
+        if (!P.dense_var[j]) sd += P.dense_w[j] * dense[j];
+    U.side = sd;
+    if (P.fm) {
+      for (int64_t d = 0; d < D; ++d) U.su[d] = 0.f;
+      float q = 0.f;
+      for (int64_t f = 0; f < F; ++f)
+        if (P.shared[f]) {
+          const float* e = U.fields + f * D;
+          for (int64_t d = 0; d < D; ++d) U.su[d] += e[d];
+          q += dot(e, e, D);
+        }
+      U.qu = q;
+    }
+    if (P.hb && !P.dvar) {  // DLRM's bottom MLP on the shared dense input
+      const float* x = p1;
+      std::memset(p1, 0, sizeof(float) * Kdp);
       std::memcpy(p1, dense, sizeof(float) * P.Kd);
-      if (bf) pack_bf16(p1, Kp, pb1);
-    }
-    int split_count = 0;
-    for (int64_t l = 0; l < P.nb; ++l) {
-      const Layer& ly = Ls[l];
-      const bool last = l == P.nb - 1;
-      const bool priv = ly.Kp * ly.Ob * wbytes <= kPrivateLayerBytes;
-      float* ya;
-      uint32_t* yb;
-      int64_t ob0 = 0, ob1 = ly.Ob;
-      if (priv) {
-        ya = (xa == p0) ? p1 : p0;
-        yb = (xa == p0) ? pb1 : pb0;
-      } else {
-        ya = (split_count % 2 == 0) ? s0 : s1;
-        yb = (split_count % 2 == 0) ? sb0 : sb1;
-        ++split_count;
-        const auto r = split(ly.Ob);
-        ob0 = r.first, ob1 = r.second;
+      int flip = 0;
+      for (int64_t l = 0; l < P.nb; ++l) {
+        const Layer& ly = P.L[l];
+        const bool priv = ly.Kp * ly.Ob * wbytes <= kPrivateLayerBytes;
+        float* y = priv ? (x == p0 ? p1 : p0) : (flip++ % 2 ? s1 : s0);
+        const auto r = priv ? std::make_pair(int64_t(0), ly.Ob) : split(ly.Ob);
+        if (P.bf16) pack_bf16(x, ly.Kp, pb);
+        run_layer(P, ly, x, pb, ly.Kp, 1, r.first, r.second, nullptr, y, W);
+        if (!priv) barrier(l + 1 < P.nb ? &P.L[l + 1] : nullptr);
+        x = y;
       }
-      run_layer(P, ly, bf ? static_cast<const void*>(xb) : xa, 0, 1, ob0, ob1, nullptr,
-                (!bf || last) ? ya : nullptr, 0, bf && !last ? yb : nullptr, 0);
-      if (!priv) barrier_before(l + 1);  // l + 1 == P.nb: u, split as the layer split
-      xa = ya, xb = yb;
+      std::memcpy(U.fields, x, sizeof(float) * D);  // field 0
     }
-    if (P.hb) std::memcpy(fields, xa, sizeof(float) * D);  // field 0: the bottom MLP's output
-    shared_pairs(P, fields, FT, Fp, G, rowf, s, Ksp);
-    if (bf) pack_bf16(s, Ksp, sb);
-    // u = W_s s + b for this thread's blocks of the first top layer
-    const auto r1 = split(Ls[P.nb].Ob);
-    run_layer(P, Ls[P.nb], bf ? static_cast<const void*>(sb) : s, 0, 1, r1.first,
-              r1.second, nullptr, u, 0, nullptr, 0);
+    // s: the shared first-layer columns
+    int64_t k = 0;
+    if (P.kind == kConcat) {
+      for (int64_t f = 0; f < F; ++f)
+        if (P.shared[f]) {
+          std::memcpy(s + k, U.fields + f * D, sizeof(float) * D);
+          k += D;
+        }
+      for (int64_t j = 0; j < P.Kd; ++j)
+        if (!P.dense_var[j]) s[k++] = dense[j];
+    } else {
+      if (P.hb && !P.dvar) {
+        std::memcpy(s, U.fields, sizeof(float) * D);
+        k = D;
+      }
+      shared_pairs(P, U, s + k);  // also leaves FT for the candidates' Gram rows
+      k += P.Ps;
+    }
+    for (; k < Ksp; ++k) s[k] = 0.f;
+    if (P.bf16) pack_bf16(s, Ksp, pb);
+    for (int64_t j = 0; j < P.nf; ++j) {  // u_j = W_sj s + b_j, this thread's blocks
+      const auto r = split(P.L[P.nb + j].Ob);
+      run_layer(P, P.L[P.nb + j], s, pb, Ksp, 1, r.first, r.second, nullptr, u[j], 0);
+    }
 
     // ---- stage B: the candidates
-    const int64_t Lh = P.L - 1;
-    if (!row_split) {
-      const void* x;
-      int64_t ldx = bf ? Kvp / 2 : Kvp;
-      if (zv_private) {
-        float* pz = PA.take<float>(N * Kvp);
-        uint32_t* pzb = PA.take<uint32_t>(N * Kvp / 2);
-        candidate_pairs(P, rr, cid, 0, N, fields, FT, Fp, G, gidx, pz, bf ? pzb : nullptr);
-        x = bf ? static_cast<const void*>(pzb) : pz;
-      } else {
-        const auto r = split(N);
-        candidate_pairs(P, rr, cid, r.first, r.second - r.first, fields, FT, Fp, G, gidx,
-                        zv + r.first * Kvp, bf ? zb + r.first * (Kvp / 2) : nullptr);
-        x = bf ? static_cast<const void*>(zb) : zv;
-        barrier_before(P.nb + 1);
-      }
-      for (int64_t l = P.nb + 1; l <= Lh; ++l) {
-        const bool ping = (l - P.nb) % 2 == 1, is_head = l == Lh;
-        float* y = is_head ? head : (ping ? h0 : h1);
-        uint32_t* yb = ping ? g0 : g1;
-        // the first candidate layer keeps the blocks of u this thread computed
-        const auto r = (l == P.nb + 1) ? r1 : split(Ls[l].Ob);
-        run_layer(P, Ls[l], x, ldx, N, r.first, r.second, l == P.nb + 1 ? u : nullptr,
-                  (!bf || is_head) ? y : nullptr, is_head ? 16 : W,
-                  (bf && !is_head) ? yb : nullptr, W / 2);
-        if (is_head) {
-          if (r.first == 0 && r.second > 0)
-            for (int64_t m = 0; m < N; ++m) out[m] = sigmoidf(head[m * 16]);
+    // the tower on M rows: zv/x0 inputs, outputs [ob range per layer] (all blocks when
+    // `whole`), cross state in xs ping-pong, MLP in hp ping-pong; returns the logit column
+    auto tower = [&](int64_t M, bool whole, const float* z, float* x0r, float* xs0, float* xs1,
+                     float* hp0, float* hp1, float* yc, float* sidev, float* outv) {
+      const float* prevh = nullptr;
+      const float* xcur = x0r;  // cross state
+      for (int64_t l = 0; l < P.lt; ++l) {
+        const Layer& ly = P.tower(l);
+        const bool last = l == P.lt - 1;
+        const auto r = whole ? std::make_pair(int64_t(0), ly.Ob) : split(ly.Ob);
+        const float* x;
+        int64_t ldx;
+        if (ly.in == kInZv) x = z, ldx = Kvp;
+        else if (ly.in == kInPrev) x = prevh, ldx = W;
+        else x = xcur, ldx = Kxp;
+        if (P.bf16) pack_rows(x, ldx, M, ly.Kp, xbuf);
+        const float* bias = ly.ubias >= 0 ? u[ly.ubias] : nullptr;
+        if (ly.act == kActCross) {
+          run_layer(P, ly, x, xbuf, ldx, M, r.first, r.second, bias, yc, W);
+          float* xn = (l % 2 == 0) ? xs0 : xs1;
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t c = r.first * 16; c < r.second * 16; ++c)
+              xn[m * Kxp + c] = x0r[m * Kxp + c] * yc[m * W + c] + xcur[m * Kxp + c];
+          xcur = xn;
         } else {
-          x = bf ? static_cast<const void*>(yb) : y;
-          ldx = bf ? W / 2 : W;
-          barrier_before(l + 1);
+          float* y = (l % 2 == 0) ? hp0 : hp1;
+          run_layer(P, ly, x, xbuf, ldx, M, r.first, r.second, bias, y, W);
+          prevh = y;
         }
+        if (!last && !whole) barrier(&P.tower(l + 1));
+      }
+      const auto r = whole ? std::make_pair(int64_t(0), int64_t(1)) : split(1);
+      if (r.first < r.second)  // the thread that holds the head's block
+        for (int64_t m = 0; m < M; ++m) {
+          float lg = sidev[m] + prevh[m * W];
+          if (P.cross_head) lg += dot(P.cross_head, xcur + m * Kxp, P.Kx);
+          outv[m] = sigmoidf(lg);
+        }
+    };
+    // DLRM with a varying dense input: the bottom MLP on rows [m0, m0 + M)
+    float* db0 = vbottom ? PA.take<float>(rows * W) : nullptr;
+    float* db1 = vbottom ? PA.take<float>(rows * W) : nullptr;
+    auto bottom_rows = [&](int64_t m0, int64_t M) -> const float* {
+      if (!vbottom) return nullptr;
+      for (int64_t m = 0; m < M; ++m) {
+        float* x = db1 + m * W;
+        std::memset(x, 0, sizeof(float) * Kdp);
+        std::memcpy(x, dense + (m0 + m) * P.Kd, sizeof(float) * P.Kd);
+      }
+      const float* x = db1;
+      for (int64_t l = 0; l < P.nb; ++l) {
+        float* y = x == db0 ? db1 : db0;
+        if (P.bf16) pack_rows(x, W, M, P.L[l].Kp, xbuf);
+        run_layer(P, P.L[l], x, xbuf, W, M, 0, P.L[l].Ob, nullptr, y, W);
+        x = y;
+      }
+      return x;
+    };
+    if (!row_split) {
+      const auto r = split(N);
+      const float* db = bottom_rows(r.first, r.second - r.first);
+      candidate_rows(P, rr, lin, cid, dense, Nd, r.first, r.second - r.first, U, db, W,
+                     zv + r.first * Kvp, Kvp, P.ncross ? x0 + r.first * Kxp : nullptr, Kxp,
+                     side + r.first);
+      if (P.lt == 0) {
+        for (int64_t m = r.first; m < r.second; ++m) out[m] = sigmoidf(side[m]);
+      } else {
+        barrier(&P.tower(0));
+        tower(N, false, zv, x0, xa, xc, h0, h1, yt, side, out);
       }
     } else {
-      barrier_before(P.L);
-      // row split: each thread runs the whole tower on its rows, tile by tile (u is complete)
+      barrier(nullptr);  // every u_j complete
       float* tz = PA.take<float>(kTile * Kvp);
-      uint32_t* tzb = PA.take<uint32_t>(kTile * Kvp / 2);
-      float* t0 = PA.take<float>(kTile * W);
-      uint32_t* tb0 = PA.take<uint32_t>(kTile * W / 2);
-      uint32_t* tb1 = PA.take<uint32_t>(kTile * W / 2);
-      float* t1 = PA.take<float>(kTile * W);
-      float* th = PA.take<float>(kTile * 16);
+      float* tx0 = PA.take<float>(P.ncross ? kTile * Kxp : 0);
+      float* txa = PA.take<float>(P.ncross ? kTile * Kxp : 0);
+      float* txc = PA.take<float>(P.ncross ? kTile * Kxp : 0);
+      float* th0 = PA.take<float>(kTile * W);
+      float* th1 = PA.take<float>(kTile * W);
+      float* tyc = PA.take<float>(P.ncross ? kTile * W : 0);
+      float* tside = PA.take<float>(kTile);
       const auto r = split(N);
       for (int64_t m0 = r.first; m0 < r.second; m0 += kTile) {
         const int64_t M = std::min(kTile, r.second - m0);
-        candidate_pairs(P, rr, cid, m0, M, fields, FT, Fp, G, gidx, tz, bf ? tzb : nullptr);
-        const void* x = bf ? static_cast<const void*>(tzb) : tz;
-        int64_t ldx = bf ? Kvp / 2 : Kvp;
-        for (int64_t l = P.nb + 1; l <= Lh; ++l) {
-          const bool ping = (l - P.nb) % 2 == 1, is_head = l == Lh;
-          float* y = is_head ? th : (ping ? t0 : t1);
-          uint32_t* yb = ping ? tb0 : tb1;
-          run_layer(P, Ls[l], x, ldx, M, 0, Ls[l].Ob, l == P.nb + 1 ? u : nullptr,
-                    (!bf || is_head) ? y : nullptr, is_head ? 16 : W,
-                    (bf && !is_head) ? yb : nullptr, W / 2);
-          x = bf ? static_cast<const void*>(yb) : y;
-          ldx = bf ? W / 2 : W;
+        const float* db = bottom_rows(m0, M);
+        candidate_rows(P, rr, lin, cid, dense, Nd, m0, M, U, db, W, tz, Kvp,
+                       P.ncross ? tx0 : nullptr, Kxp, tside);
+        if (P.lt == 0) {
+          for (int64_t m = 0; m < M; ++m) out[m0 + m] = sigmoidf(tside[m]);
+        } else {
+          tower(M, true, tz, tx0, txa, txc, th0, th1, tyc, tside, out + m0);
         }
-        for (int64_t m = 0; m < M; ++m) out[m0 + m] = sigmoidf(th[m * 16]);
       }
     }
   }
 }
 
 // Every id and dense value of a request is checked before the team starts (nothing may throw
-// inside it): uid [Tu], cid [N, Tc], dense [Kd].
-void check_request(const Packed& P, const int64_t* uid, const int64_t* cid, int64_t N,
-                   const float* dense) {
-  for (int64_t i = 0; i < P.Tu; ++i)
-    TORCH_CHECK_INDEX(uid[i] >= 0 && uid[i] < P.ucard[i], kOpP, ": user_ids[", i, "] = ", uid[i],
-                      " is out of range [0, ", P.ucard[i], ")");
+// inside it).
+void check_request(const Spec& P, const int64_t* uid, bool uid_full, const int64_t* cid,
+                   int64_t N, const float* dense, int64_t Nd, const int64_t* seq_ids,
+                   const int64_t* seq_off) {
+  TORCH_CHECK_VALUE(N >= 1, kOp, ": empty candidate list");
+  TORCH_CHECK_VALUE(Nd == 1 || Nd == N, kOp, ": dense must have 1 or N = ", N, " rows, got ", Nd);
+  TORCH_CHECK_VALUE(!P.dvar || Nd == N || N == 1, kOp, ": this split has candidate-side dense "
+                    "fields: dense must be [N, ", P.Kd, "] = [", N, ", ", P.Kd, "]");
+  for (int64_t i = 0; i < P.Tu; ++i) {
+    const int64_t t = P.uslot[i], id = uid[uid_full ? t : i];
+    TORCH_CHECK_INDEX(id >= 0 && id < P.card[t], kOp, ": user_ids[", uid_full ? t : i, "] = ",
+                      id, " is out of range [0, ", P.card[t], ")");
+  }
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < P.Tc; ++c) {
-      const int64_t id = cid[n * P.Tc + c];
-      TORCH_CHECK_INDEX(id >= 0 && id < P.ccard[c], kOpP, ": cand_ids[", n, ", ", c, "] = ", id,
-                        " is out of range [0, ", P.ccard[c], ")");
+      const int64_t id = cid[n * P.Tc + c], card = P.card[P.cslot[c]];
+      TORCH_CHECK_INDEX(id >= 0 && id < card, kOp, ": cand_ids[", n, ", ", c, "] = ", id,
+                        " is out of range [0, ", card, ")");
     }
-  for (int64_t k = 0; k < P.Kd; ++k)
-    TORCH_CHECK_VALUE(!std::isnan(dense[k]), kOpP, ": dense[", k, "] is NaN");
+  for (int64_t i = 0; i < Nd * P.Kd; ++i)
+    TORCH_CHECK_VALUE(!std::isnan(dense[i]), kOp, ": dense[", i / std::max<int64_t>(P.Kd, 1),
+                      ", ", i % std::max<int64_t>(P.Kd, 1), "] is NaN");
+  for (int64_t s = 0; s < P.S; ++s)
+    for (int64_t l = seq_off[s]; l < seq_off[s + 1]; ++l)
+      TORCH_CHECK_INDEX(seq_ids[l] >= 0 && seq_ids[l] < P.scard[s], kOp, ": history ", s,
+                        " id ", seq_ids[l], " is out of range [0, ", P.scard[s], ")");
+}
+
+// Shared by the op and the handle: checks, then the forward.
+void run(const Spec& P, const RowReader& rr, const float* lin, const int64_t* uid,
+         int64_t n_user, const int64_t* cid, int64_t N, const float* dense, int64_t Nd,
+         const int64_t* seq_ids, const int64_t* seq_lengths, float* out) {
+  TORCH_CHECK_VALUE(n_user == P.Tu || n_user == P.T, kOp, ": user_ids must have ", P.Tu,
+                    " (user slots) or ", P.T, " (all slots) entries, got ", n_user);
+  TORCH_CHECK_VALUE(!P.lin || lin != nullptr, kOp, ": this model needs its first-order weights");
+  const bool full = n_user == P.T && P.T != P.Tu;
+  std::vector<int64_t> off(P.S + 1, 0);
+  for (int64_t s = 0; s < P.S; ++s) {
+    TORCH_CHECK_VALUE(seq_lengths[s] >= 0, kOp, ": seq_lengths[", s, "] < 0");
+    off[s + 1] = off[s] + seq_lengths[s];
+  }
+  static const float kNoDense = 0.f;
+  if (P.Kd == 0) dense = &kNoDense, Nd = 1;
+  const int64_t nd = P.dvar ? Nd : 1;  // rows of dense that differ
+  check_request(P, uid, full, cid, N, dense, Nd, seq_ids, off.data());
+  forward(P, rr, lin, uid, full, cid, dense, nd, seq_ids, off.data(), N, out);
+}
+
+RowReader tensor_reader(const at::Tensor& w, const std::optional<at::Tensor>& scale_bias) {
+  check_dim(w, 2, kOp, "weights", "[R, D]");
+  TORCH_CHECK_VALUE(w.is_contiguous(), kOp, ": weights must be contiguous");
+  const float* sbp = nullptr;
+  TableDtype dt;
+  if (w.scalar_type() == at::kFloat) {
+    dt = TableDtype::kFloat32;
+  } else if (w.scalar_type() == at::kHalf) {
+    dt = TableDtype::kFloat16;
+  } else if (w.scalar_type() == at::kByte) {
+    dt = TableDtype::kUInt8;
+    TORCH_CHECK_VALUE(scale_bias.has_value(), kOp, ": uint8 weights need scale_bias [R, 2]");
+    const auto& sb = *scale_bias;
+    TORCH_CHECK_TYPE(sb.scalar_type() == at::kFloat, kOp, ": scale_bias must be float32");
+    TORCH_CHECK_VALUE(sb.dim() == 2 && sb.size(0) == w.size(0) && sb.size(1) == 2 &&
+                          sb.is_contiguous(),
+                      kOp, ": scale_bias must be contiguous [R, 2] = [", w.size(0), ", 2], got ",
+                      sb.sizes());
+    sbp = sb.data_ptr<float>();
+  } else {
+    TORCH_CHECK_TYPE(false, kOp, ": weights must be float32, float16 or uint8, got ",
+                     w.scalar_type());
+  }
+  return reader_of(w.data_ptr(), dt, w.size(0), w.size(1), sbp);
 }
 
 }  // namespace
 
-// meta [H] int64 + blob [bytes] uint8: the packed model (pack_dlrm); weights [R, D] float32 /
-// float16 / uint8 (+ scale_bias [R, 2]); user_ids [Tu] int64 ids within their tables, in the
-// packed user-slot order; cand_ids [N, Tc] int64 likewise; dense [Kd] float32 (shared by every
-// candidate) -> probabilities [N] float32.
-at::Tensor serving_dlrm_cpu(const at::Tensor& meta, const at::Tensor& blob, const at::Tensor& weights,
-                            const std::optional<at::Tensor>& scale_bias, const at::Tensor& user_ids_,
-                            const at::Tensor& cand_ids_, const at::Tensor& dense_) {
-  const RowReader rr = make_reader(weights, scale_bias);
-  const Packed P = parse(meta, blob, weights.size(0), rr.D);
-  TORCH_CHECK_TYPE(user_ids_.scalar_type() == at::kLong && cand_ids_.scalar_type() == at::kLong,
-                   kOpP, ": user_ids and cand_ids must be int64, got ", user_ids_.scalar_type(),
-                   " and ", cand_ids_.scalar_type());
-  TORCH_CHECK_TYPE(dense_.scalar_type() == at::kFloat, kOpP, ": dense must be float32, got ",
-                   dense_.scalar_type());
-  TORCH_CHECK_VALUE(user_ids_.dim() == 1 && user_ids_.size(0) == P.Tu, kOpP, ": user_ids must be [",
-                    P.Tu, "], got ", user_ids_.sizes());
-  TORCH_CHECK_VALUE(cand_ids_.dim() == 2 && cand_ids_.size(1) == P.Tc, kOpP,
-                    ": cand_ids must be [N, ", P.Tc, "], got ", cand_ids_.sizes());
-  TORCH_CHECK_VALUE(dense_.dim() == 1 && dense_.size(0) == P.Kd, kOpP, ": dense must be [", P.Kd,
-                    "] (shared by every candidate), got ", dense_.sizes());
-  const int64_t N = cand_ids_.size(0);
-  TORCH_CHECK_VALUE(N >= 1, kOpP, ": empty candidate list");
-  const auto user_ids = user_ids_.contiguous();
-  const auto cand_ids = cand_ids_.contiguous();
-  const auto dense = dense_.contiguous();
-  const int64_t* uid = user_ids.data_ptr<int64_t>();
-  const int64_t* cid = cand_ids.data_ptr<int64_t>();
-  const float* pd = dense.data_ptr<float>();
-  check_request(P, uid, cid, N, pd);
-  auto out = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
-  dlrm_forward(P, rr, uid, cid, pd, N, out.data_ptr<float>());
+// meta [H] int64 + blob [bytes] uint8: the packed model (adrec_fast.serving.scorer.pack);
+// weights [R, D] float32 / float16 / uint8 (+ scale_bias [R, 2]); lin [R] float32 first-order
+// weights or None; user_ids [Tu] (or [T]) int64, cand_ids [N, Tc] int64 ids within their
+// tables; dense [Nd, Kd] float32; seq_ids [sum L] int64, seq_lengths [S] int64 ->
+// probabilities [N] float32.
+at::Tensor serving_forward_cpu(const at::Tensor& meta, const at::Tensor& blob,
+                               const at::Tensor& weights,
+                               const std::optional<at::Tensor>& scale_bias,
+                               const std::optional<at::Tensor>& lin, const at::Tensor& user_ids,
+                               const at::Tensor& cand_ids, const at::Tensor& dense,
+                               const at::Tensor& seq_ids, const at::Tensor& seq_lengths) {
+  const RowReader rr = tensor_reader(weights, scale_bias);
+  TORCH_CHECK_TYPE(meta.scalar_type() == at::kLong && meta.dim() == 1 && meta.is_contiguous(),
+                   kOp, ": meta must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK_TYPE(blob.scalar_type() == at::kByte && blob.dim() == 1 && blob.is_contiguous(),
+                   kOp, ": blob must be a contiguous 1-D uint8 tensor");
+  const Spec P = parse(meta.data_ptr<int64_t>(), meta.numel(), blob.data_ptr<uint8_t>(),
+                       blob.numel(), rr.R, rr.D);
+  for (const auto* t : {&user_ids, &cand_ids, &seq_ids, &seq_lengths})
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, kOp,
+                     ": user_ids, cand_ids, seq_ids and seq_lengths must be int64");
+  TORCH_CHECK_TYPE(dense.scalar_type() == at::kFloat, kOp, ": dense must be float32");
+  check_dim(user_ids, 1, kOp, "user_ids", "[Tu]");
+  check_dim(cand_ids, 2, kOp, "cand_ids", "[N, Tc]");
+  check_dim(dense, 2, kOp, "dense", "[Nd, Kd]");
+  check_dim(seq_ids, 1, kOp, "seq_ids", "[sum L]");
+  check_dim(seq_lengths, 1, kOp, "seq_lengths", "[S]");
+  TORCH_CHECK_VALUE(cand_ids.size(1) == P.Tc, kOp, ": cand_ids must be [N, ", P.Tc, "], got ",
+                    cand_ids.sizes());
+  TORCH_CHECK_VALUE(dense.size(1) == P.Kd, kOp, ": dense must be [Nd, ", P.Kd, "], got ",
+                    dense.sizes());
+  TORCH_CHECK_VALUE(seq_lengths.size(0) == P.S, kOp, ": seq_lengths must be [", P.S, "], got ",
+                    seq_lengths.sizes());
+  const auto sl = seq_lengths.contiguous();
+  int64_t Ltot = 0;
+  for (int64_t s = 0; s < P.S; ++s) Ltot += std::max<int64_t>(sl.data_ptr<int64_t>()[s], 0);
+  TORCH_CHECK_VALUE(seq_ids.size(0) == Ltot, kOp, ": seq_ids has ", seq_ids.size(0),
+                    " entries, seq_lengths sum to ", Ltot);
+  const float* pl = nullptr;
+  at::Tensor lc;
+  if (lin.has_value()) {
+    lc = lin->contiguous();
+    TORCH_CHECK_TYPE(lc.scalar_type() == at::kFloat && lc.dim() == 1 && lc.size(0) == rr.R, kOp,
+                     ": lin must be float32 [", rr.R, "]");
+    pl = lc.data_ptr<float>();
+  }
+  const auto u = user_ids.contiguous(), c = cand_ids.contiguous(), d = dense.contiguous();
+  const auto q = seq_ids.contiguous();
+  auto out = at::empty({c.size(0)}, at::TensorOptions().dtype(at::kFloat));
+  run(P, rr, pl, u.data_ptr<int64_t>(), u.size(0), c.data_ptr<int64_t>(), c.size(0),
+      d.data_ptr<float>(), d.size(0), q.data_ptr<int64_t>(), sl.data_ptr<int64_t>(),
+      out.data_ptr<float>());
   return out;
 }
 
-// ---------------------------------------------------------------------------- ServingDLRM
-struct ServingDLRM::Impl {
-  Packed P;
+// ---------------------------------------------------------------------------- ServingModel
+struct ServingModel::Impl {
+  Spec P;
   RowReader rr;
+  const float* lin;
 };
 
-ServingDLRM::ServingDLRM(const int64_t* meta, int64_t n_meta, const uint8_t* blob, int64_t n_blob,
-                         const void* weights, TableDtype dtype, int64_t R, int64_t D,
-                         const float* scale_bias)
+ServingModel::ServingModel(const int64_t* meta, int64_t n_meta, const uint8_t* blob,
+                           int64_t n_blob, const void* weights, TableDtype dtype, int64_t R,
+                           int64_t D, const float* scale_bias, const float* lin)
     : impl_(std::make_unique<Impl>()) {
-  TORCH_CHECK_VALUE(R >= 0 && D >= 1, kOpP, ": weights must be [R, D] with D >= 1");
-  impl_->rr = reader_of(weights, dtype, D, scale_bias, kOpP);
+  impl_->rr = reader_of(weights, dtype, R, D, scale_bias);
   impl_->P = parse(meta, n_meta, blob, n_blob, R, D);
+  impl_->lin = lin;
+  TORCH_CHECK_VALUE(!impl_->P.lin || lin != nullptr, kOp,
+                    ": this model needs its first-order weights lin [R]");
 }
 
-ServingDLRM::~ServingDLRM() = default;
+ServingModel::~ServingModel() = default;
 
-int64_t ServingDLRM::num_user() const { return impl_->P.Tu; }
-int64_t ServingDLRM::num_cand() const { return impl_->P.Tc; }
-int64_t ServingDLRM::num_dense() const { return impl_->P.Kd; }
+int64_t ServingModel::num_slots() const { return impl_->P.T; }
+int64_t ServingModel::num_user() const { return impl_->P.Tu; }
+int64_t ServingModel::num_cand() const { return impl_->P.Tc; }
+int64_t ServingModel::num_dense() const { return impl_->P.Kd; }
+int64_t ServingModel::num_seq() const { return impl_->P.S; }
+bool ServingModel::dense_varies() const { return impl_->P.dvar > 0; }
 
-void ServingDLRM::score(const int64_t* user_ids, const int64_t* cand_ids, int64_t N,
-                        const float* dense, float* out) const {
-  TORCH_CHECK_VALUE(N >= 1, kOpP, ": empty candidate list");
-  check_request(impl_->P, user_ids, cand_ids, N, dense);
-  dlrm_forward(impl_->P, impl_->rr, user_ids, cand_ids, dense, N, out);
+void ServingModel::score(const int64_t* user_ids, int64_t n_user, const int64_t* cand_ids,
+                         int64_t N, const float* dense, int64_t Nd, const int64_t* seq_ids,
+                         const int64_t* seq_lengths, float* out) const {
+  run(impl_->P, impl_->rr, impl_->lin, user_ids, n_user, cand_ids, N, dense, Nd, seq_ids,
+      seq_lengths, out);
 }
 
-TORCH_LIBRARY_IMPL(adrec, CPU, m) {
-  m.impl("serving_forward", &serving_forward_cpu);
-  m.impl("serving_dlrm", &serving_dlrm_cpu);
-}
+TORCH_LIBRARY_IMPL(adrec, CPU, m) { m.impl("serving_forward", &serving_forward_cpu); }
 
 }  // namespace adrec

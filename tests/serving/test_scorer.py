@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""adrec_fast.serving.Scorer: equivalence with the model's own forward, quantization bounds, bad
-requests, threads, the GIL, hot swap."""
+"""adrec_fast.serving.Scorer: every zoo model on the executor, equivalence with the model's own
+forward and with the spec reference (fp32, bf16), quantization bounds, bad requests, threads, the
+GIL, hot swap."""
 from __future__ import annotations
 
 import copy
@@ -21,6 +22,8 @@ from adrec_fast.models.registry import build_model
 from adrec_fast.serving import Scorer, dequantize_rows, quantize_rows
 from adrec_fast.models.checkpoint import save_checkpoint
 
+from .spec_reference import serve as spec_serve
+
 USER = ["user", "age", "hour"]  # user/context fields of the synthetic schema
 CAND = ["item", "adcat", "price"]
 MODELS = {
@@ -33,7 +36,7 @@ MODELS = {
     "fm": ("fm", {}),
     "lr": ("lr", {}),
 }
-NATIVE = {"dlrm", "dlrm_self", "dcnv2", "dcnv2_stacked"}
+ZOO = ["dlrm", "dcnv2", "deepfm", "fm", "lr"]  # one of each zoo model on the plain schema
 
 
 def _raw(n: int, seed: int) -> dict:
@@ -109,7 +112,7 @@ def _expected(model, schema, user, cands):
 def test_equivalence_random(schema, ckpts, key):
     path, model = ckpts[key]
     sc = Scorer.load(path)
-    assert sc.native == (key in NATIVE)
+    assert sc.native  # every zoo model runs on the executor, none on the torch path
     rng = np.random.default_rng(1)
     splits = [CAND, ["item"], ["item", "adcat", "price", "age"], ["item", "hour"], USER + CAND]
     for cand_fields in splits:
@@ -141,7 +144,7 @@ def test_score_ids_and_top_k(schema, ckpts):
 
 
 def test_frappe_rows(shared_data, tmp_path):
-    """Real rows: a DLRM and a DCN-v2 trained briefly on 4000 Frappe rows; every test row is
+    """Real rows: every zoo model but DIN trained briefly on 4000 Frappe rows; every test row is
     scored as one request (user/context fields once, item and cost per candidate) and as one
     user against 200 real candidates."""
     path = shared_data / "frappe" / "valid.csv.gz"
@@ -158,10 +161,11 @@ def test_frappe_rows(shared_data, tmp_path):
     sch = Schema(fields, label="label").fit(train)
     cols = {c: table.column(c).to_pylist() for c in table.column_names if c != "label"}
     cand_fields = ["item", "cost"]
-    for name in ("dlrm", "dcnv2"):
+    for name in ("dlrm", "dcnv2", "deepfm", "fm", "lr"):
         torch.manual_seed(0)
-        model = build_model(name, sch, embedding_dim=8, **({"top": (32,)} if name == "dlrm"
-                                                           else {"hidden": (32,)}))
+        kw = ({"top": (32,)} if name == "dlrm" else {"hidden": (32,)}
+              if name in ("dcnv2", "deepfm") else {})
+        model = build_model(name, sch, embedding_dim=8, **kw)
         fit(model, sch.encode(train), epochs=1, batch_size=256, progress=False)
         model.eval()
         sc = Scorer.load(save_checkpoint(tmp_path / name, model, rng=False))
@@ -192,7 +196,7 @@ def test_quantize_rows_bounds():
 
 
 @pytest.mark.parametrize("mode", ["fp16", "int8"])
-@pytest.mark.parametrize("key", ["dlrm", "dcnv2", "deepfm"])
+@pytest.mark.parametrize("key", ["dlrm", "dcnv2", "deepfm", "fm"])
 def test_quantized_scorer(schema, ckpts, key, mode):
     """The quantized scorer equals the model with the dequantized tables (the kernel
     dequantizes on lookup) and stays near fp32."""
@@ -200,16 +204,16 @@ def test_quantized_scorer(schema, ckpts, key, mode):
     sc = Scorer.load(path, quantize=mode)
     deq = _model(schema, key)
     for ebc in deq.embedding_collections():
-        ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, mode)))
+        if ebc.embedding_dim > 1:  # first-order weights stay float32
+            ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, mode)))
     rng = np.random.default_rng(3)
     user, cands = _request(rng, 64, CAND)
     got = sc.score(user, cands)
     assert np.abs(got - _expected(deq, schema, user, cands)).max() <= 1e-5
     fp32 = _expected(model, schema, user, cands)
     assert np.abs(got - fp32).max() <= (1e-3 if mode == "fp16" else 1e-2)
-    if key in NATIVE:
-        w = sc._version.native["weights"]
-        assert w.dtype == (torch.float16 if mode == "fp16" else torch.uint8)
+    w = sc._version.weights
+    assert w.dtype == (torch.float16 if mode == "fp16" else torch.uint8)
 
 
 @pytest.mark.parametrize("key", ["dlrm", "deepfm"])
@@ -250,9 +254,21 @@ def test_bad_requests(ckpts, key):
         sc.score(user, {**cands, "user": ["u1", "u2"]})
     with pytest.raises(ValueError, match="'adcat'"):
         sc.score(user, {**cands, "adcat": [1]})
-    # missing values are documented defaults, not errors: None dense -> fill, unseen -> OOV
-    p = sc.score({"user": "nobody", "hour": None}, {"item": ["i1", "zz"]})
+    # None and unseen values are documented defaults, not errors: None dense -> fill,
+    # unseen -> OOV; a field left out is an error naming it unless missing="default"
+    p = sc.score({**user, "user": "nobody", "hour": None}, {**cands, "item": ["i1", "zz"]})
     assert p.shape == (2,) and np.isfinite(p).all()
+    with pytest.raises(ValueError, match=r"missing from the request: \['age', 'hour'\]"):
+        sc.score({"user": "u1"}, cands)
+    with pytest.raises(ValueError, match=r"missing from the request: \['price'\]"):
+        sc.score(user, {"item": ["i1", "i2"], "adcat": [1, 2]})
+    lax = Scorer.load(ckpts[key][0], missing="default")
+    got = lax.score({"user": "u1"}, {"item": ["i1", "i2"]})
+    want = sc.score({"user": "u1", "age": None, "hour": None},
+                    {"item": ["i1", "i2"], "adcat": [None, None], "price": [None, None]})
+    np.testing.assert_allclose(got, want, atol=1e-6)  # the dense split differs: fp32 rounding
+    with pytest.raises(ValueError, match="missing must be"):
+        Scorer.load(ckpts[key][0], missing="zero")
     # fast path
     d = np.zeros(2, dtype=np.float32)
     sc.score_ids({"user": 1}, {"item": np.array([1, 2])}, d)
@@ -270,15 +286,14 @@ def test_bad_requests(ckpts, key):
         sc.score_ids({"hour": 1}, {"item": np.array([1])}, d)
     with pytest.raises(ValueError, match="k must be"):
         sc.top_k(user, cands, 0)
-    # the kernel checks its own row ids too (never a crash on a bad direct call)
+    # the kernel checks its own ids too (never a crash on a bad direct call)
     v = sc._version
-    if v.native is not None:
-        nat = v.native
-        with pytest.raises(IndexError):
-            torch.ops.adrec.serving_forward(
-                nat["weights"], None, torch.zeros(4, dtype=torch.long),
-                torch.full((1, 1), 10**9), torch.tensor([2]), torch.zeros(1, 2), nat["bottom"],
-                nat["layers"], nat["head_w"], nat["head_b"], 0, 0, False)
+    meta, blob = v.packed_for([2])
+    with pytest.raises(IndexError):
+        torch.ops.adrec.serving_forward(
+            meta, blob, v.weights, None, v.lin, torch.zeros(3, dtype=torch.long),
+            torch.full((1, 1), 10**9), torch.zeros(1, 2), torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, dtype=torch.long))
 
 
 def test_gil_released(ckpts):
@@ -309,19 +324,25 @@ def test_gil_released(ckpts):
     assert t["main"] < t["end"], "the native serving call holds the GIL"
 
 
-def test_threads_and_hot_swap(schema, tmp_path):
+@pytest.mark.parametrize("key", ZOO)
+def test_threads_and_hot_swap(schema, tmp_path, key):
     """Client threads score while the main thread swaps between two checkpoints whose answers
     differ: no request fails, and every answer equals one version's answer in full."""
-    a, b = _model(schema, "dlrm", seed=0), _model(schema, "dlrm", seed=1)
-    pa_, pb = save_checkpoint(tmp_path / "a", a, rng=False), save_checkpoint(tmp_path / "b", b,
-                                                                             rng=False)
+    a, b = _model(schema, key, seed=0), _model(schema, key, seed=1)
     rng = np.random.default_rng(5)
     reqs = [_request(rng, int(rng.integers(1, 40)), CAND) for _ in range(16)]
+    _hot_swap(schema, tmp_path, a, b, reqs)
+
+
+def _hot_swap(schema, tmp_path, a, b, reqs):
+    pa_, pb = save_checkpoint(tmp_path / "a", a, rng=False), save_checkpoint(tmp_path / "b", b,
+                                                                             rng=False)
     want_a = [_expected(a, schema, u, c) for u, c in reqs]
     want_b = [_expected(b, schema, u, c) for u, c in reqs]
     for x, y in zip(want_a, want_b):
-        assert np.abs(x - y).min() > 1e-4  # every candidate tells the versions apart
+        assert np.abs(x - y).max() > 1e-4  # every request tells the versions apart
     sc = Scorer.load(pa_)
+    assert sc.native
     stop = threading.Event()
     stats = {"ok": 0, "a": 0, "b": 0, "mixed": 0, "errors": []}
     lock = threading.Lock()
@@ -368,7 +389,7 @@ def test_swap_failure_keeps_version(ckpts, tmp_path):
     with pytest.raises(FileNotFoundError):
         sc.swap(tmp_path / "missing")
     assert sc.version == before
-    sc.score({"user": "u1"}, {"item": ["i1"]})
+    sc.score({"user": "u1", "age": 1, "hour": 2.0}, {"item": ["i1"], "adcat": [1], "price": [3]})
 
 
 # ---------------------------------------------------------------------------- packed DLRM path
@@ -399,11 +420,10 @@ def two_threads():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("key", ["dlrm", "dlrm_self"])
+@pytest.mark.parametrize("key", list(MODELS))
 def test_ids_path_equivalence(schema, ckpts, key, threads):
-    """fp32 packed path == model forward (<= 1e-5) for every way the work is split: one row,
-    rows per thread below / at / above the row-split threshold (16), tile edges (32), user-side
-    candidate pairs computed per thread (N * pairs <= 1024) or shared."""
+    """fp32 executor == model forward (<= 1e-5) for every way the work is split: one row,
+    rows per thread below / at / above the row-split threshold (16), tile edges (32)."""
     path, model = ckpts[key]
     sc = Scorer.load(path)
     old = torch.get_num_threads()
@@ -429,58 +449,29 @@ def _check_ids_path(schema, sc, model, seed, sizes):
             assert np.abs(got - want).max() <= 1e-5, (cand_fields, n)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("key", ["dcnv2", "dcnv2_stacked"])
-def test_ids_path_dcn_equivalence(schema, ckpts, key, threads):
-    """DCN-v2's ids_path (one adrec::serving_forward call) == model forward (<= 1e-5) on either
-    side of the products' oneDNN threshold (32 rows) and the shared-column split (128 rows)."""
-    path, model = ckpts[key]
-    sc = Scorer.load(path)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _check_ids_path(schema, sc, model, 12, (1, 2, 31, 32, 33, 127, 128, 200))
-    finally:
-        torch.set_num_threads(old)
+def _ref(model, schema, batch, bf16=False, table=None, seqs=()):
+    """The spec reference (tests/serving/spec_reference.py) on the rows of ``batch`` (every
+    field per candidate) -> [B] probabilities; ``table`` replaces the spec's embedding rows."""
+    spec = model.serving_spec()
+    if table is not None:
+        spec.table = table
+    tofs = schema.table_offsets()
+    base = [int(tofs[t]) for _, t in schema.sparse_fields()]
+    seq_base = [int(tofs[dict(schema.sequence_fields())[s]]) for s, _ in spec.sequences]
+    T, B = len(base), batch.batch_size
+    ids = batch.indices.view(T, B).T.numpy()
+    return spec_serve(spec, base, seq_base, np.zeros(T, np.int64), list(range(T)), ids,
+                      batch.dense.numpy(), seqs, bf16=bf16)
 
 
-def _bf16_reference(model, batch):
-    """DLRM with bfloat16 MLP weights and layer inputs, in float64 otherwise: what
-    ``mlp="bf16"`` computes (fp32 accumulation aside) -> [B] probabilities."""
-    def rb(x):
-        return x.float().bfloat16().double()
-
-    def mlp(x, seq):
-        for m in seq:
-            if isinstance(m, torch.nn.Linear):
-                x = rb(x) @ rb(m.weight).T + m.bias.double()
-            elif isinstance(m, torch.nn.ReLU):
-                x = x.relu()
-        return x
-
-    with torch.no_grad():
-        emb = model.lookup(batch)[0].double()  # [B, T, D]
-        fields, parts = emb, []
-        if model.bottom is not None:
-            d = mlp(model.dense_input(batch).double(), model.bottom)  # [B, D]
-            fields = torch.cat([d[:, None], emb], 1)
-            parts.append(d)
-        F_ = fields.shape[1]
-        i, j = torch.triu_indices(F_, F_, offset=0 if model.self_interaction else 1)
-        z = (fields[:, i] * fields[:, j]).sum(-1)  # [B, P]
-        x = mlp(torch.cat(parts + [z], 1), model.top)
-        h = model.head.head
-        return torch.sigmoid(rb(x) @ rb(h.weight).reshape(-1) + h.bias.double()).numpy()
-
-
-# Scores the saved requests with the packed bf16 DLRM in a child process (ADREC_CPU_ISA is read
+# Scores the saved requests with the bf16 executor in a child process (ADREC_CPU_ISA is read
 # once per process): argv = checkpoint, requests .npz, threads, output .npy.
 _BF16_CHILD = r"""
 import sys, numpy as np, torch
 from adrec_fast.serving import Scorer
 path, req, threads, out = sys.argv[1:]
 torch.set_num_threads(int(threads))
-fp = Scorer.load(path, mlp="bf16").ids_path(["item", "adcat"])
+fp = Scorer.load(path, mlp="bf16").ids_path(["item", "adcat"])  # noqa
 r = np.load(req)
 np.save(out, np.concatenate([fp(r[f"u{i}"], r[f"c{i}"], r[f"d{i}"])
                              for i in range(int(r["n"]))]))
@@ -488,14 +479,15 @@ np.save(out, np.concatenate([fp(r[f"u{i}"], r[f"c{i}"], r[f"d{i}"])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("key", ["dlrm", "dlrm_self"])
+@pytest.mark.parametrize("key", list(MODELS))
 def test_bf16_mlp(schema, ckpts, key, threads, tmp_path):
     """mlp="bf16" computes the bf16-weight/bf16-activation model: it matches the float64
-    emulation far closer than it matches fp32, for the layer and the row split; and the two
-    bf16 kernels (AVX512_BF16 where the CPU has it, the portable one under ADREC_CPU_ISA=avx2)
-    agree."""
+    emulation (the spec reference with bf16 rounding) far closer than it matches fp32, for the
+    layer and the row split; and the two bf16 kernels (AVX512_BF16 where the CPU has it, the
+    portable one under ADREC_CPU_ISA=avx2) agree."""
     path, model = ckpts[key]
     sc = Scorer.load(path, mlp="bf16")
+    layers = model.serving_spec().deep or model.serving_spec().cross
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     reqs, outs = {}, []
@@ -507,16 +499,19 @@ def test_bf16_mlp(schema, ckpts, key, threads, tmp_path):
             reqs.update({f"u{i}": u, f"c{i}": c, f"d{i}": d})
             got = fp(u, c, d)
             outs.append(got)
-            emu = _bf16_reference(model, b)
+            emu = _ref(model, schema, b, bf16=True)
             fp32 = model.predict(b).numpy()
             err, err32 = np.abs(got - emu).max(), np.abs(got - fp32).max()
             assert err <= 5e-5, n
-            assert err < err32 / 5, (n, err, err32)  # the MLP really runs in bf16
-            # score() and score_ids() take the same packed bf16 path
+            if layers:
+                assert err < err32 / 5, (n, err, err32)  # the layers really run in bf16
+            # score() and score_ids() take the same bf16 path
             np.testing.assert_allclose(sc._version.forward_ids(
                 np.array([u[0], u[1], 0, 0]), [2, 3], c, d[None]), got, atol=1e-7)
     finally:
         torch.set_num_threads(old)
+    if key not in ("dlrm", "dcnv2"):
+        return
     np.savez(tmp_path / "req.npz", n=len(outs), **reqs)
     env = {k: v for k, v in os.environ.items() if k != "ADREC_CPU_ISA"}
     res = subprocess.run([sys.executable, "-c", _BF16_CHILD, str(path), str(tmp_path / "req.npz"),
@@ -526,65 +521,39 @@ def test_bf16_mlp(schema, ckpts, key, threads, tmp_path):
     assert np.abs(np.load(tmp_path / "port.npy") - np.concatenate(outs)).max() <= 1e-6
 
 
-def test_bf16_mlp_with_int8_tables(schema, ckpts):
-    path, _ = ckpts["dlrm"]
+@pytest.mark.parametrize("key", ["dlrm", "dcnv2"])
+def test_bf16_mlp_with_int8_tables(schema, ckpts, key):
+    path, model = ckpts[key]
     sc = Scorer.load(path, quantize="int8", mlp="bf16")
-    deq = _model(schema, "dlrm")
-    for ebc in deq.embedding_collections():
-        ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, "int8")))
+    table = dequantize_rows(*quantize_rows(model.lookup.ebc.weight, "int8"))
     u, c, d, b = _ids_request(schema, np.random.default_rng(13), 50)
     got = sc.ids_path(["item", "adcat"])(u, c, d)
-    assert np.abs(got - _bf16_reference(deq, b)).max() <= 5e-5
+    assert np.abs(got - _ref(model, schema, b, bf16=True, table=table)).max() <= 5e-5
 
 
-def test_bf16_mlp_rejected_where_unsupported(schema, ckpts):
-    with pytest.raises(ValueError, match="native path"):
-        Scorer.load(ckpts["deepfm"][0], mlp="bf16")
+def test_model_without_spec(schema, ckpts, tmp_path):
+    """A model the executor cannot run (a LayerNorm MLP has no serving spec) is served by its
+    own forward, with a warning at load; bf16 and ids_path need the executor."""
+    torch.manual_seed(0)
+    m = build_model("deepfm", schema, embedding_dim=8, layer_norm=True).eval()
+    assert m.serving_spec() is None
+    p = save_checkpoint(tmp_path / "ln", m, rng=False)
+    with pytest.warns(UserWarning, match="torch forward"):
+        sc = Scorer.load(p)
+    assert not sc.native
+    user, cands = _request(np.random.default_rng(4), 5, CAND)
+    assert np.abs(sc.score(user, cands) - _expected(m, schema, user, cands)).max() <= 1e-5
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="executor"):
+        Scorer.load(p, mlp="bf16")
+    with pytest.raises(NotImplementedError, match="executor"):
+        sc.ids_path(["item"])
     with pytest.raises(ValueError, match="mlp"):
         Scorer.load(ckpts["dlrm"][0], mlp="int4")
-    sc = Scorer.load(ckpts["dlrm"][0], mlp="bf16")
-    with pytest.raises(ValueError, match="dense"):  # a dense field per candidate
-        sc.score({"user": "u1"}, {"item": ["i1", "i2"], "price": [1.0, 2.0]})
-    with pytest.raises(NotImplementedError, match="native"):
-        Scorer.load(ckpts["deepfm"][0]).ids_path(["item"])
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("key", ["dcnv2", "dcnv2_stacked"])
-def test_dcn_bf16_mlp(schema, ckpts, key, threads):
-    """DCN-v2 with mlp="bf16": cross and deep weights in bfloat16. Below 32 candidates the
-    products widen the bf16 weights and keep float32 inputs, so they equal the model with its
-    weights rounded to bf16 (no batch norm to fold: parallel DCN-v2) to float32 rounding; from
-    32 on the inputs and products are bf16 too (oneDNN), within bf16 noise of it. Either way far
-    closer to that model than 1e-2 from the float32 one, and not equal to float32."""
-    path, model = ckpts[key]
-    sc = Scorer.load(path, mlp="bf16")
-    rounded = copy.deepcopy(model)
-    with torch.no_grad():
-        for m in [*rounded.cross.weights, *(x.weight for x in rounded.deep
-                                            if isinstance(x, torch.nn.Linear))]:
-            m.copy_(m.bfloat16().float())
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        rng = np.random.default_rng(13)
-        fp = sc.ids_path(("item", "adcat"))
-        for n in (1, 3, 31, 32, 40, 200):
-            u, c, d, b = _ids_request(schema, rng, n)
-            got = fp(u, c, d)
-            fp32 = model.predict(b).numpy()
-            assert 0 < np.abs(got - fp32).max() <= 1e-2, n
-            if key == "dcnv2":
-                emu = rounded.predict(b).numpy()
-                assert np.abs(got - emu).max() <= (1e-5 if n < 32 else 2e-3), n
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.mark.parametrize("key", ["dlrm", "dcnv2"])
+@pytest.mark.parametrize("key", ["dlrm", "dcnv2", "deepfm"])
 def test_ids_path_bad_requests(schema, ckpts, key):
-    """The same bad requests get the same errors on the packed DLRM handle and on the DCN-v2
-    path (one serving_forward call, checks in numpy)."""
+    """Bad requests get the same errors whatever the model."""
     sc = Scorer.load(ckpts[key][0])
     with pytest.raises(ValueError, match="'colour'"):
         sc.ids_path(["item", "colour"])
@@ -623,35 +592,41 @@ def test_ids_path_bad_requests(schema, ckpts, key):
     np.testing.assert_array_equal(fp(u, np.asfortranarray(c), d), fp(u, c, d))
 
 
-def _packed_dlrm_call(schema, ckpts, seed):
-    """The serving_dlrm op and the arguments ids_path passes it for one valid request."""
-    sc = Scorer.load(ckpts["dlrm"][0])
+def _packed_call(schema, ckpts, seed, key="dlrm"):
+    """(op, meta, blob, weights): the serving_forward op bound to one valid request of
+    ids_path(["item", "adcat"]); op(meta, blob, weights) runs it."""
+    sc = Scorer.load(ckpts[key][0])
     fp = sc.ids_path(["item", "adcat"])
     u, c, d, _ = _ids_request(schema, np.random.default_rng(seed), 3)
     fp(u, c, d)
     v = fp._bound[0]
-    meta, blob = v.packed_for([v.bag_pos[f] for f in fp.cand_fields])
-    w, sb = v.native["weights"], v.native["scale_bias"]
-    U, C, Dn = (torch.from_numpy(x) for x in (u, c, d))
-    return torch.ops.adrec.serving_dlrm.default, meta, blob, w, sb, U, C, Dn
+    meta, blob = v.packed_for([2, 3])
+    U, C, Dn = torch.from_numpy(u), torch.from_numpy(c), torch.from_numpy(d)[None]
+    e = torch.zeros(0, dtype=torch.long)
+
+    def op(m, b, w):
+        return torch.ops.adrec.serving_forward.default(m, b, w, v.scale_bias, v.lin, U, C, Dn,
+                                                       e, e)
+    return op, meta, blob, v.weights
 
 
-def test_packed_model_checks(schema, ckpts):
+@pytest.mark.parametrize("key", ["dlrm", "dcnv2"])
+def test_packed_model_checks(schema, ckpts, key):
     """The kernel validates the packed model (never a crash on a damaged one)."""
-    op, meta, blob, w, sb, U, C, Dn = _packed_dlrm_call(schema, ckpts, seed=15)
-    op(meta, blob, w, sb, U, C, Dn)
+    op, meta, blob, w = _packed_call(schema, ckpts, 15, key)
+    op(meta, blob, w)
     for pos, val in [(0, 1), (1, 7), (2, 5), (3, 99), (len(meta) - 2, 10**9),
-                     (len(meta) - 5, 4)]:
+                     (len(meta) - 5, 4), (len(meta) - 4, 3)]:
         m = meta.clone()
         m[pos] = val
         with pytest.raises(ValueError):
-            op(m, blob, w, sb, U, C, Dn)
+            op(m, blob, w)
     with pytest.raises(ValueError):
-        op(meta, blob[:-64], w, sb, U, C, Dn)
+        op(meta, blob[:-64], w)
     with pytest.raises(ValueError):
-        op(meta[:-1], blob, w, sb, U, C, Dn)
+        op(meta[:-1], blob, w)
     with pytest.raises(ValueError):  # a table smaller than the packed row ranges
-        op(meta, blob, w[:10], sb, U, C, Dn)
+        op(meta, blob, w[:10])
 
 
 def test_ids_path_follows_swap(schema, tmp_path):
@@ -661,9 +636,9 @@ def test_ids_path_follows_swap(schema, tmp_path):
     sc = Scorer.load(pa_, mlp="bf16")
     fp = sc.ids_path(["item", "adcat"])
     u, c, d, batch = _ids_request(schema, np.random.default_rng(16), 40)
-    assert np.abs(fp(u, c, d) - _bf16_reference(a, batch)).max() <= 5e-5
+    assert np.abs(fp(u, c, d) - _ref(a, schema, batch, bf16=True)).max() <= 5e-5
     sc.swap(pb)
-    assert np.abs(fp(u, c, d) - _bf16_reference(b, batch)).max() <= 5e-5
+    assert np.abs(fp(u, c, d) - _ref(b, schema, batch, bf16=True)).max() <= 5e-5
 
 
 @pytest.mark.parametrize("mlp", [None, "bf16"])
@@ -697,51 +672,53 @@ def test_packed_dlrm_shapes(tmp_path, mlp, shape):
             ids = b.indices.view(4, n)
             got = fp(ids[:2, 0].numpy().copy(), np.ascontiguousarray(ids[2:].T.numpy()),
                      b.dense[0].numpy().copy() if shape == "no_top" else None)
-            want = m.predict(b).numpy() if mlp is None else _bf16_reference(m, b)
+            want = m.predict(b).numpy() if mlp is None else _ref(m, sch, b, bf16=True)
             assert np.abs(got - want).max() <= (1e-5 if mlp is None else 5e-5), (D, n)
             np.testing.assert_allclose(sc.score(user, cands), got, atol=1e-6)
 
 
-def test_packed_model_checks_extreme_values(schema, ckpts):
+@pytest.mark.parametrize("key", ["dlrm", "dcnv2"])
+def test_packed_model_checks_extreme_values(schema, ckpts, key):
     """Huge or negative counts, sizes and offsets in a damaged meta: a ValueError (the checks
     bound every value before any arithmetic on it)."""
-    op, meta, blob, w, sb, U, C, Dn = _packed_dlrm_call(schema, ckpts, seed=17)
+    op, meta, blob, w = _packed_call(schema, ckpts, 17, key)
     big = 2**62
-    L = int(meta[10])
-    layer0 = len(meta) - 5 * L
-    ubase = 16 + int(meta[6])  # first user slot's row base
-    for pos in [5, 6, 7, 8, 9, 10, 11, ubase, ubase + int(meta[6]), layer0, layer0 + 1,
-                layer0 + 3, layer0 + 4]:
+    L = int(meta[10] + meta[11] + meta[12])  # bottom + shared + tower layers
+    layer0 = len(meta) - 7 * L
+    T = int(meta[4])
+    header = [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 19, 20, 21, 22, 23]
+    for pos in header + [24, 24 + T, layer0, layer0 + 1, layer0 + 3, layer0 + 5, layer0 + 6]:
         for val in (big, -big, -1):
             m = meta.clone()
             m[pos] = val
             with pytest.raises(ValueError):
-                op(m, blob, w, sb, U, C, Dn)
+                op(m, blob, w)
 
 
 # ---------------------------------------------------------------------------- numpy entry point
 def _handle(sc, cand_fields=("item", "adcat")):
-    """(handle, op arguments) of a Scorer's packed DLRM for one split: the numpy entry point
-    (ops.scorer.serving_dlrm_handle) and what torch.ops.adrec.serving_dlrm takes for it."""
+    """(handle, op arguments) of a Scorer's packed model for one split: the numpy entry point
+    (ops.scorer.serving_handle) and what torch.ops.adrec.serving_forward takes for it."""
     v = sc._version
     slots = [v.bag_pos[f] for f in cand_fields]
     meta, blob = v.packed_for(slots)
-    nat = v.native
-    return v.handle_for(slots), (meta, blob, nat["weights"], nat["scale_bias"])
+    return v.handle_for(slots), (meta, blob, v.weights, v.scale_bias, v.lin)
 
 
 @pytest.mark.parametrize("quantize", [None, "fp16", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_dlrm_handle_equivalence(schema, ckpts, quantize, threads):
+@pytest.mark.parametrize("key", ["dlrm", "dcnv2", "deepfm"])
+def test_handle_equivalence(schema, ckpts, quantize, threads, key):
     """The numpy entry point gives the op's answer bit for bit (one kernel), and in fp32 the
     model's forward within 1e-5, on random requests split every way the kernel splits them."""
-    path, model = ckpts["dlrm"]
+    path, model = ckpts[key]
     sc = Scorer.load(path, quantize=quantize)
     deq = model
     if quantize is not None:
-        deq = _model(schema, "dlrm")
+        deq = _model(schema, key)
         for ebc in deq.embedding_collections():
-            ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, quantize)))
+            if ebc.embedding_dim > 1:  # first-order weights stay float32
+                ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, quantize)))
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -752,21 +729,24 @@ def test_dlrm_handle_equivalence(schema, ckpts, quantize, threads):
                                                             len(cand_fields), 2)
             for n in (1, 2, 15, 16, 33, 200):
                 u, c, d, b = _ids_request(schema, rng, n, cand_fields)
+                c = np.ascontiguousarray(c[:, np.argsort([sc._version.bag_pos[f]
+                                                          for f in cand_fields])])
                 got = h(u, c, d)
                 assert got.dtype == np.float32 and got.shape == (n,)
-                op = torch.ops.adrec.serving_dlrm.default(
-                    *args, *(torch.from_numpy(x) for x in (u, c, d))).numpy()
+                e = torch.zeros(0, dtype=torch.long)
+                op = torch.ops.adrec.serving_forward.default(
+                    *args, *(torch.from_numpy(x) for x in (u, c, d[None])), e, e).numpy()
                 np.testing.assert_array_equal(got, op)
                 assert np.abs(got - deq.predict(b).numpy()).max() <= 1e-5, (cand_fields, n)
     finally:
         torch.set_num_threads(old)
 
 
-def test_dlrm_handle_bad_inputs(schema, ckpts):
+def test_handle_bad_inputs(schema, ckpts):
     """Wrong dtype, shape, type or value: a Python exception naming the argument, never a
     crash; strided arrays are copied, not rejected."""
     sc = Scorer.load(ckpts["dlrm"][0])
-    h, (meta, blob, w, _) = _handle(sc)
+    h, (meta, blob, w, _, _) = _handle(sc)
     u, c, d, _ = _ids_request(schema, np.random.default_rng(22), 5)
     want = h(u, c, d)
     bad_calls = [
@@ -777,7 +757,7 @@ def test_dlrm_handle_bad_inputs(schema, ckpts):
         (TypeError, "cand_ids .* got NoneType", (u, None, d)),
         (TypeError, "dense must be a numpy float32", (u, c, d.astype(np.float64))),
         (TypeError, "dense must be a numpy float32", (u, c, torch.from_numpy(d))),
-        (ValueError, r"user_ids must be \[2\], got int64 array \[3\]",
+        (ValueError, r"user_ids must have 2 \(user slots\) or 4 \(all slots\) entries, got 3",
          (np.zeros(3, np.int64), c, d)),
         (ValueError, r"user_ids must be \[Tu\]", (u[None], c, d)),
         (ValueError, r"cand_ids must be \[N, 2\]", (u, c[:, :1], d)),
@@ -785,7 +765,7 @@ def test_dlrm_handle_bad_inputs(schema, ckpts):
         (ValueError, r"dense must be \[2\]", (u, c, d[:1])),
         (ValueError, "dense values needed", (u, c, None)),
         (ValueError, "empty candidate list", (u, c[:0], d)),
-        (ValueError, r"dense\[1\] is NaN", (u, c, np.array([0.0, np.nan], np.float32))),
+        (ValueError, r"dense\[0, 1\] is NaN", (u, c, np.array([0.0, np.nan], np.float32))),
         (IndexError, r"user_ids\[1\] = 1000000 is out of range", (np.array([u[0], 10**6]), c, d)),
         (IndexError, r"cand_ids\[3, 0\] = -1 is out of range",
          (u, np.where(np.arange(5)[:, None] * [1, 0] == 3, -1, c), d)),
@@ -798,26 +778,26 @@ def test_dlrm_handle_bad_inputs(schema, ckpts):
     np.testing.assert_array_equal(h(np.repeat(u, 2)[::2], c, np.repeat(d, 2)[::2]), want)
     np.testing.assert_array_equal(h(u, c, d), want)
     with pytest.raises(TypeError, match="meta must be a numpy int64"):
-        _C.ServingDLRM(meta.numpy().astype(np.int32), blob.numpy(), w.numpy(), None)
+        _C.ServingModel(meta.numpy().astype(np.int32), blob.numpy(), w.numpy(), None)
     with pytest.raises(TypeError, match="weights must be float32, float16 or uint8"):
-        _C.ServingDLRM(meta.numpy(), blob.numpy(), w.double().numpy(), None)
+        _C.ServingModel(meta.numpy(), blob.numpy(), w.double().numpy(), None)
     with pytest.raises(ValueError, match="weights must be a C-contiguous"):
-        _C.ServingDLRM(meta.numpy(), blob.numpy(), w.numpy().T, None)
+        _C.ServingModel(meta.numpy(), blob.numpy(), w.numpy().T, None)
     with pytest.raises(ValueError, match="uint8 weights need scale_bias"):
-        _C.ServingDLRM(meta.numpy(), blob.numpy(), np.zeros(w.shape, np.uint8), None)
+        _C.ServingModel(meta.numpy(), blob.numpy(), np.zeros(w.shape, np.uint8), None)
     with pytest.raises(ValueError, match=r"scale_bias must be \[R, 2\]"):
-        _C.ServingDLRM(meta.numpy(), blob.numpy(), w.numpy(), np.zeros((3, 2), np.float32))
+        _C.ServingModel(meta.numpy(), blob.numpy(), w.numpy(), np.zeros((3, 2), np.float32))
     damaged = meta.numpy().copy()
     damaged[0] = 1
     with pytest.raises(ValueError, match="not a packed model"):
-        _C.ServingDLRM(damaged, blob.numpy(), w.numpy(), None)
+        _C.ServingModel(damaged, blob.numpy(), w.numpy(), None)
     with pytest.raises(ValueError, match="meta has"):
-        _C.ServingDLRM(meta.numpy()[:-1], blob.numpy(), w.numpy(), None)
+        _C.ServingModel(meta.numpy()[:-1], blob.numpy(), w.numpy(), None)
     with pytest.raises(ValueError):  # a table smaller than the packed row ranges
-        _C.ServingDLRM(meta.numpy(), blob.numpy(), w.numpy()[:10], None)
+        _C.ServingModel(meta.numpy(), blob.numpy(), w.numpy()[:10], None)
 
 
-def test_dlrm_handle_threads(schema, ckpts, two_threads):
+def test_handle_threads(schema, ckpts, two_threads):
     """Client threads share one handle (each request on its own OpenMP team and buffers): every
     answer equals the one-thread answer of the same request."""
     sc = Scorer.load(ckpts["dlrm"][0])
@@ -842,3 +822,92 @@ def test_dlrm_handle_threads(schema, ckpts, two_threads):
     for th in threads:
         th.join()
     assert errors == [] and mismatches == []
+
+
+# ---------------------------------------------------------------------------- DIN: histories
+@pytest.fixture(scope="module")
+def din_schema():
+    raw = _raw(3000, 0)
+    rng = np.random.default_rng(3)
+    raw["hist"] = ["|".join(f"i{j}" for j in rng.integers(0, 300, rng.integers(0, 9)))
+                   for _ in range(3000)]
+    fields = [{"name": "user", "type": "categorical"}, {"name": "age", "type": "categorical"},
+              {"name": "hour", "type": "dense", "transform": "standardize"},
+              {"name": "item", "type": "categorical"}, {"name": "adcat", "type": "categorical"},
+              {"name": "price", "type": "dense", "transform": "log1p_standardize", "fill": 1.0},
+              {"name": "hist", "type": "multi_categorical", "sequence": True,
+               "share_with": "item", "max_len": 6, "sep": "|"}]
+    return Schema(fields).fit(raw)
+
+
+def _din(din_schema, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = build_model("din", din_schema, embedding_dim=8, init_std=0.5, **kw).eval()
+    for ebc in m.embedding_collections():
+        if ebc.embedding_dim == 1:
+            ebc.weight.normal_(0, 0.3)
+    return m
+
+
+def _din_request(rng, n, cand_fields, hist_len=None):
+    user, cands = _request(rng, n, cand_fields)
+    L = int(rng.integers(0, 12)) if hist_len is None else hist_len
+    user["hist"] = "|".join(f"i{j}" for j in rng.integers(0, 300, L))
+    return user, cands
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kw", [{}, {"fm": False, "linear": False}])
+def test_din_equivalence(din_schema, tmp_path, kw, threads):
+    """DIN on the executor == its own forward (<= 1e-5): histories empty, short and longer than
+    max_len (the last 6 kept), the target item per candidate (attention per candidate) or
+    user-side (attention once), every size the executor splits differently."""
+    m = _din(din_schema, **kw)
+    sc = Scorer.load(save_checkpoint(tmp_path / "din", m, rng=False))
+    assert sc.native
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(31)
+        for cand_fields in (CAND, ["item"], ["adcat", "price"]):
+            for n, L in ((1, 0), (3, 4), (17, 9), (40, 1), (200, 6)):
+                user, cands = _din_request(rng, n, cand_fields, L)
+                got = sc.score(user, cands)
+                want = _expected(m, din_schema, user, cands)
+                assert np.abs(got - want).max() <= 1e-5, (cand_fields, n, L)
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(ValueError, match="'hist'"):
+        sc.score({k: v for k, v in user.items() if k != "hist"}, cands)
+    with pytest.raises(ValueError, match="'hist'"):
+        sc.score({k: v for k, v in user.items() if k != "hist"},
+                 {**cands, "hist": ["i1"] * len(next(iter(cands.values())))})
+
+
+def test_din_ids_path_and_bf16(din_schema, tmp_path):
+    """ids_path with the history ids == score(); bf16 == the spec reference with bf16 rounding."""
+    m = _din(din_schema)
+    path = save_checkpoint(tmp_path / "din", m, rng=False)
+    sc, sb = Scorer.load(path), Scorer.load(path, mlp="bf16")
+    rng = np.random.default_rng(32)
+    for n in (1, 20, 64):
+        user, cands = _din_request(rng, n, ["item", "adcat"])
+        rows = [{**user, **{k: v[i] for k, v in cands.items()}} for i in range(n)]
+        b = din_schema.encode_rows(rows)
+        ids = b.indices.view(4, n)
+        hist = b.seq_indices["hist"][b.seq_offsets["hist"][0]:b.seq_offsets["hist"][1]].numpy()
+        u, c = ids[:2, 0].numpy().copy(), np.ascontiguousarray(ids[2:].T.numpy())
+        d = b.dense[0].numpy().copy()
+        got = sc.ids_path(["item", "adcat"])(u, c, d, [hist])
+        np.testing.assert_allclose(got, sc.score(user, cands), atol=1e-6)
+        emu = _ref(m, din_schema, b, bf16=True, seqs=[hist])
+        assert np.abs(sb.ids_path(["item", "adcat"])(u, c, d, [hist]) - emu).max() <= 5e-5
+        with pytest.raises(IndexError):
+            sc.ids_path(["item", "adcat"])(u, c, d, [np.array([10**6])])
+
+
+def test_din_hot_swap(din_schema, tmp_path):
+    a, b = _din(din_schema, seed=0), _din(din_schema, seed=1)
+    rng = np.random.default_rng(33)
+    reqs = [_din_request(rng, int(rng.integers(1, 40)), CAND) for _ in range(16)]
+    _hot_swap(din_schema, tmp_path, a, b, reqs)
