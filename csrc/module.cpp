@@ -29,6 +29,7 @@
 #include "common/parallel.h"
 #include "common/tuning.h"
 #include "cpu/scorer.h"
+#include "request_encoder.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -285,6 +286,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_user", &ServingDLRMHandle::num_user)
       .def_property_readonly("num_cand", &ServingDLRMHandle::num_cand)
       .def_property_readonly("num_dense", &ServingDLRMHandle::num_dense);
+  adrec::bind_request_encoder(m);  // request_encoder.cpp: raw serving values -> ids
   m.def("build_info", [] {
     py::dict d;
     d["torch"] = std::string(ADREC_TORCH_VERSION);
