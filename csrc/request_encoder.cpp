@@ -484,6 +484,10 @@ class RequestEncoder {
 
  private:
   // --- the values of one field -------------------------------------------------------
+  // isinstance for the numpy scalar types: a C check of the type's MRO, no Python call
+  static bool is_a(PyObject* v, const py::object& type) {
+    return PyObject_TypeCheck(v, reinterpret_cast<PyTypeObject*>(type.ptr()));
+  }
   // Token of one categorical value -> *tok (pointing into the str, or into buf); false when
   // missing. owner keeps a temporary str alive (an int beyond int64).
   bool token_of(const Spec& f, PyObject* v, char* buf, std::string_view* tok,
@@ -514,12 +518,11 @@ class RequestEncoder {
         *tok = std::string_view(buf, float_text(float(PyFloat_AsDouble(v)), buf));
         return true;
       }
-      if (PyObject_IsInstance(v, np_floating_.ptr()) == 1) {  // float16, longdouble: as float64
+      if (is_a(v, np_floating_)) {  // float16, longdouble: as float64
         *tok = std::string_view(buf, float_text(PyFloat_AsDouble(v), buf));
         return true;
       }
-      if (PyObject_IsInstance(v, np_integer_.ptr()) != 1) {
-        PyErr_Clear();
+      if (!is_a(v, np_integer_)) {
         throw py::type_error(f.where + ": expected str, int, float, bool or None, got " +
                              type_name(v) + " (" + short_repr(v) + ")");
       }
@@ -650,18 +653,18 @@ class RequestEncoder {
       return text_value(f, std::string_view(s, size_t(n)));
     } else if (PyBool_Check(v) || Py_TYPE(v) == reinterpret_cast<PyTypeObject*>(np_bool_.ptr())) {
       x = PyObject_IsTrue(v) ? 1.0 : 0.0;
-    } else if (PyLong_Check(v) || PyObject_IsInstance(v, np_integer_.ptr()) == 1) {
+    } else if (PyLong_Check(v) || is_a(v, np_integer_)) {
       py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(v));
       if (!index) throw py::error_already_set();
       x = PyLong_AsDouble(index.ptr());
       if (x == -1.0 && PyErr_Occurred()) {
         PyErr_Clear();
-        throw py::value_error(f.where + ": the integer " + short_repr(v) + " is too large for a float");
+        throw py::value_error(f.where + ": the integer " + short_repr(v) +
+                              " is too large for a float");
       }
-    } else if (PyObject_IsInstance(v, np_floating_.ptr()) == 1) {
+    } else if (is_a(v, np_floating_)) {
       x = PyFloat_AsDouble(v);
     } else {
-      PyErr_Clear();
       throw py::type_error(f.where + ": expected a number, numeric text or None, got " +
                            type_name(v) + " (" + short_repr(v) + ")");
     }
@@ -736,10 +739,9 @@ class RequestEncoder {
     } else {
       // a scalar: its token split on sep, as the training reader splits text histories
       if (!PyUnicode_Check(v) && !PyLong_Check(v) && !PyFloat_Check(v) &&
-          PyObject_IsInstance(v, np_integer_.ptr()) != 1 &&
-          PyObject_IsInstance(v, np_floating_.ptr()) != 1 &&
+          !is_a(v, np_integer_) &&
+          !is_a(v, np_floating_) &&
           Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(np_bool_.ptr())) {
-        PyErr_Clear();
         throw py::type_error(f.where + ": a history must be a list, a 1-D array, text or None, "
                              "got " + type_name(v) + " (" + short_repr(v) + ")");
       }
@@ -747,7 +749,8 @@ class RequestEncoder {
         size_t start = 0;
         while (true) {
           const size_t end = tok.find(f.sep, start);
-          const std::string_view piece = tok.substr(start, end == tok.npos ? tok.npos : end - start);
+          const std::string_view piece =
+              tok.substr(start, end == tok.npos ? tok.npos : end - start);
           if (!piece.empty()) add(piece);
           if (end == tok.npos) break;
           start = end + f.sep.size();
@@ -765,7 +768,8 @@ class RequestEncoder {
   Source array_source(const Spec& f, py::array a, const char* what) const {
     if (a.ndim() != 1) {
       std::string shape = "(";
-      for (py::ssize_t k = 0; k < a.ndim(); ++k) shape += (k ? ", " : "") + std::to_string(a.shape(k));
+      for (py::ssize_t k = 0; k < a.ndim(); ++k)
+        shape += (k ? ", " : "") + std::to_string(a.shape(k));
       throw py::value_error(f.where + ": " + what + " must be 1-D, got an array of shape " +
                             shape + ")");
     }
@@ -947,8 +951,8 @@ py::object RequestEncoder::encode(py::handle user, py::handle candidates) const 
     }
     if (n < 0) n = m;
     if (m != n)
-      throw py::value_error("candidate column " + short_repr(ckeys[j]) + " has " + std::to_string(m) +
-                            " values, expected " + std::to_string(n));
+      throw py::value_error("candidate column " + short_repr(ckeys[j]) + " has " +
+                            std::to_string(m) + " values, expected " + std::to_string(n));
   }
   if (n == 0) throw py::value_error("empty candidate list");
   if (!missing_default_) {
@@ -1039,8 +1043,8 @@ py::object RequestEncoder::encode(py::handle user, py::handle candidates) const 
 void bind_request_encoder(py::module_& m) {
   encoded_request_type = PyStructSequence_NewType(&encoded_desc);
   if (!encoded_request_type) throw py::error_already_set();
-  m.add_object("EncodedRequest",
-               py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(encoded_request_type)));
+  m.add_object("EncodedRequest", py::reinterpret_borrow<py::object>(
+                                     reinterpret_cast<PyObject*>(encoded_request_type)));
   py::class_<RequestEncoder>(m, "RequestEncoder",
                              "Raw request values -> ids and dense values as training encodes "
                              "them; built by adrec_fast.serving.encoder.RequestEncoder.")

@@ -138,7 +138,9 @@ def _value(rng, col: str):
     if col == "flag":
         return bool(r < 0.5)
     if col == "num":
-        return float(rng.choice(FLOATS)) if r < 0.7 else float(rng.normal() * 10.0 ** rng.integers(-9, 18))
+        if r < 0.7:
+            return float(rng.choice(FLOATS))
+        return float(rng.normal() * 10.0 ** rng.integers(-9, 18))
     if col == "cnt":
         return float(rng.integers(0, 6000)) if r < 0.6 else int(rng.integers(-5, 6000))
     if col == "price":
