@@ -343,7 +343,7 @@ class Table {
 enum class Kind { kCategorical, kDense, kSequence };
 
 struct Spec {
-  Kind kind;
+  Kind kind = Kind::kCategorical;
   std::string where;  // "field 'x'" or "field 'x' (column 'c')": every message's subject
   int column = 0;     // index into the encoder's columns
   int slot = 0;       // bag position / dense position / sequence position
@@ -810,7 +810,7 @@ class RequestEncoder {
     return s;
   }
 
-  std::string label_;
+  py::str label_;
   bool missing_default_;
   py::dict col_index_;  // column name -> index into columns_
   std::vector<py::str> columns_;
@@ -908,8 +908,9 @@ py::object RequestEncoder::encode(py::handle user, py::handle candidates) const 
     std::string msg = std::string("unknown field") + (unknown.size() > 1 ? "s " : " ") +
                       names_of(unknown) + "; the schema's fields are " + columns_repr_;
     for (PyObject* k : unknown)
-      if (PyUnicode_Check(k) && py::cast<std::string>(k) == label_)
+      if (PyObject_RichCompareBool(k, label_.ptr(), Py_EQ) == 1)
         msg += " (" + short_repr(k) + " is the label column, not a feature)";
+    PyErr_Clear();  // a key that cannot be compared with the label is just unknown
     throw py::value_error(msg);
   }
   if (!both.empty()) {

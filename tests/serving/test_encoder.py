@@ -479,6 +479,24 @@ def test_errors(schema):
         enc.encode(user, {**cands, "item": ["\ud800", "a"]})
 
 
+def test_threads(schema):
+    """Concurrent requests on one encoder give what the same requests give one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = RequestEncoder(schema)
+    rng = np.random.default_rng(4)
+    reqs = [_request(rng, int(rng.integers(1, 40))) for _ in range(60)]
+    alone = [enc.encode(u, c) for u, c in reqs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda r: enc.encode(*r), reqs * 3))
+    for a, b in zip(alone * 3, together):
+        assert a.n == b.n and a.cand_slots == b.cand_slots and a.dense_cand == b.dense_cand
+        for x, y in zip(a[2:5], b[2:5]):
+            np.testing.assert_array_equal(x, y)
+        for x, y in zip(a.seqs, b.seqs):
+            np.testing.assert_array_equal(x, y)
+
+
 def test_constructor_checks(schema):
     with pytest.raises(ValueError, match="missing must be"):
         RequestEncoder(schema, missing="zero")
