@@ -181,6 +181,7 @@ PYBIND11_MODULE(_C, m) {
   } catch (const std::invalid_argument& e) {
     throw py::value_error(e.what());
   }
+  adrec::bind_request_encoder(m);  // request_encoder.cpp: raw serving values -> ids
   // What the CPU kernels use in this process: the ISA level (common/cpu_isa.h) and the
   // thresholds derived from the machine (common/tuning.h).
   m.def("runtime_info", [] {
@@ -286,7 +287,6 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_user", &ServingDLRMHandle::num_user)
       .def_property_readonly("num_cand", &ServingDLRMHandle::num_cand)
       .def_property_readonly("num_dense", &ServingDLRMHandle::num_dense);
-  adrec::bind_request_encoder(m);  // request_encoder.cpp: raw serving values -> ids
   m.def("build_info", [] {
     py::dict d;
     d["torch"] = std::string(ADREC_TORCH_VERSION);
