@@ -29,6 +29,7 @@
 #include "common/parallel.h"
 #include "common/tuning.h"
 #include "cpu/scorer.h"
+#include "request_encoder.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -207,6 +208,7 @@ PYBIND11_MODULE(_C, m) {
   } catch (const std::invalid_argument& e) {
     throw py::value_error(e.what());
   }
+  adrec::bind_request_encoder(m);  // request_encoder.cpp: raw serving values -> ids
   // What the CPU kernels use in this process: the ISA level (common/cpu_isa.h) and the
   // thresholds derived from the machine (common/tuning.h).
   m.def("runtime_info", [] {
