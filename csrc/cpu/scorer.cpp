@@ -57,6 +57,9 @@ constexpr int64_t kTile = 32;  // candidate rows per tile in the row split
 // Weight bytes up to which every thread computes a whole stage-A layer itself (in its own
 // buffers) rather than its share of the outputs followed by a barrier.
 constexpr int64_t kPrivateLayerBytes = 32 * 1024;
+// Floats of candidate inputs (N rows of the first layer's varying columns and x0) up to which,
+// in the layer split, every thread builds all of them rather than its share and a barrier.
+constexpr int64_t kPrivateCandFloats = 2048;
 
 inline int64_t pad16(int64_t k) { return (k + 15) / 16 * 16; }
 inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
@@ -541,6 +544,8 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
   const bool row_split = N >= kRowsPerThread * nt;
   if (row_split) nt = static_cast<int>(std::min<int64_t>(nt, N / kRowsPerThread));
   const bool vbottom = P.hb && P.dvar;  // the bottom MLP runs per candidate
+  // layer split: candidates cheap enough to build in every thread (no barrier before the tower)
+  const bool cand_private = !row_split && N * (Kvp + Kxp) <= kPrivateCandFloats;
   const int64_t nl = row_split ? 0 : N;  // rows of the shared (layer split) buffers
   Arena& A = t_request;
   int64_t uw = 0;
@@ -577,7 +582,8 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
     Arena& PA = t_private;
     PA.reserve(2 * F * D + D * Fp + F * Fp + (Lsum + 1) * D + Lsum + 4 * W + 2 * Ksp + D +
                (vbottom ? 2 * rows * W : 0) + rows * W +
-               (row_split ? kTile * (Kvp + 3 * Kxp + 3 * W + 16 + 1) : 0));
+               (row_split ? kTile * (Kvp + 3 * Kxp + 3 * W + 16 + 1) : 0) +
+               (cand_private ? N * (Kvp + Kxp + 1) : 0));
     UserSide U;
     U.fields = PA.take<float>(F * D);
     U.FT = PA.take<float>(D * Fp);
@@ -723,7 +729,21 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
       }
       return x;
     };
-    if (!row_split) {
+    if (!row_split && cand_private) {
+      // every thread builds every candidate's inputs in its own buffers: no barrier (a thread
+      // reads its own columns of zv and x0, and the head's thread reads side)
+      float* pz = PA.take<float>(N * Kvp);
+      float* px = PA.take<float>(P.ncross ? N * Kxp : 0);
+      float* ps = PA.take<float>(N);
+      candidate_rows(P, rr, lin, cid, dense, Nd, 0, N, U, bottom_rows(0, N), W, pz, Kvp,
+                     P.ncross ? px : nullptr, Kxp, ps);
+      if (P.lt == 0) {
+        const auto r = split(N);
+        for (int64_t m = r.first; m < r.second; ++m) out[m] = sigmoidf(ps[m]);
+      } else {
+        tower(N, false, pz, px, xa, xc, h0, h1, yt, ps, out);
+      }
+    } else if (!row_split) {
       const auto r = split(N);
       const float* db = bottom_rows(r.first, r.second - r.first);
       candidate_rows(P, rr, lin, cid, dense, Nd, r.first, r.second - r.first, U, db, W,
