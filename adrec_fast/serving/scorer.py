@@ -25,11 +25,13 @@ products, DLRM's bottom MLP), then the candidates. The GIL is released while it 
 A model without a spec (a user-defined one, or a schema with multi-valued bags or vectors) is
 served by its own torch forward on the request expanded to N rows, with a warning at load.
 
-Raw values are encoded as in training (``Schema.encode``): an unseen categorical value is id 0
-(out of vocabulary), ``None`` is missing (id 0, or the dense ``fill``). Bad requests: an unknown
-field -> ``ValueError`` naming it; a value of a wrong type -> ``TypeError`` naming the field; an
-id out of range on the id paths -> ``IndexError`` naming the field; no candidates -> ``ValueError``;
-NaN in a dense value -> ``ValueError``.
+Raw values are encoded into ids in the same native call style: ``serving/encoder.py``
+(``_C.RequestEncoder``, vocabulary tables built at load, the training hash for hashed fields, the
+dense transforms) encodes and validates a request as ``Schema.encode`` encodes training rows,
+and its errors name the field: an unknown field or no candidates -> ``ValueError``, a value of a
+wrong type -> ``TypeError``, NaN in a dense value -> ``ValueError``; an unseen categorical value
+is id 0 (out of vocabulary), ``None`` is missing (id 0, the dense ``fill``). On the id paths an
+id out of range is an ``IndexError`` naming the field.
 
 Threads. A version's buffers are never written after loading and are shared by every thread; a
 request reads ``self._version`` once at its start and uses only that version, so a concurrent
@@ -45,18 +47,16 @@ numbers, no memory saving). First-order weights stay float32.
 from __future__ import annotations
 
 import copy
-import math
 import threading
 import warnings
 
 import numpy as np
 import torch
 
-from ..data import columns as C
-from ..data.errors import DataError
 from ..models.checkpoint import load_model, resolve
 from ..models.serving_spec import ServingSpec
 from ..ops import scorer as _op
+from .encoder import RequestEncoder
 
 QUANTIZE = (None, "fp16", "int8")
 MLP = (None, "fp32", "bf16")
@@ -274,15 +274,13 @@ class _Version:
         self.bag_base = np.array([int(tofs[t]) for _, t in schema.sparse_fields()], dtype=np.int64)
         self.bag_card = np.array([schema.cardinality(n) for n in self.bags], dtype=np.int64)
         self.dense = [schema.field(n) for n in schema.dense_fields()]
-        self.dense_pos = {f.source: i for i, f in enumerate(self.dense)}
-        self.vocab = {}
-        for f in schema.fields:
-            o = schema.owner(f.name)
-            if f.type == "categorical" and o.vocab == "build":
-                self.vocab[f.source] = {v: i + 1 for i, v in enumerate(o.vocabulary)}
+        self.seq_names = [n for n, _ in schema.sequence_fields()]
         simple = all(f.type in ("categorical", "dense") or (f.type == "multi_categorical"
                                                           and f.sequence)
                      for f in schema.fields)
+        # raw values -> ids in one native call (serving/encoder.py); None: pooled multi-valued
+        # bags or vectors, encoded by the schema itself
+        self.encoder = RequestEncoder(schema, missing) if simple else None
         spec = model.serving_spec() if simple else None
         self.spec = None
         if spec is not None:
@@ -294,7 +292,9 @@ class _Version:
             self.spec.table = self.weights  # packing reads only its width
             seq_table = dict(schema.sequence_fields())
             self.seqs = [s for s, _ in spec.sequences]
-            self.seq_pos = {schema.field(s).source: i for i, s in enumerate(self.seqs)}
+            if self.seqs != self.seq_names:
+                raise ValueError(f"model {self.name!r} reads the histories {self.seqs}, the "
+                                 f"schema has {self.seq_names}: the executor needs all, in order")
             self.seq_base = [int(tofs[seq_table[s]]) for s in self.seqs]
             self.seq_card = [schema.cardinality(s) for s in self.seqs]
             self.model = None  # the executor needs none of the model's tensors
@@ -346,10 +346,15 @@ class _Version:
         if len(cand_slots):
             idx[list(cand_slots)] = cand_ids.T
         d = np.broadcast_to(dense, (N, dense.shape[1])).astype(np.float32)
+        seq_i, seq_o = {}, {}
+        for name, s in zip(self.seq_names, seqs if seqs is not None else []):
+            s = torch.as_tensor(np.asarray(s, dtype=np.int64))
+            seq_i[name] = s.repeat(N)  # every candidate row has the user's history
+            seq_o[name] = torch.arange(N + 1, dtype=torch.long) * s.numel()
         batch = Batch(indices=torch.from_numpy(idx.reshape(-1)),
                       offsets=torch.arange(T * N + 1, dtype=torch.long),
                       dense=torch.from_numpy(d), labels=torch.full((N,), float("nan")),
-                      vectors=torch.zeros(N, 0), num_bags=T)
+                      vectors=torch.zeros(N, 0), num_bags=T, seq_indices=seq_i, seq_offsets=seq_o)
         return self.forward_batch(batch)
 
     def forward_batch(self, batch) -> np.ndarray:
@@ -366,47 +371,6 @@ def _seq_arrays(seqs, S: int):
     parts = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
     return (np.concatenate(parts) if S > 1 else parts[0],
             np.array([p.shape[0] for p in parts], dtype=np.int64))
-
-
-# ---------------------------------------------------------------------------- encoding
-def _cat_token(v, name: str):
-    """One raw categorical value -> its token (None = missing), as ``columns.tokens`` makes it."""
-    if v is None:
-        return None
-    if isinstance(v, str):
-        return v or None
-    if isinstance(v, (bool, np.bool_)):
-        return "true" if v else "false"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        v = float(v)
-        if v.is_integer() and abs(v) < 2**53:
-            return str(int(v))
-        return C.tokens([v])[0][0].as_py()  # pyarrow's text for it, as in training
-    raise TypeError(f"field {name!r}: expected str, int, float, bool or None, "
-                    f"got {type(v).__name__} ({v!r})")
-
-
-def _check_dense_scalar(v, name: str) -> None:
-    if v is None or isinstance(v, str):
-        return
-    if isinstance(v, (bool, int, float, np.bool_, np.integer, np.floating)):
-        if isinstance(v, (float, np.floating)) and math.isnan(v):
-            raise ValueError(f"field {name!r}: NaN dense value (pass None for a missing value)")
-        return
-    raise TypeError(f"field {name!r}: expected a number or None, got {type(v).__name__} ({v!r})")
-
-
-def _column(values, name: str) -> list | np.ndarray:
-    if isinstance(values, np.ndarray):
-        if values.ndim != 1:
-            raise ValueError(f"field {name!r}: a candidate column must be 1-D, got {values.shape}")
-        return values
-    if isinstance(values, (list, tuple)):
-        return list(values)
-    raise TypeError(f"field {name!r}: a candidate column must be a list or 1-D array, "
-                    f"got {type(values).__name__}")
 
 
 class Scorer:
@@ -475,165 +439,17 @@ class Scorer:
         return _top_k(self.score(user, candidates), int(k))
 
     def _score(self, v: _Version, user, candidates) -> np.ndarray:
-        if not isinstance(user, dict):
-            raise TypeError(f"user must be a dict of field -> value, got {type(user).__name__}")
-        cols, n = self._candidate_columns(candidates)
-        for name in list(user) + list(cols):
-            if name not in v.by_source:
-                raise ValueError(f"unknown field {name!r}; the schema's fields are "
-                                 f"{sorted(v.by_source)}")
-        both = set(user) & set(cols)
-        if both:
-            raise ValueError(f"fields given both for the user and per candidate: {sorted(both)}")
-        for name, col in cols.items():
-            cols[name] = _column(col, name)
-            if len(cols[name]) != n:
-                raise ValueError(f"candidate column {name!r} has {len(cols[name])} values, "
-                                 f"expected {n}")
-        if v.missing == "error":
-            gone = [f.source for f in v.schema.fields if f.source not in user and
-                    f.source not in cols]
-            if gone:
-                raise ValueError(f"fields missing from the request: {gone} (give them in `user` "
-                                 "or per candidate; Scorer.load(..., missing='default') fills "
-                                 "them with their training default)")
+        if v.encoder is None:
+            return _score_general(v, user, candidates)
+        r = v.encoder.encode(user, candidates)  # one native call: ids, dense values, checks
         if v.spec is None:
-            return self._score_general(v, user, cols, n)
-        T = len(v.bags)
-        user_ids = np.zeros(T, dtype=np.int64)
-        cand_slots, cand_cols, seqs = [], [], [np.zeros(0, np.int64)] * len(v.seqs)
-        for name, val in user.items():
-            f = v.by_source[name]
-            if f.type == "categorical":
-                user_ids[v.bag_pos[name]] = self._encode_one(v, f, val)
-            elif f.type == "dense":
-                _check_dense_scalar(val, name)
-            else:
-                seqs[v.seq_pos[name]] = self._encode_seq(v, f, val)
-        for name in sorted((c for c in cols if v.by_source[c].type == "categorical"),
-                           key=v.bag_pos.get):
-            cand_slots.append(v.bag_pos[name])
-            cand_cols.append(self._encode_col(v, v.by_source[name], cols[name]))
-        for name in cols:
-            if v.by_source[name].type == "multi_categorical":
-                raise ValueError(f"field {name!r}: a behaviour history is user-side; give it "
-                                 "in `user`")
-        cand_ids = (np.stack(cand_cols, axis=1) if cand_cols
-                    else np.zeros((n, 0), dtype=np.int64))  # [N, Tc]
-        dense, dcand = self._dense(v, user, cols, n)
-        return v.forward_ids(user_ids, cand_slots, cand_ids, dense, dcand, seqs)
-
-    @staticmethod
-    def _candidate_columns(candidates) -> tuple[dict, int]:
-        if isinstance(candidates, dict):
-            if not candidates:
-                raise ValueError("empty candidates: no candidate columns")
-            n = None
-            for name, col in candidates.items():
-                m = len(_column(col, name))
-                n = m if n is None else n
-                if m != n:
-                    raise ValueError(f"candidate column {name!r} has {m} values, expected {n}")
-            if not n:
-                raise ValueError("empty candidate list")
-            return dict(candidates), n
-        if isinstance(candidates, (list, tuple)):
-            if not candidates:
-                raise ValueError("empty candidate list")
-            keys: dict = {}
-            for i, c in enumerate(candidates):
-                if not isinstance(c, dict):
-                    raise TypeError(f"candidate {i} must be a dict, got {type(c).__name__}")
-                for k in c:
-                    keys.setdefault(k, None)
-            return {k: [c.get(k) for c in candidates] for k in keys}, len(candidates)
-        raise TypeError("candidates must be a dict of columns or a list of dicts, "
-                        f"got {type(candidates).__name__}")
-
-    @staticmethod
-    def _encode_one(v: _Version, f, val) -> int:
-        tok = _cat_token(val, f.name)
-        if tok is None:
-            return 0
-        voc = v.vocab.get(f.source)
-        if voc is not None:
-            return voc.get(tok, 0)
-        import pyarrow as pa
-
-        return int(v.schema.lookup(f.name, pa.array([tok], pa.string()))[0])
-
-    @staticmethod
-    def _encode_seq(v: _Version, f, val) -> np.ndarray:
-        import pyarrow as pa
-
-        try:
-            toks, lengths = C.token_lists(pa.array([val]), f.sep)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-            raise TypeError(f"field {f.name!r}: values cannot be read as a history ({e})") from e
-        ids = v.schema.lookup(f.name, toks).astype(np.int64, copy=False)
-        return ids[-f.max_len:] if f.max_len and ids.shape[0] > f.max_len else ids
-
-    @staticmethod
-    def _encode_col(v: _Version, f, col) -> np.ndarray:
-        import pyarrow as pa
-
-        if isinstance(col, list):
-            for x in col:  # the types the training encoder accepts, nothing else
-                if x is not None and not isinstance(x, (str, bool, int, float, np.generic)):
-                    raise TypeError(f"field {f.name!r}: expected str, int, float, bool or None, "
-                                    f"got {type(x).__name__} ({x!r})")
-        try:
-            toks, _ = C.tokens(col)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-            raise TypeError(f"field {f.name!r}: values cannot be read as categorical ({e})") from e
-        return v.schema.lookup(f.name, toks).astype(np.int64, copy=False)
-
-    @staticmethod
-    def _dense(v: _Version, user: dict, cols: dict, n: int):
-        """([Nd, K_d] float32 transformed dense values, candidate-side dense positions);
-        Nd = 1 unless a dense field is per candidate."""
-        dcand = tuple(i for name, i in v.dense_pos.items() if name in cols)
-        rows = n if dcand else 1
-        out = np.empty((rows, len(v.dense)), dtype=np.float32)
-        for j, f in enumerate(v.dense):
-            if f.source in cols:
-                col = cols[f.source]
-                if isinstance(col, np.ndarray):
-                    if col.dtype.kind == "f" and np.isnan(col).any():
-                        raise ValueError(f"field {f.name!r}: NaN dense value "
-                                         "(pass None for a missing value)")
-                    if col.dtype.kind not in "biuf":
-                        raise TypeError(f"field {f.name!r}: dense column of dtype {col.dtype}")
-                else:
-                    for x in col:
-                        _check_dense_scalar(x, f.name)
-                x = _dense_values(v, f, col)
-            else:
-                x = _dense_values(v, f, [user.get(f.source)])
-            out[:, j] = x
-        return out, dcand
-
-    def _score_general(self, v: _Version, user: dict, cols: dict, n: int) -> np.ndarray:
-        """Any schema: repeat the user values N times, encode with the schema, model forward."""
-        full = dict(cols)
-        for name, val in user.items():
-            f = v.by_source[name]
-            if f.type == "dense":
-                _check_dense_scalar(val, name)
-            elif f.type == "categorical":
-                _cat_token(val, name)
-            full[name] = [val] * n
-        for name, col in cols.items():
-            if v.by_source[name].type == "dense":
-                for x in col:
-                    _check_dense_scalar(x, name)
-        for f in v.schema.fields:  # missing="default": the training default
-            full.setdefault(f.source, [None] * n)
-        try:
-            batch = v.schema.encode_columns(full)
-        except Exception as e:  # a DataError or an arrow error: the value was of a wrong type
-            raise TypeError(f"request could not be encoded: {e}") from e
-        return v.forward_batch(batch)
+            return v.forward_ids(r.user_ids, r.cand_slots, r.cand_ids, r.dense, r.dense_cand,
+                                 r.seqs)
+        h = v.handles.get((r.cand_slots, r.dense_cand))
+        if h is None:
+            h = v.handle_for(r.cand_slots, r.dense_cand)
+        sid, sl = _seq_arrays(r.seqs, len(v.seqs))
+        return h(r.user_ids, r.cand_ids, r.dense, sid, sl)
 
     # -- the leanest path: id arrays ---------------------------------------------------
     def ids_path(self, cand_fields) -> IdsPath:
@@ -698,6 +514,39 @@ class Scorer:
             if d.shape[0] > 1:
                 dcand = tuple(range(K))
         return v.forward_ids(uid, slots, cand, d, dcand, seqs)
+
+
+def _score_general(v: _Version, user, candidates) -> np.ndarray:
+    """Schemas with pooled multi-valued bags or vectors: the schema encodes the request expanded
+    to N rows (its DataError names the field), and the model's forward runs on them."""
+    if not isinstance(user, dict):
+        raise TypeError(f"user must be a dict of field -> value, got {type(user).__name__}")
+    if isinstance(candidates, dict):
+        cols = {k: list(c) for k, c in candidates.items()}
+    elif isinstance(candidates, (list, tuple)) and all(isinstance(c, dict) for c in candidates):
+        keys = dict.fromkeys(k for c in candidates for k in c)
+        cols = {k: [c.get(k) for c in candidates] for k in keys}
+    else:
+        raise TypeError("candidates must be a dict of columns or a list of dicts, "
+                        f"got {type(candidates).__name__}")
+    n = len(next(iter(cols.values()))) if cols else len(candidates) if candidates else 0
+    if not n:
+        raise ValueError("empty candidate list")
+    bad = [k for k in [*user, *cols] if k not in v.by_source] + sorted(set(user) & set(cols))
+    if bad or any(len(c) != n for c in cols.values()):
+        raise ValueError(f"request fields {bad or sorted(cols)}: unknown, given on both sides, or "
+                         f"candidate columns of different lengths; fields: {sorted(v.by_source)}")
+    full = {**cols, **{k: [x] * n for k, x in user.items()}}
+    gone = [f for f in v.by_source if f not in full]
+    if gone and v.missing == "error":
+        raise ValueError(f"missing fields {gone}: give each in user or per candidate, or load "
+                         "with missing='default' to fill them with their training defaults")
+    full.update({f: [None] * n for f in gone})
+    try:
+        batch = v.schema.encode_columns(full)
+    except Exception as e:  # a DataError or an arrow error: the value was of a wrong type
+        raise TypeError(f"request could not be encoded: {e}") from e
+    return v.forward_batch(batch)
 
 
 def _check_ids(v: _Version, user_slots, uid, cand_slots, cand) -> None:
@@ -791,14 +640,6 @@ class IdsPath:
 
 def _describe(x) -> str:
     return f"{x.dtype} array {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
-
-
-def _dense_values(v: _Version, f, col) -> np.ndarray:
-    """Raw dense values -> float32 exactly as ``Schema.encode`` transforms them."""
-    try:
-        return v.schema.dense_values(f.name, col)
-    except DataError as e:  # non-numeric text
-        raise TypeError(f"field {f.name!r}: {e}") from e
 
 
 def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
