@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -197,6 +198,56 @@ class ServingModelHandle {
   std::unique_ptr<adrec::ServingModel> impl_;
 };
 
+// The Scorer's raw-value request path in one native call: the version's RequestEncoder turns
+// the request into ids and dense values (request_encoder.cpp), the model packed for the
+// request's field split runs it (packed on first use by the Python callback `pack`, which
+// returns its ServingModel), and the probabilities come back; the GIL is released while the
+// model runs. The map of packed models is read and written with the GIL held (encoding needs it
+// anyway), so it needs no lock of its own.
+class ServingFront {
+ public:
+  ServingFront(py::object encoder, py::object pack) : encoder_(std::move(encoder)),
+                                                      pack_(std::move(pack)) {}
+
+  py::array_t<float> score(py::handle user, py::handle candidates) {
+    thread_local adrec::EncodedBuffers b;  // reused from request to request
+    adrec::encode_request(encoder_, user, candidates, b);
+    const adrec::ServingModel& m = model_for(b);
+    py::array_t<float> out(b.n);
+    float* po = out.mutable_data();
+    translate_errors([&] {
+      py::gil_scoped_release nogil;
+      m.score(b.user_ids.data(), static_cast<int64_t>(b.user_ids.size()), b.cand_ids.data(),
+              b.n, b.dense.empty() ? nullptr : b.dense.data(), b.Nd, b.seq_ids.data(),
+              b.seq_lengths.data(), po);
+    });
+    return out;
+  }
+
+  size_t num_packed() const { return models_.size(); }
+
+ private:
+  const adrec::ServingModel& model_for(const adrec::EncodedBuffers& b) {
+    key_.assign(b.cand_slots.begin(), b.cand_slots.end());
+    key_.push_back(-1);
+    key_.insert(key_.end(), b.dense_cand.begin(), b.dense_cand.end());
+    auto it = models_.find(key_);
+    if (it == models_.end()) {
+      py::tuple cs(b.cand_slots.size()), dc(b.dense_cand.size());
+      for (size_t i = 0; i < b.cand_slots.size(); ++i) cs[i] = py::int_(b.cand_slots[i]);
+      for (size_t i = 0; i < b.dense_cand.size(); ++i) dc[i] = py::int_(b.dense_cand[i]);
+      py::object h = pack_(cs, dc);
+      h.cast<const ServingModelHandle&>();  // a TypeError here, not a crash later
+      it = models_.emplace(key_, std::move(h)).first;
+    }
+    return it->second.cast<const ServingModelHandle&>().impl();
+  }
+
+  py::object encoder_, pack_;
+  std::map<std::vector<int64_t>, py::object> models_;  // field split -> its ServingModel
+  std::vector<int64_t> key_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -321,6 +372,13 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_seq", [](const ServingModelHandle& h) { return h.impl().num_seq(); })
       .def_property_readonly("dense_varies",
                              [](const ServingModelHandle& h) { return h.impl().dense_varies(); });
+  py::class_<ServingFront>(m, "ServingFront",
+                           "The Scorer's raw-value path in one call: ServingFront(encoder, pack) "
+                           "with a _C.RequestEncoder and pack(cand_slots, dense_cand) -> "
+                           "ServingModel; score(user, candidates) -> probabilities [N].")
+      .def(py::init<py::object, py::object>(), py::arg("encoder"), py::arg("pack"))
+      .def("score", &ServingFront::score, py::arg("user"), py::arg("candidates"))
+      .def_property_readonly("num_packed", &ServingFront::num_packed);
   m.def("build_info", [] {
     py::dict d;
     d["torch"] = std::string(ADREC_TORCH_VERSION);

@@ -473,6 +473,7 @@ class RequestEncoder {
     columns_repr_ = py::repr(names).cast<std::string>();
   }
 
+  void encode_into(py::handle user, py::handle candidates, EncodedBuffers& out) const;
   py::object encode(py::handle user, py::handle candidates) const;
 
   py::list columns() const {
@@ -712,8 +713,10 @@ class RequestEncoder {
   }
 
   // A behaviour history (one user value) -> its ids, the last max_len kept.
-  py::array_t<int64_t> encode_sequence(const Spec& f, PyObject* v) const {
-    std::vector<int64_t> ids;
+  // The history v's ids, the last max_len kept, appended to out; returns how many.
+  int64_t encode_sequence(const Spec& f, PyObject* v, std::vector<int64_t>& out) const {
+    std::vector<int64_t>& ids = seq_scratch();
+    ids.clear();
     char buf[64];
     std::string_view tok;
     py::object owner;
@@ -758,9 +761,12 @@ class RequestEncoder {
       }
     }
     const size_t keep = f.max_len > 0 ? std::min(ids.size(), size_t(f.max_len)) : ids.size();
-    py::array_t<int64_t> out(static_cast<py::ssize_t>(keep));
-    if (keep) std::memcpy(out.mutable_data(), ids.data() + (ids.size() - keep), keep * 8);
-    return out;
+    out.insert(out.end(), ids.end() - keep, ids.end());
+    return int64_t(keep);
+  }
+  static std::vector<int64_t>& seq_scratch() {
+    thread_local std::vector<int64_t> v;
+    return v;
   }
 
   // --- request structure -------------------------------------------------------------
@@ -838,7 +844,8 @@ PyStructSequence_Desc encoded_desc = {
     "One request encoded as training encodes it (adrec_fast.serving.encoder).", encoded_fields,
     7};
 
-py::object RequestEncoder::encode(py::handle user, py::handle candidates) const {
+void RequestEncoder::encode_into(py::handle user, py::handle candidates,
+                                 EncodedBuffers& out) const {
   if (!PyDict_Check(user.ptr()))
     throw py::type_error("user must be a dict of column -> value, got " + type_name(user));
   // candidates: a dict of columns, or a list/tuple of dicts (keys in first-seen order)
@@ -972,27 +979,22 @@ py::object RequestEncoder::encode(py::handle user, py::handle candidates) const 
   int64_t Tc = 0;
   std::vector<int> ccol_of(C, -1);  // column -> its position in ccols
   for (size_t j = 0; j < ccols.size(); ++j) ccol_of[size_t(ccols[j])] = int(j);
-  py::tuple cand_slots, dense_cand;
-  {
-    std::vector<int> cs, dc;
-    for (int64_t t = 0; t < T; ++t)
-      if (side[size_t(specs_[size_t(bags_[size_t(t)])].column)] == 2) cs.push_back(int(t));
-    for (int64_t j = 0; j < Kd; ++j)
-      if (side[size_t(specs_[size_t(dense_[size_t(j)])].column)] == 2) dc.push_back(int(j));
-    Tc = int64_t(cs.size());
-    cand_slots = py::tuple(cs.size());
-    for (size_t i = 0; i < cs.size(); ++i) cand_slots[i] = py::int_(cs[i]);
-    dense_cand = py::tuple(dc.size());
-    for (size_t i = 0; i < dc.size(); ++i) dense_cand[i] = py::int_(dc[i]);
-  }
-  const int64_t Nd = dense_cand.empty() ? 1 : n;
-  py::array_t<int64_t> user_ids(T);
-  py::array_t<int64_t> cand_ids({n, Tc});
-  py::array_t<float> dense({Nd, Kd});
-  int64_t* uid = user_ids.mutable_data();
-  int64_t* cid = cand_ids.mutable_data();
-  float* dv = dense.mutable_data();
-  std::fill(uid, uid + T, int64_t(0));
+  out.n = n;
+  out.cand_slots.clear();
+  out.dense_cand.clear();
+  for (int64_t t = 0; t < T; ++t)
+    if (side[size_t(specs_[size_t(bags_[size_t(t)])].column)] == 2) out.cand_slots.push_back(t);
+  for (int64_t j = 0; j < Kd; ++j)
+    if (side[size_t(specs_[size_t(dense_[size_t(j)])].column)] == 2) out.dense_cand.push_back(j);
+  Tc = int64_t(out.cand_slots.size());
+  const int64_t Nd = out.dense_cand.empty() ? 1 : n;
+  out.user_ids.assign(size_t(T), 0);
+  out.cand_ids.resize(size_t(n * Tc));
+  out.dense.resize(size_t(Nd * Kd));
+  out.Nd = Nd;
+  int64_t* uid = out.user_ids.data();
+  int64_t* cid = out.cand_ids.data();
+  float* dv = out.dense.data();
   // user values, one per column
   std::vector<PyObject*> uval(C, nullptr);
   for (size_t j = 0; j < ucols.size(); ++j) uval[size_t(ucols[j])] = uvals[j];
@@ -1022,24 +1024,57 @@ py::object RequestEncoder::encode(py::handle user, py::handle candidates) const 
     }
     for (int64_t r = 0; r < Nd; ++r) dv[r * Kd + j] = x;
   }
-  py::list seqs(seqs_.size());
+  out.seq_ids.clear();
+  out.seq_lengths.clear();
   for (size_t k = 0; k < seqs_.size(); ++k) {
     const Spec& f = specs_[size_t(seqs_[k])];
-    seqs[k] = encode_sequence(f, side[size_t(f.column)] == 1 ? uval[size_t(f.column)] : Py_None);
+    out.seq_lengths.push_back(encode_sequence(
+        f, side[size_t(f.column)] == 1 ? uval[size_t(f.column)] : Py_None, out.seq_ids));
+  }
+}
+
+template <class T>
+py::array_t<T> to_numpy(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
+  py::array_t<T> a(shape);
+  if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
+  return a;
+}
+
+py::tuple to_tuple(const std::vector<int64_t>& v) {
+  py::tuple t(v.size());
+  for (size_t i = 0; i < v.size(); ++i) t[i] = py::int_(v[i]);
+  return t;
+}
+
+py::object RequestEncoder::encode(py::handle user, py::handle candidates) const {
+  EncodedBuffers b;
+  encode_into(user, candidates, b);
+  const py::ssize_t n = b.n, Tc = py::ssize_t(b.cand_slots.size());
+  const py::ssize_t Kd = py::ssize_t(dense_.size());
+  py::list seqs(b.seq_lengths.size());
+  for (size_t k = 0, off = 0; k < b.seq_lengths.size(); off += size_t(b.seq_lengths[k]), ++k) {
+    py::array_t<int64_t> a(b.seq_lengths[k]);
+    if (b.seq_lengths[k]) std::memcpy(a.mutable_data(), b.seq_ids.data() + off, size_t(b.seq_lengths[k]) * 8);
+    seqs[k] = a;
   }
   PyObject* out = PyStructSequence_New(encoded_request_type);
   if (!out) throw py::error_already_set();
   PyStructSequence_SetItem(out, 0, py::int_(n).release().ptr());
-  PyStructSequence_SetItem(out, 1, cand_slots.release().ptr());
-  PyStructSequence_SetItem(out, 2, user_ids.release().ptr());
-  PyStructSequence_SetItem(out, 3, cand_ids.release().ptr());
-  PyStructSequence_SetItem(out, 4, dense.release().ptr());
-  PyStructSequence_SetItem(out, 5, dense_cand.release().ptr());
+  PyStructSequence_SetItem(out, 1, to_tuple(b.cand_slots).release().ptr());
+  PyStructSequence_SetItem(out, 2, to_numpy(b.user_ids, {py::ssize_t(b.user_ids.size())}).release().ptr());
+  PyStructSequence_SetItem(out, 3, to_numpy(b.cand_ids, {n, Tc}).release().ptr());
+  PyStructSequence_SetItem(out, 4, to_numpy(b.dense, {py::ssize_t(b.Nd), Kd}).release().ptr());
+  PyStructSequence_SetItem(out, 5, to_tuple(b.dense_cand).release().ptr());
   PyStructSequence_SetItem(out, 6, seqs.release().ptr());
   return py::reinterpret_steal<py::object>(out);
 }
 
 }  // namespace
+
+void encode_request(py::handle encoder, py::handle user, py::handle candidates,
+                    EncodedBuffers& out) {
+  encoder.cast<const RequestEncoder&>().encode_into(user, candidates, out);
+}
 
 void bind_request_encoder(py::module_& m) {
   encoded_request_type = PyStructSequence_NewType(&encoded_desc);

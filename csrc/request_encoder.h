@@ -7,7 +7,25 @@
 // and every request error message.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <vector>
+
 namespace adrec {
+
+// One encoded request (the fields of _C.EncodedRequest, in C++ buffers): n candidates;
+// cand_slots / dense_cand: the bag / dense positions given per candidate, ascending; user_ids
+// [T] (0 at candidate slots); cand_ids [n, Tc]; dense [Nd, Kd] (Nd = 1 unless dense_cand);
+// seq_ids: every history's ids one after the other, seq_lengths [S].
+struct EncodedBuffers {
+  int64_t n = 0, Nd = 1;
+  std::vector<int64_t> cand_slots, dense_cand, user_ids, cand_ids, seq_ids, seq_lengths;
+  std::vector<float> dense;
+};
+
+// Encodes one request with `encoder` (a _C.RequestEncoder) into `out` (its buffers are reused:
+// a caller keeps one per thread). Raises the encoder's Python errors.
+void encode_request(pybind11::handle encoder, pybind11::handle user, pybind11::handle candidates,
+                    EncodedBuffers& out);
 
 // Adds _C.RequestEncoder and _C.EncodedRequest to the module.
 void bind_request_encoder(pybind11::module_& m);

@@ -53,6 +53,7 @@ import warnings
 import numpy as np
 import torch
 
+from .. import _C
 from ..models.checkpoint import load_model, resolve
 from ..models.serving_spec import ServingSpec
 from ..ops import scorer as _op
@@ -314,6 +315,9 @@ class _Version:
                         ebc.weight.copy_(dequantize_rows(st, sb))
             self.model = model
         self.handles: dict = {}  # (cand slots, dense cand) -> its handle (benign race)
+        # score(): encoder and executor in one native call
+        self.front = (_C.ServingFront(self.encoder._impl, self.handle_for)
+                      if self.spec is not None and self.encoder is not None else None)
 
     def packed_for(self, cand_slots, dense_cand=()) -> tuple[torch.Tensor, torch.Tensor]:
         """(meta, blob) of this version packed for one field split."""
@@ -441,15 +445,10 @@ class Scorer:
     def _score(self, v: _Version, user, candidates) -> np.ndarray:
         if v.encoder is None:
             return _score_general(v, user, candidates)
-        r = v.encoder.encode(user, candidates)  # one native call: ids, dense values, checks
-        if v.spec is None:
-            return v.forward_ids(r.user_ids, r.cand_slots, r.cand_ids, r.dense, r.dense_cand,
-                                 r.seqs)
-        h = v.handles.get((r.cand_slots, r.dense_cand))
-        if h is None:
-            h = v.handle_for(r.cand_slots, r.dense_cand)
-        sid, sl = _seq_arrays(r.seqs, len(v.seqs))
-        return h(r.user_ids, r.cand_ids, r.dense, sid, sl)
+        if v.front is not None:  # one native call: encoding, checks, the packed model
+            return v.front.score(user, candidates)
+        r = v.encoder.encode(user, candidates)
+        return v.forward_ids(r.user_ids, r.cand_slots, r.cand_ids, r.dense, r.dense_cand, r.seqs)
 
     # -- the leanest path: id arrays ---------------------------------------------------
     def ids_path(self, cand_fields) -> IdsPath:
