@@ -1,0 +1,360 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Table-wise sharded embeddings, data-parallel towers and per-rank batches.
+
+``ShardedEmbeddingBagCollection`` stands in for an ``EmbeddingBagCollection``: each table lives
+on one rank (``ShardingPlan``). A lookup, on every rank at once:
+
+1. turns its bags' ids into rows of the full layout, de-duplicates them (one request per
+   distinct row, grouped by owner) and checks every id against its table;
+2. exchanges the request counts, then the row ids (``Exchange``, explicit split sizes);
+3. at each owner, looks the requested rows up with the fused ``functional.embedding_bag``
+   (one bag per row, the fused optimizer attached);
+4. sends the rows back; the requester pools its bags from them (sum or mean, per-sample weights)
+   with ``functional.embedding_bag`` over the received rows.
+
+Backward runs the same path in reverse: the requester's gradient of each distinct row, scaled
+like DDP's average (``grad_scale``, 1/world), goes back to the owner, whose fused op sums the
+gradients of a row over all ranks and applies one optimizer step to it: the single-process
+update of the global batch. Only the summation order differs (per rank, then across ranks).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import functional as F
+from ..nn import EmbeddingBagCollection
+from .exchange import Exchange
+from .planner import ShardingPlan, plan_tables
+from .process_group import DistContext
+
+#: ids go over the wire as int32 when every row id of the full layout fits
+_INT32_ROWS = 2**31 - 1
+
+
+class _RowsToRequesters(torch.autograd.Function):
+    """Owner rows [R, D] -> the requesters' rows [U, D]; backward sends each requester's row
+    gradients (times ``grad_scale``) back to the owner, in the order the ids came."""
+
+    @staticmethod
+    def forward(ctx, rows, exchange, to_requesters, from_owners, grad_scale):
+        ctx.exchange = exchange
+        ctx.splits = (to_requesters, from_owners)
+        ctx.grad_scale = grad_scale
+        return exchange.variable(rows.detach(), to_requesters, from_owners, "row")
+
+    @staticmethod
+    def backward(ctx, grad):
+        to_requesters, from_owners = ctx.splits
+        if grad.is_sparse:  # the pooling's gradient holds every received row
+            grad = grad.coalesce().to_dense()
+        if ctx.grad_scale != 1.0:
+            grad = grad * ctx.grad_scale
+        back = ctx.exchange.variable(grad, from_owners, to_requesters, "gradient")
+        return back, None, None, None, None
+
+
+class ShardedEmbeddingBagCollection(nn.Module):
+    """The tables of ``ebc`` sharded table-wise over the ranks of ``ctx`` (see the module
+    docstring). Same call as ``EmbeddingBagCollection``: ``forward(indices, offsets,
+    per_sample_weights=None) -> [B, T*D]`` for this rank's batch, and ``lookup(table_offsets,
+    ...)`` for another layout over the full row space (global row ids as one table); every rank
+    must call it once per step, in the same mode (train or eval).
+
+    ``ebc`` must carry a fused optimizer (row-wise Adagrad or SGD, with its L2 setting): the
+    owners apply it to their rows. Its current weights and optimizer state are copied, so build
+    the model with the same seed on every rank (the start-up check compares it). ``plan``
+    defaults to ``plan_tables`` with equal access; ``exchange`` to a probed ``Exchange``.
+    ``grad_scale`` multiplies the row gradients sent back to the owners (default ``1/world``,
+    DDP's average of per-rank mean losses over equal shares of a batch).
+
+    ``local`` is this rank's shard: an ``EmbeddingBagCollection`` over its tables (None when it
+    owns none). ``gather()`` assembles the full tables; ``unshard_model`` puts a plain
+    collection back.
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, ctx: DistContext,
+                 plan: ShardingPlan | None = None, exchange: Exchange | None = None,
+                 grad_scale: float | None = None):
+        super().__init__()
+        if not isinstance(ebc, EmbeddingBagCollection):
+            raise TypeError("ShardedEmbeddingBagCollection: ebc must be an "
+                            f"adrec_fast.nn.EmbeddingBagCollection, got {type(ebc).__name__}")
+        if ebc.optimizer is None:
+            raise ValueError("ShardedEmbeddingBagCollection: the tables need a fused optimizer "
+                             "(embedding_optimizer 'rowwise_adagrad' or 'sgd'): the owner of a "
+                             "table applies the update; sparse-gradient tables are not sharded")
+        T, D = ebc.num_tables, ebc.embedding_dim
+        if plan is None:
+            plan = plan_tables(ebc.num_embeddings, ctx.world, D)
+        if plan.world != ctx.world or list(plan.rows) != list(ebc.num_embeddings):
+            raise ValueError(f"ShardedEmbeddingBagCollection: the plan is for {plan.world} ranks "
+                             f"and tables {list(plan.rows)}, the run has {ctx.world} ranks and "
+                             f"tables {list(ebc.num_embeddings)}")
+        self.ctx = ctx
+        self.plan = plan
+        self.exchange = exchange if exchange is not None else Exchange(ctx)
+        self.grad_scale = 1.0 / ctx.world if grad_scale is None else float(grad_scale)
+        self.num_embeddings = list(ebc.num_embeddings)
+        self.embedding_dim = D
+        self.pooling = ebc.pooling
+        self.optimizer = ebc.optimizer  # shared with the shard: a trainer's lr reaches it
+        self.l2, self.l2_mode = ebc.l2, ebc.l2_mode
+        full = ebc.table_offsets.to(ctx.device)  # [T+1]
+        self.register_buffer("table_offsets", full.clone(), persistent=False)
+        self.register_buffer("table_rows", (full[1:] - full[:-1]).clone(), persistent=False)
+        self.register_buffer("table_owner", torch.tensor(plan.owner, dtype=torch.long,
+                                                         device=ctx.device), persistent=False)
+        mine = plan.tables_of(ctx.rank)
+        # local row = global row + shift[table] for the tables this rank owns
+        shift = torch.zeros(T, dtype=torch.long)
+        start = 0
+        for t in mine:
+            shift[t] = start - int(full[t])
+            start += self.num_embeddings[t]
+        self.register_buffer("row_shift", shift.to(ctx.device), persistent=False)
+        self.register_buffer("local_one_table", torch.tensor([0, start], dtype=torch.long,
+                                                             device=ctx.device), persistent=False)
+        self.id_dtype = torch.int32 if int(full[-1]) <= _INT32_ROWS else torch.int64
+        self.local = None
+        if mine:
+            ebc.flush_l2()
+            # the shard's own random init is overwritten at once: keep the global RNG where the
+            # caller left it, so the rest of the run draws what a single process draws
+            with torch.random.fork_rng(devices=[]):
+                local = EmbeddingBagCollection(
+                    [self.num_embeddings[t] for t in mine], D, pooling="sum",
+                    optimizer=ebc.optimizer, dtype=ebc.weight.dtype, device=ctx.device,
+                    l2=ebc.l2, l2_mode=ebc.l2_mode)
+            with torch.no_grad():
+                for t in mine:
+                    lo, hi = int(full[t]), int(full[t + 1])
+                    local.weight[lo + int(shift[t]):hi + int(shift[t])] = ebc.weight[lo:hi]
+                    if ebc.state.numel():
+                        local.state[lo + int(shift[t]):hi + int(shift[t])] = ebc.state[lo:hi]
+            self.local = local
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.num_embeddings)
+
+    @property
+    def weight(self):
+        raise RuntimeError("ShardedEmbeddingBagCollection: the tables are sharded over "
+                           f"{self.ctx.world} ranks; gather them first (gather() or "
+                           "adrec_fast.distributed.unshard_model) to read, save or serve them")
+
+    def forward(self, indices: Tensor, offsets: Tensor,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        return self.lookup(self.table_offsets, indices, offsets, per_sample_weights)
+
+    def _global_rows(self, table_offsets: Tensor, indices: Tensor, offsets: Tensor) -> Tensor:
+        """[nnz] row of the full layout of every id, each id checked against its table (an id
+        past its table's end would otherwise read the next table, on another rank)."""
+        Tq = table_offsets.numel() - 1
+        if Tq < 1:
+            raise ValueError("sharded embedding_bag: table_offsets needs at least 2 entries")
+        if offsets.dim() != 1 or (offsets.numel() - 1) % Tq:
+            raise ValueError(f"sharded embedding_bag: offsets has {offsets.numel()} entries, "
+                             f"expected T*B+1 with T={Tq}")
+        nnz = indices.numel()
+        if indices.dim() != 1 or int(offsets[-1]) != nnz or int(offsets[0]) != 0:
+            raise ValueError(f"sharded embedding_bag: offsets must run from 0 to nnz={nnz}, got "
+                             f"{int(offsets[0])}..{int(offsets[-1])}")
+        if int(table_offsets[-1]) > int(self.table_offsets[-1]):
+            raise ValueError(f"sharded embedding_bag: the layout reaches row "
+                             f"{int(table_offsets[-1])}, the tables hold "
+                             f"{int(self.table_offsets[-1])}")
+        B = (offsets.numel() - 1) // Tq
+        bounds = offsets[torch.arange(Tq + 1, device=offsets.device) * B].long()  # [Tq+1]
+        per_table = bounds[1:] - bounds[:-1]
+        if bool((per_table < 0).any()):
+            raise ValueError("sharded embedding_bag: offsets must be non-decreasing")
+        table = torch.repeat_interleave(torch.arange(Tq, device=indices.device), per_table,
+                                        output_size=nnz)  # [nnz]
+        idx = indices.long()
+        size = (table_offsets[1:] - table_offsets[:-1]).long()  # [Tq]
+        bad = (idx < 0) | (idx >= size[table])
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0, 0])
+            t = int(table[k])
+            raise IndexError(f"sharded embedding_bag: index {int(idx[k])} at position {k} is "
+                             f"outside table {t} ({int(size[t])} rows)")
+        return idx + table_offsets.long()[table]
+
+    def lookup(self, table_offsets: Tensor, indices: Tensor, offsets: Tensor,
+               per_sample_weights: Tensor | None = None) -> Tensor:
+        """``EmbeddingBagCollection.lookup`` over the sharded tables (a collective)."""
+        ctx, ex, D = self.ctx, self.exchange, self.embedding_dim
+        Tq = table_offsets.numel() - 1
+        rows = self._global_rows(table_offsets, indices, offsets)  # [nnz] full-layout rows
+        N = int(self.table_offsets[-1])
+        # the table of each row, then (owner, row) as one sort key: unique() de-duplicates and
+        # groups the requests by owner in one pass
+        table = torch.searchsorted(self.table_offsets[1:], rows, right=True)  # [nnz]
+        key = self.table_owner[table] * N + rows
+        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)  # [U], [nnz]
+        send_counts = torch.bincount(uniq // N, minlength=ctx.world)  # [world]
+        recv_counts = ex.counts(send_counts)  # [world]
+        to_owners, from_requesters = send_counts.tolist(), recv_counts.tolist()
+        wanted = ex.variable((uniq % N).to(self.id_dtype), to_owners, from_requesters, "id")
+        wanted = wanted.long()  # [R] rows of my tables, requester by requester
+        train = self.training and torch.is_grad_enabled()
+        if self.local is not None:
+            local_rows = wanted + self.row_shift[torch.searchsorted(
+                self.table_offsets[1:], wanted, right=True)]  # [R]
+            ones = torch.arange(local_rows.numel() + 1, device=local_rows.device)  # bags of 1
+            owned = self.local.lookup(self.local_one_table, local_rows, ones)  # [R, D]
+        else:
+            owned = torch.zeros(0, D, device=ctx.device, requires_grad=train)
+        got = _RowsToRequesters.apply(owned, ex, from_requesters, to_owners,
+                                      self.grad_scale)  # [U, D]
+        U = uniq.numel()
+        pooled = F.embedding_bag(got, torch.tensor([0, U], device=got.device), inverse,
+                                 offsets, per_sample_weights, self.pooling)  # [Tq*B, D]
+        B = (offsets.numel() - 1) // Tq
+        if Tq == 1:
+            return pooled
+        return pooled.view(Tq, B, D).transpose(0, 1).reshape(B, Tq * D)
+
+    @torch.no_grad()
+    def gather(self) -> tuple[Tensor, Tensor]:
+        """(weight [N_total, D], state [N_total] or [0]) of the full tables, on every rank (a
+        collective: each owner broadcasts its shard)."""
+        ctx, D = self.ctx, self.embedding_dim
+        full = self.table_offsets
+        N = int(full[-1])
+        adagrad = self.optimizer.name == "rowwise_adagrad"
+        weight = torch.empty(N, D, device=ctx.device)
+        state = torch.zeros(N if adagrad else 0, device=ctx.device)
+        if self.local is not None:
+            self.local.flush_l2()
+        with ctx.guard("gathering the embedding tables"):
+            for r in range(ctx.world):
+                tables = self.plan.tables_of(r)
+                n = sum(self.num_embeddings[t] for t in tables)
+                if not n:
+                    continue
+                if r == ctx.rank:
+                    w, s = self.local.weight.contiguous(), self.local.state.contiguous()
+                else:
+                    w = torch.empty(n, D, device=ctx.device)
+                    s = torch.empty(n if adagrad else 0, device=ctx.device)
+                dist.broadcast(w, src=r, group=ctx.emb_group)
+                if adagrad:
+                    dist.broadcast(s, src=r, group=ctx.emb_group)
+                start = 0
+                for t in tables:
+                    lo, hi = int(full[t]), int(full[t + 1])
+                    weight[lo:hi] = w[start:start + hi - lo]
+                    if adagrad:
+                        state[lo:hi] = s[start:start + hi - lo]
+                    start += hi - lo
+        return weight, state
+
+    def extra_repr(self) -> str:
+        mine = self.plan.tables_of(self.ctx.rank)
+        return (f"tables={self.num_tables}, rank={self.ctx.rank}/{self.ctx.world}, "
+                f"local_tables={mine}, dim={self.embedding_dim}, pooling={self.pooling!r}, "
+                f"exchange={self.exchange.mode}")
+
+
+def _replace(model: nn.Module, kind: type, make) -> list[tuple[str, nn.Module]]:
+    """Swap every submodule of type ``kind`` for ``make(name, module)``; returns the new ones."""
+    done = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, kind):
+            parent_name, _, attr = name.rpartition(".")
+            if not attr:
+                raise ValueError("shard_model: pass the model, not a table collection itself")
+            new = make(name, mod)
+            setattr(model.get_submodule(parent_name), attr, new)
+            done.append((name, new))
+    return done
+
+
+def shard_model(model: nn.Module, ctx: DistContext, exchange: Exchange | None = None,
+                access: dict[str, list[float]] | None = None,
+                ) -> dict[str, ShardedEmbeddingBagCollection]:
+    """Replace every ``EmbeddingBagCollection`` of ``model`` (``lookup.ebc``, ``linear.ebc``,
+    ...) by a ``ShardedEmbeddingBagCollection``, in place; the dense layers are untouched.
+    ``access`` maps a collection's module path to its ids per step per table (planner input).
+    All collections share one ``exchange`` (probed once). Returns path -> sharded collection.
+    """
+    exchange = exchange if exchange is not None else Exchange(ctx)
+    access = access or {}
+
+    def make(name, ebc):
+        plan = plan_tables(ebc.num_embeddings, ctx.world, ebc.embedding_dim, access.get(name))
+        return ShardedEmbeddingBagCollection(ebc, ctx, plan, exchange)
+
+    done = _replace(model, EmbeddingBagCollection, make)
+    if not done:
+        raise ValueError("shard_model: the model has no EmbeddingBagCollection to shard")
+    return dict(done)
+
+
+@torch.no_grad()
+def unshard_model(model: nn.Module) -> nn.Module:
+    """Put a plain ``EmbeddingBagCollection`` with the gathered full tables (and optimizer
+    state) back in place of every sharded one, on every rank (a collective); the model then
+    runs, saves and serves as a single-process one."""
+
+    def make(name, sharded):
+        weight, state = sharded.gather()
+        with torch.random.fork_rng(devices=[]):
+            ebc = EmbeddingBagCollection(sharded.num_embeddings, sharded.embedding_dim,
+                                         pooling=sharded.pooling, optimizer=sharded.optimizer,
+                                         dtype=weight.dtype, device=weight.device,
+                                         l2=sharded.l2, l2_mode=sharded.l2_mode)
+        ebc.weight.copy_(weight)
+        ebc.state.copy_(state)
+        ebc.train(sharded.training)
+        return ebc
+
+    _replace(model, ShardedEmbeddingBagCollection, make)
+    return model
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext, **ddp_kwargs) -> DistributedDataParallel:
+    """``model`` (already sharded) under DDP on ``ctx.group``: the dense parameters are
+    broadcast from rank 0 once and their gradients averaged every step; the sharded tables and
+    their buffers are left out (each rank holds different ones). Buffers are not broadcast per
+    step (``forward_sync_buffers=False``): batch-norm statistics stay per rank."""
+    ignore = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, ShardedEmbeddingBagCollection):
+            ignore += [f"{name}.{b}" for b, _ in mod.named_buffers()]
+            ignore += [f"{name}.{p}" for p, _ in mod.named_parameters()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        ddp_kwargs.setdefault("forward_sync_buffers", False)
+    else:  # torch before the option's rename
+        ddp_kwargs.setdefault("broadcast_buffers", False)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    with ctx.guard("setting up DDP"):
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=ctx.group,
+                                       **ddp_kwargs)
+
+
+def local_rows(batch_size: int, ctx: DistContext) -> slice:
+    """The rows of a global batch of ``batch_size`` rows that this rank trains on: a contiguous
+    share of ``batch_size / world`` rows (rank order = row order, so each table's gradients meet
+    in the order a single process sums them). The batch must divide evenly: DDP averages the
+    ranks' mean losses, which is the batch's mean loss only for equal shares."""
+    if batch_size % ctx.world:
+        raise ValueError(f"distributed run: the global batch of {batch_size} rows does not split "
+                         f"evenly over {ctx.world} ranks (use a multiple of {ctx.world}, or "
+                         "drop the last partial batch)")
+    n = batch_size // ctx.world
+    return slice(ctx.rank * n, (ctx.rank + 1) * n)
+
+
+def local_batch(batch, ctx: DistContext):
+    """This rank's rows of a global ``Batch`` (see ``local_rows``)."""
+    s = local_rows(batch.batch_size, ctx)
+    return batch.slice(s.start, s.stop)
