@@ -114,9 +114,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
            activation: str = "none") -> Tensor:
     """Dense layer. x [M, K], weight [N, K], bias [N] or None -> [M, N]:
     ``act(x @ weight.T + bias)`` with ``activation`` ``"none"`` or ``"relu"`` (fused into the
-    product). Every dense product of the models, the cross layer and the Scorer follows this
-    op's choice of engine (oneDNN from 32 rows, a small-batch kernel below, ATen otherwise;
-    ``ADREC_DENSE=aten`` forces ATen). Under ``torch.autocast`` the operands are cast to the
+    product). Every dense product of the models and the cross layer follows this op's choice
+    of engine (a small-batch kernel below 32 rows, a matrix-vector product for one output,
+    oneDNN otherwise, ATen where oneDNN cannot; ``ADREC_DENSE=aten`` forces ATen); the
+    Scorer's pre-blocked layers run the same file's blocked kernels. Under ``torch.autocast`` the operands are cast to the
     autocast dtype, as for ``torch.nn.functional.linear``. Deterministic for a fixed thread
     count."""
     return _linear.linear(x, weight, bias, activation)

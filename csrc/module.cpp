@@ -295,27 +295,6 @@ PYBIND11_MODULE(_C, m) {
       if (i == bad) throw std::runtime_error("task " + std::to_string(i) + " failed");
     });
   });
-  // parallel_team(T) whose threads meet at a barrier (given up after 10 s) -> (team size each
-  // thread saw, whether every thread reached the barrier in time).
-  m.def("_pool_team", [](int64_t threads) {
-    std::atomic<int64_t> arrived{0}, size{-1};
-    std::atomic<bool> ok{true};
-    {
-      py::gil_scoped_release nogil;
-      adrec::parallel_team(threads, [&](int64_t, int64_t T) {
-        size.store(T);
-        arrived.fetch_add(1);
-        const auto t0 = std::chrono::steady_clock::now();
-        while (arrived.load() < T) {
-          if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(10)) {
-            ok.store(false);
-            break;
-          }
-        }
-      });
-    }
-    return py::make_tuple(size.load(), ok.load() && arrived.load() == size.load());
-  });
   // Tests only: lowers a threshold so that a small input reaches the path it guards
   // (stream_out_bytes, direct_min_bytes: bytes, 0 = never; pool_spin_us: microseconds).
   m.def("_set_tuning", [](py::kwargs kw) {

@@ -168,15 +168,3 @@ def test_an_exception_in_a_task_reaches_the_caller(threads):
     finally:
         torch.set_num_threads(prev)
 
-
-def test_a_team_runs_its_threads_at_once():
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert _C._pool_team(2) == (2, True)
-        assert _C._pool_team(1) == (1, True)
-        assert _C._pool_team(3) == (1, True)  # more than the pool may use: the caller alone
-        torch.set_num_threads(3)
-        assert _C._pool_team(3) == (3, True)
-    finally:
-        torch.set_num_threads(prev)

@@ -145,10 +145,9 @@ class DCNv2(CTRModel):
                 hd = run_mlp(self.deep, x0)  # [B, H]
                 head = self.head.head
                 # head on [cross, deep] without materialising the concatenation
-                w_c = head.weight[: self.k]
-                dt = xc.dtype
-                logit = torch.addmv(torch.addmv(head.bias.to(dt), hd, head.weight[self.k:].to(dt)),
-                                    xc, w_c.to(dt))  # [B]
+                w = head.weight.view(1, -1)
+                logit = (F.linear(hd, w[:, self.k:], head.bias.view(1))
+                         + F.linear(xc, w[:, : self.k])).view(-1)  # [B]
             else:
                 logit = self.head(run_mlp(self.deep, xc))  # [B]
         logit = logit.float()

@@ -89,7 +89,7 @@ class SigmoidBCEHead(nn.Module):
             self.weight.uniform_(-bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ self.weight + self.bias
+        return F.linear(x, self.weight.view(1, -1), self.bias.view(1)).view(-1)  # [B]
 
     @staticmethod
     def loss(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -43,23 +43,15 @@ class WorkPool {
 
   // Runs call(ctx, i) for every i in [0, n), each exactly once; rethrows the first exception a
   // task threw, after every task has finished.
-  //
-  // team: the n tasks run at the same time, one per thread (tasks that wait for each other at
-  // barriers); where the pool cannot give n threads (n above at::get_num_threads(), a busy pool,
-  // a call from inside a task) it runs call(ctx, -1) once instead: the caller alone.
-  void run(int64_t n, Task call, void* ctx, bool team = false) {
+  void run(int64_t n, Task call, void* ctx) {
     if (n <= 0) return;
     const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-    const bool alone = threads <= 1 || (team && threads < n) || in_task() || n > INT32_MAX ||
+    const bool alone = threads <= 1 || in_task() || n > INT32_MAX ||
                        getpid() != pid_ || at::in_parallel_region();
     std::unique_lock<std::mutex> job_lock;
     if (!alone) job_lock = std::unique_lock<std::mutex>(job_mutex_, std::try_to_lock);
     if (alone || !job_lock.owns_lock()) {
-      if (team) {
-        call(ctx, -1);
-      } else {
-        for (int64_t i = 0; i < n; ++i) call(ctx, i);
-      }
+      for (int64_t i = 0; i < n; ++i) call(ctx, i);
       return;
     }
     {
@@ -78,7 +70,6 @@ class WorkPool {
     for (int k = 0; s.active.load() != 0; ++k) relax(k);
     s.n = n;
     s.helpers = threads - 1;
-    s.team = team;
     s.call = call;
     s.ctx = ctx;
     s.error = nullptr;
@@ -120,7 +111,6 @@ class WorkPool {
     std::atomic<bool> failed{false};
     std::exception_ptr error;  // written by the thread that set failed
     int64_t n = 0, helpers = 0;
-    bool team = false;  // each thread takes at most one item
     Task call = nullptr;
     void* ctx = nullptr;
   };
@@ -170,10 +160,10 @@ class WorkPool {
     last = ru.ru_nivcsw;
   }
 
-  // Claims and runs items of `s` until none is left (one item for a team).
+  // Claims and runs items of `s` until none is left.
   void work(Slot& s) {
     for (int64_t i = s.next.fetch_add(1, std::memory_order_relaxed); i < s.n;
-         i = s.team ? s.n : s.next.fetch_add(1, std::memory_order_relaxed)) {
+         i = s.next.fetch_add(1, std::memory_order_relaxed)) {
       try {
         s.call(s.ctx, i);
       } catch (...) {
@@ -249,24 +239,6 @@ void parallel_items(int64_t n, const F& f) {
   WorkPool::get().run(
       n, [](void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); },
       const_cast<void*>(static_cast<const void*>(&f)));
-}
-
-// f(tid, T) on T threads at once, the caller among them, for kernels whose threads wait for each
-// other (barriers); T is `threads`, or 1 where the pool cannot give that many (see run()).
-template <typename F>
-void parallel_team(int64_t threads, const F& f) {
-  struct Ctx {
-    const F* f;
-    int64_t T;
-  } ctx{&f, threads};
-  WorkPool::get().run(
-      threads,
-      [](void* c, int64_t i) {
-        const Ctx& x = *static_cast<const Ctx*>(c);
-        if (i < 0) (*x.f)(int64_t(0), int64_t(1));
-        else (*x.f)(i, x.T);
-      },
-      &ctx, /*team=*/true);
 }
 
 // f(b0, b1) over sub-ranges that cover [begin, end), on the pool (the signature of

@@ -204,6 +204,14 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& w,
   TORCH_CHECK_VALUE(!b_.has_value() || (b_->dim() == 1 && b_->size(0) == w.size(0)), kOp,
                     ": bias must be [N] = [", w.size(0), "], got ", b_->sizes());
   if (small_ok(x_, w, b_)) return small_linear(x_, w, b_, relu);
+  // One output (a model's head): a matrix-vector product. oneDNN's GEMM takes milliseconds
+  // here (bench/RESULTS.md, "Dense products with one output"), BLAS's gemv runs at memory speed.
+  if (w.size(0) == 1 && x_.scalar_type() == w.scalar_type() && x_.size(1) > 0) {
+    auto y = at::mv(x_, w[0]);  // [M]
+    if (b_.has_value()) y.add_(*b_);
+    if (relu) y.relu_();
+    return y.unsqueeze(1);
+  }
   // Serving's bf16 towers: float32 activations and biases meet bfloat16 weights; the product
   // runs in bfloat16 (float32 accumulation) and its result stays bfloat16 for the next layer.
   const bool bf16_w = w.scalar_type() == at::kBFloat16;
@@ -256,6 +264,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   }
   const int64_t M = g.size(0), N = g.size(1), K = x.size(1);
   at::Tensor gx, gw, gb;
+  if (N == 1 && K > 0 && x.scalar_type() == w.scalar_type()) {  // one output, as the forward
+    const auto g1 = g.select(1, 0);  // [M]
+    gx = mask[0] ? at::outer(g1, w[0]) : at::empty({0}, x.options());  // [M, K]
+    gw = mask[1] ? at::mv(x.t(), g1).unsqueeze(0) : at::empty({0}, w.options());  // [1, K]
+    gb = mask[2] ? g.sum(0) : at::empty({0}, g.options());
+    return {gx, gw, gb};
+  }
   gx = mask[0] ? matmul_t(g, w.t()) : at::empty({0}, x.options());  // [M, K] = g @ w
   if (mask[1]) {
     // [N, K] = g.T @ x. Decided on the batch M, the product's inner width. oneDNN's first

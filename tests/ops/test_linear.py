@@ -18,7 +18,8 @@ from ..conftest import assert_close_verbose, assert_no_worse_than_torch, rerun_i
 # (M, K, N): one row; the small-batch kernel (M < 32) with K tails; the oneDNN row minimum and
 # one below it; odd widths; the DLRM top / DCN-v2 widths (K not a multiple of 16)
 SHAPES = [(1, 1, 1), (1, 17, 33), (5, 13, 512), (31, 33, 17), (32, 33, 17), (67, 432, 64),
-          (64, 367, 40), (40, 429, 429)]
+          (64, 367, 40), (40, 429, 429),
+          (5, 33, 1), (32, 33, 1), (96, 257, 1)]  # one output (a head): the mv rule
 
 
 def _inputs(M, K, N, dtype, bias=True):
