@@ -301,6 +301,20 @@ struct Arena {
     return reinterpret_cast<T*>(p);
   }
 };
+// The buffers of a block of candidate rows: the inputs zv [rows][Kvp] and x0 [rows][Kxp], the
+// cross state (ping, pong), the MLP activations (ping, pong) [rows][W], the cross product and
+// the scalar terms.
+struct RowBufs {
+  float *zv, *x0, *xa, *xc, *h0, *h1, *yc, *side;
+  void take(Arena& A, int64_t rows, int64_t Kvp, int64_t Kxp, int64_t W, bool cross) {
+    const int64_t kx = cross ? rows * Kxp : 0;
+    zv = A.take<float>(rows * Kvp);
+    x0 = A.take<float>(kx), xa = A.take<float>(kx), xc = A.take<float>(kx);
+    h0 = A.take<float>(rows * W), h1 = A.take<float>(rows * W);
+    yc = A.take<float>(cross ? rows * W : 0);
+    side = A.take<float>(rows);
+  }
+};
 thread_local Arena t_request;  // the calling thread's per-request buffers (shared with its team)
 thread_local Arena t_private;  // every team thread's own buffers
 
@@ -555,14 +569,8 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
   float* s1 = A.take<float>(W);
   float* u[2] = {nullptr, nullptr};
   for (int64_t j = 0; j < P.nf; ++j) u[j] = A.take<float>(P.L[P.nb + j].Ob * 16);
-  float* zv = A.take<float>(nl * Kvp);  // layer split: [N, Kvp], [N, Kxp] x3, [N, W] x3, ...
-  float* x0 = A.take<float>(P.ncross ? nl * Kxp : 0);
-  float* xa = A.take<float>(P.ncross ? nl * Kxp : 0);
-  float* xc = A.take<float>(P.ncross ? nl * Kxp : 0);
-  float* h0 = A.take<float>(nl * W);
-  float* h1 = A.take<float>(nl * W);
-  float* yt = A.take<float>(P.ncross ? nl * W : 0);
-  float* side = A.take<float>(nl);
+  RowBufs L;  // the layer split's rows, shared by the team
+  L.take(A, nl, Kvp, Kxp, W, P.ncross > 0);
   TeamBarrier* bar = new (A.take<TeamBarrier>(1)) TeamBarrier();
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -671,10 +679,11 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
     }
 
     // ---- stage B: the candidates
-    // the tower on M rows: zv/x0 inputs, outputs [ob range per layer] (all blocks when
-    // `whole`), cross state in xs ping-pong, MLP in hp ping-pong; returns the logit column
-    auto tower = [&](int64_t M, bool whole, const float* z, float* x0r, float* xs0, float* xs1,
-                     float* hp0, float* hp1, float* yc, float* sidev, float* outv) {
+    // the tower on M rows of inputs z / x0r and scalar terms sidev, in the buffers of B; each
+    // layer's output blocks are this thread's share (all of them when `whole`)
+    auto tower = [&](int64_t M, bool whole, const float* z, const float* x0r,
+                     const float* sidev, const RowBufs& B, float* outv) {
+      float *xs0 = B.xa, *xs1 = B.xc, *hp0 = B.h0, *hp1 = B.h1, *yc = B.yc;
       const float* prevh = nullptr;
       const float* xcur = x0r;  // cross state
       for (int64_t l = 0; l < P.lt; ++l) {
@@ -741,40 +750,34 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
         const auto r = split(N);
         for (int64_t m = r.first; m < r.second; ++m) out[m] = sigmoidf(ps[m]);
       } else {
-        tower(N, false, pz, px, xa, xc, h0, h1, yt, ps, out);
+        tower(N, false, pz, px, ps, L, out);
       }
     } else if (!row_split) {
       const auto r = split(N);
       const float* db = bottom_rows(r.first, r.second - r.first);
       candidate_rows(P, rr, lin, cid, dense, Nd, r.first, r.second - r.first, U, db, W,
-                     zv + r.first * Kvp, Kvp, P.ncross ? x0 + r.first * Kxp : nullptr, Kxp,
-                     side + r.first);
+                     L.zv + r.first * Kvp, Kvp, P.ncross ? L.x0 + r.first * Kxp : nullptr, Kxp,
+                     L.side + r.first);
       if (P.lt == 0) {
-        for (int64_t m = r.first; m < r.second; ++m) out[m] = sigmoidf(side[m]);
+        for (int64_t m = r.first; m < r.second; ++m) out[m] = sigmoidf(L.side[m]);
       } else {
         barrier(&P.tower(0));
-        tower(N, false, zv, x0, xa, xc, h0, h1, yt, side, out);
+        tower(N, false, L.zv, L.x0, L.side, L, out);
       }
     } else {
       barrier(nullptr);  // every u_j complete
-      float* tz = PA.take<float>(kTile * Kvp);
-      float* tx0 = PA.take<float>(P.ncross ? kTile * Kxp : 0);
-      float* txa = PA.take<float>(P.ncross ? kTile * Kxp : 0);
-      float* txc = PA.take<float>(P.ncross ? kTile * Kxp : 0);
-      float* th0 = PA.take<float>(kTile * W);
-      float* th1 = PA.take<float>(kTile * W);
-      float* tyc = PA.take<float>(P.ncross ? kTile * W : 0);
-      float* tside = PA.take<float>(kTile);
+      RowBufs Tb;  // this thread's tile
+      Tb.take(PA, kTile, Kvp, Kxp, W, P.ncross > 0);
       const auto r = split(N);
       for (int64_t m0 = r.first; m0 < r.second; m0 += kTile) {
         const int64_t M = std::min(kTile, r.second - m0);
         const float* db = bottom_rows(m0, M);
-        candidate_rows(P, rr, lin, cid, dense, Nd, m0, M, U, db, W, tz, Kvp,
-                       P.ncross ? tx0 : nullptr, Kxp, tside);
+        candidate_rows(P, rr, lin, cid, dense, Nd, m0, M, U, db, W, Tb.zv, Kvp,
+                       P.ncross ? Tb.x0 : nullptr, Kxp, Tb.side);
         if (P.lt == 0) {
-          for (int64_t m = 0; m < M; ++m) out[m0 + m] = sigmoidf(tside[m]);
+          for (int64_t m = 0; m < M; ++m) out[m0 + m] = sigmoidf(Tb.side[m]);
         } else {
-          tower(M, true, tz, tx0, txa, txc, th0, th1, tyc, tside, out + m0);
+          tower(M, true, Tb.zv, Tb.x0, Tb.side, Tb, out + m0);
         }
       }
     }
