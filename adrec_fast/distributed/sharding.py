@@ -50,12 +50,39 @@ class _RowsToRequesters(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         to_requesters, from_owners = ctx.splits
-        if grad.is_sparse:  # the pooling's gradient holds every received row
-            grad = grad.coalesce().to_dense()
-        if ctx.grad_scale != 1.0:
+        if grad.is_sparse:  # from the ragged pooling (functional.embedding_bag)
+            U = sum(from_owners)
+            if grad._nnz() == U:
+                # every received row is in some bag, so U entries name each row once: a copy,
+                # no coalescing sort
+                grad = grad._values().new_zeros(U, grad.shape[1]).index_copy_(
+                    0, grad._indices()[0], grad._values())
+            else:
+                grad = grad.coalesce().to_dense()
+            if ctx.grad_scale != 1.0:
+                grad.mul_(ctx.grad_scale)
+        elif ctx.grad_scale != 1.0:
             grad = grad * ctx.grad_scale
         back = ctx.exchange.variable(grad, from_owners, to_requesters, "gradient")
         return back, None, None, None, None
+
+
+class _PickRows(torch.autograd.Function):
+    """rows [U, D], index [K] -> rows[index] [K, D]; the backward sums the gradients of a row's
+    repeats serially, in the order of ``index`` (an accumulating index_put: deterministic, and
+    cheaper on the CPU than the scatter_add autograd uses for index_select)."""
+
+    @staticmethod
+    def forward(ctx, rows, index):
+        ctx.save_for_backward(index)
+        ctx.num_rows = rows.shape[0]
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.num_rows, grad.shape[1])
+        return out.index_put_((index,), grad, accumulate=True), None
 
 
 class ShardedEmbeddingBagCollection(nn.Module):
@@ -110,15 +137,17 @@ class ShardedEmbeddingBagCollection(nn.Module):
         self.register_buffer("table_owner", torch.tensor(plan.owner, dtype=torch.long,
                                                          device=ctx.device), persistent=False)
         mine = plan.tables_of(ctx.rank)
-        # local row = global row + shift[table] for the tables this rank owns
+        # row in its owner's shard = full-layout row + shift[table]: every owner stacks its
+        # tables in table order, so a requester can name the owner's own rows
         shift = torch.zeros(T, dtype=torch.long)
-        start = 0
-        for t in mine:
-            shift[t] = start - int(full[t])
-            start += self.num_embeddings[t]
+        starts = [0] * ctx.world
+        for t in range(T):
+            shift[t] = starts[plan.owner[t]] - int(full[t])
+            starts[plan.owner[t]] += self.num_embeddings[t]
         self.register_buffer("row_shift", shift.to(ctx.device), persistent=False)
-        self.register_buffer("local_one_table", torch.tensor([0, start], dtype=torch.long,
-                                                             device=ctx.device), persistent=False)
+        self.register_buffer("local_one_table", torch.tensor([0, starts[ctx.rank]],
+                                                             dtype=torch.long, device=ctx.device),
+                             persistent=False)
         self.id_dtype = torch.int32 if int(full[-1]) <= _INT32_ROWS else torch.int64
         self.local = None
         if mine:
@@ -152,9 +181,11 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 per_sample_weights: Tensor | None = None) -> Tensor:
         return self.lookup(self.table_offsets, indices, offsets, per_sample_weights)
 
-    def _global_rows(self, table_offsets: Tensor, indices: Tensor, offsets: Tensor) -> Tensor:
-        """[nnz] row of the full layout of every id, each id checked against its table (an id
-        past its table's end would otherwise read the next table, on another rank)."""
+    def _global_rows(self, table_offsets: Tensor, indices: Tensor,
+                     offsets: Tensor) -> tuple[Tensor, Tensor]:
+        """([nnz] row of the full layout, [nnz] table of ``table_offsets``) of every id, each
+        id checked against its table (an id past its table's end would otherwise read the next
+        table, on another rank)."""
         Tq = table_offsets.numel() - 1
         if Tq < 1:
             raise ValueError("sharded embedding_bag: table_offsets needs at least 2 entries")
@@ -184,39 +215,51 @@ class ShardedEmbeddingBagCollection(nn.Module):
             t = int(table[k])
             raise IndexError(f"sharded embedding_bag: index {int(idx[k])} at position {k} is "
                              f"outside table {t} ({int(size[t])} rows)")
-        return idx + table_offsets.long()[table]
+        return idx + table_offsets.long()[table], table
 
     def lookup(self, table_offsets: Tensor, indices: Tensor, offsets: Tensor,
                per_sample_weights: Tensor | None = None) -> Tensor:
         """``EmbeddingBagCollection.lookup`` over the sharded tables (a collective)."""
         ctx, ex, D = self.ctx, self.exchange, self.embedding_dim
         Tq = table_offsets.numel() - 1
-        rows = self._global_rows(table_offsets, indices, offsets)  # [nnz] full-layout rows
+        rows, table = self._global_rows(table_offsets, indices, offsets)  # [nnz], [nnz]
+        if table_offsets is not self.table_offsets and not torch.equal(table_offsets,
+                                                                       self.table_offsets):
+            table = torch.searchsorted(self.table_offsets[1:], rows, right=True)  # full layout
         N = int(self.table_offsets[-1])
-        # the table of each row, then (owner, row) as one sort key: unique() de-duplicates and
-        # groups the requests by owner in one pass
-        table = torch.searchsorted(self.table_offsets[1:], rows, right=True)  # [nnz]
-        key = self.table_owner[table] * N + rows
+        # (owner, row in the owner's shard) as one sort key: unique() de-duplicates and groups
+        # the requests by owner in one pass
+        key = self.table_owner[table] * N + (rows + self.row_shift[table])  # [nnz]
         uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)  # [U], [nnz]
         send_counts = torch.bincount(uniq // N, minlength=ctx.world)  # [world]
         recv_counts = ex.counts(send_counts)  # [world]
         to_owners, from_requesters = send_counts.tolist(), recv_counts.tolist()
         wanted = ex.variable((uniq % N).to(self.id_dtype), to_owners, from_requesters, "id")
-        wanted = wanted.long()  # [R] rows of my tables, requester by requester
         train = self.training and torch.is_grad_enabled()
         if self.local is not None:
-            local_rows = wanted + self.row_shift[torch.searchsorted(
-                self.table_offsets[1:], wanted, right=True)]  # [R]
-            ones = torch.arange(local_rows.numel() + 1, device=local_rows.device)  # bags of 1
-            owned = self.local.lookup(self.local_one_table, local_rows, ones)  # [R, D]
+            wanted = wanted.long()  # [R] rows of my shard, requester by requester
+            ones = torch.arange(wanted.numel() + 1, device=wanted.device)  # bags of one row
+            owned = self.local.lookup(self.local_one_table, wanted, ones)  # [R, D]
         else:
             owned = torch.zeros(0, D, device=ctx.device, requires_grad=train)
         got = _RowsToRequesters.apply(owned, ex, from_requesters, to_owners,
                                       self.grad_scale)  # [U, D]
+        B = (offsets.numel() - 1) // Tq
+        nnz = inverse.numel()
+        if nnz == Tq * B and torch.equal(offsets, torch.arange(nnz + 1, dtype=offsets.dtype,
+                                                               device=offsets.device)):
+            # one id per bag (categorical fields): pooling is picking the row; pick them in
+            # batch-major order, so [B*Tq, D] is already the [B, Tq*D] output (a row's repeats
+            # are then summed in batch order, as the fused op sums them)
+            order = inverse.view(Tq, B).t().reshape(-1)  # [B*Tq]
+            pooled = _PickRows.apply(got, order)  # [B*Tq, D]
+            if per_sample_weights is not None:
+                w = per_sample_weights.view(Tq, B).t().reshape(-1, 1).to(pooled.dtype)
+                pooled = pooled * w
+            return pooled.view(B, Tq * D)
         U = uniq.numel()
         pooled = F.embedding_bag(got, torch.tensor([0, U], device=got.device), inverse,
                                  offsets, per_sample_weights, self.pooling)  # [Tq*B, D]
-        B = (offsets.numel() - 1) // Tq
         if Tq == 1:
             return pooled
         return pooled.view(Tq, B, D).transpose(0, 1).reshape(B, Tq * D)

@@ -3,8 +3,8 @@
 torchrun sets it), and the training loop the single-process reference shares with it.
 
 Modes: ``train`` (first a start-up check in which rank 1 has another seed and model, which
-every rank must refuse; then one run per all-to-all path, each compared with one process by the
-test), ``kill`` (rank 1 SIGKILLs itself between a forward and its backward), ``hang`` (rank 1
+every rank must refuse; then one run per ``--runs`` entry, a data set and an all-to-all path,
+each compared with one process by the test), ``kill`` (rank 1 SIGKILLs itself between a forward and its backward), ``hang`` (rank 1
 SIGSTOPs itself there: only the timeout can end the other rank's wait). The rank writes its
 result as JSON to ``--out``; a failure of the run is a result too (``error``, ``error_type``),
 written before the process exits with code 3.
@@ -65,12 +65,13 @@ def _wait_for_peers(sync_dir: Path, rank: int, world: int, limit_s: float = 120.
         time.sleep(0.02)
 
 
-def run(ctx, schema, data, alltoall: str, out: Path, fault: str | None = None,
+def run(ctx, data, alltoall: str, out: Path, fault: str | None = None,
         fault_step: int = 5) -> dict:
     """Shard, train on every global batch, evaluate, gather; ``fault`` makes rank 1 die
     (``"kill"``) or stop (``"hang"``) between the forward and backward of ``fault_step``."""
     from adrec_fast import distributed as D
 
+    schema = Schema.from_dict(data["schema"])
     batches, eval_batch, seed = data["batches"], data["eval"], data["seed"]
     res: dict = {}
     model = build(schema, seed)
@@ -114,7 +115,7 @@ def run(ctx, schema, data, alltoall: str, out: Path, fault: str | None = None,
     D.unshard_model(model)
     res["auc"] = auc(eval_batch.labels.numpy(), model.predict(eval_batch).numpy())
     if ctx.rank == 0:
-        torch.save(model.state_dict(), out.parent / f"state_{alltoall}.pt")
+        torch.save(model.state_dict(), out.parent / f"state_{data['name']}_{alltoall}.pt")
     return res
 
 
@@ -123,15 +124,15 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--mode", default="train", choices=["train", "kill", "hang"])
-    p.add_argument("--alltoall", default="auto,scatter", help="one run per listed path")
+    p.add_argument("--runs", default="plain:auto,plain:scatter,bags:auto",
+                   help="one run per data set:exchange path")
     p.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args(argv)
 
     from adrec_fast import distributed as D
 
     torch.set_num_threads(1)
-    data = torch.load(args.data, weights_only=False)
-    schema = Schema.from_dict(data["schema"])
+    sets = torch.load(args.data, weights_only=False)
     rank = int(os.environ["RANK"])
     out = Path(args.out)
     _wait_for_peers(out.parent, rank, int(os.environ["WORLD_SIZE"]))
@@ -140,17 +141,20 @@ def main(argv=None) -> int:
         ctx = D.init_from_env(device="cpu", timeout_s=args.timeout)
         if args.mode == "train":
             # rank 1 starts from another seed and model: every rank must refuse to go on
+            data = sets["plain"]
+            schema = Schema.from_dict(data["schema"])
             seed = data["seed"] + (ctx.rank == 1)
             model = build(schema, seed, **({"top": (32, 8)} if ctx.rank == 1 else {}))
             try:
-                D.check_same_config(ctx, model=model.config, schema=schema.to_dict(),
+                D.check_same_config(ctx, model=model.config, schema=data["schema"],
                                     seed=seed, global_batch=data["batches"][0].batch_size)
                 result["mismatch_error"] = None
             except D.ConfigMismatch as e:
                 result["mismatch_error"] = str(e)
         fault = None if args.mode == "train" else args.mode
-        for path in args.alltoall.split(","):
-            result["runs"][path] = run(ctx, schema, data, path, out, fault)
+        for spec in args.runs.split(","):
+            name, path = spec.split(":")
+            result["runs"][spec] = run(ctx, sets[name], path, out, fault)
         ctx.destroy()
     except D.PeerFailure as e:
         result.update(error=str(e), error_type=type(e).__name__, error_time=time.time())

@@ -10,8 +10,9 @@ of the loss and fp32's default tolerance for the parameters.
 
 Each launch is two ``python -m tests.distributed._worker`` processes with torchrun's environment
 (a free port on 127.0.0.1). Three launches: the training one (a refused mismatched start, then
-a run on the probed all_to_all_single path and one on the forced scatter fallback), a rank
-killed mid-step, a rank stopped mid-step (only the timeout can end the wait).
+the runs of ``RUNS``: the probed all_to_all_single path and the forced scatter fallback, one id
+per bag and ragged bags over a shared table), a rank killed mid-step, a rank stopped mid-step
+(only the timeout can end the wait).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 
 from adrec_fast.data.batch import Batch
 from adrec_fast.data.metrics import auc
+from adrec_fast.data.schema import Schema
 from adrec_fast.data.synthetic import SyntheticCTR
 from adrec_fast.distributed import DistContext, local_rows, plan_tables
 from adrec_fast.distributed.process_group import init_from_env
@@ -41,27 +43,48 @@ STEPS, GLOBAL_B, EVAL_ROWS = 50, 256, 4096
 FAULT_TIMEOUT_S = 3.0
 #: a launch that takes longer than this is a hang
 LAUNCH_LIMIT_S = 120.0
+#: data set : exchange path, one training run each in the same launch
+RUNS = ("plain:auto", "plain:scatter", "bags:auto")
+
+
+def _encode(gen: SyntheticCTR, schema, name: str) -> dict:
+    rows = Batch.concat(list(gen.batches(STEPS * GLOBAL_B + EVAL_ROWS, schema=schema)))
+    return {"name": name, "schema": schema.to_dict(), "seed": 0,
+            "batches": [rows.slice(i * GLOBAL_B, (i + 1) * GLOBAL_B) for i in range(STEPS)],
+            "eval": rows.slice(STEPS * GLOBAL_B, STEPS * GLOBAL_B + EVAL_ROWS)}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """The global batches on disk (every rank reads the same file) and the one-process run."""
+    """Two data sets on disk (every rank reads the same file) and their one-process runs.
+
+    ``plain``: one id per bag in 16 tables (the sharded lookup picks rows). ``bags``: the same
+    rows with the behaviour history pooled as a bag of 0-20 ids that shares the item table, so
+    the model takes the one-table path of global row ids with ragged (and empty) mean-pooled
+    bags.
+    """
     gen = SyntheticCTR(n_rows=STEPS * GLOBAL_B + EVAL_ROWS, seed=0)
-    schema = gen.schema()
-    rows = Batch.concat(list(gen.batches(STEPS * GLOBAL_B + EVAL_ROWS, schema=schema)))
-    batches = [rows.slice(i * GLOBAL_B, (i + 1) * GLOBAL_B) for i in range(STEPS)]
-    eval_batch = rows.slice(STEPS * GLOBAL_B, STEPS * GLOBAL_B + EVAL_ROWS)
+    plain = gen.schema()
+    spec = plain.to_dict()
+    for f in spec["fields"]:
+        if f["name"] == "hist":
+            f["sequence"] = False
+    sets = {"plain": _encode(gen, plain, "plain"),
+            "bags": _encode(gen, Schema.from_dict(spec), "bags")}
     path = tmp_path_factory.mktemp("dist") / "data.pt"
-    torch.save({"schema": schema.to_dict(), "batches": batches, "eval": eval_batch, "seed": 0},
-               path)
+    torch.save(sets, path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    ref = {"path": path}
     try:
-        losses, model = train_single(schema, batches, seed=0)
-        ref_auc = auc(eval_batch.labels.numpy(), model.predict(eval_batch).numpy())
+        for name, d in sets.items():
+            losses, model = train_single(Schema.from_dict(d["schema"]), d["batches"], seed=0)
+            ref[name] = {"losses": losses, "state": model.state_dict(),
+                         "auc": auc(d["eval"].labels.numpy(),
+                                    model.predict(d["eval"]).numpy())}
     finally:
         torch.set_num_threads(threads)
-    return {"path": path, "losses": losses, "state": model.state_dict(), "auc": ref_auc}
+    return ref
 
 
 def _free_port() -> int:
@@ -70,9 +93,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: Path, data_path: Path, *args: str) -> list[dict]:
-    """Start both ranks, wait for rank 0, then end rank 1 if it is still there (killed or
-    stopped on purpose); returns per rank its exit code, JSON result (if any) and stderr."""
+def _launch(workdir: Path, data_path: Path, *args: str, peer_wait_s: float = 30.0) -> list[dict]:
+    """Start both ranks, wait for rank 0, then up to ``peer_wait_s`` for rank 1, which is
+    killed if still there (a fault test stops it on purpose); returns per rank its exit code,
+    JSON result (if any) and stderr."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs = []
@@ -87,7 +111,7 @@ def _launch(workdir: Path, data_path: Path, *args: str) -> list[dict]:
     try:
         procs[0][0].wait(timeout=LAUNCH_LIMIT_S)
         try:
-            procs[1][0].wait(timeout=10.0)
+            procs[1][0].wait(timeout=peer_wait_s)
         except subprocess.TimeoutExpired:
             procs[1][0].kill()  # the rank a fault test stopped on purpose
             procs[1][0].wait()
@@ -109,31 +133,33 @@ def _launch(workdir: Path, data_path: Path, *args: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("train")
-    ranks = _launch(workdir, data["path"], "--mode", "train", "--alltoall", "auto,scatter")
+    ranks = _launch(workdir, data["path"], "--mode", "train", "--runs", ",".join(RUNS))
     for rank, r in enumerate(ranks):
         assert r["rc"] == 0, f"rank {rank} failed:\n{r['stderr'][-3000:]}"
     return workdir, [r["result"] for r in ranks]
 
 
-@pytest.mark.parametrize("path", ["auto", "scatter"])
-def test_two_ranks_match_one_process(data, trained, path):
+@pytest.mark.parametrize("run", RUNS)
+def test_two_ranks_match_one_process(data, trained, run):
     workdir, results = trained
-    runs = [r["runs"][path] for r in results]
+    name, path = run.split(":")
+    ref = data[name]
+    runs = [r["runs"][run] for r in results]
     # the probe finds gloo's all_to_all_single in this torch; "scatter" forces the fallback
     assert [r["exchange"] for r in runs] == ["all_to_all" if path == "auto" else "scatter"] * 2
-    want = np.array(data["losses"])
+    want = np.array(ref["losses"])
     for r in runs:
         got = np.array(r["losses"])
         assert got.shape == (STEPS,)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert want[-1] < want[0] - 0.05  # it learned something: the comparison is not vacuous
-    state = torch.load(workdir / f"state_{path}.pt")
-    assert set(state) == set(data["state"])
-    for name, ref in data["state"].items():
-        torch.testing.assert_close(state[name], ref, msg=lambda m, n=name: f"{n}: {m}")
+    state = torch.load(workdir / f"state_{name}_{path}.pt")
+    assert set(state) == set(ref["state"])
+    for key, value in ref["state"].items():
+        torch.testing.assert_close(state[key], value, msg=lambda m, k=key: f"{k}: {m}")
     for r in runs:
-        assert abs(r["auc"] - data["auc"]) <= 1e-5, (r["auc"], data["auc"])
-        assert abs(r["auc_sharded"] - data["auc"]) <= 1e-5, (r["auc_sharded"], data["auc"])
+        assert abs(r["auc"] - ref["auc"]) <= 1e-5, (r["auc"], ref["auc"])
+        assert abs(r["auc_sharded"] - ref["auc"]) <= 1e-5, (r["auc_sharded"], ref["auc"])
         stats = r["exchange_stats"]
         # per step: counts, ids, rows out, gradients back (and the scatter path's size gather)
         assert stats["calls"] == 4 * STEPS
@@ -153,8 +179,8 @@ def test_mismatched_configuration_is_refused_on_every_rank(trained):
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_lost_rank_ends_the_run_with_a_clear_error(data, tmp_path, fault):
-    ranks = _launch(tmp_path, data["path"], "--mode", fault, "--alltoall", "auto",
-                    "--timeout", str(FAULT_TIMEOUT_S))
+    ranks = _launch(tmp_path, data["path"], "--mode", fault, "--runs", "plain:auto",
+                    "--timeout", str(FAULT_TIMEOUT_S), peer_wait_s=0.5)
     r0 = ranks[0]
     assert r0["rc"] == 3, f"rank 0 did not stop with a PeerFailure:\n{r0['stderr'][-3000:]}"
     res = r0["result"]
@@ -230,3 +256,100 @@ def test_init_from_env_names_the_missing_or_bad_variable(monkeypatch, env, match
         init_from_env(device="cpu")
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         init_from_env(device="cpu", timeout_s=0)
+
+
+# ------------------------------------------------------- the sharded lookup itself, on one rank
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank gloo group in this process: the whole lookup path (keys, de-duplication,
+    exchange with itself, owner lookup, pooling, backward) without a second process."""
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_free_port()))
+    try:
+        ctx = init_from_env(device="cpu", timeout_s=30)
+        yield ctx
+        ctx.destroy()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _ragged(rows, B, seed, max_len):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, max_len + 1, (len(rows) * B,), generator=g)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    table = torch.arange(len(rows)).repeat_interleave(B).repeat_interleave(lengths)
+    indices = (torch.rand(int(offsets[-1]), generator=g) * torch.tensor(rows)[table]).long()
+    return indices, offsets
+
+
+@pytest.mark.parametrize("opt", ["rowwise_adagrad", "sgd"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("max_len, B", [(1, 5), (3, 4), (3, 1), (1, 0)])
+def test_sharded_lookup_matches_the_plain_collection(one_rank, opt, pooling, weighted,
+                                                     max_len, B):
+    """Forward, then the fused update of one backward, against ``EmbeddingBagCollection``:
+    one id per bag (rows picked) and ragged bags with repeats and empty bags, per-sample
+    weights, B = 1 and an empty batch."""
+    from adrec_fast.distributed import Exchange, ShardedEmbeddingBagCollection
+    from adrec_fast.models.base import fused_optimizer
+    from adrec_fast.nn import EmbeddingBagCollection
+
+    rows, D = [7, 3, 11], 5
+    torch.manual_seed(3)
+    plain = EmbeddingBagCollection(rows, D, pooling=pooling, optimizer=fused_optimizer(opt, 0.1))
+    plain.state.uniform_(0.0, 1.0)
+    ref = EmbeddingBagCollection(rows, D, pooling=pooling, optimizer=fused_optimizer(opt, 0.1))
+    ref.load_state_dict(plain.state_dict())
+    sharded = ShardedEmbeddingBagCollection(plain, one_rank, exchange=Exchange(one_rank))
+    indices, offsets = _ragged(rows, B, seed=max_len * 10 + B, max_len=max_len)
+    if max_len == 1:  # every bag exactly one id
+        indices, offsets = (torch.arange(len(rows) * B) % 3), torch.arange(len(rows) * B + 1)
+    psw = torch.rand(indices.numel()) if weighted else None
+    want = ref(indices, offsets, psw)
+    got = sharded(indices, offsets, psw)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    weight, state = sharded.gather()
+    torch.testing.assert_close(weight, ref.weight)
+    torch.testing.assert_close(state, ref.state)
+
+
+def test_sharded_lookup_over_the_one_table_layout_and_bad_input(one_rank):
+    """``lookup`` with global row ids over the whole buffer (the shared-table path of the
+    models), and the errors a bad call gets (before any exchange)."""
+    from adrec_fast.distributed import ShardedEmbeddingBagCollection
+    from adrec_fast.nn import EmbeddingBagCollection
+    from adrec_fast.optim import FusedSGD
+
+    rows, D = [4, 6], 3
+    plain = EmbeddingBagCollection(rows, D, optimizer=FusedSGD(0.1))
+    want_w = plain.weight.clone()
+    sharded = ShardedEmbeddingBagCollection(plain, one_rank)
+    one = torch.tensor([0, 10])
+    idx, ofs = torch.tensor([9, 0, 9, 4]), torch.tensor([0, 2, 2, 4])
+    torch.testing.assert_close(sharded.lookup(one, idx, ofs),
+                               torch.stack([want_w[9] + want_w[0], torch.zeros(D),
+                                            want_w[9] + want_w[4]]))
+    with pytest.raises(IndexError, match="index 4 at position 1 is outside table 0"):
+        sharded(torch.tensor([0, 4, 0, 0]), torch.arange(5))
+    with pytest.raises(IndexError, match="index -1 at position 0"):
+        sharded(torch.tensor([-1, 0]), torch.arange(3))
+    with pytest.raises(ValueError, match="expected T\\*B\\+1 with T=2"):
+        sharded(torch.tensor([0, 0]), torch.arange(3)[:2])
+    with pytest.raises(ValueError, match="offsets must run from 0 to nnz=2"):
+        sharded(torch.tensor([0, 0]), torch.tensor([0, 1, 3]))
+    with pytest.raises(RuntimeError, match="tables are sharded over 1 ranks; gather them"):
+        sharded.weight
+    with pytest.raises(ValueError, match="need a fused optimizer"):
+        ShardedEmbeddingBagCollection(EmbeddingBagCollection(rows, D), one_rank)
+    with pytest.raises(ValueError, match="the plan is for 2 ranks"):
+        ShardedEmbeddingBagCollection(plain, one_rank, plan=plan_tables(rows, 2, D))
