@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per side per run")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--max-batches", type=int, default=64, help="cap on the batch pool")
+    ap.add_argument("--max-batches", type=int, default=128, help="cap on the batch pool")
     ap.add_argument("--quick", action="store_true", help="1 run, 5 steps, a pool of 8")
     ap.add_argument("--worker", choices=["single", "dist"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -4,10 +4,10 @@ torchrun sets it), and the training loop the single-process reference shares wit
 
 Modes: ``train`` (first a start-up check in which rank 1 has another seed and model, which
 every rank must refuse; then one run per ``--runs`` entry, a data set and an all-to-all path,
-each compared with one process by the test), ``kill`` (rank 1 SIGKILLs itself between a forward and its backward), ``hang`` (rank 1
-SIGSTOPs itself there: only the timeout can end the other rank's wait). The rank writes its
-result as JSON to ``--out``; a failure of the run is a result too (``error``, ``error_type``),
-written before the process exits with code 3.
+each compared with one process by the test), ``kill`` (rank 1 SIGKILLs itself between a
+forward and its backward), ``hang`` (rank 1 SIGSTOPs itself there: only the timeout can end
+the other rank's wait). The rank writes its result as JSON to ``--out``; a failure of the run
+is a result too (``error``, ``error_type``), written before the process exits with code 3.
 """
 from __future__ import annotations
 
