@@ -12,8 +12,9 @@ A run, on every rank (started by torchrun, or with its environment set by hand):
     opt = torch.optim.Adam(ddp.parameters())           # the dense parameters
     for batch in global_batches:
         part = local_batch(batch, ctx)
-        loss = model.loss(ddp(part), part.labels)
-        opt.zero_grad(); loss.backward(); opt.step()   # tables updated inside backward
+        with ctx.guard("a training step"):             # a lost peer -> PeerFailure
+            loss = model.loss(ddp(part), part.labels)
+            opt.zero_grad(); loss.backward(); opt.step()   # tables updated inside backward
     unshard_model(model)                               # full tables on every rank
 """
 from .exchange import Exchange, probe_all_to_all

@@ -91,8 +91,9 @@ def run(ctx, data, alltoall: str, out: Path, fault: str | None = None,
             sig = signal.SIGKILL if fault == "kill" else signal.SIGSTOP
             (out.parent / "fault_time").write_text(repr(time.time()))
             hook = lambda: os.kill(os.getpid(), sig)  # noqa: E731
-        loss = step(model, ddp, D.local_batch(batch, ctx), opt, hook)
-        with ctx.guard("the loss all-reduce"):
+        # DDP's all-reduce fails inside backward: the guard names a lost peer there too
+        with ctx.guard(f"training step {i}"):
+            loss = step(model, ddp, D.local_batch(batch, ctx), opt, hook)
             torch.distributed.all_reduce(loss, group=ctx.group)
         losses.append(float(loss) / ctx.world)
     res["losses"] = losses

@@ -190,9 +190,10 @@ def test_lost_rank_ends_the_run_with_a_clear_error(data, tmp_path, fault):
     fault_time = float((tmp_path / "fault_time").read_text())
     waited = res["error_time"] - fault_time
     # a killed peer closes its sockets (noticed at once); a stopped one needs the timeout
-    assert waited < FAULT_TIMEOUT_S + 2.0, waited
+    # (rank 0 may have started waiting a little before rank 1 stopped: a loose lower bound)
+    assert waited < FAULT_TIMEOUT_S + 3.0, waited
     if fault == "hang":
-        assert waited > FAULT_TIMEOUT_S * 0.9, waited
+        assert waited > FAULT_TIMEOUT_S * 0.5, waited
     assert ranks[1]["rc"] == -signal.SIGKILL
 
 
