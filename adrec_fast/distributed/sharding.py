@@ -9,8 +9,9 @@ on one rank (``ShardingPlan``). A lookup, on every rank at once:
 2. exchanges the request counts, then the row ids (``Exchange``, explicit split sizes);
 3. at each owner, looks the requested rows up with the fused ``functional.embedding_bag``
    (one bag per row, the fused optimizer attached);
-4. sends the rows back; the requester pools its bags from them (sum or mean, per-sample weights)
-   with ``functional.embedding_bag`` over the received rows.
+4. sends the rows back; the requester pools its bags from them (sum or mean, per-sample
+   weights) with ``functional.embedding_bag`` over the received rows, or, when every bag holds
+   one id (categorical fields), picks each bag's row directly.
 
 Backward runs the same path in reverse: the requester's gradient of each distinct row, scaled
 like DDP's average (``grad_scale``, 1/world), goes back to the owner, whose fused op sums the
@@ -94,7 +95,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
 
     ``ebc`` must carry a fused optimizer (row-wise Adagrad or SGD, with its L2 setting): the
     owners apply it to their rows. Its current weights and optimizer state are copied, so build
-    the model with the same seed on every rank (the start-up check compares it). ``plan``
+    the model with the same seed on every rank (pass the seed to ``check_same_config``). ``plan``
     defaults to ``plan_tables`` with equal access; ``exchange`` to a probed ``Exchange``.
     ``grad_scale`` multiplies the row gradients sent back to the owners (default ``1/world``,
     DDP's average of per-rank mean losses over equal shares of a batch).
