@@ -149,27 +149,41 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _short(value):
+    """``value`` in JSON form (tuples as lists), or its fingerprint when that is long."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return json.loads(text) if len(text) <= 80 else f"fingerprint {fingerprint(value)}"
+
+
 def check_same_config(ctx: DistContext, **items) -> None:
     """Raise ``ConfigMismatch`` on every rank when any ``items`` value differs between ranks.
 
-    ``items`` maps a name ("model config", "schema", "seed", ...) to a JSON-able value; large
-    values are compared by ``fingerprint``. The world size and the torch version are always
+    ``items`` maps a name ("model", "schema", "seed", ...) to a JSON-able value; a dict is
+    compared key by key, and a long value by its ``fingerprint``. The world size and the torch version are always
     part of the check. The message names each differing item and every rank's value, and all
     ranks raise the same error (they compare the same gathered list), so none is left waiting.
     """
     mine = {"world size": ctx.world, "torch": torch.__version__}
     for name, value in items.items():
-        text = json.dumps(value, sort_keys=True, default=str)
-        mine[name] = value if len(text) <= 80 else f"fingerprint {fingerprint(value)}"
+        if isinstance(value, dict):  # compared key by key, so a message names the key
+            mine[name] = {str(k): _short(v) for k, v in value.items()}
+        else:
+            mine[name] = _short(value)
     everyone: list = [None] * ctx.world
     with ctx.guard("the start-up configuration check"):
         dist.all_gather_object(everyone, mine, group=ctx.group)
     bad = []
     for name in mine:
         values = [r.get(name, "<missing>") for r in everyone]
-        if any(v != values[0] for v in values[1:]):
-            per_rank = ", ".join(f"rank {r} has {v!r}" for r, v in enumerate(values))
-            bad.append(f"{name}: {per_rank}")
+        if all(isinstance(v, dict) for v in values):
+            keys = sorted(set().union(*values), key=str)
+            parts = [(f"{name}: {k}", [v.get(k, "<missing>") for v in values]) for k in keys]
+        else:
+            parts = [(name, values)]
+        for label, vals in parts:
+            if any(v != vals[0] for v in vals[1:]):
+                per_rank = ", ".join(f"rank {r} has {v!r}" for r, v in enumerate(vals))
+                bad.append(f"{label}: {per_rank}")
     for r, theirs in enumerate(everyone):
         extra = sorted(set(theirs) - set(mine))
         if extra:
