@@ -121,6 +121,7 @@ class DynamicEmbedding(nn.Module):
                                  seed, self.evict_fraction, sketch_width or 0)
         self._gen = torch.Generator().manual_seed(seed)
         self.step = 0  # training calls so far: the clock when no stream time is given
+        self._iota = torch.arange(1)
         rows = capacity + 1  # row 0: the unadmitted row
         self.register_buffer("weight", self._zeros(rows, embedding_dim), persistent=False)
         self.register_buffer("state", self._zeros(rows if self._adagrad else 0), persistent=False)
@@ -141,8 +142,10 @@ class DynamicEmbedding(nn.Module):
                 per_sample_weights: Tensor | None = None, now: int | None = None) -> Tensor:
         train = self.training and torch.is_grad_enabled()
         rows = self.rows(keys, now=now, train=train)  # [n]
-        if offsets is None:
-            offsets = torch.arange(rows.numel() + 1)
+        if offsets is None:  # one key per bag: a prefix of a cached 0, 1, 2, ...
+            if self._iota.numel() <= rows.numel():
+                self._iota = torch.arange(max(rows.numel() + 1, 2 * self._iota.numel()))
+            offsets = self._iota[: rows.numel() + 1]
         weight = self.weight  # read after the map (see the class docstring)
         n, tofs = self._tofs  # one tuple, swapped whole: it may belong to another weight
         if n != weight.size(0):

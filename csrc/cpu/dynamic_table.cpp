@@ -689,8 +689,10 @@ void bind_dynamic_table(py::module_& m) {
             const uint64_t* k = key_arg(keys, "find", n);
             py::array_t<int64_t> out(n);
             int64_t* po = out.mutable_data();
-            py::gil_scoped_release nogil;
-            t.find(k, n, po);
+            {
+              py::gil_scoped_release nogil;
+              t.find(k, n, po);
+            }
             return out;
           },
           py::arg("keys"))
