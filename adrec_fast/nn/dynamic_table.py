@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._dynamic_table import UNADMITTED_ROW, DynamicTable
-from .._memory import empty_table
+from .._memory import empty_table, huge_pages_enabled
 from ..optim import FusedRowwiseAdagrad, FusedSGD
 
 #: what a full table does (see DynamicEmbedding)
@@ -40,8 +40,9 @@ class DynamicEmbedding(nn.Module):
     * *time*: ``now`` is the stream time of the batch (any int64 unit); None counts training
       calls (steps). With ``ttl``, a key not seen for more than ``ttl`` is expired: it is a new
       key again (its row freed, re-initialised once re-admitted) and serving reads row 0 for it.
-    * *a full table* (``capacity`` keys): ``eviction="grow"`` doubles the rows (after sweeping
-      out the expired keys); ``"lfu"`` evicts the keys with the fewest lookups (ties: the least
+    * *a full table* (``capacity`` keys): ``eviction="grow"`` doubles the rows when a call
+      could bring more new keys than there are spare rows (the call's length is the bound),
+      after sweeping out the expired keys; ``"lfu"`` evicts the keys with the fewest lookups (ties: the least
       recently seen); ``"ttl"`` the least recently seen (ties: fewest lookups). Expired keys go
       first. Eviction frees ``evict_fraction`` of the keys at once (at least one), so that one
       scan of the table pays for many inserts; keys used by the current call are never evicted.
@@ -118,7 +119,8 @@ class DynamicEmbedding(nn.Module):
         self.sketch_width = sketch_width
         # the map checks min_count, evict_fraction and sketch_width, with messages naming them
         self._map = DynamicTable(capacity, min_count, self.admit_prob or 1.0, ttl or 0, eviction,
-                                 seed, self.evict_fraction, sketch_width or 0)
+                                 seed, self.evict_fraction, sketch_width or 0,
+                                 huge_pages_enabled())
         self._gen = torch.Generator().manual_seed(seed)
         self.step = 0  # training calls so far: the clock when no stream time is given
         self._iota = torch.arange(1)

@@ -37,16 +37,22 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <shared_mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "common/parallel.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace py = pybind11;
 
@@ -84,6 +90,46 @@ uint64_t next_pow2(uint64_t v) {
 
 enum class WhenFull { kGrow, kLfu, kTtl };
 
+// A fixed-size array of value-initialised T. From 8 MiB on, 2 MiB-aligned and (with
+// `huge_pages`) advised onto transparent huge pages: every lookup reads a random slot and a
+// random row record of arrays of hundreds of MB, and with 4 KiB pages each of those reads would
+// also miss the TLB and walk the page table.
+template <class T>
+class BigArray {
+ public:
+  BigArray() = default;
+  BigArray(size_t n, bool huge_pages) : n_(n) {
+    constexpr size_t kHuge = size_t(1) << 21;
+    const size_t bytes = std::max<size_t>(n * sizeof(T), 1);
+    const size_t align = bytes >= (size_t(8) << 20) ? kHuge : 64;
+    const size_t rounded = (bytes + align - 1) / align * align;
+    p_ = static_cast<T*>(std::aligned_alloc(align, rounded));
+    if (p_ == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (huge_pages && align == kHuge) madvise(p_, rounded, MADV_HUGEPAGE);
+#else
+    (void)huge_pages;
+#endif
+    for (size_t i = 0; i < n; ++i) new (&p_[i]) T();
+  }
+  BigArray(BigArray&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  BigArray& operator=(BigArray&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  BigArray(const BigArray&) = delete;
+  BigArray& operator=(const BigArray&) = delete;
+  ~BigArray() { std::free(p_); }  // T is trivially destructible
+  T& operator[](size_t i) { return p_[i]; }
+  const T& operator[](size_t i) const { return p_[i]; }
+  size_t size() const { return n_; }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
 struct Slot {
   uint64_t key;
   int64_t row;  // -1: empty
@@ -102,8 +148,9 @@ class DynamicTable {
  public:
   DynamicTable(int64_t capacity, int64_t min_count, double admit_prob, int64_t ttl,
                const std::string& when_full, uint64_t seed, double evict_fraction,
-               int64_t sketch_width)
-      : min_count_(min_count),
+               int64_t sketch_width, bool huge_pages)
+      : huge_pages_(huge_pages),
+        min_count_(min_count),
         admit_prob_(admit_prob),
         ttl_(ttl),
         evict_fraction_(evict_fraction),
@@ -400,9 +447,8 @@ class DynamicTable {
     epoch_ = uint32_t(scalars.data()[3]);  // rows' epochs restart at 0: none is current
     overflow_ = scalars.data()[4];
     live_ = 0;
-    std::fill(slots_.begin(), slots_.end(), Slot{0, -1});
-    if (double(live) > kMaxLoad * double(slots_.size()))
-      resize_slots(next_pow2(uint64_t(std::ceil(double(live) / kMaxLoad)) + 1));
+    empty_slots(std::max<uint64_t>(slots_.size(),
+                                   next_pow2(uint64_t(std::ceil(double(live) / kMaxLoad)) + 1)));
     for (int64_t r = 1; r < U; ++r) {
       if (pc[r] == 0) continue;
       if (probe(meta_[r].key) >= 0)
@@ -571,7 +617,7 @@ class DynamicTable {
   }
 
   void resize_rows(int64_t rows) {
-    std::unique_ptr<RowMeta[]> m(new RowMeta[size_t(rows)]);
+    BigArray<RowMeta> m(size_t(rows), huge_pages_);
     for (int64_t r = 0; r < rows; ++r) {
       const bool old = r < rows_;
       m[r].key = old ? meta_[r].key : 0;
@@ -583,13 +629,20 @@ class DynamicTable {
     rows_ = rows;
   }
 
+  void empty_slots(uint64_t n) {
+    slots_ = BigArray<Slot>(size_t(n), huge_pages_);
+    for (size_t i = 0; i < size_t(n); ++i) slots_[i] = Slot{0, -1};
+    mask_ = n - 1;
+  }
+
   void resize_slots(uint64_t n) {
-    slots_.assign(size_t(n), Slot{0, -1});
+    empty_slots(n);
     mask_ = n - 1;
     for (int64_t r = 1; r < next_unused_; ++r)
       if (meta_[r].count.load(std::memory_order_relaxed) > 0) place(meta_[r].key, r);
   }
 
+  const bool huge_pages_;
   const int64_t min_count_;
   const double admit_prob_;
   const int64_t ttl_;
@@ -598,9 +651,9 @@ class DynamicTable {
 
   mutable std::mutex writer_mu_;     // one training call (or maintenance) at a time
   mutable std::shared_mutex rw_;     // shared: lookups; exclusive: structure changes
-  std::vector<Slot> slots_;
+  BigArray<Slot> slots_;
   uint64_t mask_ = 0;
-  std::unique_ptr<RowMeta[]> meta_;  // [rows_]
+  BigArray<RowMeta> meta_;           // [rows_]
   int64_t rows_ = 0;
   int64_t next_unused_ = 1;          // rows [next_unused_, rows_) were never given out
   std::vector<int64_t> free_;        // freed rows, reused last-freed first
@@ -659,10 +712,11 @@ void bind_dynamic_table(py::module_& m) {
       "The key -> row map of a dynamic embedding table (csrc/cpu/dynamic_table.cpp); built by "
       "adrec_fast.nn.DynamicEmbedding. Row 0 is the unadmitted row.")
       .def(py::init<int64_t, int64_t, double, int64_t, const std::string&, uint64_t, double,
-                    int64_t>(),
+                    int64_t, bool>(),
            py::arg("capacity"), py::arg("min_count") = 1, py::arg("admit_prob") = 1.0,
            py::arg("ttl") = 0, py::arg("eviction") = "grow", py::arg("seed") = 0,
-           py::arg("evict_fraction") = 0.01, py::arg("sketch_width") = 0)
+           py::arg("evict_fraction") = 0.01, py::arg("sketch_width") = 0,
+           py::arg("huge_pages") = true)
       // keys int64/uint64 [n], now -> (rows int64 [n], fresh_rows int64 [k], fresh_keys [k])
       .def(
           "lookup",

@@ -190,10 +190,13 @@ def test_unadmitted_row_is_a_trained_row_of_the_table():
 
 
 # ------------------------------------------------------------------ concurrency
-def test_lookups_while_training_inserts():
+@pytest.mark.parametrize("eviction", ["grow", "lfu"])
+def test_lookups_while_training_inserts(eviction):
     """Readers see the stable keys at their rows, and only valid rows, while a trainer grows
-    the table (rehashes, reallocates) and evicts through TTL."""
-    emb = DynamicEmbedding(4, 64, ttl=1_000_000, optimizer=FusedSGD(lr=0.01))
+    the table (rehashes, reallocates) or evicts (the stable keys, used by every call, have the
+    most lookups and stay)."""
+    emb = DynamicEmbedding(4, 64 if eviction == "grow" else 6000, ttl=1_000_000,
+                           eviction=eviction, optimizer=FusedSGD(lr=0.01))
     stable = torch.arange(1, 65) * -3
     want = emb.rows(stable, train=True)
     emb.eval()
@@ -230,12 +233,13 @@ def test_lookups_while_training_inserts():
                threading.Thread(target=reader)]
     for th in threads:
         th.start()
-    time.sleep(3.0)
+    time.sleep(2.0)
     stop.set()
     for th in threads:
         th.join(timeout=60)
     assert not errors, errors
     assert emb.num_keys > 64
+    assert torch.equal(emb.rows(stable), want)
     emb.check()
 
 
@@ -346,3 +350,19 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(a[name], b[name]), name
     with pytest.raises(ValueError, match="dim 4"):
         DynamicEmbedding(4, 16, min_count=2).load_state_tensors(a)
+
+
+def test_checkpoint_of_a_grown_table(tmp_path):
+    emb = DynamicEmbedding(4, 4, optimizer=FusedSGD(lr=0.1), seed=2)
+    keys = torch.arange(1, 201) * 12345
+    emb(keys).sum().backward()
+    assert emb.num_keys == 200 and emb.num_rows > 5
+    emb.save(tmp_path / "t.safetensors")
+    back = DynamicEmbedding.load(tmp_path / "t.safetensors")
+    back.check()
+    assert torch.equal(back.rows(keys), emb.rows(keys))
+    assert torch.equal(back.weight, emb.weight)
+    with pytest.raises(ValueError, match="not a table"):
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+        DynamicEmbedding.load(tmp_path / "x.safetensors")
