@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -21,6 +22,16 @@ from ..optim import FusedRowwiseAdagrad, FusedSGD
 
 #: what a full table does (see DynamicEmbedding)
 EVICTION = ("grow", "lfu", "ttl")
+
+
+class _Pending:
+    """A training forward whose backward (and so fused update) has not run: referenced only by
+    a hook in its autograd graph, so it dies with a graph dropped without backward."""
+
+    __slots__ = ("done", "__weakref__")
+
+    def __init__(self):
+        self.done = False
 
 
 class DynamicEmbedding(nn.Module):
@@ -42,9 +53,11 @@ class DynamicEmbedding(nn.Module):
       key again (its row freed, re-initialised once re-admitted) and serving reads row 0 for it.
     * *a full table* (``capacity`` keys): ``eviction="grow"`` doubles the rows when a call
       could bring more new keys than there are spare rows (the call's length is the bound),
-      after sweeping out the expired keys; ``"lfu"`` evicts the keys with the fewest lookups (ties: the least
-      recently seen); ``"ttl"`` the least recently seen (ties: fewest lookups). Expired keys go
-      first. Eviction frees ``evict_fraction`` of the keys at once (at least one), so that one
+      after sweeping out the expired keys. Growing copies the rows to new storage, so it is
+      refused (RuntimeError) while the backward of an earlier training forward through the
+      table is pending: that fused update would land in the old storage. ``"lfu"`` evicts the
+      keys with the fewest lookups (ties: the least recently seen); ``"ttl"`` the least
+      recently seen (ties: fewest lookups). Expired keys go first. Eviction frees ``evict_fraction`` of the keys at once (at least one), so that one
       scan of the table pays for many inserts; keys used by the current call are never evicted.
       An insert never fails: only a call with more distinct new keys than the table has rows
       sends the surplus to row 0 (counted in ``overflow``).
@@ -123,6 +136,7 @@ class DynamicEmbedding(nn.Module):
                                  huge_pages_enabled())
         self._gen = torch.Generator().manual_seed(seed)
         self.step = 0  # training calls so far: the clock when no stream time is given
+        self._pending: list[weakref.ref] = []  # training forwards awaiting their backward
         self._iota = torch.arange(1)
         rows = capacity + 1  # row 0: the unadmitted row
         self.register_buffer("weight", self._zeros(rows, embedding_dim), persistent=False)
@@ -153,9 +167,12 @@ class DynamicEmbedding(nn.Module):
         if n != weight.size(0):
             tofs = torch.tensor([0, weight.size(0)])
         if train and self.optimizer is not None:
-            return F.embedding_bag(weight, tofs, rows, offsets, per_sample_weights, self.pooling,
-                                   optimizer=self.optimizer,
-                                   state=self.state if self._adagrad else None)
+            out = F.embedding_bag(weight, tofs, rows, offsets, per_sample_weights, self.pooling,
+                                  optimizer=self.optimizer,
+                                  state=self.state if self._adagrad else None)
+            if out.requires_grad:
+                self._track(out)
+            return out
         return F.embedding_bag(weight, tofs, rows, offsets, per_sample_weights, self.pooling)
 
     def rows(self, keys: Tensor, now: int | None = None, train: bool = False) -> Tensor:
@@ -182,6 +199,16 @@ class DynamicEmbedding(nn.Module):
             self._reset(torch.from_numpy(fresh_rows), torch.from_numpy(fresh_keys))
         return torch.from_numpy(rows)
 
+    def _track(self, out: Tensor) -> None:
+        tok = _Pending()
+
+        def done(grad, tok=tok):
+            tok.done = True
+
+        out.register_hook(done)
+        self._pending = [r for r in self._pending if (t := r()) is not None and not t.done]
+        self._pending.append(weakref.ref(tok))
+
     def _reserve(self, n: int, now: int) -> None:
         """Rows for up to n new keys, before the map may hand them out (so that a reader never
         gets a row the storage lacks): sweep out the expired keys, else double."""
@@ -193,6 +220,13 @@ class DynamicEmbedding(nn.Module):
             spare = self._map.spare_rows()
             if spare >= n:
                 return
+        if any((t := r()) is not None and not t.done for r in self._pending):
+            # the pending backward would update the old storage: refuse rather than lose it
+            raise RuntimeError(
+                f"DynamicEmbedding: the table ({self.num_keys} keys) must grow for new keys, but "
+                "the backward of an earlier training forward through it has not run; its fused "
+                "update would land in the old storage. Run backward before the next training "
+                "forward through this table, or give it a larger capacity.")
         rows = self.weight.size(0)
         self._grow(max(2 * rows, rows + n - spare))
         self._map.reserve_rows(self.weight.size(0))

@@ -366,3 +366,20 @@ def test_checkpoint_of_a_grown_table(tmp_path):
         from safetensors.torch import save_file
         save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
         DynamicEmbedding.load(tmp_path / "x.safetensors")
+
+
+def test_growth_waits_for_a_pending_backward():
+    """Growing moves the rows: with a backward still to run (its update bound to the old
+    storage) it is refused by name; after that backward, or once the graph is dropped, it runs."""
+    emb = DynamicEmbedding(4, 4, optimizer=FusedSGD(lr=1.0), initializer=_init)
+    first = emb(torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match="backward of an earlier training forward"):
+        emb(torch.arange(10, 20))
+    first.sum().backward()
+    torch.testing.assert_close(emb.weight[emb.rows(torch.tensor([1, 2]))],
+                               _init(torch.tensor([1, 2])) - 1.0)  # the update was kept
+    out = emb(torch.arange(10, 20))  # grows
+    assert emb.num_rows > 5
+    del out  # a graph dropped without backward does not hold growth back
+    emb(torch.arange(100, 140)).sum().backward()
+    assert emb.num_keys == 52
