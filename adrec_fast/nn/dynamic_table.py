@@ -28,10 +28,11 @@ class _Pending:
     """A training forward whose backward (and so fused update) has not run: referenced only by
     a hook in its autograd graph, so it dies with a graph dropped without backward."""
 
-    __slots__ = ("done", "__weakref__")
+    __slots__ = ("done", "epoch", "__weakref__")
 
-    def __init__(self):
+    def __init__(self, epoch: int):
         self.done = False
+        self.epoch = epoch  # the map's number for the call
 
 
 class DynamicEmbedding(nn.Module):
@@ -58,7 +59,9 @@ class DynamicEmbedding(nn.Module):
       table is pending: that fused update would land in the old storage. ``"lfu"`` evicts the
       keys with the fewest lookups (ties: the least recently seen); ``"ttl"`` the least
       recently seen (ties: fewest lookups). Expired keys go first. Eviction frees ``evict_fraction`` of the keys at once (at least one), so that one
-      scan of the table pays for many inserts; keys used by the current call are never evicted.
+      scan of the table pays for many inserts. Keys used by the current call, or by an earlier
+      training forward whose backward has not run yet, are neither evicted nor expired (that
+      update must find its rows).
       An insert never fails: only a call with more distinct new keys than the table has rows
       sends the surplus to row 0 (counted in ``overflow``).
     * a row given to a new key (fresh, or reused after eviction) is re-initialised
@@ -190,9 +193,12 @@ class DynamicEmbedding(nn.Module):
             return torch.from_numpy(self._map.find(k))
         self.step += 1
         now = self.step if now is None else int(now)
+        # the rows of forwards whose backward is still to run stay with their keys
+        since = min((t.epoch for r in self._pending if (t := r()) is not None and not t.done),
+                    default=0)
         if self.eviction == "grow":
-            self._reserve(k.shape[0], now)
-        rows, fresh_rows, fresh_keys = self._map.lookup(k, now)
+            self._reserve(k.shape[0], now, since)
+        rows, fresh_rows, fresh_keys = self._map.lookup(k, now, since)
         if self._map.rows > self.weight.size(0):  # the map grew on its own: follow it
             self._grow(self._map.rows)
         if fresh_rows.size:
@@ -200,7 +206,7 @@ class DynamicEmbedding(nn.Module):
         return torch.from_numpy(rows)
 
     def _track(self, out: Tensor) -> None:
-        tok = _Pending()
+        tok = _Pending(self._map.epoch)
 
         def done(grad, tok=tok):
             tok.done = True
@@ -209,18 +215,18 @@ class DynamicEmbedding(nn.Module):
         self._pending = [r for r in self._pending if (t := r()) is not None and not t.done]
         self._pending.append(weakref.ref(tok))
 
-    def _reserve(self, n: int, now: int) -> None:
+    def _reserve(self, n: int, now: int, since: int) -> None:
         """Rows for up to n new keys, before the map may hand them out (so that a reader never
         gets a row the storage lacks): sweep out the expired keys, else double."""
         spare = self._map.spare_rows()
         if spare >= n:
             return
         if self.ttl is not None:
-            self._map.expire(now)
+            self._map.expire(now, since)
             spare = self._map.spare_rows()
             if spare >= n:
                 return
-        if any((t := r()) is not None and not t.done for r in self._pending):
+        if since:
             # the pending backward would update the old storage: refuse rather than lose it
             raise RuntimeError(
                 f"DynamicEmbedding: the table ({self.num_keys} keys) must grow for new keys, but "
@@ -255,9 +261,12 @@ class DynamicEmbedding(nn.Module):
         else:
             v = torch.empty(keys.numel(), self.embedding_dim)
             v.normal_(0.0, self.init_std, generator=self._gen)
-        self.weight.index_copy_(0, rows, v.to(self.weight.dtype))
+        # through .data: no version bump. A pending backward saved the storage, and the
+        # version check would refuse it, but it never reads these rows (the map keeps the rows
+        # of pending forwards from being reused), so it is unaffected.
+        self.weight.data.index_copy_(0, rows, v.to(self.weight.dtype))
         if self._adagrad:
-            self.state.index_fill_(0, rows, 0.0)
+            self.state.data.index_fill_(0, rows, 0.0)
 
     # ------------------------------------------------------------------ maintenance
     def expire(self, now: int | None = None) -> int:

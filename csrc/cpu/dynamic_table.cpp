@@ -195,10 +195,14 @@ class DynamicTable {
   // Training lookup: keys [n] -> rows [n], admitting, inserting, expiring and evicting as
   // configured. Returns the rows given to new keys in this call and their keys: the caller
   // resets those rows (values and optimizer state) before reading them.
+  // Rows used by this call, and with protect_since > 0 by every call since that one (calls
+  // whose backward is still to run), are neither evicted nor expired by it.
   void lookup(const uint64_t* keys, int64_t n, int64_t now, int64_t* out,
-              std::vector<int64_t>& fresh_rows, std::vector<uint64_t>& fresh_keys) {
+              std::vector<int64_t>& fresh_rows, std::vector<uint64_t>& fresh_keys,
+              int64_t protect_since) {
     std::lock_guard<std::mutex> w(writer_mu_);
     const uint32_t epoch = ++epoch_;
+    guard_ = protect_since > 0 ? int64_t(uint32_t(epoch - uint32_t(protect_since))) : 0;
     if (now > clock_.load(std::memory_order_relaxed)) clock_.store(now, std::memory_order_relaxed);
     std::atomic<bool> any_miss{false};
     {
@@ -242,7 +246,7 @@ class DynamicTable {
       const uint64_t key = keys[i];
       int64_t row = probe(key);
       if (row >= 0) {
-        if (!expired(row, now) || meta_[row].epoch.load(std::memory_order_relaxed) == epoch) {
+        if (!expired(row, now) || kept(row)) {
           touch(row, now, epoch);  // inserted earlier in this call, or re-checked
           out[i] = row;
           continue;
@@ -253,7 +257,7 @@ class DynamicTable {
         out[i] = 0;
         continue;
       }
-      row = take_row(now, epoch);
+      row = take_row(now);
       if (row < 0) {  // every row is used by this very call: nothing may be evicted
         ++overflow_;
         out[i] = 0;
@@ -292,14 +296,15 @@ class DynamicTable {
 
   // ---------------------------------------------------------------- maintenance
   // Evicts every key not seen for more than ttl before `now`; returns how many.
-  int64_t expire(int64_t now) {
+  int64_t expire(int64_t now, int64_t protect_since) {
     std::lock_guard<std::mutex> w(writer_mu_);
     std::unique_lock<std::shared_mutex> x(rw_);
     if (ttl_ <= 0) return 0;
+    guard_ = protect_since > 0 ? int64_t(uint32_t(epoch_ - uint32_t(protect_since))) : -1;
     if (now > clock_.load(std::memory_order_relaxed)) clock_.store(now, std::memory_order_relaxed);
     int64_t n = 0;
     for (int64_t r = 1; r < next_unused_; ++r)
-      if (meta_[r].count.load(std::memory_order_relaxed) > 0 && expired(r, now)) {
+      if (meta_[r].count.load(std::memory_order_relaxed) > 0 && expired(r, now) && !kept(r)) {
         remove(r);
         ++n;
       }
@@ -477,6 +482,11 @@ class DynamicTable {
     return overflow_;
   }
   int64_t clock() const { return clock_.load(); }
+  // the number of the last training call (what lookup's protect_since names)
+  int64_t epoch() const {
+    std::lock_guard<std::mutex> w(writer_mu_);
+    return epoch_;
+  }
   void set_record_evictions(bool on) {
     std::lock_guard<std::mutex> w(writer_mu_);
     record_evictions_ = on;
@@ -498,6 +508,12 @@ class DynamicTable {
   bool expired(int64_t row, int64_t now) const {
     const int64_t last = meta_[row].last.load(std::memory_order_relaxed);
     return ttl_ > 0 && now > last && uint64_t(now) - uint64_t(last) > uint64_t(ttl_);
+  }
+
+  // used by a protected call (see lookup; guard_ < 0: none)
+  bool kept(int64_t row) const {
+    return guard_ >= 0 &&
+           int64_t(uint32_t(epoch_ - meta_[row].epoch.load(std::memory_order_relaxed))) <= guard_;
   }
 
   void touch(int64_t row, int64_t now, uint32_t epoch) {
@@ -554,10 +570,10 @@ class DynamicTable {
 
   // A row for a new key: a free one, a never used one, or one freed by eviction; -1 when every
   // row is used by this call.
-  int64_t take_row(int64_t now, uint32_t epoch) {
+  int64_t take_row(int64_t now) {
     if (free_.empty() && next_unused_ == rows_) {
       if (when_full_ == WhenFull::kGrow) resize_rows(rows_ * 2);  // the caller reserves first
-      else evict(now, epoch);
+      else evict(now);
     }
     if (!free_.empty()) {
       const int64_t row = free_.back();
@@ -570,12 +586,12 @@ class DynamicTable {
 
   // The table is full: frees the expired keys if any, else the `evict_fraction` of keys first in
   // eviction order (fewest lookups, then oldest; or oldest, then fewest), sparing this call's.
-  void evict(int64_t now, uint32_t epoch) {
+  void evict(int64_t now) {
     if (ttl_ > 0) {
       int64_t n = 0;
       for (int64_t r = 1; r < next_unused_; ++r)
         if (meta_[r].count.load(std::memory_order_relaxed) > 0 &&
-            meta_[r].epoch.load(std::memory_order_relaxed) != epoch && expired(r, now)) {
+            !kept(r) && expired(r, now)) {
           remove(r);
           ++n;
         }
@@ -596,7 +612,7 @@ class DynamicTable {
     for (int64_t r = 1; r < next_unused_; ++r) {
       const RowMeta& m = meta_[r];
       const uint32_t c = m.count.load(std::memory_order_relaxed);
-      if (c == 0 || m.epoch.load(std::memory_order_relaxed) == epoch) continue;
+      if (c == 0 || kept(r)) continue;
       const int64_t l = m.last.load(std::memory_order_relaxed);
       // the order key: (count, last) for LFU, (last, count) for "ttl"; last is shifted so that
       // it compares as unsigned
@@ -661,7 +677,8 @@ class DynamicTable {
   std::vector<uint16_t> sketch_;     // [depth, width] count-min, saturating
   uint64_t sketch_mask_ = 0;
   uint64_t rng_;
-  uint32_t epoch_ = 0;
+  uint32_t epoch_ = 0;                // training calls so far (wraps)
+  int64_t guard_ = 0;                 // calls protected from eviction: epoch_ - guard_ .. epoch_
   std::atomic<int64_t> clock_{std::numeric_limits<int64_t>::min()};
   int64_t overflow_ = 0;             // new keys sent to row 0 because the call used every row
   bool record_evictions_ = false;
@@ -720,7 +737,7 @@ void bind_dynamic_table(py::module_& m) {
       // keys int64/uint64 [n], now -> (rows int64 [n], fresh_rows int64 [k], fresh_keys [k])
       .def(
           "lookup",
-          [](DynamicTable& t, py::handle keys, int64_t now) {
+          [](DynamicTable& t, py::handle keys, int64_t now, int64_t protect_since) {
             int64_t n = 0;
             const uint64_t* k = key_arg(keys, "lookup", n);
             py::array_t<int64_t> out(n);
@@ -729,12 +746,12 @@ void bind_dynamic_table(py::module_& m) {
             std::vector<uint64_t> fk;
             {
               py::gil_scoped_release nogil;
-              t.lookup(k, n, now, po, fr, fk);
+              t.lookup(k, n, now, po, fr, fk, protect_since);
             }
             auto keys_out = to_array(fk).attr("view")("int64");
             return py::make_tuple(out, to_array(fr), keys_out);
           },
-          py::arg("keys"), py::arg("now"))
+          py::arg("keys"), py::arg("now"), py::arg("protect_since") = 0)
       // keys int64/uint64 [n] -> rows int64 [n], read-only (0 for unknown keys)
       .def(
           "find",
@@ -750,7 +767,7 @@ void bind_dynamic_table(py::module_& m) {
             return out;
           },
           py::arg("keys"))
-      .def("expire", &DynamicTable::expire, py::arg("now"),
+      .def("expire", &DynamicTable::expire, py::arg("now"), py::arg("protect_since") = 0,
            py::call_guard<py::gil_scoped_release>())
       .def("reserve_rows", &DynamicTable::reserve_rows, py::arg("rows"),
            py::call_guard<py::gil_scoped_release>())
@@ -767,7 +784,8 @@ void bind_dynamic_table(py::module_& m) {
       .def_property_readonly("rows", &DynamicTable::rows)
       .def_property_readonly("slots", &DynamicTable::slots)
       .def_property_readonly("overflow", &DynamicTable::overflow)
-      .def_property_readonly("clock", &DynamicTable::clock);
+      .def_property_readonly("clock", &DynamicTable::clock)
+      .def_property_readonly("epoch", &DynamicTable::epoch);
 }
 
 }  // namespace adrec

@@ -383,3 +383,20 @@ def test_growth_waits_for_a_pending_backward():
     del out  # a graph dropped without backward does not hold growth back
     emb(torch.arange(100, 140)).sum().backward()
     assert emb.num_keys == 52
+
+
+def test_eviction_spares_the_rows_of_a_pending_backward():
+    """Two forwards before one backward: the second may not evict (and reset) a row the first
+    one's update is bound to."""
+    emb = DynamicEmbedding(4, 3, eviction="lfu", optimizer=FusedSGD(lr=1.0), initializer=_init)
+    emb(torch.tensor([1, 1, 1, 2, 2, 2, 3])).sum().backward()  # counts: 1:3, 2:3, 3:1
+    r1, r2, r3 = emb.rows(torch.tensor([1, 2, 3])).tolist()
+    first = emb(torch.tensor([3]))  # pending; key 3 (count 2) is still the least used
+    w3 = emb.weight[r3].clone()
+    with torch.no_grad():
+        second = emb.rows(torch.tensor([4]), train=True)  # LFU would take key 3's row
+    assert second.tolist() == [r1]  # the next in LFU order (ties: older, then lower row)
+    assert emb.rows(torch.tensor([1, 2])).tolist() == [UNADMITTED_ROW, r2]
+    first.sum().backward()
+    torch.testing.assert_close(emb.weight[r3], w3 - 1.0)  # key 3 got its update
+    assert emb.rows(torch.tensor([3])).tolist() == [r3]
