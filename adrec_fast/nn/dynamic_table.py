@@ -364,7 +364,8 @@ class DynamicEmbedding(nn.Module):
         self._gen.set_state(t["init_rng"])
 
     def save(self, path) -> None:
-        """Writes the table to ``path`` (safetensors; the config in its metadata)."""
+        """Writes the table to ``path`` (safetensors; the config in its metadata). Call it from
+        the training thread: rows and map are read one after the other."""
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in self.state_tensors().items()}, str(path),
