@@ -179,6 +179,8 @@ class DynamicTable {
     else
       throw py::value_error("DynamicTable: eviction must be 'grow', 'lfu' or 'ttl', got '" +
                             when_full + "'");
+    // nothing reads the per-key counters of a growing table without TTL: hits skip them
+    usage_ = when_full_ != WhenFull::kGrow || ttl_ > 0;
     resize_rows(capacity + 1);
     next_unused_ = 1;
     resize_slots(next_pow2(uint64_t(std::ceil(double(capacity) / kMaxLoad)) + 1));
@@ -216,10 +218,14 @@ class DynamicTable {
           if (j >= b0 && j < b1) {
             const int64_t row = probe(keys[j]);
             out[j] = row;
+            if (!usage_) {
+              miss |= row < 0;
+              continue;
+            }
             if (row >= 0) __builtin_prefetch(&meta_[row], 1);
           }
           const int64_t k = i - 2 * kAhead;  // count the hit
-          if (k >= b0 && k < b1) {
+          if (usage_ && k >= b0 && k < b1) {
             const int64_t row = out[k];
             if (row < 0 || expired(row, now)) {
               out[k] = -1;
@@ -664,6 +670,7 @@ class DynamicTable {
   const int64_t ttl_;
   const double evict_fraction_;
   WhenFull when_full_ = WhenFull::kGrow;
+  bool usage_ = true;                 // hits update count / last seen / epoch
 
   mutable std::mutex writer_mu_;     // one training call (or maintenance) at a time
   mutable std::shared_mutex rw_;     // shared: lookups; exclusive: structure changes
