@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "common/dynamic_table.h"
 #include "common/parallel.h"
 #include "common/tuning.h"
 #include "cpu/scorer.h"
@@ -260,6 +261,7 @@ PYBIND11_MODULE(_C, m) {
     throw py::value_error(e.what());
   }
   adrec::bind_request_encoder(m);  // request_encoder.cpp: raw serving values -> ids
+  adrec::bind_dynamic_table(m);  // cpu/dynamic_table.cpp: raw keys -> rows of a dynamic table
   // What the CPU kernels use in this process: the ISA level (common/cpu_isa.h) and the
   // thresholds derived from the machine (common/tuning.h).
   m.def("runtime_info", [] {
