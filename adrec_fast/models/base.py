@@ -301,7 +301,9 @@ class CTRModel(nn.Module):
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Embedding tables without a fused optimizer (sparse gradients; SparseAdam/Adagrad)."""
-        return [c.weight for c in self.embedding_collections() if isinstance(c.weight, nn.Parameter)]
+        # a collection with a fused optimizer has no such table (and a sharded one none here)
+        return [c.weight for c in self.embedding_collections()
+                if c.optimizer is None and isinstance(c.weight, nn.Parameter)]
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Parameters for a dense torch optimizer: all but the embedding tables."""
