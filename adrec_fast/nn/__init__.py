@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Modules that own parameters; they call adrec_fast.functional, never torch.ops."""
+from .dynamic_table import DynamicEmbedding
 from .embedding_bag import EmbeddingBagCollection
 from .interaction import AttentionPooling, CrossNet, DotInteraction, FMInteraction, SigmoidBCEHead
 
@@ -7,6 +8,7 @@ __all__ = [
     "AttentionPooling",
     "CrossNet",
     "DotInteraction",
+    "DynamicEmbedding",
     "EmbeddingBagCollection",
     "FMInteraction",
     "SigmoidBCEHead",
