@@ -20,6 +20,26 @@ scales are fixed on a calibration sample (``SCALES``: first order 1.0, FM 0.6, d
 attention 0.5 in logit standard deviations) and the bias is bisected to give ``target_ctr``;
 the oracle AUC is near 0.8. Everything is a deterministic function of ``seed``: row i is the
 same whatever ``n`` or chunk size is asked for (rows are made in fixed blocks of ``BLOCK_ROWS``).
+
+Drift mode (``drift=True``): the stream has a clock, ``stream_time(row) = row / period_rows``
+periods ("days"; constant within a block of ``BLOCK_ROWS`` rows), and over ``drift_periods``
+periods the world changes:
+
+- ads are born and retire: item i is alive on [birth_i, birth_i + life_i), births spread
+  uniformly over [-2, drift_periods), lifetimes uniform in [1, 3] periods; candidates and
+  histories draw only alive items (Zipf popularity renormalised over them), so a model
+  trained on the early stream has never seen the late stream's ads;
+- click rates change: the first-order effect of every item and of the ad-side fields c2, c3
+  oscillates, ``w(t) = w + DRIFT_AMPLITUDE * std(w) * sin(2 pi t / P_id + phi_id)`` with a period
+  P_id in [1, 4] periods per id;
+- user interests shift: every user moves to a new interest cluster every ``INTEREST_PERIODS``
+  periods (a random offset per user); the candidate item, the history and an extra term
+  ``<u[item], centre[cluster of the user now]>`` (half the attention component) follow it.
+
+After ``drift_periods`` no ad is born and the interests stay put (the oscillation goes on).
+The scales and bias are fitted on a calibration sample spread over the drift horizon, so the
+CTR stays near ``target_ctr`` on average but moves with time; ``window_oracle_auc`` reports
+the oracle AUC per window of rows. Non-drift generators are unchanged by all this.
 """
 
 from __future__ import annotations
@@ -32,6 +52,12 @@ from .schema import Schema
 
 BLOCK_ROWS = 8192
 _CAL_ROWS = 32768
+# drift mode: amplitude of the click-rate oscillation in standard deviations of the field's
+# first-order effect; periods between two interest shifts of a user; the ad-side fields whose
+# click rates drift
+DRIFT_AMPLITUDE = 1.0
+INTEREST_PERIODS = 2.0
+_DRIFT_FIELDS = (1, 2, 3)
 
 
 def _sigmoid(x):
@@ -61,11 +87,21 @@ class SyntheticCTR:
         n_users: int = 1000,
         n_items: int = 1000,
         n_interacting: int = 6,
+        drift: bool = False,
+        period_rows: int = 100_000,
+        drift_periods: int = 7,
     ):
         if n_sparse < 2:
             raise ValueError("n_sparse counts user and item, so it must be >= 2")
         if not 0.0 < target_ctr < 1.0:
             raise ValueError("target_ctr must lie in (0, 1)")
+        if drift and int(period_rows) < 1:
+            raise ValueError(f"period_rows must be >= 1, got {period_rows}")
+        if drift and int(drift_periods) < 1:
+            raise ValueError(f"drift_periods must be >= 1, got {drift_periods}")
+        self.drift = bool(drift)
+        self.period_rows = int(period_rows)
+        self.drift_periods = int(drift_periods)
         self.n_rows = int(n_rows)
         self.seed = int(seed)
         self.n_sparse = n_sparse
@@ -117,10 +153,18 @@ class SyntheticCTR:
         tz = self._dense_term(self._dense_raw(np.random.default_rng([self.seed, 3]), _CAL_ROWS))
         self._tz_mean = tz.mean(0)
         self._tz_std = np.maximum(tz.std(0), 1e-12)
+        if self.drift:
+            self._init_drift(np.random.default_rng([self.seed, 4]), centres)
         # component scales and the bias, fixed on a calibration sample from its own stream
         self._scale = np.ones(4)
         self.bias = 0.0
-        parts = self._rows(np.random.default_rng([self.seed, 1]), _CAL_ROWS)[1]
+        if self.drift:
+            # spread over the drift horizon: 8 instants, a quarter-period apart in phase
+            cal = np.random.default_rng([self.seed, 1])
+            times = (np.arange(8) + 0.5) * self.drift_periods / 8
+            parts = np.concatenate([self._rows(cal, _CAL_ROWS // 8, t)[1] for t in times])
+        else:
+            parts = self._rows(np.random.default_rng([self.seed, 1]), _CAL_ROWS)[1]
         target_std = np.array(self.SCALES)
         self._scale = target_std / np.maximum(parts.std(axis=0), 1e-12)
         logit = (parts * self._scale).sum(axis=1)
@@ -133,44 +177,118 @@ class SyntheticCTR:
                 hi = mid
         self.bias = 0.5 * (lo + hi)
 
+    # ------------------------------------------------------------------ drift
+    def _init_drift(self, rng, centres: np.ndarray) -> None:
+        """The drift schedule, drawn once from its own stream (see the module docstring)."""
+        n_items, n_users = self.cardinalities[1], self.cardinalities[0]
+        self.item_birth = rng.uniform(-2.0, self.drift_periods, n_items)  # [n_items] periods
+        self.item_life = rng.uniform(1.0, 3.0, n_items)
+        self._osc = {}  # field -> (amplitude [card], period [card], phase [card])
+        for f in _DRIFT_FIELDS:
+            if f < self.n_sparse:
+                card = self.cardinalities[f]
+                amp = DRIFT_AMPLITUDE * self.w[f].std() * np.ones(card)
+                self._osc[f] = (amp, rng.uniform(1.0, 4.0, card), rng.uniform(0, 2 * np.pi, card))
+        n_slots = int(np.ceil(self.drift_periods / INTEREST_PERIODS)) + 2
+        # [n_users, n_slots]: slot 0 is the cluster drawn above, then a new one per slot
+        later = rng.integers(0, self.n_clusters, (n_users, n_slots - 1))
+        self._interest = np.concatenate([self.user_cluster[:, None], later], axis=1)
+        self._interest_offset = rng.uniform(0.0, INTEREST_PERIODS, n_users)
+        c = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+        self._centre = c  # [n_clusters, latent_dim], unit length
+
+    def stream_time(self, row: int) -> float:
+        """The drift clock of ``row`` in periods: the start of its block (0 without drift)."""
+        if not self.drift:
+            return 0.0
+        return (int(row) // BLOCK_ROWS) * BLOCK_ROWS / self.period_rows
+
+    def alive_items(self, t: float) -> np.ndarray:
+        """Bool [n_items]: the items (ads) alive at stream time ``t`` (all without drift)."""
+        if not self.drift:
+            return np.ones(self.cardinalities[1], dtype=bool)
+        born = self.item_birth <= min(t, self.drift_periods)
+        alive = born & (t < self.item_birth + self.item_life)
+        if not alive.any():  # never an empty catalogue: keep the most recently born item
+            alive[np.argmax(np.where(born, self.item_birth, -np.inf))] = True
+        return alive
+
+    def user_clusters(self, t: float) -> np.ndarray:
+        """[n_users] the interest cluster of every user at stream time ``t``."""
+        if not self.drift:
+            return self.user_cluster
+        tt = min(t, self.drift_periods)
+        slot = np.floor((tt + self._interest_offset) / INTEREST_PERIODS).astype(np.int64)
+        slot = np.minimum(slot, self._interest.shape[1] - 1)
+        return self._interest[np.arange(self._interest.shape[0]), slot]
+
+    def _state(self, t: float):
+        """(item cdf, per-cluster (items, cdf), user clusters, first-order deltas) at ``t``."""
+        alive = self.alive_items(t)
+        p_item = np.diff(np.r_[0.0, self._cdf[1]]) * alive
+        item_cdf = np.cumsum(p_item / p_item.sum())
+        alive_ids = np.flatnonzero(alive)
+        cluster_items = []
+        for c in range(self.n_clusters):
+            items = np.flatnonzero(alive & (self.item_cluster == c))
+            if items.size == 0:  # a cluster without a live ad falls back to every live ad
+                items = alive_ids
+            pc = p_item[items]
+            cluster_items.append((items, np.cumsum(pc / pc.sum())))
+        deltas = {f: amp * np.sin(2 * np.pi * t / per + ph)
+                  for f, (amp, per, ph) in self._osc.items()}
+        return item_cdf, cluster_items, self.user_clusters(t), deltas
+
     # ------------------------------------------------------------------ generation
-    def _draw(self, rng, f: int, size) -> np.ndarray:
-        cdf = self._cdf[f]
+    def _draw(self, rng, f: int, size, cdf=None) -> np.ndarray:
+        cdf = self._cdf[f] if cdf is None else cdf
         return np.minimum(np.searchsorted(cdf, rng.random(size)), cdf.size - 1)
 
-    def _from_clusters(self, rng, clusters: np.ndarray) -> np.ndarray:
+    def _from_clusters(self, rng, clusters: np.ndarray, cluster_items=None) -> np.ndarray:
         out = np.empty(clusters.shape, dtype=np.int64)
         r = rng.random(clusters.shape)
-        for c, (items, cdf) in enumerate(self._cluster_items):
+        cluster_items = self._cluster_items if cluster_items is None else cluster_items
+        for c, (items, cdf) in enumerate(cluster_items):
             m = clusters == c
             if m.any():
                 out[m] = items[np.minimum(np.searchsorted(cdf, r[m]), items.size - 1)]
         return out
 
-    def _rows(self, rng, n: int):
-        """n rows -> (raw dict of numpy columns, logit parts [n, 4] unscaled)."""
-        ids = [self._draw(rng, f, n) for f in range(self.n_sparse)]  # each [n]
+    def _rows(self, rng, n: int, t: float | None = None):
+        """n rows -> (raw dict of numpy columns, logit parts [n, 4] unscaled); ``t``: the stream
+        time of a drifting generator (None: no drift)."""
+        if t is None:
+            item_cdf, cl_items, user_cluster, deltas = None, None, self.user_cluster, {}
+        else:
+            item_cdf, cl_items, user_cluster, deltas = self._state(t)
+        ids = [self._draw(rng, f, n, item_cdf if f == 1 else None)
+               for f in range(self.n_sparse)]  # each [n]
         user = ids[0]
-        ucl = self.user_cluster[user]  # [n]
+        ucl = user_cluster[user]  # [n]
         # the candidate item comes from the user's cluster 35% of the time
         in_cluster = rng.random(n) < 0.35
-        ids[1] = np.where(in_cluster, self._from_clusters(rng, ucl), ids[1])
+        ids[1] = np.where(in_cluster, self._from_clusters(rng, ucl, cl_items), ids[1])
         # history: 0..max_len items, 80% from the user's cluster
         L = rng.integers(0, self.max_len + 1, n)  # [n]
         rows = np.repeat(np.arange(n), L)  # [nnz]
         hist = np.where(
             rng.random(rows.size) < 0.8,
-            self._from_clusters(rng, ucl[rows]),
-            self._draw(rng, 1, rows.size),
+            self._from_clusters(rng, ucl[rows], cl_items),
+            self._draw(rng, 1, rows.size, item_cdf),
         )
         raw = self._dense_raw(rng, n)
         # true model parts (using exactly the information the features carry)
         first = sum(self.w[f][ids[f]] for f in range(self.n_sparse))
+        for f, d in deltas.items():
+            first = first + d[ids[f]]
         vs = np.stack([self.v[f][ids[f]] for f in range(self.n_interacting)], axis=1)  # [n, F', k]
         fm = 0.5 * ((vs.sum(1) ** 2) - (vs**2).sum(1)).sum(1)
         dense_term = ((self._dense_term(raw) - self._tz_mean) / self._tz_std) @ self.a
         sims = (self.u[ids[1]][rows] * self.u[hist]).sum(1)  # [nnz]
         att = np.bincount(rows, weights=sims, minlength=n) / np.maximum(L, 1)
+        if t is not None:
+            # the user's interest now, which the history reveals only in part
+            att = 0.5 * att + 0.5 * (self.u[ids[1]] * self._centre[ucl]).sum(1)
         parts = np.stack([first, fm, dense_term, att], axis=1)
         raw_cols = {"ids": ids, "hist": hist, "hist_len": L, "dense": raw}
         return raw_cols, parts
@@ -191,7 +309,8 @@ class SyntheticCTR:
         import pyarrow as pa
 
         rng = np.random.default_rng([self.seed, 2, b])
-        raw, parts = self._rows(rng, BLOCK_ROWS)
+        t = self.stream_time(b * BLOCK_ROWS) if self.drift else None
+        raw, parts = self._rows(rng, BLOCK_ROWS, t)
         p = _sigmoid(self.bias + (parts * self._scale).sum(axis=1))
         y = (rng.random(BLOCK_ROWS) < p).astype(np.int64)
         cols = {"label": pa.array(y)}
@@ -250,6 +369,34 @@ class SyntheticCTR:
         table, p = next(self.chunks(offset + n, chunk_rows=offset + n, with_probability=True))
         y = table.column("label").to_numpy()
         return auc(y[offset:], p[offset:])
+
+    def window_oracle_auc(self, n: int | None = None, window_rows: int = 100_000,
+                          offset: int = 0) -> list[dict]:
+        """The oracle AUC per window of ``window_rows`` rows over rows [offset, offset + n),
+        generated chunk by chunk: [{"start", "stop", "oracle_auc", "ctr", "time"}] (``time``:
+        the stream time of the window's first row; the last window may be shorter)."""
+        n = self.n_rows if n is None else int(n)
+        if window_rows < 1:
+            raise ValueError(f"window_rows must be >= 1, got {window_rows}")
+        out, ys, ps, start = [], [], [], offset
+        pos = 0
+        for table, p in self.chunks(offset + n, chunk_rows=window_rows, with_probability=True):
+            lo = max(offset - pos, 0)
+            pos += table.num_rows
+            if lo >= table.num_rows:
+                continue
+            ys.append(table.column("label").to_numpy()[lo:])
+            ps.append(p[lo:])
+            have = sum(y.size for y in ys)
+            while have >= window_rows or (pos == offset + n and have):
+                y, q = np.concatenate(ys), np.concatenate(ps)
+                k = min(window_rows, y.size)
+                out.append({"start": start, "stop": start + k, "oracle_auc": auc(y[:k], q[:k]),
+                            "ctr": float(y[:k].mean()), "time": self.stream_time(start)})
+                start += k
+                ys, ps = ([y[k:]], [q[k:]]) if y.size > k else ([], [])
+                have = y.size - k
+        return out
 
     # ------------------------------------------------------------------ schema and batches
     def schema(self, fit: bool = True):
