@@ -1,0 +1,316 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Online training: one pass over a stream in order, with progressive validation.
+
+Every mini-batch is scored before it is trained on, so the predictions of the whole stream are
+out-of-sample and their AUC and logloss (``progressive_auc``, ``progressive_logloss``) measure
+the model as it would have served at that moment. The stream is any iterator of pyarrow
+RecordBatches / Tables (encoded with the schema) or of encoded ``Batch``es; nothing is held
+but the current chunk and one probability and label per row seen.
+
+    result = train_online(model, chunks, schema=schema, trainer=Trainer(model, ...))
+    result.progressive_auc, result.windows        # per window of ``window_rows`` rows
+
+Checkpoints (``checkpoint_dir``, every ``checkpoint_every`` rows) hold the trainer's state, the
+stream position (rows consumed) and the progressive scores so far; ``resume=True`` restores
+them and skips the rows already trained on, so a killed run that is handed the same stream
+again trains no row twice and reports the same metrics as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.batch import Batch
+from ..data.metrics import auc, logloss
+from ..models import checkpoint as ckpt
+from .loop import Trainer
+
+STATE_DIR = "online"  # the checkpoint's directory inside checkpoint_dir
+SCORES_FILE = "progressive.npz"
+
+
+@dataclass
+class OnlineResult:
+    """What one online pass measured.
+
+    progressive_auc / progressive_logloss: over every row of the stream, each scored before the
+        model trained on it; windows: the same per window of ``window_rows`` rows
+        ([{"start", "stop", "auc", "logloss", "ctr", "mean_prediction"}]); rows: rows trained on
+        (this run and any it resumed); samples_per_s: rows per second of this run's loop
+        (scoring and training, excluding the stream's own time where it is a generator).
+    """
+
+    progressive_auc: float = float("nan")
+    progressive_logloss: float = float("nan")
+    rows: int = 0
+    windows: list[dict] = field(default_factory=list)
+    samples_per_s: float = float("nan")
+    train_time_s: float = 0.0
+    resumed_from: int = 0
+    probs: np.ndarray | None = None  # [rows] float32 progressive scores
+    labels: np.ndarray | None = None  # [rows] float32
+
+    def metrics(self) -> dict:
+        return {"progressive_auc": self.progressive_auc,
+                "progressive_logloss": self.progressive_logloss, "rows": self.rows,
+                "samples_per_s": self.samples_per_s, "train_time_s": self.train_time_s,
+                "resumed_from": self.resumed_from, "windows": self.windows}
+
+
+def scores_in_train_mode(model) -> bool:
+    """True when the model's train-mode forward equals its eval-mode forward (no active
+    dropout, no batch norm), so the training step's own logits, computed before the update,
+    are the progressive scores and progressive validation costs no second forward."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            return False
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return False
+    return True
+
+
+def _train_step(trainer: Trainer, batch: Batch) -> torch.Tensor:
+    """One optimizer step of ``trainer`` on ``batch``; returns the logits [B] of the forward
+    (before the update). The same step as ``Trainer.fit``'s loop body (dense and sparse
+    optimizers, gradient clipping), without its per-epoch schedule: an online pass runs at the
+    trainer's current learning rates."""
+    model = trainer.model
+    logits = model(batch)  # [B]
+    loss = model.loss(logits, batch.labels)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if trainer.sparse_optimizer is not None:
+        trainer.sparse_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if trainer.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(trainer.optimizer.param_groups[0]["params"],
+                                       trainer.clip_grad_norm)
+    trainer.optimizer.step()
+    if trainer.sparse_optimizer is not None:
+        trainer.sparse_optimizer.step()
+    trainer.global_step += 1
+    lv = float(loss.detach())
+    if not math.isfinite(lv):
+        raise FloatingPointError(f"training loss is {lv} at step {trainer.global_step}; lower "
+                                 "the learning rates")
+    return logits.detach()
+
+
+def _mini_batches(stream: Iterable, schema, batch_size: int, skip: int):
+    """Encoded Batches of at most ``batch_size`` rows from ``stream``, in order, after skipping
+    its first ``skip`` rows. Arrow chunks are encoded with ``schema`` and re-cut; a ``Batch``
+    is cut into pieces of ``batch_size`` rows."""
+    import pyarrow as pa
+
+    carry: Batch | None = None
+    for i, item in enumerate(stream):
+        if isinstance(item, Batch):
+            enc = item
+        elif isinstance(item, (pa.RecordBatch, pa.Table)):
+            if schema is None:
+                raise ValueError("train_online: the stream yields Arrow chunks, so it needs a "
+                                 "schema (schema=...) to encode them")
+            if skip >= item.num_rows:  # skipped without encoding
+                skip -= item.num_rows
+                continue
+            enc = schema.encode(item.slice(skip) if skip else item)
+            skip = 0
+        else:
+            raise TypeError(f"train_online: stream item {i} is a {type(item).__name__}; "
+                            "expected a pyarrow RecordBatch/Table or an adrec_fast Batch")
+        if skip:
+            if skip >= enc.batch_size:
+                skip -= enc.batch_size
+                continue
+            enc = enc.slice(skip, enc.batch_size)
+            skip = 0
+        if carry is not None:
+            enc = Batch.concat([carry, enc])
+            carry = None
+        start = 0
+        while enc.batch_size - start >= batch_size:
+            yield enc if (start == 0 and enc.batch_size == batch_size) \
+                else enc.slice(start, start + batch_size)
+            start += batch_size
+        if start < enc.batch_size:
+            carry = enc.slice(start, enc.batch_size)
+    if carry is not None and carry.batch_size:
+        yield carry
+
+
+def _window_metrics(y: np.ndarray, p: np.ndarray, start: int) -> dict:
+    return {"start": start, "stop": start + int(y.size), "auc": auc(y, p),
+            "logloss": logloss(y, p), "ctr": float(y.mean()) if y.size else float("nan"),
+            "mean_prediction": float(p.mean()) if p.size else float("nan")}
+
+
+def _save_state(trainer: Trainer, directory: Path, position: int, probs: list, labels: list,
+                extra: dict) -> None:
+    """Trainer checkpoint + position + scores so far, written to a temporary directory and
+    moved into place in one rename: a kill leaves the previous checkpoint or this one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / STATE_DIR
+    tmp = directory / f".{STATE_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        trainer.save(tmp, {"online": {"position": int(position), **extra}})
+        p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+        y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+        with open(tmp / SCORES_FILE, "wb") as f:
+            np.savez(f, probs=p, labels=y)
+        ckpt.replace_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_position(checkpoint_dir) -> int | None:
+    """The stream position (rows trained on) of ``checkpoint_dir``'s online checkpoint, or
+    None when there is none."""
+    path = Path(checkpoint_dir) / STATE_DIR / ckpt.META_FILE
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return int(doc["metrics"]["online"]["position"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: not an online checkpoint (no metrics.online.position)") \
+            from None
+
+
+def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | None = None,
+                 batch_size: int | None = None, window_rows: int = 100_000,
+                 checkpoint_dir=None, checkpoint_every: int | None = None, resume: bool = False,
+                 plot=None, progress: bool = False, **trainer_kw) -> OnlineResult:
+    """One pass over ``stream`` in order with progressive validation (see the module doc).
+
+    Args:
+        model: a ``CTRModel`` (trained further in place).
+        stream: iterable of pyarrow RecordBatches/Tables (needs ``schema``) or ``Batch``es.
+        trainer: the ``Trainer`` whose optimizers (and their state) take the steps; default a
+            new ``Trainer(model, **trainer_kw)``. Its learning rates are used as they are.
+        batch_size: rows per step (default ``trainer.batch_size``).
+        window_rows: rows per window of the windowed metrics.
+        checkpoint_dir, checkpoint_every: write ``checkpoint_dir/online`` every that many rows
+            (rounded up to whole steps) and at the end; ``resume``: continue from it.
+        plot: a PNG path for rolling AUC and logloss per window (skipped with a note on stderr
+            when matplotlib is missing).
+    Returns an ``OnlineResult``. Deterministic for a given model, trainer and stream.
+    """
+    if trainer is None:
+        trainer = Trainer(model, progress=False, **trainer_kw)
+    elif trainer_kw:
+        raise TypeError(f"train_online: pass either trainer or trainer options, not both "
+                        f"({sorted(trainer_kw)})")
+    if trainer.model is not model:
+        raise ValueError("train_online: trainer.model is not the model being trained")
+    bs = int(batch_size if batch_size is not None else trainer.batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if window_rows < 1:
+        raise ValueError(f"window_rows must be >= 1, got {window_rows}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1 rows, got {checkpoint_every}")
+    if (checkpoint_every is not None or resume) and checkpoint_dir is None:
+        raise ValueError("checkpoint_every and resume need a checkpoint_dir")
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    probs: list[np.ndarray] = []  # float32 per step
+    labels: list[np.ndarray] = []
+    position = 0
+    if resume and load_position(ckdir) is not None:
+        position = load_position(ckdir)
+        trainer.resume(ckdir / STATE_DIR)
+        with np.load(ckdir / STATE_DIR / SCORES_FILE) as z:
+            if z["probs"].size != position or z["labels"].size != position:
+                raise ValueError(f"{ckdir / STATE_DIR / SCORES_FILE}: {z['probs'].size} scores "
+                                 f"for stream position {position}; the checkpoint is corrupt")
+            probs, labels = [z["probs"]], [z["labels"]]
+    resumed_from = position
+    in_train_mode = scores_in_train_mode(model)
+    model.train()
+    next_ckpt = position + checkpoint_every if checkpoint_every else None
+    t_loop, trained = 0.0, 0
+    it = _mini_batches(stream, schema, bs, position)
+    while True:
+        batch = next(it, None)  # the stream's own time (reading, encoding) is not the loop's
+        if batch is None:
+            break
+        y = batch.labels
+        if torch.isnan(y).any():
+            raise ValueError(f"train_online: rows {position}..{position + batch.batch_size} "
+                             "have no label; an online stream needs the label column")
+        t0 = time.perf_counter()
+        if not in_train_mode:  # dropout or batch norm: score in eval mode first
+            model.eval()
+            with torch.no_grad():
+                score = model(batch)
+            model.train()
+            _train_step(trainer, batch)
+        else:
+            score = _train_step(trainer, batch)
+        probs.append(torch.sigmoid(score).float().numpy())
+        labels.append(y.float().numpy())
+        t_loop += time.perf_counter() - t0
+        position += batch.batch_size
+        trained += batch.batch_size
+        if next_ckpt is not None and position >= next_ckpt:
+            _save_state(trainer, ckdir, position, probs, labels, {})
+            next_ckpt = position + checkpoint_every
+    if ckdir is not None and (checkpoint_every is not None or resume):
+        _save_state(trainer, ckdir, position, probs, labels, {"done": True})
+    p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+    y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+    windows = [_window_metrics(y[s:s + window_rows], p[s:s + window_rows], s)
+               for s in range(0, y.size, window_rows)]
+    result = OnlineResult(progressive_auc=auc(y, p) if y.size else float("nan"),
+                          progressive_logloss=logloss(y, p) if y.size else float("nan"),
+                          rows=int(y.size), windows=windows,
+                          samples_per_s=trained / t_loop if t_loop > 0 else float("nan"),
+                          train_time_s=t_loop, resumed_from=resumed_from, probs=p, labels=y)
+    if plot is not None:
+        plot_online(result, plot)
+    if progress:
+        print(f"online: {result.rows:,} rows, progressive AUC {result.progressive_auc:.4f}, "
+              f"logloss {result.progressive_logloss:.4f}, {result.samples_per_s:,.0f} samples/s",
+              flush=True)
+    return result
+
+
+def plot_online(result: OnlineResult, path) -> Path | None:
+    """PNG of the per-window AUC (left) and logloss (right) over the stream, with the
+    cumulative progressive values; None (and a note on stderr) without matplotlib."""
+    import sys
+
+    from .plots import _pyplot, _save, missing_matplotlib
+
+    note = missing_matplotlib()
+    if note:
+        print(note, file=sys.stderr)
+        return None
+    plt = _pyplot()
+    x = [w["stop"] for w in result.windows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        a.plot(x, [w["auc"] for w in result.windows], "o-", label="window AUC")
+        a.axhline(result.progressive_auc, ls="--", color="gray",
+                  label=f"progressive AUC {result.progressive_auc:.4f}")
+        b.plot(x, [w["logloss"] for w in result.windows], "o-", color="C1",
+               label="window logloss")
+        b.axhline(result.progressive_logloss, ls="--", color="gray",
+                  label=f"progressive logloss {result.progressive_logloss:.4f}")
+        for ax, name in ((a, "AUC"), (b, "logloss")):
+            ax.set_xlabel("rows streamed")
+            ax.set_ylabel(name)
+            ax.legend()
+            ax.grid(alpha=0.3)
+        fig.suptitle("online training: progressive validation")
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
