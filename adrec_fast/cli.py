@@ -186,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "each epoch (bounded memory, shuffled by chunks); off: hold it in "
                         "memory; auto (default): hold it when it is small next to the free "
                         "memory")
+    p.add_argument("--online", action="store_true",
+                   help="one pass over DATA in order with progressive validation (each batch is "
+                        "scored before it is trained on); reports progressive_auc and "
+                        "progressive_logloss, writes online.png; no rows are held out")
+    p.add_argument("--time-col", metavar="COL", default=None,
+                   help="with --online: stream the rows in the order of this column (numbers, or "
+                        "ISO-8601 date-times; rows out of order are sorted, stably, and counted "
+                        "on stderr; the file is then read whole first); the column is not a "
+                        "feature")
     _train_options(p)
     _common(p)
 
@@ -403,6 +412,8 @@ def cmd_demo(a) -> int:
 
 def cmd_train(a) -> int:
     _check_options(a)
+    if a.online or a.time_col:
+        return cmd_train_online(a)
     import torch
 
     from .data.schema import Schema
@@ -458,6 +469,99 @@ def cmd_train(a) -> int:
                     "samples_per_s": result.history[-1]["samples_per_s"] if result.history else None,
                     "rows_train": len(train), "rows_valid": len(valid),
                     "out": str(out)})
+    return 0
+
+
+def cmd_train_online(a) -> int:
+    """``train --online``: fit the schema's vocabularies on DATA, then one pass in order (by
+    ``--time-col`` when given) with progressive validation; saves best/ (the final model),
+    last/ (with optimizer state), metrics.json and online.png."""
+    if not a.online:
+        raise CLIError("--time-col orders the stream of --online; add --online")
+    for flag, given in (("--valid", a.valid is not None), ("--epochs", a.epochs is not None),
+                        ("--patience", a.patience is not None)):
+        if given:
+            raise CLIError(f"{flag} does not apply to --online (one pass, progressive "
+                           "validation on every row instead of held-out rows)")
+    import torch
+
+    from .data.pipeline import fit_schema
+    from .data.readers import open_reader
+    from .data.schema import Schema
+    from .models.checkpoint import replace_dir, save_checkpoint
+    from .models.registry import build_model
+    from .training.loop import Trainer
+    from .training.online import order_by_time, train_online
+
+    out = Path(a.out)
+    _fresh_out(out, a.overwrite)
+    drop = [c.strip() for c in a.drop.split(",") if c.strip()]
+    reader_kw = {"skip_bad_rows": a.skip_bad_rows, "max_bad_rows": a.max_bad_rows}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if a.schema:
+            schema = Schema.load(a.schema)
+            if drop:
+                raise CLIError("--drop applies to an inferred schema; edit the --schema file")
+        else:
+            if a.time_col:  # name a missing --time-col before the schema inference does
+                first = next(iter(open_reader(a.data, label=a.label, chunk_rows=16)), None)
+                names = first.column_names if first is not None else []
+                if a.time_col not in names:
+                    raise CLIError(f"--time-col {a.time_col!r}: {a.data} has no such column "
+                                   f"(columns: {', '.join(names)})")
+            schema = _infer_schema(a.data, a.label, drop + ([a.time_col] if a.time_col else []))
+        if a.time_col and a.time_col == schema.label:
+            raise CLIError(f"--time-col {a.time_col!r} is the label column")
+        # the vocabularies come from one pass over DATA first (static tables need them)
+        if not schema.fitted:
+            fit_schema(schema, a.data, **reader_kw)
+        keep = [a.time_col] if a.time_col and a.time_col not in schema.raw_columns() else []
+        reader = open_reader(a.data, schema=schema, label=schema.label, keep=keep, **reader_kw)
+        if a.time_col:
+            table, moved = order_by_time(reader, a.time_col, a.data,
+                                         rows_are_lines=not a.skip_bad_rows)
+            if moved:
+                print(f"{a.data}: {moved:,} rows out of {a.time_col!r} order; sorted (stable)",
+                      file=sys.stderr)
+            stream = table.to_batches(max_chunksize=65536)
+        else:
+            stream = reader
+        torch.manual_seed(a.seed)
+        model_kw, trainer_kw, _ = _recipe(a)
+        try:
+            model = build_model(a.model, schema, **model_kw)
+        except (TypeError, ValueError) as e:
+            raise CLIError(str(e)) from None
+        for k in ("patience", "plateau_factor", "calibrate"):  # per-epoch settings
+            trainer_kw.pop(k, None)
+        trainer = Trainer(model, seed=a.seed, progress=False, **trainer_kw)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            tmp.mkdir(parents=True)
+            res = train_online(model, stream, schema=schema, trainer=trainer,
+                               plot=tmp / "online.png")
+            if res.rows == 0:
+                raise CLIError(f"{a.data}: no data rows")
+            m = {k: v for k, v in res.metrics().items()}
+            save_checkpoint(tmp / "best", model, meta={"metrics": {k: v for k, v in m.items()
+                                                                   if k != "windows"}})
+            trainer.save(tmp / "last", {"online": {"position": res.rows}})
+            (tmp / "metrics.json").write_text(json.dumps(
+                {**m, "data": str(a.data), "time_col": a.time_col, "model": model.config},
+                indent=1, default=float), encoding="utf-8")
+            replace_dir(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    _report_warnings(caught)
+    print(f"model {a.model}: online over {res.rows:,} rows: progressive AUC "
+          f"{_fmt(res.progressive_auc)}, logloss {_fmt(res.progressive_logloss)}, "
+          f"{res.samples_per_s:,.0f} samples/s; saved to {out}")
+    if a.json:
+        _json_line({"progressive_auc": res.progressive_auc,
+                    "progressive_logloss": res.progressive_logloss, "rows": res.rows,
+                    "samples_per_s": res.samples_per_s, "model": a.model, "out": str(out)})
     return 0
 
 

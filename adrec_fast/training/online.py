@@ -283,6 +283,116 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
     return result
 
 
+def _parse_strings(col) -> np.ndarray | None:
+    """Strings as float64: numbers, else ISO-8601 date-times (naive, or with a zone such as
+    'Z', in seconds since the epoch); None when the whole column reads as neither."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for to in (pa.float64(), pa.timestamp("ns"), pa.timestamp("ns", tz="UTC")):
+        try:
+            v = pc.cast(col, to)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+        return v.to_numpy() if to == pa.float64() else pc.cast(v, pa.int64()).to_numpy() / 1e9
+    return None
+
+
+def _times_of(col, col_name: str, path, first_row: int) -> np.ndarray:
+    """[rows] float64 seconds (or the plain numbers) of a time column chunk; raises
+    ``DataError`` naming the first value that is missing or does not parse (its data row,
+    1-based, in ``line``; ``order_by_time`` turns it into a file line where it can)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ..data.errors import DataError
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+    def bad(i: int, why: str):
+        v = col[i].as_py()
+        return DataError(f"{why}: {v!r}" if v is not None else why, path=path,
+                         line=first_row + i + 1, field=col_name, line_kind="row")
+
+    if col.null_count:
+        raise bad(int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]),
+                  "missing timestamp")
+    t = col.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        out = pc.cast(col, pa.float64()).to_numpy()
+    elif pa.types.is_timestamp(t) or pa.types.is_date(t):
+        out = pc.cast(pc.cast(col, pa.timestamp("ns")), pa.int64()).to_numpy() / 1e9
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        out = _parse_strings(col)
+        if out is None:
+            for i in range(len(col)):  # the first value that no form reads
+                if _parse_strings(col.slice(i, 1)) is None:
+                    raise bad(i, "unparsable timestamp (want a number or an ISO-8601 "
+                                 "date-time)")
+            raise bad(0, "timestamps mix numbers and date-times")
+    else:
+        raise DataError(f"a time column must hold numbers or date-times, not {t}", path=path,
+                        field=col_name)
+    if np.isnan(out).any():
+        raise bad(int(np.flatnonzero(np.isnan(out))[0]), "timestamp is NaN")
+    return out
+
+
+def _line_of_row(path, row: int) -> int | None:
+    """The file line of data row ``row`` (1-based) of a CSV file with a header, counting as
+    the reader does (blank lines skipped), or None for other formats. Only on the error path."""
+    import gzip
+
+    name = str(path).lower().removesuffix(".gz")
+    if not name.endswith((".csv", ".tsv", ".txt")):
+        return None
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    seen = 0
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            if line_no == 1 or not line.strip():
+                continue
+            seen += 1
+            if seen == row:
+                return line_no
+    return None
+
+
+def order_by_time(chunks, col: str, path="<stream>", rows_are_lines: bool = True):
+    """All of ``chunks`` (pyarrow Tables) as one Table, stably sorted by the time column
+    ``col`` (numbers, or date-times: ISO-8601 strings or Arrow timestamps), which is dropped.
+    Returns (table, rows that moved: 0 when the input was already in order). A missing or
+    unparsable timestamp raises ``DataError`` naming the file, the column and the line of a
+    CSV file (``rows_are_lines``: no row was skipped, so the n-th row is the n-th non-blank
+    line after the header), else the row (1-based, among the rows the chunks hold)."""
+    import pyarrow as pa
+
+    from ..data.errors import DataError
+
+    tables, times, n = [], [], 0
+    for chunk in chunks:
+        if col not in chunk.column_names:
+            raise DataError(f"no time column {col!r} (columns: {', '.join(chunk.column_names)})",
+                            path=path, field=col)
+        try:
+            times.append(_times_of(chunk.column(col), col, path, n))
+        except DataError as e:
+            line = (_line_of_row(path, e.line) if e.line is not None and rows_are_lines
+                    else None)
+            if line is None:
+                raise
+            raise DataError(e.reason, path=path, line=line, field=col) from None
+        tables.append(chunk.drop_columns([col]))
+        n += chunk.num_rows
+    if not tables:
+        return pa.table({}), 0
+    table = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+    t = np.concatenate(times)  # [rows]
+    order = np.argsort(t, kind="stable")
+    moved = int((order != np.arange(order.size)).sum())
+    return (table.take(pa.array(order)) if moved else table), moved
+
+
 def plot_online(result: OnlineResult, path) -> Path | None:
     """PNG of the per-window AUC (left) and logloss (right) over the stream, with the
     cumulative progressive values; None (and a note on stderr) without matplotlib."""

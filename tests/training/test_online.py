@@ -5,6 +5,7 @@ windows, checkpoint + resume without training a row twice, bad input."""
 import copy
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -193,3 +194,70 @@ def test_batch_input_is_recut(data):
     parts = [big.slice(s, s + 1000) for s in range(0, N, 1000)]
     np.testing.assert_array_equal(train_online(_model(schema), parts, batch_size=1000).probs,
                                   res.probs)
+
+
+# ---------------------------------------------------------------------------- the CLI
+def _csv(path, table, times):
+    import pyarrow.csv as pcsv
+
+    t = table.drop_columns(["hist"]).append_column("ts", pa.array(times))
+    pcsv.write_csv(t, path)
+
+
+def _last_json(out: str) -> dict:
+    import json
+
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_cli_online_in_time_order(data, tmp_path, capsys):
+    from adrec_fast.cli import main
+    from adrec_fast.models.checkpoint import load_model
+
+    _, table = data
+    table = table.slice(0, 1200)
+    ts = np.arange(1200, dtype=np.int64) * 10
+    ts[[5, 900]] = ts[[900, 5]]  # two rows out of order
+    d = tmp_path / "a.csv"
+    _csv(d, table, ts)
+    argv = ["train", str(d), "--online", "--time-col", "ts", "--model", "lr", "--batch-size",
+            "128", "--out", str(tmp_path / "run"), "--json", "--no-progress"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    res = _last_json(cap.out)
+    assert res["rows"] == 1200 and 0.3 < res["progressive_auc"] < 1 and res["progressive_logloss"] > 0
+    assert "2 rows out of 'ts' order; sorted (stable)" in cap.err
+    model, schema, _ = load_model(tmp_path / "run")
+    assert "ts" not in schema.raw_columns()
+    # the same rows already in order (the CSV sorted by hand) give the same run
+    order = np.argsort(ts, kind="stable")
+    _csv(tmp_path / "b.csv", table.take(pa.array(order)), ts[order])
+    argv2 = ["train", str(tmp_path / "b.csv"), "--online", "--time-col", "ts", "--model", "lr",
+             "--batch-size", "128", "--out", str(tmp_path / "run2"), "--json", "--no-progress"]
+    assert main(argv2) == 0
+    cap = capsys.readouterr()
+    assert _last_json(cap.out)["progressive_auc"] == res["progressive_auc"]
+    assert "out of" not in cap.err
+
+
+def test_cli_online_bad_input(data, tmp_path, capsys):
+    from adrec_fast.cli import main
+
+    _, table = data
+    table = table.slice(0, 50)
+    d = tmp_path / "bad.csv"
+    _csv(d, table, [f"2024-01-01T00:00:{i:02d}" for i in range(30)] + ["soon"]
+         + [f"2024-01-01T00:01:{i:02d}" for i in range(19)])
+    base = ["--online", "--model", "lr", "--out", str(tmp_path / "r")]
+    assert main(["train", str(d), "--time-col", "ts"] + base) == 2
+    err = capsys.readouterr().err
+    # header = line 1, so data row 31 is line 32
+    assert "bad.csv, line 32, field 'ts': unparsable timestamp" in err and "'soon'" in err
+    assert not (tmp_path / "r").exists()
+    assert main(["train", str(d), "--time-col", "nope"] + base) == 2
+    assert "--time-col 'nope': " + str(d) + " has no such column" in capsys.readouterr().err
+    assert main(["train", str(d), "--time-col", "ts", "--model", "lr", "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "--time-col orders the stream of --online" in capsys.readouterr().err
+    assert main(["train", str(d), "--epochs", "2"] + base) == 2
+    assert "--epochs does not apply to --online" in capsys.readouterr().err
