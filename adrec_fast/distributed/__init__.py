@@ -15,8 +15,13 @@ A run, on every rank (started by torchrun, or with its environment set by hand):
         with ctx.guard("a training step"):             # a lost peer -> PeerFailure
             loss = model.loss(ddp(part), part.labels)
             opt.zero_grad(); loss.backward(); opt.step()   # tables updated inside backward
-    unshard_model(model)                               # full tables on every rank
+    save_sharded(run_dir, model, ctx, optimizer=opt)   # each rank its tables, rank 0 the rest
+
+A saved run loads onto any number of ranks, with another plan (``load_sharded`` then
+``load_optimizer``), or in one process with ``adrec_fast.models.load_model`` as it is.
+``unshard_model(model)`` puts full tables back on every rank instead.
 """
+from .checkpoint import load_optimizer, load_sharded, save_sharded
 from .exchange import Exchange, probe_all_to_all
 from .planner import ShardingPlan, access_from_batch, plan_tables
 from .process_group import (
@@ -31,6 +36,7 @@ from .sharding import (
     ShardedEmbeddingBagCollection,
     local_batch,
     local_rows,
+    model_plans,
     shard_model,
     unshard_model,
     wrap_ddp,
@@ -48,9 +54,13 @@ __all__ = [
     "fingerprint",
     "init_from_env",
     "local_batch",
+    "load_optimizer",
+    "load_sharded",
     "local_rows",
+    "model_plans",
     "plan_tables",
     "probe_all_to_all",
+    "save_sharded",
     "shard_model",
     "unshard_model",
     "wrap_ddp",

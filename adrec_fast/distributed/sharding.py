@@ -323,23 +323,40 @@ def _replace(model: nn.Module, kind: type, make) -> list[tuple[str, nn.Module]]:
 
 def shard_model(model: nn.Module, ctx: DistContext, exchange: Exchange | None = None,
                 access: dict[str, list[float]] | None = None,
+                plans: dict[str, ShardingPlan] | None = None,
                 ) -> dict[str, ShardedEmbeddingBagCollection]:
     """Replace every ``EmbeddingBagCollection`` of ``model`` (``lookup.ebc``, ``linear.ebc``,
     ...) by a ``ShardedEmbeddingBagCollection``, in place; the dense layers are untouched.
-    ``access`` maps a collection's module path to its ids per step per table (planner input).
-    All collections share one ``exchange`` (probed once). Returns path -> sharded collection.
+    ``access`` maps a collection's module path to its ids per step per table (planner input);
+    ``plans`` maps a path to a ready plan instead (``model_plans``). All collections share one
+    ``exchange`` (probed once). Returns path -> sharded collection.
     """
     exchange = exchange if exchange is not None else Exchange(ctx)
-    access = access or {}
+    plans = model_plans(model, ctx.world, access, plans)
 
     def make(name, ebc):
-        plan = plan_tables(ebc.num_embeddings, ctx.world, ebc.embedding_dim, access.get(name))
-        return ShardedEmbeddingBagCollection(ebc, ctx, plan, exchange)
+        return ShardedEmbeddingBagCollection(ebc, ctx, plans[name], exchange)
 
     done = _replace(model, EmbeddingBagCollection, make)
     if not done:
         raise ValueError("shard_model: the model has no EmbeddingBagCollection to shard")
     return dict(done)
+
+
+def model_plans(model: nn.Module, world: int, access: dict[str, list[float]] | None = None,
+                plans: dict[str, ShardingPlan] | None = None) -> dict[str, ShardingPlan]:
+    """The plan of every ``EmbeddingBagCollection`` of ``model`` over ``world`` ranks, by module
+    path: the one given in ``plans``, else ``plan_tables`` with that path's ``access``."""
+    access, plans = access or {}, dict(plans or {})
+    out = {}
+    for name, ebc in model.named_modules():
+        if isinstance(ebc, EmbeddingBagCollection):
+            out[name] = plans.pop(name, None) or plan_tables(
+                ebc.num_embeddings, world, ebc.embedding_dim, access.get(name))
+    if plans:
+        raise ValueError(f"shard_model: plans name collections the model does not have: "
+                         f"{sorted(plans)} (it has {sorted(out)})")
+    return out
 
 
 @torch.no_grad()

@@ -27,6 +27,14 @@ Format (``FORMAT = "adrec_fast.checkpoint"``, ``VERSION = 1``). A checkpoint is 
 ``schema.json``
     the same schema on its own (``Schema.load``), for serving tools.
 
+A distributed run writes the same directory with its embedding tables split by rows
+(``adrec_fast.distributed.save_sharded``): ``model.safetensors`` then holds everything but those
+tables, checkpoint.json says ``"sharded": "manifest.json"``, and ``manifest.json`` lists every
+file (bytes, sha256) and, per split tensor (``lookup.ebc.weight``, ``lookup.ebc.state``), its
+full shape and dtype and its row blocks (``{"file", "name", "rows": [lo, hi]}``, one per table,
+in the shard file of the rank that held it). :func:`load_state` assembles the full tensors, so
+:func:`load_model` (and everything built on it) reads such a run on one machine as it is.
+
 Writing is atomic: files go to a temporary sibling directory that is then renamed into place
 (an existing checkpoint is first renamed aside, then deleted), so a reader sees either the old
 or the new checkpoint, never a half-written one.
@@ -40,6 +48,7 @@ without importing the training package.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -58,6 +67,7 @@ MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 META_FILE = "checkpoint.json"
 SCHEMA_FILE = "schema.json"
+MANIFEST_FILE = "manifest.json"
 
 
 def _plain(x):
@@ -145,17 +155,12 @@ def _atomic_dir(path: Path, write) -> None:
         raise
 
 
-def save_checkpoint(path, model, *, optimizer=None, sparse_optimizer=None,
-                    meta: dict | None = None, rng: bool = True) -> Path:
-    """Write ``model`` (and the dense ``optimizer``'s state; ``sparse_optimizer``: the torch
-    optimizer of tables without a fused optimizer) as a checkpoint directory at ``path``,
-    atomically. ``meta`` adds keys to checkpoint.json (epoch, metrics, history, trainer...).
-    Returns the path."""
-    from safetensors.torch import save_file
-
+def checkpoint_doc(model, *, optimizer=None, sparse_optimizer=None, meta: dict | None = None,
+                   rng: bool = True) -> tuple[dict, dict]:
+    """(checkpoint.json document, optimizer.safetensors tensors) of ``model`` (see
+    :func:`save_checkpoint`)."""
     from .. import __version__
 
-    path = Path(path)
     doc = {
         "format": FORMAT,
         "version": VERSION,
@@ -179,6 +184,20 @@ def save_checkpoint(path, model, *, optimizer=None, sparse_optimizer=None,
         opt_tensors["rng.torch"] = torch.get_rng_state()
         doc.setdefault("rng", {})["torch_state"] = f"{OPTIM_FILE}:rng.torch"
     doc.update(_plain(meta or {}))
+    return doc, opt_tensors
+
+
+def save_checkpoint(path, model, *, optimizer=None, sparse_optimizer=None,
+                    meta: dict | None = None, rng: bool = True) -> Path:
+    """Write ``model`` (and the dense ``optimizer``'s state; ``sparse_optimizer``: the torch
+    optimizer of tables without a fused optimizer) as a checkpoint directory at ``path``,
+    atomically. ``meta`` adds keys to checkpoint.json (epoch, metrics, history, trainer...).
+    Returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    doc, opt_tensors = checkpoint_doc(model, optimizer=optimizer,
+                                      sparse_optimizer=sparse_optimizer, meta=meta, rng=rng)
 
     def write(tmp: Path):
         save_file(_tensors_for_safetensors(model.state_dict()), str(tmp / MODEL_FILE),
@@ -217,6 +236,81 @@ def read_meta(path) -> dict:
     return doc
 
 
+def read_manifest(path, doc: dict) -> dict:
+    """The manifest of a sharded checkpoint (``doc``: its checkpoint.json), checked: it is
+    there, and the row blocks of every split tensor cover its rows exactly once."""
+    path = Path(path)
+    name = doc["sharded"]
+    file = path / name
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: sharded checkpoint without its manifest {name} "
+                                "(incomplete copy?)")
+    try:
+        man = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{file}: the manifest is not valid JSON ({e})") from None
+    if man.get("format") != FORMAT or man.get("version") != VERSION:
+        raise ValueError(f"{file}: not a version-{VERSION} adrec_fast manifest")
+    for key, spec in man["tensors"].items():
+        n, at = spec["shape"][0], 0
+        for b in sorted(spec["blocks"], key=lambda b: b["rows"][0]):
+            lo, hi = b["rows"]
+            if lo != at or hi < lo:
+                raise ValueError(f"{file}: the row blocks of {key} do not tile its {n} rows "
+                                 f"(a block starts at row {lo}, expected {at})")
+            if b["file"] not in man["files"]:
+                raise ValueError(f"{file}: {key} rows {lo}:{hi} name a file the manifest does "
+                                 f"not list: {b['file']}")
+            at = hi
+        if at != n:
+            raise ValueError(f"{file}: the row blocks of {key} end at row {at} of {n}")
+    return man
+
+
+def verify_files(path, manifest: dict, names=None) -> None:
+    """Check that the files ``names`` (default: all) of a sharded checkpoint are there, whole
+    and unchanged (size and sha256 as the manifest lists them)."""
+    path = Path(path)
+    for name in manifest["files"] if names is None else names:
+        want = manifest["files"][name]
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint file {name} is missing (partial copy, "
+                                    "or a rank's shard was lost)")
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            raise ValueError(f"{file}: {size} bytes, the manifest says {want['bytes']} "
+                             "(truncated or partial file)")
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        if h.hexdigest() != want["sha256"]:
+            raise ValueError(f"{file}: contents differ from the manifest's sha256 (corrupt file)")
+
+
+def sharded_rows(path, manifest: dict, key: str, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``lo:hi`` of the split tensor ``key``, read from the blocks that hold them (only
+    those rows are read)."""
+    from safetensors import safe_open
+
+    spec = manifest["tensors"][key]
+    dtype = getattr(torch, spec["dtype"])
+    out = torch.empty([hi - lo, *spec["shape"][1:]], dtype=dtype)
+    for b in spec["blocks"]:
+        a, z = max(lo, b["rows"][0]), min(hi, b["rows"][1])
+        if a >= z:
+            continue
+        with safe_open(str(Path(path) / b["file"]), "pt") as f:
+            part = f.get_slice(b["name"])
+            if list(part.get_shape()) != [b["rows"][1] - b["rows"][0], *spec["shape"][1:]]:
+                raise ValueError(f"{Path(path) / b['file']}: {b['name']} has shape "
+                                 f"{part.get_shape()}, the manifest says rows {b['rows']} of "
+                                 f"{spec['shape']}")
+            out[a - lo:z - lo] = part[a - b["rows"][0]:z - b["rows"][0]]
+    return out
+
+
 def load_state(model, path) -> dict:
     """Load a checkpoint's weights (and fused optimizer state, embedding lr) into ``model``;
     returns the checkpoint.json document."""
@@ -224,7 +318,14 @@ def load_state(model, path) -> dict:
 
     path = resolve(path)
     doc = read_meta(path)
+    manifest = None
+    if doc.get("sharded"):
+        manifest = read_manifest(path, doc)
+        verify_files(path, manifest)
     sd = load_file(str(path / MODEL_FILE))
+    if manifest is not None:
+        for key, spec in manifest["tensors"].items():
+            sd[key] = sharded_rows(path, manifest, key, 0, spec["shape"][0])
     model.load_state_dict(sd, strict=True)
     for c, o in zip(model.embedding_collections(), doc.get("embedding_optimizers", [])):
         if o is not None and c.optimizer is not None:

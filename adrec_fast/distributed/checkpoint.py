@@ -1,0 +1,269 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sharded checkpoints: every rank writes the tables it holds, and a load reshards them onto any
+number of ranks, or onto one process with ``models.checkpoint.load_model`` as it is.
+
+The directory is the single-process checkpoint format (``models/checkpoint.py``) with its
+embedding tables split by rows:
+
+``model.safetensors``, ``optimizer.safetensors``, ``checkpoint.json``, ``schema.json``
+    written by rank 0: the dense parameters and buffers, the dense optimizer's state, the
+    config, schema and embedding lr (``checkpoint.json`` adds ``"sharded": "manifest.json"`` and
+    ``"distributed": {"world", "plans"}``, the owner of each table when it was saved);
+``shard-<r>-of-<world>.safetensors``
+    written by rank r: per table it holds, its rows of ``<collection>.weight`` (and of the
+    row-wise Adagrad ``<collection>.state``) as ``<key>@<first row>``;
+``manifest.json``
+    written last, by rank 0: every file's size and sha256, and per split tensor its full shape,
+    dtype and row blocks.
+
+A load reads only what it needs (a rank, the rows of the tables its new plan gives it) and
+checks those files against the manifest first, so a missing, truncated or altered file is
+refused by name instead of loading wrong rows. Writing is atomic for the run as a whole: the
+ranks write into one temporary directory that rank 0 renames into place once every rank has
+reported success; a rank that fails leaves no checkpoint behind (the old one stays). The ranks
+must see one file system at ``path`` (a shared disk when the ranks are on several machines).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data.schema import Schema
+from ..models import checkpoint as ckpt
+from ..models.registry import build_model
+from ..nn import EmbeddingBagCollection
+from .exchange import Exchange
+from .planner import ShardingPlan
+from .process_group import DistContext
+from .sharding import ShardedEmbeddingBagCollection, model_plans, shard_model
+
+
+def _shard_file(rank: int, world: int) -> str:
+    return f"shard-{rank}-of-{world}.safetensors"
+
+
+def _file_entry(file: Path) -> dict:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return {"bytes": file.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def save_sharded(path, model: nn.Module, ctx: DistContext, *, optimizer=None,
+                 meta: dict | None = None, rng: bool = True) -> Path:
+    """Write a sharded ``model`` (after ``shard_model``; a DDP wrapper is unwrapped) and the
+    dense ``optimizer``'s state as one checkpoint directory at ``path`` (see the module
+    docstring). A collective: every rank calls it with the same ``path``. ``meta`` adds keys
+    to checkpoint.json. Raises on every rank when any rank failed to write; returns the path."""
+    from safetensors.torch import save_file
+
+    model = _unwrap(model)
+    sharded = {n: m for n, m in model.named_modules()
+               if isinstance(m, ShardedEmbeddingBagCollection)}
+    if not sharded:
+        raise ValueError("save_sharded: the model has no sharded tables; save it with "
+                         "adrec_fast.models.checkpoint.save_checkpoint")
+    path = Path(path).absolute()
+    world = ctx.world
+    name = [None]
+    if ctx.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        name = [tmp.name]
+    with ctx.guard("agreeing on the checkpoint directory"):
+        dist.broadcast_object_list(name, src=0, group=ctx.group)
+    tmp = path.parent / name[0]
+    report: dict = {"error": None, "blocks": [], "files": {}}
+    try:
+        tensors = {}
+        for p, m in sharded.items():
+            if m.local is None:
+                continue
+            m.local.flush_l2()  # the saved table is W itself (lazy L2 folded in)
+            adagrad = m.local.state.numel() > 0
+            start = 0
+            for t in m.plan.tables_of(ctx.rank):
+                lo, hi = int(m.table_offsets[t]), int(m.table_offsets[t + 1])
+                for what, src in (("weight", m.local.weight), ("state", m.local.state)):
+                    if what == "state" and not adagrad:
+                        continue
+                    tensors[f"{p}.{what}@{lo}"] = src[start:start + hi - lo].detach().cpu()
+                    report["blocks"].append({"key": f"{p}.{what}", "file":
+                                             _shard_file(ctx.rank, world),
+                                             "name": f"{p}.{what}@{lo}", "rows": [lo, hi]})
+                start += hi - lo
+        shard = tmp / _shard_file(ctx.rank, world)
+        save_file(ckpt._tensors_for_safetensors(tensors), str(shard),
+                  metadata={"format": ckpt.FORMAT, "version": str(ckpt.VERSION),
+                            "rank": str(ctx.rank), "world": str(world)})
+        report["files"][shard.name] = _file_entry(shard)
+        if ctx.rank == 0:
+            report["files"].update(_write_rank0(tmp, model, sharded, ctx, optimizer, meta, rng))
+    except Exception as e:  # reported to every rank below, then raised everywhere
+        report["error"] = f"{type(e).__name__}: {e}"
+    reports: list = [None] * world
+    with ctx.guard("collecting the checkpoint shards"):
+        dist.all_gather_object(reports, report, group=ctx.group)
+    failed = [f"rank {r}: {rep['error']}" for r, rep in enumerate(reports) if rep["error"]]
+    outcome = [None]
+    if ctx.rank == 0:
+        try:
+            if failed:
+                raise RuntimeError("; ".join(failed))
+            _write_manifest(tmp, sharded, reports, world)
+            ckpt.replace_dir(tmp, path)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            outcome = [f"{type(e).__name__}: {e}"]
+    with ctx.guard("finishing the checkpoint"):
+        dist.broadcast_object_list(outcome, src=0, group=ctx.group)
+    if outcome[0] is not None:
+        raise RuntimeError(f"save_sharded: the checkpoint {path} was not written ({outcome[0]})")
+    return path
+
+
+def _write_rank0(tmp: Path, model, sharded: dict, ctx: DistContext, optimizer, meta,
+                 rng: bool) -> dict:
+    """Rank 0's files: the dense state, the optimizer, checkpoint.json, schema.json."""
+    from safetensors.torch import save_file
+
+    dense = {}
+    for k, v in model.state_dict().items():
+        owner = next((p for p in sharded if k.startswith(p + ".")), None)
+        if owner is None:
+            dense[k] = v
+    for p, m in sharded.items():
+        if m.optimizer.name != "rowwise_adagrad":  # SGD: an empty state, as one process has
+            dense[f"{p}.state"] = torch.zeros(0)
+    doc, opt_tensors = ckpt.checkpoint_doc(model, optimizer=optimizer, meta=meta, rng=rng)
+    doc["sharded"] = ckpt.MANIFEST_FILE
+    doc["distributed"] = {"world": ctx.world,
+                          "plans": {p: list(m.plan.owner) for p, m in sharded.items()}}
+    save_file(ckpt._tensors_for_safetensors(dense), str(tmp / ckpt.MODEL_FILE),
+              metadata={"format": ckpt.FORMAT, "version": str(ckpt.VERSION),
+                        "model": str(model.config.get("name"))})
+    names = [ckpt.MODEL_FILE, ckpt.META_FILE, ckpt.SCHEMA_FILE]
+    if opt_tensors:
+        save_file(ckpt._tensors_for_safetensors(opt_tensors), str(tmp / ckpt.OPTIM_FILE),
+                  metadata={"format": ckpt.FORMAT, "version": str(ckpt.VERSION)})
+        names.append(ckpt.OPTIM_FILE)
+    (tmp / ckpt.META_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    (tmp / ckpt.SCHEMA_FILE).write_text(model.schema.to_json(indent=1), encoding="utf-8")
+    return {n: _file_entry(tmp / n) for n in names}
+
+
+def _write_manifest(tmp: Path, sharded: dict, reports: list, world: int) -> None:
+    tensors = {}
+    for p, m in sharded.items():
+        N, D = int(m.table_offsets[-1]), m.embedding_dim
+        tensors[f"{p}.weight"] = {"shape": [N, D], "dtype": "float32", "blocks": []}
+        if m.optimizer.name == "rowwise_adagrad":
+            tensors[f"{p}.state"] = {"shape": [N], "dtype": "float32", "blocks": []}
+    files = {}
+    for rep in reports:
+        files.update(rep["files"])
+        for b in rep["blocks"]:
+            tensors[b["key"]]["blocks"].append({k: b[k] for k in ("file", "name", "rows")})
+    man = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "world": world, "files": files,
+           "tensors": tensors}
+    (tmp / ckpt.MANIFEST_FILE).write_text(json.dumps(man, indent=1), encoding="utf-8")
+    ckpt.read_manifest(tmp, {"sharded": ckpt.MANIFEST_FILE})  # every row written exactly once
+
+
+def load_sharded(path, ctx: DistContext, *, plans: dict[str, ShardingPlan] | None = None,
+                 access: dict[str, list[float]] | None = None,
+                 exchange: Exchange | None = None):
+    """``(model, schema, doc)``: the checkpoint at ``path`` (sharded, or a single-process one)
+    loaded onto the ranks of ``ctx`` and sharded by ``plans`` (module path -> plan; default
+    ``plan_tables`` with ``access``), which need not be the plan it was saved with, nor the
+    same number of ranks. A collective. Each rank reads the dense state and only the rows of
+    the tables it now owns, with their optimizer state and embedding lr; the model is in eval
+    mode (``model.train()`` to go on training). The dense optimizer comes back with
+    ``load_optimizer`` once it is built over ``wrap_ddp``'s parameters."""
+    from safetensors.torch import load_file
+
+    path = ckpt.resolve(path)
+    doc = ckpt.read_meta(path)
+    manifest = ckpt.read_manifest(path, doc) if doc.get("sharded") else None
+    schema = Schema.from_dict(doc["schema"])
+    config = dict(doc["model"])
+    name = config.pop("name")
+    with torch.random.fork_rng(devices=[]):  # every rank's RNG stays where it was
+        model = build_model(name, schema, **config)
+    model.to(ctx.device)
+    plans = model_plans(model, ctx.world, access, plans)
+    if manifest is not None:
+        need = {ckpt.MODEL_FILE}
+        for p, plan in plans.items():
+            for t in plan.tables_of(ctx.rank):
+                lo, hi = _rows_of(model, p, t)
+                for key in (f"{p}.weight", f"{p}.state"):
+                    for b in manifest["tensors"].get(key, {"blocks": []})["blocks"]:
+                        if b["rows"][0] < hi and lo < b["rows"][1]:
+                            need.add(b["file"])
+        ckpt.verify_files(path, manifest, sorted(need))
+    dense = load_file(str(path / ckpt.MODEL_FILE))
+    split = set(manifest["tensors"]) if manifest is not None else set()
+    with torch.no_grad():
+        for p, plan in plans.items():
+            ebc = model.get_submodule(p)
+            for t in plan.tables_of(ctx.rank):
+                lo, hi = _rows_of(model, p, t)
+                for what, dst in (("weight", ebc.weight), ("state", ebc.state)):
+                    key = f"{p}.{what}"
+                    if key in split:
+                        dst[lo:hi] = ckpt.sharded_rows(path, manifest, key, lo, hi)
+                    elif key in dense and dense[key].numel():
+                        dst[lo:hi] = dense[key][lo:hi]
+    tables = {f"{p}.{w}" for p in plans for w in ("weight", "state")}
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in dense.items() if k not in tables}, strict=False)
+    missing = sorted(set(missing) - tables - split)
+    if missing or unexpected:
+        raise ValueError(f"{path}: the checkpoint does not fit its model config (missing "
+                         f"{missing}, unexpected {sorted(unexpected)})")
+    for c, o in zip(model.embedding_collections(), doc.get("embedding_optimizers", [])):
+        if o is not None and c.optimizer is not None:
+            c.optimizer.lr = float(o["lr"])
+    shard_model(model, ctx, exchange, plans=plans)
+    model.eval()
+    return model, schema, doc
+
+
+def _rows_of(model: nn.Module, path: str, t: int) -> tuple[int, int]:
+    ebc = model.get_submodule(path)
+    if not isinstance(ebc, EmbeddingBagCollection):
+        raise TypeError(f"{path} is a {type(ebc).__name__}, not an EmbeddingBagCollection")
+    return int(ebc.table_offsets[t]), int(ebc.table_offsets[t + 1])
+
+
+def load_optimizer(optimizer, path) -> None:
+    """Restore the dense ``optimizer``'s state (built over the same parameters in the same
+    order as the saved one, e.g. ``wrap_ddp(model).parameters()`` or
+    ``model.dense_parameters()``) from the checkpoint at ``path``, on every rank or in one
+    process, with the file checked against the manifest of a sharded checkpoint."""
+    from safetensors.torch import load_file
+
+    path = ckpt.resolve(path)
+    doc = ckpt.read_meta(path)
+    if "optimizer" not in doc:
+        raise ValueError(f"{path}: the checkpoint holds no optimizer state (saved without one)")
+    if doc.get("sharded"):
+        ckpt.verify_files(path, ckpt.read_manifest(path, doc), [ckpt.OPTIM_FILE])
+    ckpt.load_optimizer_state(optimizer, load_file(str(path / ckpt.OPTIM_FILE)),
+                              doc["optimizer"])
