@@ -12,7 +12,8 @@ then, on the last 2/7:
 It prints both, their difference in AUC points (x100), the oracle AUC per period, and the
 samples/s of the online pass against an offline epoch of the same model on the same rows
 (``Trainer.fit``, one epoch in order; both fed from memory, timed round by round, alternating
-which goes first; the loops as each reports them and the whole calls). ``--quick`` runs a small stream.
+which goes first; the loops as each reports them and the whole calls). ``--quick`` runs a small
+stream.
 
     python bench/bench_online.py                 # default: 7 x 100,000 rows, DIN, 1 thread
 """

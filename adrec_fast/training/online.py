@@ -32,7 +32,7 @@ import torch
 from ..data.batch import Batch
 from ..data.metrics import auc, logloss
 from ..models import checkpoint as ckpt
-from .loop import Trainer
+from .loop import InMemory, Trainer
 
 STATE_DIR = "online"  # the checkpoint's directory inside checkpoint_dir
 SCORES_FILE = "progressive.npz"
@@ -135,13 +135,14 @@ def _mini_batches(stream: Iterable, schema, batch_size: int, skip: int):
         if carry is not None:
             enc = Batch.concat([carry, enc])
             carry = None
-        start = 0
-        while enc.batch_size - start >= batch_size:
-            yield enc if (start == 0 and enc.batch_size == batch_size) \
-                else enc.slice(start, start + batch_size)
-            start += batch_size
-        if start < enc.batch_size:
-            carry = enc.slice(start, enc.batch_size)
+        full = enc.batch_size // batch_size * batch_size
+        if full:
+            # InMemory's gather: a view of the ids when every bag holds one (no ragged take)
+            src = InMemory(enc)
+            for start in range(0, full, batch_size):
+                yield src.take(torch.arange(start, start + batch_size))
+        if full < enc.batch_size:
+            carry = enc.slice(full, enc.batch_size)
     if carry is not None and carry.batch_size:
         yield carry
 
