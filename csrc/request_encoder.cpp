@@ -363,7 +363,10 @@ struct Source {
   PyObject** items = nullptr;
   PyObject** dicts = nullptr;
   PyObject* key = nullptr;
-  py::array arr;
+  // A plain reference keeps an array alive: a default py::array would allocate an empty numpy
+  // array for every Source, which several per request made the encoder's largest cost.
+  py::object arr;
+  int64_t len = 0;  // kArray: its length
   const char* data = nullptr;
   py::ssize_t stride = 0;
   char kind = 0;  // numpy dtype kind
@@ -727,7 +730,7 @@ class RequestEncoder {
       int64_t n;
       if (py::isinstance<py::array>(v)) {
         c = array_source(f, py::reinterpret_borrow<py::array>(v), "a history");
-        n = c.arr.shape(0);
+        n = c.len;
       } else {
         c.mode = Source::kItems;
         c.items = PySequence_Fast_ITEMS(v);
@@ -796,6 +799,7 @@ class RequestEncoder {
     Source c;
     c.mode = Source::kArray;
     c.arr = a;
+    c.len = a.shape(0);
     c.data = static_cast<const char*>(a.data());
     c.stride = a.strides(0);
     c.kind = kind;
@@ -952,7 +956,7 @@ void RequestEncoder::encode_into(py::handle user, py::handle candidates,
       m = PySequence_Fast_GET_SIZE(col);
     } else if (py::isinstance<py::array>(col)) {
       c = array_source(f, py::reinterpret_borrow<py::array>(col), "a candidate column");
-      m = c.arr.shape(0);
+      m = c.len;
     } else {
       throw py::type_error(f.where + ": a candidate column must be a list or 1-D array, got " +
                            type_name(col));
