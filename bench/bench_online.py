@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5, help="rounds of the throughput comparison")
     ap.add_argument("--quick", action="store_true", help="7 x 20,000 rows, 1 round")
+    ap.add_argument("--no-drift", action="store_true",
+                    help="control: the same protocol on the stationary generator")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     P = a.period_rows
     t0 = time.perf_counter()
-    gen = SyntheticCTR(seed=a.seed, drift=True, period_rows=P, drift_periods=7)
+    gen = SyntheticCTR(seed=a.seed, drift=not a.no_drift, period_rows=P, drift_periods=7)
     schema = gen.schema()
     batches, probs = [], []
     for table, p in gen.chunks(7 * P, chunk_rows=P, with_probability=True):
@@ -85,6 +87,12 @@ def main(argv=None) -> int:
     frozen_p, _ = predict(model, tail)
     frozen_auc = auc(y_tail, frozen_p)
 
+    # warm-up (first-call allocations), untimed: both paths on a few steps of a copy
+    warm = tail[0].slice(0, 20 * a.batch_size)
+    w = copy.deepcopy(trainer)
+    train_online(w.model, [warm], trainer=w)
+    w.shuffle = False
+    w.fit(warm, epochs=w.epoch + 1)
     # online and offline from the same start: each round copies the batch model and trainer
     online_sps, offline_sps, online_wall, offline_wall, res = [], [], [], [], None
     for r in range(a.runs):
@@ -110,21 +118,26 @@ def main(argv=None) -> int:
     on_w, off_w = statistics.median(online_wall), statistics.median(offline_wall)
     gain = 100 * (res.progressive_auc - frozen_auc)
     load1 = os.getloadavg()[0]
-    print(f"drifting stream: 7 x {P:,} rows ({t_data:.1f}s to generate); model {a.model}, "
+    print(f"{'stationary' if a.no_drift else 'drifting'} stream: 7 x {P:,} rows ({t_data:.1f}s to generate); model {a.model}, "
           f"batch {a.batch_size}, {a.epochs} batch epochs on 5/7 ({t_batch:.1f}s), "
           f"{a.threads} thread(s)")
     print("oracle AUC per period: " + ", ".join(f"{x:.4f}" for x in oracle))
     print(f"last 2/7 ({y_tail.size:,} rows): oracle {oracle_tail:.4f}, frozen batch model "
           f"{frozen_auc:.4f}, online progressive {res.progressive_auc:.4f} (logloss "
           f"{res.progressive_logloss:.4f}): online - frozen = {gain:+.2f} AUC points")
-    print("online AUC per quarter period: " + ", ".join(f"{w['auc']:.4f}" for w in res.windows))
+    q = P // 4
+    frozen_w = [auc(y_tail[s:s + q], frozen_p[s:s + q]) for s in range(0, y_tail.size, q)]
+    print("per quarter period, online: " + ", ".join(f"{w['auc']:.4f}" for w in res.windows))
+    print("per quarter period, frozen: " + ", ".join(f"{x:.4f}" for x in frozen_w))
     print(f"samples/s (median of {a.runs}): online {on:,.0f} [{min(online_sps):,.0f}-"
           f"{max(online_sps):,.0f}], offline {off:,.0f} [{min(offline_sps):,.0f}-"
           f"{max(offline_sps):,.0f}]: online/offline = {on / off:.3f} (loops); whole calls "
           f"online {on_w:,.0f}, offline {off_w:,.0f}: {on_w / off_w:.3f}; 1-min load {load1:.2f}")
     if a.json:
         print(json.dumps({"oracle_auc_per_period": oracle, "oracle_auc_tail": oracle_tail,
-                          "frozen_auc": frozen_auc, "progressive_auc": res.progressive_auc,
+                          "frozen_auc": frozen_auc, "frozen_auc_per_quarter": frozen_w,
+                          "online_auc_per_quarter": [w["auc"] for w in res.windows],
+                          "progressive_auc": res.progressive_auc,
                           "progressive_logloss": res.progressive_logloss, "gain_points": gain,
                           "online_samples_per_s": on, "offline_samples_per_s": off,
                           "ratio": on / off, "online_wall_samples_per_s": on_w,

@@ -261,3 +261,29 @@ def test_cli_online_bad_input(data, tmp_path, capsys):
     assert "--time-col orders the stream of --online" in capsys.readouterr().err
     assert main(["train", str(d), "--epochs", "2"] + base) == 2
     assert "--epochs does not apply to --online" in capsys.readouterr().err
+
+
+def test_order_by_time_forms_and_errors():
+    from adrec_fast.data.errors import DataError
+    from adrec_fast.training.online import order_by_time
+
+    a = pa.table({"x": [0, 1, 2], "t": ["2024-01-01T00:00:02Z", "2024-01-01T00:00:00Z",
+                                       "2024-01-01T00:00:02Z"]})
+    b = pa.table({"x": [3, 4], "t": ["2024-01-01T00:00:01Z", "2024-01-01T00:00:03Z"]})
+    table, moved = order_by_time([a, b], "t")
+    assert table.column_names == ["x"] and table.column("x").to_pylist() == [1, 3, 0, 2, 4]
+    assert moved == 4  # stable: the two rows at 00:00:02 keep their order
+    nums = pa.table({"x": [0, 1], "t": [5.5, 5.5]})
+    assert order_by_time([nums], "t") == (pa.table({"x": [0, 1]}), 0)
+    assert order_by_time([], "t")[1] == 0
+    # rows count across chunks: the bad value is the 4th row of the stream
+    with pytest.raises(DataError, match=r"<stream>, row 4, field 't': missing timestamp"):
+        order_by_time([a, pa.table({"x": [3], "t": pa.array([None], pa.string())})], "t")
+    with pytest.raises(DataError, match=r"row 2, field 't': unparsable timestamp .*'tomorrow'"):
+        order_by_time([pa.table({"x": [0, 1], "t": ["2024-01-01", "tomorrow"]})], "t")
+    with pytest.raises(DataError, match=r"row 1, field 't': timestamps mix numbers and date"):
+        order_by_time([pa.table({"x": [0, 1], "t": ["12", "2024-01-01"]})], "t")
+    with pytest.raises(DataError, match="no time column 'q'"):
+        order_by_time([a], "q")
+    with pytest.raises(DataError, match="must hold numbers or date-times"):
+        order_by_time([pa.table({"t": pa.array([[1]])})], "t")
