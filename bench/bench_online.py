@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     on_w, off_w = statistics.median(online_wall), statistics.median(offline_wall)
     gain = 100 * (res.progressive_auc - frozen_auc)
     load1 = os.getloadavg()[0]
-    print(f"{'stationary' if a.no_drift else 'drifting'} stream: 7 x {P:,} rows ({t_data:.1f}s to generate); model {a.model}, "
+    kind = "stationary" if a.no_drift else "drifting"
+    print(f"{kind} stream: 7 x {P:,} rows ({t_data:.1f}s to generate); model {a.model}, "
           f"batch {a.batch_size}, {a.epochs} batch epochs on 5/7 ({t_batch:.1f}s), "
           f"{a.threads} thread(s)")
     print("oracle AUC per period: " + ", ".join(f"{x:.4f}" for x in oracle))
