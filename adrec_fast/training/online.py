@@ -81,8 +81,8 @@ def scores_in_train_mode(model) -> bool:
 def _train_step(trainer: Trainer, batch: Batch) -> torch.Tensor:
     """One optimizer step of ``trainer`` on ``batch``; returns the logits [B] of the forward
     (before the update). The same step as ``Trainer.fit``'s loop body (dense and sparse
-    optimizers, gradient clipping), without its per-epoch schedule: an online pass runs at the
-    trainer's current learning rates."""
+    optimizers, gradient clipping), without the schedule (``train_online`` sets the rates).
+    """
     model = trainer.model
     logits = model(batch)  # [B]
     loss = model.loss(logits, batch.labels)
@@ -196,7 +196,8 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
         model: a ``CTRModel`` (trained further in place).
         stream: iterable of pyarrow RecordBatches/Tables (needs ``schema``) or ``Batch``es.
         trainer: the ``Trainer`` whose optimizers (and their state) take the steps; default a
-            new ``Trainer(model, **trainer_kw)``. Its learning rates are used as they are.
+            new ``Trainer(model, **trainer_kw)``. The steps run at its base learning rates
+            (``lr``, ``embedding_lr``) times its plateau scale; its schedule does not apply.
         batch_size: rows per step (default ``trainer.batch_size``).
         window_rows: rows per window of the windowed metrics.
         checkpoint_dir, checkpoint_every: write ``checkpoint_dir/online`` every that many rows
@@ -234,6 +235,9 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
                                  f"for stream position {position}; the checkpoint is corrupt")
             probs, labels = [z["probs"]], [z["labels"]]
     resumed_from = position
+    # the trainer's base rates (dense and fused embedding) times its plateau scale: an
+    # open-ended stream has no total step count for a schedule to decay over
+    trainer._set_lr(1.0)
     in_train_mode = scores_in_train_mode(model)
     model.train()
     next_ckpt = position + checkpoint_every if checkpoint_every else None

@@ -288,3 +288,13 @@ def test_order_by_time_forms_and_errors():
         order_by_time([a], "q")
     with pytest.raises(DataError, match="must hold numbers or date-times"):
         order_by_time([pa.table({"t": pa.array([[1]])})], "t")
+
+
+def test_rates_are_the_trainers(data):
+    schema, table = data
+    model = _model(schema)
+    trainer = Trainer(model, progress=False, lr=0.004, embedding_lr=0.7, batch_size=BS)
+    trainer.plateau_scale = 0.5  # a batch run that reduced its rates once
+    train_online(model, [table.slice(0, 600)], schema=schema, trainer=trainer)
+    assert {c.optimizer.lr for c in model.embedding_collections()} == {0.35}
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.002]
