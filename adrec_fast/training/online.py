@@ -398,9 +398,11 @@ def order_by_time(chunks, col: str, path="<stream>", rows_are_lines: bool = True
     return (table.take(pa.array(order)) if moved else table), moved
 
 
-def plot_online(result: OnlineResult, path) -> Path | None:
-    """PNG of the per-window AUC (left) and logloss (right) over the stream, with the
-    cumulative progressive values; None (and a note on stderr) without matplotlib."""
+def plot_online(result: OnlineResult, path, points: int = 40) -> Path | None:
+    """PNG of AUC (left) and logloss (right) over the stream, per window of about
+    rows / ``points`` rows (at least 200; ``result.windows`` when the scores are not kept), with
+    the progressive values over the whole stream; None (and a note on stderr) without
+    matplotlib."""
     import sys
 
     from .plots import _pyplot, _save, missing_matplotlib
@@ -409,15 +411,21 @@ def plot_online(result: OnlineResult, path) -> Path | None:
     if note:
         print(note, file=sys.stderr)
         return None
+    windows = result.windows
+    if result.probs is not None and result.rows:
+        w = max(result.rows // points, min(200, result.rows))
+        y, p = result.labels, result.probs
+        windows = [_window_metrics(y[s:s + w], p[s:s + w], s) for s in range(0, y.size, w)]
     plt = _pyplot()
-    x = [w["stop"] for w in result.windows]
+    x = [w["stop"] for w in windows]
+    size = windows[0]["stop"] - windows[0]["start"] if windows else 0
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     try:
-        a.plot(x, [w["auc"] for w in result.windows], "o-", label="window AUC")
+        a.plot(x, [w["auc"] for w in windows], ".-", label=f"AUC per {size:,} rows")
         a.axhline(result.progressive_auc, ls="--", color="gray",
                   label=f"progressive AUC {result.progressive_auc:.4f}")
-        b.plot(x, [w["logloss"] for w in result.windows], "o-", color="C1",
-               label="window logloss")
+        b.plot(x, [w["logloss"] for w in windows], ".-", color="C1",
+               label=f"logloss per {size:,} rows")
         b.axhline(result.progressive_logloss, ls="--", color="gray",
                   label=f"progressive logloss {result.progressive_logloss:.4f}")
         for ax, name in ((a, "AUC"), (b, "logloss")):
@@ -425,7 +433,7 @@ def plot_online(result: OnlineResult, path) -> Path | None:
             ax.set_ylabel(name)
             ax.legend()
             ax.grid(alpha=0.3)
-        fig.suptitle("online training: progressive validation")
+        fig.suptitle("online training: progressive validation (each batch scored before its step)")
         return _save(fig, path)
     finally:
         plt.close(fig)
