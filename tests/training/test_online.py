@@ -298,3 +298,14 @@ def test_rates_are_the_trainers(data):
     train_online(model, [table.slice(0, 600)], schema=schema, trainer=trainer)
     assert {c.optimizer.lr for c in model.embedding_collections()} == {0.35}
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.002]
+
+
+def test_plot_skipped_with_a_note_without_matplotlib(data, tmp_path, monkeypatch, capsys):
+    from adrec_fast.training import plots
+
+    schema, table = data
+    monkeypatch.setattr(plots, "missing_matplotlib", lambda: "matplotlib is not installed")
+    res = train_online(_model(schema), [table.slice(0, 600)], schema=schema, batch_size=BS,
+                       plot=tmp_path / "online.png")
+    assert res.rows == 600 and not (tmp_path / "online.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
