@@ -79,14 +79,20 @@ def save_sharded(path, model: nn.Module, ctx: DistContext, *, optimizer=None,
                          "adrec_fast.models.checkpoint.save_checkpoint")
     path = Path(path).absolute()
     world = ctx.world
-    name = [None]
+    name: list = [None]
     if ctx.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        name = [tmp.name]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            name = [tmp.name]
+        except OSError as e:  # every rank must hear of it, or the others wait for rank 0
+            name = [OSError(f"{type(e).__name__}: {e}")]
     with ctx.guard("agreeing on the checkpoint directory"):
         dist.broadcast_object_list(name, src=0, group=ctx.group)
+    if isinstance(name[0], OSError):
+        raise RuntimeError(f"save_sharded: the checkpoint {path} was not written (rank 0: "
+                           f"{name[0]})")
     tmp = path.parent / name[0]
     report: dict = {"error": None, "blocks": [], "files": {}}
     try:
