@@ -8,6 +8,7 @@ A run, on every rank (started by torchrun, or with its environment set by hand):
     torch.manual_seed(seed); model = build_model(...)  # the same model on every rank
     check_same_config(ctx, model=model.config, schema=schema.to_dict(), seed=seed)
     shard_model(model, ctx)                            # tables -> their owners
+    global_batch_dropout(model, ctx)                   # optional: one process's dropout masks
     ddp = wrap_ddp(model, ctx)
     opt = torch.optim.Adam(ddp.parameters())           # the dense parameters
     for batch in global_batches:
@@ -33,7 +34,9 @@ from .process_group import (
     init_from_env,
 )
 from .sharding import (
+    GlobalBatchDropout,
     ShardedEmbeddingBagCollection,
+    global_batch_dropout,
     local_batch,
     local_rows,
     model_plans,
@@ -46,12 +49,14 @@ __all__ = [
     "ConfigMismatch",
     "DistContext",
     "Exchange",
+    "GlobalBatchDropout",
     "PeerFailure",
     "ShardedEmbeddingBagCollection",
     "ShardingPlan",
     "access_from_batch",
     "check_same_config",
     "fingerprint",
+    "global_batch_dropout",
     "init_from_env",
     "local_batch",
     "load_optimizer",

@@ -381,6 +381,37 @@ def unshard_model(model: nn.Module) -> nn.Module:
     return model
 
 
+class GlobalBatchDropout(nn.Module):
+    """``nn.Dropout`` for this rank's share of a global batch: it draws the mask of the whole
+    global batch (``world`` equal shares, ``local_rows``), as one process would from the same
+    generator state, and keeps its own rows. Every rank then drops exactly what one process
+    drops, and the ranks' generators stay in step. The price: each rank draws ``world`` times
+    its own mask."""
+
+    def __init__(self, p: float, ctx: DistContext):
+        super().__init__()
+        self.p, self.rank, self.world = float(p), ctx.rank, ctx.world
+
+    def forward(self, x: Tensor) -> Tensor:  # [n, ...] this rank's rows
+        if not self.training or self.p == 0.0:
+            return x
+        n = x.shape[0]
+        # the same draw as ATen's CPU dropout of the global batch: bernoulli_(1 - p), / (1 - p)
+        noise = x.new_empty((n * self.world, *x.shape[1:])).bernoulli_(1.0 - self.p)
+        return x * noise[self.rank * n:(self.rank + 1) * n].div_(1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, rank={self.rank}/{self.world}"
+
+
+def global_batch_dropout(model: nn.Module, ctx: DistContext) -> int:
+    """Replace every ``nn.Dropout`` of ``model`` by a ``GlobalBatchDropout`` (in place), so that
+    a run with dropout follows one process's run at the same global batch and seed; returns how
+    many were replaced. Without it each rank draws its own mask, a valid but different sample
+    of training."""
+    return len(_replace(model, nn.Dropout, lambda name, m: GlobalBatchDropout(m.p, ctx)))
+
+
 def wrap_ddp(model: nn.Module, ctx: DistContext, **ddp_kwargs) -> DistributedDataParallel:
     """``model`` (already sharded) under DDP on ``ctx.group``: the dense parameters are
     broadcast from rank 0 once and their gradients averaged every step; the sharded tables and
