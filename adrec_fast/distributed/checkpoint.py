@@ -111,7 +111,8 @@ def save_sharded(path, model: nn.Module, ctx: DistContext, *, optimizer=None,
                     tensors[f"{p}.{what}@{lo}"] = src[start:start + hi - lo].detach().cpu()
                     report["blocks"].append({"key": f"{p}.{what}", "file":
                                              _shard_file(ctx.rank, world),
-                                             "name": f"{p}.{what}@{lo}", "rows": [lo, hi]})
+                                             "name": f"{p}.{what}@{lo}", "rows": [lo, hi],
+                                             "dtype": str(src.dtype).removeprefix("torch.")})
                 start += hi - lo
         shard = tmp / _shard_file(ctx.rank, world)
         save_file(ckpt._tensors_for_safetensors(tensors), str(shard),
@@ -177,14 +178,19 @@ def _write_manifest(tmp: Path, sharded: dict, reports: list, world: int) -> None
     tensors = {}
     for p, m in sharded.items():
         N, D = int(m.table_offsets[-1]), m.embedding_dim
-        tensors[f"{p}.weight"] = {"shape": [N, D], "dtype": "float32", "blocks": []}
+        tensors[f"{p}.weight"] = {"shape": [N, D], "dtype": None, "blocks": []}
         if m.optimizer.name == "rowwise_adagrad":
-            tensors[f"{p}.state"] = {"shape": [N], "dtype": "float32", "blocks": []}
+            tensors[f"{p}.state"] = {"shape": [N], "dtype": None, "blocks": []}
     files = {}
     for rep in reports:
         files.update(rep["files"])
         for b in rep["blocks"]:
-            tensors[b["key"]]["blocks"].append({k: b[k] for k in ("file", "name", "rows")})
+            spec = tensors[b["key"]]
+            if spec["dtype"] not in (None, b["dtype"]):
+                raise ValueError(f"{b['key']}: the ranks hold it in {spec['dtype']} and "
+                                 f"{b['dtype']}")
+            spec["dtype"] = b["dtype"]
+            spec["blocks"].append({k: b[k] for k in ("file", "name", "rows")})
     man = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "world": world, "files": files,
            "tensors": tensors}
     (tmp / ckpt.MANIFEST_FILE).write_text(json.dumps(man, indent=1), encoding="utf-8")
