@@ -16,6 +16,22 @@ so this is an upper bound of its share) and the rest (compute).
 
     python bench/bench_distributed.py --runs 3            # ~4 min on 2 quiet cores
     python bench/bench_distributed.py --quick             # smoke run
+
+``--frappe``: quality instead of speed. DLRM with its default recipe's model settings
+(``training/recipes.py``; ``--dropout`` overrides the tower's) trains on the shared Frappe file
+(``../shared/data/frappe``, split 70/10/20 into train, valid and test rows by ``valid_mask``
+with the seed) in the same row order, at the same global batch and seed, with the recipe's
+Adam lr, gradient clipping, lr decay after an epoch without a better valid AUC and early
+stopping (at most ``--epochs``), once in 1 process and once on 2 ranks under torchrun.
+Compared: the test AUC at the epoch of the best valid AUC (the epoch the trainer restores),
+target within 0.002. The 2 ranks draw the dropout masks of the whole global batch and keep
+their halves (``global_batch_dropout``), so the two runs differ only in summation order;
+``--local-dropout`` lets each rank draw its own masks instead (two samples of training, not one
+run twice). The 2-rank side saves its last epoch with
+``save_sharded``; the parent scores the test rows again from that directory with
+``load_model`` on one process (no merge step). Each run takes the next seed.
+
+    python bench/bench_distributed.py --frappe --runs 3   # seeds 0-2; ~2 min per run, 2 cores
 """
 from __future__ import annotations
 
@@ -112,9 +128,144 @@ def worker(kind: str, warmup: int, steps: int, max_batches: int) -> dict:
     return out
 
 
+#: the shared Frappe file (never copied into the repository)
+FRAPPE = HERE.parents[1] / "shared" / "data" / "frappe" / "valid.csv.gz"
+FRAPPE_TEST_FRACTION = 0.2
+#: of the rows left after the test rows: 10% of the file, for picking the epoch
+FRAPPE_VALID_FRACTION = 0.125
+
+
+def frappe_data(seed: int):
+    """(schema, train, valid, test rows) of the Frappe file: 70/10/20, by ``valid_mask`` with
+    the seed (the split depends on the seed only)."""
+    import torch
+
+    from adrec_fast.data.pipeline import infer_schema, load_all
+    from adrec_fast.data.stream import valid_mask
+
+    schema = infer_schema(FRAPPE)
+    rows = load_all(FRAPPE, schema)
+    n = rows.batch_size
+    test = torch.from_numpy(valid_mask(0, n, n, FRAPPE_TEST_FRACTION, seed))
+    rest = rows.take(torch.nonzero(~test).squeeze(1))
+    m = rest.batch_size
+    valid = torch.from_numpy(valid_mask(0, m, m, FRAPPE_VALID_FRACTION, seed + 1))
+    return (schema, rest.take(torch.nonzero(~valid).squeeze(1)),
+            rest.take(torch.nonzero(valid).squeeze(1)), rows.take(torch.nonzero(test).squeeze(1)))
+
+
+def _probs(model, batch, ctx):
+    """[B] probabilities of every row of ``batch``: in one process, or through the sharded
+    tables, each rank scoring its share (a collective)."""
+    import torch
+
+    if ctx is None:
+        return model.predict(batch)
+    from adrec_fast import distributed as D
+
+    share = batch.batch_size // ctx.world * ctx.world
+    probs = model.predict(D.local_batch(batch.slice(0, share), ctx))
+    everyone = [torch.empty_like(probs) for _ in range(ctx.world)]
+    torch.distributed.all_gather(everyone, probs, group=ctx.group)
+    rest = batch.slice(share, batch.batch_size)
+    if rest.batch_size:  # the rows that do not split evenly: every rank scores them all
+        everyone.append(model.predict(rest))
+    return torch.cat(everyone)
+
+
+def frappe_worker(kind: str, epochs: int, batch_size: int, seed: int, dropout: float | None,
+                  local_dropout: bool, save: str | None) -> dict:
+    """Train DLRM on Frappe in one process ("single") or as one rank ("dist"); returns per
+    epoch the mean training loss and the valid and test AUC, and the time."""
+    import torch
+
+    from adrec_fast.data.metrics import auc
+    from adrec_fast.data.stream import epoch_permutation
+    from adrec_fast.models.registry import build_model
+    from adrec_fast.training import recipes
+
+    torch.set_num_threads(1)
+    schema, train, valid, test = frappe_data(seed)
+    rec = recipes.recipe("dlrm")
+    if dropout is not None:
+        rec.model["dropout"] = dropout
+    torch.manual_seed(seed)
+    model = build_model("dlrm", schema, **rec.model)
+    lr, clip = rec.trainer["lr"], rec.trainer["clip_grad_norm"]
+    factor, patience = rec.trainer["plateau_factor"], rec.trainer["patience"]
+    ctx = ddp = None
+    forward, params = model, model.dense_parameters()
+    if kind == "dist":
+        from adrec_fast import distributed as D
+
+        ctx = D.init_from_env(device="cpu")
+        D.check_same_config(ctx, model=model.config, schema=schema.to_dict(), seed=seed,
+                            global_batch=batch_size)
+        D.shard_model(model, ctx)
+        if not local_dropout:
+            D.global_batch_dropout(model, ctx)
+        ddp = D.wrap_ddp(model, ctx)
+        forward, params = ddp, list(ddp.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    n = train.batch_size
+    out = {"kind": kind, "losses": [], "valid_auc": [], "test_auc": [], "train_rows": n,
+           "valid_rows": valid.batch_size, "test_rows": test.batch_size, "model": rec.model}
+    seconds = 0.0
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = epoch_permutation(n, seed, epoch)
+        total, steps = 0.0, 0
+        for start in range(0, n - batch_size + 1, batch_size):  # the last partial batch dropped
+            batch = train.take(order[start:start + batch_size])
+            if ctx is not None:
+                batch = D.local_batch(batch, ctx)
+            loss = model.loss(forward(batch), batch.labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            loss = loss.detach()
+            if ctx is not None:
+                torch.distributed.all_reduce(loss, group=ctx.group)
+                loss /= ctx.world
+            total, steps = total + float(loss), steps + 1
+        seconds += time.perf_counter() - t0
+        out["losses"].append(total / steps)
+        for name, rows in (("valid_auc", valid), ("test_auc", test)):
+            out[name].append(auc(rows.labels.numpy(), _probs(model, rows, ctx).numpy()))
+        # the recipe's schedule: every learning rate x plateau_factor after an epoch without a
+        # better valid AUC, stop after `patience` such epochs (the trainer's early stopping)
+        if out["valid_auc"][-1] < max(out["valid_auc"]):
+            for g in opt.param_groups:
+                g["lr"] *= factor
+            for c in model.embedding_collections():
+                c.optimizer.lr *= factor
+        best = max(range(len(out["valid_auc"])), key=out["valid_auc"].__getitem__)
+        if epoch - best >= patience:
+            break
+    out["seconds"] = seconds
+    if ctx is not None:
+        if save:
+            D.save_sharded(save, ddp, ctx, optimizer=opt)
+        out["rank"] = ctx.rank
+        ctx.destroy()
+    return out
+
+
 def _run_side(kind: str, args) -> dict:
-    flags = ["--worker", kind, "--warmup", str(args.warmup), "--steps", str(args.steps),
-             "--max-batches", str(args.max_batches)]
+    if args.frappe:
+        flags = ["--worker", kind, "--frappe", "--epochs", str(args.epochs), "--batch",
+                 str(args.batch), "--seed", str(args.seed)]
+        if args.dropout is not None:
+            flags += ["--dropout", str(args.dropout)]
+        if args.local_dropout:
+            flags.append("--local-dropout")
+        if kind == "dist" and args.save:
+            flags += ["--save", args.save]
+    else:
+        flags = ["--worker", kind, "--warmup", str(args.warmup), "--steps", str(args.steps),
+                 "--max-batches", str(args.max_batches)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if kind == "single":
         cmd = [sys.executable, str(Path(__file__).resolve()), *flags]
@@ -151,7 +302,23 @@ def main(argv=None) -> None:
     ap.add_argument("--max-batches", type=int, default=128, help="cap on the batch pool")
     ap.add_argument("--quick", action="store_true", help="1 run, 5 steps, a pool of 8")
     ap.add_argument("--worker", choices=["single", "dist"], help=argparse.SUPPRESS)
+    ap.add_argument("--frappe", action="store_true",
+                    help="compare the test AUC of 2 ranks and 1 process on Frappe")
+    ap.add_argument("--epochs", type=int, default=30,
+                    help="--frappe: most epochs per side (early stopping ends a run sooner)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="--frappe: global batch (default: the DLRM recipe's)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="--frappe: model seed and data split of the first run (+1 per run)")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="--frappe: dropout of the tower (default: the DLRM recipe's)")
+    ap.add_argument("--local-dropout", action="store_true",
+                    help="--frappe: each rank draws its own dropout masks (default: the global "
+                         "batch's, as one process draws them: global_batch_dropout)")
+    ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.frappe:
+        return frappe_main(args)
     if args.quick:
         args.runs, args.steps, args.warmup, args.max_batches = 1, 5, 2, 8
     if min(args.runs, args.steps, args.max_batches) < 1 or args.warmup < 0:
@@ -186,6 +353,65 @@ def main(argv=None) -> None:
     print(f"\nratio 2 ranks / 1 rank: median {statistics.median(ratios):.2f}x, spread "
           f"{min(ratios):.2f}-{max(ratios):.2f}x over {len(rows)} runs "
           f"(exchange path: {rows[0]['mode']})")
+
+
+def frappe_main(args) -> None:
+    import tempfile
+
+    from adrec_fast.training import recipes
+
+    if args.batch is None:
+        args.batch = recipes.recipe("dlrm").trainer["batch_size"]
+    if args.runs < 1 or args.epochs < 1 or args.batch < 2 or args.batch % 2:
+        raise SystemExit("--frappe: --runs and --epochs must be >= 1, --batch even and >= 2")
+    if args.worker:
+        res = frappe_worker(args.worker, args.epochs, args.batch, args.seed, args.dropout,
+                            args.local_dropout, args.save)
+        if res.get("rank", 0) == 0:
+            print("RESULT " + json.dumps(res), flush=True)
+        return
+    if not FRAPPE.is_file():
+        raise SystemExit(f"--frappe needs the shared Frappe file at {FRAPPE}")
+    from adrec_fast.data.metrics import auc
+    from adrec_fast.models.checkpoint import load_model
+
+    rows, base_seed = [], args.seed
+    for run in range(args.runs):
+        args.seed = base_seed + run  # each run its own seed (model and split)
+        _, _, _, test = frappe_data(args.seed)
+        load0 = os.getloadavg()[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            args.save = str(Path(tmp) / "run")
+            order = ["single", "dist"] if run % 2 == 0 else ["dist", "single"]
+            got = {kind: _run_side(kind, args) for kind in order}
+            model, _, _ = load_model(args.save)  # the sharded save, on one process
+            reloaded = auc(test.labels.numpy(), model.predict(test).numpy())
+        rows.append((got["single"], got["dist"], reloaded, load0, os.getloadavg()[0]))
+    s = rows[0][0]
+    masks = "per-rank" if args.local_dropout else "global-batch"
+    print(f"\nDLRM {s['model']}, {masks} dropout masks, on Frappe: {s['train_rows']:,} training, {s['valid_rows']:,} "
+          f"valid, {s['test_rows']:,} test rows, global batch {args.batch}, up to "
+          f"{args.epochs} epochs, run i: seed {base_seed} + i, 1 thread per process\n")
+    print("| run | test AUC at the best valid epoch: 1 process / 2 ranks (epoch) | difference | "
+          "last-epoch test AUC 1 / 2 | 2-rank save, load_model AUC | last-epoch loss 1 / 2 | "
+          "train seconds 1 / 2 | load 1-min |")
+    print("|---|---|---|---|---|---|---|---|")
+    diffs = []
+    for i, (one, two, reloaded, l0, l1) in enumerate(rows):
+        b1 = max(range(len(one["valid_auc"])), key=lambda e: one["valid_auc"][e])
+        b2 = max(range(len(two["valid_auc"])), key=lambda e: two["valid_auc"][e])
+        d = two["test_auc"][b2] - one["test_auc"][b1]
+        diffs.append(d)
+        print(f"| {i} | {one['test_auc'][b1]:.5f} ({b1 + 1}) / {two['test_auc'][b2]:.5f} "
+              f"({b2 + 1}) | {d:+.5f} | {one['test_auc'][-1]:.5f} / {two['test_auc'][-1]:.5f} | "
+              f"{reloaded:.5f} | {one['losses'][-1]:.5f} / {two['losses'][-1]:.5f} | "
+              f"{one['seconds']:.0f} / {two['seconds']:.0f} | {l0:.1f} -> {l1:.1f} |")
+    for one, two, *_ in rows:
+        print("per-epoch test AUC, 1 process:", " ".join(f"{a:.4f}" for a in one["test_auc"]))
+        print("per-epoch test AUC, 2 ranks:  ", " ".join(f"{a:.4f}" for a in two["test_auc"]))
+    worst = max(abs(d) for d in diffs)
+    print(f"\nlargest |AUC difference| at the best epoch {worst:.5f} (target <= 0.002): "
+          f"{'holds' if worst <= 0.002 else 'MISSED'}")
 
 
 if __name__ == "__main__":
