@@ -283,8 +283,12 @@ class _Version:
         # bags or vectors, encoded by the schema itself
         self.encoder = RequestEncoder(schema, missing) if simple else None
         spec = model.serving_spec() if simple else None
+        seqs = [s for s, _ in spec.sequences] if spec is not None else []
+        # the encoder hands over every history of the schema, in order: the executor reads
+        # them all, or none (a model without attention on a schema with histories)
+        partial = bool(seqs) and seqs != self.seq_names
         self.spec = None
-        if spec is not None:
+        if spec is not None and not partial:
             st, sb = quantize_rows(spec.table, quantize)
             self.weights = st.clone() if quantize is None else st  # our own copy
             self.scale_bias = sb
@@ -292,15 +296,14 @@ class _Version:
             self.spec = copy.copy(spec)
             self.spec.table = self.weights  # packing reads only its width
             seq_table = dict(schema.sequence_fields())
-            self.seqs = [s for s, _ in spec.sequences]
-            if self.seqs != self.seq_names:
-                raise ValueError(f"model {self.name!r} reads the histories {self.seqs}, the "
-                                 f"schema has {self.seq_names}: the executor needs all, in order")
+            self.seqs = seqs
             self.seq_base = [int(tofs[seq_table[s]]) for s in self.seqs]
             self.seq_card = [schema.cardinality(s) for s in self.seqs]
             self.model = None  # the executor needs none of the model's tensors
         else:
             what = ("multi-valued bags or vector fields" if not simple
+                    else f"model {self.name!r} attends to {seqs} of the schema's histories "
+                    f"{self.seq_names}" if partial
                     else f"no serving spec for model {self.name!r}")
             warnings.warn(f"Scorer: {what}: requests run the model's torch forward on N rows",
                           stacklevel=4)

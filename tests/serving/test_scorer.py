@@ -911,3 +911,39 @@ def test_din_hot_swap(din_schema, tmp_path):
     rng = np.random.default_rng(33)
     reqs = [_din_request(rng, int(rng.integers(1, 40)), CAND) for _ in range(16)]
     _hot_swap(din_schema, tmp_path, a, b, reqs)
+
+
+@pytest.mark.parametrize("key", ["dlrm", "deepfm"])
+def test_model_without_attention_on_a_schema_with_histories(din_schema, tmp_path, key):
+    """A model that reads no history, on a schema that has one: the executor runs it (the
+    request's history is encoded and ignored), equal to its forward."""
+    torch.manual_seed(0)
+    m = build_model(key, din_schema, embedding_dim=8, init_std=0.5).eval()
+    sc = Scorer.load(save_checkpoint(tmp_path / key, m, rng=False))
+    assert sc.native
+    rng = np.random.default_rng(34)
+    for n in (1, 20):
+        user, cands = _din_request(rng, n, CAND)
+        assert np.abs(sc.score(user, cands) - _expected(m, din_schema, user, cands)).max() <= 1e-5
+
+
+def test_din_on_some_of_the_histories(tmp_path):
+    """DIN attending to one of two histories: served by its own forward, with a warning."""
+    raw = _raw(2000, 0)
+    rng = np.random.default_rng(35)
+    for h in ("h1", "h2"):
+        raw[h] = ["|".join(f"i{j}" for j in rng.integers(0, 300, 4)) for _ in range(2000)]
+    fields = [{"name": "user", "type": "categorical"}, {"name": "item", "type": "categorical"},
+              {"name": "h1", "type": "multi_categorical", "sequence": True, "share_with": "item",
+               "sep": "|"},
+              {"name": "h2", "type": "multi_categorical", "sequence": True, "share_with": "item",
+               "sep": "|"}]
+    sch = Schema(fields).fit(raw)
+    torch.manual_seed(0)
+    m = build_model("din", sch, embedding_dim=8, sequences=["h2"]).eval()
+    with pytest.warns(UserWarning, match="histories"):
+        sc = Scorer.load(save_checkpoint(tmp_path / "din", m, rng=False))
+    assert not sc.native
+    user = {"user": "u1", "h1": "i1|i2", "h2": "i3|i4|i5"}
+    cands = {"item": ["i1", "i2", "i9"]}
+    assert np.abs(sc.score(user, cands) - _expected(m, sch, user, cands)).max() <= 1e-5
