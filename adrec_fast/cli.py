@@ -410,28 +410,38 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _train_setup(a):
+    """(output directory, made fresh; --drop columns; reader options) of a train command."""
+    out = Path(a.out)
+    _fresh_out(out, a.overwrite)
+    drop = [c.strip() for c in a.drop.split(",") if c.strip()]
+    return out, drop, {"skip_bad_rows": a.skip_bad_rows, "max_bad_rows": a.max_bad_rows}
+
+
+def _given_schema(a, drop):
+    """The --schema file's schema, or None when the schema is to be inferred."""
+    if not a.schema:
+        return None
+    from .data.schema import Schema
+
+    if drop:
+        raise CLIError("--drop applies to an inferred schema; edit the --schema file")
+    return Schema.load(a.schema)
+
+
 def cmd_train(a) -> int:
     _check_options(a)
     if a.online or a.time_col:
         return cmd_train_online(a)
     import torch
 
-    from .data.schema import Schema
     from .data.stream import load_training_data
     from .models.registry import build_model
 
-    out = Path(a.out)
-    _fresh_out(out, a.overwrite)
-    drop = [c.strip() for c in a.drop.split(",") if c.strip()]
-    reader_kw = {"skip_bad_rows": a.skip_bad_rows, "max_bad_rows": a.max_bad_rows}
+    out, drop, reader_kw = _train_setup(a)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if a.schema:
-            schema = Schema.load(a.schema)
-            if drop:
-                raise CLIError("--drop applies to an inferred schema; edit the --schema file")
-        else:
-            schema = _infer_schema(a.data, a.label, drop)
+        schema = _given_schema(a, drop) or _infer_schema(a.data, a.label, drop)
         data = load_training_data(a.data, schema, valid_path=a.valid,
                                   valid_fraction=a.valid_fraction, seed=a.seed,
                                   stream=a.stream, **reader_kw)
@@ -487,23 +497,16 @@ def cmd_train_online(a) -> int:
 
     from .data.pipeline import fit_schema
     from .data.readers import open_reader
-    from .data.schema import Schema
     from .models.checkpoint import replace_dir, save_checkpoint
     from .models.registry import build_model
     from .training.loop import Trainer
     from .training.online import order_by_time, train_online
 
-    out = Path(a.out)
-    _fresh_out(out, a.overwrite)
-    drop = [c.strip() for c in a.drop.split(",") if c.strip()]
-    reader_kw = {"skip_bad_rows": a.skip_bad_rows, "max_bad_rows": a.max_bad_rows}
+    out, drop, reader_kw = _train_setup(a)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if a.schema:
-            schema = Schema.load(a.schema)
-            if drop:
-                raise CLIError("--drop applies to an inferred schema; edit the --schema file")
-        else:
+        schema = _given_schema(a, drop)
+        if schema is None:
             if a.time_col:  # name a missing --time-col before the schema inference does
                 first = next(iter(open_reader(a.data, label=a.label, chunk_rows=16)), None)
                 names = first.column_names if first is not None else []

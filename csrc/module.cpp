@@ -31,6 +31,7 @@
 #include "common/parallel.h"
 #include "common/tuning.h"
 #include "cpu/scorer.h"
+#include "py_describe.h"
 #include "request_encoder.h"
 
 #if defined(__linux__)
@@ -61,13 +62,7 @@ auto translate_errors(F&& f) -> decltype(f()) {
   }
 }
 
-std::string describe(py::handle obj) {
-  if (!py::isinstance<py::array>(obj)) return py::str(py::type::of(obj).attr("__name__"));
-  const auto a = py::reinterpret_borrow<py::array>(obj);
-  std::string shape = "[";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) shape += (i ? ", " : "") + std::to_string(a.shape(i));
-  return py::str(a.dtype()).cast<std::string>() + " array " + shape + "]";
-}
+using adrec::describe;
 
 // `obj` as a C-contiguous numpy array of T with `ndim` dims (copied only when it is strided);
 // a TypeError / ValueError naming the argument otherwise. The result owns what data() points to.

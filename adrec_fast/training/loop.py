@@ -374,6 +374,30 @@ class Trainer:
         return True
 
     # -- the loop -------------------------------------------------------------------------
+    def step(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        """One optimizer step on ``batch`` (dense and sparse optimizers, gradient clipping) ->
+        (the forward's logits [B], computed before the update; the loss). A non-finite loss
+        raises ``FloatingPointError``. ``fit`` and online training take this step."""
+        model = self.model
+        logits = model(batch)  # [B]
+        loss = model.loss(logits, batch.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
+                                           self.clip_grad_norm)
+        self.optimizer.step()
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.step()
+        self.global_step += 1
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"training loss is {lv} at step {self.global_step}; lower "
+                                     "the learning rates")
+        return logits.detach(), lv
+
     def fit(self, train, valid=None, epochs: int = 1, resume: bool = False,
             callbacks: Iterable[Callable] = ()) -> FitResult:
         """Train for ``epochs`` epochs (in total, counting resumed ones). ``train``/``valid``:
@@ -383,7 +407,6 @@ class Trainer:
         from tqdm.auto import tqdm
 
         model = self.model
-        self._clip_params = [p for p in self.optimizer.param_groups[0]["params"]]
         train_src = _as_source(train)
         valid_src = _as_source(valid)
         if not (resume and self.resume()):
@@ -408,26 +431,11 @@ class Trainer:
                 for batch in _iter_source(train_src, self.batch_size, self.shuffle, self.seed, e):
                     self._set_lr(lr_factor(self.schedule, self.global_step, total_steps, e,
                                            **self.schedule_kw))
-                    logits = model(batch)
-                    loss = model.loss(logits, batch.labels)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if self.sparse_optimizer is not None:
-                        self.sparse_optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.clip_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(self._clip_params, self.clip_grad_norm)
-                    self.optimizer.step()
-                    if self.sparse_optimizer is not None:
-                        self.sparse_optimizer.step()
-                    self.global_step += 1
+                    _, lv = self.step(batch)
                     B = batch.batch_size
                     seen += B
-                    lv = float(loss.detach())
                     loss_sum += lv * B
                     loss_n += B
-                    if not math.isfinite(lv):
-                        raise FloatingPointError(f"training loss is {lv} at step {self.global_step}"
-                                                 "; lower the learning rates")
                     bar.update(B)
                     if self.global_step % 20 == 0 and self.progress:
                         dt = time.perf_counter() - t0

@@ -18,7 +18,6 @@ again trains no row twice and reports the same metrics as an uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 import uuid
@@ -76,32 +75,6 @@ def scores_in_train_mode(model) -> bool:
         if isinstance(m, torch.nn.Dropout) and m.p > 0:
             return False
     return True
-
-
-def _train_step(trainer: Trainer, batch: Batch) -> torch.Tensor:
-    """One optimizer step of ``trainer`` on ``batch``; returns the logits [B] of the forward
-    (before the update). The same step as ``Trainer.fit``'s loop body (dense and sparse
-    optimizers, gradient clipping), without the schedule (``train_online`` sets the rates).
-    """
-    model = trainer.model
-    logits = model(batch)  # [B]
-    loss = model.loss(logits, batch.labels)
-    trainer.optimizer.zero_grad(set_to_none=True)
-    if trainer.sparse_optimizer is not None:
-        trainer.sparse_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if trainer.clip_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(trainer.optimizer.param_groups[0]["params"],
-                                       trainer.clip_grad_norm)
-    trainer.optimizer.step()
-    if trainer.sparse_optimizer is not None:
-        trainer.sparse_optimizer.step()
-    trainer.global_step += 1
-    lv = float(loss.detach())
-    if not math.isfinite(lv):
-        raise FloatingPointError(f"training loss is {lv} at step {trainer.global_step}; lower "
-                                 "the learning rates")
-    return logits.detach()
 
 
 def _mini_batches(stream: Iterable, schema, batch_size: int, skip: int):
@@ -257,9 +230,9 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
             with torch.no_grad():
                 score = model(batch)
             model.train()
-            _train_step(trainer, batch)
+            trainer.step(batch)
         else:
-            score = _train_step(trainer, batch)
+            score = trainer.step(batch)[0]
         probs.append(torch.sigmoid(score).float().numpy())
         labels.append(y.float().numpy())
         t_loop += time.perf_counter() - t0

@@ -29,6 +29,7 @@
 // shared side (one lock per call, not per key). Per-row counters change in the hit phase while
 // readers run, so they are relaxed atomics.
 #include "common/dynamic_table.h"
+#include "py_describe.h"
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -693,13 +694,7 @@ class DynamicTable {
 };
 
 // ------------------------------------------------------------------ binding
-std::string describe(py::handle obj) {
-  if (!py::isinstance<py::array>(obj)) return py::str(py::type::of(obj).attr("__name__"));
-  const auto a = py::reinterpret_borrow<py::array>(obj);
-  std::string shape = "[";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) shape += (i ? ", " : "") + std::to_string(a.shape(i));
-  return py::str(a.dtype()).cast<std::string>() + " array " + shape + "]";
-}
+using adrec::describe;
 
 // `keys` as a pointer to n uint64: a 1-D C-contiguous int64 or uint64 numpy array, never copied.
 const uint64_t* key_arg(py::handle keys, const char* fn, int64_t& n) {
