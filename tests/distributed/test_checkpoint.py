@@ -30,7 +30,7 @@ from adrec_fast.distributed import init_from_env, load_optimizer, load_sharded
 from adrec_fast.models.checkpoint import load_model, read_meta, save_checkpoint
 
 from ._worker import LR, build, step
-from .test_two_ranks import _free_port
+from .test_two_ranks import _free_port, one_rank  # noqa: F401 - one_rank is a fixture
 
 REPO = Path(__file__).resolve().parents[2]
 BEFORE, AFTER, GLOBAL_B, EVAL_ROWS = 8, 4, 256, 2048
@@ -165,24 +165,6 @@ def test_load_model_reads_the_sharded_run_in_one_process(data, saved):
     from adrec_fast.serving import Scorer
 
     assert Scorer.load(ck).version[1] == str(ck)
-
-
-@pytest.fixture
-def one_rank():
-    saved_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
-    try:
-        ctx = init_from_env(device="cpu", timeout_s=30)
-        yield ctx
-        ctx.destroy()
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_load_sharded_onto_one_rank_and_from_a_single_process_checkpoint(data, saved, one_rank,
