@@ -5,7 +5,8 @@
 missing="error" | "default")`` builds an immutable model version; ``score(user, candidates) ->
 np.ndarray [N]`` probabilities; ``top_k``; ``score_ids`` (ids already encoded, dicts per field);
 ``ids_path(cand_fields)`` (the leanest path: id arrays in, probabilities out); ``swap(dir)``
-replaces the version atomically.
+replaces the version atomically; ``apply_delta(path)`` and ``follow(DIR)`` apply the row deltas
+of online training as new versions (serving/deltas.py).
 
 Field split. A request names the user/context side once (``user``: one value per field) and the
 candidate side per candidate (``candidates``: a dict of equal-length columns, or a list of dicts).
@@ -390,6 +391,7 @@ class Scorer:
         self._mlp = mlp
         self._missing = missing
         self._swap_lock = threading.Lock()
+        self._shadow = None  # serving/deltas.py: the model behind the deltas applied so far
 
     @classmethod
     def load(cls, checkpoint_dir, quantize: str | None = None, threads: int | None = None,
@@ -430,6 +432,26 @@ class Scorer:
                            self._missing)
             self._version = new  # one reference store: atomic for readers
         return new.serial, new.path
+
+    def apply_delta(self, path) -> tuple[int, str]:
+        """Apply one row delta of online training (its ``.json`` manifest or ``.safetensors``
+        file) as the next version, swapped in as by ``swap``. A corrupt, partial,
+        out-of-sequence or wrong-base delta raises ``serving.deltas.DeltaError`` naming the
+        file, and the current version stays (see serving/deltas.py)."""
+        from . import deltas
+
+        with self._swap_lock:
+            new = deltas.apply(self, path)
+            self._version = new
+        return new.serial, new.path
+
+    def follow(self, directory, poll_s: float = 1.0):
+        """Apply the deltas an exporter writes to ``directory`` (``DIR`` or ``DIR/deltas``) in
+        a background thread, every ``poll_s`` seconds, in sequence order; returns the running
+        ``serving.deltas.Follower`` (``stop()`` it; ``errors`` lists the refused deltas)."""
+        from . import deltas
+
+        return deltas.Follower(self, directory, poll_s).start()
 
     # -- raw requests -------------------------------------------------------------------
     def score(self, user: dict, candidates) -> np.ndarray:

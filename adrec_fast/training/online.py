@@ -162,7 +162,7 @@ def load_position(checkpoint_dir) -> int | None:
 def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | None = None,
                  batch_size: int | None = None, window_rows: int = 100_000,
                  checkpoint_dir=None, checkpoint_every: int | None = None, resume: bool = False,
-                 plot=None, progress: bool = False, **trainer_kw) -> OnlineResult:
+                 plot=None, progress: bool = False, exporter=None, **trainer_kw) -> OnlineResult:
     """One pass over ``stream`` in order with progressive validation (see the module doc).
 
     Args:
@@ -177,6 +177,8 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
             (rounded up to whole steps) and at the end; ``resume``: continue from it.
         plot: a PNG path for rolling AUC and logloss per window (skipped with a note on stderr
             when matplotlib is missing).
+        exporter: a ``training.export.DeltaExporter``: writes its base at the start position,
+            a row delta for serving every ``every_rows`` rows, and a last one at the end.
     Returns an ``OnlineResult``. Deterministic for a given model, trainer and stream.
     """
     if trainer is None:
@@ -215,6 +217,8 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
     model.train()
     next_ckpt = position + checkpoint_every if checkpoint_every else None
     t_loop, trained = 0.0, 0
+    if exporter is not None:
+        exporter.start(position)
     it = _mini_batches(stream, schema, bs, position)
     while True:
         batch = next(it, None)  # the stream's own time (reading, encoding) is not the loop's
@@ -238,9 +242,13 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
         t_loop += time.perf_counter() - t0
         position += batch.batch_size
         trained += batch.batch_size
+        if exporter is not None:
+            exporter.observe(batch, position)
         if next_ckpt is not None and position >= next_ckpt:
             _save_state(trainer, ckdir, position, probs, labels, {})
             next_ckpt = position + checkpoint_every
+    if exporter is not None:
+        exporter.finish(position)
     if ckdir is not None and (checkpoint_every is not None or resume):
         _save_state(trainer, ckdir, position, probs, labels, {"done": True})
     p = np.concatenate(probs) if probs else np.zeros(0, np.float32)

@@ -1,0 +1,397 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Row deltas applied to a live Scorer: ``Scorer.apply_delta(path)`` and ``Scorer.follow(DIR)``.
+
+Online training with an exporter (``training/export.py``, ``adrec-fast train --online
+--export-every ROWS``) writes ``DIR/base`` (a checkpoint) and ``DIR/deltas/delta-<seq>.json``
+manifests with their ``.safetensors`` rows; that module's doc gives the format. A Scorer loaded
+from ``DIR/base`` applies them in sequence order:
+
+* ``apply_delta(path)`` (a manifest, or its ``.safetensors``) reads and checks one delta and
+  makes the next version from the current one: the served tables are copied (copy on write),
+  the delta's rows written into the copy (quantized as the Scorer was loaded), the dense part
+  re-laid out from the updated weights (batch norm folded again), and the packed handles built
+  afresh; then the version is swapped in as ``swap`` does. A request reads the version once at
+  its start, so it sees the model of one delta or of the next, never a mix.
+* ``follow(DIR, poll_s=1.0)`` starts a daemon thread (a :class:`Follower`, returned; ``stop()``
+  or a ``with`` block ends it) that every ``poll_s`` seconds applies, in order, every delta of
+  ``DIR/deltas`` after the current one.
+
+Refused (``DeltaError``, a ``ValueError`` whose message names the file), the Scorer keeping the
+version it serves: a manifest that is not JSON or lacks a field; a tensor file missing, of
+another size or sha256 than the manifest says (truncated, partial or corrupt); a delta for
+another base (its ``base`` is not the id in the checkpoint.json of the base the Scorer loaded,
+or the Scorer was loaded from a checkpoint that is no delta base); out of sequence (``seq`` is
+not the current one + 1); a table or dense tensor that the model lacks, of the wrong shape, or
+rows out of range. ``follow`` records each refusal (``Follower.errors``: (file, message)),
+logs it once (logger ``adrec_fast.serving.deltas``) and goes on polling; a refused file is
+tried again only when it changes.
+
+Cost: the Scorer keeps a second copy of the model (the ``shadow``: the base plus every delta
+applied, from which the dense layers are laid out again), and each delta copies the served
+tables once (memory bandwidth: about 0.1 s per GB), plus the rows and the packing of the dense
+part. A ``swap`` to another checkpoint drops the shadow; the next delta must then belong to that
+checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from .. import _C
+from ..models.checkpoint import load_model, read_meta
+
+FORMAT = "adrec_fast.delta"
+VERSION = 1
+DELTAS_DIR = "deltas"
+_log = logging.getLogger(__name__)
+
+
+class DeltaError(ValueError):
+    """A delta that cannot be applied; the message names its file."""
+
+
+# ---------------------------------------------------------------------------- reading
+class Delta:
+    """One delta read and checked against its manifest: ``seq``, ``base``, ``position``,
+    ``dense`` ({state key: tensor}, empty when the delta has none), ``tables`` ({state key:
+    (rows [n] int64, values [n, D] float32)}), ``manifest`` (the dict), ``path`` (the
+    manifest)."""
+
+    def __init__(self, path: Path, manifest: dict, tensors: dict):
+        self.path = path
+        self.manifest = manifest
+        self.seq = int(manifest["seq"])
+        self.base = str(manifest["base"])
+        self.position = int(manifest["position"])
+        self.dense = {k[len("dense/"):]: v for k, v in tensors.items() if k.startswith("dense/")}
+        self.tables = {}
+        for k, v in tensors.items():
+            if k.startswith("rows/"):
+                key = k[len("rows/"):]
+                vals = tensors.get(f"values/{key}")
+                if vals is None:
+                    raise DeltaError(f"{path}: rows/{key} without values/{key}")
+                if v.dtype != torch.int64 or v.dim() != 1 or vals.dim() != 2 \
+                        or vals.shape[0] != v.shape[0]:
+                    raise DeltaError(f"{path}: rows/{key} {v.dtype} {list(v.shape)} and "
+                                     f"values/{key} {list(vals.shape)} do not match (want "
+                                     "int64 [n] and [n, D])")
+                self.tables[key] = (v, vals.float())
+            elif not k.startswith(("values/", "dense/")):
+                raise DeltaError(f"{path}: unknown tensor {k!r} in the delta")
+        for k in tensors:
+            if k.startswith("values/") and k[len("values/"):] not in self.tables:
+                raise DeltaError(f"{path}: {k} without rows/{k[len('values/'):]}")
+
+
+def manifest_path(path) -> Path:
+    """A delta's manifest from its manifest or its tensor file's path."""
+    path = Path(path)
+    return path.with_suffix(".json") if path.suffix == ".safetensors" else path
+
+
+def read_manifest(path) -> dict:
+    path = manifest_path(path)
+    if not path.is_file():
+        raise DeltaError(f"{path}: no such delta manifest")
+    try:
+        man = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DeltaError(f"{path}: the delta manifest is not valid JSON ({e}); partial or "
+                         "corrupt file") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise DeltaError(f"{path}: not an adrec_fast delta manifest (format "
+                         f"{man.get('format') if isinstance(man, dict) else None!r})")
+    if man.get("version") != VERSION:
+        raise DeltaError(f"{path}: delta version {man.get('version')!r} is not supported "
+                         f"(expected {VERSION})")
+    need = ("seq", "base", "position", "file", "bytes", "sha256")
+    missing = [k for k in need if k not in man]
+    if missing:
+        raise DeltaError(f"{path}: the delta manifest lacks {missing}")
+    return man
+
+
+def read_delta(path) -> Delta:
+    """Read and check one delta (see the module doc); raises ``DeltaError`` naming the file."""
+    from safetensors.torch import load
+
+    path = manifest_path(path)
+    man = read_manifest(path)
+    file = path.parent / str(man["file"])
+    if not file.is_file():
+        raise DeltaError(f"{file}: the tensor file of delta {man['seq']} is missing "
+                         f"(manifest {path})")
+    data = file.read_bytes()
+    if len(data) != int(man["bytes"]):
+        raise DeltaError(f"{file}: {len(data)} bytes, the manifest says {man['bytes']} "
+                         "(truncated or partial file)")
+    if hashlib.sha256(data).hexdigest() != man["sha256"]:
+        raise DeltaError(f"{file}: contents differ from the manifest's sha256 (corrupt file)")
+    try:
+        tensors = load(data)
+    except Exception as e:  # the checksum matched: a writer bug, still named
+        raise DeltaError(f"{file}: not a safetensors file ({e})") from None
+    return Delta(path, man, tensors)
+
+
+def base_id(checkpoint_path) -> str | None:
+    """The delta-base id of a checkpoint (``DIR/base`` of an exporter), None for another."""
+    doc = read_meta(checkpoint_path)
+    b = doc.get("delta_base")
+    return str(b["id"]) if isinstance(b, dict) and "id" in b else None
+
+
+def pending(directory, after: int) -> list[tuple[int, Path]]:
+    """(seq, manifest) of the deltas in ``directory/deltas`` (or ``directory`` itself when it
+    holds them) with seq > ``after``, in order."""
+    d = Path(directory)
+    if (d / DELTAS_DIR).is_dir():
+        d = d / DELTAS_DIR
+    out = []
+    for f in d.glob("delta-*.json"):
+        try:
+            seq = int(f.stem[len("delta-"):])
+        except ValueError:
+            continue
+        if seq > after:
+            out.append((seq, f))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------- applying
+class _Shadow:
+    """The model behind a Scorer's current version (base + deltas applied): where a delta's
+    rows and dense weights are written before the next version is laid out from it."""
+
+    def __init__(self, version):
+        self.version = version  # the Scorer version this shadow equals
+        self.base = base_id(version.path)
+        self.seq = 0
+        self.position = None
+        model, _, _ = load_model(version.path)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.state = dict(model.named_parameters()) | dict(model.named_buffers())
+        self.persistent = set(model.state_dict().keys())
+
+    def check(self, delta: Delta, path: Path) -> None:
+        if self.base is None:
+            raise DeltaError(f"{path}: the Scorer serves {self.version.path}, which is not a "
+                             "delta base (load the exporter's DIR/base)")
+        if delta.base != self.base:
+            raise DeltaError(f"{path}: delta for base {delta.base}, but the Scorer serves base "
+                             f"{self.base} ({self.version.path}); wrong base")
+        if delta.seq != self.seq + 1:
+            raise DeltaError(f"{path}: delta {delta.seq} out of sequence: the Scorer is at "
+                             f"delta {self.seq} and needs delta {self.seq + 1}")
+        for key, (rows, vals) in delta.tables.items():
+            t = self.state.get(key)
+            if t is None or t.dim() != 2 or key not in self.persistent:
+                raise DeltaError(f"{path}: rows for {key!r}, which is not an embedding table of "
+                                 f"model {self.version.name!r}")
+            if vals.shape[1] != t.shape[1]:
+                raise DeltaError(f"{path}: values/{key} has width {vals.shape[1]}, the table "
+                                 f"{t.shape[1]}")
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= t.shape[0]):
+                raise DeltaError(f"{path}: rows/{key} out of range [0, {t.shape[0]})")
+        for key, v in delta.dense.items():
+            t = self.state.get(key)
+            if t is None or key not in self.persistent:
+                raise DeltaError(f"{path}: dense/{key}: model {self.version.name!r} has no "
+                                 "such weight")
+            if tuple(v.shape) != tuple(t.shape):
+                raise DeltaError(f"{path}: dense/{key} is {list(v.shape)}, the model's "
+                                 f"{list(t.shape)}")
+
+    @torch.no_grad()
+    def write(self, delta: Delta) -> None:
+        for key, (rows, vals) in delta.tables.items():
+            t = self.state[key]
+            t.index_copy_(0, rows, vals.to(t.dtype))
+        for key, v in delta.dense.items():
+            self.state[key].copy_(v.to(self.state[key].dtype))
+        self.seq = delta.seq
+        self.position = delta.position
+
+
+def _next_version(v, shadow: _Shadow, delta: Delta, serial: int):
+    """The version after ``delta``: ``v`` copied on write (``shadow`` already holds the delta)."""
+    from .scorer import dequantize_rows, quantize_rows
+
+    new = copy.copy(v)
+    new.serial = serial
+    new.handles = {}
+    new.delta_seq = delta.seq
+    new.delta_position = delta.position
+    model = shadow.model
+    if v.spec is None:  # the torch forward: the version holds its own model
+        m = copy.deepcopy(model)
+        if v.quantize is not None:
+            for ebc in m.embedding_collections():
+                ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, v.quantize)))
+        new.model = m
+        return new
+    spec = model.serving_spec()
+    table_rows, lin_rows = [], []
+    for key, (rows, _) in delta.tables.items():
+        t = shadow.state[key]
+        if t.data_ptr() == spec.table.data_ptr():
+            table_rows.append(rows)
+        elif spec.lin is not None and t.data_ptr() == spec.lin.data_ptr():
+            lin_rows.append(rows)
+        else:  # a table the spec reads through a copy: lay it all out again
+            table_rows = lin_rows = None
+            break
+    if table_rows is None:
+        st, sb = quantize_rows(spec.table, v.quantize)
+        new.weights = st.clone() if v.quantize is None else st
+        new.scale_bias = sb
+        new.lin = None if spec.lin is None else spec.lin.float().contiguous().clone()
+    else:
+        if table_rows:
+            rows = torch.cat(table_rows)
+            st, sb = quantize_rows(spec.table.index_select(0, rows), v.quantize)
+            new.weights = v.weights.clone()
+            new.weights.index_copy_(0, rows, st)
+            if sb is not None:
+                new.scale_bias = v.scale_bias.clone()
+                new.scale_bias.index_copy_(0, rows, sb)
+        if lin_rows:
+            rows = torch.cat(lin_rows)
+            new.lin = v.lin.clone()
+            new.lin.index_copy_(0, rows, spec.lin.index_select(0, rows).float())
+    if delta.dense:
+        # the version's own copy of the dense layers: its handles are packed lazily, and the
+        # shadow's weights change with the next delta
+        s = copy.copy(spec)
+        s.table = s.lin = None
+        s = copy.deepcopy(s)
+        s.lin = new.lin
+    else:
+        s = copy.copy(v.spec)
+    s.table = new.weights  # packing reads only its width
+    new.spec = s
+    if v.front is not None:
+        new.front = _C.ServingFront(new.encoder._impl, new.handle_for)
+    return new
+
+
+def apply(scorer, path):
+    """``Scorer.apply_delta``: the next version of ``scorer`` after the delta at ``path``;
+    the caller swaps it in. Raises ``DeltaError`` (the current version stays)."""
+    path = manifest_path(path)
+    v = scorer._version
+    shadow = getattr(scorer, "_shadow", None)
+    if shadow is None or shadow.version is not v:  # first delta, or a swap since the last
+        if getattr(v, "delta_seq", 0):
+            raise DeltaError(f"{path}: the Scorer lost its delta state in a failed apply; "
+                             f"swap to {v.path} and follow again")
+        shadow = _Shadow(v)
+    delta = read_delta(path)
+    shadow.check(delta, path)
+    scorer._shadow = shadow
+    # the shadow advances first; if building the version failed half-way it would be ahead of
+    # the served version, so it is dropped then (the next delta rebuilds it from the base)
+    try:
+        shadow.write(delta)
+        new = _next_version(v, shadow, delta, v.serial + 1)
+    except BaseException:
+        scorer._shadow = None
+        raise
+    shadow.version = new
+    return new
+
+
+# ---------------------------------------------------------------------------- following
+class Follower:
+    """The thread of ``Scorer.follow``: applies the deltas of ``directory`` in order every
+    ``poll_s`` seconds. ``errors``: [(file, message)] of refused deltas; ``applied``: the seq of
+    the last delta applied; ``poll()`` runs one round in the caller's thread."""
+
+    def __init__(self, scorer, directory, poll_s: float = 1.0):
+        if not float(poll_s) > 0:
+            raise ValueError(f"follow: poll_s must be > 0 seconds, got {poll_s}")
+        self.scorer = scorer
+        self.directory = Path(directory)
+        self.poll_s = float(poll_s)
+        self.errors: list[tuple[str, str]] = []
+        self._refused: dict[Path, tuple] = {}  # file -> (mtime, size) when it was refused
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def applied(self) -> int:
+        return getattr(self.scorer._version, "delta_seq", 0)
+
+    def start(self) -> Follower:
+        self._thread = threading.Thread(target=self._run, name="adrec-delta-follow",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll()
+            except Exception as e:  # never let the thread die: record and go on
+                self._record(str(self.directory), f"{type(e).__name__}: {e}")
+            self._stop.wait(self.poll_s)
+
+    def _stamp(self, path: Path) -> tuple:
+        man = path.with_suffix(".safetensors")
+        return tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None
+                     for f in (path, man))
+
+    def _record(self, file: str, msg: str) -> None:
+        self.errors.append((file, msg))
+        _log.warning("delta refused: %s", msg)
+
+    def poll(self) -> int:
+        """Apply every pending delta in order; returns how many were applied."""
+        n = 0
+        with self._lock:
+            for seq, path in pending(self.directory, self.applied):
+                if self._stop.is_set():
+                    break
+                if seq != self.applied + 1:  # a gap: wait for the missing one, say so once
+                    gap = self.directory / f"delta-{self.applied + 1:06d}"
+                    if gap not in self._refused:
+                        self._refused[gap] = ()
+                        self._record(str(path), f"{path}: delta {seq} out of sequence: "
+                                     f"delta {self.applied + 1} is missing")
+                    break
+                stamp = self._stamp(path)
+                if self._refused.get(path) == stamp:
+                    break  # refused before and unchanged
+                try:
+                    self.scorer.apply_delta(path)
+                except DeltaError as e:
+                    self._refused[path] = stamp
+                    self._record(str(path), str(e))
+                    break
+                n += 1
+        return n
+
+
+__all__ = ["Delta", "DeltaError", "Follower", "apply", "base_id", "manifest_path", "pending",
+           "read_delta", "read_manifest"]

@@ -1,0 +1,332 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Serving follows training: a Scorer applies the row deltas of online training (apply_delta,
+follow) while requests run, and refuses corrupt, partial, out-of-sequence and wrong-base
+deltas, serving the previous version."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from adrec_fast.data.synthetic import SyntheticCTR
+from adrec_fast.models.checkpoint import save_checkpoint
+from adrec_fast.models.registry import build_model
+from adrec_fast.serving import Scorer
+from adrec_fast.serving.deltas import DeltaError, pending, read_delta
+from adrec_fast.training.export import DeltaExporter
+from adrec_fast.training.loop import Trainer
+from adrec_fast.training.online import train_online
+
+N = 2400
+EVERY = 400
+BS = 100
+USER = ("user", "hist")  # the user side of a request; every other column is per candidate
+MODELS = {  # executor (batch norm folded), executor with first-order rows, torch forward
+    "deepfm_bn": ("deepfm", {"hidden": (16,), "batch_norm": True}),
+    "din": ("din", {}),
+    "deepfm_ln": ("deepfm", {"hidden": (16,), "layer_norm": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    gen = SyntheticCTR(seed=3, drift=True, period_rows=800, n_sparse=5, n_dense=2, max_len=4,
+                       max_cardinality=300, n_users=200, n_items=300)
+    schema = gen.schema()
+    table = gen.generate(N)
+    if not schema.fitted:
+        schema.fit(table)
+    return schema, table
+
+
+def _model(schema, key):
+    name, kw = MODELS[key]
+    torch.manual_seed(0)
+    return build_model(name, schema, embedding_dim=8, **kw)
+
+
+def _requests(table, n_req=6, n_cand=7):
+    rows = table.to_pylist()
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n_req):
+        pick = rng.choice(len(rows), n_cand, replace=False)
+        user = {k: rows[int(pick[0])][k] for k in USER}
+        cands = [{k: v for k, v in rows[int(i)].items() if k not in USER and k != "label"}
+                 for i in pick]
+        out.append((user, cands))
+    return out
+
+
+def _model_scores(model, schema, req) -> np.ndarray:
+    """The torch model's probabilities for a request (its rows expanded)."""
+    user, cands = req
+    rows = [{**c, **user, "label": 0} for c in cands]
+    return model.predict(schema.encode(pa.Table.from_pylist(rows))).numpy()
+
+
+def _train(schema, table, model, directory, on_export=None, dense_every=1):
+    ex = DeltaExporter(model, directory, every_rows=EVERY, dense_every=dense_every,
+                       on_export=on_export)
+    trainer = Trainer(model, progress=False, batch_size=BS, lr=3e-3)
+    train_online(model, [table], schema=schema, trainer=trainer, exporter=ex)
+    return ex
+
+
+@pytest.fixture(scope="module")
+def exported(data, tmp_path_factory):
+    """One online run per model: DIR (base + deltas), and per delta the model's scores of the
+    requests and a checkpoint of the model at the export."""
+    schema, table = data
+    reqs = _requests(table)
+    out = {}
+    for key in MODELS:
+        d = tmp_path_factory.mktemp(key)
+        model = _model(schema, key)
+        snaps = {0: [_model_scores(model, schema, r) for r in reqs]}
+
+        def on_export(man, model=model, d=d, snaps=snaps):
+            snaps[man["seq"]] = [_model_scores(model, schema, r) for r in reqs]
+            save_checkpoint(d / f"snap{man['seq']}", model, rng=False)
+
+        _train(schema, table, model, d / "export", on_export)
+        out[key] = (d, snaps)
+    return reqs, out
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_apply_delta_equals_exported_model(data, exported, key, quantize):
+    """After each delta the Scorer answers as the training model at that export (within 1e-5;
+    bit for bit as a Scorer loaded from a checkpoint of it), and the answers move."""
+    reqs, runs = exported
+    d, snaps = runs[key]
+    deltas = pending(d / "export", 0)
+    assert [s for s, _ in deltas] == list(range(1, N // EVERY + 1))
+    if key == "deepfm_ln":
+        with pytest.warns(UserWarning, match="torch forward"):
+            sc = Scorer.load(d / "export" / "base", quantize=quantize)
+    else:
+        sc = Scorer.load(d / "export" / "base", quantize=quantize)
+    prev = [sc.score(*r) for r in reqs]
+    if quantize is None:
+        for p, want in zip(prev, snaps[0]):
+            np.testing.assert_allclose(p, want, rtol=0, atol=1e-5)
+    for seq, path in deltas:
+        assert sc.apply_delta(path)[0] == seq
+        got = [sc.score(*r) for r in reqs]
+        if quantize is None:
+            for p, want in zip(got, snaps[seq]):
+                np.testing.assert_allclose(p, want, rtol=0, atol=1e-5)
+        with pytest.warns(UserWarning) if key == "deepfm_ln" else _nothing():
+            fresh = Scorer.load(d / f"snap{seq}", quantize=quantize)
+        for p, want in zip(got, [fresh.score(*r) for r in reqs]):
+            np.testing.assert_array_equal(p, want)
+        assert max(np.abs(a - b).max() for a, b in zip(got, prev)) > 1e-4
+        prev = got
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_serving_follows_training(data, tmp_path):
+    """Training in one thread, a Scorer following its deltas in another, requests in a third:
+    no request fails, every answer is one exported version's answer in full (bit for bit), and
+    the Scorer ends at the last delta."""
+    schema, table = data
+    reqs = _requests(table)
+    model = _model(schema, "deepfm_bn")
+    snaps = {}
+    lock = threading.Lock()
+
+    def on_export(man):
+        save_checkpoint(tmp_path / f"snap{man['seq']}", model, rng=False)
+        with lock:
+            snaps[man["seq"]] = man
+        time.sleep(0.03)  # let the follower and the clients interleave with training
+
+    export = tmp_path / "export"
+    ex = DeltaExporter(model, export, every_rows=EVERY, on_export=on_export)
+    ex.start(0)
+    sc = Scorer.load(export / "base")
+    answers, errors = [], []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            for i, r in enumerate(reqs):
+                try:
+                    answers.append((i, sc.score(*r)))
+                except Exception as e:  # noqa: BLE001 - every failure is counted
+                    errors.append(repr(e))
+
+    trainer = Trainer(model, progress=False, batch_size=BS, lr=3e-3)
+    follower = sc.follow(export, poll_s=0.005)
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for c in clients:
+        c.start()
+    try:
+        train_online(model, [table], schema=schema, trainer=trainer, exporter=ex)
+        last = max(snaps)
+        t0 = time.monotonic()
+        while follower.applied < last and time.monotonic() - t0 < 20:
+            time.sleep(0.01)
+        time.sleep(0.05)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join()
+        follower.stop()
+    assert errors == [] and follower.errors == []
+    assert follower.applied == last == N // EVERY
+    versions = [Scorer.load(export / "base")] + [Scorer.load(tmp_path / f"snap{s}")
+                                                  for s in range(1, last + 1)]
+    want = [[v.score(*r) for r in reqs] for v in versions]
+    seen = set()
+    for i, p in answers:
+        match = [k for k, w in enumerate(want) if np.array_equal(p, w[i])]
+        assert match, f"request {i}: an answer of no exported version (half-applied?)"
+        seen.update(match)
+    assert len(answers) > 50 and len(seen) >= 2
+    for p, w in zip([sc.score(*r) for r in reqs], want[-1]):
+        np.testing.assert_array_equal(p, w)
+
+
+# ---------------------------------------------------------------------------- bad deltas
+@pytest.fixture
+def run(data, exported, tmp_path):
+    """A copy of deepfm_bn's export directory and a Scorer on its base."""
+    import shutil
+
+    reqs, runs = exported
+    d, _ = runs["deepfm_bn"]
+    shutil.copytree(d / "export", tmp_path / "export")
+    return reqs, tmp_path / "export", Scorer.load(tmp_path / "export" / "base")
+
+
+def _same(sc, reqs, before):
+    for r, b in zip(reqs, before):
+        np.testing.assert_array_equal(sc.score(*r), b)
+
+
+def test_bad_deltas_refused(run, tmp_path):
+    reqs, export, sc = run
+    deltas = dict(pending(export, 0))
+    data1 = deltas[1].with_suffix(".safetensors").read_bytes()
+
+    def refused(path, match):
+        version, before = sc.version, [sc.score(*r) for r in reqs]
+        with pytest.raises(DeltaError, match=match) as e:
+            sc.apply_delta(path)
+        assert path.name in str(e.value) or path.with_suffix(".safetensors").name in str(e.value)
+        assert sc.version == version
+        _same(sc, reqs, before)
+
+    refused(deltas[2], "out of sequence")  # 2 before 1
+    tensors = deltas[1].with_suffix(".safetensors")
+    tensors.write_bytes(data1[: len(data1) // 2])  # truncated
+    refused(deltas[1], "truncated")
+    flipped = bytearray(data1)
+    flipped[-5] ^= 0xFF
+    tensors.write_bytes(bytes(flipped))  # same size, one byte changed
+    refused(deltas[1], "corrupt")
+    tensors.unlink()
+    refused(deltas[1], "missing")
+    tensors.write_bytes(data1)
+    text = deltas[1].read_text()
+    deltas[1].write_text(text[: len(text) // 2])  # partial manifest
+    refused(deltas[1], "not valid JSON")
+    man = json.loads(text)
+    deltas[1].write_text(json.dumps({**man, "base": "0" * 32}))
+    refused(deltas[1], "wrong base")
+    deltas[1].write_text(text)
+    assert sc.apply_delta(deltas[1])[0] == 1
+    refused(deltas[1], "out of sequence")  # the same delta twice
+    refused(export / "deltas" / "delta-999999.json", "no such delta manifest")
+
+
+def test_bad_tensors_refused(run, tmp_path):
+    """A delta whose checksums match but whose tensors do not fit the model."""
+    from safetensors.torch import save
+
+    reqs, export, sc = run
+    path = dict(pending(export, 0))[1]
+    man = json.loads(path.read_text())
+    good = read_delta(path)
+    key = next(iter(good.tables))
+    rows, vals = good.tables[key]
+    cases = {
+        "out of range": {f"rows/{key}": rows + 10**6, f"values/{key}": vals},
+        "width": {f"rows/{key}": rows, f"values/{key}": vals[:, :1].contiguous()},
+        "not an embedding table": {"rows/nope.weight": rows, "values/nope.weight": vals},
+        "has no such weight": {"dense/nope.bias": torch.zeros(3)},
+        "without values": {f"rows/{key}": rows},
+    }
+    for match, tensors in cases.items():
+        data = save(tensors)
+        path.with_suffix(".safetensors").write_bytes(data)
+        import hashlib
+
+        path.write_text(json.dumps({**man, "bytes": len(data),
+                                    "sha256": hashlib.sha256(data).hexdigest()}))
+        with pytest.raises(DeltaError, match=match):
+            sc.apply_delta(path)
+        assert sc.version[0] == 0
+
+
+def test_follow_records_refusal_and_goes_on(run):
+    reqs, export, sc = run
+    deltas = dict(pending(export, 0))
+    tensors = deltas[1].with_suffix(".safetensors")
+    good = tensors.read_bytes()
+    tensors.write_bytes(good[:100])
+    before = [sc.score(*r) for r in reqs]
+    f = sc.follow(export, poll_s=0.005)
+    try:
+        t0 = time.monotonic()
+        while not f.errors and time.monotonic() - t0 < 10:
+            time.sleep(0.005)
+        time.sleep(0.05)
+        assert len(f.errors) == 1 and "delta-000001" in f.errors[0][1]  # once, not per poll
+        assert f.applied == 0
+        _same(sc, reqs, before)
+        tensors.write_bytes(good)  # repaired: applied, then the rest
+        t0 = time.monotonic()
+        while f.applied < len(deltas) and time.monotonic() - t0 < 10:
+            time.sleep(0.005)
+    finally:
+        f.stop()
+    assert f.applied == len(deltas) and sc.version[0] == len(deltas)
+
+
+def test_swap_drops_the_delta_state(run, tmp_path, data):
+    """After a swap to a checkpoint that is no delta base, deltas are refused (wrong base);
+    back on the base, they apply from the first."""
+    reqs, export, sc = run
+    schema, _ = data
+    other = save_checkpoint(tmp_path / "other", _model(schema, "deepfm_bn"), rng=False)
+    deltas = dict(pending(export, 0))
+    sc.apply_delta(deltas[1])
+    sc.swap(other)
+    with pytest.raises(DeltaError, match="not a delta base"):
+        sc.apply_delta(deltas[2])
+    sc.swap(export / "base")
+    with pytest.raises(DeltaError, match="out of sequence"):
+        sc.apply_delta(deltas[2])
+    sc.apply_delta(deltas[1])
+    sc.apply_delta(deltas[2])
+
+
+def test_follow_bad_poll(run):
+    _, export, sc = run
+    with pytest.raises(ValueError, match="poll_s"):
+        sc.follow(export, poll_s=0)
