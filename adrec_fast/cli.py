@@ -186,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "each epoch (bounded memory, shuffled by chunks); off: hold it in "
                         "memory; auto (default): hold it when it is small next to the free "
                         "memory")
+    p.add_argument("--init-from", metavar="SOURCE_DIR", default=None,
+                   help="fine-tune: start from the model saved in SOURCE_DIR (a run of `train`). "
+                        "Fields are matched by name, categorical values by raw value (a value "
+                        "new to DATA starts fresh); dense layers are copied where they fit (the "
+                        "columns of matched fields where the field set differs). The run prints "
+                        "what was matched")
+    p.add_argument("--rename-field", metavar="SRC=DST", action="append", default=None,
+                   help="with --init-from: the source's field SRC is DATA's field DST "
+                        "(repeatable, or a comma list)")
+    p.add_argument("--freeze", metavar="PART,...", default=None,
+                   help="with --init-from: parts that do not train: embeddings, dense, text "
+                        "(comma list)")
+    p.add_argument("--adapter", metavar="lora:RANK", default=None,
+                   help="with --init-from: train LoRA adapters of rank RANK on the MLP towers "
+                        "instead of their weights (the rest of the dense part frozen but the "
+                        "head's bias; embeddings train unless frozen); merged into the weights "
+                        "when saved")
     p.add_argument("--online", action="store_true",
                    help="one pass over DATA in order with progressive validation (each batch is "
                         "scored before it is trained on); reports progressive_auc and "
@@ -412,10 +429,81 @@ def cmd_demo(a) -> int:
 
 def _train_setup(a):
     """(output directory, made fresh; --drop columns; reader options) of a train command."""
+    _check_transfer_options(a)
     out = Path(a.out)
     _fresh_out(out, a.overwrite)
     drop = [c.strip() for c in a.drop.split(",") if c.strip()]
     return out, drop, {"skip_bad_rows": a.skip_bad_rows, "max_bad_rows": a.max_bad_rows}
+
+
+def _check_transfer_options(a) -> None:
+    """--init-from and its companions, checked before any data is read; the target's
+    embedding width defaults to the source's."""
+    init = getattr(a, "init_from", None)
+    for flag, given in (("--freeze", a.freeze), ("--adapter", a.adapter),
+                        ("--rename-field", a.rename_field)):
+        if given and not init:
+            raise CLIError(f"{flag} applies to fine-tuning; add --init-from SOURCE_DIR")
+    if not init:
+        return
+    if getattr(a, "nproc", None) is not None:
+        raise CLIError("--init-from runs in one process; leave out --nproc")
+    from .models import checkpoint as ckpt
+    from .training import transfer
+
+    try:
+        if a.freeze is not None:
+            transfer.parse_parts(a.freeze)
+        if a.adapter is not None:
+            transfer.parse_adapter(a.adapter)
+    except ValueError as e:
+        flag = "--freeze" if "freeze" in str(e) else "--adapter"
+        raise CLIError(f"{flag}: {e}") from None
+    a.renames = {}
+    for item in a.rename_field or []:
+        for pair in filter(None, (x.strip() for x in item.split(","))):
+            src, eq, dst = pair.partition("=")
+            if not eq or not src.strip() or not dst.strip():
+                raise CLIError(f"--rename-field {pair!r}: expected SRC=DST")
+            a.renames[src.strip()] = dst.strip()
+    path = Path(init)
+    try:
+        doc = ckpt.read_meta(path)
+    except (FileNotFoundError, ValueError):
+        raise CLIError(f"--init-from {path}: not a trained model (expected a directory written "
+                       "by `adrec-fast train`)") from None
+    if a.embedding_dim is None:
+        a.embedding_dim = int(doc["model"]["embedding_dim"])
+
+
+def _warm_start(model, a) -> dict | None:
+    """--init-from, --freeze, --adapter applied to the freshly built ``model``; prints what was
+    matched and what trains, and returns it for --json and metrics.json (None without
+    --init-from)."""
+    if not getattr(a, "init_from", None):
+        return None
+    from .training import transfer
+
+    try:
+        report = transfer.init_from(model, a.init_from, rename=a.renames)
+        frozen = transfer.freeze(model, a.freeze) if a.freeze else []
+        layers = (transfer.add_adapters(model, transfer.parse_adapter(a.adapter))
+                  if a.adapter else [])
+    except (ValueError, NotImplementedError) as e:
+        raise CLIError(f"--init-from {a.init_from}: {e}") from None
+    counts = transfer.trainable_counts(model)
+    print(report.summary())
+    print(f"trainable: {counts['dense_trainable']:,} of {counts['dense']:,} dense parameters"
+          + (f" ({counts['adapter']:,} in LoRA adapters on {len(layers)} layers)" if layers
+             else "")
+          + f", {counts['embedding_trainable']:,} of {counts['embedding']:,} embedding "
+            "parameters", flush=True)
+    return {"source": str(a.init_from),
+            "fields": {k: {"source": v["source"], "rows": v.get("rows"), "of": v.get("of")}
+                       for k, v in report.fields.items()},
+            "dropped": report.dropped,
+            "dense_skipped": sorted(k for k, v in report.dense.items() if v.startswith("skip")),
+            "freeze": frozen, "adapter": a.adapter, "trainable": counts}
 
 
 def _given_schema(a, drop):
@@ -456,6 +544,8 @@ def cmd_train(a) -> int:
         model = build_model(a.model, schema, **_recipe(a)[0])
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
+    transfer = _warm_start(model, a)
+    extra = {} if transfer is None else {"transfer": transfer}
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
         result = _fit(model, train, valid, a, tmp)
@@ -464,7 +554,7 @@ def cmd_train(a) -> int:
         p, y = predict(model, valid)
         m = metrics_of(y, p)
         _write_run_files(tmp, result, (p, y),
-                         {"valid": m, "data": str(a.data), "model": model.config})
+                         {"valid": m, "data": str(a.data), "model": model.config, **extra})
         from .models.checkpoint import replace_dir
 
         replace_dir(tmp, out)
@@ -478,7 +568,7 @@ def cmd_train(a) -> int:
                     "best_epoch": result.best_epoch, "epochs": len(result.history),
                     "samples_per_s": result.history[-1]["samples_per_s"] if result.history else None,
                     "rows_train": len(train), "rows_valid": len(valid),
-                    "out": str(out)})
+                    "out": str(out), **extra})
     return 0
 
 
@@ -536,6 +626,8 @@ def cmd_train_online(a) -> int:
             model = build_model(a.model, schema, **model_kw)
         except (TypeError, ValueError) as e:
             raise CLIError(str(e)) from None
+        transfer = _warm_start(model, a)
+        extra = {} if transfer is None else {"transfer": transfer}
         for k in ("patience", "plateau_factor", "calibrate"):  # per-epoch settings
             trainer_kw.pop(k, None)
         trainer = Trainer(model, seed=a.seed, progress=False, **trainer_kw)
@@ -551,7 +643,8 @@ def cmd_train_online(a) -> int:
                                                                    if k != "windows"}})
             trainer.save(tmp / "last", {"online": {"position": res.rows}})
             (tmp / "metrics.json").write_text(json.dumps(
-                {**m, "data": str(a.data), "time_col": a.time_col, "model": model.config},
+                {**m, "data": str(a.data), "time_col": a.time_col, "model": model.config,
+                 **extra},
                 indent=1, default=float), encoding="utf-8")
             replace_dir(tmp, out)
         finally:
@@ -564,7 +657,8 @@ def cmd_train_online(a) -> int:
     if a.json:
         _json_line({"progressive_auc": res.progressive_auc,
                     "progressive_logloss": res.progressive_logloss, "rows": res.rows,
-                    "samples_per_s": res.samples_per_s, "model": a.model, "out": str(out)})
+                    "samples_per_s": res.samples_per_s, "model": a.model, "out": str(out),
+                    **extra})
     return 0
 
 

@@ -13,6 +13,7 @@ from .. import functional as F
 from ..data.batch import Batch
 from ..nn import CrossNet, EmbeddingBagCollection, SigmoidBCEHead
 from ..nn.embedding_bag import check_l2
+from ..nn.lora import LoRALinear
 from ..optim import FusedRowwiseAdagrad, FusedSGD
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "sgd", "none")
@@ -94,7 +95,9 @@ def run_mlp(seq: nn.Sequential, x: Tensor) -> Tensor:
         m = mods[i]
         if isinstance(m, nn.Linear):
             relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
-            h = F.linear(h, m.weight, m.bias, "relu" if relu else "none")  # [B, H]
+            # a LoRA layer passes its adapted weight W + s*B@A: the same op, gradients to A, B
+            w = m.merged_weight() if isinstance(m, LoRALinear) else m.weight  # [H, K]
+            h = F.linear(h, w, m.bias, "relu" if relu else "none")  # [B, H]
             i += 2 if relu else 1
         else:
             h = m(h)

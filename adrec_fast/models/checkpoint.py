@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 from ..data.schema import Schema
+from ..nn.lora import merged_state_dict
 from .registry import build_model
 
 FORMAT = "adrec_fast.checkpoint"
@@ -200,7 +201,8 @@ def save_checkpoint(path, model, *, optimizer=None, sparse_optimizer=None,
                                       sparse_optimizer=sparse_optimizer, meta=meta, rng=rng)
 
     def write(tmp: Path):
-        save_file(_tensors_for_safetensors(model.state_dict()), str(tmp / MODEL_FILE),
+        # LoRA adapters are folded into their layers: the file holds the plain model
+        save_file(_tensors_for_safetensors(merged_state_dict(model)), str(tmp / MODEL_FILE),
                   metadata={"format": FORMAT, "version": str(VERSION),
                             "model": str(model.config.get("name"))})
         if opt_tensors:

@@ -292,6 +292,8 @@ class Trainer:
 
     def _make_optimizer(self):
         params = self.model.dense_parameters()
+        if not params:  # every dense weight frozen (fine-tuning): an optimizer over nothing
+            params = [torch.nn.Parameter(torch.zeros(0), requires_grad=False)]
         # fused=True: one multi-tensor kernel per step instead of ~6 ops per parameter
         kw = {"lr": self.lr, "weight_decay": self.weight_decay, "fused": True}
         if self.optimizer_name == "adam":
