@@ -179,6 +179,7 @@ class DeltaExporter:
         self.position = 0
         self._next = 0
         self._last_rows = 0  # rows trained since the last delta
+        self._last_dense = False  # whether the last delta held the dense weights
         self.stats: list[dict] = []  # per delta: seq, bytes, ms
 
     # -- the hooks ----------------------------------------------------------------------
@@ -225,9 +226,12 @@ class DeltaExporter:
         return None
 
     def finish(self, position: int) -> dict | None:
-        """The last delta (with the dense weights), when rows were trained since the last one."""
+        """The last delta, with the dense weights: when rows were trained since the last delta,
+        or when that one had no dense part (so the end state is served whole)."""
         self.position = int(position)
-        return self.export(dense=True) if self._last_rows else None
+        if self._last_rows or (self.seq and not self._last_dense):
+            return self.export(dense=True)
+        return None
 
     # -- writing ------------------------------------------------------------------------
     def export(self, dense: bool | None = None) -> dict:
@@ -262,6 +266,7 @@ class DeltaExporter:
         _fsync_dir(d)
         self.seq = seq
         self._last_rows = 0
+        self._last_dense = bool(dense)
         self._next = self.position + self.every_rows
         self.stats.append({"seq": seq, "bytes": len(data), "dense": bool(dense),
                            "rows": sum(v["rows"] for v in tables.values()),

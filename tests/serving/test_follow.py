@@ -21,7 +21,7 @@ from adrec_fast.training.export import DeltaExporter
 from adrec_fast.training.loop import Trainer
 from adrec_fast.training.online import train_online
 
-N = 2400
+N = 1600
 EVERY = 400
 BS = 100
 USER = ("user", "hist")  # the user side of a request; every other column is per candidate

@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Delta export during online training: the rows each delta holds (exactly those trained since
+the previous one, with the model's values), the dense part every K-th delta, the manifest and
+its checksum, atomic files, and no effect on training."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adrec_fast.data.synthetic import SyntheticCTR
+from adrec_fast.models.checkpoint import read_meta
+from adrec_fast.models.registry import build_model
+from adrec_fast.training.export import DeltaExporter, dense_state
+from adrec_fast.training.loop import Trainer
+from adrec_fast.training.online import train_online
+
+N = 1200
+EVERY = 300  # not a multiple of the batch: a delta is written after the step that reaches it
+BS = 128
+
+
+@pytest.fixture(scope="module")
+def data():
+    gen = SyntheticCTR(seed=7, drift=True, period_rows=600, n_sparse=5, n_dense=2, max_len=4,
+                       max_cardinality=300, n_users=200, n_items=300)
+    schema = gen.schema()
+    table = gen.generate(N)
+    if not schema.fitted:
+        schema.fit(table)
+    return schema, table
+
+
+def _model(schema, name="deepfm", **kw):
+    torch.manual_seed(0)
+    kw = {"hidden": (16,), "batch_norm": True} if name == "deepfm" and not kw else kw
+    return build_model(name, schema, embedding_dim=8, **kw)
+
+
+def _run(schema, table, model, directory=None, **ex_kw):
+    ex = None if directory is None else DeltaExporter(model, directory, every_rows=EVERY,
+                                                      **ex_kw)
+    res = train_online(model, [table], schema=schema, batch_size=BS, exporter=ex,
+                       trainer=Trainer(model, progress=False, lr=3e-3))
+    return res, ex
+
+
+def _manifests(directory):
+    return [json.loads(p.read_text()) for p in sorted((directory / "deltas").glob("*.json"))]
+
+
+@pytest.mark.parametrize("name,kw", [("deepfm", {}), ("fm", {"embedding_l2": 1e-3})])
+def test_export_does_not_change_training(data, tmp_path, name, kw):
+    schema, table = data
+    plain = _model(schema, name, **kw)
+    r0, _ = _run(schema, table, plain)
+    model = _model(schema, name, **kw)
+    r1, ex = _run(schema, table, model, tmp_path)
+    assert ex.seq == 4
+    np.testing.assert_array_equal(r0.probs, r1.probs)
+    for (k, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_delta_rows_values_and_dense(data, tmp_path):
+    """Each delta holds exactly the rows the batches since the previous delta looked up (bags
+    and histories, mapped to rows as the schema lays the tables out), with the model's values
+    at the export; every row that changed is among them; the dense part is the model's."""
+    schema, table = data
+    model = _model(schema, "din")
+    snaps = {}
+
+    def on_export(man):
+        snaps[man["seq"]] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    res, ex = _run(schema, table, model, tmp_path, on_export=on_export)
+    mans = _manifests(tmp_path)
+    assert [m["seq"] for m in mans] == [1, 2, 3, 4]
+    # positions: the first step boundary at or after each multiple of EVERY, then the end
+    assert [m["position"] for m in mans] == [384, 768, 1152, 1200]
+    base = read_meta(tmp_path / "base")["delta_base"]
+    assert base["position"] == 0 and {m["base"] for m in mans} == {base["id"]}
+    tofs = schema.table_offsets()
+    prev = {k: v for k, v in _model(schema, "din").state_dict().items()}
+    start = 0
+    for m in mans:
+        data_file = tmp_path / "deltas" / m["file"]
+        blob = data_file.read_bytes()
+        assert len(blob) == m["bytes"] and hashlib.sha256(blob).hexdigest() == m["sha256"]
+        t = load_file(str(data_file))
+        snap = snaps[m["seq"]]
+        # the reference: every id of the rows [start, position), table by table
+        enc = schema.encode(table.slice(start, m["position"] - start))
+        B, ids = enc.batch_size, set()
+        for i, (_, tab) in enumerate(schema.sparse_fields()):
+            lo, hi = int(enc.offsets[i * B]), int(enc.offsets[(i + 1) * B])
+            ids |= set((enc.indices[lo:hi] + int(tofs[tab])).tolist())
+        for name, tab in schema.sequence_fields():
+            ids |= set((enc.seq_indices[name] + int(tofs[tab])).tolist())
+        for key in ("lookup.ebc.weight",):
+            rows = t[f"rows/{key}"]
+            assert sorted(rows.tolist()) == sorted(ids)
+            assert torch.equal(t[f"values/{key}"], snap[key][rows])
+            changed = (snap[key] != prev[key]).any(dim=1).nonzero().view(-1)
+            assert set(changed.tolist()) <= set(rows.tolist())
+            assert m["tables"][key] == {"rows": rows.numel(), "full": False}
+        dense = {k[len("dense/"):]: v for k, v in t.items() if k.startswith("dense/")}
+        assert set(dense) == set(dense_state(model)) and dense
+        assert not any(k.endswith(("ebc.weight", "ebc.state")) for k in dense)
+        for k, v in dense.items():
+            assert torch.equal(v, snap[k]), k
+        prev, start = snap, m["position"]
+
+
+def test_dense_every_k(data, tmp_path):
+    schema, table = data
+    _, ex = _run(schema, table, _model(schema), tmp_path, dense_every=3)
+    mans = _manifests(tmp_path)
+    assert [m["dense"] for m in mans] == [False, False, True, True]  # 3rd, and the last
+    for m in mans:
+        keys = load_file(str(tmp_path / "deltas" / m["file"])).keys()
+        assert any(k.startswith("dense/") for k in keys) == m["dense"]
+    assert [s["seq"] for s in ex.stats] == [1, 2, 3, 4]
+
+
+def test_last_delta_carries_dense(data, tmp_path):
+    """The stream ends on a delta without the dense part: one more, dense, follows."""
+    schema, table = data
+    model = _model(schema)
+    ex = DeltaExporter(model, tmp_path, every_rows=BS, dense_every=100)
+    train_online(model, [table.slice(0, 3 * BS)], schema=schema, batch_size=BS, exporter=ex,
+                 trainer=Trainer(model, progress=False))
+    mans = _manifests(tmp_path)
+    assert [m["dense"] for m in mans] == [False, False, False, True]
+    assert mans[-1]["tables"]["lookup.ebc.weight"]["rows"] == 0 and mans[-1]["position"] == 384
+
+
+def test_lazy_l2_tables_go_whole(data, tmp_path):
+    """Lazy L2 decays every row at every step: such a table's deltas hold all its rows, at
+    their decayed values (the stored rows times the pending scale)."""
+    schema, table = data
+    model = _model(schema, "fm", embedding_l2=1e-3)
+    got = {}
+
+    def on_export(man):
+        ebc = model.lookup.ebc
+        assert ebc.l2_scale != 1.0  # a pending scale, not folded by the export
+        got[man["seq"]] = (ebc.weight * ebc.l2_scale).clone()
+
+    _run(schema, table, model, tmp_path, on_export=on_export)
+    for m in _manifests(tmp_path):
+        t = load_file(str(tmp_path / "deltas" / m["file"]))
+        rows = t["rows/lookup.ebc.weight"]
+        assert torch.equal(rows, torch.arange(model.lookup.ebc.weight.shape[0]))
+        assert m["tables"]["lookup.ebc.weight"]["full"] is True
+        assert torch.equal(t["values/lookup.ebc.weight"], got[m["seq"]])
+
+
+def test_restart_writes_new_base_and_clears_deltas(data, tmp_path):
+    schema, table = data
+    model = _model(schema)
+    _run(schema, table, model, tmp_path)
+    first = read_meta(tmp_path / "base")["delta_base"]["id"]
+    ex = DeltaExporter(model, tmp_path, every_rows=EVERY)
+    ex.start(N)
+    assert read_meta(tmp_path / "base")["delta_base"] == {"id": ex.base_id, "position": N}
+    assert ex.base_id != first
+    assert list((tmp_path / "deltas").iterdir()) == []
+    assert ex.start(N) == tmp_path / "base" and ex.base_id == read_meta(
+        tmp_path / "base")["delta_base"]["id"]  # started, nothing written: the same base
+
+
+def test_no_temporary_files_left(data, tmp_path):
+    schema, table = data
+    _run(schema, table, _model(schema), tmp_path)
+    names = sorted(p.name for p in (tmp_path / "deltas").iterdir())
+    assert names == [f"delta-{i:06d}.{ext}" for i in range(1, 5) for ext in ("json",
+                                                                            "safetensors")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "deltas"]
+
+
+def test_bad_arguments(data, tmp_path):
+    schema, _ = data
+    model = _model(schema)
+    for kw, match in (({"every_rows": 0}, "every_rows"), ({"every_rows": 1.5}, "every_rows"),
+                      ({"every_rows": 10, "dense_every": 0}, "dense_every")):
+        with pytest.raises(ValueError, match=match):
+            DeltaExporter(model, tmp_path, **kw)
+    with pytest.raises(RuntimeError, match="before start"):
+        DeltaExporter(model, tmp_path, every_rows=10).observe(None, 10)
