@@ -6,7 +6,11 @@ A ``Schema`` is a list of field specs plus the label column name. Field types:
 - ``categorical``: one value per row. ``vocab="build"`` learns a vocabulary in ``fit`` (values
   seen at least ``min_count`` times, most frequent first) and maps value -> 1..V; ``vocab="hash"``
   maps value -> 1..hash_size-1 with ``stable_hash`` and ``salt``. Id 0 is out-of-vocabulary or
-  missing (null or empty text). ``cardinality`` = V + 1, or ``hash_size``.
+  missing (null or empty text). ``cardinality`` = V + 1, or ``hash_size``. ``vocab="dynamic"``
+  needs no fitting: a value becomes a 64-bit key (``stable_hash`` over the whole 64-bit range,
+  salted with ``salt``, else the field's name, so that no two dynamic tables share a key; 0 =
+  missing) that the model's ``DynamicEmbedding`` maps to a row as values arrive
+  (``cardinality`` 0: no fixed rows).
 - ``multi_categorical``: a list per row, as a list column or ``sep``-joined text, at most
   ``max_len`` values (the first ones; with ``sequence: true`` the LAST ones, oldest first).
   ``share_with`` names another field whose vocabulary and embedding table it uses; its values
@@ -46,6 +50,10 @@ FIELD_TYPES = ("categorical", "multi_categorical", "dense", "vector")
 TRANSFORMS = ("none", "log1p", "standardize", "log1p_standardize")
 SPARSE_TYPES = ("categorical", "multi_categorical")
 SCHEMA_VERSION = 1
+VOCABS = ("build", "hash", "dynamic")
+#: ``stable_hash``'s modulus for dynamic keys: 1 + h mod (2^64 - 1), wrapped to int64, so every
+#: value has its own 64-bit key (never 0, the key of a missing value)
+DYNAMIC_HASH_SIZE = 2**64
 
 
 @dataclass
@@ -54,7 +62,7 @@ class Field:
 
     name: str
     type: str
-    vocab: str = "build"  # build | hash
+    vocab: str = "build"  # build | hash | dynamic
     min_count: int = 1
     hash_size: int = 0
     salt: str = ""
@@ -96,6 +104,9 @@ class Field:
                 d["vocab"] = self.vocab
                 if self.vocab == "hash":
                     d.update(hash_size=self.hash_size, salt=self.salt)
+                elif self.vocab == "dynamic":
+                    if self.salt:
+                        d["salt"] = self.salt
                 else:
                     d["min_count"] = self.min_count
                     if self.vocabulary is not None:
@@ -159,6 +170,7 @@ class Schema:
             names = [f.name for f in self.fields]
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"duplicate field names: {dup}")
+        salts: dict[str, str] = {}  # the key salt of each dynamic table -> its field
         for f in self.fields:
             where = f"field {f.name!r}"
             if f.type not in FIELD_TYPES:
@@ -166,8 +178,8 @@ class Schema:
             if f.source == self.label:
                 raise ValueError(f"{where}: the label column {self.label!r} cannot be a feature")
             if f.is_sparse and not f.share_with:
-                if f.vocab not in ("build", "hash"):
-                    raise ValueError(f"{where}: vocab must be 'build' or 'hash', not {f.vocab!r}")
+                if f.vocab not in VOCABS:
+                    raise ValueError(f"{where}: vocab must be one of {VOCABS}, not {f.vocab!r}")
                 if f.vocab == "hash" and f.hash_size < 2:
                     raise ValueError(f"{where}: vocab 'hash' needs hash_size >= 2")
                 if f.min_count < 1:
@@ -182,6 +194,11 @@ class Schema:
                     raise ValueError(f"{where}: share_with {f.share_with!r} itself shares a table")
                 if not f.is_sparse:
                     raise ValueError(f"{where}: only (multi_)categorical fields can share a table")
+            if f.is_sparse and not f.share_with and f.vocab == "dynamic":
+                other = salts.setdefault(f.salt or f.name, f.name)
+                if other != f.name:
+                    raise ValueError(f"{where}: dynamic tables {other!r} and {f.name!r} hash with "
+                                     f"the same salt {f.salt or f.name!r}; give each its own salt")
             if f.sequence and f.type != "multi_categorical":
                 raise ValueError(f"{where}: sequence=true needs type multi_categorical")
             if f.type == "multi_categorical" and f.max_len < 0:
@@ -213,6 +230,15 @@ class Schema:
         f = self._by_name[name]
         return self._by_name[f.share_with] if f.share_with else f
 
+    def is_dynamic(self, name: str) -> bool:
+        """True when field ``name`` reads a dynamic table (its owner has ``vocab="dynamic"``)."""
+        f = self._by_name[name]
+        return f.is_sparse and self.owner(name).vocab == "dynamic"
+
+    @property
+    def has_dynamic(self) -> bool:
+        return any(self.is_dynamic(f.name) for f in self.fields)
+
     @property
     def fitted(self) -> bool:
         for f in self.fields:
@@ -234,6 +260,8 @@ class Schema:
         o = self.owner(name)
         if o.vocab == "hash":
             return o.hash_size
+        if o.vocab == "dynamic":
+            return 0  # rows are given to keys as they arrive
         if o.vocabulary is None:
             raise RuntimeError(f"field {o.name!r}: vocabulary not built yet; call Schema.fit first")
         return len(o.vocabulary) + 1
@@ -516,7 +544,8 @@ class Schema:
     def lookup(self, name: str, tokens) -> np.ndarray:
         """Tokens of sparse field ``name`` (a pyarrow string array, nulls = missing) -> [n]
         int64 ids within the table the field reads (its ``share_with`` owner's); 0 = never
-        seen in training, or missing. ``columns.tokens`` turns raw values into tokens."""
+        seen in training, or missing; for a dynamic table the 64-bit keys (0 = missing).
+        ``columns.tokens`` turns raw values into tokens."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -525,6 +554,8 @@ class Schema:
         o = self.owner(name)
         if o.vocab == "hash":
             return C.stable_hash(tokens, o.salt, o.hash_size)
+        if o.vocab == "dynamic":
+            return C.stable_hash(tokens, o.salt or o.name, DYNAMIC_HASH_SIZE)
         if o.vocabulary is None:
             raise RuntimeError(f"field {o.name!r}: vocabulary not built yet; call Schema.fit first")
         if o._vocab_arrow is None:

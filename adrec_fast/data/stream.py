@@ -98,7 +98,10 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- compact rows
 def index_dtype(schema) -> torch.dtype:
-    """The smallest integer type holding every id of ``schema``'s tables."""
+    """The smallest integer type holding every id of ``schema``'s tables (int64 for the keys
+    of a dynamic table)."""
+    if schema.has_dynamic:
+        return torch.int64
     biggest = max([c for _, c in schema.tables()], default=1)
     if biggest <= 2**15:
         return torch.int16

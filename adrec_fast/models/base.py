@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..data.batch import Batch
+from ..data.batch import Batch, bag_take
 from ..nn import CrossNet, EmbeddingBagCollection, SigmoidBCEHead
+from ..nn.dynamic_table import DynamicEmbedding
 from ..nn.embedding_bag import check_l2
 from ..nn.lora import LoRALinear
 from ..optim import FusedRowwiseAdagrad, FusedSGD
@@ -47,6 +48,23 @@ def fused_optimizer(name: str | None, lr: float = 0.05):
     if name == "sgd":
         return FusedSGD(lr=lr)
     raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {name!r}")
+
+
+#: ``dynamic_tables=`` keys (``DynamicEmbedding``'s options) and the defaults of those not given
+DYNAMIC_OPTIONS = ("capacity", "min_count", "admit_prob", "ttl", "eviction", "evict_fraction",
+                   "sketch_width", "seed")
+DYNAMIC_DEFAULTS = {"capacity": 1 << 16, "eviction": "grow"}
+
+
+def dynamic_options(options: dict | None) -> dict:
+    """``dynamic_tables=`` of a model -> the DynamicEmbedding options (defaults filled in);
+    an unknown key is named."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(DYNAMIC_OPTIONS))
+    if unknown:
+        raise ValueError(f"dynamic_tables: unknown options {unknown}; expected some of "
+                         f"{DYNAMIC_OPTIONS}")
+    return {**DYNAMIC_DEFAULTS, **options}
 
 
 #: ``dense_init=`` values: how Linear/cross weights start (biases at zero for "xavier")
@@ -121,18 +139,42 @@ class SparseLookup(nn.Module):
         buffer and looked up in a single call over a one-table view (bags first, then one bag of
         length 1 per sequence element). One call means one fused update, so a row that is both a
         target and a history element gets its summed gradient once, as in the native path.
+
+    Dynamic tables (``vocab: dynamic`` fields: the batch holds 64-bit keys) all live in ONE
+    ``DynamicEmbedding`` (``self.dyn``, options ``dynamic``; keys are salted per table, so the
+    tables never share a key, and a shared table's fields share its keys), with the same fused
+    optimizer object as ``self.ebc`` (the static tables; None when every table is dynamic).
+    When every bag and history is dynamic, the keys go through one call as in the global path;
+    otherwise each kind makes one call and the rows are put back in bag order. A training
+    forward inserts new keys (admission, eviction: see DynamicEmbedding) at the stream time
+    ``self.now`` (None: counted in training calls); eval mode and no-grad only read, and a key
+    outside the table reads row 0, the unadmitted row.
     """
 
     def __init__(self, schema, embedding_dim: int, optimizer=None, pooling: str = "mean",
                  init_std: float | None = None, sequences: Sequence[str] = (),
-                 l2: float = 0.0, l2_mode: str = "lazy"):
+                 l2: float = 0.0, l2_mode: str = "lazy", dynamic: dict | None = None):
         super().__init__()
         tables = schema.tables()
         if not tables:
             raise ValueError("the schema has no categorical field: nothing to embed")
-        self.ebc = EmbeddingBagCollection([c for _, c in tables], embedding_dim, pooling=pooling,
-                                          optimizer=optimizer, init_std=init_std, l2=l2,
-                                          l2_mode=l2_mode)
+        is_dyn = [schema.is_dynamic(name) for name, _ in tables]
+        static = [t for t in range(len(tables)) if not is_dyn[t]]
+        if any(is_dyn):
+            if optimizer is None:
+                raise ValueError("dynamic tables need a fused embedding optimizer: "
+                                 "embedding_optimizer 'rowwise_adagrad' or 'sgd', not 'none'")
+            if l2 > 0:
+                raise ValueError(f"embedding_l2 is for static tables; the schema has dynamic "
+                                 f"tables: set embedding_l2=0 (got {l2})")
+        self.ebc = (EmbeddingBagCollection([tables[t][1] for t in static], embedding_dim,
+                                           pooling=pooling, optimizer=optimizer,
+                                           init_std=init_std, l2=l2, l2_mode=l2_mode)
+                    if static else None)
+        self.dyn = (DynamicEmbedding(int(embedding_dim), pooling=pooling, optimizer=optimizer,
+                                     init_std=init_std, **dynamic_options(dynamic))
+                    if any(is_dyn) else None)
+        self.now: int | None = None  # stream time of the next training forward (dynamic)
         self.dim = int(embedding_dim)
         bag_tables = [t for _, t in schema.sparse_fields()]
         self.num_bags = len(bag_tables)
@@ -141,13 +183,22 @@ class SparseLookup(nn.Module):
         for s in self.sequences:
             if s not in seq_table:
                 raise ValueError(f"{s!r} is not a sequence field of the schema")
-        self.native = bag_tables == list(range(len(tables))) and not self.sequences
-        tofs = self.ebc.table_offsets  # [n_tables + 1]
-        self.register_buffer("bag_base", tofs[torch.tensor(bag_tables, dtype=torch.long)]
-                             if bag_tables else torch.zeros(0, dtype=torch.long), persistent=False)
-        self.seq_base = [int(tofs[seq_table[s]]) for s in self.sequences]
+        self.native = (not any(is_dyn) and bag_tables == list(range(len(tables)))
+                       and not self.sequences)
+        # [n_static + 1] first row of each static table in the ebc's buffer
+        tofs = self.ebc.table_offsets if self.ebc is not None else torch.zeros(1, dtype=torch.long)
+        at = {t: k for k, t in enumerate(static)}
+        self.register_buffer("bag_base", torch.tensor(
+            [int(tofs[at[t]]) if t in at else 0 for t in bag_tables], dtype=torch.long),
+            persistent=False)
+        self.seq_base = [int(tofs[at[seq_table[s]]]) if seq_table[s] in at else 0
+                         for s in self.sequences]
         self.register_buffer("one_table", torch.tensor([0, int(tofs[-1])], dtype=torch.long),
                              persistent=False)
+        self.bag_dynamic = [is_dyn[t] for t in bag_tables]
+        self.seq_dynamic = [is_dyn[seq_table[s]] for s in self.sequences]
+        kinds = set(self.bag_dynamic + self.seq_dynamic)
+        self.mixed = self.dyn is not None and len(kinds) == 2  # static and dynamic reads
 
     def _global(self, indices: Tensor, offsets: Tensor) -> Tensor:
         """One call on the whole buffer seen as a single table: indices are global row ids."""
@@ -160,31 +211,79 @@ class SparseLookup(nn.Module):
             return self.ebc(batch.indices, batch.offsets).view(B, T, D), {}
         indices, offsets = batch.indices, batch.offsets  # [nnz], [T*B+1]
         nnz = indices.numel()
-        # B ids per table (e.g. one id per bag): no ragged bookkeeping. A total of T*B ids
-        # alone is not enough: ragged bags can sum to it with other table boundaries.
-        if nnz == T * B and torch.equal(offsets[::B], torch.arange(0, nnz + 1, B,
-                                                                   device=offsets.device)):
-            gidx = (indices.view(T, B) + self.bag_base[:, None]).view(-1)
+        if self.dyn is not None:
+            out, sizes = self._with_dynamic(batch)  # [T*B + L, D]
         else:
-            lengths = offsets[1:] - offsets[:-1]  # [T*B]
-            gidx = indices + torch.repeat_interleave(self.bag_base.repeat_interleave(B), lengths,
-                                                     output_size=nnz)
-        parts, sizes = [gidx], []
-        for s, base in zip(self.sequences, self.seq_base):
-            seq = batch.seq_indices[s]  # [L_s]
-            parts.append(seq + base)
-            sizes.append(seq.numel())
-        L = sum(sizes)
-        all_idx = torch.cat(parts) if L else gidx
-        all_ofs = torch.cat([offsets, torch.arange(nnz + 1, nnz + L + 1, dtype=offsets.dtype,
-                                                   device=offsets.device)]) if L else offsets
-        out = self._global(all_idx, all_ofs)  # [T*B + L, D]
+            # B ids per table (e.g. one id per bag): no ragged bookkeeping. A total of T*B ids
+            # alone is not enough: ragged bags can sum to it with other table boundaries.
+            if nnz == T * B and torch.equal(offsets[::B], torch.arange(0, nnz + 1, B,
+                                                                       device=offsets.device)):
+                gidx = (indices.view(T, B) + self.bag_base[:, None]).view(-1)
+            else:
+                lengths = offsets[1:] - offsets[:-1]  # [T*B]
+                gidx = indices + torch.repeat_interleave(self.bag_base.repeat_interleave(B),
+                                                         lengths, output_size=nnz)
+            parts, sizes = [gidx], []
+            for s, base in zip(self.sequences, self.seq_base):
+                seq = batch.seq_indices[s]  # [L_s]
+                parts.append(seq + base)
+                sizes.append(seq.numel())
+            all_idx, all_ofs = _one_per_bag(gidx, offsets, parts[1:])
+            out = self._global(all_idx, all_ofs)  # [T*B + L, D]
         emb = out[: T * B].view(T, B, D).transpose(0, 1)  # [B, T, D]
         keys, start = {}, T * B
         for s, n in zip(self.sequences, sizes):
             keys[s] = out[start: start + n]  # [L_s, D]
             start += n
         return emb, keys
+
+    def _with_dynamic(self, batch: Batch) -> tuple[Tensor, list[int]]:
+        """(rows [T*B + L, D]: the T*B pooled bags, then every history element in sequence
+        order; [L_s]) when some table is dynamic."""
+        B, T = batch.batch_size, self.num_bags
+        indices, offsets = batch.indices, batch.offsets
+        seqs = [batch.seq_indices[s] for s in self.sequences]  # [L_s] each
+        sizes = [s.numel() for s in seqs]
+        if not self.mixed:  # every read is dynamic: the keys as they are, one call
+            keys, ofs = _one_per_bag(indices, offsets, seqs)
+            return self.dyn(keys, ofs, now=self.now), sizes
+        # both kinds: one call each (static tables: global row ids), then the rows in bag order
+        bags = torch.arange(T * B, device=offsets.device).view(T, B)
+        idx = {False: [], True: []}  # dynamic? -> positions of its bags among the T
+        for p, d in enumerate(self.bag_dynamic):
+            idx[d].append(p)
+        calls, firsts = {}, {}
+        for d in (False, True):
+            pos = torch.tensor(idx[d], dtype=torch.long)
+            ids, ofs = bag_take(indices, offsets, bags[pos].reshape(-1))
+            if not d and ids.numel():
+                ids = ids + torch.repeat_interleave(self.bag_base[pos].repeat_interleave(B),
+                                                    ofs.diff(), output_size=ids.numel())
+            extra = [s if sd else s + base for s, sd, base
+                     in zip(seqs, self.seq_dynamic, self.seq_base) if sd == d]
+            ids, ofs = _one_per_bag(ids, ofs, extra)
+            calls[d] = (self.dyn(ids, ofs, now=self.now) if d else self._global(ids, ofs))
+        n_static = calls[False].shape[0]
+        rank = {p: k for d in (False, True) for k, p in enumerate(idx[d])}
+        order = [torch.arange(B) + (n_static if d else 0) + rank[p] * B
+                 for p, d in enumerate(self.bag_dynamic)]
+        at = {False: len(idx[False]) * B, True: n_static + len(idx[True]) * B}
+        for n, d in zip(sizes, self.seq_dynamic):
+            order.append(torch.arange(at[d], at[d] + n))
+            at[d] += n
+        return torch.cat([calls[False], calls[True]])[torch.cat(order)], sizes
+
+
+def _one_per_bag(indices: Tensor, offsets: Tensor, extra: Sequence[Tensor]):
+    """(indices, offsets) with every element of the ``extra`` id tensors appended as a bag of
+    its own (history elements looked up one by one in the same call)."""
+    L = sum(e.numel() for e in extra)
+    if not L:
+        return indices, offsets
+    n = indices.numel()
+    return (torch.cat([indices, *extra]),
+            torch.cat([offsets, torch.arange(n + 1, n + L + 1, dtype=offsets.dtype,
+                                             device=offsets.device)]))
 
 
 class CTRModel(nn.Module):
@@ -205,7 +304,7 @@ class CTRModel(nn.Module):
                  embedding_optimizer: str | None = "rowwise_adagrad", pooling: str = "mean",
                  init_std: float | None = None, precision: str = "fp32",
                  embedding_l2: float = 0.0, embedding_l2_mode: str = "lazy",
-                 dense_init: str = "torch", **config):
+                 dense_init: str = "torch", dynamic_tables: dict | None = None, **config):
         super().__init__()
         embedding_l2 = check_l2(embedding_l2, embedding_l2_mode,
                                 embedding_optimizer not in (None, "none"), "embedding_l2")
@@ -242,6 +341,14 @@ class CTRModel(nn.Module):
             self.config["dense_init"] = dense_init
         if precision != "fp32":  # fp32 checkpoints keep their config as before
             self.config["precision"] = precision
+        # the options of the dynamic tables (vocab "dynamic" fields), in the config so that a
+        # checkpoint rebuilds the same tables; a model without such fields takes none
+        if dynamic_tables is not None and not schema.has_dynamic:
+            raise ValueError("dynamic_tables given, but the schema declares no vocab 'dynamic' "
+                             "field")
+        self._dynamic = dynamic_options(dynamic_tables) if schema.has_dynamic else None
+        if self._dynamic is not None:
+            self.config["dynamic_tables"] = dict(self._dynamic)
 
     # -- building blocks ------------------------------------------------------------------
     def _make_lookup(self, dim: int | None = None, sequences: Sequence[str] = (),
@@ -249,13 +356,13 @@ class CTRModel(nn.Module):
         return SparseLookup(self.schema, dim or self.embedding_dim,
                             fused_optimizer(self._emb_opt), self._pooling,
                             init_std if init_std is not None else self._init_std, sequences,
-                            *self._l2)
+                            *self._l2, dynamic=self._dynamic)
 
     def _make_linear(self) -> SparseLookup:
         """Width-1 first-order weights of every sparse bag, initialised to zero (the same L2 as
         the embeddings)."""
         return SparseLookup(self.schema, 1, fused_optimizer(self._emb_opt), self._pooling, 0.0,
-                            (), *self._l2)
+                            (), *self._l2, dynamic=self._dynamic)
 
     def init_dense(self) -> None:
         """Re-draw the dense weights per ``dense_init``; every model calls it at the end of its
@@ -298,9 +405,22 @@ class CTRModel(nn.Module):
     def fused_lookups(self) -> list[SparseLookup]:
         return [m for m in self.modules() if isinstance(m, SparseLookup)]
 
-    def embedding_collections(self) -> list[EmbeddingBagCollection]:
-        """Every EmbeddingBagCollection of the model (their optimizer lr is set by the trainer)."""
-        return [m.ebc for m in self.fused_lookups()]
+    def embedding_collections(self) -> list[EmbeddingBagCollection | DynamicEmbedding]:
+        """Every embedding table module of the model: the EmbeddingBagCollections, then the
+        DynamicEmbeddings (each has ``optimizer`` and ``weight``; the trainer sets the lr)."""
+        lookups = self.fused_lookups()
+        return ([m.ebc for m in lookups if m.ebc is not None]
+                + [m.dyn for m in lookups if m.dyn is not None])
+
+    def dynamic_embeddings(self) -> list[DynamicEmbedding]:
+        """The model's DynamicEmbeddings (one per lookup with dynamic tables)."""
+        return [m.dyn for m in self.fused_lookups() if m.dyn is not None]
+
+    def set_stream_time(self, now: int | None) -> None:
+        """The stream time of the next training forwards, for the dynamic tables' TTL (None:
+        they count training calls)."""
+        for m in self.fused_lookups():
+            m.now = None if now is None else int(now)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Embedding tables without a fused optimizer (sparse gradients; SparseAdam/Adagrad)."""

@@ -8,7 +8,11 @@ Format (``FORMAT = "adrec_fast.checkpoint"``, ``VERSION = 1``). A checkpoint is 
     embedding tables) and every buffer, which includes the fused embedding optimizer's state
     (``<lookup>.ebc.state [N_total]`` float32 for row-wise Adagrad, empty for SGD). Keys are
     the module paths, e.g. ``lookup.ebc.weight``, ``linear.ebc.weight``, ``deep.0.weight``,
-    ``head.head.weight``. Metadata: ``{"format", "version", "model"}``.
+    ``head.head.weight``. Metadata: ``{"format", "version", "model"}``. A model with dynamic
+    tables (``vocab: dynamic`` fields) adds each ``DynamicEmbedding``'s tensors under its path
+    (``lookup.dyn.weight``, ``.state``, ``.row_keys``, ``.row_counts``, ``.row_last_seen``,
+    ``.free_rows``, ``.sketch``, ``.scalars``, ``.step``, ``.init_rng``: rows, optimizer state,
+    the key of every row, counters, the admission sketch, clocks), sized as the table was.
 ``optimizer.safetensors`` (training checkpoints only)
     the dense torch optimizer's state tensors as ``state.<param index>.<key>`` (e.g.
     ``state.3.exp_avg``; indices follow ``model.dense_parameters()`` order), the sparse

@@ -79,7 +79,10 @@ class DynamicEmbedding(nn.Module):
     (admission coins and row order follow key order).
 
     Checkpoints: :meth:`save` / :meth:`load` (safetensors: keys, rows, optimizer state,
-    counters, sketch, config).
+    counters, sketch, config). Inside a model, the same tensors (:meth:`state_tensors`) are the
+    module's entries in ``state_dict`` (``<prefix>weight``, ``<prefix>row_keys``, ...), whose
+    shapes follow the table's size; ``load_state_dict`` restores them whatever the size of the
+    table it loads into. ``copy.deepcopy`` copies the map too.
     """
 
     def __init__(
@@ -306,6 +309,45 @@ class DynamicEmbedding(nn.Module):
         return self._map.overflow
 
     # ------------------------------------------------------------------ checkpoints
+    #: the entries of state_dict, in state_tensors order
+    STATE_KEYS = ("weight", "state", "row_keys", "row_counts", "row_last_seen", "free_rows",
+                  "sketch", "scalars", "step", "init_rng")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for k, v in self.state_tensors().items():
+            destination[prefix + k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        got = {k: state_dict[prefix + k] for k in self.STATE_KEYS if prefix + k in state_dict}
+        if len(got) < len(self.STATE_KEYS):
+            missing_keys.extend(prefix + k for k in self.STATE_KEYS if k not in got)
+            return
+        try:
+            self.load_state_tensors(got)
+        except ValueError as e:
+            error_msgs.append(f"{prefix}: {e}")
+
+    def __deepcopy__(self, memo) -> DynamicEmbedding:
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        skip = {"_map", "_buffers", "_pending", "_gen"}
+        for k, v in self.__dict__.items():
+            if k not in skip:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        new.__dict__["_buffers"] = {}
+        new._pending = []
+        new._gen = torch.Generator()  # its state comes with the tensors
+        new._map = DynamicTable(self.capacity, self.min_count, self.admit_prob or 1.0,
+                                self.ttl or 0, self.eviction, self.seed, self.evict_fraction,
+                                self.sketch_width or 0, huge_pages_enabled())
+        new.register_buffer("weight", self._zeros(1, self.embedding_dim), persistent=False)
+        new.register_buffer("state", self._zeros(0), persistent=False)
+        new.load_state_tensors({k: v.clone() for k, v in self.state_tensors().items()})
+        return new
+
     def config(self) -> dict:
         opt = self.optimizer
         return {
@@ -335,9 +377,7 @@ class DynamicEmbedding(nn.Module):
 
     def load_state_tensors(self, t: dict[str, Tensor]) -> None:
         """Restores what :meth:`state_tensors` returned (same configuration)."""
-        need = ("weight", "state", "row_keys", "row_counts", "row_last_seen", "free_rows",
-                "sketch", "scalars", "step", "init_rng")
-        missing = [k for k in need if k not in t]
+        missing = [k for k in self.STATE_KEYS if k not in t]
         if missing:
             raise ValueError(f"DynamicEmbedding: the checkpoint lacks {missing}")
         w, s = t["weight"], t["state"]

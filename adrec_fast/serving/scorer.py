@@ -280,6 +280,11 @@ class _Version:
         simple = all(f.type in ("categorical", "dense") or (f.type == "multi_categorical"
                                                           and f.sequence)
                      for f in schema.fields)
+        # dynamic tables (64-bit keys, rows found by the model's DynamicEmbedding): the schema
+        # hashes the request's values as it hashed training rows, and the model's forward
+        # looks the keys up read-only (a key outside the table reads the unadmitted row)
+        dynamic = schema.has_dynamic
+        simple = simple and not dynamic
         # raw values -> ids in one native call (serving/encoder.py); None: pooled multi-valued
         # bags or vectors, encoded by the schema itself
         self.encoder = RequestEncoder(schema, missing) if simple else None
@@ -302,7 +307,8 @@ class _Version:
             self.seq_card = [schema.cardinality(s) for s in self.seqs]
             self.model = None  # the executor needs none of the model's tensors
         else:
-            what = ("multi-valued bags or vector fields" if not simple
+            what = ("dynamic tables" if dynamic
+                    else "multi-valued bags or vector fields" if not simple
                     else f"model {self.name!r} attends to {seqs} of the schema's histories "
                     f"{self.seq_names}" if partial
                     else f"no serving spec for model {self.name!r}")
@@ -574,12 +580,17 @@ def _score_general(v: _Version, user, candidates) -> np.ndarray:
 
 
 def _check_ids(v: _Version, user_slots, uid, cand_slots, cand) -> None:
-    """IndexError naming the field of the first id out of its table."""
+    """IndexError naming the field of the first id out of its table (a dynamic table's key,
+    cardinality 0, is any int64)."""
+    user_slots = [t for t in user_slots if v.bag_card[t]]
+    cand_slots = [t if v.bag_card[t] else None for t in cand_slots]
     for t in user_slots:
         if not 0 <= uid[t] < v.bag_card[t]:
             raise IndexError(f"field {v.bags[t]!r}: id {int(uid[t])} out of range "
                              f"[0, {int(v.bag_card[t])})")
     for c, t in enumerate(cand_slots):
+        if t is None:
+            continue
         bad = np.flatnonzero((cand[:, c] < 0) | (cand[:, c] >= v.bag_card[t]))
         if bad.size:
             r = int(bad[0])
