@@ -5,6 +5,7 @@ its checksum, atomic files, and no effect on training."""
 
 import hashlib
 import json
+import time
 
 import numpy as np
 import pytest
@@ -191,3 +192,39 @@ def test_bad_arguments(data, tmp_path):
             DeltaExporter(model, tmp_path, **kw)
     with pytest.raises(RuntimeError, match="before start"):
         DeltaExporter(model, tmp_path, every_rows=10).observe(None, 10)
+
+
+def test_cli_export_every(data, tmp_path, capsys):
+    """``train --online --export-every``: DIR/base and the deltas, which bring a Scorer on the
+    base to the saved model exactly; bad values are refused by name."""
+    import pyarrow.csv as pcsv
+
+    from adrec_fast.cli import main
+    from adrec_fast.serving import Scorer
+
+    _, table = data
+    pcsv.write_csv(table.drop_columns(["hist"]), tmp_path / "s.csv")
+    out, export = tmp_path / "run", tmp_path / "deltas"
+    args = ["train", str(tmp_path / "s.csv"), "--online", "--model", "fm", "--out", str(out),
+            "--batch-size", "128", "--no-progress", "--json"]
+    assert main(args + ["--export-every", "400", "--export-dir", str(export)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["export"] == {"dir": str(export), "deltas": 3}  # at rows 512, 1024, 1200 (end)
+    sc = Scorer.load(export / "base")
+    with sc.follow(export, poll_s=0.005) as f:
+        t0 = time.monotonic()
+        while f.applied < 3 and time.monotonic() - t0 < 10:
+            time.sleep(0.005)
+    assert f.applied == 3 and f.errors == []
+    want = Scorer.load(out / "best")
+    user = {"user": table["user"][0].as_py()}
+    cands = table.drop_columns(["user", "hist", "label"]).slice(0, 20).to_pylist()
+    np.testing.assert_array_equal(sc.score(user, cands), want.score(user, cands))
+    for extra, match in ((["--export-every", "0"], "--export-every must be >= 1"),
+                         (["--export-every", "9", "--export-dense-every", "0"],
+                          "--export-dense-every must be >= 1")):
+        assert main(args + ["--overwrite"] + extra) == 2
+        assert match in capsys.readouterr().err
+    no_online = [a for a in args if a != "--online"]
+    assert main(no_online + ["--overwrite", "--export-every", "9"]) == 2
+    assert "add --online" in capsys.readouterr().err
