@@ -212,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "ISO-8601 date-times; rows out of order are sorted, stably, and counted "
                         "on stderr; the file is then read whole first); the column is not a "
                         "feature")
+    p.add_argument("--export-every", type=int, default=None, metavar="ROWS",
+                   help="with --online: every ROWS rows, write a row delta for serving to "
+                        "--export-dir: DIR/base is the model at the start, DIR/deltas the rows "
+                        "trained since the previous delta (and the dense weights); a Scorer "
+                        "loaded from DIR/base applies them live with Scorer.follow(DIR)")
+    p.add_argument("--export-dir", metavar="DIR", default=None,
+                   help="with --export-every: the deltas' directory, written while training "
+                        "runs (default: OUT.deltas beside --out)")
+    p.add_argument("--export-dense-every", type=int, default=1, metavar="K",
+                   help="with --export-every: the dense weights go in every K-th delta and the "
+                        "last (default 1: every delta)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N ranks on this machine (torchrun; tables sharded over the "
                         "ranks, each rank reads its share of DATA; threads per rank = cores / N "
@@ -531,6 +542,8 @@ def cmd_train(a) -> int:
         return run_train(a)
     if a.nproc is not None:
         return launch_train(a)
+    if a.export_every is not None and not a.online:
+        raise CLIError("--export-every writes deltas of online training; add --online")
     if a.online or a.time_col:
         return cmd_train_online(a)
     import torch
@@ -595,6 +608,10 @@ def cmd_train_online(a) -> int:
         if given:
             raise CLIError(f"{flag} does not apply to --online (one pass, progressive "
                            "validation on every row instead of held-out rows)")
+    if a.export_every is not None and a.export_every < 1:
+        raise CLIError(f"--export-every must be >= 1 rows, got {a.export_every}")
+    if a.export_dense_every < 1:
+        raise CLIError(f"--export-dense-every must be >= 1, got {a.export_dense_every}")
     import torch
 
     from .data.pipeline import fit_schema
@@ -643,11 +660,21 @@ def cmd_train_online(a) -> int:
         for k in ("patience", "plateau_factor", "calibrate"):  # per-epoch settings
             trainer_kw.pop(k, None)
         trainer = Trainer(model, seed=a.seed, progress=False, **trainer_kw)
+        exporter = None
+        if a.export_every is not None:
+            from .training.export import DeltaExporter
+
+            export_dir = Path(a.export_dir) if a.export_dir else out.parent / f"{out.name}.deltas"
+            exporter = DeltaExporter(model, export_dir, every_rows=a.export_every,
+                                     dense_every=a.export_dense_every)
+            extra["export"] = {"dir": str(export_dir)}
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
             tmp.mkdir(parents=True)
             res = train_online(model, stream, schema=schema, trainer=trainer,
-                               plot=tmp / "online.png")
+                               plot=tmp / "online.png", exporter=exporter)
+            if exporter is not None:
+                extra["export"]["deltas"] = exporter.seq
             if res.rows == 0:
                 raise CLIError(f"{a.data}: no data rows")
             m = {k: v for k, v in res.metrics().items()}
