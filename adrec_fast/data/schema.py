@@ -21,7 +21,13 @@ A ``Schema`` is a list of field specs plus the label column name. Field types:
   sign(x) * log1p(|x|), so Criteo's few negative counts (-1, -2) stay finite and ordered.
   standardize uses the mean and std of the (filled, log1p'd) training values from ``fit``.
 - ``vector``: a precomputed float vector of ``dim`` values (list column, or text separated by
-  spaces or '|'); missing gives zeros.
+  spaces or '|'); missing gives zeros. A wrong width is an error naming the row and field.
+- ``text``: a raw string (a title, a description), encoded by a frozen sentence encoder
+  (``encoder``: all-MiniLM-L6-v2 by default, or a local model directory) into a vector that the
+  model projects to its embedding width and treats as one more field; each distinct value is
+  encoded once and cached (:mod:`adrec_fast.data.text`). Null is missing; an empty string or a
+  value that is not a string is an error naming the row and field. In a ``Batch`` the field is a
+  one-element sequence of cache rows (``seq_indices[name]`` [B], 0 = missing).
 
 The schema (with the fitted vocabularies and statistics) is saved as JSON, or YAML for a
 ``.yaml``/``.yml`` path, and encodes serving rows exactly as it encoded training rows: the
@@ -45,8 +51,9 @@ import torch
 from . import columns as C
 from .batch import Batch
 from .errors import DataError
+from .text import encode_text
 
-FIELD_TYPES = ("categorical", "multi_categorical", "dense", "vector")
+FIELD_TYPES = ("categorical", "multi_categorical", "dense", "vector", "text")
 TRANSFORMS = ("none", "log1p", "standardize", "log1p_standardize")
 SPARSE_TYPES = ("categorical", "multi_categorical")
 SCHEMA_VERSION = 1
@@ -73,6 +80,7 @@ class Field:
     transform: str = "none"
     fill: float = 0.0
     dim: int = 0
+    encoder: str | None = None  # text fields: the sentence encoder (None: all-MiniLM-L6-v2)
     column: str | None = None  # raw column name when it differs from the field name
     vocabulary: list[str] | None = None
     mean: float | None = None
@@ -115,6 +123,10 @@ class Field:
             d.update(transform=self.transform, fill=self.fill)
             if self.mean is not None:
                 d.update(mean=self.mean, std=self.std)
+        elif self.type == "text":
+            from .text import encoder_key
+
+            d["encoder"] = encoder_key(self.encoder)
         else:
             d["dim"] = self.dim
         return d
@@ -311,6 +323,10 @@ class Schema:
     def vector_dim(self) -> int:
         return sum(d for _, d in self.vector_fields())
 
+    def text_fields(self) -> list[str]:
+        """Names of the text fields, in schema order (the model's fields after the bags)."""
+        return [f.name for f in self.fields if f.type == "text"]
+
     # ---------------------------------------------------------------- persistence
     def to_dict(self) -> dict:
         return {
@@ -471,6 +487,8 @@ class Schema:
                     tables.append(t)
                     if sum(x.num_rows for x in tables[1:]) >= tables[0].num_rows:
                         counts[o.name] = [merge(tables)]
+                elif f.type == "text":  # every distinct value encoded once, here
+                    encode_text(self._column(cols, f, n), f)
                 elif f.name in stats:
                     x = self._dense_prestandardize(f, self._column(cols, f, n))
                     acc = stats[f.name]
@@ -602,6 +620,9 @@ class Schema:
                     lengths_all.append(lengths)
             elif f.type == "dense":
                 dense.append(self.dense_values(f.name, col))
+            elif f.type == "text":
+                seq_i[f.name] = torch.from_numpy(encode_text(col, f))  # [n] cache rows
+                seq_o[f.name] = torch.arange(n + 1, dtype=torch.long)
             else:
                 v, bad = C.to_vectors(col, f.dim)
                 if bad.any():

@@ -37,6 +37,15 @@ periods the world changes:
   ``<u[item], centre[cluster of the user now]>`` (half the attention component) follow it.
 
 After ``drift_periods`` no ad is born and the interests stay put (the oscillation goes on).
+
+Item text (``item_text=True``): every item gets a title, a ``title`` column and a ``text`` field
+of the schema. The title is 2-4 words of a topic vocabulary tied to the item's interest cluster
+(cluster c uses topic c mod 16), with probability 0.7 a word of the tercile of the item's
+first-order click effect (premium words for the top third, bargain words for the bottom), and
+the noise of real titles: a brand or a person's name, a year, filler words, punctuation and
+mixed case. So the text tells a model something about an item whose id it never saw. The click
+model itself is the same with or without titles. ``cold_items`` / ``cold_split`` hold a
+fraction of the items out: the training rows keep none of them (nor in their histories).
 The scales and bias are fitted on a calibration sample spread over the drift horizon, so the
 CTR stays near ``target_ctr`` on average but moves with time; ``window_oracle_auc`` reports
 the oracle AUC per window of rows. Non-drift generators are unchanged by all this.
@@ -58,6 +67,35 @@ _CAL_ROWS = 32768
 DRIFT_AMPLITUDE = 1.0
 INTEREST_PERIODS = 2.0
 _DRIFT_FIELDS = (1, 2, 3)
+
+# item titles: one topic vocabulary per interest cluster, the words of the first-order terciles,
+# and the noise of real titles
+_TOPICS = (
+    "running shoes sneakers trail marathon jogging athletic sport laces cushioned".split(),
+    "kitchen knife pan skillet cookware nonstick chef cooking stainless".split(),
+    "laptop notebook keyboard processor ssd gaming monitor usb charger".split(),
+    "lipstick mascara skincare serum moisturizer makeup foundation beauty".split(),
+    "novel paperback thriller mystery fantasy author hardcover bestselling".split(),
+    "guitar piano drum amplifier strings keyboard music studio microphone".split(),
+    "tent sleeping bag camping hiking backpack lantern outdoor trek".split(),
+    "dog puppy leash collar kibble treats pet chew toy".split(),
+    "garden seeds soil planter hose shovel lawn flowers compost".split(),
+    "sofa armchair cushion lamp rug curtain bedroom furniture decor".split(),
+    "phone smartphone case screen protector earbuds bluetooth wireless".split(),
+    "baby stroller diaper crib pacifier infant toddler bottle".split(),
+    "coffee espresso beans grinder roast mug brew barista".split(),
+    "bicycle helmet cycling pedals saddle gears mountain bike".split(),
+    "yoga mat fitness dumbbell protein workout gym resistance".split(),
+    "watch bracelet necklace earrings ring jewelry silver gold".split(),
+)
+_QUALITY = (
+    "clearance used generic refurbished budget basic".split(),  # bottom third of w[item]
+    "premium official original deluxe professional award".split(),  # top third
+)
+_BRANDS = ("Acme", "Nordic", "Sakura", "Zenith", "Maria's", "O'Brien", "Kraft & Co", "J. Smith",
+           "Müller", "Björk", "Dr. Lee", "Rossi")
+_FILLER = ("new", "for", "with", "set", "pack of 2", "edition", "the", "and", "xl", "v2")
+_PUNCT = (", ", " - ", " | ", ": ", "! ", " / ", " (", ") ")
 
 
 def _sigmoid(x):
@@ -90,6 +128,7 @@ class SyntheticCTR:
         drift: bool = False,
         period_rows: int = 100_000,
         drift_periods: int = 7,
+        item_text: bool = False,
     ):
         if n_sparse < 2:
             raise ValueError("n_sparse counts user and item, so it must be >= 2")
@@ -110,6 +149,7 @@ class SyntheticCTR:
         self.latent_dim = latent_dim
         self.n_clusters = n_clusters
         self.target_ctr = target_ctr
+        self.item_text = bool(item_text)
         rng = np.random.default_rng([self.seed, 0])
         self.sparse_names = ["user", "item"] + [f"c{i}" for i in range(2, n_sparse)]
         other = np.exp(rng.uniform(np.log(10), np.log(max_cardinality), n_sparse - 2)).astype(
@@ -176,6 +216,77 @@ class SyntheticCTR:
             else:
                 hi = mid
         self.bias = 0.5 * (lo + hi)
+
+    # ------------------------------------------------------------------ item text
+    @property
+    def titles(self) -> list[str]:
+        """The title of every item (``item_text``; see the module docstring), drawn once from
+        its own random stream."""
+        if getattr(self, "_titles", None) is None:
+            self._titles = self._make_titles(np.random.default_rng([self.seed, 6]))
+        return self._titles
+
+    def _make_titles(self, rng) -> list[str]:
+        w = self.w[1]
+        lo, hi = np.quantile(w, [1 / 3, 2 / 3])
+        out = []
+        for i in range(self.cardinalities[1]):
+            topic = _TOPICS[int(self.item_cluster[i]) % len(_TOPICS)]
+            words = list(rng.choice(topic, size=int(rng.integers(2, 5)), replace=False))
+            if rng.random() < 0.7 and (w[i] < lo or w[i] > hi):
+                q = _QUALITY[int(w[i] > hi)]
+                words.insert(int(rng.integers(0, len(words) + 1)), q[int(rng.integers(len(q)))])
+            if rng.random() < 0.3:
+                words.insert(int(rng.integers(0, len(words) + 1)),
+                             _FILLER[int(rng.integers(len(_FILLER)))])
+            if rng.random() < 0.5:
+                words.insert(0, _BRANDS[int(rng.integers(len(_BRANDS)))])
+            if rng.random() < 0.3:
+                words.append(str(int(rng.integers(1990, 2026))))
+            case = rng.random()
+            if case < 0.4:
+                words = [x[:1].upper() + x[1:] for x in words]
+            elif case < 0.5:
+                words = [x.upper() for x in words]
+            text = words[0]
+            for x in words[1:]:
+                sep = _PUNCT[int(rng.integers(len(_PUNCT)))] if rng.random() < 0.25 else " "
+                text += sep + x
+            if rng.random() < 0.2:
+                text += "!" if rng.random() < 0.5 else "..."
+            out.append(text)
+        return out
+
+    def cold_items(self, fraction: float = 0.1) -> np.ndarray:
+        """A fixed random ``fraction`` of the item ids (sorted int64), to hold out of training."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+        n = self.cardinalities[1]
+        rng = np.random.default_rng([self.seed, 7])
+        return np.sort(rng.choice(n, size=max(1, int(round(fraction * n))), replace=False))
+
+    def cold_split(self, table, items):
+        """Rows of ``table`` -> (warm, cold): cold rows have an item in ``items`` (ids), warm
+        rows do not, and their histories lose those items too, so training on the warm rows
+        never sees a cold item."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        cold_ids = pa.array([str(int(i)) for i in items], type=pa.string())
+        is_cold = pc.is_in(table.column("item"), value_set=cold_ids)
+        warm = table.filter(pc.invert(is_cold))
+        cold = table.filter(is_cold)
+        if "hist" in warm.column_names:
+            h = warm.column("hist").combine_chunks()
+            flat = pc.list_flatten(h)
+            keep = pc.invert(pc.is_in(flat, value_set=cold_ids))
+            parent = pc.list_parent_indices(h).to_numpy()
+            lengths = np.bincount(parent[keep.to_numpy(zero_copy_only=False)],
+                                  minlength=len(h))
+            offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
+            h2 = pa.ListArray.from_arrays(pa.array(offsets), flat.filter(keep))
+            warm = warm.set_column(warm.column_names.index("hist"), "hist", h2)
+        return warm, cold
 
     # ------------------------------------------------------------------ drift
     def _init_drift(self, rng, centres: np.ndarray) -> None:
@@ -317,6 +428,8 @@ class SyntheticCTR:
         for name, ids in zip(self.sparse_names, raw["ids"]):
             cols[name] = pa.array(ids).cast(pa.string())
         offsets = np.r_[0, np.cumsum(raw["hist_len"])].astype(np.int32)
+        if self.item_text:
+            cols["title"] = pa.array(self.titles, type=pa.string()).take(pa.array(raw["ids"][1]))
         cols["hist"] = pa.ListArray.from_arrays(
             pa.array(offsets), pa.array(raw["hist"]).cast(pa.string())
         )
@@ -399,7 +512,7 @@ class SyntheticCTR:
         return out
 
     # ------------------------------------------------------------------ schema and batches
-    def schema(self, fit: bool = True):
+    def schema(self, fit: bool = True, text_encoder: str | None = None):
         """A ready Schema: full vocabularies (id k -> k + 1) and dense statistics fitted on a
         calibration sample, so any row of this generator encodes without a fitting pass."""
         fields = []
@@ -420,6 +533,8 @@ class SyntheticCTR:
         for j, name in enumerate(self.dense_names):
             transform = "log1p_standardize" if self._count_like[j] else "standardize"
             fields.append({"name": name, "type": "dense", "transform": transform, "fill": 0.0})
+        if self.item_text:
+            fields.append({"name": "title", "type": "text", "encoder": text_encoder})
         schema = Schema(fields, label="label")
         if fit:
             for j, name in enumerate(self.dense_names):

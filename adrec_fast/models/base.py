@@ -14,6 +14,7 @@ from ..data.batch import Batch, bag_take
 from ..nn import CrossNet, EmbeddingBagCollection, SigmoidBCEHead
 from ..nn.dynamic_table import DynamicEmbedding
 from ..nn.embedding_bag import check_l2
+from ..nn.text import TextFields
 from ..nn.lora import LoRALinear
 from ..optim import FusedRowwiseAdagrad, FusedSGD
 
@@ -327,6 +328,10 @@ class CTRModel(nn.Module):
         self.n_vector = schema.vector_dim
         self.dense_in = self.n_dense + self.n_vector
         self.num_bags = len(schema.sparse_fields())
+        # text fields join the bags as fields of the interactions (``with_text``)
+        self.num_text = len(schema.text_fields())
+        self.num_fields = self.num_bags + self.num_text
+        self.text: TextFields | None = None
         self._emb_opt = embedding_optimizer
         self._pooling = pooling
         self._init_std = init_std
@@ -363,6 +368,35 @@ class CTRModel(nn.Module):
         the embeddings)."""
         return SparseLookup(self.schema, 1, fused_optimizer(self._emb_opt), self._pooling, 0.0,
                             (), *self._l2, dynamic=self._dynamic)
+
+    def _make_text(self, first_order: bool, fields: bool = True) -> TextFields | None:
+        """The text fields' projections (None without text fields): to the embedding width when
+        ``fields`` (they join the bags), plus a first-order weight when ``first_order``."""
+        if not self.num_text:
+            return None
+        return TextFields(self.schema, self.embedding_dim if fields else 0, first_order)
+
+    def with_text(self, emb: Tensor, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """emb [B, T, D] -> ([B, T + X, D] with the X text fields after the bags, their
+        first-order term [B] or None)."""
+        if self.text is None:
+            return emb, None
+        t, lin = self.text(batch)  # [B, X, D] (None without projections), [B]
+        return (emb if t is None else torch.cat([emb, t.to(emb.dtype)], dim=1)), lin
+
+    def spec_rows(self, table: Tensor, lin: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The serving spec's (table [R, D], lin [R]) with each text field's rows appended, one
+        more table per text field (``TextFields.serving_rows``); a model whose text has no
+        projection (LR) serves the first-order rows as its table."""
+        if self.text is None:
+            return table, lin
+        rows = self.text.serving_rows()
+        if self.text.proj is None:
+            parts = [t for *_, t in rows]  # [V + 1] each
+            t = torch.cat([table.view(-1), *parts])
+            return t.view(-1, 1), (None if lin is None else torch.cat([lin, *parts]))
+        table = torch.cat([table, *[e for _, e, _ in rows]])
+        return table, (None if lin is None else torch.cat([lin, *[t for *_, t in rows]]))
 
     def init_dense(self) -> None:
         """Re-draw the dense weights per ``dense_init``; every model calls it at the end of its

@@ -30,6 +30,9 @@ Format (``FORMAT = "adrec_fast.checkpoint"``, ``VERSION = 1``). A checkpoint is 
        "rng": {"seed", "torch_state": "optimizer.safetensors:rng.torch"}}``
 ``schema.json``
     the same schema on its own (``Schema.load``), for serving tools.
+``text_cache.<i>.safetensors``, ``text_cache.<i>.json`` (schemas with text fields)
+    the cache of the i-th text encoder: ``hashes`` [V] int64 and ``vectors`` [V, E] float32,
+    and the values in the same order (``adrec_fast.data.text``), merged back by ``load_model``.
 
 A distributed run writes the same directory with its embedding tables split by rows
 (``adrec_fast.distributed.save_sharded``): ``model.safetensors`` then holds everything but those
@@ -63,6 +66,7 @@ from pathlib import Path
 import torch
 
 from ..data.schema import Schema
+from ..data.text import load_caches, save_caches
 from ..nn.lora import merged_state_dict
 from .registry import build_model
 
@@ -214,6 +218,8 @@ def save_checkpoint(path, model, *, optimizer=None, sparse_optimizer=None,
                       metadata={"format": FORMAT, "version": str(VERSION)})
         (tmp / META_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
         (tmp / SCHEMA_FILE).write_text(model.schema.to_json(indent=1), encoding="utf-8")
+        if model.schema.text_fields():
+            save_caches(model.schema, tmp)
 
     _atomic_dir(path, write)
     return path
@@ -345,6 +351,8 @@ def load_model(path, map_location: str | torch.device = "cpu"):
     path = resolve(path)
     doc = read_meta(path)
     schema = Schema.from_dict(doc["schema"])
+    if schema.text_fields():  # the encoder outputs of every value seen: no encoder run needed
+        load_caches(schema, path)
     config = dict(doc["model"])
     name = config.pop("name")
     model = build_model(name, schema, **config)

@@ -2,8 +2,11 @@
 """The model zoo: LR, FM, DeepFM, DCN-v2, DLRM and a DIN-style target-attention model.
 
 Shapes: B batch, T sparse bags (``Schema.sparse_fields()``), D embedding dim, K_d dense inputs
-(dense features + precomputed vectors). Every forward is a fixed sequence of fused ops (no loop
-over fields): one embedding call, one interaction op, MLPs, the head.
+(dense features + precomputed vectors), X text fields (``Schema.text_fields()``: a learned
+projection of a frozen encoder's vector, ``nn.text.TextFields``) which join the T bag
+embeddings as fields of every interaction (FM, cross, dot, DIN's MLP and FM) and, in models with
+first-order weights, add a first-order term. Every forward is a fixed sequence of fused ops (no
+loop over fields): one embedding call, one interaction op, MLPs, the head.
 """
 from __future__ import annotations
 
@@ -32,16 +35,21 @@ class LR(CTRModel):
         super().__init__(schema, embedding_dim, **kw)
         self.linear = self._make_linear()
         self.head = Head(self.dense_in)
+        self.text = self._make_text(first_order=True, fields=False)
         self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
         lin, _ = self.linear(batch)  # [B, T, 1]
-        return lin.sum(dim=(1, 2)) + self.head(self.dense_input(batch))  # [B]
+        logit = lin.sum(dim=(1, 2)) + self.head(self.dense_input(batch))  # [B]
+        if self.text is not None:
+            logit = logit + self.text(batch)[1]
+        return logit
 
     def serving_spec(self) -> ServingSpec:
         w, b = head_terms(self.head)
-        table = self.linear.ebc.weight.detach().float()  # [R, 1]: no embeddings of its own
-        return ServingSpec(table, lin=_lin(self), dense_w=w, bias=b)
+        # [R, 1]: no embeddings of its own
+        table, lin = self.spec_rows(self.linear.ebc.weight.detach().float(), _lin(self))
+        return ServingSpec(table, lin=lin, dense_w=w, bias=b)
 
 
 @register_model("fm")
@@ -53,18 +61,21 @@ class FM(CTRModel):
         self.lookup = self._make_lookup()
         self.linear = self._make_linear()
         self.head = Head(self.dense_in)
+        self.text = self._make_text(first_order=True)
         self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
         emb, _ = self.lookup(batch)  # [B, T, D]
+        emb, tlin = self.with_text(emb, batch)  # [B, T + X, D]
         lin, _ = self.linear(batch)  # [B, T, 1]
         fm = F.fm_interaction(emb).squeeze(1)  # [B]
-        return lin.sum(dim=(1, 2)) + fm + self.head(self.dense_input(batch))
+        logit = lin.sum(dim=(1, 2)) + fm + self.head(self.dense_input(batch))
+        return logit if tlin is None else logit + tlin
 
     def serving_spec(self) -> ServingSpec:
         w, b = head_terms(self.head)
-        return ServingSpec(self.lookup.ebc.weight.detach().float(), lin=_lin(self), fm=True,
-                           dense_w=w, bias=b)
+        table, lin = self.spec_rows(self.lookup.ebc.weight.detach().float(), _lin(self))
+        return ServingSpec(table, lin=lin, fm=True, dense_w=w, bias=b)
 
 
 @register_model("deepfm")
@@ -78,7 +89,8 @@ class DeepFM(CTRModel):
                          batch_norm=batch_norm, layer_norm=layer_norm, **kw)
         self.lookup = self._make_lookup()
         self.linear = self._make_linear()
-        self.deep, width = mlp(self.num_bags * self.embedding_dim + self.dense_in, hidden,
+        self.text = self._make_text(first_order=True)
+        self.deep, width = mlp(self.num_fields * self.embedding_dim + self.dense_in, hidden,
                                dropout, batch_norm, layer_norm)
         self.head = Head(width)
         self.dense_linear = nn.Linear(self.dense_in, 1, bias=False) if self.dense_in else None
@@ -87,11 +99,14 @@ class DeepFM(CTRModel):
     def forward(self, batch: Batch) -> Tensor:
         B = batch.batch_size
         emb, _ = self.lookup(batch)  # [B, T, D]
+        emb, tlin = self.with_text(emb, batch)  # [B, T + X, D]
         lin, _ = self.linear(batch)  # [B, T, 1]
         dense = self.dense_input(batch)  # [B, K_d]
-        x = torch.cat([emb.reshape(B, -1), dense], dim=1)  # [B, T*D + K_d]
+        x = torch.cat([emb.reshape(B, -1), dense], dim=1)  # [B, (T + X)*D + K_d]
         logit = (lin.sum(dim=(1, 2)) + F.fm_interaction(emb).squeeze(1)
                  + self.head(run_mlp(self.deep, x)))
+        if tlin is not None:
+            logit = logit + tlin
         if self.dense_linear is not None:
             logit = logit + F.linear(dense, self.dense_linear.weight).squeeze(1)
         return logit
@@ -102,8 +117,8 @@ class DeepFM(CTRModel):
             return None
         w, b = head_terms(self.head)
         dw = None if self.dense_linear is None else self.dense_linear.weight.detach().float()[0]
-        return ServingSpec(self.lookup.ebc.weight.detach().float(), lin=_lin(self), fm=True,
-                           dense_w=dw, deep=deep, head=w, bias=b)
+        table, lin = self.spec_rows(self.lookup.ebc.weight.detach().float(), _lin(self))
+        return ServingSpec(table, lin=lin, fm=True, dense_w=dw, deep=deep, head=w, bias=b)
 
 
 @register_model("dcnv2")
@@ -127,7 +142,8 @@ class DCNv2(CTRModel):
         self.structure = structure
         self.lookup = self._make_lookup()
         self.linear = self._make_linear() if linear else None
-        k = self.num_bags * self.embedding_dim + self.dense_in
+        self.text = self._make_text(first_order=linear)
+        k = self.num_fields * self.embedding_dim + self.dense_in
         self.k = k
         self.cross = CrossNet(k, num_layers=cross_layers)
         self.deep, width = mlp(k, hidden, dropout, batch_norm, layer_norm)
@@ -137,6 +153,7 @@ class DCNv2(CTRModel):
     def forward(self, batch: Batch) -> Tensor:
         B = batch.batch_size
         emb, _ = self.lookup(batch)  # [B, T, D]
+        emb, tlin = self.with_text(emb, batch)  # [B, T + X, D]
         x0 = torch.cat([emb.reshape(B, -1), self.dense_input(batch)], dim=1)  # [B, K]
         with self.tower_precision(x0.device):
             x0 = x0.to(self.tower_dtype(x0))  # one cast, shared by the cross net and the MLP
@@ -154,6 +171,8 @@ class DCNv2(CTRModel):
         if self.linear is not None:
             lin, _ = self.linear(batch)
             logit = logit + lin.sum(dim=(1, 2))
+        if tlin is not None:
+            logit = logit + tlin
         return logit
 
     def serving_spec(self) -> ServingSpec | None:
@@ -166,8 +185,9 @@ class DCNv2(CTRModel):
         ch = None
         if self.structure == "parallel":
             ch, w = w[: self.k], w[self.k:]
-        return ServingSpec(self.lookup.ebc.weight.detach().float(), lin=_lin(self), cross=cross,
-                           structure=self.structure, deep=deep, head=w, cross_head=ch, bias=b)
+        table, lin = self.spec_rows(self.lookup.ebc.weight.detach().float(), _lin(self))
+        return ServingSpec(table, lin=lin, cross=cross, structure=self.structure, deep=deep,
+                           head=w, cross_head=ch, bias=b)
 
 
 @register_model("dlrm")
@@ -185,6 +205,7 @@ class DLRM(CTRModel):
                          self_interaction=self_interaction, dropout=dropout,
                          batch_norm=batch_norm, layer_norm=layer_norm, **kw)
         self.lookup = self._make_lookup()
+        self.text = self._make_text(first_order=False)
         D = self.embedding_dim
         self.self_interaction = self_interaction
         if self.dense_in:
@@ -192,7 +213,7 @@ class DLRM(CTRModel):
             self.bottom = nn.Sequential(*layers, nn.Linear(width, D), nn.ReLU())
         else:
             self.bottom = None
-        F_ = self.num_bags + (1 if self.bottom is not None else 0)
+        F_ = self.num_fields + (1 if self.bottom is not None else 0)
         P = F_ * (F_ + 1) // 2 if self_interaction else F_ * (F_ - 1) // 2
         top_in = P + (D if self.bottom is not None else 0)
         # dropout and normalisation in the top MLP (the bottom one maps a few dense inputs)
@@ -202,6 +223,7 @@ class DLRM(CTRModel):
 
     def forward(self, batch: Batch) -> Tensor:
         emb, _ = self.lookup(batch)  # [B, T, D]
+        emb, _ = self.with_text(emb, batch)  # [B, T + X, D]
         # the dot interaction stays in the embeddings' fp32 under precision="bf16": it is a few
         # MFLOP, and casting [B, T, D] to bf16 and back costs more than it saves
         with self.tower_precision(emb.device):
@@ -221,8 +243,8 @@ class DLRM(CTRModel):
         if bottom is None or top is None:
             return None
         w, b = head_terms(self.head)
-        return ServingSpec(self.lookup.ebc.weight.detach().float(), interaction="dot",
-                           bottom=bottom, self_interaction=bool(self.self_interaction), deep=top,
+        table, _ = self.spec_rows(self.lookup.ebc.weight.detach().float(), None)
+        return ServingSpec(table, interaction="dot", bottom=bottom, self_interaction=bool(self.self_interaction), deep=top,
                            head=w, bias=b)
 
 
@@ -271,8 +293,9 @@ class DIN(CTRModel):
         self.sequences = sequences
         self.lookup = self._make_lookup(sequences=sequences)
         self.linear = self._make_linear() if linear else None
+        self.text = self._make_text(first_order=linear)
         self.use_fm = fm
-        n_fields = self.num_bags + len(sequences)
+        n_fields = self.num_fields + len(sequences)
         self.deep, width = mlp(n_fields * self.embedding_dim + self.dense_in, hidden, dropout,
                                batch_norm, layer_norm)
         self.head = Head(width)
@@ -285,7 +308,9 @@ class DIN(CTRModel):
             F.attention_pooling(emb[:, t].contiguous(), keys[s], batch.seq_offsets[s])  # [B, D]
             for s, t in zip(self.sequences, self.target_bag)
         ]
-        fields = torch.cat([emb, torch.stack(pooled, dim=1)], dim=1) if pooled else emb  # [B, T+S, D]
+        emb, tlin = self.with_text(emb, batch)  # [B, T + X, D]: text after the bags
+        # [B, T+X+S, D]
+        fields = torch.cat([emb, torch.stack(pooled, dim=1)], dim=1) if pooled else emb
         x = torch.cat([fields.reshape(B, -1), self.dense_input(batch)], dim=1)
         logit = self.head(run_mlp(self.deep, x))
         if self.use_fm:
@@ -293,6 +318,8 @@ class DIN(CTRModel):
         if self.linear is not None:
             lin, _ = self.linear(batch)
             logit = logit + lin.sum(dim=(1, 2))
+        if tlin is not None:
+            logit = logit + tlin
         return logit
 
     def serving_spec(self) -> ServingSpec | None:
@@ -300,6 +327,6 @@ class DIN(CTRModel):
         if deep is None:
             return None
         w, b = head_terms(self.head)
-        return ServingSpec(self.lookup.ebc.weight.detach().float(), lin=_lin(self),
-                           fm=self.use_fm, sequences=list(zip(self.sequences, self.target_bag)),
+        table, lin = self.spec_rows(self.lookup.ebc.weight.detach().float(), _lin(self))
+        return ServingSpec(table, lin=lin, fm=self.use_fm, sequences=list(zip(self.sequences, self.target_bag)),
                            deep=deep, head=w, bias=b)

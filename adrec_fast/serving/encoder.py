@@ -37,6 +37,9 @@ the column; no candidates -> ``ValueError`` ("empty ..."); a column that is not 
 with ``missing="error"`` (the default); with ``missing="default"`` it takes its training default
 (categorical id 0, dense ``fill`` transformed, an empty history).
 
+Text fields (``RequestEncoder(schema, missing, text={field: values})``): a categorical bag after
+the schema's bags whose vocabulary is the values the Scorer packed (value i -> id i + 1).
+
 Schemas with pooled ``multi_categorical`` fields or ``vector`` fields are not handled here: the
 constructor raises ``NotImplementedError`` naming the field.
 
@@ -64,12 +67,18 @@ MISSING = ("error", "default")
 EncodedRequest = _C.EncodedRequest
 
 
-def describe(schema: Schema) -> list[dict]:
+def describe(schema: Schema, text: dict | None = None) -> list[dict]:
     """The plain description ``_C.RequestEncoder`` is built from: one dict per field, in schema
-    order, with its column, kind, position and fitted state."""
+    order, with its column, kind, position and fitted state. ``text`` {text field: values}: each
+    text field is a categorical bag after the schema's bags, value i at id i + 1."""
     if not schema.fitted:
         raise RuntimeError("RequestEncoder needs a fitted schema; call Schema.fit first")
     bag = {name: i for i, (name, _) in enumerate(schema.sparse_fields())}
+    n_tables = len(schema.tables())
+    for i, name in enumerate(schema.text_fields()):
+        bag[name] = len(bag)
+        if text is None or name not in text:
+            raise NotImplementedError(f"field {name!r}: text fields need their cached values")
     seq = {name: i for i, (name, _) in enumerate(schema.sequence_fields())}
     dense = {name: i for i, name in enumerate(schema.dense_fields())}
     out = []
@@ -78,7 +87,11 @@ def describe(schema: Schema) -> list[dict]:
         if f.type == "vector" or (f.type == "multi_categorical" and not f.sequence):
             kind = "vector" if f.type == "vector" else "pooled multi_categorical"
             raise NotImplementedError(f"field {f.name!r}: {kind} fields are not encoded natively")
-        if f.type == "dense":
+        if f.type == "text":
+            d.update(kind="categorical", slot=bag[f.name],
+                     table=n_tables + schema.text_fields().index(f.name),
+                     vocabulary=list(text[f.name]), salt="", hash_size=0)
+        elif f.type == "dense":
             standardize = f.transform.endswith("standardize")
             d.update(kind="dense", slot=dense[f.name], fill=float(f.fill),
                      log1p=f.transform.startswith("log1p"),
@@ -104,12 +117,13 @@ class RequestEncoder:
     naming it; ``"default"`` gives it its training default instead.
     """
 
-    def __init__(self, schema: Schema, missing: str = "error"):
+    def __init__(self, schema: Schema, missing: str = "error", text: dict | None = None):
         if missing not in MISSING:
             raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
         self.schema = schema
         self.missing = missing
-        self._impl = _C.RequestEncoder(describe(schema), schema.label, missing == "default")
+        self._impl = _C.RequestEncoder(describe(schema, text), schema.label,
+                                       missing == "default")
         self.encode = self._impl.encode  # the native method itself: no Python frame per request
 
     def encode(self, user: dict, candidates) -> EncodedRequest:

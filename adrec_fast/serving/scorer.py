@@ -277,9 +277,8 @@ class _Version:
         self.bag_card = np.array([schema.cardinality(n) for n in self.bags], dtype=np.int64)
         self.dense = [schema.field(n) for n in schema.dense_fields()]
         self.seq_names = [n for n, _ in schema.sequence_fields()]
-        simple = all(f.type in ("categorical", "dense") or (f.type == "multi_categorical"
-                                                          and f.sequence)
-                     for f in schema.fields)
+        simple = all(f.type in ("categorical", "dense", "text")
+                     or (f.type == "multi_categorical" and f.sequence) for f in schema.fields)
         # dynamic tables (64-bit keys, rows found by the model's DynamicEmbedding): the schema
         # hashes the request's values as it hashed training rows, and the model's forward
         # looks the keys up read-only (a key outside the table reads the unadmitted row)
@@ -287,8 +286,12 @@ class _Version:
         simple = simple and not dynamic
         # raw values -> ids in one native call (serving/encoder.py); None: pooled multi-valued
         # bags or vectors, encoded by the schema itself
-        self.encoder = RequestEncoder(schema, missing) if simple else None
+        text = self._text_slots(model, schema, tofs) if simple else None
+        simple = simple and (text is not None or not schema.text_fields())
+        self.encoder = RequestEncoder(schema, missing, text) if simple else None
         spec = model.serving_spec() if simple else None
+        if spec is None and text is not None:  # the torch path encodes text through the schema
+            self.encoder = None
         seqs = [s for s, _ in spec.sequences] if spec is not None else []
         # the encoder hands over every history of the schema, in order: the executor reads
         # them all, or none (a model without attention on a schema with histories)
@@ -324,10 +327,35 @@ class _Version:
                     with torch.no_grad():
                         ebc.weight.copy_(dequantize_rows(st, sb))
             self.model = model
+        if self.text_known is not None and self.spec is not None:
+            self.model = model  # a text value not cached at load runs the torch path
         self.handles: dict = {}  # (cand slots, dense cand) -> its handle (benign race)
         # score(): encoder and executor in one native call
         self.front = (_C.ServingFront(self.encoder._impl, self.handle_for)
                       if self.spec is not None and self.encoder is not None else None)
+
+    def _text_slots(self, model, schema, tofs) -> dict | None:
+        """Text fields become bags after the schema's (one table each, after its tables): the
+        model's rows for every value cached at load (``TextFields.serving_rows``), the encoder's
+        vocabulary the same values. Returns {field: values} (None: no text fields, or a model
+        without ``TextFields``, served by its forward)."""
+        self.text_known = None
+        text = getattr(model, "text", None)
+        if not schema.text_fields() or text is None:
+            return None
+        values = dict(zip(text.names, text.freeze_for_serving()))
+        base = int(tofs[-1])
+        for name in text.names:
+            f = schema.field(name)
+            self.bag_pos[f.source] = len(self.bags)
+            self.bags.append(name)
+            self.bag_base = np.append(self.bag_base, base)
+            self.bag_card = np.append(self.bag_card, len(values[name]) + 1)
+            base += len(values[name]) + 1
+        # raw values the packed tables hold (None: missing, row 0); others take the torch path
+        self.text_known = {schema.field(n).source: frozenset(v) | {None}
+                           for n, v in values.items()}
+        return values
 
     def packed_for(self, cand_slots, dense_cand=()) -> tuple[torch.Tensor, torch.Tensor]:
         """(meta, blob) of this version packed for one field split."""
@@ -474,7 +502,8 @@ class Scorer:
         return _top_k(self.score(user, candidates), int(k))
 
     def _score(self, v: _Version, user, candidates) -> np.ndarray:
-        if v.encoder is None:
+        if v.encoder is None or (v.text_known is not None
+                                 and not _text_known(v.text_known, user, candidates)):
             return _score_general(v, user, candidates)
         if v.front is not None:  # one native call: encoding, checks, the packed model
             return v.front.score(user, candidates)
@@ -577,6 +606,24 @@ def _score_general(v: _Version, user, candidates) -> np.ndarray:
     except Exception as e:  # a DataError or an arrow error: the value was of a wrong type
         raise TypeError(f"request could not be encoded: {e}") from e
     return v.forward_batch(batch)
+
+
+def _text_known(known: dict, user, candidates) -> bool:
+    """True when every text value of the request is one the packed tables hold, or missing."""
+    try:
+        for col, vals in known.items():
+            if col in user:
+                if user[col] not in vals:
+                    return False
+            elif isinstance(candidates, dict):
+                c = candidates.get(col)
+                if c is not None and not vals.issuperset(c):
+                    return False
+            elif not all(d.get(col) in vals for d in candidates):
+                return False
+    except (TypeError, AttributeError):  # not a dict, an unhashable value: the torch path names it
+        return False
+    return True
 
 
 def _check_ids(v: _Version, user_slots, uid, cand_slots, cand) -> None:
