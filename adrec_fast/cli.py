@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  adrec-fast train train.csv --model deepfm --out runs/deepfm\n"
                "  adrec-fast train frappe.csv.gz --model fm --label label --drop cost --epochs 5 "
                "--out runs/fm --json")
-    p.add_argument("data", metavar="DATA", help="training data file")
+    p.add_argument("data", metavar="DATA",
+                   help="training data file ('-' with --online: CSV with a header from standard "
+                        "input, trained on as the rows arrive)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to save the model in")
     _overwrite_option(p)
     p.add_argument("--label", default="label", help="label column, values 0/1 (default: label)")
@@ -211,7 +213,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --online: stream the rows in the order of this column (numbers, or "
                         "ISO-8601 date-times; rows out of order are sorted, stably, and counted "
                         "on stderr; the file is then read whole first); the column is not a "
-                        "feature")
+                        "feature. It is also the clock of the dynamic tables (--ttl). With DATA "
+                        "'-' the rows are trained as they arrive, and late ones are counted")
+    p.add_argument("--static-vocab", action="store_true",
+                   help="with --online: learn each categorical field's vocabulary in a pass over "
+                        "DATA first (a value outside it reads the out-of-vocabulary row) instead "
+                        "of the default dynamic tables, which need no pass: a value gets its own "
+                        "row once admitted (dense statistics then come from the first 65,536 "
+                        "rows, or the first 2,048 of DATA '-')")
+    p.add_argument("--min-count", type=int, default=None, metavar="N",
+                   help="with --online: a new value gets its own row once seen N times (>= 1, "
+                        "default 1); until then it reads its table's unadmitted row")
+    p.add_argument("--admit-prob", type=float, default=None, metavar="P",
+                   help="with --online: a value that has its N sightings is admitted with "
+                        "probability P, in (0, 1] (default 1)")
+    p.add_argument("--ttl", type=int, default=None, metavar="T",
+                   help="with --online: a value not seen for T units of --time-col (whole units; "
+                        "seconds for date-times), or T steps without --time-col, loses its row "
+                        "and is a new value again (>= 1; default: never)")
+    p.add_argument("--capacity", type=int, default=None, metavar="ROWS",
+                   help="with --online: rows of each lookup's dynamic table (>= 1, default "
+                        "65,536); --eviction says what a full table does")
+    p.add_argument("--eviction", choices=["grow", "lfu", "ttl"], default=None,
+                   help="with --online, a full dynamic table: grow (double it; default), lfu "
+                        "(evict the least often seen values) or ttl (the least recently seen)")
     p.add_argument("--export-every", type=int, default=None, metavar="ROWS",
                    help="with --online: every ROWS rows, write a row delta for serving to "
                         "--export-dir: DIR/base is the model at the start, DIR/deltas the rows "
@@ -532,8 +557,98 @@ def _given_schema(a, drop):
     return Schema.load(a.schema)
 
 
+def _online_options(a) -> dict | None:
+    """The dynamic tables' options of ``train --online`` (None: --static-vocab); misplaced and
+    out-of-range flags (DATA '-' included) named before any data is read."""
+    flags = (("--min-count", "min_count"), ("--admit-prob", "admit_prob"), ("--ttl", "ttl"),
+             ("--capacity", "capacity"), ("--eviction", "eviction"))
+    given = [flag for flag, k in flags if getattr(a, k) is not None]
+    if not a.online:
+        for flag in given + (["--static-vocab"] if a.static_vocab else []):
+            raise CLIError(f"{flag} applies to --online training; add --online")
+        if a.data == "-":
+            raise CLIError("DATA '-' (standard input) is read once, as it arrives: add --online")
+    if a.static_vocab:
+        if given:
+            raise CLIError(f"{given[0]} sets the dynamic tables, and --static-vocab has none")
+        return None
+    checks = (("--min-count", a.min_count, lambda v: v >= 1, ">= 1"),
+              ("--admit-prob", a.admit_prob, lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("--ttl", a.ttl, lambda v: v >= 1, ">= 1"),
+              ("--capacity", a.capacity, lambda v: v >= 1, ">= 1"))
+    for flag, v, ok, want in checks:
+        if v is not None and not ok(v):
+            raise CLIError(f"{flag} must be {want}, got {v}")
+    return {"seed": a.seed, **{k: getattr(a, k) for _, k in flags if getattr(a, k) is not None}}
+
+
+def _online_data(a, drop, reader_kw):
+    """(schema, stream of raw chunks, clock column) of ``train --online``: DATA (a file, or
+    '-': standard input as it arrives), in --time-col order for a file; the schema with
+    dynamic tables unless --static-vocab, fitted (a vocabulary pass over a file with
+    --static-vocab, else the dense statistics of the stream's first rows)."""
+    import itertools
+
+    from .data.pipeline import fit_schema
+    from .data.readers import open_reader
+    from .data.stream import HEAD_LINES, STDIN, piped_csv
+    from .training.online import STATS_ROWS, online_schema, order_by_time
+
+    piped = a.data == STDIN
+    schema = _given_schema(a, drop)
+    tc = a.time_col
+    keep = [tc] if tc and (schema is None or tc not in schema.raw_columns()) else []
+    if piped:
+        if a.static_vocab and (schema is None or not schema.fitted):
+            raise CLIError("--static-vocab learns the vocabularies in a pass over DATA, and "
+                           "DATA '-' (standard input) is read once: give a file, or a --schema "
+                           "with its vocabularies")
+        schema, reader = piped_csv(schema=schema, label=a.label, drop=drop + keep, keep=keep,
+                                   **reader_kw)
+    else:
+        if schema is None:
+            if tc:  # name a missing --time-col before the schema inference does
+                first = next(iter(open_reader(a.data, label=a.label, chunk_rows=16)), None)
+                names = first.column_names if first is not None else []
+                if tc not in names:
+                    raise CLIError(f"--time-col {tc!r}: {a.data} has no such column "
+                                   f"(columns: {', '.join(names)})")
+            schema = _infer_schema(a.data, a.label, drop + ([tc] if tc else []))
+        reader = None
+    if tc and tc == schema.label:
+        raise CLIError(f"--time-col {tc!r} is the label column")
+    schema = online_schema(schema, dynamic=not a.static_vocab)
+    stream = reader
+    if not schema.fitted:
+        if piped:  # the statistics of the first rows, which are then trained on as well
+            it = iter(reader)
+            head, n = [], 0
+            for chunk in it:
+                head.append(chunk)
+                n += chunk.num_rows
+                if n >= HEAD_LINES:
+                    break
+            schema.fit(head, max_rows=HEAD_LINES)
+            stream = itertools.chain(head, it)
+        elif a.static_vocab:  # the vocabularies: one pass over DATA first
+            fit_schema(schema, a.data, **reader_kw)
+        else:
+            fit_schema(schema, a.data, max_rows=STATS_ROWS, **reader_kw)
+    if not piped:
+        stream = open_reader(a.data, schema=schema, label=schema.label, keep=keep, **reader_kw)
+        if tc:
+            table, moved = order_by_time(stream, tc, a.data, rows_are_lines=not a.skip_bad_rows,
+                                         drop=False)
+            if moved:
+                print(f"{a.data}: {moved:,} rows out of {tc!r} order; sorted (stable)",
+                      file=sys.stderr)
+            stream = table.to_batches(max_chunksize=65536)
+    return schema, stream, tc
+
+
 def cmd_train(a) -> int:
     _check_options(a)
+    _online_options(a)
     from .distributed.train import launch_train, run_train, torchrun_env
 
     if torchrun_env():
@@ -598,9 +713,9 @@ def cmd_train(a) -> int:
 
 
 def cmd_train_online(a) -> int:
-    """``train --online``: fit the schema's vocabularies on DATA, then one pass in order (by
-    ``--time-col`` when given) with progressive validation; saves best/ (the final model),
-    last/ (with optimizer state), metrics.json and online.png."""
+    """``train --online``: one pass over DATA in order (by ``--time-col`` when given) with
+    progressive validation, on dynamic tables (no vocabulary pass) unless --static-vocab;
+    saves best/ (the final model), last/ (with optimizer state), metrics.json and online.png."""
     if not a.online:
         raise CLIError("--time-col orders the stream of --online; add --online")
     for flag, given in (("--valid", a.valid is not None), ("--epochs", a.epochs is not None),
@@ -614,43 +729,23 @@ def cmd_train_online(a) -> int:
         raise CLIError(f"--export-dense-every must be >= 1, got {a.export_dense_every}")
     import torch
 
-    from .data.pipeline import fit_schema
-    from .data.readers import open_reader
     from .models.checkpoint import replace_dir, save_checkpoint
     from .models.registry import build_model
     from .training.loop import Trainer
-    from .training.online import order_by_time, train_online
+    from .training.online import train_online
 
+    dynamic = _online_options(a)
     out, drop, reader_kw = _train_setup(a)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        schema = _given_schema(a, drop)
-        if schema is None:
-            if a.time_col:  # name a missing --time-col before the schema inference does
-                first = next(iter(open_reader(a.data, label=a.label, chunk_rows=16)), None)
-                names = first.column_names if first is not None else []
-                if a.time_col not in names:
-                    raise CLIError(f"--time-col {a.time_col!r}: {a.data} has no such column "
-                                   f"(columns: {', '.join(names)})")
-            schema = _infer_schema(a.data, a.label, drop + ([a.time_col] if a.time_col else []))
-        if a.time_col and a.time_col == schema.label:
-            raise CLIError(f"--time-col {a.time_col!r} is the label column")
-        # the vocabularies come from one pass over DATA first (static tables need them)
-        if not schema.fitted:
-            fit_schema(schema, a.data, **reader_kw)
-        keep = [a.time_col] if a.time_col and a.time_col not in schema.raw_columns() else []
-        reader = open_reader(a.data, schema=schema, label=schema.label, keep=keep, **reader_kw)
-        if a.time_col:
-            table, moved = order_by_time(reader, a.time_col, a.data,
-                                         rows_are_lines=not a.skip_bad_rows)
-            if moved:
-                print(f"{a.data}: {moved:,} rows out of {a.time_col!r} order; sorted (stable)",
-                      file=sys.stderr)
-            stream = table.to_batches(max_chunksize=65536)
-        else:
-            stream = reader
+        schema, stream, clock = _online_data(a, drop, reader_kw)
         torch.manual_seed(a.seed)
         model_kw, trainer_kw, _ = _recipe(a)
+        if schema.has_dynamic:
+            if a.embedding_l2:  # the recipe's L2 is for static tables: dropped, unless asked
+                raise CLIError("--embedding-l2 applies to static tables; --online trains "
+                               "dynamic ones: leave it out, or add --static-vocab")
+            model_kw.update(embedding_l2=0.0, dynamic_tables=dynamic)
         try:
             model = build_model(a.model, schema, **model_kw)
         except (TypeError, ValueError) as e:
@@ -671,7 +766,7 @@ def cmd_train_online(a) -> int:
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
             tmp.mkdir(parents=True)
-            res = train_online(model, stream, schema=schema, trainer=trainer,
+            res = train_online(model, stream, schema=schema, trainer=trainer, time_col=clock,
                                plot=tmp / "online.png", exporter=exporter)
             if exporter is not None:
                 extra["export"]["deltas"] = exporter.seq
@@ -690,6 +785,13 @@ def cmd_train_online(a) -> int:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     _report_warnings(caught)
+    if res.out_of_order:
+        print(f"{a.data}: {res.out_of_order:,} rows arrived before a later {clock!r}; trained "
+              "in arrival order (the tables' clock does not go back)", file=sys.stderr)
+    tables = model.dynamic_embeddings()
+    if tables:
+        print(f"dynamic tables: {sum(t.num_keys for t in tables):,} keys with rows "
+              f"({', '.join(f'{t.num_keys:,}' for t in tables)} per lookup)")
     print(f"model {a.model}: online over {res.rows:,} rows: progressive AUC "
           f"{_fmt(res.progressive_auc)}, logloss {_fmt(res.progressive_logloss)}, "
           f"{res.samples_per_s:,.0f} samples/s; saved to {out}")

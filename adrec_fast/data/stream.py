@@ -42,7 +42,7 @@ import torch
 from .batch import Batch, bag_take
 from .columns import fmix64
 from .errors import DataError
-from .readers import is_gzip, open_reader
+from .readers import CSVReader, is_gzip, open_reader
 
 STREAM_MODES = ("auto", "on", "off")
 CHUNK_ROWS = 32768  # rows per reader chunk, per cache chunk
@@ -652,3 +652,116 @@ def load_training_data(path, schema, *, valid_path=None, valid_fraction: float =
     del sources
     _release_memory()
     return TrainingData(train=train, valid=valid, streamed=streamed, cache_bytes=cache_bytes)
+
+
+# ---------------------------------------------------------------------------- stdin
+#: ``DATA`` that names the standard input: CSV with a header, read as it arrives
+STDIN = "-"
+HEAD_LINES = 2048  # lines of a piped CSV read before training starts: schema and statistics
+
+
+def arrival_blocks(f, max_lines: int, read_bytes: int = 1 << 16):
+    """(first line number, bytes of whole lines) from the binary stream ``f`` as the lines
+    arrive: every read (``read1``: whatever the pipe holds, waiting only when it holds nothing)
+    hands on the complete lines it finished, at most ``max_lines`` per block, so a slow
+    producer's rows are not held back until a block fills. A last line without its newline
+    gets one. Memory: one block and one partial line."""
+    read = getattr(f, "read1", f.read)
+    next_line, pending = 1, b""
+    while True:
+        piece = read(read_bytes)
+        if not piece:
+            if pending:
+                yield next_line, pending + b"\n"
+            return
+        pending += piece
+        cut = pending.rfind(b"\n") + 1
+        if not cut:
+            continue
+        block, pending = pending[:cut], pending[cut:]
+        while block:
+            nl = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+            n = min(int(nl.size), max_lines)
+            end = int(nl[n - 1]) + 1
+            yield next_line, block[:end]
+            next_line += n
+            block = block[end:]
+
+
+def _head(blocks, lines: int) -> list:
+    """The first blocks of ``blocks`` holding at least ``lines`` lines (or all of them)."""
+    head, n = [], 0
+    for b in blocks:
+        head.append(b)
+        n += b[1].count(b"\n")
+        if n > lines:
+            break
+    return head
+
+
+def piped_csv(f=None, *, schema=None, label: str = "label", drop=(), name: str = "<stdin>",
+              head_lines: int = HEAD_LINES, chunk_rows: int = 4096, **reader_kw):
+    """CSV with a header from the binary stream ``f`` (default: standard input), read once as
+    it arrives, in bounded memory -> (schema, reader). Without ``schema`` one is inferred from
+    the first ``head_lines`` lines, as ``infer_schema`` infers a file's (not fitted). The
+    reader yields pyarrow Tables of at most ``chunk_rows`` rows, each as soon as its lines are
+    in, and checks them as the file readers do: a bad row raises ``DataError`` naming ``name``,
+    its line and field (or is skipped with ``skip_bad_rows``); ``reader_kw`` as for
+    ``open_reader`` (``skip_bad_rows``, ``max_bad_rows``, ``keep``, ``sep``)."""
+    import sys
+
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    f = sys.stdin.buffer if f is None else f
+    blocks = arrival_blocks(f, chunk_rows)
+    head = _head(blocks, head_lines)
+    if not head:
+        raise DataError("empty input: no header line", path=name, line=1)
+    if schema is None:
+        schema = _infer_head(b"".join(b for _, b in head), name, label, drop, reader_kw.get("sep"))
+
+    reader = _PipedCSVReader(_chain(head, blocks), name, schema=schema, label=schema.label,
+                             chunk_rows=chunk_rows, **reader_kw)
+    return schema, reader
+
+
+class _PipedCSVReader(CSVReader):
+    """A CSVReader over blocks of lines handed to it (``arrival_blocks``), read once."""
+
+    def __init__(self, blocks, name: str, **kw):
+        super().__init__(os.devnull, **kw)  # no file to open: the blocks are the data
+        self.path = Path(name)  # what its errors name
+        self._blocks = blocks
+
+    def _chunks(self):
+        # CSVReader._chunks over the handed blocks instead of a file's
+        names = None
+        for first_line, block in self._blocks:
+            if names is None:
+                names, block, first_line = self._read_header(block)
+                if not block:
+                    continue
+            self.columns = names
+            include = self._needed_columns(names)
+            table, line_of, problems = self._parse_block(block, first_line, names, include)
+            yield self._check_values(table, line_of, problems=problems)
+
+
+def _chain(head: list, rest):
+    yield from head
+    head.clear()  # the head's blocks are not held once read again
+    yield from rest
+
+
+def _infer_head(data: bytes, name: str, label: str, drop, sep):
+    """``infer_schema`` on the first lines of a piped CSV (written to a temporary file, which
+    the inference reads as it reads any CSV); its errors name ``name``."""
+    from .pipeline import infer_schema
+
+    with tempfile.TemporaryDirectory(prefix="adrec-head-") as d:
+        p = Path(d) / "head.csv"
+        p.write_bytes(data)
+        try:
+            return infer_schema(p, label=label, drop=list(drop), sep=sep)
+        except DataError as e:
+            raise DataError(e.reason, path=name, line=e.line, field=e.field) from None

@@ -14,10 +14,19 @@ Checkpoints (``checkpoint_dir``, every ``checkpoint_every`` rows) hold the train
 stream position (rows consumed) and the progressive scores so far; ``resume=True`` restores
 them and skips the rows already trained on, so a killed run that is handed the same stream
 again trains no row twice and reports the same metrics as an uninterrupted run.
+
+Dynamic tables (``online_schema``: categorical fields without a vocabulary become
+``vocab: dynamic``) need no vocabulary pass: a new value gets its own row once admitted. Their
+clock is the stream time of ``time_col`` (each step at the latest time seen so far, so a row
+that arrives late does not turn the clock back; such rows are counted in ``out_of_order``), or
+else the step count. A key first seen in a batch is scored by that batch's training forward,
+which admits it, so it is scored with its freshly initialised row (the unadmitted row when
+admission waits for more sightings).
 """
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import uuid
@@ -35,6 +44,26 @@ from .loop import InMemory, Trainer
 
 STATE_DIR = "online"  # the checkpoint's directory inside checkpoint_dir
 SCORES_FILE = "progressive.npz"
+#: rows of the stream's start that fit the dense statistics of a run without a vocabulary pass
+STATS_ROWS = 65536
+
+
+def online_schema(schema, dynamic: bool = True):
+    """The schema of an online run: a copy in which every categorical table that would learn a
+    vocabulary in a pass over the data (``vocab: build`` and no vocabulary given) is a dynamic
+    table (``dynamic``: True; False returns ``schema`` as it is). Hashed tables and given
+    vocabularies stay as declared."""
+    if not dynamic:
+        return schema
+    from ..data.schema import Schema
+
+    d = schema.to_dict()
+    for f in d["fields"]:
+        if (f["type"] in ("categorical", "multi_categorical") and not f.get("share_with")
+                and f.get("vocab", "build") == "build" and f.get("vocabulary") is None):
+            f["vocab"] = "dynamic"
+            f.pop("min_count", None)
+    return Schema.from_dict(d)
 
 
 @dataclass
@@ -55,6 +84,7 @@ class OnlineResult:
     samples_per_s: float = float("nan")
     train_time_s: float = 0.0
     resumed_from: int = 0
+    out_of_order: int = 0  # rows whose time_col was earlier than a row before them
     probs: np.ndarray | None = None  # [rows] float32 progressive scores
     labels: np.ndarray | None = None  # [rows] float32
 
@@ -62,7 +92,8 @@ class OnlineResult:
         return {"progressive_auc": self.progressive_auc,
                 "progressive_logloss": self.progressive_logloss, "rows": self.rows,
                 "samples_per_s": self.samples_per_s, "train_time_s": self.train_time_s,
-                "resumed_from": self.resumed_from, "windows": self.windows}
+                "resumed_from": self.resumed_from, "out_of_order": self.out_of_order,
+                "windows": self.windows}
 
 
 def scores_in_train_mode(model) -> bool:
@@ -77,24 +108,48 @@ def scores_in_train_mode(model) -> bool:
     return True
 
 
-def _mini_batches(stream: Iterable, schema, batch_size: int, skip: int):
-    """Encoded Batches of at most ``batch_size`` rows from ``stream``, in order, after skipping
-    its first ``skip`` rows. Arrow chunks are encoded with ``schema`` and re-cut; a ``Batch``
-    is cut into pieces of ``batch_size`` rows."""
+def _mini_batches(stream: Iterable, schema, batch_size: int, skip: int,
+                  time_col: str | None = None):
+    """(Batch of at most ``batch_size`` rows, its rows' times [n] float64 or None) from
+    ``stream``, in order, after skipping its first ``skip`` rows. Arrow chunks are encoded with
+    ``schema`` and re-cut; a ``Batch`` is cut into pieces of ``batch_size`` rows. A chunk that
+    does not encode raises ``DataError`` naming the chunk, its rows in the stream and the field.
+    """
     import pyarrow as pa
 
+    from ..data.errors import DataError
+
     carry: Batch | None = None
+    carry_t = None
+    seen = 0  # rows of the stream so far, skipped ones included
     for i, item in enumerate(stream):
+        t = None
         if isinstance(item, Batch):
+            if time_col is not None:
+                raise ValueError(f"train_online: time_col {time_col!r} needs Arrow chunks; "
+                                 f"stream item {i} is an encoded Batch")
             enc = item
         elif isinstance(item, (pa.RecordBatch, pa.Table)):
             if schema is None:
                 raise ValueError("train_online: the stream yields Arrow chunks, so it needs a "
                                  "schema (schema=...) to encode them")
+            first = seen
+            seen += item.num_rows
             if skip >= item.num_rows:  # skipped without encoding
                 skip -= item.num_rows
                 continue
-            enc = schema.encode(item.slice(skip) if skip else item)
+            chunk = item.slice(skip) if skip else item
+            try:
+                if time_col is not None:
+                    if time_col not in chunk.column_names:
+                        raise DataError(f"no time column (columns: "
+                                        f"{', '.join(chunk.column_names)})", field=time_col)
+                    t = _times_of(chunk.column(time_col), time_col, None, 0)
+                enc = schema.encode(chunk)
+            except DataError as e:
+                row = f", row {first + skip + e.line}" if e.line is not None else ""
+                raise DataError(f"stream chunk {i} (rows {first + skip + 1}-{seen} of the "
+                                f"stream{row}): {e.reason}", field=e.field) from None
             skip = 0
         else:
             raise TypeError(f"train_online: stream item {i} is a {type(item).__name__}; "
@@ -107,17 +162,20 @@ def _mini_batches(stream: Iterable, schema, batch_size: int, skip: int):
             skip = 0
         if carry is not None:
             enc = Batch.concat([carry, enc])
-            carry = None
+            t = None if t is None else np.concatenate([carry_t, t])
+            carry = carry_t = None
         full = enc.batch_size // batch_size * batch_size
         if full:
             # InMemory's gather: a view of the ids when every bag holds one (no ragged take)
             src = InMemory(enc)
             for start in range(0, full, batch_size):
-                yield src.take(torch.arange(start, start + batch_size))
+                yield (src.take(torch.arange(start, start + batch_size)),
+                       None if t is None else t[start:start + batch_size])
         if full < enc.batch_size:
             carry = enc.slice(full, enc.batch_size)
+            carry_t = None if t is None else t[full:]
     if carry is not None and carry.batch_size:
-        yield carry
+        yield carry, carry_t
 
 
 def _window_metrics(y: np.ndarray, p: np.ndarray, start: int) -> dict:
@@ -162,12 +220,14 @@ def load_position(checkpoint_dir) -> int | None:
 def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | None = None,
                  batch_size: int | None = None, window_rows: int = 100_000,
                  checkpoint_dir=None, checkpoint_every: int | None = None, resume: bool = False,
-                 plot=None, progress: bool = False, exporter=None, **trainer_kw) -> OnlineResult:
+                 plot=None, progress: bool = False, exporter=None, time_col: str | None = None,
+                 **trainer_kw) -> OnlineResult:
     """One pass over ``stream`` in order with progressive validation (see the module doc).
 
     Args:
         model: a ``CTRModel`` (trained further in place).
-        stream: iterable of pyarrow RecordBatches/Tables (needs ``schema``) or ``Batch``es.
+        stream: any iterable of pyarrow RecordBatches/Tables (needs ``schema``; e.g. a Kafka or
+            Flink consumer's batches, read as they come) or of ``Batch``es.
         trainer: the ``Trainer`` whose optimizers (and their state) take the steps; default a
             new ``Trainer(model, **trainer_kw)``. The steps run at its base learning rates
             (``lr``, ``embedding_lr``) times its plateau scale; its schedule does not apply.
@@ -179,6 +239,9 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
             when matplotlib is missing).
         exporter: a ``training.export.DeltaExporter``: writes its base at the start position,
             a row delta for serving every ``every_rows`` rows, and a last one at the end.
+        time_col: a column of the Arrow chunks (numbers or date-times) that is the clock of the
+            model's dynamic tables (their ``ttl`` in its units); rows are trained in the order
+            they come, and those earlier than a row before them are counted (``out_of_order``).
     Returns an ``OnlineResult``. Deterministic for a given model, trainer and stream.
     """
     if trainer is None:
@@ -219,11 +282,17 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
     t_loop, trained = 0.0, 0
     if exporter is not None:
         exporter.start(position)
-    it = _mini_batches(stream, schema, bs, position)
+    clock, late = -math.inf, 0  # the latest stream time so far; rows earlier than it
+    it = _mini_batches(stream, schema, bs, position, time_col)
     while True:
-        batch = next(it, None)  # the stream's own time (reading, encoding) is not the loop's
-        if batch is None:
+        got = next(it, None)  # the stream's own time (reading, encoding) is not the loop's
+        if got is None:
             break
+        batch, times = got
+        if times is not None and times.size:
+            late += int((times < np.maximum.accumulate(np.maximum(times, clock))).sum())
+            clock = max(clock, float(times.max()))
+            model.set_stream_time(math.floor(clock))
         y = batch.labels
         if torch.isnan(y).any():
             raise ValueError(f"train_online: rows {position}..{position + batch.batch_size} "
@@ -259,7 +328,8 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
                           progressive_logloss=logloss(y, p) if y.size else float("nan"),
                           rows=int(y.size), windows=windows,
                           samples_per_s=trained / t_loop if t_loop > 0 else float("nan"),
-                          train_time_s=t_loop, resumed_from=resumed_from, probs=p, labels=y)
+                          train_time_s=t_loop, resumed_from=resumed_from, out_of_order=late,
+                          probs=p, labels=y)
     if plot is not None:
         plot_online(result, plot)
     if progress:
@@ -344,9 +414,11 @@ def _line_of_row(path, row: int) -> int | None:
     return None
 
 
-def order_by_time(chunks, col: str, path="<stream>", rows_are_lines: bool = True):
+def order_by_time(chunks, col: str, path="<stream>", rows_are_lines: bool = True,
+                  drop: bool = True):
     """All of ``chunks`` (pyarrow Tables) as one Table, stably sorted by the time column
-    ``col`` (numbers, or date-times: ISO-8601 strings or Arrow timestamps), which is dropped.
+    ``col`` (numbers, or date-times: ISO-8601 strings or Arrow timestamps), which is dropped
+    (``drop``; kept, it can be the clock of ``train_online(time_col=col)``).
     Returns (table, rows that moved: 0 when the input was already in order). A missing or
     unparsable timestamp raises ``DataError`` naming the file, the column and the line of a
     CSV file (``rows_are_lines``: no row was skipped, so the n-th row is the n-th non-blank
@@ -368,7 +440,7 @@ def order_by_time(chunks, col: str, path="<stream>", rows_are_lines: bool = True
             if line is None:
                 raise
             raise DataError(e.reason, path=path, line=line, field=col) from None
-        tables.append(chunk.drop_columns([col]))
+        tables.append(chunk.drop_columns([col]) if drop else chunk)
         n += chunk.num_rows
     if not tables:
         return pa.table({}), 0
