@@ -22,6 +22,8 @@ A ``Schema`` is a list of field specs plus the label column name. Field types:
   standardize uses the mean and std of the (filled, log1p'd) training values from ``fit``.
 - ``vector``: a precomputed float vector of ``dim`` values (list column, or text separated by
   spaces or '|'); missing gives zeros. A wrong width is an error naming the row and field.
+  With ``npy: PATH`` and ``key: COLUMN`` the vectors come from a ``.npy`` file keyed by the id
+  in that column instead (:mod:`adrec_fast.data.vectors`).
 - ``text``: a raw string (a title, a description), encoded by a frozen sentence encoder
   (``encoder``: all-MiniLM-L6-v2 by default, or a local model directory) into a vector that the
   model projects to its embedding width and treats as one more field; each distinct value is
@@ -52,6 +54,7 @@ from . import columns as C
 from .batch import Batch
 from .errors import DataError
 from .text import encode_text
+from .vectors import keyed_vectors
 
 FIELD_TYPES = ("categorical", "multi_categorical", "dense", "vector", "text")
 TRANSFORMS = ("none", "log1p", "standardize", "log1p_standardize")
@@ -81,6 +84,8 @@ class Field:
     fill: float = 0.0
     dim: int = 0
     encoder: str | None = None  # text fields: the sentence encoder (None: all-MiniLM-L6-v2)
+    npy: str | None = None  # vector fields: a .npy of vectors keyed by the id in column ``key``
+    key: str | None = None
     column: str | None = None  # raw column name when it differs from the field name
     vocabulary: list[str] | None = None
     mean: float | None = None
@@ -129,6 +134,8 @@ class Field:
             d["encoder"] = encoder_key(self.encoder)
         else:
             d["dim"] = self.dim
+            if self.npy:
+                d.update(npy=self.npy, key=self.key)
         return d
 
     @classmethod
@@ -221,6 +228,8 @@ class Schema:
                 )
             if f.type == "vector" and f.dim < 1:
                 raise ValueError(f"{where}: vector fields need dim >= 1")
+            if (f.npy or f.key) and (f.type != "vector" or not (f.npy and f.key)):
+                raise ValueError(f"{where}: npy and key go together, on a vector field")
 
     # ---------------------------------------------------------------- introspection
     def __repr__(self) -> str:
@@ -261,8 +270,9 @@ class Schema:
         return True
 
     def raw_columns(self) -> list[str]:
-        """The input columns encoding needs (label excluded)."""
-        return [f.source for f in self.fields]
+        """The input columns encoding needs (label excluded); an ``npy`` vector field reads its
+        key column."""
+        return list(dict.fromkeys(f.key if f.npy else f.source for f in self.fields))
 
     def _owners(self) -> list[Field]:
         return [f for f in self.fields if f.is_sparse and not f.share_with]
@@ -594,7 +604,7 @@ class Schema:
         seq_i, seq_o = {}, {}
         dense, vectors = [], []
         for f in self.fields:
-            col = self._column(cols, f, n)
+            col = None if f.npy else self._column(cols, f, n)  # npy: the key column, below
             if f.type == "categorical":
                 toks, bad = C.tokens(col)
                 if bad.any():
@@ -623,6 +633,8 @@ class Schema:
             elif f.type == "text":
                 seq_i[f.name] = torch.from_numpy(encode_text(col, f))  # [n] cache rows
                 seq_o[f.name] = torch.arange(n + 1, dtype=torch.long)
+            elif f.npy:
+                vectors.append(keyed_vectors(self._column(cols, Field(f.key, "categorical"), n), f))
             else:
                 v, bad = C.to_vectors(col, f.dim)
                 if bad.any():
