@@ -76,3 +76,10 @@ def test_npy_bad(tmp_path):
         s.encode({"item": ["a"]})
     with pytest.raises(ValueError, match="npy and key go together"):
         Schema([_item(), {"name": "img", "type": "vector", "dim": 3, "npy": "x.npy"}])
+
+
+def test_vector_width_varies_in_memory():
+    s = Schema([_item(), {"name": "img", "type": "vector", "dim": 3}])
+    with pytest.raises(DataError, match=r"row 2: expected 3 numeric values") as e:
+        s.encode({"item": ["a", "b"], "img": [[1.0, 2.0, 3.0], [1.0, 2.0]]})
+    assert e.value.field == "img"
