@@ -286,6 +286,7 @@ class _Version:
         simple = simple and not dynamic
         # raw values -> ids in one native call (serving/encoder.py); None: pooled multi-valued
         # bags or vectors, encoded by the schema itself
+        self.text_known = None  # set by _text_slots for a schema with text fields
         text = self._text_slots(model, schema, tofs) if simple else None
         simple = simple and (text is not None or not schema.text_fields())
         self.encoder = RequestEncoder(schema, missing, text) if simple else None
