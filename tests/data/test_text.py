@@ -210,6 +210,9 @@ def test_cli_text_and_cold_col(enc_dir, tmp_path, capsys):
     assert main(["train", str(tmp_path / "train.parquet"), "--out", str(tmp_path / "r2"),
                  "--text", "no_such_column", "--text-encoder", str(enc_dir)]) != 0
     assert "--text: no column ['no_such_column']" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "train.parquet"), "--out", str(tmp_path / "r3"),
+                 "--online", "--text", "title"]) != 0
+    assert "--text and --text-encoder apply to batch training" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not any(d.metadata["Name"] == T.MINILM_DIST
