@@ -10,7 +10,11 @@ from ``DIR/base`` applies them in sequence order:
   makes the next version from the current one: the served tables are copied (copy on write),
   the delta's rows written into the copy (quantized as the Scorer was loaded), the dense part
   re-laid out from the updated weights (batch norm folded again), and the packed handles built
-  afresh; then the version is swapped in as ``swap`` does. A request reads the version once at
+  afresh; a model served by its torch forward (dynamic tables among them) is copied whole.
+  Dynamic tables drop their tombstoned keys, then take the delta's keys with their rows and
+  last-seen times (a new key takes a free row; the table grows when none is left), so a key
+  evicted in training is unknown to the Scorer too and scores as a new key (the unadmitted
+  row). Then the version is swapped in as ``swap`` does. A request reads the version once at
   its start, so it sees the model of one delta or of the next, never a mix.
 * ``follow(DIR, poll_s=1.0)`` starts a daemon thread (a :class:`Follower`, returned; ``stop()``
   or a ``with`` block ends it) that every ``poll_s`` seconds applies, in order, every delta of
@@ -41,10 +45,12 @@ import logging
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import _C
 from ..models.checkpoint import load_model, read_meta
+from ..nn.dynamic_table import DynamicEmbedding
 
 FORMAT = "adrec_fast.delta"
 VERSION = 1
@@ -71,7 +77,30 @@ class Delta:
         self.position = int(manifest["position"])
         self.dense = {k[len("dense/"):]: v for k, v in tensors.items() if k.startswith("dense/")}
         self.tables = {}
+        self.dynamic = {}  # state key -> {"keys", "values", "last_seen", "tombstones", ...}
+        clocks = manifest.get("clock") or {}
         for k, v in tensors.items():
+            if k.startswith("keys/"):
+                key = k[len("keys/"):]
+                got = {n: tensors.get(f"{n}/{key}") for n in _DYNAMIC}
+                lacking = [f"{n}/{key}" for n, t in got.items() if t is None]
+                if lacking or key not in clocks:
+                    raise DeltaError(f"{path}: keys/{key} without "
+                                     f"{lacking or ['its clock in the manifest']}")
+                n, vals = v.shape[0] if v.dim() == 1 else -1, got["values"]
+                if any(t.dtype != torch.int64 or t.dim() != 1 for t in
+                       (v, got["last_seen"], got["tombstones"])) or got["last_seen"].shape[0] \
+                        != n or vals.dim() != 2 or vals.shape[0] != n \
+                        or tuple(got["unadmitted"].shape) != (1, vals.shape[1]):
+                    raise DeltaError(f"{path}: the tensors of dynamic table {key} do not match "
+                                     "(want keys, last_seen [n] int64, values [n, D], "
+                                     "tombstones [k] int64, unadmitted [1, D])")
+                got["values"] = vals.float()
+                got["unadmitted"] = got["unadmitted"].float()
+                got["keys"] = v
+                got["clock"] = int(clocks[key])
+                self.dynamic[key] = got
+                continue
             if k.startswith("rows/"):
                 key = k[len("rows/"):]
                 vals = tensors.get(f"values/{key}")
@@ -83,11 +112,16 @@ class Delta:
                                      f"values/{key} {list(vals.shape)} do not match (want "
                                      "int64 [n] and [n, D])")
                 self.tables[key] = (v, vals.float())
-            elif not k.startswith(("values/", "dense/")):
+            elif not k.startswith(("dense/",) + tuple(f"{n}/" for n in _DYNAMIC)):
                 raise DeltaError(f"{path}: unknown tensor {k!r} in the delta")
         for k in tensors:
-            if k.startswith("values/") and k[len("values/"):] not in self.tables:
+            if k.startswith("values/") and k[len("values/"):] not in self.tables \
+                    and k[len("values/"):] not in self.dynamic:
                 raise DeltaError(f"{path}: {k} without rows/{k[len('values/'):]}")
+
+
+#: a dynamic table's tensors besides its keys
+_DYNAMIC = ("values", "last_seen", "tombstones", "unadmitted")
 
 
 def manifest_path(path) -> Path:
@@ -202,6 +236,14 @@ class _Shadow:
                                  f"{t.shape[1]}")
             if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= t.shape[0]):
                 raise DeltaError(f"{path}: rows/{key} out of range [0, {t.shape[0]})")
+        for key, got in delta.dynamic.items():
+            dyn = self.dynamic(key)
+            if dyn is None:
+                raise DeltaError(f"{path}: keys for {key!r}, which is not a dynamic table of "
+                                 f"model {self.version.name!r}")
+            if got["values"].shape[1] != dyn.embedding_dim:
+                raise DeltaError(f"{path}: values/{key} has width {got['values'].shape[1]}, "
+                                 f"the table {dyn.embedding_dim}")
         for key, v in delta.dense.items():
             t = self.state.get(key)
             if t is None or key not in self.persistent:
@@ -211,15 +253,95 @@ class _Shadow:
                 raise DeltaError(f"{path}: dense/{key} is {list(v.shape)}, the model's "
                                  f"{list(t.shape)}")
 
+    def dynamic(self, key: str):
+        """The DynamicEmbedding whose weight is the state entry ``key``, or None."""
+        if not key.endswith(".weight"):
+            return None
+        try:
+            m = self.model.get_submodule(key[: -len(".weight")])
+        except AttributeError:
+            return None
+        return m if isinstance(m, DynamicEmbedding) else None
+
     @torch.no_grad()
     def write(self, delta: Delta) -> None:
         for key, (rows, vals) in delta.tables.items():
             t = self.state[key]
             t.index_copy_(0, rows, vals.to(t.dtype))
+        for key, got in delta.dynamic.items():
+            _write_dynamic(self.dynamic(key), got)
         for key, v in delta.dense.items():
             self.state[key].copy_(v.to(self.state[key].dtype))
         self.seq = delta.seq
         self.position = delta.position
+
+
+@torch.no_grad()
+def _write_dynamic(dyn: DynamicEmbedding, got: dict) -> None:
+    """A dynamic table's delta into ``dyn``: the tombstoned keys leave (their rows freed),
+    then every key of the delta holds its row (a new key takes a free row; the table grows
+    when none is left), with its values and last-seen time; row 0 and the clock as in
+    training. The map is rebuilt from the edited state (``load_state_tensors``), so a key is
+    found exactly when training finds it."""
+    st = dyn.state_tensors()
+    rk = st["row_keys"].numpy().copy()  # [U] the key of each used row
+    cnt = st["row_counts"].numpy().copy()  # [U] > 0: the row holds its key
+    last = st["row_last_seen"].numpy().copy()  # [U]
+    free = st["free_rows"].numpy().tolist()
+    scalars = st["scalars"].clone()
+    weight, state = st["weight"], st["state"]
+
+    def rows_of(keys: np.ndarray) -> np.ndarray:  # [n] row of each key, 0 when none holds it
+        live = np.flatnonzero(cnt > 0)
+        live = live[live > 0]
+        order = np.argsort(rk[live], kind="stable")
+        sk, sr = rk[live][order], live[order]
+        pos = np.minimum(np.searchsorted(sk, keys), max(sk.size - 1, 0))
+        hit = (sk[pos] == keys) if sk.size else np.zeros(keys.shape, bool)
+        return np.where(hit, sr[pos] if sk.size else 0, 0)
+
+    gone = rows_of(got["tombstones"].numpy())
+    gone = np.unique(gone[gone > 0])
+    cnt[gone] = 0
+    rk[gone] = 0
+    free.extend(gone.tolist())
+    keys = got["keys"].numpy()
+    rows = rows_of(keys)
+    new = np.flatnonzero(rows == 0)
+    U, R = rk.size, int(scalars[0])
+    take = min(len(free), new.size)
+    fresh = free[len(free) - take:][::-1]
+    del free[len(free) - take:]
+    extra = new.size - take  # rows beyond the used ones
+    if U + extra > R:  # grow as training does: at least double
+        R = max(2 * R, U + extra)
+    fresh += list(range(U, U + extra))
+    rows[new] = np.asarray(fresh, dtype=np.int64)
+    if extra:
+        rk = np.concatenate([rk, np.zeros(extra, np.int64)])
+        cnt = np.concatenate([cnt, np.zeros(extra, np.int64)])
+        last = np.concatenate([last, np.zeros(extra, np.int64)])
+    rk[rows] = keys
+    cnt[rows] = np.maximum(cnt[rows], 1)
+    last[rows] = got["last_seen"].numpy()
+    if R > weight.shape[0]:
+        w = weight.new_zeros(R, weight.shape[1])
+        w[: weight.shape[0]] = weight
+        weight = w
+        if state.numel():
+            s = state.new_zeros(R)
+            s[: state.shape[0]] = state
+            state = s
+    rt = torch.from_numpy(rows)
+    weight.index_copy_(0, rt, got["values"].to(weight.dtype))
+    weight[0] = got["unadmitted"][0]
+    scalars[0] = R
+    scalars[1] = got["clock"]
+    dyn.load_state_tensors({**st, "weight": weight, "state": state,
+                            "row_keys": torch.from_numpy(rk), "row_counts": torch.from_numpy(cnt),
+                            "row_last_seen": torch.from_numpy(last),
+                            "free_rows": torch.tensor(free, dtype=torch.long),
+                            "scalars": scalars})
 
 
 def _next_version(v, shadow: _Shadow, delta: Delta, serial: int):

@@ -9,24 +9,36 @@ An export directory ``DIR`` holds
     the stream position (rows trained on) of the base.
 ``deltas/delta-<seq>.safetensors`` + ``deltas/delta-<seq>.json``
     one delta per ``every_rows`` rows, numbered 1, 2, ... (``seq``, 6 digits). The safetensors
-    file holds, per embedding table (keyed by the table's ``state_dict`` name, e.g.
-    ``lookup.ebc.weight``), the rows trained since the previous delta: ``rows/<key>`` int64
-    [n] (row ids of that buffer) and ``values/<key>`` float32 [n, D] (their values, lazy L2
-    decay folded in); and on every ``dense_every``-th delta (and the last) ``dense/<key>``:
-    every other ``state_dict`` entry of the model (layers, heads, batch-norm statistics,
-    cross layers; the first-order tables are embedding tables, so they travel as rows).
-    The JSON manifest, the commit point, is
-    ``{"format": "adrec_fast.delta", "version": 1, "seq", "base", "position", "rows_trained",
-    "file", "bytes", "sha256", "dense": bool, "tables": {key: {"rows", "full"}},
-    "tombstones": {key: n}}``; ``position`` is the stream position the delta brings a model to.
+    file holds, per embedding table (keyed by the table's ``state_dict`` name):
+
+    * a static table (``lookup.ebc.weight``): the rows trained since the previous delta,
+      ``rows/<key>`` int64 [n] (row ids of that buffer) and ``values/<key>`` float32 [n, D]
+      (their values, lazy L2 decay folded in);
+    * a dynamic table (``lookup.dyn.weight``, a DynamicEmbedding): ``keys/<key>`` int64 [n],
+      the keys trained since the previous delta that hold a row now, ``values/<key>`` [n, D]
+      their rows, ``last_seen/<key>`` int64 [n] their last-seen times (so that a Scorer's TTL
+      expires them when training's does), ``tombstones/<key>`` int64 [k] the keys evicted or
+      expired since the previous delta (applied first: a key evicted and admitted again is in
+      both), and ``unadmitted/<key>`` [1, D] row 0, the row of every key without one;
+    * on every ``dense_every``-th delta (and the last) ``dense/<key>``: every other
+      ``state_dict`` entry of the model (layers, heads, batch-norm statistics, cross layers;
+      the first-order tables are embedding tables, so they travel as rows).
+
+    The JSON manifest, the commit point, is ``{"format": "adrec_fast.delta", "version": 1,
+    "seq", "base", "position", "rows_trained", "file", "bytes", "sha256", "dense": bool,
+    "tables": {key: {"rows", "full"} or {"keys", "dynamic"}}, "tombstones": {key: k},
+    "clock": {key: the dynamic table's clock}}``; ``position`` is the stream position the
+    delta brings a model to.
 
 Writing is atomic: each file is written under a temporary name, fsynced, and renamed into
 place, the tensors first, the manifest last; a reader takes a delta only once its manifest is
 there, and checks the tensors against the manifest's size and sha256 (``serving/deltas.py``).
 
-Touched rows are tracked per table with a bool mask [rows], set from each batch's ids (bags
-and behaviour histories, as the lookup maps them to rows); an export takes the set rows and
-clears the mask. A table with lazy L2 decay (``embedding_l2`` with ``l2_mode="lazy"``) changes
+Touched rows are tracked per static table with a bool mask [rows], set from each batch's ids
+(bags and behaviour histories, as the lookup maps them to rows); an export takes the set rows
+and clears the mask. A dynamic table keeps the keys of each batch (one int64 per id read until
+the next delta) and, at the export, the unique ones that still hold a row; its map records the
+keys it evicts (``record_evictions``). A table with lazy L2 decay (``embedding_l2`` with ``l2_mode="lazy"``) changes
 every row at every step, so each of its deltas holds the whole table (``"full": true``).
 A delta reads the model without changing it: it does not fold the lazy L2 scale into the
 table, as ``state_dict`` does, so training with and without exports gives the same numbers
@@ -49,6 +61,7 @@ from pathlib import Path
 import torch
 
 from ..models import checkpoint as ckpt
+from ..nn.dynamic_table import DynamicEmbedding
 from ..nn.embedding_bag import EmbeddingBagCollection
 
 FORMAT = "adrec_fast.delta"
@@ -109,7 +122,7 @@ def dense_state(model) -> dict[str, torch.Tensor]:
 
 
 def _is_dynamic(m) -> bool:
-    return type(m).__name__ == "DynamicEmbedding"
+    return isinstance(m, DynamicEmbedding)
 
 
 class _Table:
@@ -134,6 +147,39 @@ class _Table:
         if self.ebc.l2_scale != 1.0:  # the stored table is W / scale (lazy L2)
             vals.mul_(self.ebc.l2_scale)
         return rows, vals
+
+
+class _DynTable:
+    """One DynamicEmbedding whose trained keys, evicted keys and unadmitted row a delta
+    carries."""
+
+    def __init__(self, key: str, dyn: DynamicEmbedding):
+        self.key = key  # its weight's state_dict name, e.g. "lookup.dyn.weight"
+        self.dyn = dyn
+        self.seen: list[torch.Tensor] = []  # the keys of each step since the last delta
+
+    def start(self) -> None:
+        self.dyn.record_evictions = True
+        self.dyn.take_evicted()  # evictions before the base are in the base
+        self.seen = []
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """{"keys" [n], "values" [n, D], "last_seen" [n], "tombstones" [k], "unadmitted"
+        [1, D]}: the keys trained since the last call that hold a row now, their rows and
+        last-seen times (a Scorer's TTL answers as training's), the keys evicted since, row 0."""
+        dyn = self.dyn
+        keys = torch.cat(self.seen).unique() if self.seen else torch.zeros(0, dtype=torch.long)
+        self.seen = []
+        rows = dyn.rows(keys)  # read-only: row 0 for a key evicted, expired or not admitted
+        live = rows > 0
+        keys, rows = keys[live], rows[live]
+        w = dyn.weight.detach()
+        if dyn.ttl is not None:
+            last = torch.from_numpy(dyn._map.state()["row_last_seen"])[rows]
+        else:
+            last = torch.zeros(keys.numel(), dtype=torch.long)
+        return {"keys": keys, "values": w.index_select(0, rows).float(), "last_seen": last,
+                "tombstones": dyn.take_evicted(), "unadmitted": w[:1].float().clone()}
 
 
 class DeltaExporter:
@@ -163,17 +209,22 @@ class DeltaExporter:
         self.dense_every = dense_every
         self.on_export = on_export
         self.tables: list[_Table] = []
-        self._marks = []  # (SparseLookup, its _Table)
+        self.dynamic: list[_DynTable] = []
+        self._marks = []  # (SparseLookup, its _Table or None, its _DynTable or None)
         from ..models.base import SparseLookup
 
         for name, m in model.named_modules():
             if isinstance(m, SparseLookup):
-                t = _Table(f"{name}.ebc.weight" if name else "ebc.weight", m.ebc)
-                self.tables.append(t)
-                self._marks.append((m, t))
-            elif _is_dynamic(m):
-                raise NotImplementedError(f"delta export: {name} is a DynamicEmbedding; "
-                                          "its deltas are not written yet")
+                pre = f"{name}." if name else ""
+                t = None if m.ebc is None else _Table(f"{pre}ebc.weight", m.ebc)
+                d = None if getattr(m, "dyn", None) is None else _DynTable(f"{pre}dyn.weight",
+                                                                            m.dyn)
+                self.tables += [t] if t is not None else []
+                self.dynamic += [d] if d is not None else []
+                self._marks.append((m, t, d))
+            elif _is_dynamic(m) and not any(m is d.dyn for d in self.dynamic):
+                raise NotImplementedError(f"delta export: {name} is a DynamicEmbedding outside "
+                                          "a SparseLookup; its keys are not tracked")
         self.base_id: str | None = None
         self.seq = 0
         self.position = 0
@@ -196,6 +247,8 @@ class DeltaExporter:
         self._next = self.position + self.every_rows
         for t in self.tables:
             t.mask.zero_()
+        for d in self.dynamic:
+            d.start()
         deltas = self.directory / DELTAS_DIR
         deltas.mkdir(parents=True, exist_ok=True)
         ckpt.save_checkpoint(base, self.model, rng=False,
@@ -216,9 +269,12 @@ class DeltaExporter:
         its manifest, else None."""
         if self.base_id is None:
             raise RuntimeError("DeltaExporter.observe before start()")
-        for lookup, t in self._marks:
-            if not t.full:
-                t.mask[_rows_of(lookup, batch)] = True
+        for lookup, t, d in self._marks:
+            rows, keys = _reads_of(lookup, batch)
+            if t is not None and not t.full:
+                t.mask[rows] = True
+            if d is not None and keys.numel():
+                d.seen.append(keys)
         self._last_rows += batch.batch_size
         self.position = int(position)
         if self.position >= self._next:
@@ -243,13 +299,21 @@ class DeltaExporter:
         if dense is None:
             dense = seq % self.dense_every == 0
         tensors: dict[str, torch.Tensor] = {}
-        tables = {}
+        tables, tombstones = {}, {}
         for t in self.tables:
             rows, vals = t.take()
             tables[t.key] = {"rows": int(rows.numel()), "full": t.full}
             if rows.numel():
                 tensors[f"rows/{t.key}"] = rows.contiguous()
                 tensors[f"values/{t.key}"] = vals.contiguous()
+        clock = {}
+        for d in self.dynamic:
+            got = d.take()
+            tables[d.key] = {"keys": int(got["keys"].numel()), "dynamic": True}
+            tombstones[d.key] = int(got["tombstones"].numel())
+            clock[d.key] = int(d.dyn._map.clock)
+            for name, v in got.items():
+                tensors[f"{name}/{d.key}"] = v.contiguous()
         if dense:
             for k, v in dense_state(self.model).items():
                 tensors[f"dense/{k}"] = v.contiguous().clone()
@@ -259,7 +323,8 @@ class DeltaExporter:
                "position": self.position, "rows_trained": self._last_rows,
                "file": f"{stem}.safetensors", "bytes": len(data),
                "sha256": hashlib.sha256(data).hexdigest(), "dense": bool(dense),
-               "tables": tables, "tombstones": {}, "written": time.time()}
+               "tables": tables, "tombstones": tombstones, "clock": clock,
+               "written": time.time()}
         d = self.directory / DELTAS_DIR
         _write_atomic(d / man["file"], data)
         _write_atomic(d / f"{stem}.json", json.dumps(man, indent=1).encode())
@@ -269,32 +334,49 @@ class DeltaExporter:
         self._last_dense = bool(dense)
         self._next = self.position + self.every_rows
         self.stats.append({"seq": seq, "bytes": len(data), "dense": bool(dense),
-                           "rows": sum(v["rows"] for v in tables.values()),
+                           "rows": sum(v.get("rows", v.get("keys", 0))
+                                       for v in tables.values()),
                            "ms": (time.perf_counter() - t0) * 1e3})
         if self.on_export is not None:
             self.on_export(man)
         return man
 
 
-def _rows_of(lookup, batch) -> torch.Tensor:
-    """The rows of ``lookup.ebc.weight`` that ``batch`` reads: every bag id plus its table's
-    first row, and the history ids of the histories the lookup embeds. [nnz] int64."""
+def _reads_of(lookup, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [n] of ``lookup.ebc.weight``, keys [m] of ``lookup.dyn``) that ``batch`` reads:
+    the ids of the static bags plus their table's first row, the keys of the dynamic ones, and
+    the elements of the histories the lookup embeds likewise."""
     T = lookup.num_bags
     B = batch.batch_size
+    none = torch.zeros(0, dtype=torch.long)
     if B == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return none, none
     idx, ofs = batch.indices, batch.offsets  # [nnz], [T*B+1]
-    # B ids per table (bags are table-major): the table of an id is its row of a [T, B] view
-    if idx.numel() == T * B and torch.equal(ofs[::B], torch.arange(0, idx.numel() + 1, B)):
-        rows = (idx.view(T, B) + lookup.bag_base[:, None]).view(-1)
+    bag_dyn = getattr(lookup, "bag_dynamic", [False] * T)
+    seq_dyn = getattr(lookup, "seq_dynamic", [False] * len(lookup.sequences))
+    rows, keys = [], []
+    if not any(bag_dyn):
+        # B ids per table (bags are table-major): the table of an id is its row of a [T, B] view
+        if idx.numel() == T * B and torch.equal(ofs[::B], torch.arange(0, idx.numel() + 1, B)):
+            rows.append((idx.view(T, B) + lookup.bag_base[:, None]).view(-1))
+        else:
+            lengths = ofs[1:] - ofs[:-1]  # [T*B]
+            rows.append(idx + torch.repeat_interleave(lookup.bag_base.repeat_interleave(B),
+                                                      lengths, output_size=idx.numel()))
+    elif all(bag_dyn):
+        keys.append(idx)
     else:
-        lengths = ofs[1:] - ofs[:-1]  # [T*B]
-        rows = idx + torch.repeat_interleave(lookup.bag_base.repeat_interleave(B), lengths,
-                                             output_size=idx.numel())
-    parts = [rows]
-    for s, base in zip(lookup.sequences, lookup.seq_base):
-        parts.append(batch.seq_indices[s] + base)
-    return torch.cat(parts) if len(parts) > 1 else rows
+        for p, d in enumerate(bag_dyn):  # bag p's ids, in the table-major layout
+            ids = idx[int(ofs[p * B]):int(ofs[(p + 1) * B])]
+            (keys if d else rows).append(ids if d else ids + lookup.bag_base[p])
+    for s, base, d in zip(lookup.sequences, lookup.seq_base, seq_dyn):
+        ids = batch.seq_indices[s]  # [L_s]
+        (keys if d else rows).append(ids if d else ids + base)
+
+    def cat(parts):
+        return none if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    return cat(rows), cat(keys)
 
 
 __all__ = ["BASE_DIR", "DELTAS_DIR", "DeltaExporter", "FORMAT", "VERSION", "delta_name",

@@ -210,13 +210,13 @@ def test_cli_export_every(data, tmp_path, capsys):
     assert main(args + ["--export-every", "400", "--export-dir", str(export)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["export"] == {"dir": str(export), "deltas": 3}  # at rows 512, 1024, 1200 (end)
-    sc = Scorer.load(export / "base")
+    with pytest.warns(UserWarning, match="dynamic tables"):  # --online: dynamic by default
+        sc, want = Scorer.load(export / "base"), Scorer.load(out / "best")
     with sc.follow(export, poll_s=0.005) as f:
         t0 = time.monotonic()
         while f.applied < 3 and time.monotonic() - t0 < 10:
             time.sleep(0.005)
     assert f.applied == 3 and f.errors == []
-    want = Scorer.load(out / "best")
     user = {"user": table["user"][0].as_py()}
     cands = table.drop_columns(["user", "hist", "label"]).slice(0, 20).to_pylist()
     np.testing.assert_array_equal(sc.score(user, cands), want.score(user, cands))
@@ -228,3 +228,79 @@ def test_cli_export_every(data, tmp_path, capsys):
     no_online = [a for a in args if a != "--online"]
     assert main(no_online + ["--overwrite", "--export-every", "9"]) == 2
     assert "add --online" in capsys.readouterr().err
+
+
+def test_dynamic_table_deltas(tmp_path):
+    """A dynamic table's delta: the keys read since the previous delta that hold a row at the
+    export, their rows and last-seen times, the keys evicted since (exactly those the map
+    evicted), row 0; exporting leaves training as it is."""
+    import pyarrow as pa
+
+    from adrec_fast.data.schema import Schema
+
+    schema = Schema([{"name": "user", "type": "categorical", "vocab": "dynamic"},
+                     {"name": "item", "type": "categorical", "vocab": "dynamic"},
+                     {"name": "price", "type": "dense"}])
+    rng = np.random.default_rng(0)
+    n = 900
+    table = pa.table({"user": [f"u{int(u)}" for u in rng.integers(0, 20, n)],
+                      "item": [f"i{r // 10 + int(j)}" for r, j in
+                               enumerate(rng.integers(0, 30, n))],
+                      "price": rng.normal(size=n), "label": rng.integers(0, 2, n)})
+    opts = {"capacity": 40, "eviction": "lfu", "evict_fraction": 0.25, "ttl": 6}
+
+    def build():
+        torch.manual_seed(0)
+        return build_model("fm", schema, embedding_dim=4, dynamic_tables=opts)
+
+    plain = build()
+    r0 = train_online(plain, [table], schema=schema, batch_size=100,
+                      trainer=Trainer(plain, progress=False))
+    model = build()
+    dyn = model.lookup.dyn
+    got, seen, evicted = {}, [], []
+    real_take = dyn.take_evicted
+
+    def spy():  # what the map reports, as the exporter reads it
+        out = real_take()
+        evicted.append(out.clone())
+        return out
+
+    dyn.take_evicted = spy
+
+    def on_export(man):
+        keys = torch.cat(seen).unique()
+        rows = dyn.rows(keys)
+        st = dyn._map.state()
+        got[man["seq"]] = (keys[rows > 0], dyn.weight[rows[rows > 0]].clone(),
+                           torch.from_numpy(st["row_last_seen"])[rows[rows > 0]],
+                           evicted[-1], dyn.weight[0].clone(), int(dyn._map.clock))
+        seen.clear()
+
+    ex = DeltaExporter(model, tmp_path, every_rows=300, on_export=on_export)
+    real_observe = ex.observe
+
+    def observe(batch, position):
+        seen.append(batch.indices)  # every bag is dynamic here: the ids are the keys
+        return real_observe(batch, position)
+
+    ex.observe = observe
+    r1 = train_online(model, [table], schema=schema, batch_size=100, exporter=ex,
+                      trainer=Trainer(model, progress=False))
+    np.testing.assert_array_equal(r0.probs, r1.probs)
+    for (k, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    mans = _manifests(tmp_path)
+    assert len(mans) == 3 and sum(m["tombstones"]["lookup.dyn.weight"] for m in mans) > 0
+    for m in mans:
+        t = load_file(str(tmp_path / "deltas" / m["file"]))
+        keys, vals, last, tomb, row0, clock = got[m["seq"]]
+        key = "lookup.dyn.weight"
+        order = torch.argsort(t[f"keys/{key}"])
+        assert torch.equal(t[f"keys/{key}"][order], keys)  # unique() sorts
+        assert torch.equal(t[f"values/{key}"][order], vals)
+        assert torch.equal(t[f"last_seen/{key}"][order], last)
+        assert torch.equal(t[f"tombstones/{key}"], tomb)
+        assert torch.equal(t[f"unadmitted/{key}"][0], row0)
+        assert m["clock"][key] == clock and m["tables"][key] == {"keys": keys.numel(),
+                                                                 "dynamic": True}
