@@ -103,8 +103,8 @@ def save_sharded(path, model: nn.Module, ctx: DistContext, *, optimizer=None,
             m.local.flush_l2()  # the saved table is W itself (lazy L2 folded in)
             adagrad = m.local.state.numel() > 0
             start = 0
-            for t in m.plan.tables_of(ctx.rank):
-                lo, hi = int(m.table_offsets[t]), int(m.table_offsets[t + 1])
+            for t, first, end in m.plan.blocks_of(ctx.rank):
+                lo, hi = int(m.table_offsets[t]) + first, int(m.table_offsets[t]) + end
                 for what, src in (("weight", m.local.weight), ("state", m.local.state)):
                     if what == "state" and not adagrad:
                         continue
@@ -160,7 +160,7 @@ def _write_rank0(tmp: Path, model, sharded: dict, ctx: DistContext, optimizer, m
     doc, opt_tensors = ckpt.checkpoint_doc(model, optimizer=optimizer, meta=meta, rng=rng)
     doc["sharded"] = ckpt.MANIFEST_FILE
     doc["distributed"] = {"world": ctx.world,
-                          "plans": {p: list(m.plan.owner) for p, m in sharded.items()}}
+                          "plans": {p: m.plan.to_dict() for p, m in sharded.items()}}
     save_file(ckpt._tensors_for_safetensors(dense), str(tmp / ckpt.MODEL_FILE),
               metadata={"format": ckpt.FORMAT, "version": str(ckpt.VERSION),
                         "model": str(model.config.get("name"))})
@@ -222,8 +222,7 @@ def load_sharded(path, ctx: DistContext, *, plans: dict[str, ShardingPlan] | Non
     if manifest is not None:
         need = {ckpt.MODEL_FILE}
         for p, plan in plans.items():
-            for t in plan.tables_of(ctx.rank):
-                lo, hi = _rows_of(model, p, t)
+            for lo, hi in _rows_of(model, p, plan, ctx.rank):
                 for key in (f"{p}.weight", f"{p}.state"):
                     for b in manifest["tensors"].get(key, {"blocks": []})["blocks"]:
                         if b["rows"][0] < hi and lo < b["rows"][1]:
@@ -234,8 +233,7 @@ def load_sharded(path, ctx: DistContext, *, plans: dict[str, ShardingPlan] | Non
     with torch.no_grad():
         for p, plan in plans.items():
             ebc = model.get_submodule(p)
-            for t in plan.tables_of(ctx.rank):
-                lo, hi = _rows_of(model, p, t)
+            for lo, hi in _rows_of(model, p, plan, ctx.rank):
                 for what, dst in (("weight", ebc.weight), ("state", ebc.state)):
                     key = f"{p}.{what}"
                     if key in split:
@@ -257,11 +255,14 @@ def load_sharded(path, ctx: DistContext, *, plans: dict[str, ShardingPlan] | Non
     return model, schema, doc
 
 
-def _rows_of(model: nn.Module, path: str, t: int) -> tuple[int, int]:
+def _rows_of(model: nn.Module, path: str, plan: ShardingPlan,
+             rank: int) -> list[tuple[int, int]]:
+    """[first, end) rows of the full layout of every block ``rank`` holds under ``plan``."""
     ebc = model.get_submodule(path)
     if not isinstance(ebc, EmbeddingBagCollection):
         raise TypeError(f"{path} is a {type(ebc).__name__}, not an EmbeddingBagCollection")
-    return int(ebc.table_offsets[t]), int(ebc.table_offsets[t + 1])
+    return [(int(ebc.table_offsets[t]) + lo, int(ebc.table_offsets[t]) + hi)
+            for t, lo, hi in plan.blocks_of(rank)]
 
 
 def load_optimizer(optimizer, path) -> None:

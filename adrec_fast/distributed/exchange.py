@@ -57,8 +57,10 @@ class Exchange:
 
     ``mode``: ``"auto"`` probes ``all_to_all_single`` and uses it when it works, else the
     scatter fallback; ``"all_to_all"`` or ``"scatter"`` force a path. ``self.mode`` holds the
-    path in use. Counters (``reset_stats``/``stats``): bytes sent to other ranks (payload; the
-    scatter path also moves its padding, counted apart), seconds inside collectives, calls.
+    path in use. Counters (``reset_stats``/``stats``): bytes sent to and received from other
+    ranks (payload; the scatter path also moves its padding, counted apart), the bytes sent per
+    kind of exchange ("count", "id", "row", "gradient"), seconds inside collectives (waiting for
+    the slowest rank included), calls.
     """
 
     def __init__(self, ctx: DistContext, mode: str = "auto"):
@@ -72,12 +74,15 @@ class Exchange:
 
     def reset_stats(self) -> None:
         self.bytes_sent = 0
+        self.bytes_received = 0
+        self.sent_by_kind: dict[str, int] = {}
         self.padding_bytes = 0
         self.seconds = 0.0
         self.calls = 0
 
     def stats(self) -> dict:
         return {"mode": self.mode, "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received, "sent_by_kind": dict(self.sent_by_kind),
                 "padding_bytes": self.padding_bytes, "seconds": self.seconds,
                 "calls": self.calls}
 
@@ -94,7 +99,7 @@ class Exchange:
                 rows = [torch.empty_like(send_counts) for _ in range(ctx.world)]
                 dist.all_gather(rows, send_counts, group=ctx.emb_group)
                 out = torch.stack(rows)[:, ctx.rank].contiguous()  # column: sent to me
-        self._account(send_counts, [1] * ctx.world, t0)
+        self._account(send_counts, [1] * ctx.world, [1] * ctx.world, "count", t0)
         return out
 
     def variable(self, x: Tensor, send_splits: list[int], recv_splits: list[int],
@@ -110,7 +115,7 @@ class Exchange:
                 dist.all_to_all_single(out, x, recv_splits, send_splits, group=ctx.emb_group)
             else:
                 self._scatter(x, out, send_splits, recv_splits)
-        self._account(x, send_splits, t0)
+        self._account(x, send_splits, recv_splits, what, t0)
         return out
 
     def _scatter(self, x: Tensor, out: Tensor, send_splits: list[int],
@@ -142,8 +147,13 @@ class Exchange:
             n = recv_splits[src]
             out[starts[src]:starts[src] + n] = buf[:n]
 
-    def _account(self, x: Tensor, send_splits: list[int], t0: float) -> None:
-        sent = sum(n for j, n in enumerate(send_splits) if j != self.ctx.rank)
-        self.bytes_sent += sent * _row_bytes(x)
+    def _account(self, x: Tensor, send_splits: list[int], recv_splits: list[int], what: str,
+                 t0: float) -> None:
+        me = self.ctx.rank
+        sent = sum(n for j, n in enumerate(send_splits) if j != me) * _row_bytes(x)
+        self.bytes_sent += sent
+        self.sent_by_kind[what] = self.sent_by_kind.get(what, 0) + sent
+        self.bytes_received += sum(n for j, n in enumerate(recv_splits) if j != me) * \
+            _row_bytes(x)
         self.seconds += time.perf_counter() - t0
         self.calls += 1

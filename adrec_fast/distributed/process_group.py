@@ -159,9 +159,10 @@ def check_same_config(ctx: DistContext, **items) -> None:
     """Raise ``ConfigMismatch`` on every rank when any ``items`` value differs between ranks.
 
     ``items`` maps a name ("model", "schema", "seed", ...) to a JSON-able value; a dict is
-    compared key by key, and a long value by its ``fingerprint``. The world size and the torch version are always
-    part of the check. The message names each differing item and every rank's value, and all
-    ranks raise the same error (they compare the same gathered list), so none is left waiting.
+    compared key by key, and a long value by its ``fingerprint``. The world size and the torch
+    version are always part of the check. The message names each differing item and every
+    rank's value, and all ranks raise the same error (they compare the same gathered list), so
+    none is left waiting.
     """
     mine = {"world size": ctx.world, "torch": torch.__version__}
     for name, value in items.items():

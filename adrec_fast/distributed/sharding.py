@@ -1,17 +1,24 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Table-wise sharded embeddings, data-parallel towers and per-rank batches.
+"""Sharded embeddings (table-wise and row-wise), data-parallel towers and per-rank batches.
 
 ``ShardedEmbeddingBagCollection`` stands in for an ``EmbeddingBagCollection``: each table lives
-on one rank (``ShardingPlan``). A lookup, on every rank at once:
+on one rank, or its rows are split in ranges over the ranks (``ShardingPlan``); either way
+every row of the full layout has one owner. A lookup, on every rank at once:
 
-1. turns its bags' ids into rows of the full layout, de-duplicates them (one request per
-   distinct row, grouped by owner) and checks every id against its table;
+1. turns its bags' ids into rows of the full layout, checks every id against its table, finds
+   each row's owner (the rank holding the block of rows it falls in) and de-duplicates the
+   rows (one request per distinct row, grouped by owner);
 2. exchanges the request counts, then the row ids (``Exchange``, explicit split sizes);
 3. at each owner, looks the requested rows up with the fused ``functional.embedding_bag``
    (one bag per row, the fused optimizer attached);
 4. sends the rows back; the requester pools its bags from them (sum or mean, per-sample
    weights) with ``functional.embedding_bag`` over the received rows, or, when every bag holds
    one id (categorical fields), picks each bag's row directly.
+
+For a row-wise table a bag's ids may come from several owners; pooling the received rows sums
+what each owner's partial sum would hold, so the result is one process's pooled row. Sending
+rows rather than partial sums [B, D] per owner moves fewer bytes whenever a rank's distinct ids
+in a table are fewer than its bags (always, for one id per bag).
 
 Backward runs the same path in reverse: the requester's gradient of each distinct row, scaled
 like DDP's average (``grad_scale``, 1/world), goes back to the owner, whose fused op sums the
@@ -87,11 +94,11 @@ class _PickRows(torch.autograd.Function):
 
 
 class ShardedEmbeddingBagCollection(nn.Module):
-    """The tables of ``ebc`` sharded table-wise over the ranks of ``ctx`` (see the module
-    docstring). Same call as ``EmbeddingBagCollection``: ``forward(indices, offsets,
-    per_sample_weights=None) -> [B, T*D]`` for this rank's batch, and ``lookup(table_offsets,
-    ...)`` for another layout over the full row space (global row ids as one table); every rank
-    must call it once per step, in the same mode (train or eval).
+    """The tables of ``ebc`` sharded over the ranks of ``ctx``, table-wise or row-wise as
+    ``plan`` says (see the module docstring). Same call as ``EmbeddingBagCollection``:
+    ``forward(indices, offsets, per_sample_weights=None) -> [B, T*D]`` for this rank's batch,
+    and ``lookup(table_offsets, ...)`` for another layout over the full row space (global row
+    ids as one table); every rank must call it once per step, in the same mode (train or eval).
 
     ``ebc`` must carry a fused optimizer (row-wise Adagrad or SGD, with its L2 setting): the
     owners apply it to their rows. Its current weights and optimizer state are copied, so build
@@ -100,9 +107,9 @@ class ShardedEmbeddingBagCollection(nn.Module):
     ``grad_scale`` multiplies the row gradients sent back to the owners (default ``1/world``,
     DDP's average of per-rank mean losses over equal shares of a batch).
 
-    ``local`` is this rank's shard: an ``EmbeddingBagCollection`` over its tables (None when it
-    owns none). ``gather()`` assembles the full tables; ``unshard_model`` puts a plain
-    collection back.
+    ``local`` is this rank's shard: an ``EmbeddingBagCollection`` with one table per block of
+    rows it holds (``plan.blocks_of(rank)``; None when it holds none). ``gather()`` assembles
+    the full tables; ``unshard_model`` puts a plain collection back.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, ctx: DistContext,
@@ -135,20 +142,27 @@ class ShardedEmbeddingBagCollection(nn.Module):
         full = ebc.table_offsets.to(ctx.device)  # [T+1]
         self.register_buffer("table_offsets", full.clone(), persistent=False)
         self.register_buffer("table_rows", (full[1:] - full[:-1]).clone(), persistent=False)
-        self.register_buffer("table_owner", torch.tensor(plan.owner, dtype=torch.long,
-                                                         device=ctx.device), persistent=False)
-        mine = plan.tables_of(ctx.rank)
-        # row in its owner's shard = full-layout row + shift[table]: every owner stacks its
-        # tables in table order, so a requester can name the owner's own rows
-        shift = torch.zeros(T, dtype=torch.long)
-        starts = [0] * ctx.world
-        for t in range(T):
-            shift[t] = starts[plan.owner[t]] - int(full[t])
-            starts[plan.owner[t]] += self.num_embeddings[t]
-        self.register_buffer("row_shift", shift.to(ctx.device), persistent=False)
-        self.register_buffer("local_one_table", torch.tensor([0, starts[ctx.rank]],
+        # every owner stacks its blocks of rows (plan.blocks_of) in table order, so a
+        # requester can name the owner's own rows: the full layout cut into segments, each one
+        # block, sorted by first row; row g of segment k is row g + seg_shift[k] of
+        # seg_owner[k]'s shard
+        segs, held = [], [0] * ctx.world
+        for r in range(ctx.world):
+            for t, lo, hi in plan.blocks_of(r):
+                segs.append((int(full[t]) + lo, r, held[r] - (int(full[t]) + lo)))
+                held[r] += hi - lo
+        segs.sort()
+        seg = torch.tensor(segs, dtype=torch.long).reshape(-1, 3)  # [S, 3]
+        self.register_buffer("seg_start", seg[:, 0].contiguous().to(ctx.device),
+                             persistent=False)
+        self.register_buffer("seg_owner", seg[:, 1].contiguous().to(ctx.device),
+                             persistent=False)
+        self.register_buffer("seg_shift", seg[:, 2].contiguous().to(ctx.device),
+                             persistent=False)
+        self.register_buffer("local_one_table", torch.tensor([0, held[ctx.rank]],
                                                              dtype=torch.long, device=ctx.device),
                              persistent=False)
+        mine = plan.blocks_of(ctx.rank)
         self.id_dtype = torch.int32 if int(full[-1]) <= _INT32_ROWS else torch.int64
         self.local = None
         if mine:
@@ -157,15 +171,17 @@ class ShardedEmbeddingBagCollection(nn.Module):
             # caller left it, so the rest of the run draws what a single process draws
             with torch.random.fork_rng(devices=[]):
                 local = EmbeddingBagCollection(
-                    [self.num_embeddings[t] for t in mine], D, pooling="sum",
+                    [hi - lo for _, lo, hi in mine], D, pooling="sum",
                     optimizer=ebc.optimizer, dtype=ebc.weight.dtype, device=ctx.device,
                     l2=ebc.l2, l2_mode=ebc.l2_mode)
             with torch.no_grad():
-                for t in mine:
-                    lo, hi = int(full[t]), int(full[t + 1])
-                    local.weight[lo + int(shift[t]):hi + int(shift[t])] = ebc.weight[lo:hi]
+                start = 0
+                for t, lo, hi in mine:
+                    g = int(full[t])
+                    local.weight[start:start + hi - lo] = ebc.weight[g + lo:g + hi]
                     if ebc.state.numel():
-                        local.state[lo + int(shift[t]):hi + int(shift[t])] = ebc.state[lo:hi]
+                        local.state[start:start + hi - lo] = ebc.state[g + lo:g + hi]
+                    start += hi - lo
             self.local = local
 
     @property
@@ -223,14 +239,12 @@ class ShardedEmbeddingBagCollection(nn.Module):
         """``EmbeddingBagCollection.lookup`` over the sharded tables (a collective)."""
         ctx, ex, D = self.ctx, self.exchange, self.embedding_dim
         Tq = table_offsets.numel() - 1
-        rows, table = self._global_rows(table_offsets, indices, offsets)  # [nnz], [nnz]
-        if table_offsets is not self.table_offsets and not torch.equal(table_offsets,
-                                                                       self.table_offsets):
-            table = torch.searchsorted(self.table_offsets[1:], rows, right=True)  # full layout
+        rows, _ = self._global_rows(table_offsets, indices, offsets)  # [nnz]
         N = int(self.table_offsets[-1])
+        seg = torch.searchsorted(self.seg_start, rows, right=True) - 1  # [nnz] block of each row
         # (owner, row in the owner's shard) as one sort key: unique() de-duplicates and groups
         # the requests by owner in one pass
-        key = self.table_owner[table] * N + (rows + self.row_shift[table])  # [nnz]
+        key = self.seg_owner[seg] * N + (rows + self.seg_shift[seg])  # [nnz]
         uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)  # [U], [nnz]
         send_counts = torch.bincount(uniq // N, minlength=ctx.world)  # [world]
         recv_counts = ex.counts(send_counts)  # [world]
@@ -279,8 +293,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
             self.local.flush_l2()
         with ctx.guard("gathering the embedding tables"):
             for r in range(ctx.world):
-                tables = self.plan.tables_of(r)
-                n = sum(self.num_embeddings[t] for t in tables)
+                blocks = self.plan.blocks_of(r)
+                n = sum(hi - lo for _, lo, hi in blocks)
                 if not n:
                     continue
                 if r == ctx.rank:
@@ -292,18 +306,18 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 if adagrad:
                     dist.broadcast(s, src=r, group=ctx.emb_group)
                 start = 0
-                for t in tables:
-                    lo, hi = int(full[t]), int(full[t + 1])
-                    weight[lo:hi] = w[start:start + hi - lo]
+                for t, lo, hi in blocks:
+                    g = int(full[t])
+                    weight[g + lo:g + hi] = w[start:start + hi - lo]
                     if adagrad:
-                        state[lo:hi] = s[start:start + hi - lo]
+                        state[g + lo:g + hi] = s[start:start + hi - lo]
                     start += hi - lo
         return weight, state
 
     def extra_repr(self) -> str:
-        mine = self.plan.tables_of(self.ctx.rank)
+        mine = self.plan.blocks_of(self.ctx.rank)
         return (f"tables={self.num_tables}, rank={self.ctx.rank}/{self.ctx.world}, "
-                f"local_tables={mine}, dim={self.embedding_dim}, pooling={self.pooling!r}, "
+                f"local_blocks={mine}, dim={self.embedding_dim}, pooling={self.pooling!r}, "
                 f"exchange={self.exchange.mode}")
 
 

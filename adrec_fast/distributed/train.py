@@ -88,6 +88,8 @@ def check_options(a, world: int) -> None:
     if a.stream == "on":
         raise cli.CLIError("--stream on: a distributed run holds each rank's share of the rows "
                            "in memory; use --stream auto or off (or more ranks)")
+    if not a.valid and not 0 < a.valid_fraction < 1:
+        raise cli.CLIError(f"the validation fraction must lie in (0, 1), got {a.valid_fraction}")
     B = int(cli._recipe(a)[1].get("batch_size", 1024))
     if B % world:
         raise cli.CLIError(f"--batch-size {B} does not split evenly over {world} ranks; use a "
@@ -256,10 +258,10 @@ def run_train(a) -> int:
     from ..data.stream import valid_mask
     from ..models.checkpoint import replace_dir
     from ..models.registry import build_model
+    from ..nn import EmbeddingBagCollection
     from ..training.loop import FitResult, Trainer, intercept_shift, lr_factor, metrics_of
     from .checkpoint import save_sharded
     from .exchange import Exchange
-    from ..nn import EmbeddingBagCollection
     from .planner import plan_tables
     from .sharding import global_batch_dropout, shard_model, wrap_ddp
 
@@ -280,6 +282,12 @@ def run_train(a) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             schema = cli._given_schema(a, drop) or cli._infer_schema(a.data, a.label, drop)
+            dynamic = [f.name for f in schema.fields
+                       if f.is_sparse and schema.owner(f.name).vocab == "dynamic"]
+            if dynamic:
+                raise cli.CLIError(f"fields {dynamic} have dynamic vocabularies, which "
+                                   "distributed training does not shard yet; train in one "
+                                   "process")
             rows = _count_and_fit(a.data, schema, reader_kw, fit=not schema.fitted)
             vrows = _count_and_fit(a.valid, schema, reader_kw, fit=False) if a.valid else None
         cli._report_warnings(caught)
@@ -304,9 +312,6 @@ def run_train(a) -> int:
             train = mine
             valid = read_range(a.valid, schema, *_share(prep["valid_rows"], ctx), reader_kw)
         else:
-            if not 0 < a.valid_fraction < 1:
-                raise cli.CLIError(f"the validation fraction must lie in (0, 1), got "
-                                   f"{a.valid_fraction}")
             m = valid_mask(lo, hi - lo, total, a.valid_fraction, a.seed)
             train, valid = mine.select(~m), mine.select(m)
         del mine
@@ -342,7 +347,7 @@ def run_train(a) -> int:
     access = _access(schema, train.take(order0[:b]), ctx)
     exchange = Exchange(ctx)
     plans = {name: plan_tables(ebc.num_embeddings, ctx.world, ebc.embedding_dim,
-                               [float(c.sum()) for c in access])
+                               row_access=access)
              for name, ebc in model.named_modules() if isinstance(ebc, EmbeddingBagCollection)}
     shard_model(model, ctx, exchange, plans=plans)
     global_batch_dropout(model, ctx)
@@ -364,6 +369,7 @@ def run_train(a) -> int:
         model.train()
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(
             (a.seed * 1_000_003 + e) * 65_537 + ctx.rank))
+        exchange.reset_stats()
         t0 = time.perf_counter()
         loss_sum = torch.zeros(1, dtype=torch.float64)
         with ctx.guard(f"training epoch {e + 1}"):
@@ -385,6 +391,7 @@ def run_train(a) -> int:
                 loss_sum += lv
             dist.all_reduce(loss_sum, group=ctx.group)
         dt = time.perf_counter() - t0
+        moved = exchange.stats()  # this rank's embedding exchange during the epoch's steps
         trainer.epoch = e + 1
         _sync_dense_buffers(model, ctx)
         p, y = predict_all(model, valid, ctx, trainer.eval_batch_size, filler)
@@ -395,6 +402,8 @@ def run_train(a) -> int:
                    "lr_factor": lr_factor(trainer.schedule, max(trainer.global_step - 1, 0),
                                           total_steps, e, **trainer.schedule_kw)
                    * trainer.plateau_scale,
+                   "exchange_bytes_per_step": moved["bytes_sent"] / steps,
+                   "exchange_s_per_step": moved["seconds"] / steps,
                    **{f"valid_{k}": v for k, v in vm.items()}}
         improved = trainer._is_better(vm[trainer.monitor])
         if improved:
@@ -438,7 +447,7 @@ def run_train(a) -> int:
             cli._write_run_files(tmp, result, (p, y), {
                 "valid": m, "data": str(a.data), "model": model.config,
                 "distributed": {**meta_base["distributed"],
-                                "plans": {n: list(pl.owner) for n, pl in plans.items()}}})
+                                "plans": {n: pl.to_dict() for n, pl in plans.items()}}})
             replace_dir(tmp, out)
         finally:
             if tmp.exists():
