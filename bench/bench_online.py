@@ -16,6 +16,17 @@ which goes first; the loops as each reports them and the whole calls). ``--quick
 stream.
 
     python bench/bench_online.py                 # default: 7 x 100,000 rows, DIN, 1 thread
+
+``--throughput`` compares the training speed alone: the same model trained online on dynamic
+tables (``train_online``, the ``train --online`` default: no vocabulary, keys hashed per value)
+against an offline epoch in order on static tables (``Trainer.fit``), both on the same
+``--rows`` rows of the drifting stream encoded in memory beforehand (each schema's own encoding,
+timed apart), fresh models from the same seed every round, rounds alternating which goes
+first after an untimed warm-up, median of ``--runs``. Samples/s of the loops as each reports
+them, of the whole calls (online: its progressive metrics included; offline: its setup), and
+the process CPU time per row (what a busy machine distorts least).
+
+    python bench/bench_online.py --throughput --runs 3
 """
 from __future__ import annotations
 
@@ -57,10 +68,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-drift", action="store_true",
                     help="control: the same protocol on the stationary generator")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--throughput", action="store_true",
+                    help="only the throughput comparison: online on dynamic tables vs offline "
+                         "on static ones (see the module doc)")
+    ap.add_argument("--rows", type=int, default=200_000, help="rows of --throughput")
     a = ap.parse_args(argv)
     if a.quick:
         a.period_rows, a.runs = 20_000, 1
     torch.set_num_threads(a.threads)
+    if a.throughput:
+        return throughput(a)
     P = a.period_rows
     t0 = time.perf_counter()
     gen = SyntheticCTR(seed=a.seed, drift=not a.no_drift, period_rows=P, drift_periods=7)
@@ -144,6 +161,84 @@ def main(argv=None) -> int:
                           "ratio": on / off, "online_wall_samples_per_s": on_w,
                           "offline_wall_samples_per_s": off_w, "wall_ratio": on_w / off_w,
                           "load1": load1}))
+    return 0
+
+
+def _dynamic_twin(schema):
+    """``schema`` with every vocabulary-learning table dynamic (as ``train --online`` makes
+    it), the fitted dense statistics kept."""
+    from adrec_fast.data.schema import Schema
+    from adrec_fast.training.online import online_schema
+
+    d = schema.to_dict()
+    for f in d["fields"]:
+        f.pop("vocabulary", None)
+    return online_schema(Schema.from_dict(d))
+
+
+def throughput(a) -> int:
+    """Online on dynamic tables vs offline on static tables, the same model and rows."""
+    gen = SyntheticCTR(seed=a.seed, drift=True, period_rows=max(a.rows // 7, 1),
+                       drift_periods=7)
+    static = gen.schema()
+    dynamic = _dynamic_twin(static)
+    tables = list(gen.chunks(a.rows, chunk_rows=65536))
+    enc = {}
+    for name, schema in (("static", static), ("dynamic", dynamic)):
+        t = time.perf_counter()
+        enc[name] = [schema.encode(tb) for tb in tables]
+        enc[name + "_encode_s"] = time.perf_counter() - t
+    rows = Batch.concat(enc["static"])
+    kw = dict(MODEL_KW.get(a.model, {}), embedding_dim=16)
+
+    def run(which: str, n_rows: int | None = None):
+        torch.manual_seed(a.seed)
+        if which == "offline":
+            m = build_model(a.model, static, **kw)
+            tr = Trainer(m, lr=a.lr, embedding_lr=a.embedding_lr, batch_size=a.batch_size,
+                         seed=a.seed, progress=False)
+            tr.shuffle = False
+            data = rows if n_rows is None else rows.slice(0, n_rows)
+            t, c = time.perf_counter(), time.process_time()
+            loop = tr.fit(data, epochs=1).history[-1]["samples_per_s"]
+        else:
+            m = build_model(a.model, dynamic, embedding_l2=0.0, **kw)
+            tr = Trainer(m, lr=a.lr, embedding_lr=a.embedding_lr, batch_size=a.batch_size,
+                         seed=a.seed, progress=False)
+            data = enc["dynamic"] if n_rows is None else [enc["dynamic"][0].slice(0, n_rows)]
+            t, c = time.perf_counter(), time.process_time()
+            loop = train_online(m, data, trainer=tr).samples_per_s
+        n = a.rows if n_rows is None else n_rows
+        return {"loop": loop, "wall": n / (time.perf_counter() - t),
+                "cpu_us_per_row": 1e6 * (time.process_time() - c) / n}
+
+    run("online", 20 * a.batch_size), run("offline", 20 * a.batch_size)  # warm-up, untimed
+    got = {"online": [], "offline": []}
+    loads = [os.getloadavg()[0]]
+    for r in range(a.runs):
+        for which in (("online", "offline") if r % 2 == 0 else ("offline", "online")):
+            got[which].append(run(which))
+        loads.append(os.getloadavg()[0])
+    med = {w: {k: statistics.median(x[k] for x in v) for k in v[0]} for w, v in got.items()}
+    ratio = {k: med["online"][k] / med["offline"][k] for k in ("loop", "wall")}
+    ratio["cpu"] = med["offline"]["cpu_us_per_row"] / med["online"]["cpu_us_per_row"]
+    print(f"throughput: model {a.model}, {a.rows:,} rows of the drifting stream, batch "
+          f"{a.batch_size}, {a.threads} thread(s), median of {a.runs} alternating rounds; "
+          f"1-min load {', '.join(f'{x:.2f}' for x in loads)}")
+    print(f"encoding (not timed below): static {a.rows / enc['static_encode_s']:,.0f} rows/s, "
+          f"dynamic (hashed keys) {a.rows / enc['dynamic_encode_s']:,.0f} rows/s")
+    for w in ("online", "offline"):
+        v = got[w]
+        print(f"  {w:7s} ({'dynamic' if w == 'online' else 'static'} tables): loop "
+              f"{med[w]['loop']:,.0f} samples/s [{min(x['loop'] for x in v):,.0f}-"
+              f"{max(x['loop'] for x in v):,.0f}], whole call {med[w]['wall']:,.0f} "
+              f"[{min(x['wall'] for x in v):,.0f}-{max(x['wall'] for x in v):,.0f}], CPU "
+              f"{med[w]['cpu_us_per_row']:.2f} us/row")
+    print(f"online/offline: whole calls {ratio['wall']:.3f}, loops {ratio['loop']:.3f}, CPU "
+          f"time per row {ratio['cpu']:.3f} (target >= 0.90)")
+    if a.json:
+        print(json.dumps({"model": a.model, "rows": a.rows, "runs": got, "median": med,
+                          "ratio": ratio, "load1": loads}))
     return 0
 
 

@@ -215,7 +215,8 @@ class DynamicEmbedding(nn.Module):
             tok.done = True
 
         out.register_hook(done)
-        self._pending = [r for r in self._pending if (t := r()) is not None and not t.done]
+        # in place: a training step calls this, and nn.Module.__setattr__ costs microseconds
+        self._pending[:] = [r for r in self._pending if (t := r()) is not None and not t.done]
         self._pending.append(weakref.ref(tok))
 
     def _reserve(self, n: int, now: int, since: int) -> None:
@@ -252,11 +253,12 @@ class DynamicEmbedding(nn.Module):
         self.weight, self.state = w, s
         self._tofs = (rows, torch.tensor([0, rows]))
 
-    @torch.no_grad()
     def _reset(self, rows: Tensor, keys: Tensor) -> None:
-        """Rows just given to new keys [k]: fresh values, zero optimizer state."""
+        """Rows just given to new keys [k]: fresh values, zero optimizer state (written through
+        ``.data``: autograd never sees it, with no no_grad context to pay for every call)."""
         if self.initializer is not None:
-            v = self.initializer(keys)
+            with torch.no_grad():
+                v = self.initializer(keys)
             if not isinstance(v, Tensor) or tuple(v.shape) != (keys.numel(), self.embedding_dim):
                 raise ValueError(f"DynamicEmbedding: initializer(keys [{keys.numel()}]) must "
                                  f"return [{keys.numel()}, {self.embedding_dim}], got "

@@ -40,7 +40,7 @@ import torch
 from ..data.batch import Batch
 from ..data.metrics import auc, logloss
 from ..models import checkpoint as ckpt
-from .loop import InMemory, Trainer
+from .loop import Trainer, _is_arange
 
 STATE_DIR = "online"  # the checkpoint's directory inside checkpoint_dir
 SCORES_FILE = "progressive.npz"
@@ -160,22 +160,52 @@ def _mini_batches(stream: Iterable, schema, batch_size: int, skip: int,
                 continue
             enc = enc.slice(skip, enc.batch_size)
             skip = 0
+        if torch.isnan(enc.labels).any():  # once per chunk, not per step
+            bad = int(torch.isnan(enc.labels).nonzero()[0, 0])
+            raise ValueError(f"train_online: stream item {i} has no label at its row {bad + 1}; "
+                             "an online stream needs the label column")
         if carry is not None:
             enc = Batch.concat([carry, enc])
             t = None if t is None else np.concatenate([carry_t, t])
             carry = carry_t = None
         full = enc.batch_size // batch_size * batch_size
         if full:
-            # InMemory's gather: a view of the ids when every bag holds one (no ragged take)
-            src = InMemory(enc)
+            cut = _Cutter(enc)
             for start in range(0, full, batch_size):
-                yield (src.take(torch.arange(start, start + batch_size)),
+                yield (cut(start, start + batch_size),
                        None if t is None else t[start:start + batch_size])
         if full < enc.batch_size:
             carry = enc.slice(full, enc.batch_size)
             carry_t = None if t is None else t[full:]
     if carry is not None and carry.batch_size:
         yield carry, carry_t
+
+
+class _Cutter:
+    """Consecutive rows of one encoded ``Batch`` as Batches: slices of its tensors (the ids of
+    one-id bags copied out of their [T, N] view, histories and features as views), which the
+    stream path needs rather than a gather of arbitrary rows."""
+
+    def __init__(self, b: Batch):
+        self.b = b
+        T, n = b.num_bags, b.batch_size
+        self.one = b.indices.numel() == T * n and _is_arange(b.offsets)
+        self.ids = b.indices.view(T, n) if self.one else None  # [T, N]
+
+    def __call__(self, start: int, stop: int) -> Batch:
+        b = self.b
+        if not self.one:
+            return b.take(torch.arange(start, stop))
+        seq_i, seq_o = {}, {}
+        for name, so in b.seq_offsets.items():
+            lo, hi = int(so[start]), int(so[stop])
+            seq_i[name] = b.seq_indices[name][lo:hi]
+            seq_o[name] = so[start:stop + 1] - lo
+        return Batch(indices=self.ids[:, start:stop].reshape(-1),
+                     offsets=torch.arange(b.num_bags * (stop - start) + 1),
+                     dense=b.dense[start:stop], labels=b.labels[start:stop],
+                     vectors=b.vectors[start:stop], num_bags=b.num_bags,
+                     seq_indices=seq_i, seq_offsets=seq_o)
 
 
 def _window_metrics(y: np.ndarray, p: np.ndarray, start: int) -> dict:
@@ -294,9 +324,6 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
             clock = max(clock, float(times.max()))
             model.set_stream_time(math.floor(clock))
         y = batch.labels
-        if torch.isnan(y).any():
-            raise ValueError(f"train_online: rows {position}..{position + batch.batch_size} "
-                             "have no label; an online stream needs the label column")
         t0 = time.perf_counter()
         if not in_train_mode:  # dropout or batch norm: score in eval mode first
             model.eval()
@@ -324,8 +351,10 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
     y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
     windows = [_window_metrics(y[s:s + window_rows], p[s:s + window_rows], s)
                for s in range(0, y.size, window_rows)]
-    result = OnlineResult(progressive_auc=auc(y, p) if y.size else float("nan"),
-                          progressive_logloss=logloss(y, p) if y.size else float("nan"),
+    nan = {"auc": float("nan"), "logloss": float("nan")}
+    # the whole stream; with one window, that window
+    whole = windows[0] if len(windows) == 1 else _window_metrics(y, p, 0) if y.size else nan
+    result = OnlineResult(progressive_auc=whole["auc"], progressive_logloss=whole["logloss"],
                           rows=int(y.size), windows=windows,
                           samples_per_s=trained / t_loop if t_loop > 0 else float("nan"),
                           train_time_s=t_loop, resumed_from=resumed_from, out_of_order=late,
