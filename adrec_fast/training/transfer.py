@@ -76,8 +76,10 @@ class TransferReport:
             src = f["source"]
             what = ("new field, starts fresh" if src is None else
                     f"from {src!r}" if src != name else "matched")
-            if f["how"] in ("vocabulary", "hash", "hash-from-vocabulary"):
-                what += f", {f['rows']:,} of {f['of']:,} rows copied ({f['how']})"
+            if f["how"] in ("vocabulary", "hash", "hash-from-vocabulary", "keys",
+                            "keys-from-vocabulary", "vocabulary-from-keys"):
+                of = "" if f.get("of") is None else f" of {f['of']:,}"
+                what += f", {f['rows'] or 0:,}{of} rows copied ({f['how']})"
             if f.get("note"):
                 what += f"; {f['note']}"
             lines.append(f"  {name}: {what}")
@@ -94,14 +96,6 @@ class TransferReport:
 
 
 # ---------------------------------------------------------------------------- field matching
-def _check_not_dynamic(schema, where: str) -> None:
-    for f in schema.fields:
-        if f.is_sparse and getattr(f, "vocab", None) == "dynamic":
-            raise NotImplementedError(
-                f"init_from: field {f.name!r} of the {where} uses a dynamic table; copying rows "
-                "by key between dynamic tables is not implemented")
-
-
 def _source_names(src_schema, tgt_schema, rename: dict) -> dict:
     """target field -> source field name (or None: a new field)."""
     rename = dict(rename or {})
@@ -174,26 +168,114 @@ def _row_pairs(tgt, src) -> tuple[np.ndarray, np.ndarray, str, str]:
     return np.r_[zero, t_ids], np.r_[zero, s_ids], "hash-from-vocabulary", ""
 
 
+def _key_salt(f) -> str:
+    """The salt of a dynamic table's keys (its own, else its field's name)."""
+    return f.salt or f.name
+
+
+def _values_keys(schema, name: str, values: list) -> np.ndarray:
+    import pyarrow as pa
+
+    return np.asarray(schema.lookup(name, pa.array(values, type=pa.string())), dtype=np.int64)
+
+
+def _table_plan(tgt_schema, t_name, src_schema, s_name):
+    """How the rows of target table ``t_name`` come from source table ``s_name``: a dict with
+    ``t`` ("static" + local ids, or "dynamic" + keys), ``s`` ("static" + local ids + table,
+    "dynamic" + keys, or "all-keys": every key of the source's dynamic map), how, note."""
+    tgt, src = tgt_schema.field(t_name), src_schema.owner(s_name)
+    t_dyn, s_dyn = tgt.vocab == "dynamic", src.vocab == "dynamic"
+    if not t_dyn and not s_dyn:
+        t_ids, s_ids, how, note = _row_pairs(tgt, src)
+        return {"t": ("static", t_ids), "s": ("static", s_ids), "how": how, "note": note,
+                "rows": int(t_ids.size)}
+    if t_dyn and s_dyn:
+        if _key_salt(tgt) == _key_salt(src):
+            return {"t": ("dynamic", None), "s": ("all-keys", None), "how": "keys", "note":
+                    "the same keys: every key of the source's dynamic tables is copied",
+                    "rows": None}
+        return {"t": None, "s": None, "how": "fresh", "rows": 0, "note":
+                f"dynamic tables salted differently ({_key_salt(src)!r}, {_key_salt(tgt)!r}): "
+                "no raw values to match, starts fresh"}
+    if t_dyn:  # a vocabulary (or hashed) source into a dynamic target: keys of its values
+        if src.vocab != "build":
+            return {"t": None, "s": None, "how": "fresh", "rows": 0, "note":
+                    "a hashed source has no raw values to key a dynamic table: starts fresh"}
+        values = list(src.vocabulary)
+        if not values:
+            return {"t": None, "s": None, "how": "fresh", "rows": 0, "note": ""}
+        keys = _values_keys(tgt_schema, t_name, values)
+        return {"t": ("dynamic", keys),
+                "s": ("static", np.arange(1, len(values) + 1, dtype=np.int64)),
+                "how": "keys-from-vocabulary", "note": "", "rows": len(values)}
+    # a dynamic source into a vocabulary (or hashed) target: the source keys of its values
+    if tgt.vocab != "build":
+        return {"t": None, "s": None, "how": "fresh", "rows": 0, "note":
+                "a dynamic source cannot fill a hashed table (no raw values): starts fresh"}
+    values = list(tgt.vocabulary)
+    keys = _values_keys(src_schema, s_name, values) if values else np.zeros(0, np.int64)
+    return {"t": ("static", np.arange(1, len(values) + 1, dtype=np.int64)),
+            "s": ("dynamic", keys), "how": "vocabulary-from-keys", "note": "", "rows": None}
+
+
+def _static_index(schema, name: str) -> int:
+    """Index of ``name``'s table among the schema's static (non-dynamic) tables."""
+    static = [n for n, _ in schema.tables() if schema.field(n).vocab != "dynamic"]
+    return static.index(schema.owner(name).name)
+
+
+@torch.no_grad()
+def _fill_dynamic(dyn, keys: torch.Tensor, vecs: torch.Tensor, states: torch.Tensor | None,
+                  row0: torch.Tensor | None, where: str) -> None:
+    """Give a fresh DynamicEmbedding the rows ``vecs [n, D]`` for ``keys [n]`` (rows 1..n,
+    each counted as seen once at the table's clock), optionally their optimizer state and the
+    unadmitted row 0."""
+    if dyn.num_keys:
+        raise NotImplementedError(f"init_from: the {where!r} dynamic table already holds keys; "
+                                  "only a fresh one is filled")
+    st = dyn.state_tensors()
+    n, D = keys.numel(), dyn.embedding_dim
+    U = n + 1
+    R = max(int(st["weight"].size(0)), U)
+    weight = torch.zeros(R, D, dtype=st["weight"].dtype)
+    weight[: st["weight"].size(0)] = st["weight"]
+    weight[1:U] = vecs.to(weight.dtype)
+    if row0 is not None:
+        weight[0] = row0
+    state = st["state"]
+    if state.numel():
+        state = torch.zeros(R, dtype=state.dtype)
+        if states is not None:
+            state[1:U] = states
+    clock = int(st["scalars"][1])
+    scalars = st["scalars"].clone()
+    scalars[0] = R
+    row_keys = torch.cat([torch.zeros(1, dtype=torch.int64), keys.to(torch.int64)])
+    counts = torch.ones(U, dtype=torch.int64)
+    counts[0] = 0
+    dyn.load_state_tensors({**st, "weight": weight, "state": state, "row_keys": row_keys,
+                            "row_counts": counts,
+                            "row_last_seen": torch.full((U,), clock, dtype=torch.int64),
+                            "free_rows": torch.zeros(0, dtype=torch.int64), "scalars": scalars})
+
+
 def _copy_tables(model, src_model, names: dict, report: TransferReport,
                  copy_optimizer_state: bool) -> None:
     tgt_schema, src_schema = model.schema, src_model.schema
     tgt_lookups = {p: m for p, m in model.named_modules() if isinstance(m, SparseLookup)}
     src_lookups = {p: m for p, m in src_model.named_modules() if isinstance(m, SparseLookup)}
-    tgt_tables = [n for n, _ in tgt_schema.tables()]
-    src_tables = [n for n, _ in src_schema.tables()]
-    pairs = {}  # target table owner -> (target ids, source ids, source table index)
-    for t_name in tgt_tables:
-        tgt = tgt_schema.field(t_name)
+    plans = {}  # target table owner -> plan
+    for t_name, _ in tgt_schema.tables():
         s_name = names[t_name]
-        entry = {"source": s_name, "rows": 0, "of": tgt_schema.cardinality(t_name),
+        entry = {"source": s_name, "rows": 0, "of": _rows_of(tgt_schema, t_name),
                  "how": "fresh"}
         if s_name is not None and src_schema.field(s_name).is_sparse:
-            src = src_schema.owner(s_name)
-            t_ids, s_ids, how, note = _row_pairs(tgt, src)
-            pairs[t_name] = (t_ids, s_ids, src_tables.index(src.name))
-            entry.update(how=how, rows=int(t_ids.size))
-            if note:
-                entry["note"] = note
+            plan = _table_plan(tgt_schema, t_name, src_schema, s_name)
+            if plan["t"] is not None:
+                plans[t_name] = (plan, s_name)
+            entry.update(how=plan["how"], rows=plan["rows"])
+            if plan["note"]:
+                entry["note"] = plan["note"]
         elif s_name is not None:
             entry["note"] = (f"the source field is {src_schema.field(s_name).type}: starts "
                              "fresh")
@@ -207,27 +289,69 @@ def _copy_tables(model, src_model, names: dict, report: TransferReport,
             raise ValueError(f"init_from: the {path!r} embeddings are {sl.dim} wide in the "
                              f"source and {lk.dim} in the target; build the target with "
                              f"embedding_dim={sl.dim} (--embedding-dim {sl.dim})")
-        te, se = lk.ebc, sl.ebc
-        if not hasattr(te, "table_offsets") or not hasattr(se, "table_offsets"):
-            raise NotImplementedError(f"init_from: the {path!r} lookup is not a plain "
-                                      "embedding collection (sharded?); load it in one process")
-        te.flush_l2()
-        se.flush_l2()
-        t_rows, s_rows = [], []
-        for t_name, (t_ids, s_ids, s_tab) in pairs.items():
-            t_base = int(te.table_offsets[tgt_tables.index(t_name)])
-            s_base = int(se.table_offsets[s_tab])
-            t_rows.append(torch.from_numpy(t_ids + t_base))
-            s_rows.append(torch.from_numpy(s_ids + s_base))
-        n = 0
-        if t_rows:
-            tr, sr = torch.cat(t_rows), torch.cat(s_rows)  # [n], [n]
-            n = int(tr.numel())
-            with torch.no_grad():
-                te.weight.index_copy_(0, tr, se.weight.index_select(0, sr).to(te.weight.dtype))
-                if copy_optimizer_state and te.state.numel() and se.state.numel():
-                    te.state.index_copy_(0, tr, se.state.index_select(0, sr))
-        report.lookups[path] = f"{n:,} of {te.weight.shape[0]:,} rows copied"
+        for c in (lk.ebc, sl.ebc):
+            if c is not None:
+                c.flush_l2()
+        n_static, dyn_parts = 0, []  # (keys [k], rows [k, D], state [k] or None)
+        row0 = None
+        for t_name, (plan, s_name) in plans.items():
+            s_kind, s_ids = plan["s"]
+            # the source rows (vectors and optimizer state) of this table's pairs
+            if s_kind == "static":
+                base = int(sl.ebc.table_offsets[_static_index(src_schema, s_name)])
+                s_rows, s_w, s_st = torch.from_numpy(s_ids + base), sl.ebc.weight, sl.ebc.state
+                keep = torch.ones(s_rows.numel(), dtype=torch.bool)
+            elif s_kind == "dynamic":
+                s_rows = sl.dyn.rows(torch.from_numpy(s_ids))  # read-only: 0 = absent
+                s_w, s_st = sl.dyn.weight, sl.dyn.state
+                keep = s_rows > 0
+            else:  # every key of the source map
+                ms = sl.dyn.state_tensors()
+                live = torch.nonzero(ms["row_counts"] > 0).view(-1)
+                live = live[live > 0]
+                s_rows, s_w, s_st = live, sl.dyn.weight, sl.dyn.state
+                keep = torch.ones(live.numel(), dtype=torch.bool)
+                row0 = sl.dyn.weight[0].clone()
+            t_kind, t_ids = plan["t"]
+            vec = s_w.index_select(0, s_rows[keep])  # [k, D]
+            st = (s_st.index_select(0, s_rows[keep])
+                  if copy_optimizer_state and s_st.numel() else None)
+            if t_kind == "static":
+                base = int(lk.ebc.table_offsets[_static_index(tgt_schema, t_name)])
+                t_rows = torch.from_numpy(t_ids + base)[keep]
+                with torch.no_grad():
+                    lk.ebc.weight.index_copy_(0, t_rows, vec.to(lk.ebc.weight.dtype))
+                    if st is not None and lk.ebc.state.numel():
+                        lk.ebc.state.index_copy_(0, t_rows, st)
+                n_static += int(t_rows.numel())
+                if plan["rows"] is None:
+                    report.fields[t_name]["rows"] = int(t_rows.numel())
+            else:
+                keys = (ms["row_keys"][s_rows] if s_kind == "all-keys"
+                        else torch.from_numpy(t_ids)[keep])
+                dyn_parts.append((keys, vec, st))
+                if plan["rows"] is None:
+                    report.fields[t_name]["rows"] = int(keys.numel())
+        n_dyn = 0
+        if dyn_parts:
+            keys = torch.cat([k for k, _, _ in dyn_parts])
+            vecs = torch.cat([v for _, v, _ in dyn_parts])
+            sts = (torch.cat([s for *_, s in dyn_parts])
+                   if all(s is not None for *_, s in dyn_parts) else None)
+            uniq, first = np.unique(keys.numpy(), return_index=True)
+            first = torch.from_numpy(np.sort(first))
+            _fill_dynamic(lk.dyn, keys[first], vecs[first],
+                          None if sts is None else sts[first], row0, path)
+            n_dyn = int(first.numel())
+        total = 0 if lk.ebc is None else int(lk.ebc.weight.shape[0])
+        report.lookups[path] = (f"{n_static:,} of {total:,} static rows copied"
+                                + (f", {n_dyn:,} dynamic keys" if n_dyn else ""))
+
+
+def _rows_of(schema, name: str):
+    """Rows of ``name``'s table (None for a dynamic table: rows come with keys)."""
+    return None if schema.field(schema.owner(name).name).vocab == "dynamic" \
+        else schema.cardinality(name)
 
 
 # ---------------------------------------------------------------------------- dense layouts
@@ -240,11 +364,12 @@ def _input_labels(model, names: dict | None) -> dict:
     schema = model.schema
     nm = (lambda n: n) if names is None else (lambda n: names.get(n, n))
     D = model.embedding_dim
-    bags = [nm(n) for n, _ in schema.sparse_fields()]
+    # the model's fields: the bags, then the text fields (``CTRModel.with_text``)
+    bags = [nm(n) for n, _ in schema.sparse_fields()] + [nm(n) for n in _text_names(schema)]
     emb = [("emb", b, d) for b in bags for d in range(D)]
     dense = [("dense", nm(n)) for n in schema.dense_fields()]
     dense += [("vec", nm(n), k) for n, dim in schema.vector_fields() for k in range(dim)]
-    known = {"categorical", "multi_categorical", "dense", "vector"}
+    known = {"categorical", "multi_categorical", "dense", "vector", "text"}
     if any(f.type not in known for f in schema.fields):
         return {}  # a field kind whose columns this table does not place: shapes only
     name = model.config.get("name")
@@ -285,6 +410,24 @@ def _input_labels(model, names: dict | None) -> dict:
     return out
 
 
+def _text_names(schema) -> list[str]:
+    return schema.text_fields() if hasattr(schema, "text_fields") else []
+
+
+def _source_key(key: str, model, src_model, names: dict) -> str:
+    """The source's state-dict key for the target's ``key``: a text field's projection
+    (``text.<part>.<i>``, one per text field in schema order) is the one of its source field."""
+    parts = key.split(".")
+    if len(parts) > 3 and parts[0] == "text" and parts[2].isdigit():
+        t_text, s_text = _text_names(model.schema), _text_names(src_model.schema)
+        i = int(parts[2])
+        src = names.get(t_text[i]) if i < len(t_text) else None
+        if src not in s_text:
+            return ""
+        parts[2] = str(s_text.index(src))
+    return ".".join(parts)
+
+
 def _axis_index(t_labels, s_labels, t_size: int, s_size: int):
     """(target positions, source positions) of the matched entries of one axis, or a reason
     string when the axis cannot be matched."""
@@ -305,12 +448,9 @@ def _axis_index(t_labels, s_labels, t_size: int, s_size: int):
 
 def _copy_dense(model, src_model, names: dict, report: TransferReport) -> None:
     t_name, s_name = model.config.get("name"), src_model.config.get("name")
-    tables = set()
-    for p, m in model.named_modules():
-        if isinstance(m, SparseLookup):
-            tables |= {f"{p}.ebc.{k}" for k in ("weight", "state")}
+    lookups = tuple(f"{p}." for p, m in model.named_modules() if isinstance(m, SparseLookup))
     tsd = model.state_dict()
-    dense_keys = [k for k in tsd if k not in tables]
+    dense_keys = [k for k in tsd if not k.startswith(lookups)]
     if t_name != s_name:
         for k in dense_keys:
             report.dense[k] = f"skipped: the source model is {s_name}, the target {t_name}"
@@ -322,10 +462,11 @@ def _copy_dense(model, src_model, names: dict, report: TransferReport) -> None:
     with torch.no_grad():
         for k in dense_keys:
             tv = tsd[k]
-            if k not in ssd:
+            sk = _source_key(k, model, src_model, names)
+            if sk not in ssd:
                 report.dense[k] = "skipped: not in the source"
                 continue
-            sv = ssd[k]
+            sv = ssd[sk]
             if k in t_lab and k in s_lab:
                 idx = [_axis_index(tl, sl, tv.shape[a], sv.shape[a])
                        for a, (tl, sl) in enumerate(zip(t_lab[k], s_lab[k]))]
@@ -375,8 +516,6 @@ def init_from(model, source, rename: dict | None = None,
     checkpoint directory or a model. See the module docstring for what is matched and how.
     ``rename``: {source field: target field}. Returns the :class:`TransferReport`."""
     src_model, where = _load_source(source)
-    _check_not_dynamic(src_model.schema, "source")
-    _check_not_dynamic(model.schema, "target")
     if lora_layers(model):
         raise ValueError("init_from: load the source before adding LoRA adapters")
     report = TransferReport(source=where)
@@ -407,10 +546,7 @@ def init_from(model, source, rename: dict | None = None,
 
 # ---------------------------------------------------------------------------- what trains
 def _table_keys(model) -> set:
-    keys = set()
-    for m in model.fused_lookups():
-        keys.add(id(m.ebc.weight))
-    return keys
+    return {id(c.weight) for c in model.embedding_collections()}
 
 
 def _dense_params(model) -> list[tuple[str, nn.Parameter]]:
@@ -458,7 +594,8 @@ def freeze(model, parts) -> list[str]:
     for p in parts:
         if p == "embeddings":
             for c in model.embedding_collections():
-                c.flush_l2()
+                if hasattr(c, "flush_l2"):
+                    c.flush_l2()
                 c.optimizer = None
                 if isinstance(c.weight, nn.Parameter):
                     c.weight.requires_grad_(False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -145,7 +146,7 @@ def test_hashed_fields():
     assert report.fields["h"]["rows"] == 17 and report.fields["h"]["how"] == "hash"
     # vocabulary -> hash: a value's source row lands at its hash; collisions keep the first
     # (most frequent) value's row
-    ids = tgt_schema.lookup("v", __import__("pyarrow").array(values))
+    ids = tgt_schema.lookup("v", pa.array(values))
     seen = set()
     for i, h in enumerate(ids):
         if h in seen:
@@ -188,6 +189,94 @@ def test_copy_optimizer_state(gen):
     assert torch.count_nonzero(tgt.lookup.ebc.state) == 0  # fresh accumulators by default
     T.init_from(tgt, src, copy_optimizer_state=True)
     assert torch.equal(tgt.lookup.ebc.state, src.lookup.ebc.state)
+
+
+def test_dynamic_tables_copy_by_key(gen, raw):
+    """vocabulary -> dynamic (keys of the source's values), dynamic -> dynamic (the same keys),
+    dynamic -> vocabulary (the source keys of the target's values): every hop keeps the rows,
+    so the scores stay the source's."""
+    static_schema = gen.schema()
+    d = static_schema.to_dict()  # the same fields and dense statistics, dynamic tables
+    for f in d["fields"]:
+        if "vocabulary" in f:
+            f.update(vocab="dynamic")
+            del f["vocabulary"], f["min_count"]
+    dyn_schema = Schema.from_dict(d)
+    assert dyn_schema.field("user").vocab == "dynamic"
+    src = _model("deepfm", static_schema, 0)
+    _randomize_first_order(src, 9)
+    want = src.predict(static_schema.encode(raw))
+    dyn = _model("deepfm", dyn_schema, 1)
+    rep = T.init_from(dyn, src)
+    assert rep.fields["user"]["how"] == "keys-from-vocabulary"
+    assert rep.fields["user"]["rows"] == 40 and rep.fields["user"]["of"] is None
+    # row 0 differs (one unadmitted row for all dynamic tables, one OOV row per static
+    # table); the generator's rows never read it
+    torch.testing.assert_close(dyn.predict(dyn_schema.encode(raw)), want, rtol=0, atol=1e-6)
+    dyn2 = _model("deepfm", dyn_schema, 2)
+    rep2 = T.init_from(dyn2, dyn)
+    assert rep2.fields["item"]["how"] == "keys"
+    assert dyn2.lookup.dyn.num_keys == dyn.lookup.dyn.num_keys
+    torch.testing.assert_close(dyn2.predict(dyn_schema.encode(raw)), want, rtol=0, atol=1e-6)
+    back = _model("deepfm", static_schema, 3)
+    rep3 = T.init_from(back, dyn2)
+    assert rep3.fields["user"]["how"] == "vocabulary-from-keys"
+    assert rep3.fields["user"]["rows"] == 40
+    torch.testing.assert_close(back.predict(static_schema.encode(raw)), want, rtol=0,
+                               atol=1e-6)
+    with pytest.raises(NotImplementedError, match="already holds keys"):
+        T.init_from(dyn2, dyn)
+
+
+TITLES = ["Red shoe, 2019!", "blue hat", "Acme: garden hose (2021)", "tent for camping"]
+
+
+@pytest.mark.parametrize("name", ["deepfm", "dcnv2", "dlrm", "din"])
+def test_text_field_columns_follow_the_field(tmp_path, name):
+    """A text field joins the model's fields after the bags: with the fields reordered (a new
+    field first), its projection and its columns in the first layer are still the source's,
+    and ``freeze text`` keeps its projection as it is while the rest trains."""
+    pytest.importorskip("transformers")
+    from tests.data._tiny_encoder import tiny_encoder
+
+    enc = str(tiny_encoder(tmp_path / "enc", hidden=8, seed=2))
+    rows = {"user": ["u1", "u2", "u1", "u3"] * 8, "item": ["a", "b", "c", "a"] * 8,
+            "hist": [["a"], ["b", "c"], [], ["a", "b"]] * 8, "title": TITLES * 8,
+            "d": [1.0, 2.0, 3.0, 4.0] * 8, "label": [1, 0, 1, 0] * 8}
+    fields = [{"name": "user", "type": "categorical"}, {"name": "item", "type": "categorical"},
+              {"name": "hist", "type": "multi_categorical", "sequence": True,
+               "share_with": "item", "max_len": 4},
+              {"name": "title", "type": "text", "encoder": enc},
+              {"name": "d", "type": "dense", "transform": "standardize"}]
+    src_schema = Schema(fields).fit(rows)
+    src = _model(name, src_schema, 0)
+    trows = {**rows, "new": ["x", "y"] * 16}
+    tgt_schema = Schema([{"name": "new", "type": "categorical"}] + fields[::-1]).fit(trows)
+    tgt = _model(name, tgt_schema, 1)
+    report = T.init_from(tgt, src)
+    assert report.fields["title"] == {"source": "title", "how": "text"}
+    assert not [k for k, v in report.dense.items() if v.startswith("skipped")], report.dense
+    assert torch.equal(tgt.text.proj[0].weight, src.text.proj[0].weight)
+    # the "new" field's embedding is the only difference: zero it in both and compare
+    with torch.no_grad():
+        base = int(tgt.lookup.ebc.table_offsets[tgt_schema.table_of("new")])
+        n = tgt_schema.cardinality("new")
+        tgt.lookup.ebc.weight[base:base + n] = 0
+        first = dict(tgt.named_parameters()).get("deep.0.weight")
+        if first is not None:
+            first[:, :8] = 0  # the new field's columns (the first bag)
+    if name in ("deepfm", "din"):
+        torch.testing.assert_close(tgt.predict(tgt_schema.encode(trows)),
+                                   src.predict(src_schema.encode(rows)), rtol=0, atol=1e-6)
+    before = {k: v.clone() for k, v in tgt.state_dict().items()}
+    frozen = {k: v for k, v in before.items() if k.startswith("text.")}
+    assert frozen
+    T.freeze(tgt, "text")
+    data = tgt_schema.encode(trows)
+    fit(tgt, data, None, epochs=2, batch_size=8, lr=1e-2, progress=False)
+    after = tgt.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert not torch.equal(after["head.head.weight"], before["head.head.weight"])  # trained
 
 
 # ------------------------------------------------------------------------- freeze, LoRA
@@ -319,10 +408,6 @@ def test_bad_source(tmp_path, gen):
         T.init_from(model, _model("fm", gen.schema(), 1), rename={"nope": "user"})
     with pytest.raises(ValueError, match="target has no field 'nope'"):
         T.init_from(model, _model("fm", gen.schema(), 1), rename={"user": "nope"})
-    dyn = Schema([{"name": "u", "type": "categorical", "vocabulary": ["a"]}])
-    dyn.fields[0].vocab = "dynamic"  # as a dynamic-table schema declares it
-    with pytest.raises(NotImplementedError, match="field 'u'.*dynamic"):
-        T._check_not_dynamic(dyn, "source")
 
 
 # ------------------------------------------------------------------------- the command line
@@ -377,9 +462,18 @@ def test_cli_online_fine_tune_with_frozen_embeddings(runs, capsys):
     res = _last_json(out)
     assert res["transfer"]["freeze"] == ["embeddings"]
     assert res["transfer"]["trainable"]["embedding_trainable"] == 0
-    src, _, _ = load_model(d / "src")
-    on, _, _ = load_model(d / "on")
-    assert torch.equal(on.lookup.ebc.weight, src.lookup.ebc.weight)
+    assert res["transfer"]["fields"]["user"]["rows"] == 40  # every source user, by key
+    src, src_schema, _ = load_model(d / "src")
+    on, on_schema, _ = load_model(d / "on")
+    assert on_schema.field("user").vocab == "dynamic"  # --online's default tables
+    for field in ("user", "item", "c2"):
+        values = src_schema.field(field).vocabulary
+        base = int(src.lookup.ebc.table_offsets[src_schema.table_of(field)])
+        rows = on.lookup.dyn.rows(torch.from_numpy(on_schema.lookup(field, pa.array(values))))
+        assert bool((rows > 0).all())  # frozen: the copied rows are read, never updated
+        torch.testing.assert_close(on.lookup.dyn.weight[rows],
+                                   src.lookup.ebc.weight[base + 1: base + 1 + len(values)],
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("args,msg", [
