@@ -36,10 +36,11 @@ there, and checks the tensors against the manifest's size and sha256 (``serving/
 
 Touched rows are tracked per static table with a bool mask [rows], set from each batch's ids
 (bags and behaviour histories, as the lookup maps them to rows); an export takes the set rows
-and clears the mask. A dynamic table keeps the keys of each batch (one int64 per id read until
-the next delta) and, at the export, the unique ones that still hold a row; its map records the
-keys it evicts (``record_evictions``). A table with lazy L2 decay (``embedding_l2`` with ``l2_mode="lazy"``) changes
-every row at every step, so each of its deltas holds the whole table (``"full": true``).
+and clears the mask. A dynamic table marks the rows its map finds for each batch's
+keys (one read-only lookup per step) and, at the export, takes the keys of the marked rows that
+still hold one; its map records the keys it evicts (``record_evictions``). A table with lazy L2
+decay (``embedding_l2`` with ``l2_mode="lazy"``) changes every row at every step, so each of its
+deltas holds the whole table (``"full": true``).
 A delta reads the model without changing it: it does not fold the lazy L2 scale into the
 table, as ``state_dict`` does, so training with and without exports gives the same numbers
 (the base is a plain checkpoint: it folds a pending scale, a no-op on a model that has not
@@ -156,29 +157,40 @@ class _DynTable:
     def __init__(self, key: str, dyn: DynamicEmbedding):
         self.key = key  # its weight's state_dict name, e.g. "lookup.dyn.weight"
         self.dyn = dyn
-        self.seen: list[torch.Tensor] = []  # the keys of each step since the last delta
+        self.mask = torch.zeros(0, dtype=torch.bool)  # [rows] read since the last delta
 
     def start(self) -> None:
         self.dyn.record_evictions = True
         self.dyn.take_evicted()  # evictions before the base are in the base
-        self.seen = []
+        self.mask = torch.zeros(self.dyn.num_rows, dtype=torch.bool)
+
+    def mark(self, keys: torch.Tensor) -> None:
+        """After a step: the rows of the keys it read (the map's read-only find; a call never
+        evicts the keys it reads, so these are the rows it trained)."""
+        rows = self.dyn.rows(keys)  # [n]
+        if self.mask.numel() < self.dyn.num_rows:  # the table grew
+            grown = torch.zeros(self.dyn.num_rows, dtype=torch.bool)
+            grown[: self.mask.numel()] = self.mask
+            self.mask = grown
+        self.mask[rows] = True
 
     def take(self) -> dict[str, torch.Tensor]:
         """{"keys" [n], "values" [n, D], "last_seen" [n], "tombstones" [k], "unadmitted"
-        [1, D]}: the keys trained since the last call that hold a row now, their rows and
-        last-seen times (a Scorer's TTL answers as training's), the keys evicted since, row 0."""
+        [1, D]}: the keys of the rows read since the last call that hold a row now (a row
+        evicted since is skipped: its key is a tombstone; a row taken by a new key since was
+        read for it), their rows and last-seen times (a Scorer's TTL answers as training's),
+        the keys evicted since, row 0."""
         dyn = self.dyn
-        keys = torch.cat(self.seen).unique() if self.seen else torch.zeros(0, dtype=torch.long)
-        self.seen = []
-        rows = dyn.rows(keys)  # read-only: row 0 for a key evicted, expired or not admitted
-        live = rows > 0
-        keys, rows = keys[live], rows[live]
+        rows = self.mask.nonzero().view(-1)
+        self.mask.zero_()
+        m = dyn._map.state()  # per used row: key, count (0: free), last seen
+        rows = rows[rows < len(m["row_keys"])]
+        cnt = torch.from_numpy(m["row_counts"])[rows]
+        rows = rows[(cnt > 0) & (rows > 0)]
         w = dyn.weight.detach()
-        if dyn.ttl is not None:
-            last = torch.from_numpy(dyn._map.state()["row_last_seen"])[rows]
-        else:
-            last = torch.zeros(keys.numel(), dtype=torch.long)
-        return {"keys": keys, "values": w.index_select(0, rows).float(), "last_seen": last,
+        return {"keys": torch.from_numpy(m["row_keys"])[rows],
+                "values": w.index_select(0, rows).float(),
+                "last_seen": torch.from_numpy(m["row_last_seen"])[rows],
                 "tombstones": dyn.take_evicted(), "unadmitted": w[:1].float().clone()}
 
 
@@ -274,7 +286,7 @@ class DeltaExporter:
             if t is not None and not t.full:
                 t.mask[rows] = True
             if d is not None and keys.numel():
-                d.seen.append(keys)
+                d.mark(keys)
         self._last_rows += batch.batch_size
         self.position = int(position)
         if self.position >= self._next:
