@@ -132,9 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "probabilities, the best any model can do) and the training throughput.",
         epilog="example:\n  adrec-fast demo --json")
     _train_options(p, demo=True)
-    p.add_argument("--rows", type=int, default=5_000_000,
+    p.add_argument("--rows", type=int, default=None,
                    help="training rows to generate (default 5,000,000), plus up to 100,000 each for "
-                        "validation and test")
+                        "validation and test; with --online the whole stream (default 700,000)")
+    p.add_argument("--online", action="store_true",
+                   help="freshness on a drifting stream (ads born and retired, click rates and "
+                        "interests that move): train the first 5/7 of --rows as a batch, stream "
+                        "the last 2/7 through online training (dynamic tables, each batch scored "
+                        "before its step), and print the online model's progressive AUC beside "
+                        "the frozen batch model's AUC on the same rows; --out saves the online "
+                        "model")
     p.add_argument("--out", default=None, help="also save the trained model to this directory")
     _overwrite_option(p)
     _common(p, threads_default=1)
@@ -410,8 +417,57 @@ def _write_run_files(ckdir: Path, result, trainer_valid, extra: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- commands
+def _demo_online(a) -> int:
+    """``demo --online``: ``training.online.freshness`` (Monolith's protocol) on the drifting
+    synthetic stream, with the demo's model and settings."""
+    from .training.online import freshness
+
+    rows = a.rows if a.rows is not None else 700_000
+    if rows < 7 * 1000:
+        raise CLIError(f"--rows must be >= 7,000 with --online (7 periods), got {rows}")
+    if a.out:
+        _fresh_out(Path(a.out), a.overwrite)
+    d = _demo_settings(a)
+    P = rows // 7
+    try:
+        r = freshness(a.model, period_rows=P, epochs=d["epochs"], batch_size=d["batch_size"],
+                      lr=d["lr"], seed=a.seed, model_kw=_recipe(a, demo=True)[0],
+                      embedding_lr=a.embedding_lr if a.embedding_lr is not None else 0.05)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    on, n = r.online, r.online.rows
+    print(f"drifting synthetic stream: 7 periods of {P:,} rows ({r.data_s:.1f}s); model "
+          f"{a.model} trained as a batch on the first 5 ({r.batch_rows:,} rows, {d['epochs']} "
+          f"epochs, {r.batch_s:.1f}s), the last 2 streamed ({n:,} rows, dynamic tables)")
+    print("oracle AUC per period: " + ", ".join(f"{x:.4f}" for x in r.oracle_auc_per_period))
+    print("AUC per quarter period of the stream, online / frozen: " + ", ".join(
+        f"{w['auc']:.4f}/{f:.4f}" for w, f in zip(on.windows, r.frozen_windows)))
+    print(f"the same {n:,} streamed rows: online progressive AUC {_fmt(on.progressive_auc)} "
+          f"(logloss {_fmt(on.progressive_logloss)}), frozen batch model AUC "
+          f"{_fmt(r.frozen_auc)}: online - frozen = {r.gain_points:+.2f} AUC points (oracle "
+          f"{r.oracle_auc_tail:.4f})")
+    wall = time.perf_counter() - a.started
+    print(f"online training: {on.samples_per_s:,.0f} samples/s; total {wall:.1f}s")
+    if a.out:
+        from .models.checkpoint import save_checkpoint
+
+        save_checkpoint(Path(a.out), r.online_model, meta={"metrics": r.metrics()})
+        print(f"online model saved to {a.out}")
+    if a.json:
+        m = r.metrics()
+        _json_line({"progressive_auc": m["progressive_auc"], "frozen_auc": m["frozen_auc"],
+                    "gain_points": m["gain_points"], "oracle_auc": m["oracle_auc_tail"],
+                    "progressive_logloss": m["progressive_logloss"],
+                    "samples_per_s": on.samples_per_s, "model": a.model,
+                    "batch_rows": r.batch_rows, "stream_rows": n, "wall_s": wall})
+    return 0
+
+
 def cmd_demo(a) -> int:
     _check_options(a)
+    if a.online:
+        return _demo_online(a)
+    a.rows = 5_000_000 if a.rows is None else a.rows
     import numpy as np
     import torch
 

@@ -42,11 +42,10 @@ import numpy as np
 import torch
 
 from adrec_fast.data.batch import Batch
-from adrec_fast.data.metrics import auc
 from adrec_fast.data.synthetic import SyntheticCTR
 from adrec_fast.models.registry import build_model
-from adrec_fast.training.loop import Trainer, predict
-from adrec_fast.training.online import train_online
+from adrec_fast.training.loop import Trainer
+from adrec_fast.training.online import freshness, online_schema, train_online
 
 # the demo's model on this data (adrec_fast/cli.py DEMO_MODEL_KW): DIN without an MLP
 MODEL_KW = {"din": {"hidden": []}}
@@ -67,6 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="7 x 20,000 rows, 1 round")
     ap.add_argument("--no-drift", action="store_true",
                     help="control: the same protocol on the stationary generator")
+    ap.add_argument("--static-vocab", action="store_true",
+                    help="the generator's full vocabularies (static tables) instead of dynamic "
+                         "tables")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--throughput", action="store_true",
                     help="only the throughput comparison: online on dynamic tables vs offline "
@@ -79,30 +81,13 @@ def main(argv=None) -> int:
     if a.throughput:
         return throughput(a)
     P = a.period_rows
-    t0 = time.perf_counter()
-    gen = SyntheticCTR(seed=a.seed, drift=not a.no_drift, period_rows=P, drift_periods=7)
-    schema = gen.schema()
-    batches, probs = [], []
-    for table, p in gen.chunks(7 * P, chunk_rows=P, with_probability=True):
-        batches.append(schema.encode(table))
-        probs.append(p)
-    head = Batch.concat(batches[:5])
-    tail = batches[5:]  # the streamed 2/7, in order
+    fr = freshness(a.model, period_rows=P, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                   embedding_lr=a.embedding_lr, seed=a.seed, drift=not a.no_drift,
+                   dynamic=not a.static_vocab, model_kw=MODEL_KW.get(a.model, {}))
+    trainer, tail, res = fr.trainer, fr.tail, fr.online
     y_tail = np.concatenate([b.labels.numpy() for b in tail])
-    oracle_tail = auc(y_tail, np.concatenate(probs[5:]))
-    oracle = [auc(b.labels.numpy(), p) for b, p in zip(batches, probs)]
-    t_data = time.perf_counter() - t0
-
-    torch.manual_seed(a.seed)
-    model = build_model(a.model, schema, embedding_dim=16, **MODEL_KW.get(a.model, {}))
-    trainer = Trainer(model, lr=a.lr, embedding_lr=a.embedding_lr, batch_size=a.batch_size,
-                      seed=a.seed, progress=False)
-    t1 = time.perf_counter()
-    trainer.fit(head, epochs=a.epochs)
-    t_batch = time.perf_counter() - t1
-
-    frozen_p, _ = predict(model, tail)
-    frozen_auc = auc(y_tail, frozen_p)
+    oracle, oracle_tail, frozen_auc = fr.oracle_auc_per_period, fr.oracle_auc_tail, fr.frozen_auc
+    t_data, t_batch = fr.data_s, fr.batch_s
 
     # warm-up (first-call allocations), untimed: both paths on a few steps of a copy
     warm = tail[0].slice(0, 20 * a.batch_size)
@@ -111,7 +96,7 @@ def main(argv=None) -> int:
     w.shuffle = False
     w.fit(warm, epochs=w.epoch + 1)
     # online and offline from the same start: each round copies the batch model and trainer
-    online_sps, offline_sps, online_wall, offline_wall, res = [], [], [], [], None
+    online_sps, offline_sps, online_wall, offline_wall = [], [], [], []
     for r in range(a.runs):
         order = ("online", "offline") if r % 2 == 0 else ("offline", "online")
         for which in order:
@@ -123,7 +108,6 @@ def main(argv=None) -> int:
                 out = train_online(m, tail, trainer=tr, window_rows=P // 4)
                 online_wall.append(y_tail.size / (time.perf_counter() - t))
                 online_sps.append(out.samples_per_s)
-                res = res or out
             else:
                 tr.shuffle = False
                 rows = Batch.concat(tail)
@@ -136,15 +120,15 @@ def main(argv=None) -> int:
     gain = 100 * (res.progressive_auc - frozen_auc)
     load1 = os.getloadavg()[0]
     kind = "stationary" if a.no_drift else "drifting"
+    tables = "static" if a.static_vocab else "dynamic"
     print(f"{kind} stream: 7 x {P:,} rows ({t_data:.1f}s to generate); model {a.model}, "
-          f"batch {a.batch_size}, {a.epochs} batch epochs on 5/7 ({t_batch:.1f}s), "
-          f"{a.threads} thread(s)")
+          f"{tables} tables, batch {a.batch_size}, {a.epochs} batch epochs on 5/7 "
+          f"({t_batch:.1f}s), {a.threads} thread(s)")
     print("oracle AUC per period: " + ", ".join(f"{x:.4f}" for x in oracle))
     print(f"last 2/7 ({y_tail.size:,} rows): oracle {oracle_tail:.4f}, frozen batch model "
           f"{frozen_auc:.4f}, online progressive {res.progressive_auc:.4f} (logloss "
           f"{res.progressive_logloss:.4f}): online - frozen = {gain:+.2f} AUC points")
-    q = P // 4
-    frozen_w = [auc(y_tail[s:s + q], frozen_p[s:s + q]) for s in range(0, y_tail.size, q)]
+    frozen_w = fr.frozen_windows
     print("per quarter period, online: " + ", ".join(f"{w['auc']:.4f}" for w in res.windows))
     print("per quarter period, frozen: " + ", ".join(f"{x:.4f}" for x in frozen_w))
     print(f"samples/s (median of {a.runs}): online {on:,.0f} [{min(online_sps):,.0f}-"
@@ -164,24 +148,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _dynamic_twin(schema):
-    """``schema`` with every vocabulary-learning table dynamic (as ``train --online`` makes
-    it), the fitted dense statistics kept."""
-    from adrec_fast.data.schema import Schema
-    from adrec_fast.training.online import online_schema
-
-    d = schema.to_dict()
-    for f in d["fields"]:
-        f.pop("vocabulary", None)
-    return online_schema(Schema.from_dict(d))
-
-
 def throughput(a) -> int:
     """Online on dynamic tables vs offline on static tables, the same model and rows."""
     gen = SyntheticCTR(seed=a.seed, drift=True, period_rows=max(a.rows // 7, 1),
                        drift_periods=7)
     static = gen.schema()
-    dynamic = _dynamic_twin(static)
+    dynamic = online_schema(static, keep_vocabularies=False)
     tables = list(gen.chunks(a.rows, chunk_rows=65536))
     enc = {}
     for name, schema in (("static", static), ("dynamic", dynamic)):

@@ -48,17 +48,19 @@ SCORES_FILE = "progressive.npz"
 STATS_ROWS = 65536
 
 
-def online_schema(schema, dynamic: bool = True):
+def online_schema(schema, dynamic: bool = True, keep_vocabularies: bool = True):
     """The schema of an online run: a copy in which every categorical table that would learn a
-    vocabulary in a pass over the data (``vocab: build`` and no vocabulary given) is a dynamic
-    table (``dynamic``: True; False returns ``schema`` as it is). Hashed tables and given
-    vocabularies stay as declared."""
+    vocabulary in a pass over the data (``vocab: build`` and no vocabulary given; with
+    ``keep_vocabularies=False`` also one given) is a dynamic table (``dynamic``: True; False
+    returns ``schema`` as it is). Hashed tables stay as declared, dense statistics as fitted."""
     if not dynamic:
         return schema
     from ..data.schema import Schema
 
     d = schema.to_dict()
     for f in d["fields"]:
+        if not keep_vocabularies:
+            f.pop("vocabulary", None)
         if (f["type"] in ("categorical", "multi_categorical") and not f.get("share_with")
                 and f.get("vocab", "build") == "build" and f.get("vocabulary") is None):
             f["vocab"] = "dynamic"
@@ -366,6 +368,99 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
               f"logloss {result.progressive_logloss:.4f}, {result.samples_per_s:,.0f} samples/s",
               flush=True)
     return result
+
+
+@dataclass
+class Freshness:
+    """What :func:`freshness` measured. AUCs on the streamed rows: ``frozen_auc`` (the batch
+    model, never updated), ``online.progressive_auc`` (a copy trained on them in order, each
+    batch scored before its step); ``frozen_windows`` / ``online.windows``: the same per window;
+    ``oracle_*``: the AUC of the true click probabilities (per period, and on the streamed
+    rows). ``trainer``: the batch model's trainer as the batch part left it; ``tail``: the
+    streamed rows, encoded; ``online_model``: the model after the stream."""
+
+    oracle_auc_per_period: list
+    oracle_auc_tail: float
+    frozen_auc: float
+    frozen_windows: list
+    online: OnlineResult
+    batch_rows: int
+    data_s: float
+    batch_s: float
+    trainer: Trainer
+    tail: list
+    online_model: object
+
+    @property
+    def gain_points(self) -> float:
+        """online - frozen, in AUC points (x100)."""
+        return 100.0 * (self.online.progressive_auc - self.frozen_auc)
+
+    def metrics(self) -> dict:
+        return {"oracle_auc_per_period": self.oracle_auc_per_period,
+                "oracle_auc_tail": self.oracle_auc_tail, "frozen_auc": self.frozen_auc,
+                "frozen_auc_per_window": self.frozen_windows,
+                "online_auc_per_window": [w["auc"] for w in self.online.windows],
+                "progressive_auc": self.online.progressive_auc,
+                "progressive_logloss": self.online.progressive_logloss,
+                "gain_points": self.gain_points, "batch_rows": self.batch_rows,
+                "stream_rows": self.online.rows}
+
+
+def freshness(model: str = "din", *, period_rows: int = 100_000, periods: int = 7,
+              batch_periods: int = 5, epochs: int = 2, batch_size: int = 512, lr: float = 2e-3,
+              embedding_lr: float = 0.05, seed: int = 0, drift: bool = True,
+              dynamic: bool = True, model_kw: dict | None = None,
+              window_rows: int | None = None) -> Freshness:
+    """Monolith's protocol on the synthetic stream (``SyntheticCTR(drift=drift)``: ads born
+    and retired, click rates and interests that move): ``periods`` periods ("days") of
+    ``period_rows`` rows; a model (``build_model(model, **model_kw)``, D=16 unless given) is
+    trained as a batch on the first ``batch_periods`` (``Trainer.fit``, ``epochs`` shuffled
+    epochs); on the rest, the frozen batch model is scored against a copy of it (optimizer
+    state included) trained online in one pass (``train_online``, windows of ``window_rows``,
+    default a quarter period). ``dynamic``: dynamic tables (the ``train --online`` default;
+    else the generator's full vocabularies). Deterministic for a seed."""
+    import copy
+
+    from ..data.synthetic import SyntheticCTR
+    from ..models.registry import build_model
+    from .loop import predict
+
+    P = int(period_rows)
+    if P < 1 or not 0 < batch_periods < periods:
+        raise ValueError(f"freshness: need period_rows >= 1 and 0 < batch_periods < periods, "
+                         f"got {period_rows}, {batch_periods}, {periods}")
+    t0 = time.perf_counter()
+    gen = SyntheticCTR(seed=seed, drift=drift, period_rows=P, drift_periods=periods)
+    schema = online_schema(gen.schema(), dynamic, keep_vocabularies=False)
+    batches, probs = [], []
+    for table, p in gen.chunks(periods * P, chunk_rows=P, with_probability=True):
+        batches.append(schema.encode(table))
+        probs.append(p)
+    head = Batch.concat(batches[:batch_periods])
+    tail = batches[batch_periods:]  # the streamed part, in order
+    y_tail = np.concatenate([b.labels.numpy() for b in tail])
+    oracle = [auc(b.labels.numpy(), p) for b, p in zip(batches, probs)]
+    oracle_tail = auc(y_tail, np.concatenate(probs[batch_periods:]))
+    t_data = time.perf_counter() - t0
+
+    torch.manual_seed(seed)
+    m = build_model(model, schema, **{"embedding_dim": 16, **(model_kw or {})})
+    trainer = Trainer(m, lr=lr, embedding_lr=embedding_lr, batch_size=batch_size, seed=seed,
+                      progress=False)
+    t1 = time.perf_counter()
+    trainer.fit(head, epochs=epochs)
+    t_batch = time.perf_counter() - t1
+    frozen_p, _ = predict(m, tail)
+    w = int(window_rows) if window_rows is not None else max(P // 4, 1)
+    tr = copy.deepcopy(trainer)  # the model and its optimizers stay bound to each other
+    online = train_online(tr.model, tail, trainer=tr, window_rows=w)
+    return Freshness(
+        oracle_auc_per_period=oracle, oracle_auc_tail=oracle_tail,
+        frozen_auc=auc(y_tail, frozen_p),
+        frozen_windows=[auc(y_tail[s:s + w], frozen_p[s:s + w]) for s in range(0, y_tail.size, w)],
+        online=online, batch_rows=head.batch_size, data_s=t_data, batch_s=t_batch,
+        trainer=trainer, tail=tail, online_model=tr.model)
 
 
 def _parse_strings(col) -> np.ndarray | None:

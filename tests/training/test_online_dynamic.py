@@ -286,3 +286,45 @@ def test_the_stream_time_is_the_tables_clock():
     res = train_online(_dyn_model(schema, ttl=5), [shuffled], schema=schema, batch_size=3,
                        time_col="ts")
     assert res.out_of_order == 2 and res.rows == 100
+
+
+# ------------------------------------------------------------------ freshness, demo --online
+def test_freshness_protocol_scores_the_same_rows():
+    from adrec_fast.data.metrics import auc
+    from adrec_fast.training.loop import predict
+    from adrec_fast.training.online import freshness
+
+    kw = dict(period_rows=1500, epochs=1, batch_size=256, model_kw={"hidden": []})
+    r = freshness("din", **kw)
+    assert r.batch_rows == 5 * 1500 and r.online.rows == 2 * 1500
+    assert len(r.online.windows) == len(r.frozen_windows) == 8  # quarter periods
+    assert r.trainer.model.dynamic_embeddings() and r.online_model is not r.trainer.model
+    # the frozen model is the batch model, untouched by the stream
+    p, y = predict(r.trainer.model, r.tail)
+    assert r.frozen_auc == auc(y, p)
+    np.testing.assert_array_equal(r.online.labels, y)
+    assert r.gain_points == pytest.approx(100 * (r.online.progressive_auc - r.frozen_auc))
+    again = freshness("din", **kw)  # deterministic
+    assert again.online.progressive_auc == r.online.progressive_auc
+    assert again.frozen_auc == r.frozen_auc
+    static = freshness("din", dynamic=False, **kw)
+    assert not static.trainer.model.dynamic_embeddings()
+
+
+def test_cli_demo_online(tmp_path, capsys):
+    from adrec_fast.cli import main
+    from adrec_fast.models.checkpoint import load_model
+
+    argv = ["demo", "--online", "--rows", "7000", "--epochs", "1", "--json",
+            "--out", str(tmp_path / "m")]
+    assert main(argv) == 0
+    cap = capsys.readouterr().out
+    res = _last_json(cap)
+    assert res["stream_rows"] == 2000 and res["batch_rows"] == 5000
+    assert res["gain_points"] == pytest.approx(
+        100 * (res["progressive_auc"] - res["frozen_auc"]))
+    assert "online - frozen" in cap and "online / frozen" in cap
+    model, schema, _ = load_model(tmp_path / "m")
+    assert schema.has_dynamic and model.dynamic_embeddings()
+    assert main(["demo", "--online", "--rows", "500"]) == 2
+    assert "--rows must be >= 7,000 with --online" in capsys.readouterr().err
