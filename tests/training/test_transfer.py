@@ -495,3 +495,15 @@ def test_cli_bad_input(runs, capsys, args, msg):
     err = capsys.readouterr().err
     assert rc == 2 and msg in err, err
     assert not (d / "bad").exists()
+
+
+def test_cli_init_from_refused_in_a_distributed_run(runs, capsys, monkeypatch):
+    d = runs
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", "29999")):
+        monkeypatch.setenv(k, v)
+    rc = main(["train", str(d / "tgt.csv"), "--out", str(d / "dist"), "--init-from",
+               str(d / "src"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--init-from" in err and "one process" in err, err
+    assert not (d / "dist").exists()
