@@ -14,6 +14,12 @@ may differ:
   it is (same value, same hash); a hashed field fed from a vocabulary field takes the row of each
   source value at that value's hash (on a collision, the more frequent value's row); two hashed
   fields with different settings share no row (fresh, and said so);
+* **dynamic tables** (``vocab: dynamic``, keyed by a salted 64-bit hash of the value) are
+  filled by key: a vocabulary source gives the key of each of its values the value's row; a
+  dynamic source of the same salt gives every key of its map (its tables share one map, so the
+  keys of a dropped dynamic field come along, never read); a vocabulary target reads the source
+  key of each of its values. Copied keys count as seen once, at the table's clock. Only a fresh
+  dynamic table is filled;
 * **dense weights are matched by meaning**: a layer that reads the model's input (the first
   layer of a tower, DCN-v2's cross layers and head, DLRM's top MLP over field pairs, the
   dense-feature weights) is copied entry by entry through labels of its input columns (which
