@@ -92,6 +92,10 @@ def test_checkpoint_and_scorer(name, kw, schema, tmp_path):
     c2 = {"item": ["a", "b"], "title": [new, TITLES[0]]}
     torch.testing.assert_close(torch.from_numpy(sc.score(user, c2)), torch.from_numpy(ref(c2)))
     assert cache.known(new)
+    # a reload packs the values cached since: the new title is then a row of the executor
+    sc.swap(tmp_path / "ck")
+    assert new in sc._version.text_known["title"] and sc.native
+    torch.testing.assert_close(torch.from_numpy(sc.score(user, c2)), torch.from_numpy(ref(c2)))
     # bad text in a request names the field
     with pytest.raises(TypeError, match="title"):
         sc.score(user, {"item": ["a"], "title": [""]})
