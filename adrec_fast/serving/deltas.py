@@ -362,32 +362,36 @@ def _next_version(v, shadow: _Shadow, delta: Delta, serial: int):
         new.model = m
         return new
     spec = model.serving_spec()
-    table_rows, lin_rows = [], []
-    for key, (rows, _) in delta.tables.items():
-        t = shadow.state[key]
-        if t.data_ptr() == spec.table.data_ptr():
-            table_rows.append(rows)
-        elif spec.lin is not None and t.data_ptr() == spec.lin.data_ptr():
-            lin_rows.append(rows)
-        else:  # a table the spec reads through a copy: lay it all out again
-            table_rows = lin_rows = None
-            break
-    if table_rows is None:
+
+    def view_of(t) -> str | None:  # the state entry the spec tensor t is a view of, if any
+        for key, x in shadow.state.items():
+            if x.data_ptr() == t.data_ptr() and x.numel() == t.numel():
+                return key
+        return None
+
+    table_key = view_of(spec.table)
+    lin_key = None if spec.lin is None else view_of(spec.lin)
+    # the spec reads the delta's tables directly: only their rows change (an LR model's
+    # table and first-order weights are one tensor); otherwise (a table the spec builds, such
+    # as text rows after the tables) it is laid out whole again
+    direct = (table_key is not None and (spec.lin is None or lin_key is not None)
+              and set(delta.tables) <= {table_key, lin_key})
+    if not direct:
         st, sb = quantize_rows(spec.table, v.quantize)
         new.weights = st.clone() if v.quantize is None else st
         new.scale_bias = sb
         new.lin = None if spec.lin is None else spec.lin.float().contiguous().clone()
     else:
-        if table_rows:
-            rows = torch.cat(table_rows)
+        if table_key in delta.tables:
+            rows = delta.tables[table_key][0]
             st, sb = quantize_rows(spec.table.index_select(0, rows), v.quantize)
             new.weights = v.weights.clone()
             new.weights.index_copy_(0, rows, st)
             if sb is not None:
                 new.scale_bias = v.scale_bias.clone()
                 new.scale_bias.index_copy_(0, rows, sb)
-        if lin_rows:
-            rows = torch.cat(lin_rows)
+        if lin_key is not None and lin_key in delta.tables:
+            rows = delta.tables[lin_key][0]
             new.lin = v.lin.clone()
             new.lin.index_copy_(0, rows, spec.lin.index_select(0, rows).float())
     if delta.dense:

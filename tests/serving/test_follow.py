@@ -25,9 +25,11 @@ N = 1200
 EVERY = 400
 BS = 100
 USER = ("user", "hist")  # the user side of a request; every other column is per candidate
-MODELS = {  # executor (batch norm folded), executor with first-order rows, torch forward
+MODELS = {  # executor (batch norm folded; attention over histories; LR's one table read as
+    # both the table and the first-order weights), torch forward
     "deepfm_bn": ("deepfm", {"hidden": (16,), "batch_norm": True}),
     "din": ("din", {}),
+    "lr": ("lr", {}),
     "deepfm_ln": ("deepfm", {"hidden": (16,), "layer_norm": True}),
 }
 

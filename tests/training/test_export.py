@@ -160,27 +160,37 @@ def test_lazy_l2_tables_go_whole(data, tmp_path):
         assert torch.equal(t["values/lookup.ebc.weight"], got[m["seq"]])
 
 
-def test_restart_writes_new_base_and_clears_deltas(data, tmp_path):
+@pytest.fixture(scope="module")
+def exported(data, tmp_path_factory):
+    """One online run of DeepFM with a delta every EVERY rows (read-only for the tests)."""
     schema, table = data
+    d = tmp_path_factory.mktemp("exported")
     model = _model(schema)
-    _run(schema, table, model, tmp_path)
-    first = read_meta(tmp_path / "base")["delta_base"]["id"]
-    ex = DeltaExporter(model, tmp_path, every_rows=EVERY)
+    _run(schema, table, model, d)
+    return model, d
+
+
+def test_restart_writes_new_base_and_clears_deltas(exported, tmp_path):
+    import shutil
+
+    model, d = exported
+    d = shutil.copytree(d, tmp_path / "x")
+    first = read_meta(d / "base")["delta_base"]["id"]
+    ex = DeltaExporter(model, d, every_rows=EVERY)
     ex.start(N)
-    assert read_meta(tmp_path / "base")["delta_base"] == {"id": ex.base_id, "position": N}
+    assert read_meta(d / "base")["delta_base"] == {"id": ex.base_id, "position": N}
     assert ex.base_id != first
-    assert list((tmp_path / "deltas").iterdir()) == []
-    assert ex.start(N) == tmp_path / "base" and ex.base_id == read_meta(
-        tmp_path / "base")["delta_base"]["id"]  # started, nothing written: the same base
+    assert list((d / "deltas").iterdir()) == []
+    assert ex.start(N) == d / "base" and ex.base_id == read_meta(
+        d / "base")["delta_base"]["id"]  # started, nothing written: the same base
 
 
-def test_no_temporary_files_left(data, tmp_path):
-    schema, table = data
-    _run(schema, table, _model(schema), tmp_path)
-    names = sorted(p.name for p in (tmp_path / "deltas").iterdir())
+def test_no_temporary_files_left(exported):
+    _, d = exported
+    names = sorted(p.name for p in (d / "deltas").iterdir())
     assert names == [f"delta-{i:06d}.{ext}" for i in range(1, 5) for ext in ("json",
                                                                             "safetensors")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "deltas"]
+    assert sorted(p.name for p in d.iterdir()) == ["base", "deltas"]
 
 
 def test_bad_arguments(data, tmp_path):
