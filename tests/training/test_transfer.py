@@ -507,3 +507,13 @@ def test_cli_init_from_refused_in_a_distributed_run(runs, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert rc == 2 and "--init-from" in err and "one process" in err, err
     assert not (d / "dist").exists()
+
+
+def test_cli_lora_refused_with_deltas(runs, capsys):
+    """Deltas carry the dense weights as they are: an adapted run would export base weights."""
+    d = runs
+    rc = main(["train", str(d / "tgt.csv"), "--out", str(d / "deltas"), "--online",
+               "--init-from", str(d / "src"), "--adapter", "lora:2", "--export-every", "100"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not in --export-every's deltas" in err, err
+    assert not (d / "deltas").exists()
