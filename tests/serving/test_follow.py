@@ -6,6 +6,7 @@ deltas, serving the previous version."""
 import json
 import threading
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -140,13 +141,22 @@ class _nothing:
         return False
 
 
-def test_serving_follows_training(data, tmp_path):
+@pytest.mark.parametrize("tables", ["static", "dynamic"])
+def test_serving_follows_training(data, tmp_path, tables):
     """Training in one thread, a Scorer following its deltas in another, requests in a third:
     no request fails, every answer is one exported version's answer in full (bit for bit), and
-    the Scorer ends at the last delta."""
-    schema, table = data
+    the Scorer ends at the last delta. Dynamic: small LFU tables, so keys are evicted as the
+    items drift."""
+    if tables == "static":
+        schema, table = data
+        model = _model(schema, "deepfm_bn")
+    else:
+        schema, table = _dynamic_schema(), _dynamic_rows(N)
+        torch.manual_seed(0)
+        model = build_model("deepfm", schema, embedding_dim=4, hidden=(8,),
+                            dynamic_tables={"capacity": 48, "eviction": "lfu",
+                                            "evict_fraction": 0.25})
     reqs = _requests(table)
-    model = _model(schema, "deepfm_bn")
     snaps = {}
     lock = threading.Lock()
 
@@ -159,7 +169,7 @@ def test_serving_follows_training(data, tmp_path):
     export = tmp_path / "export"
     ex = DeltaExporter(model, export, every_rows=EVERY, on_export=on_export)
     ex.start(0)
-    sc = Scorer.load(export / "base")
+    sc = _load(export / "base")
     answers, errors = [], []
     stop = threading.Event()
 
@@ -190,8 +200,8 @@ def test_serving_follows_training(data, tmp_path):
         follower.stop()
     assert errors == [] and follower.errors == []
     assert follower.applied == last == N // EVERY
-    versions = [Scorer.load(export / "base")] + [Scorer.load(tmp_path / f"snap{s}")
-                                                  for s in range(1, last + 1)]
+    versions = [_load(export / "base")] + [_load(tmp_path / f"snap{s}")
+                                            for s in range(1, last + 1)]
     want = [[v.score(*r) for r in reqs] for v in versions]
     seen = set()
     for i, p in answers:
@@ -201,6 +211,12 @@ def test_serving_follows_training(data, tmp_path):
     assert len(answers) > 50 and len(seen) >= 2
     for p, w in zip([sc.score(*r) for r in reqs], want[-1]):
         np.testing.assert_array_equal(p, w)
+
+
+def _load(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamic tables: served by the torch forward
+        return Scorer.load(path)
 
 
 # ---------------------------------------------------------------------------- bad deltas
