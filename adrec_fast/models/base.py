@@ -247,7 +247,7 @@ class SparseLookup(nn.Module):
         sizes = [s.numel() for s in seqs]
         if not self.mixed:  # every read is dynamic: the keys as they are, one call
             keys, ofs = _one_per_bag(indices, offsets, seqs)
-            return self.dyn(keys, ofs, now=self.now), sizes
+            return self.dyn.forward(keys, ofs, now=self.now), sizes  # no hooks: no __call__
         # both kinds: one call each (static tables: global row ids), then the rows in bag order
         bags = torch.arange(T * B, device=offsets.device).view(T, B)
         idx = {False: [], True: []}  # dynamic? -> positions of its bags among the T
@@ -263,7 +263,8 @@ class SparseLookup(nn.Module):
             extra = [s if sd else s + base for s, sd, base
                      in zip(seqs, self.seq_dynamic, self.seq_base) if sd == d]
             ids, ofs = _one_per_bag(ids, ofs, extra)
-            calls[d] = (self.dyn(ids, ofs, now=self.now) if d else self._global(ids, ofs))
+            calls[d] = (self.dyn.forward(ids, ofs, now=self.now) if d
+                        else self._global(ids, ofs))
         n_static = calls[False].shape[0]
         rank = {p: k for d in (False, True) for k, p in enumerate(idx[d])}
         order = [torch.arange(B) + (n_static if d else 0) + rank[p] * B
