@@ -145,10 +145,14 @@ def read_manifest(path) -> dict:
     if man.get("version") != VERSION:
         raise DeltaError(f"{path}: delta version {man.get('version')!r} is not supported "
                          f"(expected {VERSION})")
-    need = ("seq", "base", "position", "file", "bytes", "sha256")
+    need = {"seq": int, "base": str, "position": int, "file": str, "bytes": int, "sha256": str}
     missing = [k for k in need if k not in man]
     if missing:
         raise DeltaError(f"{path}: the delta manifest lacks {missing}")
+    bad = [k for k, t in need.items() if not isinstance(man[k], t) or isinstance(man[k], bool)]
+    if bad or man["seq"] < 1 or Path(man["file"]).name != man["file"]:
+        raise DeltaError(f"{path}: the delta manifest's {bad or ['seq', 'file']} are not valid "
+                         "(seq >= 1, a file name beside the manifest)")
     return man
 
 
@@ -228,7 +232,7 @@ class _Shadow:
                              f"delta {self.seq} and needs delta {self.seq + 1}")
         for key, (rows, vals) in delta.tables.items():
             t = self.state.get(key)
-            if t is None or t.dim() != 2 or key not in self.persistent:
+            if t is None or t.dim() != 2 or key not in self.persistent or self.in_dynamic(key):
                 raise DeltaError(f"{path}: rows for {key!r}, which is not an embedding table of "
                                  f"model {self.version.name!r}")
             if vals.shape[1] != t.shape[1]:
@@ -246,12 +250,21 @@ class _Shadow:
                                  f"the table {dyn.embedding_dim}")
         for key, v in delta.dense.items():
             t = self.state.get(key)
-            if t is None or key not in self.persistent:
+            if t is None or key not in self.persistent or self.in_dynamic(key):
                 raise DeltaError(f"{path}: dense/{key}: model {self.version.name!r} has no "
-                                 "such weight")
+                                 "such dense weight")
             if tuple(v.shape) != tuple(t.shape):
                 raise DeltaError(f"{path}: dense/{key} is {list(v.shape)}, the model's "
                                  f"{list(t.shape)}")
+
+    def in_dynamic(self, key: str) -> bool:
+        """Whether the state entry ``key`` belongs to a DynamicEmbedding (whose tensors a
+        delta changes only through keys)."""
+        mod = key.rsplit(".", 1)[0] if "." in key else ""
+        try:
+            return isinstance(self.model.get_submodule(mod), DynamicEmbedding)
+        except AttributeError:
+            return False
 
     def dynamic(self, key: str):
         """The DynamicEmbedding whose weight is the state entry ``key``, or None."""
@@ -511,9 +524,10 @@ class Follower:
                     break  # refused before and unchanged
                 try:
                     self.scorer.apply_delta(path)
-                except DeltaError as e:
+                except Exception as e:  # the version stays; tried again once the file changes
                     self._refused[path] = stamp
-                    self._record(str(path), str(e))
+                    self._record(str(path), str(e) if isinstance(e, DeltaError)
+                                 else f"{path}: {type(e).__name__}: {e}")
                     break
                 n += 1
         return n

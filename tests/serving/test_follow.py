@@ -266,6 +266,9 @@ def test_bad_deltas_refused(run, tmp_path):
     man = json.loads(text)
     deltas[1].write_text(json.dumps({**man, "base": "0" * 32}))
     refused(deltas[1], "wrong base")
+    for field, value in (("seq", "1"), ("file", "../x.safetensors"), ("bytes", True)):
+        deltas[1].write_text(json.dumps({**man, field: value}))
+        refused(deltas[1], "not valid")
     deltas[1].write_text(text)
     assert sc.apply_delta(deltas[1])[0] == 1
     refused(deltas[1], "out of sequence")  # the same delta twice
@@ -286,7 +289,7 @@ def test_bad_tensors_refused(run, tmp_path):
         "out of range": {f"rows/{key}": rows + 10**6, f"values/{key}": vals},
         "width": {f"rows/{key}": rows, f"values/{key}": vals[:, :1].contiguous()},
         "not an embedding table": {"rows/nope.weight": rows, "values/nope.weight": vals},
-        "has no such weight": {"dense/nope.bias": torch.zeros(3)},
+        "has no such dense weight": {"dense/nope.bias": torch.zeros(3)},
         "without values": {f"rows/{key}": rows},
     }
     for match, tensors in cases.items():
