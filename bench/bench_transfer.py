@@ -198,8 +198,9 @@ def main(argv=None) -> int:
                          default=float), flush=True)
     loras = [lora_name(args, r, lr) for r, lr in lora_arms(args)]
     arms = ["zero-shot", "scratch", "fine-tune", "freeze-dense"] + loras
-    print(f"\n{args.model} {args.hidden}, D={args.embedding_dim}; source ~{results[0]['n_source']:,} "
-          f"rows, fine-tuning on {results[0]['n_ft']:,} target rows (10%); {len(seeds)} seeds; "
+    print(f"\n{args.model} {args.hidden}, D={args.embedding_dim}; source "
+          f"~{results[0]['n_source']:,} rows, fine-tuning on {results[0]['n_ft']:,} target rows "
+          f"({args.fraction:.0%}); {len(seeds)} seeds; "
           f"oracle AUC on the target test {_ms([r['oracle'] for r in results])[0]:.4f}")
     print(f"{'arm':18s} {'test AUC':>18s} {'gain vs zero-shot':>20s} {'gain vs scratch':>18s} "
           f"{'dense trained':>14s}")
