@@ -328,3 +328,36 @@ def test_cli_demo_online(tmp_path, capsys):
     assert schema.has_dynamic and model.dynamic_embeddings()
     assert main(["demo", "--online", "--rows", "500"]) == 2
     assert "--rows must be >= 7,000 with --online" in capsys.readouterr().err
+
+
+def test_resume_on_dynamic_tables_trains_no_row_twice(tmp_path):
+    """A killed run resumes from its checkpoint (keys, rows, counters, clocks included) and
+    ends as the uninterrupted run: the same scores, the same table."""
+    from adrec_fast.training.online import load_position
+
+    schema = _schema()
+    table = _table(1500, seed=8, ts=np.arange(1500) * 2.0)
+    kw = dict(schema=schema, batch_size=100, time_col="ts")
+    whole_model = _dyn_model(schema, ttl=400, min_count=2)
+    whole = train_online(whole_model, [table], **kw)
+
+    class Killed(Exception):
+        pass
+
+    def dies_after(rows):
+        for s in range(0, 1500, 250):
+            if s >= rows:
+                raise Killed
+            yield table.slice(s, 250)
+
+    with pytest.raises(Killed):
+        train_online(_dyn_model(schema, ttl=400, min_count=2), dies_after(1000),
+                     checkpoint_dir=tmp_path, checkpoint_every=300, **kw)
+    assert load_position(tmp_path) == 900
+    model = _dyn_model(schema, ttl=400, min_count=2)  # a fresh process
+    res = train_online(model, [table], checkpoint_dir=tmp_path, resume=True, **kw)
+    assert res.resumed_from == 900 and res.rows == 1500
+    np.testing.assert_array_equal(res.probs, whole.probs)
+    for a, b in zip(model.dynamic_embeddings(), whole_model.dynamic_embeddings()):
+        for k, v in a.state_tensors().items():
+            assert torch.equal(v, b.state_tensors()[k]), k
