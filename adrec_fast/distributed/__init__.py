@@ -9,6 +9,7 @@ A run, on every rank (started by torchrun, or with its environment set by hand):
     check_same_config(ctx, model=model.config, schema=schema.to_dict(), seed=seed)
     shard_model(model, ctx)                            # tables -> their owners
     global_batch_dropout(model, ctx)                   # optional: one process's dropout masks
+    global_batch_norm(model, ctx)                      # optional: batch norm over the global batch
     ddp = wrap_ddp(model, ctx)
     opt = torch.optim.Adam(ddp.parameters())           # the dense parameters
     for batch in global_batches:
@@ -35,8 +36,10 @@ from .process_group import (
 )
 from .sharding import (
     GlobalBatchDropout,
+    GlobalBatchNorm,
     ShardedEmbeddingBagCollection,
     global_batch_dropout,
+    global_batch_norm,
     local_batch,
     local_rows,
     model_plans,
@@ -50,6 +53,7 @@ __all__ = [
     "DistContext",
     "Exchange",
     "GlobalBatchDropout",
+    "GlobalBatchNorm",
     "PeerFailure",
     "ShardedEmbeddingBagCollection",
     "ShardingPlan",
@@ -57,6 +61,7 @@ __all__ = [
     "check_same_config",
     "fingerprint",
     "global_batch_dropout",
+    "global_batch_norm",
     "init_from_env",
     "local_batch",
     "load_optimizer",

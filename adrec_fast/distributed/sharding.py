@@ -27,6 +27,7 @@ update of the global batch. Only the summation order differs (per rank, then acr
 """
 from __future__ import annotations
 
+import datetime
 import inspect
 
 import torch
@@ -424,6 +425,58 @@ def global_batch_dropout(model: nn.Module, ctx: DistContext) -> int:
     many were replaced. Without it each rank draws its own mask, a valid but different sample
     of training."""
     return len(_replace(model, nn.Dropout, lambda name, m: GlobalBatchDropout(m.p, ctx)))
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` over the global batch: in training, each feature's mean and variance
+    come from the rows of every rank (their sums and sums of squares all-reduced on ``group``,
+    differentiably, so the backward sums every rank's gradient of them as one process's
+    backward does), and the running statistics follow those; eval mode is ``BatchNorm1d``'s.
+    The state dict is ``BatchNorm1d``'s, so a checkpoint loads into the plain model. The
+    variance is E[x^2] - E[x]^2 (one all-reduce), where one process subtracts the mean first:
+    equal up to rounding for the normalised activations of a tower."""
+
+    def __init__(self, bn: nn.BatchNorm1d, ctx: DistContext, group):
+        like = bn.weight if bn.affine else bn.running_mean
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                         bn.track_running_stats,
+                         device=None if like is None else like.device,
+                         dtype=None if like is None else like.dtype)
+        self.load_state_dict(bn.state_dict())
+        self.world, self.group = ctx.world, group
+
+    def forward(self, x: Tensor) -> Tensor:  # [n, C] this rank's rows
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        C, n = self.num_features, x.shape[0] * self.world
+        total = all_reduce(torch.cat([x.sum(0), (x * x).sum(0)]), group=self.group)  # [2C]
+        mean = total[:C] / n  # [C]
+        var = (total[C:] / n - mean * mean).clamp_min(0)  # [C] biased, what normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                     else self.momentum)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var * (n / max(n - 1, 1)), alpha=m)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", world={self.world}"
+
+
+def global_batch_norm(model: nn.Module, ctx: DistContext, group=None) -> int:
+    """Replace every ``nn.BatchNorm1d`` of ``model`` by a ``GlobalBatchNorm`` (in place) whose
+    collectives run on ``group`` (default: a new group of every rank, apart from DDP's and the
+    embedding exchange's; a collective, call it on every rank); returns how many. Without it
+    each rank normalises by its own rows' statistics, as DDP does."""
+    if group is None:
+        group = dist.new_group(backend=ctx.backend, timeout=datetime.timedelta(
+            seconds=ctx.timeout_s))
+    return len(_replace(model, nn.BatchNorm1d, lambda name, m: GlobalBatchNorm(m, ctx, group)))
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext, **ddp_kwargs) -> DistributedDataParallel:

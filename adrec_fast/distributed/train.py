@@ -14,10 +14,12 @@ machine or several) starts them directly. Each rank then runs ``run_train``:
    single process makes (``valid_mask`` of the row number, the total and the seed);
 4. the model is built from the same seed on every rank, its tables sharded by the planner (from
    the ids per table and row of a sample batch, summed over the ranks), the towers put under
-   DDP, dropout drawn for the whole global batch (``global_batch_dropout``);
-5. each step every rank trains on ``batch_size / N`` of its own rows (the global batch is the
-   single process's); validation scores every rank's rows and gathers them, so every rank
-   takes the same early-stopping, learning-rate and calibration decisions from the same AUC;
+   DDP, dropout masks and batch-norm statistics taken over the whole global batch
+   (``global_batch_dropout``, ``global_batch_norm``);
+5. the global batches are the single process's, in its order (``GlobalOrder``), each rank
+   training on ``batch_size / N`` rows of each; validation scores every rank's rows and
+   gathers them, so every rank takes the same early-stopping, learning-rate and calibration
+   decisions from the same AUC;
 6. the run directory is the single process's: ``best/`` and ``last/`` as sharded checkpoints
    (``save_sharded``, which ``eval``, ``predict`` and the Scorer load in one process),
    ``metrics.json`` and the plots, written by rank 0.
@@ -236,6 +238,54 @@ def predict_all(model, rows, ctx: DistContext, batch_size: int, filler):
     return (np.concatenate([e[0] for e in everyone]), np.concatenate([e[1] for e in everyone]))
 
 
+class GlobalOrder:
+    """The single process's training batches, each rank getting its share of each.
+
+    Epoch e visits the training rows in the order ``epoch_permutation(n, seed, e)`` over the
+    rows of all ranks (numbered rank by rank, i.e. in file order: the single process's
+    numbering) and cuts it into global batches of ``batch_size`` rows, as one process does;
+    rank r trains on the r-th of ``world`` equal shares of each. The rows of a share live on
+    whichever rank read them, so each step every rank sends the others the rows it holds of
+    their shares (gathered as encoded rows; about a global batch of rows per rank per step,
+    small next to the embedding exchange's rows of D floats). The last partial batch loses
+    its rows beyond a multiple of ``world`` (at most ``world - 1``): the shares must be equal.
+    """
+
+    def __init__(self, train, counts: list[int], ctx: DistContext, batch_size: int, seed: int):
+        self.train, self.ctx, self.B, self.seed = train, ctx, int(batch_size), int(seed)
+        self.n = sum(counts)
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        self.first = starts[ctx.rank]
+        self.ends = torch.tensor(starts[1:], dtype=torch.long)  # [world] end of each rank's rows
+
+    def epoch(self, e: int):
+        from ..data.batch import Batch
+        from ..data.stream import epoch_permutation
+
+        ctx, world, me = self.ctx, self.ctx.world, self.ctx.rank
+        perm = epoch_permutation(self.n, self.seed, e)  # [n] global training row numbers
+        for start in range(0, self.n, self.B):
+            g = perm[start:start + self.B]
+            g = g[:g.numel() - g.numel() % world]
+            if not g.numel():
+                break
+            b = g.numel() // world
+            holder = torch.searchsorted(self.ends, g, right=True)  # [m] rank that read the row
+            parts = []
+            for d in range(world):
+                pos = torch.nonzero(holder[d * b:(d + 1) * b] == me).squeeze(1)  # in share d
+                rows = g[d * b:(d + 1) * b][pos] - self.first
+                parts.append((pos, self.train.take(rows) if pos.numel() else None))
+            everyone: list = [None] * world
+            dist.all_gather_object(everyone, parts, group=ctx.group)
+            got = [everyone[src][me] for src in range(world) if everyone[src][me][1] is not None]
+            batch = Batch.concat([p[1] for p in got]) if len(got) > 1 else got[0][1]
+            order = torch.argsort(torch.cat([p[0] for p in got]))  # back to the share's order
+            yield batch.take(order)
+
+
 def _sync_dense_buffers(model, ctx: DistContext) -> None:
     """Average the floating buffers of the dense layers over the ranks (batch norm's running
     statistics, each rank's from its own rows), so every rank predicts alike and the saved
@@ -263,7 +313,7 @@ def run_train(a) -> int:
     from .checkpoint import save_sharded
     from .exchange import Exchange
     from .planner import plan_tables
-    from .sharding import global_batch_dropout, shard_model, wrap_ddp
+    from .sharding import global_batch_dropout, global_batch_norm, shard_model, wrap_ddp
 
     check_options(a, int(os.environ["WORLD_SIZE"]))
     try:
@@ -321,18 +371,17 @@ def run_train(a) -> int:
     with ctx.guard("counting the ranks' rows"):
         dist.all_gather_object(sizes, (len(train), len(valid)), group=ctx.group)
     n_train, n_valid = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
-    if n_valid == 0 or n_train == 0:
+    if n_train < ctx.world:
+        raise cli.CLIError(f"{a.data}: {n_train} training rows cannot be shared by "
+                           f"{ctx.world} ranks")
+    if n_valid == 0:
         raise cli.CLIError(f"{a.data}: cannot hold out {a.valid_fraction:.0%} of {total} rows "
                            "for validation; give a separate validation file")
 
     model_kw, trainer_kw, epochs = cli._recipe(a)
     B = int(trainer_kw.get("batch_size", 1024))  # divisible: check_options
     b = B // ctx.world
-    steps = min(s[0] for s in sizes) // b
-    if steps < 1:
-        raise cli.CLIError(f"--batch-size {B}: a rank holds only {min(s[0] for s in sizes)} "
-                           f"training rows, fewer than its {b} rows per step; use a smaller "
-                           "batch or fewer ranks")
+    batches = GlobalOrder(train, [s[0] for s in sizes], ctx, B, a.seed)
     if lead:
         print(f"{a.data}: {n_train:,} training rows, {n_valid:,} validation rows over "
               f"{ctx.world} ranks (rank 0: rows {lo:,}-{hi:,} of the file); "
@@ -351,6 +400,7 @@ def run_train(a) -> int:
              for name, ebc in model.named_modules() if isinstance(ebc, EmbeddingBagCollection)}
     shard_model(model, ctx, exchange, plans=plans)
     global_batch_dropout(model, ctx)
+    global_batch_norm(model, ctx)
     ddp = wrap_ddp(model, ctx)
     trainer_kw.pop("batch_size", None)
     trainer = Trainer(model, seed=a.seed, progress=False, batch_size=B, **trainer_kw)
@@ -359,24 +409,23 @@ def run_train(a) -> int:
         for name, plan in plans.items():
             print(f"{name}: " + plan.report(), flush=True)
     filler = train.slice(0, 1).to_batch()
-    total_steps = steps * epochs
+    total_steps = math.ceil(n_train / B) * epochs  # the single process's schedule
     opt = trainer.optimizer
     clip = trainer.clip_grad_norm
     best_state, best_valid, stopped = None, None, False
     meta_base = {"distributed": {"world": ctx.world, "global_batch": B, "rows_per_rank": sizes}}
+    torch.manual_seed(a.seed)  # where the single process's fit starts its dropout draws
     while trainer.epoch < epochs and not stopped:
         e = trainer.epoch
         model.train()
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(
-            (a.seed * 1_000_003 + e) * 65_537 + ctx.rank))
         exchange.reset_stats()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64)  # sum over the rows trained
+        steps = seen = 0
         with ctx.guard(f"training epoch {e + 1}"):
-            for s in range(steps):
+            for batch in batches.epoch(e):
                 trainer._set_lr(lr_factor(trainer.schedule, trainer.global_step, total_steps, e,
                                           **trainer.schedule_kw))
-                batch = train.take(order[s * b:(s + 1) * b])
                 loss = model.loss(ddp(batch), batch.labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -388,7 +437,8 @@ def run_train(a) -> int:
                 if not math.isfinite(lv):
                     raise FloatingPointError(f"rank {ctx.rank}: training loss is {lv} at step "
                                              f"{trainer.global_step}; lower the learning rates")
-                loss_sum += lv
+                loss_sum += lv * batch.batch_size
+                steps, seen = steps + 1, seen + batch.batch_size * ctx.world
             dist.all_reduce(loss_sum, group=ctx.group)
         dt = time.perf_counter() - t0
         moved = exchange.stats()  # this rank's embedding exchange during the epoch's steps
@@ -397,13 +447,13 @@ def run_train(a) -> int:
         p, y = predict_all(model, valid, ctx, trainer.eval_batch_size, filler)
         vm = metrics_of(y, p)
         metrics = {"epoch": trainer.epoch,
-                   "train_loss": float(loss_sum) / (steps * ctx.world),
-                   "samples_per_s": steps * B / max(dt, 1e-9), "train_time_s": dt,
+                   "train_loss": float(loss_sum) / max(seen, 1),
+                   "samples_per_s": seen / max(dt, 1e-9), "train_time_s": dt,
                    "lr_factor": lr_factor(trainer.schedule, max(trainer.global_step - 1, 0),
                                           total_steps, e, **trainer.schedule_kw)
                    * trainer.plateau_scale,
-                   "exchange_bytes_per_step": moved["bytes_sent"] / steps,
-                   "exchange_s_per_step": moved["seconds"] / steps,
+                   "exchange_bytes_per_step": moved["bytes_sent"] / max(steps, 1),
+                   "exchange_s_per_step": moved["seconds"] / max(steps, 1),
                    **{f"valid_{k}": v for k, v in vm.items()}}
         improved = trainer._is_better(vm[trainer.monitor])
         if improved:

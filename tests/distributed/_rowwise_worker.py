@@ -14,6 +14,9 @@ Part 2, checkpoints: a small DLRM whose two big tables are row-wise trains a few
 saved with ``save_sharded``, and loaded back onto the two ranks table-wise and row-wise; the
 gathered tables must equal the saved ones. Rank 0 leaves the gathered tables in OUTDIR for the
 test to compare with ``load_model`` and a one-rank ``load_sharded`` in one process.
+Part 3, ``GlobalBatchNorm``: its forward on this rank's rows, the gradients of its input and
+(summed over the ranks, as DDP sums them before averaging) of its weight and bias, and its
+running statistics against ``nn.BatchNorm1d`` on the whole global batch in float64.
 Every mismatch is written to OUTDIR/rank<r>.json as text; an empty list is a pass.
 """
 from __future__ import annotations
@@ -145,6 +148,37 @@ def part_checkpoint(ctx, out: Path, errors: list) -> None:
         _check(errors, f"load_sharded {tag}: optimizer state", s, state)
 
 
+def part_batch_norm(ctx, errors: list) -> None:
+    B, C = 5, 7  # rows per rank, features (odd)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B * ctx.world, C, generator=g, dtype=torch.float64) * 3 + 1
+    up = torch.randn(B * ctx.world, C, generator=g, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(C, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5, generator=g)
+        ref.bias.uniform_(-0.5, 0.5, generator=g)
+    gbn = D.GlobalBatchNorm(copy.deepcopy(ref), ctx, ctx.group)
+    lo, hi = ctx.rank * B, (ctx.rank + 1) * B
+    xr = x.clone().requires_grad_(True)
+    xl = x[lo:hi].clone().requires_grad_(True)
+    for step in range(2):
+        want = ref(xr)
+        (want * up).sum().backward()
+        got = gbn(xl)
+        (got * up[lo:hi]).sum().backward()
+        _check(errors, f"batch norm step {step}: output", got, want[lo:hi])
+    _check(errors, "batch norm: input gradient", xl.grad, xr.grad[lo:hi])
+    for name in ("weight", "bias"):
+        grad = getattr(gbn, name).grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        _check(errors, f"batch norm: {name} gradient", grad, getattr(ref, name).grad)
+    _check(errors, "batch norm: running mean", gbn.running_mean, ref.running_mean)
+    _check(errors, "batch norm: running var", gbn.running_var, ref.running_var)
+    gbn.eval()
+    ref.eval()
+    _check(errors, "batch norm: eval", gbn(x[lo:hi]), ref(x[lo:hi]))
+
+
 def _check(errors: list, what: str, got, want) -> None:
     try:
         torch.testing.assert_close(got, want)
@@ -159,6 +193,7 @@ def main(argv=None) -> int:
     errors: list = []
     part_collection(ctx, errors)
     part_checkpoint(ctx, out, errors)
+    part_batch_norm(ctx, errors)
     (out / f"rank{ctx.rank}.json").write_text(json.dumps({"errors": errors}))
     ctx.destroy()
     return 0

@@ -3,10 +3,10 @@
 each reading its half of a synthetic CSV, against the same command in one process; the
 2-rank run directory is then evaluated in one process with ``adrec-fast eval`` and the Scorer.
 
-The two runs see the same rows, validation split and global batch but not the same batches
-(each rank shuffles its own half), so their models are two samples of training: their test
-AUCs are compared within a tolerance, not bit for bit (``test_two_ranks`` checks the exact
-equality of the sharded step itself).
+The two runs train on the same global batches in the same order, with the global batch's
+dropout masks and batch-norm statistics; they differ in the order of summation only, which
+five epochs of training amplify to about 1e-3 of AUC. So the test AUCs are compared within a
+tolerance (``test_two_ranks`` checks the sharded step itself to 1e-5).
 """
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ROWS, TEST_ROWS = 8_000, 4_000
 ARGS = ["--model", "deepfm", "--epochs", "5", "--batch-size", "256", "--json", "--no-progress"]
-#: the two runs' test AUCs differ by ~0.003 on this data (different batches); a broken path
-#: (wrong shard, wrong gradient scale, a rank training on nothing) costs far more
-AUC_TOLERANCE = 0.02
+#: a broken path (a wrong shard, gradient scale or batch share) costs far more than this
+AUC_TOLERANCE = 0.01
 
 
 def _write_csv(path: Path, n: int, seed: int) -> None:

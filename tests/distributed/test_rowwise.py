@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Row-wise sharding: the planner's choice and cuts, and two gloo ranks against one process
 (``_rowwise_worker``: the collection's outputs, tables and optimizer state step by step; a
-row-wise checkpoint reloaded onto two ranks table-wise and row-wise), then the same checkpoint
-in this one process with ``load_model`` and a one-rank ``load_sharded``."""
+row-wise checkpoint reloaded onto two ranks table-wise and row-wise; ``GlobalBatchNorm`` in the
+same launch), then the same checkpoint in this one process with ``load_model`` and a one-rank
+``load_sharded``."""
 from __future__ import annotations
 
 import json
