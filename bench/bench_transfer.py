@@ -30,7 +30,7 @@ and the gain of an arm is its test AUC minus the zero-shot AUC (the fine-tuning'
 the gain over scratch is printed beside it). ``LoRA / full`` is the LoRA arm's gain over full
 fine-tuning's, both over zero-shot.
 
-    python bench/bench_transfer.py                       # 3 seeds, DeepFM, lora ranks 4 and 8
+    python bench/bench_transfer.py                       # 3 seeds, DeepFM, LoRA ranks 2 and 4
     python bench/bench_transfer.py --quick               # a small check that it runs
 """
 from __future__ import annotations
@@ -173,12 +173,12 @@ def main(argv=None) -> int:
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--patience", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--embedding-lr", type=float, default=0.05)
-    p.add_argument("--lora-lr", default="1e-3",
+    p.add_argument("--lora-lr", default="5e-3",
                    help="learning rate(s) of the LoRA arms (a comma list: one arm per rank and lr)")
-    p.add_argument("--ranks", default="4,8")
+    p.add_argument("--ranks", default="2,4")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the per-seed results here")
     p.add_argument("--quick", action="store_true")
