@@ -51,6 +51,7 @@ import torch
 from .. import _C
 from ..models.checkpoint import load_model, read_meta
 from ..nn.dynamic_table import DynamicEmbedding
+from .quantize import dequantize_rows, quantize_rows
 
 FORMAT = "adrec_fast.delta"
 VERSION = 1
@@ -359,8 +360,6 @@ def _write_dynamic(dyn: DynamicEmbedding, got: dict) -> None:
 
 def _next_version(v, shadow: _Shadow, delta: Delta, serial: int):
     """The version after ``delta``: ``v`` copied on write (``shadow`` already holds the delta)."""
-    from .scorer import dequantize_rows, quantize_rows
-
     new = copy.copy(v)
     new.serial = serial
     new.handles = {}

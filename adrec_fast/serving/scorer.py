@@ -59,39 +59,10 @@ from ..models.checkpoint import load_model, resolve
 from ..models.serving_spec import ServingSpec
 from ..ops import scorer as _op
 from .encoder import RequestEncoder
+from .quantize import QUANTIZE, dequantize_rows, quantize_rows
 
-QUANTIZE = (None, "fp16", "int8")
 MLP = (None, "fp32", "bf16")
 MISSING = ("error", "default")
-
-
-# ---------------------------------------------------------------------------- quantization
-def quantize_rows(weight: torch.Tensor, mode: str | None):
-    """weight [R, D] float32 -> (storage, scale_bias [R, 2] float32 or None).
-
-    ``"fp16"``: storage [R, D] float16. ``"int8"``: storage [R, D] uint8 with
-    ``x ~= q * scale + bias`` per row (scale = (max - min) / 255, bias = min; a constant row
-    gets scale 1). ``None``: the float32 weight itself."""
-    w = weight.detach().float().contiguous()
-    if mode is None:
-        return w, None
-    if mode == "fp16":
-        return w.half().contiguous(), None
-    if mode == "int8":
-        mn = w.amin(dim=1) if w.numel() else w.new_zeros(w.shape[0])  # [R]
-        mx = w.amax(dim=1) if w.numel() else w.new_zeros(w.shape[0])  # [R]
-        scale = (mx - mn) / 255.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # [R]
-        q = ((w - mn[:, None]) / scale[:, None]).round_().clamp_(0, 255).to(torch.uint8)
-        return q.contiguous(), torch.stack([scale, mn], dim=1).contiguous()  # [R, D], [R, 2]
-    raise ValueError(f"quantize must be one of {QUANTIZE}, got {mode!r}")
-
-
-def dequantize_rows(storage: torch.Tensor, scale_bias: torch.Tensor | None) -> torch.Tensor:
-    """Inverse of :func:`quantize_rows` -> [R, D] float32 (the values the kernel reads)."""
-    if scale_bias is None:
-        return storage.float()
-    return storage.float() * scale_bias[:, :1] + scale_bias[:, 1:]
 
 
 # ---------------------------------------------------------------------------- packing
