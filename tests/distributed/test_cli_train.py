@@ -113,3 +113,25 @@ def test_train_nproc_errors_are_named_and_end_every_rank(files):
     assert "does not look like a model directory" in done.stderr
     assert "(reported by rank 0)" in done.stderr
     assert sorted(p.name for p in (files / "bad").iterdir()) == ["notes.txt"]
+
+
+def test_ranks_started_with_different_arguments_are_refused(files):
+    """Two ranks started by hand (torchrun's environment), rank 1 with another seed: both
+    stop at start with an error naming the argument and each rank's value."""
+    from .test_two_ranks import _free_port
+
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "adrec_fast", "train", str(files / "train.csv"), "--out",
+             str(files / "mismatch"), "--model", "fm", "--seed", str(rank)],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err[-2000:]
+        assert "different configurations" in err and "arguments: seed" in err, err[-2000:]
+        assert "rank 0 has 0, rank 1 has 1" in err, err[-2000:]
+    assert not (files / "mismatch").exists()
