@@ -427,11 +427,29 @@ def global_batch_dropout(model: nn.Module, ctx: DistContext) -> int:
     return len(_replace(model, nn.Dropout, lambda name, m: GlobalBatchDropout(m.p, ctx)))
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """x -> the sum of every rank's x (all-reduce on ``group``); the backward is the same sum
+    of the gradients, since every rank's output depends on every rank's x."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class GlobalBatchNorm(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` over the global batch: in training, each feature's mean and variance
     come from the rows of every rank (their sums and sums of squares all-reduced on ``group``,
-    differentiably, so the backward sums every rank's gradient of them as one process's
-    backward does), and the running statistics follow those; eval mode is ``BatchNorm1d``'s.
+    and their gradients summed over the ranks in the backward, as one process's backward sums
+    them), and the running statistics follow those; eval mode is ``BatchNorm1d``'s.
     The state dict is ``BatchNorm1d``'s, so a checkpoint loads into the plain model. The
     variance is E[x^2] - E[x]^2 (one all-reduce), where one process subtracts the mean first:
     equal up to rounding for the normalised activations of a tower."""
@@ -448,10 +466,8 @@ class GlobalBatchNorm(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:  # [n, C] this rank's rows
         if not self.training:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         C, n = self.num_features, x.shape[0] * self.world
-        total = all_reduce(torch.cat([x.sum(0), (x * x).sum(0)]), group=self.group)  # [2C]
+        total = _SumOverRanks.apply(torch.cat([x.sum(0), (x * x).sum(0)]), self.group)  # [2C]
         mean = total[:C] / n  # [C]
         var = (total[C:] / n - mean * mean).clamp_min(0)  # [C] biased, what normalises
         if self.track_running_stats:
