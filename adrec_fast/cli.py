@@ -556,10 +556,6 @@ def _check_transfer_options(a) -> None:
         return
     if getattr(a, "nproc", None) is not None:
         raise CLIError("--init-from runs in one process; leave out --nproc")
-    if a.adapter and getattr(a, "export_every", None):
-        # a delta carries the dense weights as they are: the base ones, not W + B A
-        raise CLIError("--adapter: LoRA adapters are merged when the model is saved, not in "
-                       "--export-every's deltas; train without --export-every")
     from .models import checkpoint as ckpt
     from .training import transfer
 

@@ -63,6 +63,7 @@ import torch
 
 from ..models import checkpoint as ckpt
 from ..nn.dynamic_table import DynamicEmbedding
+from ..nn.lora import merged_state_dict
 from ..nn.embedding_bag import EmbeddingBagCollection
 
 FORMAT = "adrec_fast.delta"
@@ -119,7 +120,8 @@ def dense_state(model) -> dict[str, torch.Tensor]:
         for k, b in m._buffers.items():
             if b is not None and k not in m._non_persistent_buffers_set:
                 out[prefix + k] = b.detach()
-    return out
+    # LoRA adapters ship folded into their base weights, as a saved checkpoint holds them
+    return merged_state_dict(model, out)
 
 
 def _is_dynamic(m) -> bool:
