@@ -78,7 +78,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def check_options(a, world: int) -> None:
     """Refuse, before any rank starts work, what a distributed ``train`` cannot do."""
-    from .. import cli
+    from .. import _cli_common as cli
 
     if a.online or a.time_col:
         raise cli.CLIError("--online trains in one process (one pass in order); drop --nproc "
@@ -303,7 +303,7 @@ def _sync_dense_buffers(model, ctx: DistContext) -> None:
 
 def run_train(a) -> int:
     """One rank of ``train`` (see the module docstring); rank 0 prints and writes the run."""
-    from .. import cli
+    from .. import _cli_common as cli
     from ..data.schema import Schema
     from ..data.stream import valid_mask
     from ..models.checkpoint import replace_dir
