@@ -9,11 +9,12 @@ name the file, the line and the field. Quoted fields may not contain newlines.
 
 When a schema is given, the chunk holds the schema's columns (and the label): dense columns as
 float64 (NaN = missing), vector columns as list<float>, categorical text as strings. Bad rows
-(wrong column count, non-numeric dense or vector value, a label that is not 0 or 1, a malformed
-libsvm/libffm token) raise ``DataError``; with ``skip_bad_rows=True`` they are dropped and counted
-in ``reader.bad_rows``, a ``RuntimeWarning`` reports the count at the end of the pass, and a
-``DataError`` is raised once the count exceeds ``max_bad_rows``. A truncated or corrupt gzip
-stream always raises (the rest of the file is unreadable).
+(wrong column count, non-numeric dense or vector value, a blank or non-string text value, a
+label that is not 0 or 1, a malformed libsvm/libffm token) raise ``DataError``; with
+``skip_bad_rows=True`` they are dropped and counted in ``reader.bad_rows``, a ``RuntimeWarning``
+reports the count at the end of the pass, and a ``DataError`` is raised once the count exceeds
+``max_bad_rows``. A truncated or corrupt gzip stream always raises (the rest of the file is
+unreadable).
 
 Readers only turn files into chunks; encoding them, fitting a schema on a file and cutting
 batches is :mod:`adrec_fast.data.pipeline`'s work.
@@ -146,6 +147,9 @@ class Reader:
     """
 
     fmt = ""
+    # whether an empty string is how the format writes a missing value (text fields read it as
+    # null; a blank one is still an error)
+    empty_is_missing = False
 
     def __init__(
         self,
@@ -280,6 +284,8 @@ class Reader:
                     )
                     flat = pa.array(v.reshape(-1), type=pa.float32())
                     out[name] = pa.FixedSizeListArray.from_arrays(flat, f.dim)
+                elif f.type == "text":
+                    out[name] = self._text_column(col, f.name, note)
                 else:
                     out[name] = col
         for name in table.column_names:
@@ -291,6 +297,29 @@ class Reader:
             keep = ~np.isin(line_of, np.fromiter(drop, dtype=np.int64))
             result = result.filter(pa.array(keep))
         return result
+
+    def _text_column(self, col, field: str, note):
+        """A text field's raw column -> strings (null = missing); a value that is not a string
+        and an empty or blank string are noted as bad rows, so the error names the line."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
+                or pa.types.is_null(arr.type)):
+            note(arr.is_valid().to_numpy(zero_copy_only=False), field,
+                 lambda i: f"text fields take strings, got {_show(arr[i])} ({arr.type})")
+            return pa.nulls(len(arr), pa.string())
+        arr = arr.cast(pa.string())
+        if self.empty_is_missing:
+            arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
+        blank = pc.equal(pc.utf8_trim_whitespace(arr), "").fill_null(False)
+        missing = "an empty field" if self.empty_is_missing else "null, not an empty string"
+        note(blank.to_numpy(zero_copy_only=False), field,
+             lambda i: f"empty text {_show(arr[i])} (a missing value is {missing})")
+        return arr
 
 
 def _show(scalar) -> str:
@@ -305,6 +334,7 @@ class CSVReader(Reader):
     form (no header) are read by ``CriteoReader``."""
 
     fmt = "csv"
+    empty_is_missing = True
 
     def __init__(self, path, sep: str | None = None, header: list[str] | None = None, **kw):
         super().__init__(path, **kw)

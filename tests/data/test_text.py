@@ -117,6 +117,44 @@ def test_bad_text_input(enc_dir):
     assert e.value.field == "title"
 
 
+def _read_all(path, schema, **kw):
+    from adrec_fast.data.readers import open_reader
+
+    return pa.concat_tables(list(open_reader(path, schema=schema, chunk_rows=2, **kw)))
+
+
+def test_bad_text_in_files_names_the_line(enc_dir, tmp_path):
+    """The readers check text columns, so an error names the file's line (row for Parquet),
+    not the row within a chunk of 2 rows; CSV's empty field is a missing title."""
+    import pyarrow.parquet as pq
+
+    s = _schema(enc_dir)
+    csv = tmp_path / "t.csv"
+    csv.write_text("label,item,title,d\n1,a,Red shoe,1\n0,b,,2\n1,c,blue hat,3\n"
+                   "0,d,   ,4\n1,e,mug,5\n")
+    with pytest.raises(DataError, match=r"line 5, field 'title': empty text '   '") as e:
+        _read_all(csv, s)
+    assert (e.value.line, e.value.field) == (5, "title")
+    with pytest.warns(RuntimeWarning, match="skipped 1 bad rows"):
+        t = _read_all(csv, s, skip_bad_rows=True)
+    assert t.column("item").to_pylist() == ["a", "b", "c", "e"]
+    assert t.column("title").to_pylist() == ["Red shoe", None, "blue hat", "mug"]
+    rows = s.encode(t).seq_indices["title"].numpy()
+    assert rows[1] == 0 and (np.delete(rows, 1) > 0).all()  # the empty field: missing, row 0
+
+    pq_path = tmp_path / "t.parquet"
+    base = {"label": [1, 0, 1, 0, 1], "item": list("abcde"), "d": [1.0] * 5}
+    pq.write_table(pa.table({**base, "title": ["x", "y", None, "", "z"]}), pq_path)
+    with pytest.raises(DataError, match=r"row 4, field 'title': empty text ''") as e:
+        _read_all(pq_path, s)
+    assert e.value.line == 4
+    pq.write_table(pa.table({**base, "title": pa.array([None, None, 7, 8, 9])}), pq_path)
+    with pytest.raises(DataError, match=r"row 3, field 'title': text fields take strings, "
+                                        r"got 7 \(int64\)") as e:
+        _read_all(pq_path, s)
+    assert e.value.line == 3
+
+
 def test_missing_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
     with pytest.raises(ImportError, match=r"pip install adrec_fast\[text\]"):
