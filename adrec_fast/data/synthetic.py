@@ -21,6 +21,19 @@ attention 0.5 in logit standard deviations) and the bias is bisected to give ``t
 the oracle AUC is near 0.8. Everything is a deterministic function of ``seed``: row i is the
 same whatever ``n`` or chunk size is asked for (rows are made in fixed blocks of ``BLOCK_ROWS``).
 
+The item's share of the logit (``item_effect``, default 0): by default the item is one of the
+16 fields of the first-order and FM terms and the candidate of the history attention, so it
+carries little of the signal. ``item_effect > 0`` adds a fifth component, the item term
+
+    + item_effect * (e[cluster of item] + b[item]) / std      e, b ~ N(0, 1), own stream
+
+an effect per interest cluster and the item's own bias, equal halves of its variance, scaled to
+a logit standard deviation of ``item_effect`` (as ``SCALES``); at 1.0 it is about a third of
+the logit's variance, as an ad's creative and category drive much of its click rate. The other
+columns are drawn exactly as without it (only the labels and the bias change), and
+``item_effect=0`` gives the default generator's output bit for bit. The item term does not
+drift.
+
 Drift mode (``drift=True``): the stream has a clock, ``stream_time(row) = row / period_rows``
 periods ("days"; constant within a block of ``BLOCK_ROWS`` rows), and over ``drift_periods``
 periods the world changes:
@@ -41,10 +54,12 @@ After ``drift_periods`` no ad is born and the interests stay put (the oscillatio
 Item text (``item_text=True``): every item gets a title, a ``title`` column and a ``text`` field
 of the schema. The title is 2-4 words of a topic vocabulary tied to the item's interest cluster
 (cluster c uses topic c mod 16), with probability 0.7 a word of the tercile of the item's
-first-order click effect (premium words for the top third, bargain words for the bottom), and
+own click effect (``item_own_effect``: its first-order weight, plus its bias b of the item
+term with ``item_effect``; premium words for the top third, bargain words for the bottom), and
 the noise of real titles: a brand or a person's name, a year, filler words, punctuation and
-mixed case. So the text tells a model something about an item whose id it never saw. The click
-model itself is the same with or without titles. ``cold_items`` / ``cold_split`` hold a
+mixed case. So the text shows the item's latent properties (its cluster, the tercile of its
+own effect) to a model that never saw its id. The click model itself is the same with or
+without titles. ``cold_items`` / ``cold_split`` hold a
 fraction of the items out: the training rows keep none of them (nor in their histories).
 The scales and bias are fitted on a calibration sample spread over the drift horizon, so the
 CTR stays near ``target_ctr`` on average but moves with time; ``window_oracle_auc`` reports
@@ -129,11 +144,14 @@ class SyntheticCTR:
         period_rows: int = 100_000,
         drift_periods: int = 7,
         item_text: bool = False,
+        item_effect: float = 0.0,
     ):
         if n_sparse < 2:
             raise ValueError("n_sparse counts user and item, so it must be >= 2")
         if not 0.0 < target_ctr < 1.0:
             raise ValueError("target_ctr must lie in (0, 1)")
+        if not (np.isfinite(item_effect) and item_effect >= 0.0):
+            raise ValueError(f"item_effect must be a finite number >= 0, got {item_effect}")
         if drift and int(period_rows) < 1:
             raise ValueError(f"period_rows must be >= 1, got {period_rows}")
         if drift and int(drift_periods) < 1:
@@ -150,6 +168,7 @@ class SyntheticCTR:
         self.n_clusters = n_clusters
         self.target_ctr = target_ctr
         self.item_text = bool(item_text)
+        self.item_effect = float(item_effect)
         rng = np.random.default_rng([self.seed, 0])
         self.sparse_names = ["user", "item"] + [f"c{i}" for i in range(2, n_sparse)]
         other = np.exp(rng.uniform(np.log(10), np.log(max_cardinality), n_sparse - 2)).astype(
@@ -195,8 +214,17 @@ class SyntheticCTR:
         self._tz_std = np.maximum(tz.std(0), 1e-12)
         if self.drift:
             self._init_drift(np.random.default_rng([self.seed, 4]), centres)
+        # the item term (item_effect > 0), from its own stream so the rest is unchanged: an
+        # effect per interest cluster and one per item, equal halves of its variance
+        self.item_term = None
+        if self.item_effect > 0:
+            r = np.random.default_rng([self.seed, 8])
+            self.cluster_effect = r.normal(0.0, 1.0, n_clusters)
+            self.item_bias = r.normal(0.0, 1.0, n_items)
+            self.item_term = self.cluster_effect[self.item_cluster] + self.item_bias
+        target_std = np.array(self.SCALES + ((self.item_effect,) if self.item_effect else ()))
         # component scales and the bias, fixed on a calibration sample from its own stream
-        self._scale = np.ones(4)
+        self._scale = np.ones(target_std.size)
         self.bias = 0.0
         if self.drift:
             # spread over the drift horizon: 8 instants, a quarter-period apart in phase
@@ -205,7 +233,6 @@ class SyntheticCTR:
             parts = np.concatenate([self._rows(cal, _CAL_ROWS // 8, t)[1] for t in times])
         else:
             parts = self._rows(np.random.default_rng([self.seed, 1]), _CAL_ROWS)[1]
-        target_std = np.array(self.SCALES)
         self._scale = target_std / np.maximum(parts.std(axis=0), 1e-12)
         logit = (parts * self._scale).sum(axis=1)
         lo, hi = -20.0, 20.0
@@ -226,8 +253,16 @@ class SyntheticCTR:
             self._titles = self._make_titles(np.random.default_rng([self.seed, 6]))
         return self._titles
 
+    def item_own_effect(self) -> np.ndarray:
+        """[n_items] the logit every item adds by itself, whoever sees it: its first-order
+        effect, plus its own bias of the item term with ``item_effect`` (in logit units; without
+        it the raw first-order weights, which rank the same)."""
+        if self.item_term is None:
+            return self.w[1]
+        return self._scale[0] * self.w[1] + self._scale[4] * self.item_bias
+
     def _make_titles(self, rng) -> list[str]:
-        w = self.w[1]
+        w = self.item_own_effect()
         lo, hi = np.quantile(w, [1 / 3, 2 / 3])
         out = []
         for i in range(self.cardinalities[1]):
@@ -366,8 +401,8 @@ class SyntheticCTR:
         return out
 
     def _rows(self, rng, n: int, t: float | None = None):
-        """n rows -> (raw dict of numpy columns, logit parts [n, 4] unscaled); ``t``: the stream
-        time of a drifting generator (None: no drift)."""
+        """n rows -> (raw dict of numpy columns, logit parts [n, 4 or 5] unscaled); ``t``: the
+        stream time of a drifting generator (None: no drift)."""
         if t is None:
             item_cdf, cl_items, user_cluster, deltas = None, None, self.user_cluster, {}
         else:
@@ -400,7 +435,10 @@ class SyntheticCTR:
         if t is not None:
             # the user's interest now, which the history reveals only in part
             att = 0.5 * att + 0.5 * (self.u[ids[1]] * self._centre[ucl]).sum(1)
-        parts = np.stack([first, fm, dense_term, att], axis=1)
+        cols = [first, fm, dense_term, att]
+        if self.item_term is not None:
+            cols.append(self.item_term[ids[1]])
+        parts = np.stack(cols, axis=1)
         raw_cols = {"ids": ids, "hist": hist, "hist_len": L, "dense": raw}
         return raw_cols, parts
 

@@ -108,3 +108,53 @@ def test_auc_handles_ties_and_matches_pair_counting():
     assert np.isnan(auc([1, 1], [0.2, 0.3]))
     assert logloss([1, 0], [0.5, 0.5]) == pytest.approx(np.log(2))
     assert calibration([1, 0, 0, 0], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(2.0)
+
+
+def test_item_effect_default_is_the_pinned_generator():
+    # numbers of the generator before item_effect existed: the default stays bit for bit
+    for g in (SyntheticCTR(n_rows=20000, seed=3, item_text=True),
+              SyntheticCTR(n_rows=20000, seed=3, item_text=True, item_effect=0.0)):
+        t = g.generate(10000)
+        assert int(t.column("label").to_numpy().sum()) == 2464
+        assert t.column("item").to_pylist()[:6] == ["679", "235", "194", "739", "704", "287"]
+        assert g.bias == -1.7895349563312184
+        assert g.titles[:2] == ["Dr. Lee Silver! Gold Necklace Official",
+                                "PROFESSIONAL, CHEF COOKWARE PAN KNIFE"]
+    with pytest.raises(ValueError, match="item_effect"):
+        SyntheticCTR(item_effect=-0.5)
+    with pytest.raises(ValueError, match="item_effect"):
+        SyntheticCTR(item_effect=float("nan"))
+
+
+def test_item_effect_term_and_titles():
+    base = SyntheticCTR(n_rows=20000, seed=5, item_text=True)
+    g = SyntheticCTR(n_rows=20000, seed=5, item_text=True, item_effect=1.0)
+    a, b = base.generate(BLOCK_ROWS), g.generate(BLOCK_ROWS)
+    # the same rows: only the labels, the bias and the titles' quality words change
+    assert a.drop_columns(["label", "title"]).equals(b.drop_columns(["label", "title"]))
+    assert not a.column("label").equals(b.column("label"))
+    raw, parts = g._rows(np.random.default_rng([5, 1]), 32768)  # the calibration sample
+    assert parts.shape[1] == 5
+    scaled = parts * g._scale
+    assert scaled[:, 4].std() == pytest.approx(1.0, rel=1e-9)
+    np.testing.assert_allclose(parts[:, 4], g.cluster_effect[g.item_cluster[raw["ids"][1]]]
+                               + g.item_bias[raw["ids"][1]])
+    y = b.column("label").to_numpy()
+    assert 0.2 <= y.mean() <= 0.3
+    item = np.array(b.column("item").to_pylist(), dtype=np.int64)
+    assert auc(y, g.item_term[item]) > 0.6 > auc(y, base.w[1][item])
+    # the titles' quality words follow the item's own effect, the first-order weight + its bias
+    own = g.item_own_effect()
+    np.testing.assert_allclose(own, g._scale[0] * g.w[1] + g._scale[4] * g.item_bias)
+    lo, hi = np.quantile(own, [1 / 3, 2 / 3])
+    premium = {"premium", "official", "original", "deluxe", "professional", "award"}
+    budget = {"clearance", "used", "generic", "refurbished", "budget", "basic"}
+    for t, e in zip(g.titles, own):
+        words = {w.strip(",.!:|/()-").lower() for w in t.split()}
+        if words & premium:
+            assert e > hi, t
+        if words & budget:
+            assert e < lo, t
+    has = np.array([bool({w.strip(",.!:|/()-").lower() for w in t.split()} & premium)
+                    for t in g.titles])
+    assert has[own > hi].mean() > 0.5 and not has[own < lo].any()
