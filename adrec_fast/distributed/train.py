@@ -455,18 +455,10 @@ def run_train(a) -> int:
                    "exchange_bytes_per_step": moved["bytes_sent"] / max(steps, 1),
                    "exchange_s_per_step": moved["seconds"] / max(steps, 1),
                    **{f"valid_{k}": v for k, v in vm.items()}}
-        improved = trainer._is_better(vm[trainer.monitor])
+        improved, stop = trainer.record_validation(vm[trainer.monitor], model)
+        stopped = stopped or stop
         if improved:
-            trainer.best_value, trainer.best_epoch, trainer.bad_epochs = \
-                vm[trainer.monitor], trainer.epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best_valid = (p, y)
-        else:
-            trainer.bad_epochs += 1
-            if trainer.plateau_factor is not None:
-                trainer.plateau_scale *= trainer.plateau_factor
-        if trainer.patience is not None and trainer.bad_epochs >= trainer.patience:
-            stopped = True
+            best_state, best_valid = trainer._best_state, (p, y)
         trainer.history.append(metrics)
         if progress:
             print(f"epoch {trainer.epoch}: loss {metrics['train_loss']:.4f}, "

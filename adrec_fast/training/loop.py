@@ -323,6 +323,23 @@ class Trainer:
                 c.optimizer.lr = self.embedding_lr * factor
 
     # -- state ----------------------------------------------------------------------------
+    def record_validation(self, value: float, model) -> tuple[bool, bool]:
+        """The end of an epoch's validation, for early stopping and the plateau schedule:
+        a better ``value`` of the monitored metric makes this epoch the best (its weights kept
+        when ``restore_best``); a worse one counts a bad epoch and, with ``plateau_factor``,
+        scales the learning rates down. Returns (improved, stop: ``patience`` bad epochs in a
+        row)."""
+        improved = self._is_better(value)
+        if improved:
+            self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+            if self.restore_best:
+                self._best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+            if self.plateau_factor is not None:
+                self.plateau_scale *= self.plateau_factor
+        return improved, self.patience is not None and self.bad_epochs >= self.patience
+
     def _is_better(self, value: float) -> bool:
         if math.isnan(value):
             return False
@@ -458,19 +475,8 @@ class Trainer:
                 self.last_valid = (p, y)
                 vm = metrics_of(y, p)
                 metrics.update({f"valid_{k}": v for k, v in vm.items()})
-                value = vm[self.monitor]
-                if self._is_better(value):
-                    improved = True
-                    self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
-                    if self.restore_best:
-                        self._best_state = {k: v.detach().clone()
-                                            for k, v in model.state_dict().items()}
-                else:
-                    self.bad_epochs += 1
-                    if self.plateau_factor is not None:
-                        self.plateau_scale *= self.plateau_factor
-                if self.patience is not None and self.bad_epochs >= self.patience:
-                    stopped = True
+                improved, stop = self.record_validation(vm[self.monitor], model)
+                stopped = stopped or stop
             self.history.append(metrics)
             if self.progress:
                 msg = f"epoch {self.epoch}: loss {metrics['train_loss']:.4f}, " \
