@@ -213,6 +213,18 @@ class SparseLookup(nn.Module):
         indices, offsets = batch.indices, batch.offsets  # [nnz], [T*B+1]
         nnz = indices.numel()
         if self.dyn is not None:
+            if (not self.mixed and nnz == T * B
+                    and torch.equal(offsets[::B], torch.arange(0, nnz + 1, B,
+                                                                device=offsets.device))):
+                # all dynamic, one key per bag: the bags' keys in row-major order make the
+                # pooled rows [B, T, D] contiguous, as the native static path does, so nothing
+                # downstream copies a transposed view (forward and backward); the history
+                # elements follow, one per bag
+                seqs = [batch.seq_indices[s] for s in self.sequences]  # [L_s] each
+                keys = indices.view(T, B).t().reshape(-1)
+                out = self.dyn.forward(torch.cat([keys, *seqs]) if seqs else keys, None,
+                                       now=self.now)  # [B*T + L, D]
+                return out[: B * T].view(B, T, D), self._seq_rows(out, B * T, seqs)
             out, sizes = self._with_dynamic(batch)  # [T*B + L, D]
         else:
             # B ids per table (e.g. one id per bag): no ragged bookkeeping. A total of T*B ids
@@ -232,11 +244,17 @@ class SparseLookup(nn.Module):
             all_idx, all_ofs = _one_per_bag(gidx, offsets, parts[1:])
             out = self._global(all_idx, all_ofs)  # [T*B + L, D]
         emb = out[: T * B].view(T, B, D).transpose(0, 1)  # [B, T, D]
-        keys, start = {}, T * B
-        for s, n in zip(self.sequences, sizes):
+        return emb, self._seq_rows(out, T * B, sizes)
+
+    def _seq_rows(self, out: Tensor, start: int, seqs) -> dict[str, Tensor]:
+        """{sequence field: its elements' rows [L_s, D]}: the rows of ``out`` after ``start``,
+        in sequence order (``seqs``: each field's ids or its length)."""
+        keys = {}
+        for s, q in zip(self.sequences, seqs):
+            n = q if isinstance(q, int) else q.numel()
             keys[s] = out[start: start + n]  # [L_s, D]
             start += n
-        return emb, keys
+        return keys
 
     def _with_dynamic(self, batch: Batch) -> tuple[Tensor, list[int]]:
         """(rows [T*B + L, D]: the T*B pooled bags, then every history element in sequence
@@ -253,7 +271,7 @@ class SparseLookup(nn.Module):
         idx = {False: [], True: []}  # dynamic? -> positions of its bags among the T
         for p, d in enumerate(self.bag_dynamic):
             idx[d].append(p)
-        calls, firsts = {}, {}
+        calls = {}
         for d in (False, True):
             pos = torch.tensor(idx[d], dtype=torch.long)
             ids, ofs = bag_take(indices, offsets, bags[pos].reshape(-1))
