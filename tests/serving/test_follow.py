@@ -13,7 +13,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from adrec_fast.data.synthetic import SyntheticCTR
 from adrec_fast.models.checkpoint import save_checkpoint
 from adrec_fast.models.registry import build_model
 from adrec_fast.serving import Scorer
@@ -21,6 +20,7 @@ from adrec_fast.serving.deltas import DeltaError, pending, read_delta
 from adrec_fast.training.export import DeltaExporter
 from adrec_fast.training.loop import Trainer
 from adrec_fast.training.online import train_online
+from tests.streams import drifting
 
 N = 1200
 EVERY = 400
@@ -37,13 +37,7 @@ MODELS = {  # executor (batch norm folded; attention over histories; LR's one ta
 
 @pytest.fixture(scope="module")
 def data():
-    gen = SyntheticCTR(seed=3, drift=True, period_rows=800, n_sparse=5, n_dense=2, max_len=4,
-                       max_cardinality=300, n_users=200, n_items=300)
-    schema = gen.schema()
-    table = gen.generate(N)
-    if not schema.fitted:
-        schema.fit(table)
-    return schema, table
+    return drifting(seed=3, period_rows=800, n=N)
 
 
 def _model(schema, key):

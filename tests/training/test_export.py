@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adrec_fast.data.synthetic import SyntheticCTR
 from adrec_fast.models.checkpoint import read_meta
 from adrec_fast.models.registry import build_model
 from adrec_fast.training.export import DeltaExporter, dense_state
 from adrec_fast.training.loop import Trainer
 from adrec_fast.training.online import train_online
+from tests.streams import drifting
 
 N = 1200
 EVERY = 300  # not a multiple of the batch: a delta is written after the step that reaches it
@@ -26,13 +26,7 @@ BS = 128
 
 @pytest.fixture(scope="module")
 def data():
-    gen = SyntheticCTR(seed=7, drift=True, period_rows=600, n_sparse=5, n_dense=2, max_len=4,
-                       max_cardinality=300, n_users=200, n_items=300)
-    schema = gen.schema()
-    table = gen.generate(N)
-    if not schema.fitted:
-        schema.fit(table)
-    return schema, table
+    return drifting(seed=7, period_rows=600, n=N)
 
 
 def _model(schema, name="deepfm", **kw):
