@@ -16,6 +16,15 @@ embedding tables split by rows:
     written last, by rank 0: every file's size and sha256, and per split tensor its full shape,
     dtype and row blocks.
 
+A dynamic table (sharded by key, ``distributed.dynamic``) is saved as the one table a single
+process would hold: its per-row tensors (``<path>.weight``, ``.state``, ``.row_keys``,
+``.row_counts``, ``.row_last_seen``) split by rows, each rank writing its shard's rows (shard
+0's first, row 0 included, then each shard's in rank order), and its free rows, count-min
+sketch (the shards' counts summed), clocks and generator merged by rank 0 into
+``model.safetensors``. A load onto any number of ranks reads the whole table on each and keeps
+the keys each owns; ``load_model`` reads it as a single process's. The text fields' caches
+(``text_cache.<i>.*``) are rank 0's, as the single-process checkpoint writes them.
+
 A load reads only what it needs (a rank, the rows of the tables its new plan gives it) and
 checks those files against the manifest first, so a missing, truncated or altered file is
 refused by name instead of loading wrong rows. Writing is atomic for the run as a whole: the
@@ -41,6 +50,9 @@ from ..data.schema import Schema
 from ..models import checkpoint as ckpt
 from ..models.registry import build_model
 from ..nn import EmbeddingBagCollection
+from ..nn.dynamic_table import DynamicEmbedding
+from .dynamic import (ROW_KEYS, ShardedDynamicEmbedding, merge_small, merged_bases,
+                      shard_rows)
 from .exchange import Exchange
 from .planner import ShardingPlan
 from .process_group import DistContext
@@ -74,11 +86,21 @@ def save_sharded(path, model: nn.Module, ctx: DistContext, *, optimizer=None,
     model = _unwrap(model)
     sharded = {n: m for n, m in model.named_modules()
                if isinstance(m, ShardedEmbeddingBagCollection)}
-    if not sharded:
+    dynamic = {n: m for n, m in model.named_modules()
+               if isinstance(m, ShardedDynamicEmbedding)}
+    if not sharded and not dynamic:
         raise ValueError("save_sharded: the model has no sharded tables; save it with "
                          "adrec_fast.models.checkpoint.save_checkpoint")
     path = Path(path).absolute()
     world = ctx.world
+    # every shard's state, and its rows' place in the whole table (all ranks need the sizes)
+    dyn_state = {p: m.shard_state() for p, m in dynamic.items()}
+    used = {p: [t["row_keys"].numel()] for p, t in dyn_state.items()}
+    with ctx.guard("counting the dynamic tables' rows"):
+        for p in dynamic:
+            everyone: list = [None] * world
+            dist.all_gather_object(everyone, used[p][0], group=ctx.group)
+            used[p] = everyone
     name: list = [None]
     if ctx.rank == 0:
         try:
@@ -114,15 +136,29 @@ def save_sharded(path, model: nn.Module, ctx: DistContext, *, optimizer=None,
                                              "name": f"{p}.{what}@{lo}", "rows": [lo, hi],
                                              "dtype": str(src.dtype).removeprefix("torch.")})
                 start += hi - lo
+        for p, t in dyn_state.items():
+            _dynamic_blocks(p, t, used[p], dynamic[p], ctx.rank, world, tensors, report)
         shard = tmp / _shard_file(ctx.rank, world)
         save_file(ckpt._tensors_for_safetensors(tensors), str(shard),
                   metadata={"format": ckpt.FORMAT, "version": str(ckpt.VERSION),
                             "rank": str(ctx.rank), "world": str(world)})
         report["files"][shard.name] = _file_entry(shard)
-        if ctx.rank == 0:
-            report["files"].update(_write_rank0(tmp, model, sharded, ctx, optimizer, meta, rng))
     except Exception as e:  # reported to every rank below, then raised everywhere
         report["error"] = f"{type(e).__name__}: {e}"
+    # the dynamic tables' small parts (free rows, sketch, clocks) are merged by rank 0
+    small = {p: {k: v for k, v in t.items() if k not in ROW_KEYS} for p, t in dyn_state.items()}
+    smalls: list = [None] * world
+    with ctx.guard("collecting the dynamic tables' counters"):
+        dist.all_gather_object(smalls, small, group=ctx.group)
+    if ctx.rank == 0 and report["error"] is None:
+        try:
+            merged = {p: merge_small([s[p] for s in smalls], used[p],
+                                     {"sketch": m.sketch_base, "overflow": m.overflow_base},
+                                     m.capacity) for p, m in dynamic.items()}
+            report["files"].update(_write_rank0(tmp, model, {**sharded, **dynamic}, merged,
+                                                ctx, optimizer, meta, rng))
+        except Exception as e:
+            report["error"] = f"{type(e).__name__}: {e}"
     reports: list = [None] * world
     with ctx.guard("collecting the checkpoint shards"):
         dist.all_gather_object(reports, report, group=ctx.group)
@@ -132,7 +168,7 @@ def save_sharded(path, model: nn.Module, ctx: DistContext, *, optimizer=None,
         try:
             if failed:
                 raise RuntimeError("; ".join(failed))
-            _write_manifest(tmp, sharded, reports, world)
+            _write_manifest(tmp, sharded, reports, world, _dynamic_shapes(dynamic, used))
             ckpt.replace_dir(tmp, path)
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -144,10 +180,13 @@ def save_sharded(path, model: nn.Module, ctx: DistContext, *, optimizer=None,
     return path
 
 
-def _write_rank0(tmp: Path, model, sharded: dict, ctx: DistContext, optimizer, meta,
-                 rng: bool) -> dict:
-    """Rank 0's files: the dense state, the optimizer, checkpoint.json, schema.json."""
+def _write_rank0(tmp: Path, model, sharded: dict, merged: dict, ctx: DistContext, optimizer,
+                 meta, rng: bool) -> dict:
+    """Rank 0's files: the dense state (with the dynamic tables' ``merged`` small parts), the
+    optimizer, checkpoint.json, schema.json, the text fields' caches."""
     from safetensors.torch import save_file
+
+    from ..data.text import save_caches
 
     dense = {}
     for k, v in model.state_dict().items():
@@ -157,10 +196,14 @@ def _write_rank0(tmp: Path, model, sharded: dict, ctx: DistContext, optimizer, m
     for p, m in sharded.items():
         if m.optimizer.name != "rowwise_adagrad":  # SGD: an empty state, as one process has
             dense[f"{p}.state"] = torch.zeros(0)
+    for p, small in merged.items():
+        dense.update({f"{p}.{k}": v for k, v in small.items()})
     doc, opt_tensors = ckpt.checkpoint_doc(model, optimizer=optimizer, meta=meta, rng=rng)
     doc["sharded"] = ckpt.MANIFEST_FILE
     doc["distributed"] = {"world": ctx.world,
-                          "plans": {p: m.plan.to_dict() for p, m in sharded.items()}}
+                          "plans": {p: m.plan.to_dict() for p, m in sharded.items()
+                                    if isinstance(m, ShardedEmbeddingBagCollection)},
+                          "dynamic": sorted(merged)}
     save_file(ckpt._tensors_for_safetensors(dense), str(tmp / ckpt.MODEL_FILE),
               metadata={"format": ckpt.FORMAT, "version": str(ckpt.VERSION),
                         "model": str(model.config.get("name"))})
@@ -171,16 +214,65 @@ def _write_rank0(tmp: Path, model, sharded: dict, ctx: DistContext, optimizer, m
         names.append(ckpt.OPTIM_FILE)
     (tmp / ckpt.META_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
     (tmp / ckpt.SCHEMA_FILE).write_text(model.schema.to_json(indent=1), encoding="utf-8")
+    if model.schema.text_fields():  # the encoder outputs of every value rank 0 has seen
+        before = set(os.listdir(tmp))
+        save_caches(model.schema, tmp)
+        names += sorted(set(os.listdir(tmp)) - before)
     return {n: _file_entry(tmp / n) for n in names}
 
 
-def _write_manifest(tmp: Path, sharded: dict, reports: list, world: int) -> None:
+def _dynamic_blocks(p: str, t: dict, used: list[int], m: ShardedDynamicEmbedding, rank: int,
+                    world: int, tensors: dict, report: dict) -> None:
+    """This rank's rows of the whole dynamic table ``p`` (``merged_bases``: shard 0's rows
+    0.., then each shard's rows 1.. in rank order), and rank 0 the zero rows after them up to
+    the table's capacity, as ``<p>.<key>@<first row>`` blocks."""
+    base = merged_bases(used)[rank]
+    rows = shard_rows(t, rank)
+    lo = base + rows.start
+    n_used = merged_bases(used)[-1] + used[-1]
+    R = max(n_used, m.capacity + 1)
+    file = _shard_file(rank, world)
+    for k in ROW_KEYS:
+        src = t[k]
+        if k == "state" and not src.numel():
+            continue
+        parts = [(lo, src[rows])]
+        if rank == 0 and k in ("weight", "state") and R > n_used:
+            parts.append((n_used, src.new_zeros((R - n_used, *src.shape[1:]))))
+        for first, part in parts:
+            if not part.shape[0]:
+                continue
+            name = f"{p}.{k}@{first}"
+            tensors[name] = part.detach().cpu().contiguous()
+            report["blocks"].append({"key": f"{p}.{k}", "file": file, "name": name,
+                                     "rows": [first, first + part.shape[0]],
+                                     "dtype": str(part.dtype).removeprefix("torch.")})
+
+
+def _dynamic_shapes(dynamic: dict, used: dict) -> dict:
+    """The full shape of every split tensor of the dynamic tables."""
+    out = {}
+    for p, m in dynamic.items():
+        n_used = merged_bases(used[p])[-1] + used[p][-1]
+        R = max(n_used, m.capacity + 1)
+        out[f"{p}.weight"] = [R, m.embedding_dim]
+        if m.local.state.numel():
+            out[f"{p}.state"] = [R]
+        for k in ("row_keys", "row_counts", "row_last_seen"):
+            out[f"{p}.{k}"] = [n_used]
+    return out
+
+
+def _write_manifest(tmp: Path, sharded: dict, reports: list, world: int,
+                    dynamic: dict) -> None:
     tensors = {}
     for p, m in sharded.items():
         N, D = int(m.table_offsets[-1]), m.embedding_dim
         tensors[f"{p}.weight"] = {"shape": [N, D], "dtype": None, "blocks": []}
         if m.optimizer.name == "rowwise_adagrad":
             tensors[f"{p}.state"] = {"shape": [N], "dtype": None, "blocks": []}
+    for key, shape in dynamic.items():
+        tensors[key] = {"shape": shape, "dtype": None, "blocks": []}
     files = {}
     for rep in reports:
         files.update(rep["files"])
@@ -213,6 +305,10 @@ def load_sharded(path, ctx: DistContext, *, plans: dict[str, ShardingPlan] | Non
     doc = ckpt.read_meta(path)
     manifest = ckpt.read_manifest(path, doc) if doc.get("sharded") else None
     schema = Schema.from_dict(doc["schema"])
+    if schema.text_fields():  # the encoder outputs of the values seen, as load_model reads
+        from ..data.text import load_caches
+
+        load_caches(schema, path)
     config = dict(doc["model"])
     name = config.pop("name")
     with torch.random.fork_rng(devices=[]):  # every rank's RNG stays where it was
@@ -230,6 +326,15 @@ def load_sharded(path, ctx: DistContext, *, plans: dict[str, ShardingPlan] | Non
         ckpt.verify_files(path, manifest, sorted(need))
     dense = load_file(str(path / ckpt.MODEL_FILE))
     split = set(manifest["tensors"]) if manifest is not None else set()
+    # a dynamic table is read whole on every rank, which then keeps the keys it owns
+    dyn_keys = {f"{p}.{k}" for p, m in model.named_modules()
+                if isinstance(m, DynamicEmbedding) for k in ROW_KEYS}
+    if manifest is not None:
+        files = {b["file"] for k in dyn_keys & split for b in manifest["tensors"][k]["blocks"]}
+        ckpt.verify_files(path, manifest, sorted(files - need))
+        for k in dyn_keys & split:
+            dense[k] = ckpt.sharded_rows(path, manifest, k, 0,
+                                         manifest["tensors"][k]["shape"][0])
     with torch.no_grad():
         for p, plan in plans.items():
             ebc = model.get_submodule(p)
@@ -243,7 +348,7 @@ def load_sharded(path, ctx: DistContext, *, plans: dict[str, ShardingPlan] | Non
     tables = {f"{p}.{w}" for p in plans for w in ("weight", "state")}
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in dense.items() if k not in tables}, strict=False)
-    missing = sorted(set(missing) - tables - split)
+    missing = sorted(set(missing) - tables - (split - dyn_keys))
     if missing or unexpected:
         raise ValueError(f"{path}: the checkpoint does not fit its model config (missing "
                          f"{missing}, unexpected {sorted(unexpected)})")

@@ -37,6 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import functional as F
 from ..nn import EmbeddingBagCollection
+from ..nn.dynamic_table import DynamicEmbedding
+from .dynamic import ShardedDynamicEmbedding, lookup_pre_hook, merged_state
 from .exchange import Exchange
 from .planner import ShardingPlan, plan_tables
 from .process_group import DistContext
@@ -353,9 +355,38 @@ def shard_model(model: nn.Module, ctx: DistContext, exchange: Exchange | None = 
         return ShardedEmbeddingBagCollection(ebc, ctx, plans[name], exchange)
 
     done = _replace(model, EmbeddingBagCollection, make)
+    done += shard_dynamic(model, ctx, exchange)
     if not done:
-        raise ValueError("shard_model: the model has no EmbeddingBagCollection to shard")
+        raise ValueError("shard_model: the model has no embedding table to shard")
     return dict(done)
+
+
+def _dynamic_name(model: nn.Module, path: str) -> str:
+    """How an error names a dynamic table: its module path and the fields that read it."""
+    fields = []
+    schema = getattr(model, "schema", None)
+    if schema is not None:
+        fields = [f.name for f in schema.fields if f.is_sparse and schema.is_dynamic(f.name)]
+    return f"dynamic table {path!r}" + (f" (fields {fields})" if fields else "")
+
+
+def shard_dynamic(model: nn.Module, ctx: DistContext, exchange: Exchange
+                  ) -> list[tuple[str, nn.Module]]:
+    """Replace the ``DynamicEmbedding`` of every ``SparseLookup`` of ``model`` by a
+    ``ShardedDynamicEmbedding`` (sharded by key, ``distributed.dynamic``), in place, and hook
+    the lookup so that it tells the table its call's layout; returns (path, sharded)."""
+    from ..models.base import SparseLookup
+
+    done = []
+    for name, lookup in list(model.named_modules()):
+        if isinstance(lookup, SparseLookup) and isinstance(lookup.dyn, DynamicEmbedding):
+            path = f"{name}.dyn" if name else "dyn"
+            sharded = ShardedDynamicEmbedding(lookup.dyn, ctx, exchange,
+                                              _dynamic_name(model, path))
+            lookup.dyn = sharded
+            sharded.hook = lookup.register_forward_pre_hook(lookup_pre_hook)
+            done.append((path, sharded))
+    return done
 
 
 def model_plans(model: nn.Module, world: int, access: dict[str, list[float]] | None = None,
@@ -393,7 +424,28 @@ def unshard_model(model: nn.Module) -> nn.Module:
         return ebc
 
     _replace(model, ShardedEmbeddingBagCollection, make)
+    for name, lookup in list(model.named_modules()):
+        sharded = getattr(lookup, "dyn", None)
+        if isinstance(sharded, ShardedDynamicEmbedding):
+            sharded.hook.remove()
+            state = merged_state(sharded)
+            with torch.random.fork_rng(devices=[]):
+                table = DynamicEmbedding(sharded.embedding_dim, sharded.capacity,
+                                         **_table_options(sharded))
+            table.load_state_tensors(state)
+            table.train(sharded.training)
+            lookup.dyn = table
     return model
+
+
+def _table_options(sharded: ShardedDynamicEmbedding) -> dict:
+    """The options of the whole table a sharded one was built from."""
+    local = sharded.local
+    return {"min_count": local.min_count, "admit_prob": local.admit_prob, "ttl": local.ttl,
+            "eviction": local.eviction, "optimizer": sharded.optimizer,
+            "pooling": sharded.pooling, "init_std": sharded.init_std, "seed": sharded.seed,
+            "evict_fraction": local.evict_fraction, "sketch_width": sharded.sketch_width,
+            "initializer": None if sharded.own_init else local.initializer}
 
 
 class GlobalBatchDropout(nn.Module):
@@ -502,7 +554,7 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, **ddp_kwargs) -> DistributedDat
     step (``forward_sync_buffers=False``): batch-norm statistics stay per rank."""
     ignore = []
     for name, mod in model.named_modules():
-        if isinstance(mod, ShardedEmbeddingBagCollection):
+        if isinstance(mod, (ShardedEmbeddingBagCollection, ShardedDynamicEmbedding)):
             ignore += [f"{name}.{b}" for b, _ in mod.named_buffers()]
             ignore += [f"{name}.{p}" for p, _ in mod.named_parameters()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)

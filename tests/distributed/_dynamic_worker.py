@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One rank of the two-rank dynamic-table tests (``python -m tests.distributed._dynamic_worker``,
+environment as torchrun sets it), and the loop the single-process reference shares with it.
+
+Per ``--runs`` entry (a data set and an all-to-all path): shard the model (dynamic tables by
+key, static ones by the planner), train on every global batch, score the evaluation rows
+through the sharded model, save a sharded checkpoint, gather the tables back (``unshard_model``)
+and write rank 0's state. Then a model whose dynamic tables have a capacity below the number
+of ranks, which sharding must refuse by name. Results go to ``--out`` as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from adrec_fast.data.schema import Schema
+from adrec_fast.models.registry import build_model
+
+LR = 1e-3
+#: the dynamic tables: admission after 2 sightings, a TTL of 6 steps, a capacity that grows
+#: (the sketch wide enough that no two keys of the stream share all of its cells)
+DYNAMIC = {"capacity": 64, "min_count": 2, "ttl": 6, "sketch_width": 1 << 16}
+
+
+def build(schema: Schema, name: str, seed: int, **override):
+    torch.manual_seed(seed)
+    kw = {"embedding_dim": 8, "hidden": (16,), "dynamic_tables": dict(DYNAMIC), **override}
+    return build_model(name, schema, **kw)
+
+
+def step(model, forward, batch, opt):
+    loss = model.loss(forward(batch), batch.labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def train_single(data) -> tuple[list[float], object]:
+    """The reference: one process, whole global batches."""
+    schema = Schema.from_dict(data["schema"])
+    model = build(schema, data["model"], data["seed"])
+    model.train()
+    opt = torch.optim.Adam(model.dense_parameters(), lr=LR)
+    losses = [float(step(model, model, b, opt)) for b in data["batches"]]
+    return losses, model
+
+
+def run(ctx, data, alltoall: str, out: Path) -> dict:
+    from adrec_fast import distributed as D
+
+    schema = Schema.from_dict(data["schema"])
+    model = build(schema, data["model"], data["seed"])
+    D.check_same_config(ctx, model=model.config, schema=schema.to_dict(), seed=data["seed"])
+    exchange = D.Exchange(ctx, alltoall)
+    res: dict = {"exchange": exchange.mode}
+    sharded = D.shard_model(model, ctx, exchange)
+    res["sharded"] = sorted(sharded)
+    ddp = D.wrap_ddp(model, ctx)
+    model.train()
+    opt = torch.optim.Adam(ddp.parameters(), lr=LR)
+    losses = []
+    for i, batch in enumerate(data["batches"]):
+        with ctx.guard(f"training step {i}"):
+            loss = step(model, ddp, D.local_batch(batch, ctx), opt)
+            torch.distributed.all_reduce(loss, group=ctx.group)
+        losses.append(float(loss) / ctx.world)
+    res["losses"] = losses
+    res["local_keys"] = {p: m.local.num_keys for p, m in sharded.items() if p.endswith("dyn")}
+    probs = model.predict(D.local_batch(data["eval"], ctx))
+    everyone = [torch.empty_like(probs) for _ in range(ctx.world)]
+    with ctx.guard("gathering predictions"):
+        torch.distributed.all_gather(everyone, probs, group=ctx.group)
+    res["scores_sharded"] = torch.cat(everyone).tolist()
+    ckdir = out.parent / f"ckpt_{data['name']}"
+    D.save_sharded(ckdir, ddp, ctx, optimizer=opt)
+    D.unshard_model(model)
+    if ctx.rank == 0:
+        torch.save(model.state_dict(), out.parent / f"state_{data['name']}.pt")
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--runs", required=True, help="one run per data set:exchange path")
+    args = p.parse_args(argv)
+
+    from adrec_fast import distributed as D
+
+    from ._worker import _wait_for_peers
+
+    torch.set_num_threads(1)
+    sets = torch.load(args.data, weights_only=False)
+    rank = int(os.environ["RANK"])
+    out = Path(args.out)
+    _wait_for_peers(out.parent, rank, int(os.environ["WORLD_SIZE"]))
+    result: dict = {"rank": rank, "runs": {}}
+    ctx = D.init_from_env(device="cpu", timeout_s=60.0)
+    for spec in args.runs.split(","):
+        name, path = spec.split(":")
+        result["runs"][spec] = run(ctx, sets[name], path, out)
+    data = next(iter(sets.values()))
+    small = build(Schema.from_dict(data["schema"]), data["model"], 0,
+                  dynamic_tables={**DYNAMIC, "capacity": 1})
+    try:
+        D.shard_model(small, ctx)
+        result["capacity_error"] = None
+    except ValueError as e:
+        result["capacity_error"] = str(e)
+    ctx.destroy()
+    out.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
