@@ -2,7 +2,8 @@
 """The parts of a ``train`` command that the one-process CLI (:mod:`adrec_fast.cli`) and the
 distributed driver (:mod:`adrec_fast.distributed.train`) share: the one-line error, option and
 output-directory checks, the recipe with the command line's flags applied, the schema given or
-inferred, and the run's files. Both import it, so neither imports the other."""
+inferred, the stream and dynamic-table options of ``--online``, and the run's files. Both
+import it, so neither imports the other."""
 from __future__ import annotations
 
 import json
@@ -166,3 +167,92 @@ def _given_schema(a, drop):
     if drop:
         raise CLIError("--drop applies to an inferred schema; edit the --schema file")
     return Schema.load(a.schema)
+
+
+def _online_options(a) -> dict | None:
+    """The dynamic tables' options of ``train --online`` (None: --static-vocab); misplaced and
+    out-of-range flags (DATA '-' included) named before any data is read."""
+    flags = (("--min-count", "min_count"), ("--admit-prob", "admit_prob"), ("--ttl", "ttl"),
+             ("--capacity", "capacity"), ("--eviction", "eviction"))
+    given = [flag for flag, k in flags if getattr(a, k) is not None]
+    if not a.online:
+        for flag in given + (["--static-vocab"] if a.static_vocab else []):
+            raise CLIError(f"{flag} applies to --online training; add --online")
+        if a.data == "-":
+            raise CLIError("DATA '-' (standard input) is read once, as it arrives: add --online")
+    if a.static_vocab:
+        if given:
+            raise CLIError(f"{given[0]} sets the dynamic tables, and --static-vocab has none")
+        return None
+    checks = (("--min-count", a.min_count, lambda v: v >= 1, ">= 1"),
+              ("--admit-prob", a.admit_prob, lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("--ttl", a.ttl, lambda v: v >= 1, ">= 1"),
+              ("--capacity", a.capacity, lambda v: v >= 1, ">= 1"))
+    for flag, v, ok, want in checks:
+        if v is not None and not ok(v):
+            raise CLIError(f"{flag} must be {want}, got {v}")
+    return {"seed": a.seed, **{k: getattr(a, k) for _, k in flags if getattr(a, k) is not None}}
+
+
+def _online_data(a, drop, reader_kw):
+    """(schema, stream of raw chunks, clock column) of ``train --online``: DATA (a file, or
+    '-': standard input as it arrives), in --time-col order for a file; the schema with
+    dynamic tables unless --static-vocab, fitted (a vocabulary pass over a file with
+    --static-vocab, else the dense statistics of the stream's first rows)."""
+    import itertools
+
+    from .data.pipeline import fit_schema
+    from .data.readers import open_reader
+    from .data.stream import HEAD_LINES, STDIN, piped_csv
+    from .training.online import STATS_ROWS, online_schema, order_by_time
+
+    piped = a.data == STDIN
+    schema = _given_schema(a, drop)
+    tc = a.time_col
+    keep = [tc] if tc and (schema is None or tc not in schema.raw_columns()) else []
+    if piped:
+        if a.static_vocab and (schema is None or not schema.fitted):
+            raise CLIError("--static-vocab learns the vocabularies in a pass over DATA, and "
+                           "DATA '-' (standard input) is read once: give a file, or a --schema "
+                           "with its vocabularies")
+        schema, reader = piped_csv(schema=schema, label=a.label, drop=drop + keep, keep=keep,
+                                   **reader_kw)
+    else:
+        if schema is None:
+            if tc:  # name a missing --time-col before the schema inference does
+                first = next(iter(open_reader(a.data, label=a.label, chunk_rows=16)), None)
+                names = first.column_names if first is not None else []
+                if tc not in names:
+                    raise CLIError(f"--time-col {tc!r}: {a.data} has no such column "
+                                   f"(columns: {', '.join(names)})")
+            schema = _infer_schema(a.data, a.label, drop + ([tc] if tc else []))
+        reader = None
+    if tc and tc == schema.label:
+        raise CLIError(f"--time-col {tc!r} is the label column")
+    schema = online_schema(schema, dynamic=not a.static_vocab)
+    stream = reader
+    if not schema.fitted:
+        if piped:  # the statistics of the first rows, which are then trained on as well
+            it = iter(reader)
+            head, n = [], 0
+            for chunk in it:
+                head.append(chunk)
+                n += chunk.num_rows
+                if n >= HEAD_LINES:
+                    break
+            schema.fit(head, max_rows=HEAD_LINES)
+            stream = itertools.chain(head, it)
+        elif a.static_vocab:  # the vocabularies: one pass over DATA first
+            fit_schema(schema, a.data, **reader_kw)
+        else:
+            fit_schema(schema, a.data, max_rows=STATS_ROWS, **reader_kw)
+    if not piped:
+        stream = open_reader(a.data, schema=schema, label=schema.label, keep=keep, **reader_kw)
+        if tc:
+            table, moved = order_by_time(stream, tc, a.data, rows_are_lines=not a.skip_bad_rows,
+                                         drop=False)
+            if moved:
+                print(f"{a.data}: {moved:,} rows out of {tc!r} order; sorted (stable)",
+                      file=sys.stderr)
+            stream = table.to_batches(max_chunksize=65536)
+    return schema, stream, tc

@@ -19,11 +19,15 @@ A run, on every rank (started by torchrun, or with its environment set by hand):
             opt.zero_grad(); loss.backward(); opt.step()   # tables updated inside backward
     save_sharded(run_dir, model, ctx, optimizer=opt)   # each rank its tables, rank 0 the rest
 
+Dynamic tables (``vocab: dynamic``) are sharded by key instead (``ShardedDynamicEmbedding``,
+owner ``owner_of(key, world)``), by the same ``shard_model``.
+
 A saved run loads onto any number of ranks, with another plan (``load_sharded`` then
 ``load_optimizer``), or in one process with ``adrec_fast.models.load_model`` as it is.
 ``unshard_model(model)`` puts full tables back on every rank instead.
 """
 from .checkpoint import load_optimizer, load_sharded, save_sharded
+from .dynamic import ShardedDynamicEmbedding, owner_of
 from .exchange import Exchange, probe_all_to_all
 from .planner import ShardingPlan, access_from_batch, plan_tables
 from .process_group import (
@@ -55,6 +59,7 @@ __all__ = [
     "GlobalBatchDropout",
     "GlobalBatchNorm",
     "PeerFailure",
+    "ShardedDynamicEmbedding",
     "ShardedEmbeddingBagCollection",
     "ShardingPlan",
     "access_from_batch",
@@ -68,6 +73,7 @@ __all__ = [
     "load_sharded",
     "local_rows",
     "model_plans",
+    "owner_of",
     "plan_tables",
     "probe_all_to_all",
     "save_sharded",

@@ -155,8 +155,7 @@ class ShardedDynamicEmbedding(nn.Module):
     Same call as ``DynamicEmbedding``: ``forward(keys, offsets=None, per_sample_weights=None,
     now=None) -> [bags, D]`` for this rank's keys; every rank must call it once per step, in
     the same mode. ``table`` may hold keys already (a loaded checkpoint): each rank keeps its
-    own. A collective when ``table`` is the same on every rank (no communication is needed
-    to split it)."""
+    own, without any communication (every rank splits the same table)."""
 
     def __init__(self, table: DynamicEmbedding, ctx: DistContext, exchange: Exchange,
                  name: str = "dynamic table"):

@@ -24,12 +24,19 @@ machine or several) starts them directly. Each rank then runs ``run_train``:
    (``save_sharded``, which ``eval``, ``predict`` and the Scorer load in one process),
    ``metrics.json`` and the plots, written by rank 0.
 
+``train --online`` on several ranks (``run_train_online``) makes the single process's one pass:
+every rank reads the whole stream in its order (by ``--time-col`` when given) and trains on its
+share of each global batch; dynamic tables are sharded by key (``distributed.dynamic``), and
+the ranks' progressive scores, gathered in the stream's order, give the run's metrics.
+
 The train command's own decisions (option checks, schema inference, the model's recipe, the
-run files) are taken by the CLI's functions, so the two paths cannot drift apart.
+run files, the online stream) are taken by the CLI's functions, so the two paths cannot drift
+apart.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import shutil
@@ -80,9 +87,10 @@ def check_options(a, world: int) -> None:
     """Refuse, before any rank starts work, what a distributed ``train`` cannot do."""
     from .. import _cli_common as cli
 
-    if a.online or a.time_col:
-        raise cli.CLIError("--online trains in one process (one pass in order); drop --nproc "
-                           "/ torchrun")
+    if a.time_col and not a.online:
+        raise cli.CLIError("--time-col orders the stream of --online; add --online")
+    if a.online:
+        _check_online(a, world)
     for attr, flag in _ONE_PROCESS_ONLY:
         if getattr(a, attr, None) not in (None, "", False):
             raise cli.CLIError(f"{flag} is not supported by distributed training; train in one "
@@ -90,12 +98,31 @@ def check_options(a, world: int) -> None:
     if a.stream == "on":
         raise cli.CLIError("--stream on: a distributed run holds each rank's share of the rows "
                            "in memory; use --stream auto or off (or more ranks)")
-    if not a.valid and not 0 < a.valid_fraction < 1:
+    if not a.online and not a.valid and not 0 < a.valid_fraction < 1:
         raise cli.CLIError(f"the validation fraction must lie in (0, 1), got {a.valid_fraction}")
     B = int(cli._recipe(a)[1].get("batch_size", 1024))
     if B % world:
         raise cli.CLIError(f"--batch-size {B} does not split evenly over {world} ranks; use a "
                            f"multiple of {world}")
+
+
+def _check_online(a, world: int) -> None:
+    """``--online`` on several ranks: every rank reads the stream, so it is a file; the flags
+    that one process refuses for --online are refused here too, before any rank starts."""
+    from .. import _cli_common as cli
+
+    if a.data == "-":
+        raise cli.CLIError("DATA '-' (standard input) is read once, by one process: give a "
+                           "file to train --online on several ranks")
+    for flag, given in (("--valid", a.valid is not None), ("--epochs", a.epochs is not None),
+                        ("--patience", a.patience is not None)):
+        if given:
+            raise cli.CLIError(f"{flag} does not apply to --online (one pass, progressive "
+                               "validation on every row instead of held-out rows)")
+    if not a.static_vocab and a.capacity is not None and a.capacity < world:
+        raise cli.CLIError(f"--capacity {a.capacity}: each dynamic table is sharded by key over "
+                           f"the {world} ranks, which hold capacity / {world} keys each; give "
+                           f"at least {world}")
 
 
 def launch_train(a) -> int:
@@ -192,20 +219,25 @@ def _share(total: int, ctx: DistContext) -> tuple[int, int]:
 
 
 def _access(schema, batch, ctx: DistContext) -> list[torch.Tensor]:
-    """Per table of the schema, [rows] the ids a sample looked up in each row: this rank's
-    first batch, summed over the ranks (so every rank plans alike)."""
+    """Per static table of the schema (the tables of the model's EmbeddingBagCollection, in
+    order), [rows] the ids a sample looked up in each row: this rank's first batch, summed over
+    the ranks (so every rank plans alike)."""
     tables = schema.tables()
+    static = [t for t, (name, _) in enumerate(tables) if not schema.is_dynamic(name)]
     B = batch.batch_size
-    counts = [torch.zeros(c, dtype=torch.float64) for _, c in tables]
+    counts = {t: torch.zeros(tables[t][1], dtype=torch.float64) for t in static}
     for b, (_, t) in enumerate(schema.sparse_fields()):
-        ids = batch.indices[int(batch.offsets[b * B]):int(batch.offsets[(b + 1) * B])]
-        counts[t] += torch.bincount(ids, minlength=tables[t][1]).double()
+        if t in counts:  # a dynamic table's keys are not rows: it is sharded by key
+            ids = batch.indices[int(batch.offsets[b * B]):int(batch.offsets[(b + 1) * B])]
+            counts[t] += torch.bincount(ids, minlength=tables[t][1]).double()
     for name, t in schema.sequence_fields():
-        counts[t] += torch.bincount(batch.seq_indices[name], minlength=tables[t][1]).double()
-    flat = torch.cat(counts)
+        if t in counts:
+            counts[t] += torch.bincount(batch.seq_indices[name],
+                                        minlength=tables[t][1]).double()
+    flat = torch.cat([counts[t] for t in static]) if static else torch.zeros(0)
     with ctx.guard("counting the sample's ids"):
         dist.all_reduce(flat, group=ctx.group)
-    return list(torch.split(flat, [c for _, c in tables]))
+    return list(torch.split(flat, [tables[t][1] for t in static]))
 
 
 @torch.no_grad()
@@ -290,10 +322,11 @@ def _sync_dense_buffers(model, ctx: DistContext) -> None:
     """Average the floating buffers of the dense layers over the ranks (batch norm's running
     statistics, each rank's from its own rows), so every rank predicts alike and the saved
     model holds the estimate over all rows."""
+    from .dynamic import ShardedDynamicEmbedding
     from .sharding import ShardedEmbeddingBagCollection
 
     skip = {f"{n}." for n, m in model.named_modules()
-            if isinstance(m, ShardedEmbeddingBagCollection)}
+            if isinstance(m, (ShardedEmbeddingBagCollection, ShardedDynamicEmbedding))}
     with ctx.guard("averaging the batch-norm statistics"):
         for name, buf in model.named_buffers():
             if buf.is_floating_point() and not any(name.startswith(s) for s in skip):
@@ -326,18 +359,14 @@ def run_train(a) -> int:
     check_same_config(ctx, arguments={k: v for k, v in sorted(vars(a).items())
                                       if k not in _LOCAL_ARGS})
     lead = ctx.rank == 0
+    if a.online:
+        return run_train_online(a, ctx, prep_group)
 
     def prepare():
         out, drop, reader_kw = cli._train_setup(a)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             schema = cli._given_schema(a, drop) or cli._infer_schema(a.data, a.label, drop)
-            dynamic = [f.name for f in schema.fields
-                       if f.is_sparse and schema.owner(f.name).vocab == "dynamic"]
-            if dynamic:
-                raise cli.CLIError(f"fields {dynamic} have dynamic vocabularies, which "
-                                   "distributed training does not shard yet; train in one "
-                                   "process")
             rows = _count_and_fit(a.data, schema, reader_kw, fit=not schema.fitted)
             vrows = _count_and_fit(a.valid, schema, reader_kw, fit=False) if a.valid else None
         cli._report_warnings(caught)
@@ -503,6 +532,177 @@ def run_train(a) -> int:
                             "calibration": m["calibration"], "best_epoch": result.best_epoch,
                             "epochs": len(result.history), "samples_per_s": last,
                             "rows_train": n_train, "rows_valid": n_valid, "out": str(out)})
+    with ctx.guard("finishing the run"):
+        dist.barrier(group=ctx.group)
+    ctx.destroy()
+    sys.stdout.flush()
+    return 0
+
+
+def run_train_online(a, ctx: DistContext, prep_group) -> int:
+    """One rank of ``train --online``: the single process's pass over DATA (in --time-col
+    order), each global batch of ``batch_size`` rows scored, then trained on, every rank on its
+    share of it; dynamic tables sharded by key, static ones by the planner, the towers under
+    DDP. The progressive scores of all ranks, gathered in the stream's order, give the single
+    process's metrics; rank 0 writes the run (best/ and last/ as sharded checkpoints,
+    metrics.json, online.png). Every rank reads the whole stream (its order is the run's), so
+    a global batch's rows are each rank's without an exchange; a last batch keeps a multiple of
+    the ranks' number of rows (at most ``world - 1`` dropped, counted in metrics.json)."""
+    from .. import _cli_common as cli
+    from ..models.registry import build_model
+    from ..training.loop import Trainer
+    from ..models.checkpoint import replace_dir
+    from ..training.online import (OnlineResult, _mini_batches, _window_metrics, plot_online,
+                                   scores_in_train_mode)
+    from .checkpoint import save_sharded
+    from .dynamic import ShardedDynamicEmbedding
+    from .exchange import Exchange
+    from .sharding import global_batch_dropout, global_batch_norm, shard_model, wrap_ddp
+
+    lead = ctx.rank == 0
+    dynamic = cli._online_options(a)
+
+    def prepare():
+        out, _, _ = cli._train_setup(a)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        return {"out": str(out), "tmp": str(tmp.absolute())}
+
+    try:
+        prep = _on_rank0(ctx, prep_group, prepare)
+    except _Rank0Failed as e:
+        raise cli.CLIError(str(e)) from None
+    out, tmp = Path(prep["out"]), Path(prep["tmp"])
+    _, drop, reader_kw = cli._train_setup(a)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        schema, stream, clock_col = cli._online_data(a, drop, reader_kw)
+    if lead:
+        cli._report_warnings(caught)
+    check_same_config(ctx, schema=schema.to_dict())  # every rank read the same stream
+    model_kw, trainer_kw, _ = cli._recipe(a)
+    B = int(trainer_kw.get("batch_size", 1024))  # divisible: check_options
+    if schema.has_dynamic:
+        if a.embedding_l2:
+            raise cli.CLIError("--embedding-l2 applies to static tables; --online trains "
+                               "dynamic ones: leave it out, or add --static-vocab")
+        model_kw.update(embedding_l2=0.0, dynamic_tables=dynamic)
+    torch.manual_seed(a.seed)
+    try:
+        model = build_model(a.model, schema, **model_kw)
+    except (TypeError, ValueError) as e:
+        raise cli.CLIError(str(e)) from None
+    in_train_mode = scores_in_train_mode(model)  # before dropout and batch norm are replaced
+    exchange = Exchange(ctx)
+    try:
+        sharded = shard_model(model, ctx, exchange)
+    except ValueError as e:  # a dynamic table's capacity below the ranks, named
+        raise cli.CLIError(str(e)) from None
+    global_batch_dropout(model, ctx)
+    global_batch_norm(model, ctx)
+    ddp = wrap_ddp(model, ctx)
+    for k in ("patience", "plateau_factor", "calibrate", "batch_size"):  # per-epoch settings
+        trainer_kw.pop(k, None)
+    trainer = Trainer(model, seed=a.seed, progress=False, batch_size=B, **trainer_kw)
+    trainer._set_lr(1.0)  # the base rates: a stream has no schedule (as train_online)
+    opt, clip = trainer.optimizer, trainer.clip_grad_norm
+    if lead:
+        for name, m in sharded.items():
+            plan = getattr(m, "plan", None)
+            print(f"{name}: " + (plan.report() if plan is not None
+                                 else f"sharded by key over {ctx.world} ranks"), flush=True)
+    model.train()
+    probs, labels = [], []
+    clock, late, rows, dropped, t_loop = -math.inf, 0, 0, 0, 0.0
+    with ctx.guard("online training"):
+        for batch, times in _mini_batches(stream, schema, B, 0, clock_col):
+            if times is not None and times.size:
+                late += int((times < np.maximum.accumulate(np.maximum(times, clock))).sum())
+                clock = max(clock, float(times.max()))
+                model.set_stream_time(math.floor(clock))
+            n = batch.batch_size - batch.batch_size % ctx.world
+            dropped += batch.batch_size - n
+            if not n:
+                continue
+            b = n // ctx.world
+            part = batch.slice(ctx.rank * b, (ctx.rank + 1) * b)
+            t0 = time.perf_counter()
+            if not in_train_mode:  # dropout or batch norm: score in eval mode first
+                model.eval()
+                with torch.no_grad():
+                    score = model(part)
+                model.train()
+            logits = ddp(part)
+            loss = model.loss(logits, part.labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], clip)
+            opt.step()
+            trainer.global_step += 1
+            if in_train_mode:
+                score = logits.detach()
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"rank {ctx.rank}: training loss is {lv} at step "
+                                         f"{trainer.global_step}; lower the learning rates")
+            probs.append(torch.sigmoid(score).float().numpy())
+            labels.append(part.labels.float().numpy())
+            t_loop += time.perf_counter() - t0
+            rows += n
+        everyone: list = [None] * ctx.world
+        dist.all_gather_object(everyone, (probs, labels), group=ctx.group)
+        slowest = torch.tensor([t_loop], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=ctx.group)
+    if rows == 0:
+        raise cli.CLIError(f"{a.data}: no data rows")
+    # the stream's order: step by step, each step's shares in rank order
+    p = np.concatenate([x for s in range(len(probs)) for x in (e[0][s] for e in everyone)])
+    y = np.concatenate([x for s in range(len(probs)) for x in (e[1][s] for e in everyone)])
+    window = 100_000
+    windows = [_window_metrics(y[s:s + window], p[s:s + window], s)
+               for s in range(0, y.size, window)]
+    whole = windows[0] if len(windows) == 1 else _window_metrics(y, p, 0)
+    res = OnlineResult(progressive_auc=whole["auc"], progressive_logloss=whole["logloss"],
+                       rows=int(y.size), windows=windows,
+                       samples_per_s=rows / float(slowest) if float(slowest) > 0 else math.nan,
+                       train_time_s=float(slowest), out_of_order=late, probs=p, labels=y)
+    _sync_dense_buffers(model, ctx)
+    m = res.metrics()
+    dist_meta = {"world": ctx.world, "global_batch": B, "dropped_rows": dropped}
+    save_sharded(tmp / "best", ddp, ctx, meta={
+        "metrics": {k: v for k, v in m.items() if k != "windows"}, "distributed": dist_meta})
+    save_sharded(tmp / "last", ddp, ctx, optimizer=opt, meta={
+        "metrics": {"online": {"position": res.rows}}, "global_step": trainer.global_step,
+        "distributed": dist_meta})
+    keys = [t.num_keys for t in model.modules()  # collectives: every rank asks
+            if isinstance(t, ShardedDynamicEmbedding)]
+    if lead:
+        try:
+            (tmp / "metrics.json").write_text(json.dumps(
+                {**m, "data": str(a.data), "time_col": a.time_col, "model": model.config,
+                 "distributed": dist_meta}, indent=1, default=float), encoding="utf-8")
+            plot_online(res, tmp / "online.png")
+            replace_dir(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        if res.out_of_order:
+            print(f"{a.data}: {res.out_of_order:,} rows arrived before a later {clock_col!r}; "
+                  "trained in arrival order (the tables' clock does not go back)",
+                  file=sys.stderr)
+        if keys:
+            print(f"dynamic tables: {sum(keys):,} keys with rows "
+                  f"({', '.join(f'{k:,}' for k in keys)} per lookup), sharded by key over "
+                  f"{ctx.world} ranks")
+        print(f"model {a.model}: online over {res.rows:,} rows: progressive AUC "
+              f"{cli._fmt(res.progressive_auc)}, logloss {cli._fmt(res.progressive_logloss)}, "
+              f"{res.samples_per_s:,.0f} samples/s; {ctx.world} ranks; saved to {out}",
+              flush=True)
+        if a.json:
+            cli._json_line({"progressive_auc": res.progressive_auc,
+                            "progressive_logloss": res.progressive_logloss, "rows": res.rows,
+                            "samples_per_s": res.samples_per_s, "model": a.model,
+                            "out": str(out)})
     with ctx.guard("finishing the run"):
         dist.barrier(group=ctx.group)
     ctx.destroy()

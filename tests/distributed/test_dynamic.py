@@ -156,3 +156,53 @@ def test_capacity_below_the_ranks_is_refused_naming_the_table(launched):
         msg = r["capacity_error"]
         assert msg is not None and "dynamic table 'lookup.dyn'" in msg, msg
         assert "capacity 1 is smaller than the 2 ranks" in msg
+
+
+def test_cli_online_nproc_2_matches_one_process(tmp_path):
+    """``train --online --nproc 2`` through the CLI on a schema that mixes hashed static tables
+    with dynamic ones, against the same command in one process; the 2-rank run evaluates in
+    one process as the one-process run does."""
+    from adrec_fast import cli
+    from adrec_fast.data.pipeline import infer_schema, iter_batches
+
+    from .test_cli_train import _cli, _last_json, _write_csv
+
+    _write_csv(tmp_path / "train.csv", 3000, seed=1)
+    _write_csv(tmp_path / "test.csv", 1000, seed=2)
+    spec = infer_schema(tmp_path / "train.csv", label="label").to_dict()
+    for f in spec["fields"]:
+        if f["name"] in ("c0", "c1"):
+            f.update(vocab="hash", hash_size=101)
+    (tmp_path / "schema.json").write_text(json.dumps(spec))
+    args = ["train", tmp_path / "train.csv", "--online", "--schema", tmp_path / "schema.json",
+            "--model", "fm", "--batch-size", "128", "--min-count", "2", "--json"]
+    two = _last_json(_cli(*args, "--out", tmp_path / "two", "--nproc", 2))
+    one = _last_json(_cli(*args, "--out", tmp_path / "one", "--threads", 1))
+    assert two["rows"] == one["rows"] == 3000
+    assert abs(two["progressive_auc"] - one["progressive_auc"]) < 1e-5, (two, one)
+    assert abs(two["progressive_logloss"] - one["progressive_logloss"]) < 1e-5, (two, one)
+    doc = json.loads((tmp_path / "two" / "best" / "checkpoint.json").read_text())
+    assert doc["distributed"]["dynamic"] == ["linear.dyn", "lookup.dyn"]
+    assert doc["distributed"]["plans"]  # the hashed tables, sharded by the planner
+    scores = {}
+    for run in ("one", "two"):
+        model, schema, _ = load_model(tmp_path / run)
+        scores[run] = torch.cat([model.predict(b) for b in
+                                 iter_batches(tmp_path / "test.csv", schema, 4096)])
+    torch.testing.assert_close(scores["two"], scores["one"], rtol=0, atol=1e-5)
+    assert cli.main(["eval", str(tmp_path / "two"), str(tmp_path / "test.csv")]) == 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--capacity", "1"], "--capacity 1: each dynamic table is sharded by key over the 2 ranks"),
+    (["--epochs", "2"], "--epochs does not apply to --online"),
+])
+def test_cli_online_nproc_bad_options_are_refused_before_launch(tmp_path, capsys, flags,
+                                                                message):
+    from adrec_fast import cli
+
+    rc = cli.main(["train", str(tmp_path / "missing.csv"), "--online", "--nproc", "2", "--out",
+                   str(tmp_path / "out"), *flags])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
