@@ -17,6 +17,12 @@ so this is an upper bound of its share) and the rest (compute).
     python bench/bench_distributed.py --runs 3            # ~4 min on 2 quiet cores
     python bench/bench_distributed.py --quick             # smoke run
 
+``--dynamic``: the same with every table dynamic (``vocab: dynamic``, each id a 64-bit key,
+capacity 2^22 keys so that no table grows while timed; on 2 ranks sharded by key). The ids are
+uniform, so most lookups of the first pass over the pool insert a new key.
+
+    python bench/bench_distributed.py --dynamic --runs 3
+
 ``--frappe``: quality instead of speed. DLRM with its default recipe's model settings
 (``training/recipes.py``; ``--dropout`` overrides the tower's) trains on the shared Frappe file
 (``../shared/data/frappe``, split 70/10/20 into train, valid and test rows by ``valid_mask``
@@ -65,6 +71,7 @@ per step). ``--compute-ms`` replaces the measured compute (a quiet machine's fig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -89,7 +96,29 @@ def _time_steps(step, batches, warmup: int, steps: int, sync=None) -> list[float
     return times
 
 
-def worker(kind: str, warmup: int, steps: int, max_batches: int) -> dict:
+#: ``--dynamic``: the tables' capacity (keys), large enough that no table grows while timed
+DYNAMIC_CAPACITY = 1 << 22
+
+
+def _dynamic_shape(batches):
+    """(schema, batches) of ``--dynamic``: the DLRM shape with every table dynamic, each id a
+    64-bit key (table number in the high bits, so no two tables share a key)."""
+    import torch
+    import bench_train as bt
+
+    from adrec_fast.data.schema import Schema
+
+    spec = bt.criteo_schema().to_dict()
+    for f in spec["fields"]:
+        if f["type"] == "categorical":
+            f["vocab"] = "dynamic"
+            f.pop("hash_size", None)
+    salt = (torch.arange(bt.T, dtype=torch.long) + 1).repeat_interleave(bt.B) << 40  # [T*B]
+    return Schema.from_dict(spec), [dataclasses.replace(b, indices=b.indices + salt)
+                                    for b in batches]
+
+
+def worker(kind: str, warmup: int, steps: int, max_batches: int, dynamic: bool = False) -> dict:
     """One side of a run (``kind``: "single", or "dist" under torchrun); returns its timings."""
     import torch
 
@@ -99,9 +128,13 @@ def worker(kind: str, warmup: int, steps: int, max_batches: int) -> dict:
     from adrec_fast.models.registry import build_model
 
     batches = bt.make_batches(max_batches=max_batches)
+    schema, extra = bt.criteo_schema(), {}
+    if dynamic:
+        schema, batches = _dynamic_shape(batches)
+        extra = {"dynamic_tables": {"capacity": DYNAMIC_CAPACITY}}
     torch.manual_seed(0)
-    model = build_model("dlrm", bt.criteo_schema(), embedding_dim=bt.D, pooling="sum",
-                        **bt.DLRM_KW)
+    model = build_model("dlrm", schema, embedding_dim=bt.D, pooling="sum",
+                        **bt.DLRM_KW, **extra)
     model.train()
     for c in model.embedding_collections():
         c.optimizer.lr = bt.EMB_LR
@@ -143,7 +176,9 @@ def worker(kind: str, warmup: int, steps: int, max_batches: int) -> dict:
 
     out["step_s"] = _time_steps(step, mine, warmup, steps, sync)
     out["exchange"] = exchange.stats()
-    out["plan"] = sharded["lookup.ebc"].plan.report()
+    out["plan"] = (sharded["lookup.ebc"].plan.report() if "lookup.ebc" in sharded
+                   else "every table dynamic, sharded by key: rank 0 holds "
+                   f"{sharded['lookup.dyn'].local.num_keys:,} keys after the timed steps")
     n_dense = sum(p.numel() for p in ddp.parameters())
     flat = torch.zeros(n_dense)
     dist.barrier(group=ctx.group)
@@ -295,6 +330,8 @@ def _run_side(kind: str, args) -> dict:
     else:
         flags = ["--worker", kind, "--warmup", str(args.warmup), "--steps", str(args.steps),
                  "--max-batches", str(args.max_batches)]
+        if args.dynamic:
+            flags.append("--dynamic")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if kind == "single":
         cmd = [sys.executable, str(Path(__file__).resolve()), *flags]
@@ -475,6 +512,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-batches", type=int, default=128, help="cap on the batch pool")
     ap.add_argument("--quick", action="store_true", help="1 run, 5 steps, a pool of 8")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="every table dynamic (keyed, sharded by key), capacity 2^22 keys")
     ap.add_argument("--worker", choices=["single", "dist"], help=argparse.SUPPRESS)
     ap.add_argument("--frappe", action="store_true",
                     help="compare the test AUC of 2 ranks and 1 process on Frappe")
@@ -520,7 +559,7 @@ def main(argv=None) -> None:
     if min(args.runs, args.steps, args.max_batches) < 1 or args.warmup < 0:
         raise SystemExit("--runs, --steps and --max-batches must be >= 1, --warmup >= 0")
     if args.worker:
-        res = worker(args.worker, args.warmup, args.steps, args.max_batches)
+        res = worker(args.worker, args.warmup, args.steps, args.max_batches, args.dynamic)
         if res.get("rank", 0) == 0:
             print("RESULT " + json.dumps(res), flush=True)
         return
@@ -534,8 +573,8 @@ def main(argv=None) -> None:
         if run == 0:
             print(got["dist"]["plan"])
             print(f"pool: {got['single']['pool']}")
-    print(f"\nDLRM B={rows[0]['B']} global, 1 thread per process, {args.steps} timed "
-          f"steps per side per run\n")
+    print(f"\nDLRM B={rows[0]['B']} global{', dynamic tables' if args.dynamic else ''}, 1 "
+          f"thread per process, {args.steps} timed steps per side per run\n")
     print("| run | 1 rank samples/s | 2 ranks samples/s | ratio | 2-rank step ms | embedding "
           "exchange ms | dense all-reduce ms | compute ms | bytes sent/rank/step (emb + dense) "
           "| load 1-min |")

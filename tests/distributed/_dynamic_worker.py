@@ -79,6 +79,12 @@ def run(ctx, data, alltoall: str, out: Path) -> dict:
     res["scores_sharded"] = torch.cat(everyone).tolist()
     ckdir = out.parent / f"ckpt_{data['name']}"
     D.save_sharded(ckdir, ddp, ctx, optimizer=opt)
+    # the checkpoint back onto the ranks: each keeps the keys it owns, scores as before
+    again, _, _ = D.load_sharded(ckdir, ctx, exchange=exchange)
+    probs = again.predict(D.local_batch(data["eval"], ctx))
+    with ctx.guard("gathering predictions"):
+        torch.distributed.all_gather(everyone, probs, group=ctx.group)
+    res["scores_reloaded"] = torch.cat(everyone).tolist()
     D.unshard_model(model)
     if ctx.rank == 0:
         torch.save(model.state_dict(), out.parent / f"state_{data['name']}.pt")

@@ -135,6 +135,8 @@ def test_two_ranks_match_one_process(launched, run):
     scores = ref[name]["scores"]
     for r in runs:
         torch.testing.assert_close(torch.tensor(r["scores_sharded"]), scores)
+        # save_sharded, then load_sharded onto the two ranks again
+        torch.testing.assert_close(torch.tensor(r["scores_reloaded"]), scores)
 
 
 @pytest.mark.parametrize("run", RUNS)
