@@ -171,27 +171,27 @@ class ShardedDynamicEmbedding(nn.Module):
         self.init_std, self.seed = table.init_std, table.seed
         self.sketch_width = table.sketch_width
         self.grad_scale = 1.0 / world
-        cfg = table.config()
-        width = table.sketch_width
-        if width is None and table.min_count > 1:  # the whole table's default width
-            width = min(1 << max(table.capacity - 1, 0).bit_length(), 1 << 22)
+        state = table.state_tensors()
+        # the whole table's sketch width (4 rows of counters), whatever chose it: a key's
+        # cells are then the same in every shard as in the whole table
+        width = state["sketch"].numel() // 4 or None
         self.local = DynamicEmbedding(
             table.embedding_dim, -(-table.capacity // world), min_count=table.min_count,
             admit_prob=table.admit_prob, ttl=table.ttl, eviction=table.eviction,
             optimizer=table.optimizer, pooling="sum", init_std=table.init_std,
             initializer=table.initializer if table.initializer is not None else self._record,
-            seed=table.seed, evict_fraction=cfg["evict_fraction"], sketch_width=width)
+            seed=table.seed, evict_fraction=table.evict_fraction, sketch_width=width)
         self.own_init = table.initializer is None  # draw new rows as one process does
         self._gen = torch.Generator()
         self._fresh: list[Tensor] = []
         self.blocks: list[int] | None = None  # set per call by the lookup's pre-hook
-        self.load_table_state(table.state_tensors())
+        self.load_table_state(state)
 
     # ------------------------------------------------------------------ state
     @torch.no_grad()
     def load_table_state(self, t: dict[str, Tensor]) -> None:
         """Keep this rank's keys of a whole table's ``state_tensors`` (row 0 and the clocks on
-        every rank; the sketch as the base every shard counts on, see ``table_state``)."""
+        every rank; the sketch as the base every shard counts on, see ``shard_state``)."""
         keys, counts = t["row_keys"], t["row_counts"]
         live = torch.nonzero(counts > 0).squeeze(1)
         live = live[live > 0]
@@ -312,8 +312,11 @@ class ShardedDynamicEmbedding(nn.Module):
         mine = torch.zeros(0, dtype=torch.long)
         fr = self.local.rows(fresh) if fresh.numel() else mine  # [f] their rows
         if fr.numel():
-            # a new key's place: its first occurrence that reads its new row
-            at = torch.nonzero(torch.isin(rows_sorted, fr)).squeeze(1)
+            # a new key's place: its first occurrence that reads its new row (a mask over the
+            # rows finds the occurrences of new rows without isin's sort)
+            new = torch.zeros(self.local.num_rows, dtype=torch.bool)
+            new[fr] = True
+            at = torch.nonzero(new[rows_sorted]).squeeze(1)
             u, inv = torch.unique(rows_sorted[at], return_inverse=True)
             first = torch.full((u.numel(),), rows_sorted.numel(), dtype=torch.long)
             first.scatter_reduce_(0, inv, at, "amin")
