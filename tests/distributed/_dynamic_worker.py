@@ -91,6 +91,32 @@ def run(ctx, data, alltoall: str, out: Path) -> dict:
     return res
 
 
+def run_text(ctx, data, out: Path) -> dict:
+    """A model with a text field beside a dynamic table: a few steps, then ``save_sharded``,
+    whose directory must carry the text encoder's cache as one process's checkpoint does.
+    Every rank encodes all the raw rows (the cache rows of a Batch are the process's own)."""
+    from adrec_fast import distributed as D
+
+    schema = Schema.from_dict(data["schema"])
+    rows = schema.encode(data["raw"])
+    n = data["steps"] * data["batch"]
+    model = build(schema, "deepfm", 0)
+    D.shard_model(model, ctx)
+    ddp = D.wrap_ddp(model, ctx)
+    model.train()
+    opt = torch.optim.Adam(ddp.parameters(), lr=LR)
+    for i in range(data["steps"]):
+        batch = rows.slice(i * data["batch"], (i + 1) * data["batch"])
+        with ctx.guard(f"text step {i}"):
+            step(model, ddp, D.local_batch(batch, ctx), opt)
+    probs = model.predict(D.local_batch(rows.slice(n, rows.batch_size), ctx))
+    everyone = [torch.empty_like(probs) for _ in range(ctx.world)]
+    with ctx.guard("gathering predictions"):
+        torch.distributed.all_gather(everyone, probs, group=ctx.group)
+    D.save_sharded(out.parent / "ckpt_text", ddp, ctx)
+    return {"scores": torch.cat(everyone).tolist()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
@@ -112,6 +138,8 @@ def main(argv=None) -> int:
     for spec in args.runs.split(","):
         name, path = spec.split(":")
         result["runs"][spec] = run(ctx, sets[name], path, out)
+    if "text" in sets:
+        result["text"] = run_text(ctx, sets["text"], out)
     data = next(iter(sets.values()))
     small = build(Schema.from_dict(data["schema"]), data["model"], 0,
                   dynamic_tables={**DYNAMIC, "capacity": 1})

@@ -66,10 +66,36 @@ def _live_keys(state: dict, prefix: str) -> dict[int, torch.Tensor]:
             if counts[r] > 0 and clock - int(last[r]) <= DYNAMIC["ttl"]}
 
 
+TITLES = ["red shoe", "blue hat", "garden hose 2021", "tomato sauce", "new guitar", None]
+
+
+def _text_set(work: Path) -> dict | None:
+    """Raw rows with a text field (a tiny random encoder written to ``work``) beside a dynamic
+    table: 3 steps of 8 rows, then 8 rows to score; None without transformers."""
+    try:
+        from ..data._tiny_encoder import tiny_encoder
+        enc = tiny_encoder(work / "tiny_encoder", hidden=8, seed=2)
+    except ImportError:
+        return None
+    g = np.random.default_rng(0)
+    n = 32
+    raw = {"user": [f"u{i}" for i in g.integers(0, 6, n)],
+           "title": [TITLES[i] for i in g.integers(0, len(TITLES), n)],
+           "d": g.normal(size=n).tolist(), "label": g.integers(0, 2, n).tolist()}
+    schema = Schema([{"name": "user", "type": "categorical", "vocab": "dynamic"},
+                     {"name": "title", "type": "text", "encoder": str(enc)},
+                     {"name": "d", "type": "dense", "transform": "standardize"}])
+    schema.fit(raw)
+    return {"schema": schema.to_dict(), "raw": raw, "steps": 3, "batch": 8}
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     sets = _sets()
     work = tmp_path_factory.mktemp("dyn")
+    text = _text_set(work)
+    if text is not None:
+        sets["text"] = text
     path = work / "data.pt"
     torch.save(sets, path)
     port = _free_port()
@@ -88,6 +114,8 @@ def launched(tmp_path_factory):
     ref = {}
     try:
         for name, d in sets.items():
+            if name == "text":
+                continue
             losses, model = train_single(d)
             ref[name] = {"losses": losses, "state": model.state_dict(),
                          "scores": model.predict(d["eval"])}
@@ -151,6 +179,22 @@ def test_sharded_checkpoint_loads_in_one_process(launched, run):
     with pytest.warns(UserWarning, match="dynamic tables: requests run the model's torch"):
         scorer = Scorer.load(ck)
     assert scorer.version[1] == str(ck)
+
+
+def test_sharded_checkpoint_carries_the_text_cache(launched):
+    """save_sharded writes the text encoder's cache (and lists it in the manifest) as one
+    process's checkpoint does; load_model reads it back and scores as the sharded model."""
+    work, sets, _, results = launched
+    if "text" not in sets:
+        pytest.skip("the text fields need transformers")
+    ck = work / "ckpt_text"
+    files = json.loads((ck / "manifest.json").read_text())["files"]
+    assert {"text_cache.0.safetensors", "text_cache.0.json"} <= set(files)
+    model, schema, _ = load_model(ck)
+    d = sets["text"]
+    n = d["steps"] * d["batch"]
+    rows = schema.encode({k: v[n:] for k, v in d["raw"].items()})
+    torch.testing.assert_close(model.predict(rows), torch.tensor(results[0]["text"]["scores"]))
 
 
 def test_capacity_below_the_ranks_is_refused_naming_the_table(launched):
