@@ -141,6 +141,19 @@ def main(argv=None) -> int:
     if "text" in sets:
         result["text"] = run_text(ctx, sets["text"], out)
     data = next(iter(sets.values()))
+    # a full table that evicts: each rank holds capacity / 2 keys and evicts among its own
+    lfu = build(Schema.from_dict(data["schema"]), data["model"], 0,
+                dynamic_tables={**DYNAMIC, "capacity": 16, "eviction": "lfu"})
+    D.shard_model(lfu, ctx)
+    ddp = D.wrap_ddp(lfu, ctx)
+    lfu.train()
+    opt = torch.optim.Adam(ddp.parameters(), lr=LR)
+    losses = []
+    for i, batch in enumerate(data["batches"][:5]):
+        with ctx.guard(f"lfu step {i}"):
+            losses.append(float(step(lfu, ddp, D.local_batch(batch, ctx), opt)))
+    result["lfu"] = {"losses": losses, "keys": lfu.lookup.dyn.local.num_keys,
+                     "rows": lfu.lookup.dyn.local.num_rows}
     small = build(Schema.from_dict(data["schema"]), data["model"], 0,
                   dynamic_tables={**DYNAMIC, "capacity": 1})
     try:

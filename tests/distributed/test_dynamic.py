@@ -197,6 +197,15 @@ def test_sharded_checkpoint_carries_the_text_cache(launched):
     torch.testing.assert_close(model.predict(rows), torch.tensor(results[0]["text"]["scores"]))
 
 
+def test_full_table_evicts_within_each_shard(launched):
+    """eviction="lfu" at capacity 16 on 2 ranks: each shard keeps at most 8 keys in 9 rows
+    (it never grows), and training goes on."""
+    for r in launched[3]:
+        lfu = r["lfu"]
+        assert np.isfinite(lfu["losses"]).all()
+        assert 0 < lfu["keys"] <= 8 and lfu["rows"] == 9, lfu
+
+
 def test_capacity_below_the_ranks_is_refused_naming_the_table(launched):
     for r in launched[3]:
         msg = r["capacity_error"]
