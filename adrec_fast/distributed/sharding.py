@@ -24,6 +24,9 @@ Backward runs the same path in reverse: the requester's gradient of each distinc
 like DDP's average (``grad_scale``, 1/world), goes back to the owner, whose fused op sums the
 gradients of a row over all ranks and applies one optimizer step to it: the single-process
 update of the global batch. Only the summation order differs (per rank, then across ranks).
+
+A model's dynamic tables (``DynamicEmbedding``, keyed, no rows to range over) are sharded by
+key instead (``distributed.dynamic``); ``shard_model`` does both.
 """
 from __future__ import annotations
 

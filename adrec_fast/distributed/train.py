@@ -35,7 +35,9 @@ apart.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -573,8 +575,9 @@ def run_train_online(a, ctx: DistContext, prep_group) -> int:
         raise cli.CLIError(str(e)) from None
     out, tmp = Path(prep["out"]), Path(prep["tmp"])
     _, drop, reader_kw = cli._train_setup(a)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught, \
+            contextlib.redirect_stderr(sys.stderr if lead else io.StringIO()):
+        warnings.simplefilter("always")  # what it reports about the file, rank 0 says once
         schema, stream, clock_col = cli._online_data(a, drop, reader_kw)
     if lead:
         cli._report_warnings(caught)
