@@ -92,7 +92,10 @@ def mlp(in_features: int, hidden: Sequence[int], dropout: float = 0.0,
     for h in hidden:
         if int(h) < 1:
             raise ValueError(f"hidden widths must be >= 1, got {list(hidden)}")
-        layers.append(nn.Linear(width, int(h)))
+        # Batch norm subtracts the batch mean, so a bias in front of it has no gradient in exact
+        # arithmetic; Adam would scale its rounding noise into lr-sized random steps that the
+        # running mean follows with a lag, moving eval-mode outputs with the summation order.
+        layers.append(nn.Linear(width, int(h), bias=not batch_norm))
         if batch_norm:
             layers.append(nn.BatchNorm1d(int(h)))
         elif layer_norm:

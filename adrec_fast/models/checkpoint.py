@@ -323,6 +323,29 @@ def sharded_rows(path, manifest: dict, key: str, lo: int, hi: int) -> torch.Tens
     return out
 
 
+def fold_bias_into_batch_norm(model, sd: dict) -> dict:
+    """``sd`` with the bias of each tower Linear that ``model`` runs without one, because batch
+    norm follows it (``models.mlp``), folded into that batch norm's running mean: in eval mode
+    ``BN(Wx + b)`` with running mean ``m`` is ``BN(Wx)`` with running mean ``m - b``. So a
+    checkpoint whose towers still hold such a bias loads exactly; ``sd`` itself is not
+    changed."""
+    out = None
+    for path, seq in model.named_modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        pre = f"{path}." if path else ""
+        for i in range(len(seq) - 1):
+            lin, bn = seq[i], seq[i + 1]
+            key = f"{pre}{i}.bias"
+            if (isinstance(lin, torch.nn.Linear) and lin.bias is None
+                    and isinstance(bn, torch.nn.BatchNorm1d) and key in sd
+                    and f"{pre}{i + 1}.running_mean" in sd):
+                out = dict(sd) if out is None else out
+                mean = f"{pre}{i + 1}.running_mean"
+                out[mean] = out[mean] - out.pop(key).to(out[mean].dtype)
+    return sd if out is None else out
+
+
 def load_state(model, path) -> dict:
     """Load a checkpoint's weights (and fused optimizer state, embedding lr) into ``model``;
     returns the checkpoint.json document."""
@@ -338,7 +361,7 @@ def load_state(model, path) -> dict:
     if manifest is not None:
         for key, spec in manifest["tensors"].items():
             sd[key] = sharded_rows(path, manifest, key, 0, spec["shape"][0])
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(fold_bias_into_batch_norm(model, sd), strict=True)
     for c, o in zip(model.embedding_collections(), doc.get("embedding_optimizers", [])):
         if o is not None and c.optimizer is not None:
             c.optimizer.lr = float(o["lr"])
