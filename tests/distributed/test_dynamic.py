@@ -9,7 +9,10 @@ Two runs in one launch: ``din`` (every table dynamic, admission after 2 sighting
 behaviour history looked up element by element; the probed all_to_all_single path) and
 ``mixed`` (two hashed static tables beside dynamic ones, the history pooled as a ragged bag
 over the shared item table; DeepFM, whose first-order lookup is a second dynamic table; the
-forced scatter fallback).
+forced scatter fallback). The same launch saves a model with a text field (its encoder's cache
+must travel with the sharded checkpoint), trains a full table that evicts (``lfu``: per shard),
+and tries a capacity below the number of ranks. Through the command line: ``train --online
+--nproc 2`` against one process, and options refused before any rank starts.
 """
 from __future__ import annotations
 
