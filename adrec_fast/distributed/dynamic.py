@@ -47,6 +47,7 @@ from .process_group import DistContext
 #: odd 64-bit constant of the owner hash (golden ratio), as a signed int64
 _MIX = -7046029254386353131  # 0x9E3779B97F4A7C15
 _LOW32 = (1 << 32) - 1
+_INT32_MAX = 2**31 - 1
 #: bits of an occurrence's place in the sort key (block, rank, place)
 _PLACE_BITS, _RANK_BITS = 36, 12
 
@@ -280,6 +281,12 @@ class ShardedDynamicEmbedding(nn.Module):
         back = torch.bincount(uniq[kept] // nrows, minlength=world)  # [world]
         first = torch.cumsum(back, 0) - back  # [world] each requester's first kept row
         reads = torch.where(kept[inv], pos[inv] - first[seg], -1)  # [R] per requester, or -1
+        # int32 on the wire on every rank alike (the exchange's buffers take the sender's
+        # dtype): an index among the rows one owner sends one requester in one step
+        if uniq.numel() > _INT32_MAX:
+            raise ValueError(f"{self.name}: {uniq.numel()} distinct rows requested of rank "
+                             f"{me} in one step; at most {_INT32_MAX}")
+        reads = reads.to(torch.int32)
         to_requesters = back.tolist()
         from_owners = ex.counts(back).tolist()
         where = ex.variable(reads, from_req, to_owners, "id")  # [n] grouped by owner
