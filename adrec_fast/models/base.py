@@ -204,6 +204,15 @@ class SparseLookup(nn.Module):
         kinds = set(self.bag_dynamic + self.seq_dynamic)
         self.mixed = self.dyn is not None and len(kinds) == 2  # static and dynamic reads
 
+    def follow(self, leader: SparseLookup) -> None:
+        """This lookup's dynamic table shares the map of ``leader``'s (the embedding lookup
+        that a model's forward calls first on the same batch, with this lookup's bags and
+        maybe more), so a training call takes its rows from the leader's call instead of
+        probing the map again; answers are unchanged (``DynamicEmbedding.follow`` says when
+        it applies)."""
+        if self.dyn is not None and leader.dyn is not None:
+            self.dyn.follow(leader.dyn)
+
     def _global(self, indices: Tensor, offsets: Tensor) -> Tensor:
         """One call on the whole buffer seen as a single table: indices are global row ids."""
         return self.ebc.lookup(self.one_table, indices, offsets)
@@ -215,19 +224,24 @@ class SparseLookup(nn.Module):
             return self.ebc(batch.indices, batch.offsets).view(B, T, D), {}
         indices, offsets = batch.indices, batch.offsets  # [nnz], [T*B+1]
         nnz = indices.numel()
-        if self.dyn is not None:
-            if (not self.mixed and nnz == T * B
-                    and torch.equal(offsets[::B], torch.arange(0, nnz + 1, B,
-                                                                device=offsets.device))):
-                # all dynamic, one key per bag: the bags' keys in row-major order make the
-                # pooled rows [B, T, D] contiguous, as the native static path does, so nothing
-                # downstream copies a transposed view (forward and backward); the history
-                # elements follow, one per bag
+        one = nnz == T * B and _is_iota(offsets)  # every bag holds exactly one id
+        if one and (self.dyn is None or not self.mixed):
+            # one id per bag: the bags' ids in row-major order make the pooled rows [B, T, D]
+            # contiguous, as the native path does, so nothing downstream copies a transposed
+            # view (forward and backward); the history elements follow, one per bag
+            ids = indices.view(T, B)
+            if self.dyn is None:  # global row ids of the one weight buffer
+                ids = ids + self.bag_base[:, None]
+                seqs = [batch.seq_indices[s] + base
+                        for s, base in zip(self.sequences, self.seq_base)]  # [L_s] each
+            else:
                 seqs = [batch.seq_indices[s] for s in self.sequences]  # [L_s] each
-                keys = indices.view(T, B).t().reshape(-1)
-                out = self.dyn.forward(torch.cat([keys, *seqs]) if seqs else keys, None,
-                                       now=self.now)  # [B*T + L, D]
-                return out[: B * T].view(B, T, D), self._seq_rows(out, B * T, seqs)
+            ids = ids.t().reshape(-1)  # [B*T]
+            ids = torch.cat([ids, *seqs]) if seqs else ids
+            out = (self._global(ids, _iota(ids.numel() + 1)) if self.dyn is None
+                   else self.dyn.forward(ids, None, now=self.now))  # [B*T + L, D]
+            return out[: B * T].view(B, T, D), self._seq_rows(out, B * T, seqs)
+        if self.dyn is not None:
             out, sizes = self._with_dynamic(batch)  # [T*B + L, D]
         else:
             # B ids per table (e.g. one id per bag): no ragged bookkeeping. A total of T*B ids
@@ -295,6 +309,22 @@ class SparseLookup(nn.Module):
             order.append(torch.arange(at[d], at[d] + n))
             at[d] += n
         return torch.cat([calls[False], calls[True]])[torch.cat(order)], sizes
+
+
+_IOTA = [torch.arange(1)]  # a cached 0, 1, 2, ... (grown on demand, never written)
+
+
+def _iota(n: int) -> Tensor:
+    """arange(n) [n] int64: a prefix of a cached tensor."""
+    if _IOTA[0].numel() < n:
+        _IOTA[0] = torch.arange(max(n, 2 * _IOTA[0].numel()))
+    return _IOTA[0][:n]
+
+
+def _is_iota(offsets: Tensor) -> bool:
+    """offsets == arange(len(offsets)) on the CPU: every bag holds one id (a check of the
+    table boundaries alone would miss ragged bags that sum to B ids per table)."""
+    return offsets.device.type == "cpu" and torch.equal(offsets, _iota(offsets.numel()))
 
 
 def _one_per_bag(indices: Tensor, offsets: Tensor, extra: Sequence[Tensor]):
@@ -385,11 +415,16 @@ class CTRModel(nn.Module):
                             init_std if init_std is not None else self._init_std, sequences,
                             *self._l2, dynamic=self._dynamic)
 
-    def _make_linear(self) -> SparseLookup:
+    def _make_linear(self, follow: SparseLookup | None = None) -> SparseLookup:
         """Width-1 first-order weights of every sparse bag, initialised to zero (the same L2 as
-        the embeddings)."""
-        return SparseLookup(self.schema, 1, fused_optimizer(self._emb_opt), self._pooling, 0.0,
-                            (), *self._l2, dynamic=self._dynamic)
+        the embeddings). ``follow``: the embedding lookup that the forward calls first on the
+        same batch; dynamic tables then take their rows from its call (one map probe per key;
+        see ``SparseLookup.follow``)."""
+        lin = SparseLookup(self.schema, 1, fused_optimizer(self._emb_opt), self._pooling, 0.0,
+                           (), *self._l2, dynamic=self._dynamic)
+        if follow is not None:
+            lin.follow(follow)
+        return lin
 
     def _make_text(self, first_order: bool, fields: bool = True) -> TextFields | None:
         """The text fields' projections (None without text fields): to the embedding width when

@@ -292,7 +292,7 @@ class DIN(CTRModel):
             self.target_bag.append(bags.index(name))
         self.sequences = sequences
         self.lookup = self._make_lookup(sequences=sequences)
-        self.linear = self._make_linear() if linear else None
+        self.linear = self._make_linear(follow=self.lookup) if linear else None
         self.text = self._make_text(first_order=linear)
         self.use_fm = fm
         n_fields = self.num_fields + len(sequences)

@@ -12,6 +12,7 @@ import math
 import weakref
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -141,9 +142,7 @@ class DynamicEmbedding(nn.Module):
         self.evict_fraction = float(evict_fraction)
         self.sketch_width = sketch_width
         # the map checks min_count, evict_fraction and sketch_width, with messages naming them
-        self._map = DynamicTable(capacity, min_count, self.admit_prob or 1.0, ttl or 0, eviction,
-                                 seed, self.evict_fraction, sketch_width or 0,
-                                 huge_pages_enabled())
+        self._map = self._new_map()
         self._gen = torch.Generator().manual_seed(seed)
         self.step = 0  # training calls so far: the clock when no stream time is given
         self._pending: list[weakref.ref] = []  # training forwards awaiting their backward
@@ -152,6 +151,7 @@ class DynamicEmbedding(nn.Module):
         self.register_buffer("weight", self._zeros(rows, embedding_dim), persistent=False)
         self.register_buffer("state", self._zeros(rows if self._adagrad else 0), persistent=False)
         self._tofs = (rows, torch.tensor([0, rows]))
+        self._init_following()
 
     @property
     def _adagrad(self) -> bool:
@@ -195,6 +195,10 @@ class DynamicEmbedding(nn.Module):
         if keys.dtype != torch.int64 or keys.dim() != 1 or keys.device.type != "cpu":
             raise TypeError(f"DynamicEmbedding: keys must be a CPU int64 tensor [n], got "
                             f"{keys.dtype} {list(keys.shape)} on {keys.device}")
+        if self._sharing:
+            got = self._followed_rows(keys, train)
+            if got is not None:
+                return got
         k = keys.detach().numpy()  # a view; a strided one is refused by the map, by name
         if not train:
             return torch.from_numpy(self._map.find(k))
@@ -210,7 +214,10 @@ class DynamicEmbedding(nn.Module):
             self._grow(self._map.rows)
         if fresh_rows.size:
             self._reset(torch.from_numpy(fresh_rows), torch.from_numpy(fresh_keys))
-        return torch.from_numpy(rows)
+        rows = torch.from_numpy(rows)
+        if self._follower is not None:  # its next call may take its rows from this one
+            self._last = (keys, rows)
+        return rows
 
     def _track(self, out: Tensor) -> None:
         tok = _Pending(self._map.epoch)
@@ -276,6 +283,162 @@ class DynamicEmbedding(nn.Module):
         if self._adagrad:
             self.state.data.index_fill_(0, rows, 0.0)
 
+    # ------------------------------------------------------------------ following a leader
+    def _new_map(self) -> DynamicTable:
+        return DynamicTable(self.capacity, self.min_count, self.admit_prob or 1.0, self.ttl or 0,
+                            self.eviction, self.seed, self.evict_fraction,
+                            self.sketch_width or 0, huge_pages_enabled())
+
+    def _init_following(self) -> None:
+        # plain attributes (object.__setattr__): the tables are other modules' submodules
+        object.__setattr__(self, "_lead", None)  # the table whose map this one may share
+        object.__setattr__(self, "_follower", None)  # the table that may share this one's
+        self._last = None  # (keys, rows) of the last training call, kept for the follower
+        self._seen = torch.zeros(0, dtype=torch.bool)  # [rows] sharing: rows this table holds
+
+    @property
+    def _sharing(self) -> bool:
+        return self._lead is not None and self._map is self._lead._map
+
+    def _first_sight(self) -> bool:
+        """Admits a key at its first training sighting and never expires nor evicts one."""
+        return (self.min_count == 1 and self.admit_prob in (None, 1.0) and self.ttl is None
+                and self.eviction == "grow")
+
+    def follow(self, leader: DynamicEmbedding) -> bool:
+        """Shares ``leader``'s key -> row map: a training forward whose keys begin the keys of
+        the leader's last training call takes its rows from that call instead of probing the
+        map a second time (a first-order table behind its model's embedding table, which looks
+        the same keys up first). Other calls, and every read, use the shared map.
+
+        Only where it changes no answer: both tables admit a key at its first training
+        sighting and never expire or evict one (``min_count`` 1, no ``admit_prob``, no
+        ``ttl``, ``eviction="grow"``), and this table's new rows start at zero (``init_std``
+        0, no ``initializer``). The shared map holds keys that only the leader looked up; this
+        table keeps its own set (``_seen``: the rows its training calls read), reads row 0 for
+        the others as its own map would, and its checkpoints (``state_tensors``) list only its
+        own keys. Loading a state that disagrees with the leader's map, or a training call
+        whose keys are not the leader's, gives this table a map of its own again, as it was
+        (same answers). Returns whether the map is shared."""
+        if not isinstance(leader, DynamicEmbedding) or leader is self:
+            raise TypeError(f"DynamicEmbedding.follow: the leader must be another "
+                            f"DynamicEmbedding, got {type(leader).__name__}")
+        if not (self._first_sight() and leader._first_sight() and self.init_std == 0.0
+                and self.initializer is None):
+            return False
+        if self._follower is not None or leader._lead is not None:
+            return False  # one level: a leader follows nobody, a follower leads nobody
+        if leader._follower is not None and leader._follower is not self:
+            leader._follower._unshare()
+            object.__setattr__(leader._follower, "_lead", None)
+        object.__setattr__(self, "_lead", leader)
+        object.__setattr__(leader, "_follower", self)
+        self._share()
+        return self._sharing
+
+    def _share(self) -> None:
+        """Takes the leader's map when this table's own keys sit at the same rows there (each
+        row this table holds is the leader's row of the same key); else keeps its own."""
+        lead = self._lead
+        mine, theirs = self._map.state(), lead._map.state()
+        live = np.flatnonzero(mine["row_counts"] > 0)
+        live = live[live > 0]
+        U = theirs["row_keys"].size
+        if live.size and (live[-1] >= U or (theirs["row_counts"][live] == 0).any()
+                          or (theirs["row_keys"][live] != mine["row_keys"][live]).any()):
+            return
+        rows = max(self.weight.size(0), lead.weight.size(0))
+        if rows > self.weight.size(0):
+            self._grow(rows)
+        seen = torch.zeros(rows, dtype=torch.bool)
+        seen[torch.from_numpy(live)] = True
+        free = ~seen
+        free[0] = False  # row 0, the unadmitted row, is this table's own
+        # a row this table does not hold is new to it when it first reads it: zero
+        self.weight.data[free] = 0.0
+        if self._adagrad:
+            self.state.data[free] = 0.0
+        self._seen = seen
+        self._map = lead._map
+        lead._last = None
+
+    def _unshare(self) -> None:
+        """A map of its own again, holding this table's keys at their rows."""
+        st = self._own_state()
+        self._map = self._new_map()
+        self._map.load_state(st["row_keys"].numpy(), st["row_counts"].numpy(),
+                             st["row_last_seen"].numpy(), st["free_rows"].numpy(),
+                             st["sketch"].numpy().astype("uint16"), st["scalars"].numpy())
+        if st["weight"].size(0) > self.weight.size(0):
+            self._grow(st["weight"].size(0))
+        self._seen = torch.zeros(0, dtype=torch.bool)
+
+    def _followed_rows(self, keys: Tensor, train: bool) -> Tensor | None:
+        """Rows of ``keys`` while sharing the leader's map; None: the call goes to a map of
+        this table's own (see follow)."""
+        seen = self._seen
+        if not train:
+            rows = torch.from_numpy(self._map.find(keys.detach().numpy()))
+            held = seen[rows.clamp(max=seen.numel() - 1)] & (rows < seen.numel())
+            return torch.where(held, rows, 0)
+        last, n = self._lead._last, keys.numel()
+        if (last is None or last[0].numel() < n or not torch.equal(last[0][:n], keys)
+                or self.initializer is not None or self.init_std != 0.0):
+            self._unshare()  # not the leader's keys, or new rows that do not start at zero
+            return None
+        rows = last[1][:n]
+        if self._lead.weight.size(0) > self.weight.size(0):  # the leader grew: follow it
+            if any((t := r()) is not None and not t.done for r in self._pending):
+                raise RuntimeError(
+                    "DynamicEmbedding: the table must grow with the table it follows, but the "
+                    "backward of an earlier training forward through it has not run; its "
+                    "fused update would land in the old storage. Run backward first.")
+            self._grow(self._lead.weight.size(0))
+        if seen.numel() < self.weight.size(0):
+            grown = torch.zeros(self.weight.size(0), dtype=torch.bool)
+            grown[: seen.numel()] = seen
+            self._seen = seen = grown
+        # a row first read here is new to this table: zero, as the leader's fresh rows and
+        # every row this table has not held are (shared rows are never freed: no eviction)
+        seen[rows] = True
+        seen[0] = False
+        self.step += 1
+        return rows
+
+    def _own_state(self) -> dict[str, Tensor]:
+        """state_tensors while sharing: the leader's map restricted to this table's keys (the
+        other used rows listed as free)."""
+        m = self._map.state()
+        U = m["row_keys"].size
+        seen = self._seen
+        rows = max(self.weight.size(0), int(m["scalars"][0]))
+        held = np.zeros(U, dtype=bool)
+        k = min(U, seen.numel())
+        held[:k] = seen[:k].numpy()
+        held[0] = False
+        counts = np.where(held, m["row_counts"], 0)
+        keys = np.where(held, m["row_keys"], 0)
+        extra = np.flatnonzero((m["row_counts"] > 0) & ~held)
+        extra = extra[extra > 0]
+        weight, state = self.weight, self.state
+        if rows > weight.size(0):
+            weight = torch.cat([weight, weight.new_zeros(rows - weight.size(0), weight.size(1))])
+            if self._adagrad:
+                state = torch.cat([state, state.new_zeros(rows - state.size(0))])
+        scalars = m["scalars"].copy()
+        scalars[0] = rows
+        return {
+            "weight": weight, "state": state,
+            "row_keys": torch.from_numpy(keys),
+            "row_counts": torch.from_numpy(counts),
+            "row_last_seen": torch.from_numpy(m["row_last_seen"]),
+            "free_rows": torch.from_numpy(np.concatenate([m["free_rows"], extra])),
+            "sketch": torch.from_numpy(m["sketch"].astype("int32")),
+            "scalars": torch.from_numpy(scalars),
+            "step": torch.tensor([self.step]),
+            "init_rng": self._gen.get_state(),
+        }
+
     # ------------------------------------------------------------------ maintenance
     def expire(self, now: int | None = None) -> int:
         """Evicts every key not seen for more than ``ttl`` before ``now`` (default: the current
@@ -301,6 +464,8 @@ class DynamicEmbedding(nn.Module):
     @property
     def num_keys(self) -> int:
         """Keys that hold a row."""
+        if self._sharing:
+            return int(self._seen.sum())
         return self._map.size
 
     @property
@@ -338,19 +503,20 @@ class DynamicEmbedding(nn.Module):
 
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        skip = {"_map", "_buffers", "_pending", "_gen"}
+        skip = {"_map", "_buffers", "_pending", "_gen", "_lead", "_follower", "_last", "_seen"}
         for k, v in self.__dict__.items():
             if k not in skip:
                 new.__dict__[k] = copy.deepcopy(v, memo)
         new.__dict__["_buffers"] = {}
         new._pending = []
         new._gen = torch.Generator()  # its state comes with the tensors
-        new._map = DynamicTable(self.capacity, self.min_count, self.admit_prob or 1.0,
-                                self.ttl or 0, self.eviction, self.seed, self.evict_fraction,
-                                self.sketch_width or 0, huge_pages_enabled())
+        new._map = self._new_map()
+        new._init_following()
         new.register_buffer("weight", self._zeros(1, self.embedding_dim), persistent=False)
         new.register_buffer("state", self._zeros(0), persistent=False)
         new.load_state_tensors({k: v.clone() for k, v in self.state_tensors().items()})
+        if self._lead is not None:  # the copy follows the copy of the leader
+            new.follow(copy.deepcopy(self._lead, memo))
         return new
 
     def config(self) -> dict:
@@ -367,6 +533,8 @@ class DynamicEmbedding(nn.Module):
     def state_tensors(self) -> dict[str, Tensor]:
         """Everything that defines the table, as tensors: rows, optimizer state, the key of
         every row, its counters, the free rows, the sketch, the clocks and the init RNG."""
+        if self._sharing:
+            return self._own_state()
         m = self._map.state()
         return {
             "weight": self.weight, "state": self.state,
@@ -396,6 +564,11 @@ class DynamicEmbedding(nn.Module):
         if rows != w.size(0):
             raise ValueError(f"DynamicEmbedding: checkpoint map has {rows} rows, weight "
                              f"{w.size(0)}")
+        if self._follower is not None and self._follower._sharing:
+            self._follower._unshare()  # it keeps its keys in a map of its own
+        self._last = None
+        if self._sharing:  # the state is this table's own: into a map of its own first
+            self._map = self._new_map()
         self._map.load_state(t["row_keys"].numpy(), t["row_counts"].numpy(),
                              t["row_last_seen"].numpy(), t["free_rows"].numpy(),
                              t["sketch"].numpy().astype("uint16"), t["scalars"].numpy())
@@ -407,6 +580,8 @@ class DynamicEmbedding(nn.Module):
         self._tofs = (weight.size(0), torch.tensor([0, weight.size(0)]))
         self.step = int(t["step"][0])
         self._gen.set_state(t["init_rng"])
+        if self._lead is not None:
+            self._share()  # when this state agrees with the leader's map
 
     def save(self, path) -> None:
         """Writes the table to ``path`` (safetensors; the config in its metadata). Call it from
