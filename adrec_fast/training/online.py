@@ -172,10 +172,9 @@ def _mini_batches(stream: Iterable, schema, batch_size: int, skip: int,
             carry = carry_t = None
         full = enc.batch_size // batch_size * batch_size
         if full:
-            cut = _Cutter(enc)
-            for start in range(0, full, batch_size):
-                yield (cut(start, start + batch_size),
-                       None if t is None else t[start:start + batch_size])
+            cut = _Cutter(enc, batch_size, full // batch_size)
+            for k, start in enumerate(range(0, full, batch_size)):
+                yield cut(k), None if t is None else t[start:start + batch_size]
         if full < enc.batch_size:
             carry = enc.slice(full, enc.batch_size)
             carry_t = None if t is None else t[full:]
@@ -184,27 +183,40 @@ def _mini_batches(stream: Iterable, schema, batch_size: int, skip: int,
 
 
 class _Cutter:
-    """Consecutive rows of one encoded ``Batch`` as Batches: slices of its tensors (the ids of
-    one-id bags copied out of their [T, N] view, histories and features as views), which the
-    stream path needs rather than a gather of arbitrary rows."""
+    """The first ``count`` runs of ``size`` consecutive rows of one encoded ``Batch`` as
+    Batches (``cut(k)``: rows [k*size, (k+1)*size)), which the stream path needs rather than a
+    gather of arbitrary rows. With one id per bag, everything a step needs is laid out once
+    per chunk, so a step takes views: the ids as [count, T, size], each history's offsets
+    rebased to each run's start as [count, size + 1] (one gather) and its run boundaries as
+    ints; features and labels are slices."""
 
-    def __init__(self, b: Batch):
-        self.b = b
+    def __init__(self, b: Batch, size: int, count: int):
+        self.b, self.size = b, size
         T, n = b.num_bags, b.batch_size
         self.one = b.indices.numel() == T * n and _is_arange(b.offsets)
-        self.ids = b.indices.view(T, n) if self.one else None  # [T, N]
+        if not self.one:
+            return
+        # [count, T, size]: run k's bags, table-major, one contiguous block
+        self.ids = b.indices.view(T, n)[:, : count * size].view(T, count, size).transpose(0, 1)
+        self.ids = self.ids.contiguous()
+        self.offsets = torch.arange(T * size + 1)  # every run's: one id per bag
+        at = torch.arange(count + 1) * size  # run boundaries [count + 1]
+        pos = at[:-1, None] + torch.arange(size + 1)  # [count, size + 1]
+        self.seq = {}  # name -> (run boundaries in its elements, offsets per run)
+        for name, so in b.seq_offsets.items():
+            runs = so[pos]  # [count, size + 1]
+            self.seq[name] = (so[at].tolist(), runs - runs[:, :1])
 
-    def __call__(self, start: int, stop: int) -> Batch:
-        b = self.b
+    def __call__(self, k: int) -> Batch:
+        b, size = self.b, self.size
+        start, stop = k * size, (k + 1) * size
         if not self.one:
             return b.take(torch.arange(start, stop))
         seq_i, seq_o = {}, {}
-        for name, so in b.seq_offsets.items():
-            lo, hi = int(so[start]), int(so[stop])
-            seq_i[name] = b.seq_indices[name][lo:hi]
-            seq_o[name] = so[start:stop + 1] - lo
-        return Batch(indices=self.ids[:, start:stop].reshape(-1),
-                     offsets=torch.arange(b.num_bags * (stop - start) + 1),
+        for name, (bounds, rel) in self.seq.items():
+            seq_i[name] = b.seq_indices[name][bounds[k]:bounds[k + 1]]
+            seq_o[name] = rel[k]
+        return Batch(indices=self.ids[k].view(-1), offsets=self.offsets,
                      dense=b.dense[start:stop], labels=b.labels[start:stop],
                      vectors=b.vectors[start:stop], num_bags=b.num_bags,
                      seq_indices=seq_i, seq_offsets=seq_o)
