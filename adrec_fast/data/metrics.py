@@ -26,7 +26,9 @@ def auc(labels, scores) -> float:
     n_neg = float(y.size - n_pos)
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
+    # each run of tied scores gets its average rank, whatever order the sort leaves it in:
+    # the unstable sort (about twice as fast) gives the same ranks
+    order = np.argsort(s, kind="quicksort")
     s_sorted = s[order]  # [N]
     # average rank of each run of equal scores: ranks are 1-based positions in sorted order
     starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # [R]
