@@ -213,6 +213,12 @@ class DynamicTable {
       std::shared_lock<std::shared_mutex> r(rw_);
       parallel_for(0, n, kGrain, [&](int64_t b0, int64_t b1) {
         bool miss = false;
+        if (!usage_) {  // hits only find their rows: one pass, each home hashed once
+          probe_all(keys, b0, b1, out);
+          for (int64_t i = b0; i < b1; ++i) miss |= out[i] < 0;
+          if (miss) any_miss.store(true, std::memory_order_relaxed);
+          return;
+        }
         for (int64_t i = b0; i < b1 + 2 * kAhead; ++i) {
           if (i < b1) __builtin_prefetch(&slots_[home(keys[i])]);
           const int64_t j = i - kAhead;  // probe; prefetch its row record
@@ -290,14 +296,9 @@ class DynamicTable {
     std::shared_lock<std::shared_mutex> r(rw_);
     const int64_t now = clock_.load(std::memory_order_relaxed);
     parallel_for(0, n, kGrain, [&](int64_t b0, int64_t b1) {
-      for (int64_t i = b0; i < b1 + kAhead; ++i) {
-        if (i < b1) __builtin_prefetch(&slots_[home(keys[i])]);
-        const int64_t j = i - kAhead;
-        if (j >= b0 && j < b1) {
-          const int64_t row = probe(keys[j]);
-          out[j] = (row < 0 || (ttl_ > 0 && expired(row, now))) ? 0 : row;
-        }
-      }
+      probe_all(keys, b0, b1, out);
+      for (int64_t i = b0; i < b1; ++i)
+        if (out[i] < 0 || (ttl_ > 0 && expired(out[i], now))) out[i] = 0;
     });
   }
 
@@ -503,11 +504,28 @@ class DynamicTable {
  private:
   size_t home(uint64_t key) const { return size_t(mix64(key) & mask_); }
 
-  int64_t probe(uint64_t key) const {
-    for (size_t i = home(key);; i = (i + 1) & mask_) {
+  int64_t probe(uint64_t key) const { return probe_at(home(key), key); }
+
+  int64_t probe_at(size_t i, uint64_t key) const {
+    for (;; i = (i + 1) & mask_) {
       const Slot& s = slots_[i];
       if (s.row < 0) return -1;
       if (s.key == key) return s.row;
+    }
+  }
+
+  // out[i] = the row of keys[i] (-1: not in the table) for i in [b0, b1): each home slot is
+  // prefetched kAhead keys before its probe, and hashed once (a ring of the pending homes).
+  void probe_all(const uint64_t* keys, int64_t b0, int64_t b1, int64_t* out) const {
+    size_t ring[kAhead];
+    for (int64_t i = b0; i < b1 + kAhead; ++i) {
+      const int64_t j = i - kAhead;  // probed first: its home's place in the ring is i's
+      if (j >= b0) out[j] = probe_at(ring[j % kAhead], keys[j]);
+      if (i < b1) {
+        const size_t h = home(keys[i]);
+        ring[i % kAhead] = h;
+        __builtin_prefetch(&slots_[h]);
+      }
     }
   }
 
