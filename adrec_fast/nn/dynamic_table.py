@@ -309,7 +309,7 @@ class DynamicEmbedding(nn.Module):
         """Shares ``leader``'s key -> row map: a training forward whose keys begin the keys of
         the leader's last training call takes its rows from that call instead of probing the
         map a second time (a first-order table behind its model's embedding table, which looks
-        the same keys up first). Other calls, and every read, use the shared map.
+        the same keys up first). Reads (eval, no grad) use the shared map.
 
         Only where it changes no answer: both tables admit a key at its first training
         sighting and never expire or evict one (``min_count`` 1, no ``admit_prob``, no
@@ -317,9 +317,11 @@ class DynamicEmbedding(nn.Module):
         0, no ``initializer``). The shared map holds keys that only the leader looked up; this
         table keeps its own set (``_seen``: the rows its training calls read), reads row 0 for
         the others as its own map would, and its checkpoints (``state_tensors``) list only its
-        own keys. Loading a state that disagrees with the leader's map, or a training call
-        whose keys are not the leader's, gives this table a map of its own again, as it was
-        (same answers). Returns whether the map is shared."""
+        own keys. Loading a state that disagrees with the leader's map, a training call whose
+        keys are not the leader's, or an initializer set later gives this table a map of its
+        own again, holding its keys at their rows (same answers); loading a state into the
+        leader does too, until this table loads a state that agrees. Returns whether the map
+        is shared."""
         if not isinstance(leader, DynamicEmbedding) or leader is self:
             raise TypeError(f"DynamicEmbedding.follow: the leader must be another "
                             f"DynamicEmbedding, got {type(leader).__name__}")
