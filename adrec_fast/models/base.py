@@ -224,8 +224,7 @@ class SparseLookup(nn.Module):
             return self.ebc(batch.indices, batch.offsets).view(B, T, D), {}
         indices, offsets = batch.indices, batch.offsets  # [nnz], [T*B+1]
         nnz = indices.numel()
-        one = nnz == T * B and _is_iota(offsets)  # every bag holds exactly one id
-        if one and (self.dyn is None or not self.mixed):
+        if one_id_per_bag(indices, offsets) and (self.dyn is None or not self.mixed):
             # one id per bag: the bags' ids in row-major order make the pooled rows [B, T, D]
             # contiguous, as the native path does, so nothing downstream copies a transposed
             # view (forward and backward); the history elements follow, one per bag
@@ -321,10 +320,13 @@ def _iota(n: int) -> Tensor:
     return _IOTA[0][:n]
 
 
-def _is_iota(offsets: Tensor) -> bool:
-    """offsets == arange(len(offsets)) on the CPU: every bag holds one id (a check of the
-    table boundaries alone would miss ragged bags that sum to B ids per table)."""
-    return offsets.device.type == "cpu" and torch.equal(offsets, _iota(offsets.numel()))
+def one_id_per_bag(indices: Tensor, offsets: Tensor) -> bool:
+    """Whether every bag of a CSR pair (``indices [nnz]``, ``offsets [bags + 1]``, on the CPU)
+    holds exactly one id, i.e. offsets == arange: then ``SparseLookup`` lays the ids out row
+    by row (a check of the table boundaries alone would miss ragged bags that sum to B ids
+    per table). Whoever mirrors its layout asks this."""
+    return (indices.numel() + 1 == offsets.numel() and offsets.device.type == "cpu"
+            and torch.equal(offsets, _iota(offsets.numel())))
 
 
 def _one_per_bag(indices: Tensor, offsets: Tensor, extra: Sequence[Tensor]):
