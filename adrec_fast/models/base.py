@@ -325,8 +325,18 @@ def one_id_per_bag(indices: Tensor, offsets: Tensor) -> bool:
     holds exactly one id, i.e. offsets == arange: then ``SparseLookup`` lays the ids out row
     by row (a check of the table boundaries alone would miss ragged bags that sum to B ids
     per table). Whoever mirrors its layout asks this."""
-    return (indices.numel() + 1 == offsets.numel() and offsets.device.type == "cpu"
-            and torch.equal(offsets, _iota(offsets.numel())))
+    if indices.numel() + 1 != offsets.numel() or offsets.device.type != "cpu":
+        return False
+    last, version = _ONE_PER_BAG
+    if offsets is last and offsets._version == version:
+        return True  # the stream's steps of one chunk share their offsets tensor
+    if not (offsets.numpy() == _iota(offsets.numel()).numpy()).all():  # numpy: half torch's
+        return False
+    _ONE_PER_BAG[:] = [offsets, offsets._version]
+    return True
+
+
+_ONE_PER_BAG: list = [None, -1]  # the offsets tensor last found one id per bag, its version
 
 
 def _one_per_bag(indices: Tensor, offsets: Tensor, extra: Sequence[Tensor]):

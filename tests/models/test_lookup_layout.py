@@ -65,3 +65,15 @@ def test_pooled_rows_match_bag_by_bag(kind, tags):
         rows = (lk.dyn.weight[lk.dyn.rows(hist)] if kind == "dynamic"
                 else lk.ebc.weight[hist + lk.seq_base[0]])
         torch.testing.assert_close(keys["hist"], rows)
+
+
+def test_one_id_per_bag_check():
+    from adrec_fast.models.base import one_id_per_bag
+
+    ids = torch.zeros(6, dtype=torch.long)
+    ofs = torch.arange(7)
+    assert one_id_per_bag(ids, ofs) and one_id_per_bag(ids, ofs)  # the second from its memo
+    assert not one_id_per_bag(ids, torch.tensor([0, 2, 2, 3, 4, 5, 6]))  # ragged, 6 ids
+    assert not one_id_per_bag(ids[:5], ofs)
+    ofs[1:3] = torch.tensor([2, 2])  # edited in place: checked again
+    assert not one_id_per_bag(ids, ofs)
