@@ -55,10 +55,11 @@ import numpy as np
 import torch
 
 from .. import _C
+from .._memory import empty_table
 from ..models.checkpoint import load_model, resolve
 from ..models.serving_spec import ServingSpec
 from ..ops import scorer as _op
-from .encoder import RequestEncoder
+from .encoder import RequestEncoder, UnknownValue
 from .quantize import QUANTIZE, dequantize_rows, quantize_rows
 
 MLP = (None, "fp32", "bf16")
@@ -71,6 +72,14 @@ _HEADER = ("magic prec kind D T S Kd Tu Tc hb nb nf lt ncross Ps Pv flags dense_
            "bias Ks Kv Kx dvar").split()
 _ACT = {"none": 0, "relu": 1, "cross": 2}
 _IN_ZV, _IN_PREV, _IN_CROSS = 0, 1, 2
+
+
+def own_rows(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the embedding rows ``t`` [R, D] for a version to own; a large one on huge pages
+    (a request reads random rows: _memory.py)."""
+    out = empty_table(*t.shape, dtype=t.dtype)
+    out.copy_(t)
+    return out
 
 
 def _pad16(k: int) -> int:
@@ -271,7 +280,7 @@ class _Version:
         self.spec = None
         if spec is not None and not partial:
             st, sb = quantize_rows(spec.table, quantize)
-            self.weights = st.clone() if quantize is None else st  # our own copy
+            self.weights = own_rows(st)
             self.scale_bias = sb
             self.lin = None if spec.lin is None else spec.lin.detach().float().contiguous().clone()
             self.spec = copy.copy(spec)
@@ -302,9 +311,36 @@ class _Version:
         if self.text_known is not None and self.spec is not None:
             self.model = model  # a text value not cached at load runs the torch path
         self.handles: dict = {}  # (cand slots, dense cand) -> its handle (benign race)
-        # score(): encoder and executor in one native call
+        self.bind()
+
+    def bind(self) -> None:
+        """Sets ``score_raw(user, candidates)``, this version's raw-value path: one native call
+        (encoder and executor, ``front``) where the executor runs the model; for text fields,
+        the model's forward when a text value is not among the packed rows; else the schema's
+        encoding and the model's forward. Called again on a copy (serving/deltas.py)."""
         self.front = (_C.ServingFront(self.encoder._impl, self.handle_for)
                       if self.spec is not None and self.encoder is not None else None)
+        if self.front is None:
+            self.score_raw = (self._score_encoded if self.encoder is not None
+                              else self._score_general)
+        elif self.text_known is None:
+            self.score_raw = self.front.score  # the native method itself: no Python frame
+        else:
+            self.score_raw = self._score_text
+
+    def _score_text(self, user, candidates) -> np.ndarray:
+        try:
+            return self.front.score(user, candidates)
+        except UnknownValue:  # a text value not packed (or a bad one): the forward names it
+            return _score_general(self, user, candidates)
+
+    def _score_encoded(self, user, candidates) -> np.ndarray:
+        r = self.encoder.encode(user, candidates)
+        return self.forward_ids(r.user_ids, r.cand_slots, r.cand_ids, r.dense, r.dense_cand,
+                                r.seqs)
+
+    def _score_general(self, user, candidates) -> np.ndarray:
+        return _score_general(self, user, candidates)
 
     def _text_slots(self, model, schema, tofs) -> dict | None:
         """Text fields become bags after the schema's (one table each, after its tables): the
@@ -463,8 +499,7 @@ class Scorer:
     def score(self, user: dict, candidates) -> np.ndarray:
         """user: {column: value} (user and context fields, once); candidates: {column: [N]
         values} or a list of N {column: value} dicts -> probabilities [N] float32."""
-        v = self._version  # this request's version, for its whole duration
-        return self._score(v, user, candidates)
+        return self._version.score_raw(user, candidates)  # one version for the whole request
 
     def top_k(self, user: dict, candidates, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k best candidates: (indices [k'] int64, probabilities [k']) best first,
@@ -472,15 +507,6 @@ class Scorer:
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         return _top_k(self.score(user, candidates), int(k))
-
-    def _score(self, v: _Version, user, candidates) -> np.ndarray:
-        if v.encoder is None or (v.text_known is not None
-                                 and not _text_known(v.text_known, user, candidates)):
-            return _score_general(v, user, candidates)
-        if v.front is not None:  # one native call: encoding, checks, the packed model
-            return v.front.score(user, candidates)
-        r = v.encoder.encode(user, candidates)
-        return v.forward_ids(r.user_ids, r.cand_slots, r.cand_ids, r.dense, r.dense_cand, r.seqs)
 
     # -- the leanest path: id arrays ---------------------------------------------------
     def ids_path(self, cand_fields) -> IdsPath:
@@ -578,24 +604,6 @@ def _score_general(v: _Version, user, candidates) -> np.ndarray:
     except Exception as e:  # a DataError or an arrow error: the value was of a wrong type
         raise TypeError(f"request could not be encoded: {e}") from e
     return v.forward_batch(batch)
-
-
-def _text_known(known: dict, user, candidates) -> bool:
-    """True when every text value of the request is one the packed tables hold, or missing."""
-    try:
-        for col, vals in known.items():
-            if col in user:
-                if user[col] not in vals:
-                    return False
-            elif isinstance(candidates, dict):
-                c = candidates.get(col)
-                if c is not None and not vals.issuperset(c):
-                    return False
-            elif not all(d.get(col) in vals for d in candidates):
-                return False
-    except (TypeError, AttributeError):  # not a dict, an unhashable value: the torch path names it
-        return False
-    return True
 
 
 def _check_ids(v: _Version, user_slots, uid, cand_slots, cand) -> None:

@@ -72,6 +72,17 @@ struct RowReader {
   const float* scale_bias = nullptr;  // [R, 2]: x = q * scale + bias (int8 row-wise)
   int64_t R = 0, D = 0;
 
+  // Asks for row r's cache lines (and its scale and bias) ahead of row(r).
+  inline void prefetch(int64_t r) const {
+    const char* p = f32 ? reinterpret_cast<const char*>(f32 + r * D)
+                    : f16 ? reinterpret_cast<const char*>(f16 + r * D)
+                          : reinterpret_cast<const char*>(q8 + r * D);
+    const int64_t bytes = D * (f32 ? 4 : f16 ? 2 : 1);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+    _mm_prefetch(p + bytes - 1, _MM_HINT_T0);  // a row that straddles a line
+    if (q8) _mm_prefetch(reinterpret_cast<const char*>(scale_bias + 2 * r), _MM_HINT_T0);
+  }
+
   inline void row(int64_t r, float* out) const {
     if (f32) {
       std::memcpy(out, f32 + r * D, sizeof(float) * D);  // bit-exact with the fp32 lookup
@@ -125,6 +136,7 @@ struct Spec {
   std::vector<int64_t> vfield;        // fields that vary per candidate (after the slots)
   std::vector<char> shared;           // [F] field is the same for every candidate
   std::vector<int64_t> gidx;          // dot: [Pv] where pair q is in the Gram rows, or -1
+  std::vector<int64_t> all_fields;    // 0, 1, ..., F - 1
   int64_t field_of_slot(int64_t t) const { return t + (kind == kDot && hb ? 1 : 0); }
   const Layer& tower(int64_t l) const { return L[nb + nf + l]; }
 };
@@ -271,6 +283,8 @@ Spec parse(const int64_t* h, int64_t n, const uint8_t* blob, int64_t bytes, int6
                       ": the last layer must be the head (one output, no activation)");
   }
   TORCH_CHECK_VALUE(P.cross_head == nullptr || P.ncross > 0, kOp, ": cross_head without cross");
+  P.all_fields.resize(P.F);
+  for (int64_t f = 0; f < P.F; ++f) P.all_fields[f] = f;
   if (P.kind == kDot) {  // where pair q sits in the candidates' Gram rows
     const int64_t Fp = pad32(P.F);
     std::vector<int64_t> vrow(P.F, -1);
@@ -394,6 +408,20 @@ struct UserSide {
   float side = 0.f;   // bias + shared first order + shared dense linear
 };
 
+// Candidate n's embedding rows (and first-order weights) into the cache: the rows of a request
+// are random reads of tables far larger than the caches, each a miss to memory, and a candidate
+// reads them kAhead candidates after asking (stage A asks for the first candidates' rows).
+constexpr int64_t kAhead = 4;
+ADREC_INLINE void prefetch_candidate(const Spec& P, const RowReader& rr, const float* lin,
+                                     const int64_t* cid, int64_t n) {
+  const int64_t* ids = cid + n * P.Tc;
+  for (int64_t c = 0; c < P.Tc; ++c) {
+    const int64_t r = P.base[P.cslot[c]] + ids[c];
+    rr.prefetch(r);
+    if (P.lin) _mm_prefetch(reinterpret_cast<const char*>(lin + r), _MM_HINT_T0);
+  }
+}
+
 // The per-candidate inputs of rows [m0, m0 + M): zv [M][ldz] (the varying first-layer
 // columns, zero padded), x0 [M][ldx] (cross network: [fields, dense], zero padded) and side [M].
 // dbot [M][ldb]: DLRM's bottom MLP output per candidate when the dense input varies.
@@ -404,9 +432,11 @@ ADREC_INLINE void candidate_rows_body(const Spec& P, const RowReader& rr, const 
                                       int64_t ldx, float* side) {
   const int64_t D = P.D, Kd = P.Kd, Fp = pad32(P.F), nvf = static_cast<int64_t>(P.vfield.size());
   float* fields = U.fields;
+  for (int64_t m = 0; m < std::min(kAhead, M); ++m) prefetch_candidate(P, rr, lin, cid, m0 + m);
   for (int64_t m = 0; m < M; ++m) {
     const int64_t n = m0 + m;
     const int64_t* ids = cid + n * P.Tc;
+    if (m + kAhead < M) prefetch_candidate(P, rr, lin, cid, n + kAhead);
     const float* drow = dense + (Nd > 1 ? n : 0) * Kd;
     float s = U.side;
     for (int64_t c = 0; c < P.Tc; ++c) {
@@ -480,9 +510,7 @@ void shared_pairs(const Spec& P, UserSide& U, float* s) {
   isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
     const int64_t D = P.D, F = P.F, Fp = pad32(F);
     transpose_fields(U.fields, F, D, Fp, U.FT);
-    std::vector<int64_t> rowf(F);
-    for (int64_t f = 0; f < F; ++f) rowf[f] = f;
-    gram_rows(U.fields, U.FT, D, Fp, rowf.data(), F, U.G);
+    gram_rows(U.fields, U.FT, D, Fp, P.all_fields.data(), F, U.G);
     for (int64_t q = 0; q < P.Ps; ++q) s[q] = U.G[P.psi[q] * Fp + P.psj[q]];
   });
 }
@@ -561,6 +589,16 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
   // layer split: candidates cheap enough to build in every thread (no barrier before the tower)
   const bool cand_private = !row_split && N * (Kvp + Kxp) <= kPrivateCandFloats;
   const int64_t nl = row_split ? 0 : N;  // rows of the shared (layer split) buffers
+  // every row the request reads first, and the first candidates' rows: their misses overlap
+  // one another and stage A instead of each stalling the thread that reads it
+  for (int64_t i = 0; i < P.Tu; ++i) {
+    const int64_t r = P.base[P.uslot[i]] + uid[uid_full ? P.uslot[i] : i];
+    rr.prefetch(r);
+    if (P.lin) _mm_prefetch(reinterpret_cast<const char*>(lin + r), _MM_HINT_T0);
+  }
+  for (int64_t i = 0; i < P.S; ++i)
+    for (int64_t l = seq_off[i]; l < seq_off[i + 1]; ++l) rr.prefetch(P.sbase[i] + seq_ids[l]);
+  for (int64_t n = 0; n < std::min(kAhead, N); ++n) prefetch_candidate(P, rr, lin, cid, n);
   Arena& A = t_request;
   int64_t uw = 0;
   for (int64_t j = 0; j < P.nf; ++j) uw += P.L[P.nb + j].Ob * 16 + 16;
@@ -821,7 +859,8 @@ void run(const Spec& P, const RowReader& rr, const float* lin, const int64_t* ui
                     " (user slots) or ", P.T, " (all slots) entries, got ", n_user);
   TORCH_CHECK_VALUE(!P.lin || lin != nullptr, kOp, ": this model needs its first-order weights");
   const bool full = n_user == P.T && P.T != P.Tu;
-  std::vector<int64_t> off(P.S + 1, 0);
+  thread_local std::vector<int64_t> off;  // [S + 1] history offsets, reused
+  off.assign(P.S + 1, 0);
   for (int64_t s = 0; s < P.S; ++s) {
     TORCH_CHECK_VALUE(seq_lengths[s] >= 0, kOp, ": seq_lengths[", s, "] < 0");
     off[s + 1] = off[s] + seq_lengths[s];
