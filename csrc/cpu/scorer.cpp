@@ -455,13 +455,6 @@ ADREC_INLINE void prefetch_candidate(const Spec& P, const RowReader& rr, const f
     rr.prefetch(r);
     if (P.lin) _mm_prefetch(reinterpret_cast<const char*>(lin + r), _MM_HINT_T0);
   }
-  for (int64_t j = 0; j < P.nf && P.G; ++j) {
-    const int64_t ld = P.L[P.nb + j].Ob * 16;
-    for (int64_t g = 0; g < P.G; ++g) {
-      const char* p = reinterpret_cast<const char*>(P.gtab[j][g] + ids[P.gcol[g]] * ld);
-      for (int64_t b = 0; b < ld * 4; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-    }
-  }
 }
 
 // The per-candidate inputs of rows [m0, m0 + M): zv [M][ldz] (the varying first-layer
