@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import threading
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -348,30 +349,35 @@ class _Version:
         """Sets ``score_raw(user, candidates)``, this version's raw-value path: one native call
         (encoder and executor, ``front``) where the executor runs the model; for text fields,
         the model's forward when a text value is not among the packed rows; else the schema's
-        encoding and the model's forward. Called again on a copy (serving/deltas.py)."""
-        self.front = (_C.ServingFront(self.encoder._impl, self.handle_for)
+        encoding and the model's forward. Called again on a copy (serving/deltas.py).
+
+        Neither ``front`` nor ``score_raw`` holds the version itself, only a weak reference: a
+        cycle through the native ``front`` (which the garbage collector cannot traverse) kept
+        every replaced version, tables and all, alive for good. A caller holds the version for
+        the duration of a request (``Scorer.score``)."""
+        ref = weakref.ref(self)
+        self.front = (_C.ServingFront(self.encoder._impl,
+                                      lambda *split: ref().handle_for(*split))
                       if self.spec is not None and self.encoder is not None else None)
-        if self.front is None:
-            self.score_raw = (self._score_encoded if self.encoder is not None
-                              else self._score_general)
-        elif self.text_known is None:
-            self.score_raw = self.front.score  # the native method itself: no Python frame
+        front = self.front
+        if front is None and self.encoder is not None:
+            def score_raw(user, candidates):
+                v = ref()
+                r = v.encoder.encode(user, candidates)
+                return v.forward_ids(r.user_ids, r.cand_slots, r.cand_ids, r.dense,
+                                     r.dense_cand, r.seqs)
+        elif front is None:
+            def score_raw(user, candidates):
+                return _score_general(ref(), user, candidates)
+        elif self.text_known is not None:
+            def score_raw(user, candidates):
+                try:
+                    return front.score(user, candidates)
+                except UnknownValue:  # a text value not packed (or a bad one): the forward
+                    return _score_general(ref(), user, candidates)  # encodes or names it
         else:
-            self.score_raw = self._score_text
-
-    def _score_text(self, user, candidates) -> np.ndarray:
-        try:
-            return self.front.score(user, candidates)
-        except UnknownValue:  # a text value not packed (or a bad one): the forward names it
-            return _score_general(self, user, candidates)
-
-    def _score_encoded(self, user, candidates) -> np.ndarray:
-        r = self.encoder.encode(user, candidates)
-        return self.forward_ids(r.user_ids, r.cand_slots, r.cand_ids, r.dense, r.dense_cand,
-                                r.seqs)
-
-    def _score_general(self, user, candidates) -> np.ndarray:
-        return _score_general(self, user, candidates)
+            score_raw = front.score  # the native method itself: no Python frame
+        self.score_raw = score_raw
 
     def _text_slots(self, model, schema, tofs) -> dict | None:
         """Text fields become bags after the schema's (one table each, after its tables): the
@@ -536,7 +542,8 @@ class Scorer:
     def score(self, user: dict, candidates) -> np.ndarray:
         """user: {column: value} (user and context fields, once); candidates: {column: [N]
         values} or a list of N {column: value} dicts -> probabilities [N] float32."""
-        return self._version.score_raw(user, candidates)  # one version for the whole request
+        v = self._version  # this request's version, held for its whole duration
+        return v.score_raw(user, candidates)
 
     def top_k(self, user: dict, candidates, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k best candidates: (indices [k'] int64, probabilities [k']) best first,

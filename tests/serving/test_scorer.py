@@ -629,6 +629,28 @@ def test_packed_model_checks(schema, ckpts, key):
         op(meta, blob, w[:10])
 
 
+@pytest.mark.parametrize("key", ["dlrm", "deepfm"])
+def test_swap_frees_replaced_versions(schema, ckpts, key):
+    """A replaced version (its tables, packed models and native front) is freed once no
+    request holds it: nothing of the version refers back to it strongly."""
+    import gc
+    import weakref
+
+    path, _ = ckpts[key]
+    sc = Scorer.load(path)
+    user, cands = _request(np.random.default_rng(41), 5, CAND)
+    want = sc.score(user, cands)
+    old = []
+    for _ in range(3):
+        old.append(weakref.ref(sc._version))
+        sc.ids_path(["item"])(np.zeros(3, np.int64), np.zeros((2, 1), np.int64),
+                              np.zeros(2, np.float32))  # a packed split of the version
+        sc.swap(path)
+        np.testing.assert_array_equal(sc.score(user, cands), want)
+    gc.collect()
+    assert all(r() is None for r in old)
+
+
 def test_ids_path_follows_swap(schema, tmp_path):
     a, b = _model(schema, "dlrm", seed=0), _model(schema, "dlrm", seed=1)
     pa_ = save_checkpoint(tmp_path / "a", a, rng=False)
