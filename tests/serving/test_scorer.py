@@ -708,9 +708,13 @@ def test_packed_model_checks_extreme_values(schema, ckpts, key):
     L = int(meta[10] + meta[11] + meta[12])  # bottom + shared + tower layers
     layer0 = len(meta) - 7 * L
     T = int(meta[4])
-    header = [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 19, 20, 21, 22, 23]
-    for pos in header + [24, 24 + T, layer0, layer0 + 1, layer0 + 3, layer0 + 5, layer0 + 6]:
-        for val in (big, -big, -1):
+    header = [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 19, 20, 21, 22, 23, 24]
+    G = int(meta[24])  # gathered bags: [candidate column, table size, offset, offset] each
+    assert (G > 0) == (key == "dcnv2")  # its small bags are gathered; DLRM gathers none
+    gathered = [layer0 - 4 * G + k for k in range(4 * G)]
+    for pos in header + [25, 25 + T, layer0, layer0 + 1, layer0 + 3, layer0 + 5,
+                         layer0 + 6] + gathered:
+        for val in (big, -big, -1, 3) if pos in gathered else (big, -big, -1):
             m = meta.clone()
             m[pos] = val
             with pytest.raises(ValueError):
