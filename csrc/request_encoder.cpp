@@ -348,6 +348,9 @@ struct Spec {
   int column = 0;     // index into the encoder's columns
   int slot = 0;       // bag position / dense position / sequence position
   const Table* table = nullptr;
+  // only the vocabulary's values or None (a text field's cached values): any other value raises
+  // UnknownValue, and the caller serves the request another way
+  bool closed = false;
   double fill = 0, mean = 0, std = 1;
   bool log1p = false, standardize = false;
   float missing_value = 0;  // the transformed fill
@@ -433,6 +436,10 @@ class RequestEncoder {
           it = table_of.emplace(t, tables_.size() - 1).first;
         }
         s.table = tables_[it->second].get();
+        s.closed = d.contains("closed") && d["closed"].cast<bool>();
+        if (s.closed && (s.kind != Kind::kCategorical || d["vocabulary"].is_none()))
+          throw py::value_error("RequestEncoder: " + s.where +
+                                ": only a categorical field with a vocabulary can be closed");
         if (s.kind == Kind::kSequence) {
           s.max_len = d["max_len"].cast<int64_t>();
           s.sep = d["sep"].cast<std::string>();
@@ -610,6 +617,21 @@ class RequestEncoder {
     std::string_view tok;
     py::object owner;
     const Table& t = *f.table;
+    if (f.closed) {  // None, or text the vocabulary holds
+      for (int64_t i = 0; i < n; ++i) {
+        PyObject* v = c.objects() ? c.get(i) : nullptr;
+        if (v == Py_None) {
+          out[i * stride] = 0;
+          continue;
+        }
+        const bool ok = v ? PyUnicode_Check(v) && token_of(f, v, buf, &tok, &owner)
+                          : c.kind == 'U' && array_token(f, c, i, buf, &text, &tok);
+        const int64_t id = ok ? t.id(tok) : 0;
+        if (id == 0) throw UnknownValue(f.where + ": a value the served tables do not hold");
+        out[i * stride] = id;
+      }
+      return;
+    }
     for (int64_t i = 0; i < n; ++i) {
       const bool ok = c.objects() ? token_of(f, c.get(i), buf, &tok, &owner)
                                   : array_token(f, c, i, buf, &text, &tok);
@@ -1085,6 +1107,7 @@ void bind_request_encoder(py::module_& m) {
   if (!encoded_request_type) throw py::error_already_set();
   m.add_object("EncodedRequest", py::reinterpret_borrow<py::object>(
                                      reinterpret_cast<PyObject*>(encoded_request_type)));
+  py::register_exception<UnknownValue>(m, "UnknownValue", PyExc_KeyError);
   py::class_<RequestEncoder>(m, "RequestEncoder",
                              "Raw request values -> ids and dense values as training encodes "
                              "them; built by adrec_fast.serving.encoder.RequestEncoder.")

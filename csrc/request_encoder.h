@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 namespace adrec {
@@ -20,6 +21,12 @@ struct EncodedBuffers {
   int64_t n = 0, Nd = 1;
   std::vector<int64_t> cand_slots, dense_cand, user_ids, cand_ids, seq_ids, seq_lengths;
   std::vector<float> dense;
+};
+
+// A value of a closed field (one the encoder describes with "closed": its vocabulary's values
+// or None) outside it: _C.UnknownValue, a KeyError, in Python.
+struct UnknownValue : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 // Encodes one request with `encoder` (a _C.RequestEncoder) into `out` (its buffers are reused:

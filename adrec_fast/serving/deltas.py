@@ -48,10 +48,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import _C
 from ..models.checkpoint import load_model, read_meta
 from ..nn.dynamic_table import DynamicEmbedding
 from .quantize import dequantize_rows, quantize_rows
+from .scorer import own_rows
 
 FORMAT = "adrec_fast.delta"
 VERSION = 1
@@ -372,6 +372,7 @@ def _next_version(v, shadow: _Shadow, delta: Delta, serial: int):
             for ebc in m.embedding_collections():
                 ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, v.quantize)))
         new.model = m
+        new.bind()
         return new
     spec = model.serving_spec()
 
@@ -390,14 +391,14 @@ def _next_version(v, shadow: _Shadow, delta: Delta, serial: int):
               and set(delta.tables) <= {table_key, lin_key})
     if not direct:
         st, sb = quantize_rows(spec.table, v.quantize)
-        new.weights = st.clone() if v.quantize is None else st
+        new.weights = own_rows(st)
         new.scale_bias = sb
         new.lin = None if spec.lin is None else spec.lin.float().contiguous().clone()
     else:
         if table_key in delta.tables:
             rows = delta.tables[table_key][0]
             st, sb = quantize_rows(spec.table.index_select(0, rows), v.quantize)
-            new.weights = v.weights.clone()
+            new.weights = own_rows(v.weights)
             new.weights.index_copy_(0, rows, st)
             if sb is not None:
                 new.scale_bias = v.scale_bias.clone()
@@ -417,8 +418,7 @@ def _next_version(v, shadow: _Shadow, delta: Delta, serial: int):
         s = copy.copy(v.spec)
     s.table = new.weights  # packing reads only its width
     new.spec = s
-    if v.front is not None:
-        new.front = _C.ServingFront(new.encoder._impl, new.handle_for)
+    new.bind()
     return new
 
 

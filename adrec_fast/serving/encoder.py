@@ -38,7 +38,10 @@ with ``missing="error"`` (the default); with ``missing="default"`` it takes its 
 (categorical id 0, dense ``fill`` transformed, an empty history).
 
 Text fields (``RequestEncoder(schema, missing, text={field: values})``): a categorical bag after
-the schema's bags whose vocabulary is the values the Scorer packed (value i -> id i + 1).
+the schema's bags whose vocabulary is the values the Scorer packed (value i -> id i + 1), closed:
+a value that is neither None nor one of them (a new text, "", a number) raises
+``_C.UnknownValue`` (a ``KeyError``), on which the Scorer serves the request by the model's
+forward, which encodes new texts and names bad ones.
 
 Schemas with pooled ``multi_categorical`` fields or ``vector`` fields are not handled here: the
 constructor raises ``NotImplementedError`` naming the field.
@@ -65,6 +68,8 @@ MISSING = ("error", "default")
 #: - ``dense_cand``: tuple of the dense positions given per candidate, ascending;
 #: - ``seqs``: list of int64 [L] histories, one per ``schema.sequence_fields()`` entry.
 EncodedRequest = _C.EncodedRequest
+#: Raised by ``encode`` for a text value the encoder was not built with (see the module doc).
+UnknownValue = _C.UnknownValue
 
 
 def describe(schema: Schema, text: dict | None = None) -> list[dict]:
@@ -90,7 +95,7 @@ def describe(schema: Schema, text: dict | None = None) -> list[dict]:
         if f.type == "text":
             d.update(kind="categorical", slot=bag[f.name],
                      table=n_tables + schema.text_fields().index(f.name),
-                     vocabulary=list(text[f.name]), salt="", hash_size=0)
+                     vocabulary=list(text[f.name]), salt="", hash_size=0, closed=True)
         elif f.type == "dense":
             standardize = f.transform.endswith("standardize")
             d.update(kind="dense", slot=dense[f.name], fill=float(f.fill),
@@ -140,4 +145,4 @@ class RequestEncoder:
         return f"RequestEncoder({len(self.columns)} columns, missing={self.missing!r})"
 
 
-__all__ = ["EncodedRequest", "MISSING", "RequestEncoder", "describe"]
+__all__ = ["EncodedRequest", "MISSING", "RequestEncoder", "UnknownValue", "describe"]

@@ -20,7 +20,9 @@ adrec_fast/models/serving_spec.py): slots and sides, interaction (FM, DLRM dot, 
 target attention over a behaviour history), layers and head. ``pack`` lays such a spec out once
 per field split (fp32 or, with ``mlp="bf16"``, bfloat16 layer weights in the blocked layout of
 common/linear_blocked.h; the first layer split into the columns of the shared inputs and those
-that vary per candidate), and one native call runs a request (``ops.scorer.serving_handle``,
+that vary per candidate; a candidate-side bag of a small table is gathered instead: its rows'
+products with the first layers are computed at packing, ``GATHER_BYTES``), and one native call
+runs a request (``ops.scorer.serving_handle``,
 csrc/cpu/scorer.cpp): the user side once (user embeddings, history keys, shared first-layer
 products, DLRM's bottom MLP), then the candidates. The GIL is released while it runs.
 A model without a spec (a user-defined one, or a schema with multi-valued bags or vectors) is
@@ -50,15 +52,17 @@ from __future__ import annotations
 import copy
 import threading
 import warnings
+import weakref
 
 import numpy as np
 import torch
 
 from .. import _C
+from .._memory import empty_table
 from ..models.checkpoint import load_model, resolve
 from ..models.serving_spec import ServingSpec
 from ..ops import scorer as _op
-from .encoder import RequestEncoder
+from .encoder import RequestEncoder, UnknownValue
 from .quantize import QUANTIZE, dequantize_rows, quantize_rows
 
 MLP = (None, "fp32", "bf16")
@@ -68,9 +72,25 @@ MISSING = ("error", "default")
 # ---------------------------------------------------------------------------- packing
 _MAGIC = 0x4144524543534532  # csrc/cpu/scorer.cpp kMagic, and its header below
 _HEADER = ("magic prec kind D T S Kd Tu Tc hb nb nf lt ncross Ps Pv flags dense_w cross_head "
-           "bias Ks Kv Kx dvar").split()
+           "bias Ks Kv Kx dvar G").split()
 _ACT = {"none": 0, "relu": 1, "cross": 2}
 _IN_ZV, _IN_PREV, _IN_CROSS = 0, 1, 2
+#: A candidate-side bag whose projected rows (its first-layer columns times each row of its
+#: table, for every first layer) take at most this many bytes is gathered rather than
+#: multiplied: a candidate adds its row of first-layer outputs, Ob * 16 floats, where the
+#: product takes D times as many multiply-adds over weights every candidate shares. That pays
+#: while the projected table stays in the core's cache (categories, ad formats); a row read
+#: from L3 costs about as much as the multiply-adds it saves (DeepFM 400-wide, 900-row tables,
+#: N=64: no gain), so larger tables are multiplied.
+GATHER_BYTES = 512 << 10
+
+
+def own_rows(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the embedding rows ``t`` [R, D] for a version to own; a large one on huge pages
+    (a request reads random rows: _memory.py)."""
+    out = empty_table(*t.shape, dtype=t.dtype)
+    out.copy_(t)
+    return out
 
 
 def _pad16(k: int) -> int:
@@ -95,7 +115,7 @@ def _block_layer(w: torch.Tensor, b: torch.Tensor, Kp: int, bf16: bool):
 
 
 def pack(spec: ServingSpec, bag_base, bag_card, seq_base, seq_card, n_dense: int, cand_slots,
-         dense_cand=(), mlp: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         dense_cand=(), mlp: str | None = None, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Lay ``spec`` out for one field split -> (meta [H] int64, blob [bytes] uint8), the model
     operand of ``adrec::serving_forward``.
 
@@ -107,7 +127,12 @@ def pack(spec: ServingSpec, bag_base, bag_card, seq_base, seq_card, n_dense: int
     [bottom output, pairs]) is split by columns: those of shared inputs become a product
     computed once per request (its bias), the others stay per candidate. ``mlp="bf16"`` stores
     the layer weights in bfloat16 (activations are rounded to bfloat16, accumulation is
-    float32)."""
+    float32).
+
+    ``rows(t) -> [bag_card[t], D]`` float32, the rows the executor reads for bag t: given it, a
+    candidate-side bag of an fp32 concat model whose projected rows fit ``GATHER_BYTES`` is
+    gathered: its columns leave the per-candidate product, and each first layer gets a table
+    [bag_card[t], Ob * 16] of the products of its rows (zero padded), read per candidate."""
     if mlp not in MLP:
         raise ValueError(f"mlp must be one of {MLP}, got {mlp!r}")
     bf16 = mlp == "bf16"
@@ -126,6 +151,20 @@ def pack(spec: ServingSpec, bag_base, bag_card, seq_base, seq_card, n_dense: int
     else:
         F = T + S
         shared = [t not in cset for t in range(T)] + [t not in cset for _, t in spec.sequences]
+    # the tower: (weight [O, K], bias [O], act, input), input one of "x0" (split), prev, cross
+    tower = []
+    for i, (w, b) in enumerate(spec.cross):
+        tower.append((w, b, "cross", "x0" if i == 0 else _IN_CROSS))
+    deep_in = "x0" if not spec.cross or spec.structure == "parallel" else _IN_CROSS
+    for i, ly in enumerate(spec.deep):
+        tower.append((ly.weight, ly.bias, ly.act, deep_in if i == 0 else _IN_PREV))
+    if spec.head is not None:
+        tower.append((spec.head[None], torch.zeros(1), "none", deep_in if not spec.deep
+                      else _IN_PREV))
+    firsts = [(w, b) for w, b, _, inp in tower if inp == "x0"]
+    out16 = sum(_pad16(w.shape[0]) for w, _ in firsts)
+    gathered = [] if rows is None or dot or bf16 else [
+        t for t in sorted(cset) if 0 < int(bag_card[t]) * out16 * 4 <= GATHER_BYTES]
     # first-layer columns (in the model's input order) that are shared / vary
     scols, vcols, ps, pv = [], [], [], []
     if dot:
@@ -144,7 +183,8 @@ def pack(spec: ServingSpec, bag_base, bag_card, seq_base, seq_card, n_dense: int
         Kin = k0 + p
     else:
         for f in range(F):
-            (scols if shared[f] else vcols).extend(range(f * D, (f + 1) * D))
+            if f not in gathered:  # the bags are the first T fields
+                (scols if shared[f] else vcols).extend(range(f * D, (f + 1) * D))
         for j in range(Kd):
             (vcols if j in dset else scols).append(F * D + j)
         Kin = F * D + Kd
@@ -163,16 +203,6 @@ def pack(spec: ServingSpec, bag_base, bag_card, seq_base, seq_card, n_dense: int
     for ly in bottom:
         add(ly.weight, ly.bias, kp, ly.act)
         kp = _pad16(ly.weight.shape[0])
-    # the tower: (weight [O, K], bias [O], act, input), input one of "x0" (split), prev, cross
-    tower = []
-    for i, (w, b) in enumerate(spec.cross):
-        tower.append((w, b, "cross", "x0" if i == 0 else _IN_CROSS))
-    deep_in = "x0" if not spec.cross or spec.structure == "parallel" else _IN_CROSS
-    for i, ly in enumerate(spec.deep):
-        tower.append((ly.weight, ly.bias, ly.act, deep_in if i == 0 else _IN_PREV))
-    if spec.head is not None:
-        tower.append((spec.head[None], torch.zeros(1), "none", deep_in if not spec.deep
-                      else _IN_PREV))
     nf = sum(1 for *_, inp in tower if inp == "x0")
     for w, b, *_ in (t for t in tower if t[3] == "x0"):  # u_j = W_s s + b: once per request
         if w.shape[1] != Kin:
@@ -197,6 +227,17 @@ def pack(spec: ServingSpec, bag_base, bag_card, seq_base, seq_card, n_dense: int
 
     for rec, (wb, bb) in zip(records, blobs):
         rec += [put(wb), put(bb)]
+    # gathered bag t: (its candidate column, its table size, one table per first layer)
+    slots = sorted(cset)
+    gmeta = []
+    for t in gathered:
+        e = rows(t).float()  # [card, D]
+        offs = []
+        for w, _ in firsts:
+            pj = torch.zeros(e.shape[0], _pad16(w.shape[0]))
+            pj[:, :w.shape[0]] = e @ w[:, t * D:(t + 1) * D].float().T  # [card, O]
+            offs.append(put(pj.contiguous().view(-1).view(torch.uint8)))
+        gmeta += [slots.index(t), int(bag_card[t])] + offs + [-1] * (2 - len(offs))
 
     def vec(t) -> int:
         return -1 if t is None else put(t.detach().float().contiguous().view(torch.uint8))
@@ -206,13 +247,13 @@ def pack(spec: ServingSpec, bag_base, bag_card, seq_base, seq_card, n_dense: int
                lt=len(tower), ncross=len(spec.cross), Ps=len(ps), Pv=len(pv),
                flags=int(spec.lin is not None) | 2 * int(spec.fm), dense_w=vec(spec.dense_w),
                cross_head=vec(spec.cross_head), bias=vec(torch.tensor([spec.bias])),
-               Ks=len(scols), Kv=len(vcols), Kx=Kx, dvar=dvar)
+               Ks=len(scols), Kv=len(vcols), Kx=Kx, dvar=dvar, G=len(gathered))
     base, card = np.asarray(bag_base, np.int64), np.asarray(bag_card, np.int64)
     meta = ([hdr[k] for k in _HEADER] + base.tolist() + card.tolist()
             + [int(t in cset) for t in range(T)] + [int(j in dset) for j in range(Kd)]
             + list(map(int, seq_base)) + list(map(int, seq_card))
             + [t for _, t in spec.sequences] + [i for i, _ in ps] + [j for _, j in ps]
-            + [i for i, _ in pv] + [j for _, j in pv] + [x for r in records for x in r])
+            + [i for i, _ in pv] + [j for _, j in pv] + gmeta + [x for r in records for x in r])
     blob = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
     return torch.tensor(meta, dtype=torch.long), blob
 
@@ -271,7 +312,7 @@ class _Version:
         self.spec = None
         if spec is not None and not partial:
             st, sb = quantize_rows(spec.table, quantize)
-            self.weights = st.clone() if quantize is None else st  # our own copy
+            self.weights = own_rows(st)
             self.scale_bias = sb
             self.lin = None if spec.lin is None else spec.lin.detach().float().contiguous().clone()
             self.spec = copy.copy(spec)
@@ -302,9 +343,41 @@ class _Version:
         if self.text_known is not None and self.spec is not None:
             self.model = model  # a text value not cached at load runs the torch path
         self.handles: dict = {}  # (cand slots, dense cand) -> its handle (benign race)
-        # score(): encoder and executor in one native call
-        self.front = (_C.ServingFront(self.encoder._impl, self.handle_for)
+        self.bind()
+
+    def bind(self) -> None:
+        """Sets ``score_raw(user, candidates)``, this version's raw-value path: one native call
+        (encoder and executor, ``front``) where the executor runs the model; for text fields,
+        the model's forward when a text value is not among the packed rows; else the schema's
+        encoding and the model's forward. Called again on a copy (serving/deltas.py).
+
+        Neither ``front`` nor ``score_raw`` holds the version itself, only a weak reference: a
+        cycle through the native ``front`` (which the garbage collector cannot traverse) kept
+        every replaced version, tables and all, alive for good. A caller holds the version for
+        the duration of a request (``Scorer.score``)."""
+        ref = weakref.ref(self)
+        self.front = (_C.ServingFront(self.encoder._impl,
+                                      lambda *split: ref().handle_for(*split))
                       if self.spec is not None and self.encoder is not None else None)
+        front = self.front
+        if front is None and self.encoder is not None:
+            def score_raw(user, candidates):
+                v = ref()
+                r = v.encoder.encode(user, candidates)
+                return v.forward_ids(r.user_ids, r.cand_slots, r.cand_ids, r.dense,
+                                     r.dense_cand, r.seqs)
+        elif front is None:
+            def score_raw(user, candidates):
+                return _score_general(ref(), user, candidates)
+        elif self.text_known is not None:
+            def score_raw(user, candidates):
+                try:
+                    return front.score(user, candidates)
+                except UnknownValue:  # a text value not packed (or a bad one): the forward
+                    return _score_general(ref(), user, candidates)  # encodes or names it
+        else:
+            score_raw = front.score  # the native method itself: no Python frame
+        self.score_raw = score_raw
 
     def _text_slots(self, model, schema, tofs) -> dict | None:
         """Text fields become bags after the schema's (one table each, after its tables): the
@@ -332,7 +405,13 @@ class _Version:
     def packed_for(self, cand_slots, dense_cand=()) -> tuple[torch.Tensor, torch.Tensor]:
         """(meta, blob) of this version packed for one field split."""
         return pack(self.spec, self.bag_base, self.bag_card, self.seq_base, self.seq_card,
-                    len(self.dense), cand_slots, dense_cand, self.mlp)
+                    len(self.dense), cand_slots, dense_cand, self.mlp, self.bag_rows)
+
+    def bag_rows(self, t: int) -> torch.Tensor:
+        """The rows of bag ``t`` as the executor reads them -> [bag_card[t], D] float32."""
+        r0, n = int(self.bag_base[t]), int(self.bag_card[t])
+        sb = None if self.scale_bias is None else self.scale_bias[r0:r0 + n]
+        return dequantize_rows(self.weights[r0:r0 + n], sb)
 
     def handle_for(self, cand_slots, dense_cand=()):
         """The executor's numpy entry point for one field split (cached)."""
@@ -463,8 +542,8 @@ class Scorer:
     def score(self, user: dict, candidates) -> np.ndarray:
         """user: {column: value} (user and context fields, once); candidates: {column: [N]
         values} or a list of N {column: value} dicts -> probabilities [N] float32."""
-        v = self._version  # this request's version, for its whole duration
-        return self._score(v, user, candidates)
+        v = self._version  # this request's version, held for its whole duration
+        return v.score_raw(user, candidates)
 
     def top_k(self, user: dict, candidates, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k best candidates: (indices [k'] int64, probabilities [k']) best first,
@@ -472,15 +551,6 @@ class Scorer:
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         return _top_k(self.score(user, candidates), int(k))
-
-    def _score(self, v: _Version, user, candidates) -> np.ndarray:
-        if v.encoder is None or (v.text_known is not None
-                                 and not _text_known(v.text_known, user, candidates)):
-            return _score_general(v, user, candidates)
-        if v.front is not None:  # one native call: encoding, checks, the packed model
-            return v.front.score(user, candidates)
-        r = v.encoder.encode(user, candidates)
-        return v.forward_ids(r.user_ids, r.cand_slots, r.cand_ids, r.dense, r.dense_cand, r.seqs)
 
     # -- the leanest path: id arrays ---------------------------------------------------
     def ids_path(self, cand_fields) -> IdsPath:
@@ -578,24 +648,6 @@ def _score_general(v: _Version, user, candidates) -> np.ndarray:
     except Exception as e:  # a DataError or an arrow error: the value was of a wrong type
         raise TypeError(f"request could not be encoded: {e}") from e
     return v.forward_batch(batch)
-
-
-def _text_known(known: dict, user, candidates) -> bool:
-    """True when every text value of the request is one the packed tables hold, or missing."""
-    try:
-        for col, vals in known.items():
-            if col in user:
-                if user[col] not in vals:
-                    return False
-            elif isinstance(candidates, dict):
-                c = candidates.get(col)
-                if c is not None and not vals.issuperset(c):
-                    return False
-            elif not all(d.get(col) in vals for d in candidates):
-                return False
-    except (TypeError, AttributeError):  # not a dict, an unhashable value: the torch path names it
-        return False
-    return True
 
 
 def _check_ids(v: _Version, user_slots, uid, cand_slots, cand) -> None:

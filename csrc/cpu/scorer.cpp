@@ -10,7 +10,9 @@
 //     the user part of the scalar terms (first order, dense linear, FM sums, bias);
 //   stage B (per candidate): the candidate rows, target attention over the history, the
 //     varying first-layer input zv and, for the cross network, the full x0; then the tower:
-//     cross layers, MLP, head (its first layers take u_j as their bias), sigmoid.
+//     cross layers, MLP, head (its first layers take u_j as their bias, plus, for a bag of a
+//     small table, the candidate's row of that bag's precomputed products: it is gathered, not
+//     multiplied, and its columns are not in zv), sigmoid.
 // Every logit is  side + head(tower)  with side = bias + first order + dense linear + FM
 // (+ the head's cross columns for a parallel DCN-v2).
 #include <ATen/ATen.h>
@@ -43,7 +45,7 @@ constexpr int64_t kMagic = 0x4144524543534532LL;  // "ADRECSE2"
 // meta header (adrec_fast/serving/scorer.py writes the same fields)
 enum : int64_t {
   H_MAGIC, H_PREC, H_KIND, H_D, H_T, H_S, H_KD, H_TU, H_TC, H_HB, H_NB, H_NF, H_LT, H_NCROSS,
-  H_PS, H_PV, H_FLAGS, H_DENSE_W, H_CROSS_HEAD, H_BIAS, H_KS, H_KV, H_KX, H_DVAR, H_SIZE
+  H_PS, H_PV, H_FLAGS, H_DENSE_W, H_CROSS_HEAD, H_BIAS, H_KS, H_KV, H_KX, H_DVAR, H_G, H_SIZE
 };
 enum : int64_t { kConcat = 0, kDot = 1 };
 enum : int64_t { kActNone = 0, kActRelu = 1, kActCross = 2 };  // layer activation
@@ -71,6 +73,17 @@ struct RowReader {
   const uint8_t* q8 = nullptr;
   const float* scale_bias = nullptr;  // [R, 2]: x = q * scale + bias (int8 row-wise)
   int64_t R = 0, D = 0;
+
+  // Asks for row r's cache lines (and its scale and bias) ahead of row(r).
+  inline void prefetch(int64_t r) const {
+    const char* p = f32 ? reinterpret_cast<const char*>(f32 + r * D)
+                    : f16 ? reinterpret_cast<const char*>(f16 + r * D)
+                          : reinterpret_cast<const char*>(q8 + r * D);
+    const int64_t bytes = D * (f32 ? 4 : f16 ? 2 : 1);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+    _mm_prefetch(p + bytes - 1, _MM_HINT_T0);  // a row that straddles a line
+    if (q8) _mm_prefetch(reinterpret_cast<const char*>(scale_bias + 2 * r), _MM_HINT_T0);
+  }
 
   inline void row(int64_t r, float* out) const {
     if (f32) {
@@ -114,7 +127,7 @@ struct Layer {
 struct Spec {
   bool bf16 = false, hb = false, lin = false, fm = false;
   int64_t kind = 0, D = 0, T = 0, S = 0, F = 0, Kd = 0, Tu = 0, Tc = 0, nb = 0, nf = 0, lt = 0;
-  int64_t ncross = 0, Ps = 0, Pv = 0, Ks = 0, Kv = 0, Kx = 0, dvar = 0, maxw = 16;
+  int64_t ncross = 0, Ps = 0, Pv = 0, Ks = 0, Kv = 0, Kx = 0, dvar = 0, G = 0, maxw = 16;
   const int64_t *base, *card, *side, *dense_var, *sbase, *scard, *starget, *psi, *psj, *pvi,
       *pvj;
   const float* dense_w = nullptr;     // [Kd] or null
@@ -123,8 +136,14 @@ struct Spec {
   std::array<Layer, kMaxLayers> L;  // [0, nb) bottom, [nb, nb + nf) the u_j, then the tower
   std::vector<int64_t> uslot, cslot;  // user / candidate slots in order
   std::vector<int64_t> vfield;        // fields that vary per candidate (after the slots)
+  std::vector<int64_t> zfield;        // those of vfield whose columns are in zv (not gathered)
+  // gathered bags g < G: candidate column gcol[g]; gtab[j][g]: [card][Ob_j * 16] products of
+  // first layer j with each row of the bag's table, added to that layer's output per candidate
+  std::vector<int64_t> gcol;
+  std::array<std::vector<const float*>, 2> gtab;
   std::vector<char> shared;           // [F] field is the same for every candidate
   std::vector<int64_t> gidx;          // dot: [Pv] where pair q is in the Gram rows, or -1
+  std::vector<int64_t> all_fields;    // 0, 1, ..., F - 1
   int64_t field_of_slot(int64_t t) const { return t + (kind == kDot && hb ? 1 : 0); }
   const Layer& tower(int64_t l) const { return L[nb + nf + l]; }
 };
@@ -141,19 +160,21 @@ Spec parse(const int64_t* h, int64_t n, const uint8_t* blob, int64_t bytes, int6
   P.Kd = h[H_KD], P.Tu = h[H_TU], P.Tc = h[H_TC], P.hb = h[H_HB] != 0, P.nb = h[H_NB];
   P.nf = h[H_NF], P.lt = h[H_LT], P.ncross = h[H_NCROSS], P.Ps = h[H_PS], P.Pv = h[H_PV];
   P.lin = (h[H_FLAGS] & 1) != 0, P.fm = (h[H_FLAGS] & 2) != 0;
-  P.Ks = h[H_KS], P.Kv = h[H_KV], P.Kx = h[H_KX], P.dvar = h[H_DVAR];
+  P.Ks = h[H_KS], P.Kv = h[H_KV], P.Kx = h[H_KX], P.dvar = h[H_DVAR], P.G = h[H_G];
   TORCH_CHECK_VALUE(P.D == D, kOp, ": packed for D = ", P.D, " but the table has D = ", D);
   // every count is bounded by the meta's length before any arithmetic on it (no overflow)
-  for (int64_t k : {P.T, P.S, P.Kd, P.Tu, P.Tc, P.nb, P.nf, P.lt, P.ncross, P.Ps, P.Pv, P.dvar})
+  for (int64_t k :
+       {P.T, P.S, P.Kd, P.Tu, P.Tc, P.nb, P.nf, P.lt, P.ncross, P.Ps, P.Pv, P.dvar, P.G})
     TORCH_CHECK_VALUE(k >= 0 && k <= n, kOp, ": inconsistent meta header");
   TORCH_CHECK_VALUE(P.Tu + P.Tc == P.T && P.nb + P.nf + P.lt <= kMaxLayers && P.nf <= 2 &&
                         P.dvar <= P.Kd && P.ncross <= P.lt && P.Ks >= 0 && P.Kv >= 0 &&
                         P.Kx >= 0 && P.Ks <= bytes && P.Kv <= bytes && P.Kx <= bytes &&
                         (P.kind == kDot || (!P.hb && P.nb == 0 && P.Ps + P.Pv == 0)) &&
                         (P.kind == kConcat || (P.S == 0 && P.ncross == 0 && !P.fm)) &&
-                        (P.hb == (P.nb > 0)) && (P.lt > 0 || P.nf == 0),
+                        (P.hb == (P.nb > 0)) && (P.lt > 0 || P.nf == 0) && P.G <= P.Tc &&
+                        (P.G == 0 || (P.kind == kConcat && P.nf > 0)),
                     kOp, ": inconsistent meta header");
-  const int64_t need = H_SIZE + 3 * P.T + P.Kd + 3 * P.S + 2 * (P.Ps + P.Pv) +
+  const int64_t need = H_SIZE + 3 * P.T + P.Kd + 3 * P.S + 2 * (P.Ps + P.Pv) + 4 * P.G +
                        7 * (P.nb + P.nf + P.lt);
   TORCH_CHECK_VALUE(n == need, kOp, ": meta has ", n, " entries, expected ", need);
   const int64_t* a = h + H_SIZE;
@@ -165,6 +186,8 @@ Spec parse(const int64_t* h, int64_t n, const uint8_t* blob, int64_t bytes, int6
   a += 3 * P.S;
   P.psi = a, P.psj = a + P.Ps, P.pvi = a + 2 * P.Ps, P.pvj = a + 2 * P.Ps + P.Pv;
   a += 2 * (P.Ps + P.Pv);
+  const int64_t* gm = a;  // [G][4]: candidate column, table size, offsets of layers 0 and 1
+  a += 4 * P.G;
   for (int64_t t = 0; t < P.T; ++t) {
     TORCH_CHECK_VALUE(P.base[t] >= 0 && P.base[t] <= R && P.card[t] >= 1 &&
                           P.card[t] <= R - P.base[t] && (P.side[t] == 0 || P.side[t] == 1),
@@ -192,6 +215,17 @@ Spec parse(const int64_t* h, int64_t n, const uint8_t* blob, int64_t bytes, int6
   for (int64_t f = 0; f < P.F; ++f)
     if (!P.shared[f]) P.vfield.push_back(f);
   const int64_t nvf = static_cast<int64_t>(P.vfield.size());
+  std::vector<char> gathered(P.F, 0);
+  for (int64_t g = 0; g < P.G; ++g) {
+    const int64_t c = gm[4 * g];
+    TORCH_CHECK_VALUE(c >= 0 && c < P.Tc && (g == 0 || c > gm[4 * (g - 1)]) &&
+                          gm[4 * g + 1] == P.card[P.cslot[c]],
+                      kOp, ": bad gathered bag ", g, " in meta");
+    P.gcol.push_back(c);
+    gathered[P.field_of_slot(P.cslot[c])] = 1;
+  }
+  for (int64_t f : P.vfield)
+    if (!gathered[f]) P.zfield.push_back(f);
   for (int64_t q = 0; q < P.Ps + P.Pv; ++q) {
     const int64_t i = q < P.Ps ? P.psi[q] : P.pvi[q - P.Ps], j = q < P.Ps ? P.psj[q] : P.pvj[q - P.Ps];
     TORCH_CHECK_VALUE(i >= 0 && i < P.F && j >= 0 && j < P.F &&
@@ -199,7 +233,8 @@ Spec parse(const int64_t* h, int64_t n, const uint8_t* blob, int64_t bytes, int6
                       kOp, ": bad pair ", q, " in meta");
   }
   if (P.kind == kConcat) {
-    TORCH_CHECK_VALUE(P.Ks == (P.F - nvf) * P.D + P.Kd - P.dvar && P.Kv == nvf * P.D + P.dvar &&
+    TORCH_CHECK_VALUE(P.Ks == (P.F - nvf) * P.D + P.Kd - P.dvar &&
+                          P.Kv == (nvf - P.G) * P.D + P.dvar &&
                           P.Kx == (P.ncross ? P.F * P.D + P.Kd : 0),
                       kOp, ": first-layer widths do not match the split");
   } else {
@@ -265,12 +300,26 @@ Spec parse(const int64_t* h, int64_t n, const uint8_t* blob, int64_t bytes, int6
     if (!cross) prev = y.Ob * 16;
   }
   for (int64_t j = 0; j < P.nf; ++j) TORCH_CHECK_VALUE(used[j], kOp, ": shared layer unused");
+  for (int64_t g = 0; g < P.G; ++g)
+    for (int64_t j = 0; j < 2; ++j) {
+      const int64_t off = gm[4 * g + 2 + j], card = gm[4 * g + 1];
+      if (j >= P.nf) {
+        TORCH_CHECK_VALUE(off == -1, kOp, ": bad gathered bag ", g, " in meta");
+        continue;
+      }
+      const int64_t row = P.L[P.nb + j].Ob * 64;  // bytes of one projected row
+      TORCH_CHECK_VALUE(off >= 0 && off % 64 == 0 && off <= bytes && card <= (bytes - off) / row,
+                        kOp, ": bad gathered bag ", g, " in meta");
+      P.gtab[j].push_back(reinterpret_cast<const float*>(blob + off));
+    }
   if (P.lt) {
     const Layer& hd = P.tower(P.lt - 1);
     TORCH_CHECK_VALUE(hd.Ob == 1 && hd.act == kActNone && P.lt > P.ncross, kOp,
                       ": the last layer must be the head (one output, no activation)");
   }
   TORCH_CHECK_VALUE(P.cross_head == nullptr || P.ncross > 0, kOp, ": cross_head without cross");
+  P.all_fields.resize(P.F);
+  for (int64_t f = 0; f < P.F; ++f) P.all_fields[f] = f;
   if (P.kind == kDot) {  // where pair q sits in the candidates' Gram rows
     const int64_t Fp = pad32(P.F);
     std::vector<int64_t> vrow(P.F, -1);
@@ -394,6 +443,20 @@ struct UserSide {
   float side = 0.f;   // bias + shared first order + shared dense linear
 };
 
+// Candidate n's embedding rows (and first-order weights) into the cache: the rows of a request
+// are random reads of tables far larger than the caches, each a miss to memory, and a candidate
+// reads them kAhead candidates after asking (stage A asks for the first candidates' rows).
+constexpr int64_t kAhead = 4;
+ADREC_INLINE void prefetch_candidate(const Spec& P, const RowReader& rr, const float* lin,
+                                     const int64_t* cid, int64_t n) {
+  const int64_t* ids = cid + n * P.Tc;
+  for (int64_t c = 0; c < P.Tc; ++c) {
+    const int64_t r = P.base[P.cslot[c]] + ids[c];
+    rr.prefetch(r);
+    if (P.lin) _mm_prefetch(reinterpret_cast<const char*>(lin + r), _MM_HINT_T0);
+  }
+}
+
 // The per-candidate inputs of rows [m0, m0 + M): zv [M][ldz] (the varying first-layer
 // columns, zero padded), x0 [M][ldx] (cross network: [fields, dense], zero padded) and side [M].
 // dbot [M][ldb]: DLRM's bottom MLP output per candidate when the dense input varies.
@@ -404,9 +467,11 @@ ADREC_INLINE void candidate_rows_body(const Spec& P, const RowReader& rr, const 
                                       int64_t ldx, float* side) {
   const int64_t D = P.D, Kd = P.Kd, Fp = pad32(P.F), nvf = static_cast<int64_t>(P.vfield.size());
   float* fields = U.fields;
+  for (int64_t m = 0; m < std::min(kAhead, M); ++m) prefetch_candidate(P, rr, lin, cid, m0 + m);
   for (int64_t m = 0; m < M; ++m) {
     const int64_t n = m0 + m;
     const int64_t* ids = cid + n * P.Tc;
+    if (m + kAhead < M) prefetch_candidate(P, rr, lin, cid, n + kAhead);
     const float* drow = dense + (Nd > 1 ? n : 0) * Kd;
     float s = U.side;
     for (int64_t c = 0; c < P.Tc; ++c) {
@@ -424,8 +489,10 @@ ADREC_INLINE void candidate_rows_body(const Spec& P, const RowReader& rr, const 
         if (!P.shared[P.T + i])
           attend(U.keys + U.seq_off[i] * D, U.seq_off[i + 1] - U.seq_off[i],
                  fields + P.starget[i] * D, D, U.sc, fields + (P.T + i) * D);
-      for (int64_t v = 0; v < nvf; ++v, k += D)
-        std::memcpy(z + k, fields + P.vfield[v] * D, sizeof(float) * D);
+      for (const int64_t f : P.zfield) {
+        std::memcpy(z + k, fields + f * D, sizeof(float) * D);
+        k += D;
+      }
       for (int64_t j = 0; j < Kd; ++j)
         if (P.dense_var[j]) z[k++] = drow[j];
       if (P.fm) {
@@ -480,10 +547,30 @@ void shared_pairs(const Spec& P, UserSide& U, float* s) {
   isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
     const int64_t D = P.D, F = P.F, Fp = pad32(F);
     transpose_fields(U.fields, F, D, Fp, U.FT);
-    std::vector<int64_t> rowf(F);
-    for (int64_t f = 0; f < F; ++f) rowf[f] = f;
-    gram_rows(U.fields, U.FT, D, Fp, rowf.data(), F, U.G);
+    gram_rows(U.fields, U.FT, D, Fp, P.all_fields.data(), F, U.G);
     for (int64_t q = 0; q < P.Ps; ++q) s[q] = U.G[P.psi[q] * Fp + P.psj[q]];
+  });
+}
+
+// Rows [0, M) of y [M][ldy], columns of output blocks [ob0, ob1) of first layer j: (init, when
+// given, else y itself) + the projected rows of candidates [m0, m0 + M) of every gathered bag,
+// then relu when asked.
+void add_gathered(const Spec& P, int64_t j, const int64_t* cid, int64_t m0, int64_t M,
+                  int64_t ob0, int64_t ob1, const float* init, bool relu, float* y,
+                  int64_t ldy) {
+  isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+    const int64_t ld = P.L[P.nb + j].Ob * 16, c0 = ob0 * 16, c1 = ob1 * 16;
+    for (int64_t m = 0; m < M; ++m) {
+      float* yr = y + m * ldy;
+      const int64_t* ids = cid + (m0 + m) * P.Tc;
+      if (init) std::memcpy(yr + c0, init + c0, sizeof(float) * (c1 - c0));
+      for (int64_t g = 0; g < P.G; ++g) {
+        const float* pr = P.gtab[j][g] + ids[P.gcol[g]] * ld;
+        for (int64_t c = c0; c < c1; ++c) yr[c] += pr[c];
+      }
+      if (relu)
+        for (int64_t c = c0; c < c1; ++c) yr[c] = std::max(yr[c], 0.f);
+    }
   });
 }
 
@@ -561,6 +648,16 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
   // layer split: candidates cheap enough to build in every thread (no barrier before the tower)
   const bool cand_private = !row_split && N * (Kvp + Kxp) <= kPrivateCandFloats;
   const int64_t nl = row_split ? 0 : N;  // rows of the shared (layer split) buffers
+  // every row the request reads first, and the first candidates' rows: their misses overlap
+  // one another and stage A instead of each stalling the thread that reads it
+  for (int64_t i = 0; i < P.Tu; ++i) {
+    const int64_t r = P.base[P.uslot[i]] + uid[uid_full ? P.uslot[i] : i];
+    rr.prefetch(r);
+    if (P.lin) _mm_prefetch(reinterpret_cast<const char*>(lin + r), _MM_HINT_T0);
+  }
+  for (int64_t i = 0; i < P.S; ++i)
+    for (int64_t l = seq_off[i]; l < seq_off[i + 1]; ++l) rr.prefetch(P.sbase[i] + seq_ids[l]);
+  for (int64_t n = 0; n < std::min(kAhead, N); ++n) prefetch_candidate(P, rr, lin, cid, n);
   Arena& A = t_request;
   int64_t uw = 0;
   for (int64_t j = 0; j < P.nf; ++j) uw += P.L[P.nb + j].Ob * 16 + 16;
@@ -681,7 +778,24 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
     // ---- stage B: the candidates
     // the tower on M rows of inputs z / x0r and scalar terms sidev, in the buffers of B; each
     // layer's output blocks are this thread's share (all of them when `whole`)
-    auto tower = [&](int64_t M, bool whole, const float* z, const float* x0r,
+    // act(x W^T + bias) of tower layer ly into y, output blocks r, rows [0, M) = candidates
+    // [m0, m0 + M); a first layer with gathered bags adds each candidate's projected rows
+    // before its activation
+    auto product = [&](const Layer& ly, const float* x, int64_t ldx, int64_t M, int64_t m0,
+                       std::pair<int64_t, int64_t> r, const float* bias, float* y) {
+      if (ly.in != kInZv || P.G == 0) {
+        run_layer(P, ly, x, xbuf, ldx, M, r.first, r.second, bias, y, W);
+        return;
+      }
+      if (ly.Kp > 0) {
+        Layer lz = ly;
+        lz.act = kActNone;
+        run_layer(P, lz, x, xbuf, ldx, M, r.first, r.second, bias, y, W);
+      }
+      add_gathered(P, ly.ubias, cid, m0, M, r.first, r.second, ly.Kp > 0 ? nullptr : bias,
+                   ly.act == kActRelu, y, W);
+    };
+    auto tower = [&](int64_t M, int64_t m0, bool whole, const float* z, const float* x0r,
                      const float* sidev, const RowBufs& B, float* outv) {
       float *xs0 = B.xa, *xs1 = B.xc, *hp0 = B.h0, *hp1 = B.h1, *yc = B.yc;
       const float* prevh = nullptr;
@@ -698,7 +812,7 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
         if (P.bf16) pack_rows(x, ldx, M, ly.Kp, xbuf);
         const float* bias = ly.ubias >= 0 ? u[ly.ubias] : nullptr;
         if (ly.act == kActCross) {
-          run_layer(P, ly, x, xbuf, ldx, M, r.first, r.second, bias, yc, W);
+          product(ly, x, ldx, M, m0, r, bias, yc);
           float* xn = (l % 2 == 0) ? xs0 : xs1;
           for (int64_t m = 0; m < M; ++m)
             for (int64_t c = r.first * 16; c < r.second * 16; ++c)
@@ -706,7 +820,7 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
           xcur = xn;
         } else {
           float* y = (l % 2 == 0) ? hp0 : hp1;
-          run_layer(P, ly, x, xbuf, ldx, M, r.first, r.second, bias, y, W);
+          product(ly, x, ldx, M, m0, r, bias, y);
           prevh = y;
         }
         if (!last && !whole) barrier(&P.tower(l + 1));
@@ -750,7 +864,7 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
         const auto r = split(N);
         for (int64_t m = r.first; m < r.second; ++m) out[m] = sigmoidf(ps[m]);
       } else {
-        tower(N, false, pz, px, ps, L, out);
+        tower(N, 0, false, pz, px, ps, L, out);
       }
     } else if (!row_split) {
       const auto r = split(N);
@@ -762,7 +876,7 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
         for (int64_t m = r.first; m < r.second; ++m) out[m] = sigmoidf(L.side[m]);
       } else {
         barrier(&P.tower(0));
-        tower(N, false, L.zv, L.x0, L.side, L, out);
+        tower(N, 0, false, L.zv, L.x0, L.side, L, out);
       }
     } else {
       barrier(nullptr);  // every u_j complete
@@ -777,7 +891,7 @@ void forward(const Spec& P, const RowReader& rr, const float* lin, const int64_t
         if (P.lt == 0) {
           for (int64_t m = 0; m < M; ++m) out[m0 + m] = sigmoidf(Tb.side[m]);
         } else {
-          tower(M, true, Tb.zv, Tb.x0, Tb.side, Tb, out + m0);
+          tower(M, m0, true, Tb.zv, Tb.x0, Tb.side, Tb, out + m0);
         }
       }
     }
@@ -821,7 +935,8 @@ void run(const Spec& P, const RowReader& rr, const float* lin, const int64_t* ui
                     " (user slots) or ", P.T, " (all slots) entries, got ", n_user);
   TORCH_CHECK_VALUE(!P.lin || lin != nullptr, kOp, ": this model needs its first-order weights");
   const bool full = n_user == P.T && P.T != P.Tu;
-  std::vector<int64_t> off(P.S + 1, 0);
+  thread_local std::vector<int64_t> off;  // [S + 1] history offsets, reused
+  off.assign(P.S + 1, 0);
   for (int64_t s = 0; s < P.S; ++s) {
     TORCH_CHECK_VALUE(seq_lengths[s] >= 0, kOp, ": seq_lengths[", s, "] < 0");
     off[s + 1] = off[s] + seq_lengths[s];

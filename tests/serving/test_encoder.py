@@ -522,3 +522,38 @@ def test_shared_column():
     assert got.cand_slots == (0, 1) and got.dense_cand == (0,)
     got = _check(s, enc, {"x": 3}, [{}], 1)
     assert got.cand_slots == ()
+
+
+def test_closed_vocabulary():
+    """A closed field (a text field's cached values) takes its vocabulary's values and None;
+    anything else raises UnknownValue (a KeyError) naming the field, on either side and in
+    every column form; an open field's unseen value stays id 0."""
+    from adrec_fast import _C
+    from adrec_fast.serving.encoder import UnknownValue
+
+    def field(name, slot, closed):
+        return {"name": name, "column": name, "kind": "categorical", "slot": slot,
+                "table": slot, "vocabulary": ["a", "b", "c"], "salt": "", "hash_size": 0,
+                "closed": closed}
+
+    enc = _C.RequestEncoder([field("item", 0, False), field("title", 1, True)], "label", False)
+    r = enc.encode({"item": "zz"}, {"title": ["b", None, "a", "c"]})
+    np.testing.assert_array_equal(r.cand_ids[:, 0], [2, 0, 1, 3])
+    assert r.user_ids[0] == 0  # open: unseen -> 0
+    r = enc.encode({"title": "c"}, [{"item": "a"}, {"item": "q"}])
+    assert r.user_ids[1] == 3 and r.cand_ids[:, 0].tolist() == [1, 0]
+    np.testing.assert_array_equal(
+        enc.encode({"item": "a"}, {"title": np.array(["c", "a"])}).cand_ids[:, 0], [3, 1])
+    assert issubclass(UnknownValue, KeyError)
+    for user, cands in [({"item": "a"}, {"title": ["a", "zz"]}),
+                        ({"item": "a"}, {"title": [""]}),
+                        ({"item": "a"}, {"title": [5]}),
+                        ({"item": "a"}, {"title": np.array(["a", "q"])}),
+                        ({"item": "a"}, {"title": np.array([1, 2])}),
+                        ({"item": "a"}, [{"title": "a"}, {"title": 2.5}]),
+                        ({"title": "zz"}, {"item": ["a"]})]:
+        with pytest.raises(UnknownValue, match="field 'title'"):
+            enc.encode(user, cands)
+    with pytest.raises(ValueError, match="closed"):
+        _C.RequestEncoder([{**field("title", 0, True), "vocabulary": None, "hash_size": 7}],
+                          "label", False)

@@ -629,6 +629,28 @@ def test_packed_model_checks(schema, ckpts, key):
         op(meta, blob, w[:10])
 
 
+@pytest.mark.parametrize("key", ["dlrm", "deepfm"])
+def test_swap_frees_replaced_versions(schema, ckpts, key):
+    """A replaced version (its tables, packed models and native front) is freed once no
+    request holds it: nothing of the version refers back to it strongly."""
+    import gc
+    import weakref
+
+    path, _ = ckpts[key]
+    sc = Scorer.load(path)
+    user, cands = _request(np.random.default_rng(41), 5, CAND)
+    want = sc.score(user, cands)
+    old = []
+    for _ in range(3):
+        old.append(weakref.ref(sc._version))
+        sc.ids_path(["item"])(np.zeros(3, np.int64), np.zeros((2, 1), np.int64),
+                              np.zeros(2, np.float32))  # a packed split of the version
+        sc.swap(path)
+        np.testing.assert_array_equal(sc.score(user, cands), want)
+    gc.collect()
+    assert all(r() is None for r in old)
+
+
 def test_ids_path_follows_swap(schema, tmp_path):
     a, b = _model(schema, "dlrm", seed=0), _model(schema, "dlrm", seed=1)
     pa_ = save_checkpoint(tmp_path / "a", a, rng=False)
@@ -686,9 +708,13 @@ def test_packed_model_checks_extreme_values(schema, ckpts, key):
     L = int(meta[10] + meta[11] + meta[12])  # bottom + shared + tower layers
     layer0 = len(meta) - 7 * L
     T = int(meta[4])
-    header = [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 19, 20, 21, 22, 23]
-    for pos in header + [24, 24 + T, layer0, layer0 + 1, layer0 + 3, layer0 + 5, layer0 + 6]:
-        for val in (big, -big, -1):
+    header = [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 19, 20, 21, 22, 23, 24]
+    G = int(meta[24])  # gathered bags: [candidate column, table size, offset, offset] each
+    assert (G > 0) == (key == "dcnv2")  # its small bags are gathered; DLRM gathers none
+    gathered = [layer0 - 4 * G + k for k in range(4 * G)]
+    for pos in header + [25, 25 + T, layer0, layer0 + 1, layer0 + 3, layer0 + 5,
+                         layer0 + 6] + gathered:
+        for val in (big, -big, -1, 3) if pos in gathered else (big, -big, -1):
             m = meta.clone()
             m[pos] = val
             with pytest.raises(ValueError):
@@ -740,6 +766,60 @@ def test_handle_equivalence(schema, ckpts, quantize, threads, key):
                 assert np.abs(got - deq.predict(b).numpy()).max() <= 1e-5, (cand_fields, n)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("key", ["deepfm", "dcnv2", "dcnv2_stacked", "dcnv2_linear", "fm"])
+def test_gathered_bags(schema, ckpts, monkeypatch, key, quantize):
+    """Candidate bags gathered from projected rows (every one, some, none: the budget
+    ``GATHER_BYTES``) give the model's forward within 1e-5, through the layer and the row
+    split, with the candidates' dense values shared or not."""
+    import adrec_fast.serving.scorer as S
+
+    path, model = ckpts[key]
+    deq = model
+    if quantize is not None:
+        deq = copy.deepcopy(model)
+        for ebc in deq.embedding_collections():
+            if ebc.embedding_dim > 1:
+                ebc.weight.copy_(dequantize_rows(*quantize_rows(ebc.weight, quantize)))
+    cand_fields = ("adcat", "item", "user")
+    rng = np.random.default_rng(31)
+    seen = set()
+    for budget in (0, 20_000, 60_000, 200_000, 4 << 20):
+        monkeypatch.setattr(S, "GATHER_BYTES", budget)
+        v = Scorer.load(path, quantize=quantize)._version
+        slots = sorted(v.bag_pos[f] for f in cand_fields)
+        for dense_cand in ((), (0, 1)):
+            meta, blob = v.packed_for(slots, dense_cand)
+            G = int(meta[S._HEADER.index("G")])
+            seen.add(min(G, 1) + (G == len(slots)))  # 0 none, 1 some, 2 all
+            h = _op_handle(v, meta, blob)
+            for n in (1, 5, 40):
+                u, c, d, b = _ids_request(schema, rng, n, cand_fields)
+                c = np.ascontiguousarray(c[:, np.argsort([v.bag_pos[f] for f in cand_fields])])
+                if dense_cand:
+                    d = np.ascontiguousarray(b.dense.numpy())  # [N, K_d] (the same values)
+                want = deq.predict(b).numpy()
+                with torch.inference_mode():
+                    for threads in (1, 2):
+                        old = torch.get_num_threads()
+                        torch.set_num_threads(threads)
+                        try:
+                            got = h(u, c, d)
+                        finally:
+                            torch.set_num_threads(old)
+                        assert np.abs(got - want).max() <= 1e-5, (budget, dense_cand, n, G)
+    if key != "fm":  # FM has no layer: nothing to gather
+        assert seen == {0, 1, 2}
+    else:
+        assert seen == {0}
+
+
+def _op_handle(v, meta, blob):
+    from adrec_fast.ops import scorer as op
+
+    return op.serving_handle(meta, blob, v.weights, v.scale_bias, v.lin)
 
 
 def test_handle_bad_inputs(schema, ckpts):
