@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..models.base import one_id_per_bag
 from ..nn.dynamic_table import DynamicEmbedding
 from .exchange import Exchange
 from .process_group import DistContext
@@ -67,11 +68,9 @@ def dynamic_blocks(lookup, batch) -> list[int]:
     table; then each dynamic history. Mirrors ``SparseLookup.forward``'s layout."""
     B, T = batch.batch_size, lookup.num_bags
     indices, offsets = batch.indices, batch.offsets
-    nnz = indices.numel()
     seqs = [int(batch.seq_indices[s].numel()) for s, d in
             zip(lookup.sequences, lookup.seq_dynamic) if d]
-    if (not lookup.mixed and nnz == T * B
-            and torch.equal(offsets[::B], torch.arange(0, nnz + 1, B, device=offsets.device))):
+    if not lookup.mixed and one_id_per_bag(indices, offsets):
         return [B * T, *seqs]
     ends = offsets[::B].tolist()  # [T + 1] first key of each table's bags
     bags = [ends[p + 1] - ends[p] for p, d in enumerate(lookup.bag_dynamic) if d]
