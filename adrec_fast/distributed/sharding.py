@@ -129,7 +129,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             raise ValueError("ShardedEmbeddingBagCollection: the tables need a fused optimizer "
                              "(embedding_optimizer 'rowwise_adagrad' or 'sgd'): the owner of a "
                              "table applies the update; sparse-gradient tables are not sharded")
-        T, D = ebc.num_tables, ebc.embedding_dim
+        D = ebc.embedding_dim
         if plan is None:
             plan = plan_tables(ebc.num_embeddings, ctx.world, D)
         if plan.world != ctx.world or list(plan.rows) != list(ebc.num_embeddings):

@@ -50,8 +50,7 @@ import torch
 
 from ..models.checkpoint import load_model, read_meta
 from ..nn.dynamic_table import DynamicEmbedding
-from .quantize import dequantize_rows, quantize_rows
-from .scorer import own_rows
+from .quantize import dequantize_rows, own_rows, quantize_rows
 
 FORMAT = "adrec_fast.delta"
 VERSION = 1

@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Row storage of served embedding tables: float32, float16, or int8 with a scale and bias per
 row. The Scorer lays its tables out with it at load, and the delta path (serving/deltas.py)
-re-quantizes the rows a delta changes the same way."""
+re-quantizes the rows a delta changes the same way; each version owns its copy (own_rows)."""
 from __future__ import annotations
 
 import torch
+
+from .._memory import empty_table
 
 QUANTIZE = (None, "fp16", "int8")
 
@@ -35,3 +37,11 @@ def dequantize_rows(storage: torch.Tensor, scale_bias: torch.Tensor | None) -> t
     if scale_bias is None:
         return storage.float()
     return storage.float() * scale_bias[:, :1] + scale_bias[:, 1:]
+
+
+def own_rows(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the embedding rows ``t`` [R, D] for a version to own; a large one on huge pages
+    (a request reads random rows: _memory.py)."""
+    out = empty_table(*t.shape, dtype=t.dtype)
+    out.copy_(t)
+    return out

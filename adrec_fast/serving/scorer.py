@@ -58,12 +58,11 @@ import numpy as np
 import torch
 
 from .. import _C
-from .._memory import empty_table
 from ..models.checkpoint import load_model, resolve
 from ..models.serving_spec import ServingSpec
 from ..ops import scorer as _op
 from .encoder import RequestEncoder, UnknownValue
-from .quantize import QUANTIZE, dequantize_rows, quantize_rows
+from .quantize import QUANTIZE, dequantize_rows, own_rows, quantize_rows
 
 MLP = (None, "fp32", "bf16")
 MISSING = ("error", "default")
@@ -83,14 +82,6 @@ _IN_ZV, _IN_PREV, _IN_CROSS = 0, 1, 2
 #: from L3 costs about as much as the multiply-adds it saves (DeepFM 400-wide, 900-row tables,
 #: N=64: no gain), so larger tables are multiplied.
 GATHER_BYTES = 512 << 10
-
-
-def own_rows(t: torch.Tensor) -> torch.Tensor:
-    """A copy of the embedding rows ``t`` [R, D] for a version to own; a large one on huge pages
-    (a request reads random rows: _memory.py)."""
-    out = empty_table(*t.shape, dtype=t.dtype)
-    out.copy_(t)
-    return out
 
 
 def _pad16(k: int) -> int:
