@@ -108,7 +108,7 @@ ADREC_INLINE void dot_bwd_chunk(const acc_t<scalar_t>* G /* [F, F] */,
 }
 
 template <typename scalar_t>
-ADREC_INLINE void dot_bwd_block(const scalar_t* grad_out /* [B, P] */,
+ADREC_INLINE void dot_bwd_block(const scalar_t* grad_out /* [B, P], row stride ldg */, int64_t ldg,
                                 const scalar_t* emb /* [B, F, D] */,
                                 scalar_t* grad_emb /* [B, F, D] */,
                                 acc_t<scalar_t>* G /* [F, F] */, int64_t b0, int64_t b1,
@@ -119,7 +119,7 @@ ADREC_INLINE void dot_bwd_block(const scalar_t* grad_out /* [B, P] */,
   if (!self)
     for (int64_t i = 0; i < F; ++i) G[i * F + i] = acc(0);
   for (int64_t b = b0; b < b1; ++b) {
-    const scalar_t* g = grad_out + b * P;  // [P]
+    const scalar_t* g = grad_out + b * ldg;  // [P]
     for (int64_t i = 0; i < F; ++i) {
       const scalar_t* gi = g + row_start(i, F, self) - (i + off);
       for (int64_t j = i + off; j < F; ++j) {
@@ -216,7 +216,8 @@ ADREC_INLINE void dot_bwd_f32_chunk(const float* G /* [F, F] */, const float* e 
   }
 }
 
-ADREC_INLINE void dot_bwd_block_f32(const float* grad_out /* [B, P] */, const float* emb /* [B, F, D] */,
+ADREC_INLINE void dot_bwd_block_f32(const float* grad_out /* [B, P], row stride ldg */, int64_t ldg,
+                                    const float* emb /* [B, F, D] */,
                                     float* grad_emb /* [B, F, D] */, float* G /* [F, F] */,
                                     int64_t b0, int64_t b1, int64_t F, int64_t D, bool self) {
   const int64_t P = num_pairs(F, self);
@@ -224,7 +225,7 @@ ADREC_INLINE void dot_bwd_block_f32(const float* grad_out /* [B, P] */, const fl
   if (!self)
     for (int64_t i = 0; i < F; ++i) G[i * F + i] = 0.0f;
   for (int64_t b = b0; b < b1; ++b) {
-    const float* gp = grad_out + b * P;  // [P]
+    const float* gp = grad_out + b * ldg;  // [P]
     for (int64_t i = 0; i < F; ++i) {
       const float* gi = gp + row_start(i, F, self) - (i + off);
       for (int64_t j = i + off; j < F; ++j) G[i * F + j] = G[j * F + i] = gi[j];
@@ -285,7 +286,11 @@ at::Tensor dot_interaction_bwd_cpu(const at::Tensor& grad_out_, const at::Tensor
                     kOpBwd, ": grad_out must have shape [B, P] = [", B, ", ", P, "], got ",
                     grad_out_.sizes());
   auto emb = emb_.contiguous();            // [B, F, D]
-  auto grad_out = grad_out_.contiguous();  // [B, P]
+  // [B, P] with rows at any stride: the model's top MLP input is [dense, pairs], whose gradient
+  // arrives as a column slice; reading it in place saves a copy of [B, P]
+  const bool rows_ok = grad_out_.stride(1) == 1 || P <= 1;
+  auto grad_out = rows_ok ? grad_out_ : grad_out_.contiguous();
+  const int64_t ldg = B > 1 ? grad_out.stride(0) : P;
   auto grad_emb = at::empty_like(emb);     // [B, F, D]
   if (B == 0 || F == 0 || D == 0) return grad_emb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "dot_interaction_bwd_cpu", [&] {
@@ -297,11 +302,11 @@ at::Tensor dot_interaction_bwd_cpu(const at::Tensor& grad_out_, const at::Tensor
       isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
         std::vector<acc> G(F * F);  // [F, F] per task
         if constexpr (std::is_same_v<scalar_t, float>) {
-          dot_bwd_block_f32(reinterpret_cast<const float*>(g), reinterpret_cast<const float*>(e),
+          dot_bwd_block_f32(reinterpret_cast<const float*>(g), ldg, reinterpret_cast<const float*>(e),
                             reinterpret_cast<float*>(ge), reinterpret_cast<float*>(G.data()), b0, b1,
                             F, D, self_interaction);
         } else {
-          dot_bwd_block<scalar_t>(g, e, ge, G.data(), b0, b1, F, D, self_interaction);
+          dot_bwd_block<scalar_t>(g, ldg, e, ge, G.data(), b0, b1, F, D, self_interaction);
         }
       });
     });

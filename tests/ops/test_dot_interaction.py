@@ -59,6 +59,26 @@ def test_non_contiguous():
     assert_close_verbose(torch.ops.adrec.dot_interaction_bwd(g, emb, False), e.grad)
 
 
+@pytest.mark.parametrize("B", [1, 5, 40])
+def test_backward_reads_strided_rows(B):
+    """A grad_out whose rows are a column slice (the gradient of the pairs inside a concatenated
+    [dense, pairs] input) is read in place: the same values as from a contiguous copy."""
+    emb = torch.randn(B, 27, 16)
+    wide = torch.randn(B, 16 + 351)
+    g = wide[:, 16:]  # [B, 351], row stride 367
+    assert not g.is_contiguous() or B == 1
+    want = torch.ops.adrec.dot_interaction_bwd(g.contiguous(), emb, False)
+    assert torch.equal(torch.ops.adrec.dot_interaction_bwd(g, emb, False), want)
+    e = emb.double().requires_grad_(True)
+    R.dot_interaction(e).backward(g.double())
+    assert_close_verbose(want, e.grad.float())
+    # the model's composition: cat([dense, pairs]) -> gradient slice -> the kernel
+    emb.requires_grad_(True)
+    d = torch.randn(B, 16)
+    torch.cat([d, F.dot_interaction(emb)], dim=1).backward(wide)
+    assert torch.equal(emb.grad, want)
+
+
 def test_empty_batch():
     emb = torch.randn(0, 27, 16, requires_grad=True)
     out = F.dot_interaction(emb)

@@ -160,6 +160,71 @@ def test_empty(shape):
     assert_close_verbose(w.grad, torch.zeros(N, K))
 
 
+# (M, K, N) for the backward's fused elementwise pass (mask, bias sums and the transposed g by
+# blocks of 64 rows): below and above one block, a partial last block, g.T chosen (N <= K) and
+# x.T chosen (N > K), odd widths, one row
+BWD_SHAPES = [(1, 7, 5), (33, 5, 40), (64, 48, 16), (65, 17, 33), (130, 100, 37), (200, 13, 70),
+              (97, 367, 512), (4, 9, 2)]
+
+
+@pytest.mark.parametrize("activation", ["none", "relu"])
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, True), (True, False, False),
+                                  (False, True, False), (False, False, True)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", BWD_SHAPES, ids=str)
+def test_backward_output_mask(activation, mask, dtype, shape):
+    """linear_bwd with every combination the autograd formula asks for (the first layer of a
+    tower needs no input gradient; a layer without bias no bias gradient): the requested
+    gradients match float64 truth and the others come back empty."""
+    M, K, N = shape
+    x, w, b = _inputs(M, K, N, dtype)
+    out = torch.ops.adrec.linear(x, w, b, activation)
+    g = torch.randn(M, N, dtype=dtype)
+    res = out if activation == "relu" else None
+    got = torch.ops.adrec.linear_bwd(g, x, w, res, activation, list(mask))
+    gd = g.double() * (out.double() > 0) if activation == "relu" else g.double()
+    want = (gd @ w.double(), gd.t() @ x.double(), gd.sum(0))
+    for i, (gr, wt) in enumerate(zip(got, want)):
+        if mask[i]:
+            assert gr.dtype == dtype and gr.shape == wt.shape
+            assert_close_verbose(gr, wt.to(dtype))
+        else:
+            assert gr.numel() == 0
+
+
+def test_backward_relu_mask_follows_threshold_backward():
+    """The ReLU's gradient passes where the output is > 0 and where it is NaN (as torch's
+    threshold_backward), and is zero where the output is 0 or negative."""
+    M, N, K = 70, 20, 9  # oneDNN rows, one full block and a tail
+    x, w, _ = _inputs(M, K, N, torch.float32)
+    out = torch.randn(M, N)
+    out[0, 0], out[1, 1], out[2, 2] = float("nan"), 0.0, -0.0
+    g = torch.randn(M, N)
+    gx, gw, gb = torch.ops.adrec.linear_bwd(g, x, w, out, "relu", [True, True, True])
+    gm = torch.ops.aten.threshold_backward(g, out, 0)
+    assert gm[0, 0] == g[0, 0] and gm[1, 1] == 0 and gm[2, 2] == 0
+    assert_close_verbose(gb, gm.sum(0))
+    assert_close_verbose(gx, gm @ w)
+    assert_close_verbose(gw, gm.t() @ x)
+
+
+def test_backward_independent_of_threads():
+    """The bias gradient is summed per block of rows, then over blocks in order: the same bits
+    with 1 thread and with 2."""
+    x, w, b = _inputs(300, 40, 24, torch.float32)
+    out = torch.ops.adrec.linear(x, w, b, "relu")
+    g = torch.randn(300, 24)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.adrec.linear_bwd(g, x, w, out, "relu", [True, True, True])
+        torch.set_num_threads(2)
+        two = torch.ops.adrec.linear_bwd(g, x, w, out, "relu", [True, True, True])
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one[2], two[2])
+
+
 def test_gradcheck_float64():
     x, w, b = (t.requires_grad_(True) for t in _inputs(4, 5, 3, torch.float64))
     for act in ("none", "relu"):
