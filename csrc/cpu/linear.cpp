@@ -11,6 +11,9 @@
 //   * the packed serving model's layers, whose weights are blocked ahead of time
 //     (common/linear_blocked.h): the blocked kernels of linear_blocked.inc, fp32, or bf16 through
 //     AVX512_BF16 where cpu_isa() allows it and the portable bf16 kernel elsewhere.
+// The backward's elementwise work (the ReLU's mask, the bias gradient, the transposed operand of
+// the weight gradient's product) is one pass over the output gradient (bwd_pass); its two
+// products follow the policy above.
 // GCC 12 reports a false -Wmaybe-uninitialized inside its own avx512fintrin.h for the AVX-512
 // intrinsics of linear_blocked.inc (the header's _mm512_undefined idiom); the state must cover the
 // header's locations, hence file-wide.
