@@ -26,8 +26,9 @@ global batch's array is, block by block, the ranks' blocks in rank order (each r
 contiguous share of the rows). ``dynamic_blocks`` lists the blocks of a rank's call, so that
 ``(block, rank, place)`` sorts every occurrence into the single process's order.
 
-What differs from one process: the admission coins of ``admit_prob < 1`` come from each
-owner's own stream (the same probability, not the same draws), each shard's count-min sketch
+The admission coins of ``admit_prob < 1`` are a hash of the seed, the key and the call, so
+each owner draws the ones one process would. What differs from one process: each shard's
+count-min sketch
 counts only its own keys (its estimates can only be lower than one process's, whose cells
 also count the other shards' keys), and a full table with ``eviction="lfu"``/``"ttl"``
 evicts among its shard's keys, each shard holding ``capacity / world`` of them. A growing

@@ -51,7 +51,8 @@ class DynamicEmbedding(nn.Module):
 
     * *admission*: a new key gets its own row once it has been seen ``min_count`` times (a
       count-min sketch of 4 x ``sketch_width`` 16-bit counters) and, with ``admit_prob``, when a
-      seeded coin says yes. Until then it reads row 0, the **unadmitted row**: a real row of the
+      coin says yes: one coin per key and training call, a hash of ``seed``, the key and the
+      call (so it does not depend on the other keys, and a table split by key draws the same). Until then it reads row 0, the **unadmitted row**: a real row of the
       table, zero at the start and trained by every lookup of an unadmitted key (the role of the
       out-of-vocabulary row of a static table), never a zero vector outside the table.
     * *time*: ``now`` is the stream time of the batch (any int64 unit); None counts training

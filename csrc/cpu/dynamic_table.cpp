@@ -11,7 +11,10 @@
 //   is marked by row = -1, so every key value (0 and ~0 included) is a valid key. Deletion is
 //   backward-shift (no tombstones), and the load stays <= kMaxLoad, so a probe always ends.
 // - Admission: a new key gets a row once a count-min sketch has seen it `min_count` times
-//   and/or a seeded coin with probability `admit_prob` says yes; until then it reads row 0.
+//   and/or a coin with probability `admit_prob` says yes; until then it reads row 0. The coin
+//   is a hash of (seed, key, training call): a function of the key and the step, not of the
+//   keys before it, so a table split by key over ranks admits exactly the keys one table
+//   would (one coin per key and call: its repeats within a call agree).
 // - TTL: a key not seen for more than `ttl` time units (stream time or steps, the caller's
 //   `now`) is expired: training treats it as a new key (its row is freed and, once admitted
 //   again, re-initialised), serving answers row 0, and expire() sweeps all of them out.
@@ -155,7 +158,7 @@ class DynamicTable {
         admit_prob_(admit_prob),
         ttl_(ttl),
         evict_fraction_(evict_fraction),
-        rng_(seed) {
+        seed_(seed) {
     if (capacity <= 0)
       throw py::value_error("DynamicTable: capacity must be > 0 keys, got " +
                             std::to_string(capacity));
@@ -397,7 +400,7 @@ class DynamicTable {
     auto* ps = scalars.mutable_data();
     ps[0] = rows_;
     ps[1] = clock_.load();
-    ps[2] = int64_t(rng_);
+    ps[2] = int64_t(seed_);
     ps[3] = int64_t(epoch_);
     ps[4] = overflow_;
     d["row_keys"] = keys;
@@ -405,7 +408,7 @@ class DynamicTable {
     d["row_last_seen"] = last;
     d["free_rows"] = free_rows;
     d["sketch"] = sketch;
-    d["scalars"] = scalars;  // rows, clock, rng, epoch, overflow
+    d["scalars"] = scalars;  // rows, clock, seed, epoch, overflow
     return d;
   }
 
@@ -456,7 +459,7 @@ class DynamicTable {
     free_.assign(free_rows.data(), free_rows.data() + free_rows.size());
     std::copy(sketch.data(), sketch.data() + sketch.size(), sketch_.begin());
     clock_.store(scalars.data()[1]);
-    rng_ = uint64_t(scalars.data()[2]);
+    seed_ = uint64_t(scalars.data()[2]);
     epoch_ = uint32_t(scalars.data()[3]);  // rows' epochs restart at 0: none is current
     overflow_ = scalars.data()[4];
     live_ = 0;
@@ -589,7 +592,11 @@ class DynamicTable {
       }
       if (int64_t(est) < min_count_) return false;
     }
-    if (admit_prob_ < 1.0) return double(splitmix64(rng_) >> 11) * 0x1.0p-53 < admit_prob_;
+    if (admit_prob_ < 1.0) {
+      uint64_t s = seed_ ^ (uint64_t(epoch_) * 0xd1b54a32d192ed03ULL);
+      const uint64_t coin = mix64(splitmix64(s) ^ key);
+      return double(coin >> 11) * 0x1.0p-53 < admit_prob_;
+    }
     return true;
   }
 
@@ -702,7 +709,7 @@ class DynamicTable {
   int64_t live_ = 0;
   std::vector<uint16_t> sketch_;     // [depth, width] count-min, saturating
   uint64_t sketch_mask_ = 0;
-  uint64_t rng_;
+  uint64_t seed_;  // of the admission coins
   uint32_t epoch_ = 0;                // training calls so far (wraps)
   int64_t guard_ = 0;                 // calls protected from eviction: epoch_ - guard_ .. epoch_
   std::atomic<int64_t> clock_{std::numeric_limits<int64_t>::min()};

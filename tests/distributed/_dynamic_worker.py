@@ -22,9 +22,10 @@ from adrec_fast.data.schema import Schema
 from adrec_fast.models.registry import build_model
 
 LR = 1e-3
-#: the dynamic tables: admission after 2 sightings, a TTL of 6 steps, a capacity that grows
-#: (the sketch wide enough that no two keys of the stream share all of its cells)
-DYNAMIC = {"capacity": 64, "min_count": 2, "ttl": 6, "sketch_width": 1 << 16}
+#: the dynamic tables: admission after 2 sightings and a coin of probability 0.7, a TTL of 6
+#: steps, a capacity that grows (the sketch wide enough that no two keys of the stream share
+#: all of its cells)
+DYNAMIC = {"capacity": 64, "min_count": 2, "admit_prob": 0.7, "ttl": 6, "sketch_width": 1 << 16}
 
 
 def build(schema: Schema, name: str, seed: int, **override):

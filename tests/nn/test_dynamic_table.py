@@ -93,6 +93,11 @@ def test_admission_by_probability_is_seeded():
     assert not np.array_equal(admitted[0], admitted[2])
     frac = admitted[0].mean()
     assert abs(frac - 0.25) < 0.02, frac  # binomial sd 0.003
+    # a key's coin depends on the seed, the key and the call, not on the keys beside it: a
+    # table that sees only every third key (one shard of a table split by key) admits the same
+    part = np.ascontiguousarray(keys[::3])
+    t = _C.DynamicTable(keys.size, admit_prob=0.25, seed=3)
+    assert np.array_equal(t.lookup(part, 1)[0] != UNADMITTED_ROW, admitted[0][::3])
     # a key that lost its coin may win it later
     t = _C.DynamicTable(8, admit_prob=0.5, seed=1)
     seen = [int(t.lookup(_keys(42), s)[0][0]) for s in range(1, 40)]
