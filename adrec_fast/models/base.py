@@ -327,12 +327,14 @@ def one_id_per_bag(indices: Tensor, offsets: Tensor) -> bool:
     per table). Whoever mirrors its layout asks this."""
     if indices.numel() + 1 != offsets.numel() or offsets.device.type != "cpu":
         return False
+    memo = not offsets.is_inference()  # an inference tensor has no version counter
     last, version = _ONE_PER_BAG
-    if offsets is last and offsets._version == version:
+    if memo and offsets is last and offsets._version == version:
         return True  # the stream's steps of one chunk share their offsets tensor
     if not (offsets.numpy() == _iota(offsets.numel()).numpy()).all():  # numpy: half torch's
         return False
-    _ONE_PER_BAG[:] = [offsets, offsets._version]
+    if memo:
+        _ONE_PER_BAG[:] = [offsets, offsets._version]
     return True
 
 

@@ -10,7 +10,7 @@ import torch
 
 import adrec_fast  # noqa: F401
 from adrec_fast.data.schema import Schema
-from adrec_fast.models.base import SparseLookup
+from adrec_fast.models.base import SparseLookup, one_id_per_bag
 from adrec_fast.optim import FusedRowwiseAdagrad
 
 
@@ -77,3 +77,19 @@ def test_one_id_per_bag_check():
     assert not one_id_per_bag(ids[:5], ofs)
     ofs[1:3] = torch.tensor([2, 2])  # edited in place: checked again
     assert not one_id_per_bag(ids, ofs)
+
+
+def test_one_id_per_bag_under_inference_mode():
+    """Offsets made under ``torch.inference_mode`` (a serving stack's forward) have no version
+    counter: the check answers without its memo, and the lookup runs."""
+    schema = _schema("static")
+    torch.manual_seed(0)
+    lk = SparseLookup(schema, 4, FusedRowwiseAdagrad(lr=0.1), "mean", 0.5, ["hist"]).eval()
+    cols = {"a": ["v0", "v1", "v5"], "tags": ["v1", "v2", "v3"], "hist": ["v1|v2", "", "v0"]}
+    want = lk(schema.encode(cols))[0].detach()
+    with torch.inference_mode():
+        batch = schema.encode(cols)
+        assert one_id_per_bag(batch.indices, batch.offsets)
+        assert one_id_per_bag(batch.indices, batch.offsets)  # a second call, same tensors
+        got = lk(batch)[0]
+    torch.testing.assert_close(got, want)
