@@ -59,7 +59,7 @@ class FM(CTRModel):
     def __init__(self, schema, embedding_dim: int = 16, **kw):
         super().__init__(schema, embedding_dim, **kw)
         self.lookup = self._make_lookup()
-        self.linear = self._make_linear()
+        self.linear = self._make_linear(follow=self.lookup)
         self.head = Head(self.dense_in)
         self.text = self._make_text(first_order=True)
         self.init_dense()
@@ -88,7 +88,7 @@ class DeepFM(CTRModel):
         super().__init__(schema, embedding_dim, hidden=list(hidden), dropout=dropout,
                          batch_norm=batch_norm, layer_norm=layer_norm, **kw)
         self.lookup = self._make_lookup()
-        self.linear = self._make_linear()
+        self.linear = self._make_linear(follow=self.lookup)
         self.text = self._make_text(first_order=True)
         self.deep, width = mlp(self.num_fields * self.embedding_dim + self.dense_in, hidden,
                                dropout, batch_norm, layer_norm)
@@ -141,7 +141,7 @@ class DCNv2(CTRModel):
                          layer_norm=layer_norm, linear=linear, **kw)
         self.structure = structure
         self.lookup = self._make_lookup()
-        self.linear = self._make_linear() if linear else None
+        self.linear = self._make_linear(follow=self.lookup) if linear else None
         self.text = self._make_text(first_order=linear)
         k = self.num_fields * self.embedding_dim + self.dense_in
         self.k = k

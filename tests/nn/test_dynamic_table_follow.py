@@ -180,3 +180,29 @@ def test_mixed_schema_follows():
     batches = [schema.encode(_rows(n, s, ragged=s % 2 == 1)) for s, n in enumerate([16, 5, 9])]
     _train_both(new, old, batches)
     assert new.linear.dyn._sharing
+
+
+@pytest.mark.parametrize("name,kw", [("fm", {}), ("deepfm", {"hidden": [8]}),
+                                     ("dcnv2", {"hidden": [8], "linear": True})])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_first_order_models_follow_their_lookup(name, kw, ragged):
+    """FM, DeepFM and DCN-v2 call their embedding lookup before the first-order one on the
+    same bags: the first-order table follows it, with the answers of a map of its own."""
+    schema = _schema()
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model(name, schema, embedding_dim=4, embedding_l2=0.0, **kw))
+    new, old = models
+    old.linear = old._make_linear()  # zero-initialised, no draw: the same start
+    assert new.linear.dyn._sharing and not old.linear.dyn._sharing
+    batches = [schema.encode(_rows(n, s, ragged)) for s, n in enumerate([16, 1, 9, 33])]
+    _train_both(new, old, batches)
+    assert new.linear.dyn._sharing, "the embedding lookup's rows were taken every step"
+    assert new.linear.dyn.num_keys == old.linear.dyn.num_keys
+    keys = torch.cat([torch.cat([b.indices for b in batches]).unique(), torch.tensor([12345])])
+    new.eval(), old.eval()
+    with torch.no_grad():
+        assert torch.equal(_first_order(new, keys), _first_order(old, keys))
+        test = schema.encode(_rows(20, 99, ragged))
+        assert torch.equal(new(test), old(test))
