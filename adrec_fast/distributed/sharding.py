@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import functional as F
 from ..nn import EmbeddingBagCollection
 from ..nn.dynamic_table import DynamicEmbedding
-from .dynamic import ShardedDynamicEmbedding, lookup_pre_hook, merged_state
+from .dynamic import ShardedDynamicEmbedding, _PickRows, lookup_pre_hook, merged_state
 from .exchange import Exchange
 from .planner import ShardingPlan, plan_tables
 from .process_group import DistContext
@@ -79,24 +79,6 @@ class _RowsToRequesters(torch.autograd.Function):
             grad = grad * ctx.grad_scale
         back = ctx.exchange.variable(grad, from_owners, to_requesters, "gradient")
         return back, None, None, None, None
-
-
-class _PickRows(torch.autograd.Function):
-    """rows [U, D], index [K] -> rows[index] [K, D]; the backward sums the gradients of a row's
-    repeats serially, in the order of ``index`` (an accumulating index_put: deterministic, and
-    cheaper on the CPU than the scatter_add autograd uses for index_select)."""
-
-    @staticmethod
-    def forward(ctx, rows, index):
-        ctx.save_for_backward(index)
-        ctx.num_rows = rows.shape[0]
-        return rows.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.num_rows, grad.shape[1])
-        return out.index_put_((index,), grad, accumulate=True), None
 
 
 class ShardedEmbeddingBagCollection(nn.Module):

@@ -336,6 +336,26 @@ def _sync_dense_buffers(model, ctx: DistContext) -> None:
                 buf.div_(ctx.world)
 
 
+def _step(ddp, model, batch, trainer, ctx) -> tuple[torch.Tensor, float]:
+    """One synchronous step of this rank's share ``batch`` (forward through ``ddp``, the
+    embedding exchange and the dense all-reduce in the backward, clipping, the dense optimizer)
+    -> (the forward's logits, detached; the loss). A non-finite loss raises, naming the rank."""
+    logits = ddp(batch)
+    loss = model.loss(logits, batch.labels)
+    opt = trainer.optimizer
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if trainer.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], trainer.clip_grad_norm)
+    opt.step()
+    trainer.global_step += 1
+    lv = float(loss.detach())
+    if not math.isfinite(lv):
+        raise FloatingPointError(f"rank {ctx.rank}: training loss is {lv} at step "
+                                 f"{trainer.global_step}; lower the learning rates")
+    return logits.detach(), lv
+
+
 def run_train(a) -> int:
     """One rank of ``train`` (see the module docstring); rank 0 prints and writes the run."""
     from .. import _cli_common as cli
@@ -442,7 +462,6 @@ def run_train(a) -> int:
     filler = train.slice(0, 1).to_batch()
     total_steps = math.ceil(n_train / B) * epochs  # the single process's schedule
     opt = trainer.optimizer
-    clip = trainer.clip_grad_norm
     best_state, best_valid, stopped = None, None, False
     meta_base = {"distributed": {"world": ctx.world, "global_batch": B, "rows_per_rank": sizes}}
     torch.manual_seed(a.seed)  # where the single process's fit starts its dropout draws
@@ -457,17 +476,7 @@ def run_train(a) -> int:
             for batch in batches.epoch(e):
                 trainer._set_lr(lr_factor(trainer.schedule, trainer.global_step, total_steps, e,
                                           **trainer.schedule_kw))
-                loss = model.loss(ddp(batch), batch.labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], clip)
-                opt.step()
-                trainer.global_step += 1
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    raise FloatingPointError(f"rank {ctx.rank}: training loss is {lv} at step "
-                                             f"{trainer.global_step}; lower the learning rates")
+                _, lv = _step(ddp, model, batch, trainer, ctx)
                 loss_sum += lv * batch.batch_size
                 steps, seen = steps + 1, seen + batch.batch_size * ctx.world
             dist.all_reduce(loss_sum, group=ctx.group)
@@ -607,7 +616,7 @@ def run_train_online(a, ctx: DistContext, prep_group) -> int:
         trainer_kw.pop(k, None)
     trainer = Trainer(model, seed=a.seed, progress=False, batch_size=B, **trainer_kw)
     trainer._set_lr(1.0)  # the base rates: a stream has no schedule (as train_online)
-    opt, clip = trainer.optimizer, trainer.clip_grad_norm
+    opt = trainer.optimizer
     if lead:
         for name, m in sharded.items():
             plan = getattr(m, "plan", None)
@@ -634,20 +643,9 @@ def run_train_online(a, ctx: DistContext, prep_group) -> int:
                 with torch.no_grad():
                     score = model(part)
                 model.train()
-            logits = ddp(part)
-            loss = model.loss(logits, part.labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], clip)
-            opt.step()
-            trainer.global_step += 1
+            logits, _ = _step(ddp, model, part, trainer, ctx)
             if in_train_mode:
-                score = logits.detach()
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"rank {ctx.rank}: training loss is {lv} at step "
-                                         f"{trainer.global_step}; lower the learning rates")
+                score = logits
             probs.append(torch.sigmoid(score).float().numpy())
             labels.append(part.labels.float().numpy())
             t_loop += time.perf_counter() - t0
