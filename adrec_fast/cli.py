@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 1); until then it reads its table's unadmitted row")
     p.add_argument("--admit-prob", type=float, default=None, metavar="P",
                    help="with --online: a value that has its N sightings is admitted with "
-                        "probability P, in (0, 1] (default 1)")
+                        "probability P, in (0, 1] (default 1), by one coin per value and step")
     p.add_argument("--ttl", type=int, default=None, metavar="T",
                    help="with --online: a value not seen for T units of --time-col (whole units; "
                         "seconds for date-times), or T steps without --time-col, loses its row "
