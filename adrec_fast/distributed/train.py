@@ -563,7 +563,8 @@ def run_train_online(a, ctx: DistContext, prep_group) -> int:
     from ..models.registry import build_model
     from ..training.loop import Trainer
     from ..models.checkpoint import replace_dir
-    from ..training.online import (OnlineResult, _mini_batches, _window_metrics, plot_online,
+    from ..training.online import (OnlineResult, _advance_clock, _mini_batches,
+                                   _score_then_step, _window_metrics, plot_online,
                                    scores_in_train_mode)
     from .checkpoint import save_sharded
     from .dynamic import ShardedDynamicEmbedding
@@ -627,10 +628,7 @@ def run_train_online(a, ctx: DistContext, prep_group) -> int:
     clock, late, rows, dropped, t_loop = -math.inf, 0, 0, 0, 0.0
     with ctx.guard("online training"):
         for batch, times in _mini_batches(stream, schema, B, 0, clock_col):
-            if times is not None and times.size:
-                late += int((times < np.maximum.accumulate(np.maximum(times, clock))).sum())
-                clock = max(clock, float(times.max()))
-                model.set_stream_time(math.floor(clock))
+            clock, late = _advance_clock(model, times, clock, late)
             n = batch.batch_size - batch.batch_size % ctx.world
             dropped += batch.batch_size - n
             if not n:
@@ -638,14 +636,8 @@ def run_train_online(a, ctx: DistContext, prep_group) -> int:
             b = n // ctx.world
             part = batch.slice(ctx.rank * b, (ctx.rank + 1) * b)
             t0 = time.perf_counter()
-            if not in_train_mode:  # dropout or batch norm: score in eval mode first
-                model.eval()
-                with torch.no_grad():
-                    score = model(part)
-                model.train()
-            logits, _ = _step(ddp, model, part, trainer, ctx)
-            if in_train_mode:
-                score = logits
+            score = _score_then_step(model, part, lambda p: _step(ddp, model, p, trainer, ctx)[0],
+                                     in_train_mode)
             probs.append(torch.sigmoid(score).float().numpy())
             labels.append(part.labels.float().numpy())
             t_loop += time.perf_counter() - t0

@@ -261,6 +261,30 @@ def load_position(checkpoint_dir) -> int | None:
             from None
 
 
+def _advance_clock(model, times, clock: float, late: int) -> tuple[float, int]:
+    """The stream time after a batch with row times ``times`` (None: no time column): counts the
+    rows earlier than a time already seen (``late``) and sets the model's stream time (TTL)."""
+    if times is not None and times.size:
+        late += int((times < np.maximum.accumulate(np.maximum(times, clock))).sum())
+        clock = max(clock, float(times.max()))
+        model.set_stream_time(math.floor(clock))
+    return clock, late
+
+
+def _score_then_step(model, batch, step, in_train_mode: bool) -> torch.Tensor:
+    """The progressive score of ``batch`` (logits, before the model trains on it), then the
+    training ``step(batch) -> logits``: a model with dropout or batch norm scores in eval mode
+    first; otherwise the step's own forward is the score."""
+    if in_train_mode:
+        return step(batch)
+    model.eval()
+    with torch.no_grad():
+        score = model(batch)
+    model.train()
+    step(batch)
+    return score
+
+
 def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | None = None,
                  batch_size: int | None = None, window_rows: int = 100_000,
                  checkpoint_dir=None, checkpoint_every: int | None = None, resume: bool = False,
@@ -333,20 +357,10 @@ def train_online(model, stream: Iterable, *, schema=None, trainer: Trainer | Non
         if got is None:
             break
         batch, times = got
-        if times is not None and times.size:
-            late += int((times < np.maximum.accumulate(np.maximum(times, clock))).sum())
-            clock = max(clock, float(times.max()))
-            model.set_stream_time(math.floor(clock))
+        clock, late = _advance_clock(model, times, clock, late)
         y = batch.labels
         t0 = time.perf_counter()
-        if not in_train_mode:  # dropout or batch norm: score in eval mode first
-            model.eval()
-            with torch.no_grad():
-                score = model(batch)
-            model.train()
-            trainer.step(batch)
-        else:
-            score = trainer.step(batch)[0]
+        score = _score_then_step(model, batch, lambda b: trainer.step(b)[0], in_train_mode)
         probs.append(torch.sigmoid(score).float().numpy())
         labels.append(y.float().numpy())
         t_loop += time.perf_counter() - t0
