@@ -129,8 +129,8 @@ def test_ranks_started_with_different_arguments_are_refused(files):
             [sys.executable, "-m", "adrec_fast", "train", str(files / "train.csv"), "--out",
              str(files / "mismatch"), "--model", "fm", "--seed", str(rank)],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=120)
+    errs = [p.communicate(timeout=120)[1] for p in procs]  # every rank waited on, pass or fail
+    for p, err in zip(procs, errs):
         assert p.returncode == 2, err[-2000:]
         assert "different configurations" in err and "arguments: seed" in err, err[-2000:]
         assert "rank 0 has 0, rank 1 has 1" in err, err[-2000:]
