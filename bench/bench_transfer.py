@@ -25,6 +25,8 @@ reported AUC. The arms, per seed (model, widths and optimizer settings shared):
   freeze-dense ``init_from``, dense part frozen (embeddings only)
   lora:R       ``init_from``, LoRA rank R on the MLP towers (base frozen, head bias trains),
                embeddings train; adapters merged before scoring
+  lora:R+biases  the same, with every bias and norm vector of the dense part training
+               (``--lora-biases on``)
 
 and the gain of an arm is its test AUC minus the zero-shot AUC (the fine-tuning's own gain;
 the gain over scratch is printed beside it). ``LoRA / full`` is the LoRA arm's gain over full
@@ -137,19 +139,21 @@ def run_seed(seed: int, args) -> dict:
     arm("fine-tune", lambda m: {"matched_rows": sum(
         f.get("rows") or 0 for f in T.init_from(m, pre).fields.values())}, args.lr)
     arm("freeze-dense", lambda m: (T.init_from(m, pre), T.freeze(m, "dense")) and None, args.lr)
-    for r, lr in lora_arms(args):
-        arm(lora_name(args, r, lr),
-            lambda m, r=r: (T.init_from(m, pre), T.add_adapters(m, r)) and None, lr)
+    for r, lr, b in lora_arms(args):
+        arm(lora_name(args, r, lr, b),
+            lambda m, r=r, b=b: (T.init_from(m, pre),
+                                 T.add_adapters(m, r, train_biases=b)) and None, lr)
     out["wall_s"] = time.perf_counter() - t0
     return out
 
 
 def lora_arms(args):
-    return [(r, lr) for r in args.ranks for lr in args.lora_lr]
+    return [(r, lr, b) for r in args.ranks for lr in args.lora_lr for b in args.lora_biases]
 
 
-def lora_name(args, r, lr):
-    return f"lora:{r}" + (f"@{lr:g}" if len(args.lora_lr) > 1 else "")
+def lora_name(args, r, lr, biases=False):
+    return (f"lora:{r}" + ("+biases" if biases else "")
+            + (f"@{lr:g}" if len(args.lora_lr) > 1 else ""))
 
 
 def _ms(xs):
@@ -179,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--lora-lr", default="5e-3",
                    help="learning rate(s) of the LoRA arms (a comma list: one arm per rank and lr)")
     p.add_argument("--ranks", default="2,4")
+    p.add_argument("--lora-biases", default="off",
+                   help="off, on or off,on: LoRA arms without / with every bias and norm "
+                        "vector of the dense part training (add_adapters(train_biases=...))")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the per-seed results here")
     p.add_argument("--quick", action="store_true")
@@ -188,6 +195,10 @@ def main(argv=None) -> int:
     args.hidden = [int(x) for x in args.hidden.split(",") if x]
     args.ranks = [int(x) for x in args.ranks.split(",") if x]
     args.lora_lr = [float(x) for x in args.lora_lr.split(",") if x]
+    try:
+        args.lora_biases = [{"off": False, "on": True}[x] for x in args.lora_biases.split(",")]
+    except KeyError:
+        p.error(f"--lora-biases {args.lora_biases!r}: expected off, on or off,on")
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = []
@@ -196,7 +207,7 @@ def main(argv=None) -> int:
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if not k.endswith("_trainable")},
                          default=float), flush=True)
-    loras = [lora_name(args, r, lr) for r, lr in lora_arms(args)]
+    loras = [lora_name(args, r, lr, b) for r, lr, b in lora_arms(args)]
     arms = ["zero-shot", "scratch", "fine-tune", "freeze-dense"] + loras
     print(f"\n{args.model} {args.hidden}, D={args.embedding_dim}; source "
           f"~{results[0]['n_source']:,} rows, fine-tuning on {results[0]['n_ft']:,} target rows "

@@ -638,12 +638,14 @@ def parse_adapter(spec: str) -> int:
 
 
 def add_adapters(model, rank: int, alpha: float | None = None,
-                 train_head_bias: bool = True) -> list[str]:
+                 train_head_bias: bool = True, train_biases: bool = False) -> list[str]:
     """LoRA on ``model``'s dense towers: every MLP Linear gets rank-``rank`` adapters
     (``nn.lora``), and every other dense parameter (base weights, cross layers, heads, batch
-    norm affine terms) stops training, except the head's bias with ``train_head_bias``.
-    Embeddings keep training unless frozen. Returns the adapted layers' paths; a model without
-    an MLP raises ``ValueError``."""
+    norm affine terms) stops training, except the head's bias with ``train_head_bias`` and,
+    with ``train_biases``, every bias and norm shift/scale of the dense part (vectors: a few
+    hundred numbers, which move each unit's operating point where a low-rank update of the
+    weights cannot). Embeddings keep training unless frozen. Returns the adapted layers'
+    paths; a model without an MLP raises ``ValueError``."""
     rank = check_rank(rank)
     layers = add_lora(model, rank, alpha)
     if not layers:
@@ -654,10 +656,23 @@ def add_adapters(model, rank: int, alpha: float | None = None,
     if train_head_bias and hasattr(model, "head"):
         h = model.head
         head_bias = h.head.bias if h.in_features > 0 else h.bias
+    keep = adapters | {id(head_bias)} | (_bias_ids(model) if train_biases else set())
     for _, q in _dense_params(model):
-        if id(q) not in adapters and q is not head_bias:
-            q.requires_grad_(False)
+        q.requires_grad_(id(q) in keep)
     return layers
+
+
+def _bias_ids(model) -> set[int]:
+    """The dense part's additive and norm vectors: every Linear's bias (adapted or not) and the
+    shift and scale of every batch or layer norm (not a head's weight, which is a vector too)."""
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm)
+    out = set()
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            out.add(id(m.bias))
+        elif isinstance(m, norms):
+            out.update(id(q) for q in (m.weight, m.bias) if q is not None)
+    return out
 
 
 def trainable_counts(model) -> dict:

@@ -340,6 +340,19 @@ def test_lora_parameter_counts(gen, rank):
     m2 = _model("deepfm", schema, 0, hidden=[16, 8])
     T.add_adapters(m2, rank, train_head_bias=False)
     assert T.trainable_counts(m2)["dense_trainable"] == adapters
+    # with every bias and norm vector: the towers' biases (16 + 8) and the head's bias, not
+    # the head's weight (a vector too); with batch norm its shift and scale instead of biases
+    m3 = _model("deepfm", schema, 0, hidden=[16, 8])
+    T.add_adapters(m3, rank, train_biases=True)
+    assert T.trainable_counts(m3)["dense_trainable"] == adapters + 16 + 8 + 1
+    assert not m3.head.head.weight.requires_grad
+    m4 = _model("deepfm", schema, 0, hidden=[16, 8], batch_norm=True)
+    T.add_adapters(m4, rank, train_biases=True)
+    trained = sorted(n for n, p in m4.named_parameters()
+                     if p.requires_grad and p.dim() < 2)  # adapters and tables are matrices
+    assert trained == ["deep.1.bias", "deep.1.weight", "deep.4.bias", "deep.4.weight",
+                       "head.head.bias"]
+    assert T.trainable_counts(m4)["dense_trainable"] == adapters + 2 * (16 + 8) + 1
 
 
 @pytest.mark.parametrize("name", ["deepfm", "dcnv2", "dlrm", "din"])
