@@ -13,11 +13,15 @@ Format (``FORMAT = "adrec_fast.checkpoint"``, ``VERSION = 1``). A checkpoint is 
     (``lookup.dyn.weight``, ``.state``, ``.row_keys``, ``.row_counts``, ``.row_last_seen``,
     ``.free_rows``, ``.sketch``, ``.scalars``, ``.step``, ``.init_rng``: rows, optimizer state,
     the key of every row, counters, the admission sketch, clocks), sized as the table was.
-``optimizer.safetensors`` (training checkpoints only)
+``optimizer.safetensors`` (training checkpoints, and any model with LoRA adapters)
     the dense torch optimizer's state tensors as ``state.<param index>.<key>`` (e.g.
     ``state.3.exp_avg``; indices follow ``model.dense_parameters()`` order), the sparse
     optimizer's (``embedding_optimizer="none"`` only) as ``sparse_state.<i>.<key>``, and the RNG
-    state ``rng.torch`` (uint8, ``torch.get_rng_state()``).
+    state ``rng.torch`` (uint8, ``torch.get_rng_state()``). A model with LoRA adapters
+    (``nn.lora``) stores each adapted layer unmerged as ``adapter.<layer>.weight`` (the frozen
+    base), ``adapter.<layer>.lora_A`` and ``adapter.<layer>.lora_B``, while
+    ``model.safetensors`` holds the merged plain model: every reader loads the plain model, and
+    a model built with the same adapters resumes training exactly.
 ``checkpoint.json``
     ``{"format", "version", "adrec_fast", "torch",
        "model": model.config   # {"name", "embedding_dim", ...kwargs}: build_model(**config)
@@ -67,13 +71,15 @@ import torch
 
 from ..data.schema import Schema
 from ..data.text import load_caches, save_caches
-from ..nn.lora import merged_state_dict
+from ..nn.lora import lora_layers, merged_state_dict
 from .registry import build_model
 
 FORMAT = "adrec_fast.checkpoint"
 VERSION = 1
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
+#: the unmerged LoRA layers' tensors in OPTIM_FILE (see the module docstring)
+ADAPTER_PREFIX = "adapter."
 META_FILE = "checkpoint.json"
 SCHEMA_FILE = "schema.json"
 MANIFEST_FILE = "manifest.json"
@@ -189,6 +195,9 @@ def checkpoint_doc(model, *, optimizer=None, sparse_optimizer=None, meta: dict |
     if sparse_optimizer is not None:
         t, doc["sparse_optimizer"] = optimizer_state_tensors(sparse_optimizer, "sparse_state.")
         opt_tensors.update(t)
+    for layer, m in lora_layers(model).items():  # exact resume of an adapter run
+        for k, t in (("weight", m.weight), ("lora_A", m.lora_A), ("lora_B", m.lora_B)):
+            opt_tensors[f"{ADAPTER_PREFIX}{layer}.{k}"] = t.detach().cpu().clone()
     if rng:
         opt_tensors["rng.torch"] = torch.get_rng_state()
         doc.setdefault("rng", {})["torch_state"] = f"{OPTIM_FILE}:rng.torch"
@@ -346,9 +355,10 @@ def fold_bias_into_batch_norm(model, sd: dict) -> dict:
     return sd if out is None else out
 
 
-def load_state(model, path) -> dict:
-    """Load a checkpoint's weights (and fused optimizer state, embedding lr) into ``model``;
-    returns the checkpoint.json document."""
+def read_state(model, path) -> tuple[dict, dict]:
+    """(the state dict of the checkpoint at ``path`` in the form ``model`` loads, its
+    checkpoint.json document): sharded tables assembled, an old Linear bias in front of batch
+    norm folded into it, and, for a model with LoRA adapters, the adapted layers unmerged."""
     from safetensors.torch import load_file
 
     path = resolve(path)
@@ -361,7 +371,27 @@ def load_state(model, path) -> dict:
     if manifest is not None:
         for key, spec in manifest["tensors"].items():
             sd[key] = sharded_rows(path, manifest, key, 0, spec["shape"][0])
-    model.load_state_dict(fold_bias_into_batch_norm(model, sd), strict=True)
+    layers = lora_layers(model)
+    if layers:
+        extra = (load_file(str(path / OPTIM_FILE)) if (path / OPTIM_FILE).is_file() else {})
+        for layer in layers:
+            pre = f"{layer}." if layer else ""
+            try:
+                for k in ("weight", "lora_A", "lora_B"):
+                    sd[pre + k] = extra[f"{ADAPTER_PREFIX}{layer}.{k}"]
+            except KeyError:
+                raise ValueError(
+                    f"{path}: layer {layer!r} has LoRA adapters in the model but the checkpoint "
+                    "holds no unmerged adapters for it (saved without them, or merged): load "
+                    "it into a model without adapters") from None
+    return fold_bias_into_batch_norm(model, sd), doc
+
+
+def load_state(model, path) -> dict:
+    """Load a checkpoint's weights (and fused optimizer state, embedding lr) into ``model``;
+    returns the checkpoint.json document."""
+    sd, doc = read_state(model, path)
+    model.load_state_dict(sd, strict=True)
     for c, o in zip(model.embedding_collections(), doc.get("embedding_optimizers", [])):
         if o is not None and c.optimizer is not None:
             c.optimizer.lr = float(o["lr"])

@@ -389,7 +389,7 @@ class Trainer:
         self.history = list(doc.get("history", []))
         best = path.parent / "best"
         if self.best_epoch is not None and (best / ckpt.MODEL_FILE).is_file():
-            self._best_state = load_file(str(best / ckpt.MODEL_FILE))
+            self._best_state = ckpt.read_state(self.model, best)[0]
         return True
 
     # -- the loop -------------------------------------------------------------------------
