@@ -236,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dense-every", type=int, default=1, metavar="K",
                    help="with --export-every: the dense weights go in every K-th delta and the "
                         "last (default 1: every delta)")
+    p.add_argument("--export-rebase-every", type=int, default=None, metavar="K",
+                   help="with --export-every: after every K deltas write a new DIR/base and "
+                        "drop the deltas before it, so the chain a Scorer replays and the "
+                        "disk it takes stay bounded (a following Scorer loads the new base); "
+                        "default: one base for the whole run")
     p.add_argument("--text", metavar="COL,...", default="",
                    help="comma-separated columns of raw text (titles, descriptions): each becomes "
                         "a text field, encoded once per distinct value by a frozen sentence "
@@ -583,6 +588,12 @@ def cmd_train_online(a) -> int:
         raise CLIError(f"--export-every must be >= 1 rows, got {a.export_every}")
     if a.export_dense_every < 1:
         raise CLIError(f"--export-dense-every must be >= 1, got {a.export_dense_every}")
+    if a.export_rebase_every is not None:
+        if a.export_every is None:
+            raise CLIError("--export-rebase-every applies to the deltas of --export-every")
+        if a.export_rebase_every < 1:
+            raise CLIError(f"--export-rebase-every must be >= 1 deltas, got "
+                           f"{a.export_rebase_every}")
     import torch
 
     from .models.checkpoint import replace_dir, save_checkpoint
@@ -617,7 +628,8 @@ def cmd_train_online(a) -> int:
 
             export_dir = Path(a.export_dir) if a.export_dir else out.parent / f"{out.name}.deltas"
             exporter = DeltaExporter(model, export_dir, every_rows=a.export_every,
-                                     dense_every=a.export_dense_every)
+                                     dense_every=a.export_dense_every,
+                                     rebase_every=a.export_rebase_every)
             extra["export"] = {"dir": str(export_dir)}
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
@@ -625,7 +637,8 @@ def cmd_train_online(a) -> int:
             res = train_online(model, stream, schema=schema, trainer=trainer, time_col=clock,
                                plot=tmp / "online.png", exporter=exporter)
             if exporter is not None:
-                extra["export"]["deltas"] = exporter.seq
+                extra["export"]["deltas"] = exporter.seq  # since the last base
+                extra["export"]["rebases"] = exporter.rebases
             if res.rows == 0:
                 raise CLIError(f"{a.data}: no data rows")
             m = {k: v for k, v in res.metrics().items()}

@@ -63,7 +63,8 @@ PREP_TIMEOUT_S = 4 * 3600.0
 TIMEOUT_ENV = "ADREC_DIST_TIMEOUT_S"
 #: train options whose paths have no distributed version yet (attribute, flag)
 _ONE_PROCESS_ONLY = (("text", "--text"), ("text_encoder", "--text-encoder"),
-                     ("init_from", "--init-from"), ("export_every", "--export-every"))
+                     ("init_from", "--init-from"), ("export_every", "--export-every"),
+                     ("export_rebase_every", "--export-rebase-every"))
 #: arguments that may differ between ranks (how a rank runs, not what the run is)
 _LOCAL_ARGS = ("started", "argv", "threads", "no_progress", "nproc")
 

@@ -18,13 +18,17 @@ from ``DIR/base`` applies them in sequence order:
   its start, so it sees the model of one delta or of the next, never a mix.
 * ``follow(DIR, poll_s=1.0)`` starts a daemon thread (a :class:`Follower`, returned; ``stop()``
   or a ``with`` block ends it) that every ``poll_s`` seconds applies, in order, every delta of
-  ``DIR/deltas`` after the current one.
+  ``DIR/deltas`` after the current one. When ``DIR/base`` has become another base (the exporter
+  rebased, or a new run started) while the Scorer serves an earlier one, it first loads the new
+  base (as ``swap``), whose deltas start again at 1; a previous base's deltas still on disk
+  (the exporter removes them right after writing the new base) are passed over.
 
 Refused (``DeltaError``, a ``ValueError`` whose message names the file), the Scorer keeping the
 version it serves: a manifest that is not JSON or lacks a field; a tensor file missing, of
 another size or sha256 than the manifest says (truncated, partial or corrupt); a delta for
 another base (its ``base`` is not the id in the checkpoint.json of the base the Scorer loaded,
-or the Scorer was loaded from a checkpoint that is no delta base); out of sequence (``seq`` is
+or the Scorer was loaded from a checkpoint that is no delta base, or the base directory it
+was loaded from has been replaced since); out of sequence (``seq`` is
 not the current one + 1); a table or dense tensor that the model lacks, of the wrong shape, or
 rows out of range. ``follow`` records each refusal (``Follower.errors``: (file, message)),
 logs it once (logger ``adrec_fast.serving.deltas``) and goes on polling; a refused file is
@@ -54,6 +58,7 @@ from .quantize import dequantize_rows, own_rows, quantize_rows
 
 FORMAT = "adrec_fast.delta"
 VERSION = 1
+BASE_DIR = "base"
 DELTAS_DIR = "deltas"
 _log = logging.getLogger(__name__)
 
@@ -186,6 +191,15 @@ def base_id(checkpoint_path) -> str | None:
     return str(b["id"]) if isinstance(b, dict) and "id" in b else None
 
 
+def _manifest_base(path: Path) -> str | None:
+    """The base id a delta manifest names; None when it cannot be read (``apply`` then names
+    what is wrong with it)."""
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))["base"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def pending(directory, after: int) -> list[tuple[int, Path]]:
     """(seq, manifest) of the deltas in ``directory/deltas`` (or ``directory`` itself when it
     holds them) with seq > ``after``, in order."""
@@ -208,12 +222,18 @@ class _Shadow:
     """The model behind a Scorer's current version (base + deltas applied): where a delta's
     rows and dense weights are written before the next version is laid out from it."""
 
-    def __init__(self, version):
+    def __init__(self, version, path: Path):
         self.version = version  # the Scorer version this shadow equals
-        self.base = base_id(version.path)
+        self.base = getattr(version, "delta_base", None)
         self.seq = 0
         self.position = None
         model, _, _ = load_model(version.path)
+        if self.base is not None and base_id(version.path) != self.base:
+            # the shadow must be the model the version serves, or the deltas' rows would land
+            # on one base and the rest of the served tables come from another
+            raise DeltaError(f"{path}: {version.path} was replaced since the Scorer loaded it "
+                             "(a new run or a rebase of the exporter): swap to it first "
+                             "(Scorer.follow does)")
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
@@ -431,7 +451,7 @@ def apply(scorer, path):
         if getattr(v, "delta_seq", 0):
             raise DeltaError(f"{path}: the Scorer lost its delta state in a failed apply; "
                              f"swap to {v.path} and follow again")
-        shadow = _Shadow(v)
+        shadow = _Shadow(v, path)
     delta = read_delta(path)
     shadow.check(delta, path)
     scorer._shadow = shadow
@@ -460,6 +480,7 @@ class Follower:
         self.directory = Path(directory)
         self.poll_s = float(poll_s)
         self.errors: list[tuple[str, str]] = []
+        self.rebases = 0  # new bases of the directory loaded
         self._refused: dict[Path, tuple] = {}  # file -> (mtime, size) when it was refused
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -503,10 +524,45 @@ class Follower:
         self.errors.append((file, msg))
         _log.warning("delta refused: %s", msg)
 
+    def _base_dir(self) -> Path:
+        d = self.directory
+        if d.name == DELTAS_DIR and not (d / DELTAS_DIR).is_dir():
+            d = d.parent  # given DIR/deltas
+        return d / BASE_DIR
+
+    def _follow_base(self) -> bool:
+        """When the Scorer serves an exporter base and ``DIR/base`` is now another one (the
+        exporter rebased, or a new run started), load it (``Scorer.swap``): its deltas start
+        again at 1. A base that cannot be read yet (being replaced) is tried at the next poll;
+        one that fails to load is recorded once. Returns whether it swapped."""
+        served = getattr(self.scorer._version, "delta_base", None)
+        if served is None:
+            return False
+        base = self._base_dir()
+        try:
+            new = base_id(base)
+        except (OSError, ValueError):  # absent or half-replaced: the next poll sees it whole
+            return False
+        if new is None or new == served or self._refused.get(base) == new:
+            return False
+        try:
+            self.scorer.swap(base)
+        except Exception as e:  # the version stays
+            self._refused[base] = new
+            self._record(str(base), f"{base}: new base {new} could not be loaded: "
+                         f"{type(e).__name__}: {e}")
+            return False
+        _log.info("following the new base %s of %s", new, base)
+        self.rebases += 1
+        return True
+
     def poll(self) -> int:
-        """Apply every pending delta in order; returns how many were applied."""
+        """Load a new base of the directory when there is one, then apply every pending delta
+        in order; returns how many deltas were applied."""
         n = 0
         with self._lock:
+            self._follow_base()
+            served = getattr(self.scorer._version, "delta_base", None)
             for seq, path in pending(self.directory, self.applied):
                 if self._stop.is_set():
                     break
@@ -520,6 +576,8 @@ class Follower:
                 stamp = self._stamp(path)
                 if self._refused.get(path) == stamp:
                     break  # refused before and unchanged
+                if served is not None and _manifest_base(path) not in (served, None):
+                    break  # a previous base's delta that the exporter is about to remove
                 try:
                     self.scorer.apply_delta(path)
                 except Exception as e:  # the version stays; tried again once the file changes

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from .. import _C
-from ..models.checkpoint import load_model, resolve
+from ..models.checkpoint import load_model, read_meta, resolve
 from ..models.serving_spec import ServingSpec
 from ..ops import scorer as _op
 from .encoder import RequestEncoder, UnknownValue
@@ -250,6 +250,11 @@ def pack(spec: ServingSpec, bag_base, bag_card, seq_base, seq_card, n_dense: int
 
 
 # ---------------------------------------------------------------------------- one version
+def _delta_base_of(path) -> str | None:
+    b = read_meta(resolve(path)).get("delta_base")
+    return str(b["id"]) if isinstance(b, dict) and "id" in b else None
+
+
 class _Version:
     """One loaded checkpoint: immutable after ``__init__`` (shared by every request thread)."""
 
@@ -261,8 +266,18 @@ class _Version:
             raise ValueError(f"mlp must be one of {MLP}, got {mlp!r}")
         if missing not in MISSING:
             raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
-        model, schema, config = load_model(path)
+        # the exporter's base id of what is loaded (None for another checkpoint): deltas name
+        # it; an exporter may replace DIR/base at any time (a rebase), so the id is read before
+        # and after the load, and the load repeated when they differ
+        for _ in range(3):
+            base = _delta_base_of(path)
+            model, schema, config = load_model(path)
+            if _delta_base_of(path) == base:
+                break
+        else:
+            raise RuntimeError(f"{path}: the checkpoint was replaced during each of 3 loads")
         self.path = str(resolve(path))
+        self.delta_base = base
         self.serial = serial
         self.quantize = quantize
         self.mlp = None if mlp == "fp32" else mlp

@@ -47,8 +47,12 @@ table, as ``state_dict`` does, so training with and without exports gives the sa
 trained since it was built or loaded).
 
 A new exporter (a new run, or a resumed one) writes a new base with a new id and removes the
-deltas of the previous base from ``DIR/deltas``: a Scorer following the previous base then
-refuses the new deltas (wrong base) until it loads ``DIR/base`` again.
+deltas of the previous base from ``DIR/deltas``. So does a running exporter with
+``rebase_every=K`` after its K-th delta: the chain a Scorer must replay, and the disk the deltas
+take (a table with lazy L2 decay travels whole in every delta), stay bounded. A following Scorer
+(``Scorer.follow``) that serves an earlier base of ``DIR`` loads the new ``DIR/base`` and goes
+on with its deltas. A base is a checkpoint, so writing one mid-run folds a pending lazy-L2 scale
+into the table, as every checkpoint does (the same W, rounded once).
 """
 from __future__ import annotations
 
@@ -65,11 +69,8 @@ from ..models import checkpoint as ckpt
 from ..nn.dynamic_table import DynamicEmbedding
 from ..nn.lora import merged_state_dict
 from ..nn.embedding_bag import EmbeddingBagCollection
-
-FORMAT = "adrec_fast.delta"
-VERSION = 1
-BASE_DIR = "base"
-DELTAS_DIR = "deltas"
+# the format's names live with its reader (a serving process imports no training code)
+from ..serving.deltas import BASE_DIR, DELTAS_DIR, FORMAT, VERSION
 
 
 def delta_name(seq: int) -> str:
@@ -209,15 +210,23 @@ class DeltaExporter:
             every delta.
         on_export: ``callable(manifest dict)``, called in the training thread right after a
             delta is committed (the model then holds exactly the delta's state).
+        rebase_every: after that many deltas, write a new base (the model then) and drop the
+            deltas before it; None: one base for the whole run.
     """
 
     def __init__(self, model, directory, *, every_rows: int, dense_every: int = 1,
-                 on_export=None):
+                 on_export=None, rebase_every: int | None = None):
         if isinstance(every_rows, bool) or not isinstance(every_rows, int) or every_rows < 1:
             raise ValueError(f"export every_rows must be an int >= 1, got {every_rows!r}")
         if isinstance(dense_every, bool) or not isinstance(dense_every, int) or dense_every < 1:
             raise ValueError(f"export dense_every must be an int >= 1, got {dense_every!r}")
+        if rebase_every is not None and (isinstance(rebase_every, bool)
+                                         or not isinstance(rebase_every, int) or rebase_every < 1):
+            raise ValueError(f"export rebase_every must be an int >= 1 or None, got "
+                             f"{rebase_every!r}")
         self.model = model
+        self.rebase_every = rebase_every
+        self.rebases = 0  # bases written after the first
         self.directory = Path(directory)
         self.every_rows = every_rows
         self.dense_every = dense_every
@@ -353,6 +362,10 @@ class DeltaExporter:
                            "ms": (time.perf_counter() - t0) * 1e3})
         if self.on_export is not None:
             self.on_export(man)
+        if self.rebase_every is not None and seq >= self.rebase_every:
+            self.start(self.position)  # seq > 0: a new base, the old deltas dropped
+            self._last_dense = True  # the base holds the dense weights
+            self.rebases += 1
         return man
 
 

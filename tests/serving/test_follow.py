@@ -443,3 +443,140 @@ def _dyn_expected(model, schema, user, cands) -> np.ndarray:
             return torch.sigmoid(model(schema.encode(pa.table(cols)))).numpy()
     finally:
         model.train(was)
+
+
+# ---------------------------------------------------------------------------- rebasing
+def test_follow_loads_each_new_base(data, tmp_path):
+    """An exporter with rebase_every=2 writes a new base after every second delta and drops the
+    deltas before it; a follower polled at each export loads the new base and goes on with its
+    deltas, without an error: after every export the Scorer answers as the training model."""
+    from adrec_fast.serving.deltas import Follower
+
+    schema, table = data
+    model = _model(schema, "deepfm_bn")
+    reqs = _requests(table)
+    export = tmp_path / "export"
+    ex = DeltaExporter(model, export, every_rows=EVERY // 2, rebase_every=2)
+    ex.start(0)
+    sc = Scorer.load(export / "base")
+    f = Follower(sc, export)
+    bases, checked = [], []
+
+    def on_export(man):  # in the training thread, before a rebase that follows this delta
+        f.poll()
+        bases.append(sc._version.delta_base)
+        assert f.applied == man["seq"] and man["base"] == bases[-1]
+        for r in reqs:
+            np.testing.assert_allclose(sc.score(*r), _model_scores(model, schema, r),
+                                       rtol=0, atol=1e-5)
+        checked.append(man["seq"])
+
+    ex.on_export = on_export
+    trainer = Trainer(model, progress=False, batch_size=BS, lr=3e-3)
+    train_online(model, [table], schema=schema, trainer=trainer, exporter=ex)
+    n = N // (EVERY // 2)
+    assert checked == [1, 2] * (n // 2) + [1] * (n % 2)
+    assert f.errors == [] and f.rebases == (n - 1) // 2
+    assert len(set(bases)) == (n - 1) // 2 + 1  # one base per pair of deltas
+    assert ex.rebases == n // 2  # the last pair's base is written after the last delta
+    left = sorted(p.name for p in (export / "deltas").iterdir())
+    assert left == [] if n % 2 == 0 else left == ["delta-000001.json", "delta-000001.safetensors"]
+    # a Scorer started now loads the newest base and its deltas: the final model
+    fresh = Scorer.load(export / "base")
+    for _, path in pending(export, 0):
+        fresh.apply_delta(path)
+    for r in reqs:
+        np.testing.assert_allclose(fresh.score(*r), _model_scores(model, schema, r),
+                                   rtol=0, atol=1e-5)
+
+
+def test_delta_of_a_replaced_base_is_refused(data, tmp_path):
+    """A Scorer on base A whose DIR/base has since become base B: A's deltas and B's are
+    refused (the shadow would be B's model under A's served tables), the message says to swap;
+    the served version stays."""
+    import shutil
+
+    schema, table = data
+    model = _model(schema, "deepfm_bn")
+    export = tmp_path / "export"
+    ex = DeltaExporter(model, export, every_rows=EVERY, rebase_every=2)
+    saved = tmp_path / "kept"
+    saved.mkdir()
+
+    def keep(man):  # A's first delta, before the rebase removes it
+        if man["seq"] == 1 and not any(saved.iterdir()):
+            for suffix in (".json", ".safetensors"):
+                shutil.copy(export / "deltas" / f"delta-000001{suffix}", saved)
+
+    ex.on_export = keep
+    ex.start(0)
+    sc = Scorer.load(export / "base")
+    reqs = _requests(table)
+    before = [sc.score(*r) for r in reqs]
+    trainer = Trainer(model, progress=False, batch_size=BS, lr=3e-3)
+    train_online(model, [table], schema=schema, trainer=trainer, exporter=ex)
+    assert ex.rebases == 1 and sc._version.delta_base != json.loads(
+        (export / "base" / "checkpoint.json").read_text())["delta_base"]["id"]
+    with pytest.raises(DeltaError, match="was replaced since the Scorer loaded it"):
+        sc.apply_delta(saved / "delta-000001.json")
+    with pytest.raises(DeltaError, match="was replaced since the Scorer loaded it"):
+        sc.apply_delta(dict(pending(export, 0))[1])
+    _same(sc, reqs, before)
+
+
+def test_follow_rebasing_exporter_while_requests_run(data, tmp_path):
+    """Training rebases after every delta while a follower thread polls and two clients score:
+    no request fails, the follower records no error, every answer is one exported model's in
+    full, and the Scorer ends on the final model."""
+    schema, table = data
+    model = _model(schema, "deepfm_bn")
+    reqs = _requests(table)
+    snaps = []
+
+    def on_export(man):
+        snaps.append(save_checkpoint(tmp_path / f"snap{len(snaps)}", model, rng=False))
+        time.sleep(0.03)
+
+    export = tmp_path / "export"
+    ex = DeltaExporter(model, export, every_rows=EVERY, rebase_every=1, on_export=on_export)
+    ex.start(0)
+    sc = _load(export / "base")
+    first = [sc.score(*r) for r in reqs]
+    answers, errors = [], []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            for i, r in enumerate(reqs):
+                try:
+                    answers.append((i, sc.score(*r)))
+                except Exception as e:  # noqa: BLE001 - every failure is counted
+                    errors.append(repr(e))
+
+    follower = sc.follow(export, poll_s=0.005)
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for c in clients:
+        c.start()
+    try:
+        trainer = Trainer(model, progress=False, batch_size=BS, lr=3e-3)
+        train_online(model, [table], schema=schema, trainer=trainer, exporter=ex)
+        final = [_model_scores(model, schema, r) for r in reqs]
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20:
+            if all(np.allclose(sc.score(*r), w, rtol=0, atol=1e-5) for r, w in zip(reqs, final)):
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join()
+        follower.stop()
+    assert errors == [] and follower.errors == []
+    assert ex.rebases == len(snaps) == N // EVERY and follower.rebases >= 1
+    for r, w in zip(reqs, final):
+        np.testing.assert_allclose(sc.score(*r), w, rtol=0, atol=1e-5)
+    want = [first] + [[_load(s).score(*r) for r in reqs] for s in snaps]
+    for i, p in answers:
+        assert any(np.allclose(p, w[i], rtol=0, atol=1e-5) for w in want), (
+            f"request {i}: an answer of no exported model (half-applied?)")

@@ -191,7 +191,9 @@ def test_bad_arguments(data, tmp_path):
     schema, _ = data
     model = _model(schema)
     for kw, match in (({"every_rows": 0}, "every_rows"), ({"every_rows": 1.5}, "every_rows"),
-                      ({"every_rows": 10, "dense_every": 0}, "dense_every")):
+                      ({"every_rows": 10, "dense_every": 0}, "dense_every"),
+                      ({"every_rows": 10, "rebase_every": 0}, "rebase_every"),
+                      ({"every_rows": 10, "rebase_every": True}, "rebase_every")):
         with pytest.raises(ValueError, match=match):
             DeltaExporter(model, tmp_path, **kw)
     with pytest.raises(RuntimeError, match="before start"):
@@ -213,7 +215,8 @@ def test_cli_export_every(data, tmp_path, capsys):
             "--batch-size", "128", "--no-progress", "--json"]
     assert main(args + ["--export-every", "400", "--export-dir", str(export)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["export"] == {"dir": str(export), "deltas": 3}  # at rows 512, 1024, 1200 (end)
+    assert res["export"] == {"dir": str(export), "deltas": 3,  # at rows 512, 1024, 1200 (end)
+                             "rebases": 0}
     with pytest.warns(UserWarning, match="dynamic tables"):  # --online: dynamic by default
         sc, want = Scorer.load(export / "base"), Scorer.load(out / "best")
     with sc.follow(export, poll_s=0.005) as f:
@@ -226,7 +229,10 @@ def test_cli_export_every(data, tmp_path, capsys):
     np.testing.assert_array_equal(sc.score(user, cands), want.score(user, cands))
     for extra, match in ((["--export-every", "0"], "--export-every must be >= 1"),
                          (["--export-every", "9", "--export-dense-every", "0"],
-                          "--export-dense-every must be >= 1")):
+                          "--export-dense-every must be >= 1"),
+                         (["--export-every", "9", "--export-rebase-every", "0"],
+                          "--export-rebase-every must be >= 1"),
+                         (["--export-rebase-every", "2"], "applies to the deltas of")):
         assert main(args + ["--overwrite"] + extra) == 2
         assert match in capsys.readouterr().err
     no_online = [a for a in args if a != "--online"]
