@@ -164,33 +164,16 @@ def test_serving_follows_training(data, tmp_path, tables):
     ex = DeltaExporter(model, export, every_rows=EVERY, on_export=on_export)
     ex.start(0)
     sc = _load(export / "base")
-    answers, errors = [], []
-    stop = threading.Event()
-
-    def client():
-        while not stop.is_set():
-            for i, r in enumerate(reqs):
-                try:
-                    answers.append((i, sc.score(*r)))
-                except Exception as e:  # noqa: BLE001 - every failure is counted
-                    errors.append(repr(e))
-
     trainer = Trainer(model, progress=False, batch_size=BS, lr=3e-3)
     follower = sc.follow(export, poll_s=0.005)
-    clients = [threading.Thread(target=client) for _ in range(2)]
-    for c in clients:
-        c.start()
+    clients = _Clients(sc, reqs)
+    answers, errors = clients.answers, clients.errors
     try:
         train_online(model, [table], schema=schema, trainer=trainer, exporter=ex)
         last = max(snaps)
-        t0 = time.monotonic()
-        while follower.applied < last and time.monotonic() - t0 < 20:
-            time.sleep(0.01)
-        time.sleep(0.05)
+        _wait(lambda: follower.applied >= last)
     finally:
-        stop.set()
-        for c in clients:
-            c.join()
+        clients.stop()
         follower.stop()
     assert errors == [] and follower.errors == []
     assert follower.applied == last == N // EVERY
@@ -205,6 +188,41 @@ def test_serving_follows_training(data, tmp_path, tables):
     assert len(answers) > 50 and len(seen) >= 2
     for p, w in zip([sc.score(*r) for r in reqs], want[-1]):
         np.testing.assert_array_equal(p, w)
+
+
+def _wait(done, timeout_s: float = 20.0) -> None:
+    """Poll ``done()`` until it holds or ``timeout_s`` passes, then let the clients run on a
+    little (the caller's assertions say whether it held)."""
+    t0 = time.monotonic()
+    while not done() and time.monotonic() - t0 < timeout_s:
+        time.sleep(0.01)
+    time.sleep(0.05)
+
+
+class _Clients:
+    """Two threads scoring ``reqs`` on ``sc`` in a loop until ``stop()``: ``answers`` [(request
+    index, scores)], ``errors`` [repr of each failure]."""
+
+    def __init__(self, sc, reqs, n: int = 2):
+        self.answers, self.errors = [], []
+        self._stop = threading.Event()
+
+        def client():
+            while not self._stop.is_set():
+                for i, r in enumerate(reqs):
+                    try:
+                        self.answers.append((i, sc.score(*r)))
+                    except Exception as e:  # noqa: BLE001 - every failure is counted
+                        self.errors.append(repr(e))
+
+        self._threads = [threading.Thread(target=client) for _ in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
 
 
 def _load(path):
@@ -542,35 +560,17 @@ def test_follow_rebasing_exporter_while_requests_run(data, tmp_path):
     ex.start(0)
     sc = _load(export / "base")
     first = [sc.score(*r) for r in reqs]
-    answers, errors = [], []
-    stop = threading.Event()
-
-    def client():
-        while not stop.is_set():
-            for i, r in enumerate(reqs):
-                try:
-                    answers.append((i, sc.score(*r)))
-                except Exception as e:  # noqa: BLE001 - every failure is counted
-                    errors.append(repr(e))
-
     follower = sc.follow(export, poll_s=0.005)
-    clients = [threading.Thread(target=client) for _ in range(2)]
-    for c in clients:
-        c.start()
+    clients = _Clients(sc, reqs)
+    answers, errors = clients.answers, clients.errors
     try:
         trainer = Trainer(model, progress=False, batch_size=BS, lr=3e-3)
         train_online(model, [table], schema=schema, trainer=trainer, exporter=ex)
         final = [_model_scores(model, schema, r) for r in reqs]
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 20:
-            if all(np.allclose(sc.score(*r), w, rtol=0, atol=1e-5) for r, w in zip(reqs, final)):
-                break
-            time.sleep(0.01)
-        time.sleep(0.05)
+        _wait(lambda: all(np.allclose(sc.score(*r), w, rtol=0, atol=1e-5)
+                          for r, w in zip(reqs, final)))
     finally:
-        stop.set()
-        for c in clients:
-            c.join()
+        clients.stop()
         follower.stop()
     assert errors == [] and follower.errors == []
     assert ex.rebases == len(snaps) == N // EVERY and follower.rebases >= 1

@@ -12,3 +12,22 @@ def small():
     schema = gen.schema()
     data = schema.encode(gen.generate(6000))
     return schema, data.slice(0, 5000), data.slice(5000, 6000)
+
+
+class Interrupted(Exception):
+    """Stops a fit where a crash would (see ``interrupt_after``)."""
+
+
+@pytest.fixture
+def interrupt_after():
+    """``interrupt_after(epoch)`` -> a fit callback that raises ``Interrupted`` once ``epoch``
+    is done (its checkpoint written); ``interrupt_after.error`` is that exception class."""
+    def make(epoch: int):
+        def callback(trainer, metrics):
+            if metrics["epoch"] == epoch:
+                raise Interrupted
+
+        return callback
+
+    make.error = Interrupted
+    return make

@@ -155,7 +155,7 @@ def test_checkpoint_atomic_replace(small, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["deepfm", "din", "fm-sparse"])
-def test_resume_equals_uninterrupted(small, tmp_path, name):
+def test_resume_equals_uninterrupted(small, tmp_path, name, interrupt_after):
     schema, train, valid = small
     kw = {"epochs": 3, "batch_size": 700, "lr": 2e-3, "schedule": "cosine", "seed": 11,
           "patience": 5, "progress": False}
@@ -165,16 +165,10 @@ def test_resume_equals_uninterrupted(small, tmp_path, name):
     full = _model(schema, name, seed=0, **extra)
     r_full = fit(full, train, valid, checkpoint_dir=tmp_path / "full", **kw)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(trainer, metrics):
-        if metrics["epoch"] == 1:
-            raise Stop
-
     part = _model(schema, name, seed=0, **extra)
-    with pytest.raises(Stop):
-        fit(part, train, valid, checkpoint_dir=tmp_path / "part", callbacks=[interrupt], **kw)
+    with pytest.raises(interrupt_after.error):
+        fit(part, train, valid, checkpoint_dir=tmp_path / "part",
+            callbacks=[interrupt_after(1)], **kw)
     # a fresh process would build the model anew (other init); resume overwrites everything
     resumed = _model(schema, name, seed=123, **extra)
     torch.manual_seed(999)

@@ -557,7 +557,7 @@ def test_cli_lora_with_deltas(runs, capsys):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
 
 
-def test_lora_run_resumes_exactly_and_saves_plain(gen, tmp_path):
+def test_lora_run_resumes_exactly_and_saves_plain(gen, tmp_path, interrupt_after):
     """An adapter run interrupted after epoch 1 and resumed from last/ ends bit-identical to the
     uninterrupted run (adapters, frozen bases, optimizer state); every saved directory still
     loads as the plain merged model."""
@@ -574,17 +574,9 @@ def test_lora_run_resumes_exactly_and_saves_plain(gen, tmp_path):
 
     full = adapted(0)
     r_full = fit(full, train, valid, checkpoint_dir=tmp_path / "full", **kw)
-
-    class Stop(Exception):
-        pass
-
-    def interrupt(trainer, metrics):
-        if metrics["epoch"] == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        fit(adapted(0), train, valid, checkpoint_dir=tmp_path / "part", callbacks=[interrupt],
-            **kw)
+    with pytest.raises(interrupt_after.error):
+        fit(adapted(0), train, valid, checkpoint_dir=tmp_path / "part",
+            callbacks=[interrupt_after(1)], **kw)
     resumed = adapted(7)  # another draw of base and adapters: resume overwrites them
     r_res = fit(resumed, train, valid, checkpoint_dir=tmp_path / "part", resume=True, **kw)
     assert [h["train_loss"] for h in r_res.history] == [h["train_loss"] for h in r_full.history]
