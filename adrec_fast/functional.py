@@ -8,6 +8,7 @@ from torch import Tensor
 from .ops import attention_pooling as _attn
 from .ops import cross_layer as _cross
 from .ops import dot_interaction as _dot
+from .ops import dropout as _drop
 from .ops import embedding_bag as _eb
 from .ops import fm_interaction as _fm
 from .ops import linear as _linear
@@ -136,6 +137,23 @@ def sigmoid_bce(logits: Tensor, labels: Tensor, weight: Tensor | None = None) ->
     return _bce.sigmoid_bce(logits, labels, weight)
 
 
+def dropout(x: Tensor, p: float, training: bool = True, *, seed: int | None = None,
+            offset: int = 0) -> Tensor:
+    """Dropout: in training, each element of x is zeroed with probability p and the others are
+    scaled by 1 / (1 - p); the identity otherwise (and for p = 0). The mask is a hash of
+    (``seed``, ``offset`` + the element's row-major index), drawn from no generator state and
+    stored nowhere: the backward recomputes it. ``seed`` None draws one from torch's default
+    generator (one draw per call, so ``torch.manual_seed`` fixes the masks); ``offset`` places
+    x inside a larger tensor's mask (a rank's rows of a global batch)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return _drop.dropout(x, float(p), int(seed), int(offset))
+
+
 def score(x: Tensor, w: Tensor, b: Tensor | float) -> Tensor:
     """Inference head: x [B, K], w [K], b scalar -> [B] probabilities ``sigmoid(x @ w + b)``."""
     return _bce.score(x, w, b)
@@ -146,6 +164,7 @@ __all__ = [
     "check_pooling",
     "cross_layer",
     "dot_interaction",
+    "dropout",
     "embedding_bag",
     "embedding_rows",
     "fm_interaction",

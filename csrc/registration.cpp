@@ -60,6 +60,10 @@ TORCH_LIBRARY(adrec, m) {
   // x [B, K], w [K], b [] or [1] -> sigmoid(x @ w + b) [B]
   m.def("score(Tensor x, Tensor w, Tensor b) -> Tensor");
 
+  // x [...] -> x * keep / (1 - p), keep a hash of (seed, offset + element index) (row-major):
+  // the backward is the same op on the gradient; offset places x in a larger tensor's mask
+  m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
+
   // The serving executor (csrc/cpu/scorer.cpp): every zoo model on a model packed once per
   // (checkpoint, field split) by adrec_fast.serving.scorer.pack: meta [H] int64, blob [bytes]
   // uint8; weights [R, D] float32/float16/uint8 (+ scale_bias [R, 2] for uint8: q * scale +

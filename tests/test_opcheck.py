@@ -49,6 +49,9 @@ def _samples(op: str):
         state = torch.zeros(12)
         return [((g, w, state, tofs, idx, ofs, None, 0, 0, 0.1, 0.0), {}),
                 ((g, w.clone(), state.clone(), tofs, idx, ofs, None, 1, 1, 0.1, 1e-8), {})]
+    if op == "dropout":
+        x = torch.randn(4, 3, 5, dtype=d, requires_grad=True)
+        return [((x, 0.3, 17, 0), {}), ((x, 0.0, 5, 2), {}), ((x, 1.0, 5, 0), {})]
     if op == "fm_interaction":
         return [((torch.randn(4, 3, 5, dtype=d, requires_grad=True),), {})]
     if op == "fm_interaction_bwd":

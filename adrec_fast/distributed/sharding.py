@@ -434,23 +434,18 @@ def _table_options(sharded: ShardedDynamicEmbedding) -> dict:
 
 
 class GlobalBatchDropout(nn.Module):
-    """``nn.Dropout`` for this rank's share of a global batch: it draws the mask of the whole
-    global batch (``world`` equal shares, ``local_rows``), as one process would from the same
-    generator state, and keeps its own rows. Every rank then drops exactly what one process
-    drops, and the ranks' generators stay in step. The price: each rank draws ``world`` times
-    its own mask."""
+    """``nn.Dropout`` for this rank's share of a global batch: its mask is the global batch's
+    mask (``functional.dropout``: a hash of the seed and the element's index) at this rank's
+    rows (``world`` equal shares), with the seed one process draws from the same generator
+    state. Every rank then drops exactly what one process drops, and the ranks' generators
+    stay in step (one draw per call on every rank)."""
 
     def __init__(self, p: float, ctx: DistContext):
         super().__init__()
         self.p, self.rank, self.world = float(p), ctx.rank, ctx.world
 
     def forward(self, x: Tensor) -> Tensor:  # [n, ...] this rank's rows
-        if not self.training or self.p == 0.0:
-            return x
-        n = x.shape[0]
-        # the same draw as ATen's CPU dropout of the global batch: bernoulli_(1 - p), / (1 - p)
-        noise = x.new_empty((n * self.world, *x.shape[1:])).bernoulli_(1.0 - self.p)
-        return x * noise[self.rank * n:(self.rank + 1) * n].div_(1.0 - self.p)
+        return F.dropout(x, self.p, self.training, offset=self.rank * x.numel())
 
     def extra_repr(self) -> str:
         return f"p={self.p}, rank={self.rank}/{self.world}"

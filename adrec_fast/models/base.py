@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..data.batch import Batch, bag_take
-from ..nn import CrossNet, EmbeddingBagCollection, SigmoidBCEHead
+from ..nn import CrossNet, Dropout, EmbeddingBagCollection, SigmoidBCEHead
 from ..nn.dynamic_table import DynamicEmbedding
 from ..nn.embedding_bag import check_l2
 from ..nn.text import TextFields
@@ -102,7 +102,7 @@ def mlp(in_features: int, hidden: Sequence[int], dropout: float = 0.0,
             layers.append(nn.LayerNorm(int(h)))
         layers.append(nn.ReLU(inplace=True))  # the Linear output is not saved: no copy needed
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         width = int(h)
     return nn.Sequential(*layers), width
 

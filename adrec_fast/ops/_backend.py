@@ -19,6 +19,7 @@ OPS = (
     "attention_pooling",
     "sigmoid_bce",
     "score",
+    "dropout",
 )
 
 # Ops with a CUDA C++ kernel in csrc/cuda (registered under the plain adrec::<op> name).

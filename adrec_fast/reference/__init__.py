@@ -3,6 +3,7 @@
 from .attention_pooling import attention_pooling
 from .cross_layer import cross_layer
 from .dot_interaction import dot_interaction
+from .dropout import dropout
 from .embedding_bag import embedding_bag, rowwise_adagrad_update, sgd_update
 from .fm_interaction import fm_interaction
 from .linear import linear
@@ -12,6 +13,7 @@ __all__ = [
     "attention_pooling",
     "cross_layer",
     "dot_interaction",
+    "dropout",
     "embedding_bag",
     "fm_interaction",
     "linear",

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from adrec_fast import functional as F
 from adrec_fast.distributed import DistContext, GlobalBatchDropout, global_batch_dropout
 
 
@@ -20,7 +20,7 @@ def _ctx(rank: int, world: int) -> DistContext:
 def test_each_rank_drops_its_rows_of_the_one_process_mask(world, n, shape):
     x = torch.randn(world * n, *shape)
     torch.manual_seed(11)
-    want = F.dropout(x, 0.3, training=True)
+    want = F.dropout(x, 0.3, training=True)  # what the models' Dropout draws in one process
     after = torch.get_rng_state()
     for rank in range(world):
         torch.manual_seed(11)
