@@ -146,10 +146,11 @@ class Results:
     def providers(self, case: str) -> list[str]:
         return [k for c, k in self.medians if c == case]
 
-    def markdown(self, best_peer: bool = False) -> str:
+    def markdown(self, best_peer: bool = False, own: tuple[str, ...] = ()) -> str:
         """One row per (case, peer): our median and spread, the peer's, the ratio of the medians
         (peer / ours: > 1 means ours is faster) and the per-run ratios. ``best_peer``: also a row
-        against the peer with the lowest median in each case."""
+        against the peer with the lowest median in each case; ``own``: providers that are
+        variants of ours (listed, never the best peer)."""
         scale = 1e3 if self.unit == "ms" else 1e6
         out = [f"### {self.title}", ""]
         if self.loads:
@@ -173,8 +174,9 @@ class Results:
             ours = self.medians.get((case, self.ours))
             peers = [p for p in provs if p != self.ours]
             rows = [(p, p) for p in peers]
-            if best_peer and len(peers) > 1:
-                best = min(peers, key=lambda p: statistics.median(self.medians[(case, p)]))
+            others = [p for p in peers if p not in own]
+            if best_peer and len(others) > 1:
+                best = min(others, key=lambda p: statistics.median(self.medians[(case, p)]))
                 rows.append((f"best peer ({best})", best))
             if ours is None:
                 for label, p in rows:

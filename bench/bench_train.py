@@ -384,7 +384,7 @@ def main(argv=None) -> None:
                     flush=True)
             res.loads.append((l0, H.load1()))
     print()
-    print(res.markdown(best_peer=True))
+    print(res.markdown(best_peer=True, own=("adrec_recipe",)))
 
 
 if __name__ == "__main__":
