@@ -97,12 +97,11 @@ class DeepFM(CTRModel):
         self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
-        B = batch.batch_size
         emb, _ = self.lookup(batch)  # [B, T, D]
         emb, tlin = self.with_text(emb, batch)  # [B, T + X, D]
         lin, _ = self.linear(batch)  # [B, T, 1]
         dense = self.dense_input(batch)  # [B, K_d]
-        x = torch.cat([emb.reshape(B, -1), dense], dim=1)  # [B, (T + X)*D + K_d]
+        x = torch.cat([emb.flatten(1), dense], dim=1)  # [B, (T + X)*D + K_d]
         logit = (lin.sum(dim=(1, 2)) + F.fm_interaction(emb).squeeze(1)
                  + self.head(run_mlp(self.deep, x)))
         if tlin is not None:
@@ -151,10 +150,9 @@ class DCNv2(CTRModel):
         self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
-        B = batch.batch_size
         emb, _ = self.lookup(batch)  # [B, T, D]
         emb, tlin = self.with_text(emb, batch)  # [B, T + X, D]
-        x0 = torch.cat([emb.reshape(B, -1), self.dense_input(batch)], dim=1)  # [B, K]
+        x0 = torch.cat([emb.flatten(1), self.dense_input(batch)], dim=1)  # [B, K]
         with self.tower_precision(x0.device):
             x0 = x0.to(self.tower_dtype(x0))  # one cast, shared by the cross net and the MLP
             xc = self.cross(x0)  # [B, K]
@@ -302,7 +300,6 @@ class DIN(CTRModel):
         self.init_dense()
 
     def forward(self, batch: Batch) -> Tensor:
-        B = batch.batch_size
         emb, keys = self.lookup(batch)  # [B, T, D], {s: [L_s, D]}
         pooled = [
             F.attention_pooling(emb[:, t].contiguous(), keys[s], batch.seq_offsets[s])  # [B, D]
@@ -311,7 +308,7 @@ class DIN(CTRModel):
         emb, tlin = self.with_text(emb, batch)  # [B, T + X, D]: text after the bags
         # [B, T+X+S, D]
         fields = torch.cat([emb, torch.stack(pooled, dim=1)], dim=1) if pooled else emb
-        x = torch.cat([fields.reshape(B, -1), self.dense_input(batch)], dim=1)
+        x = torch.cat([fields.flatten(1), self.dense_input(batch)], dim=1)
         logit = self.head(run_mlp(self.deep, x))
         if self.use_fm:
             logit = logit + F.fm_interaction(fields).squeeze(1)

@@ -178,3 +178,21 @@ def test_sparse_parameter_mode(synth):
     assert all(id(p) not in {id(q) for q in sparse} for p in model.dense_parameters())
     model.loss(model(batch), batch.labels).backward()
     assert sparse[0].grad is not None and sparse[0].grad.is_sparse
+
+
+@pytest.mark.parametrize("name", ["lr", "fm", "deepfm", "dcnv2", "dlrm", "din"])
+@pytest.mark.parametrize("tower", [{}, {"batch_norm": True, "dropout": 0.2}])
+def test_empty_batch_gives_empty_logits(name, tower, synth):
+    """A batch of 0 rows (the tail of an exhausted stream, an empty file's predict) runs the
+    forward in training and eval mode and gives [0] logits, not a shape error."""
+    schema, batch = synth
+    kw = tower if name in ("deepfm", "dcnv2", "dlrm", "din") else {}
+    torch.manual_seed(0)
+    model = build_model(name, schema, embedding_dim=4, **kw)
+    empty = batch.slice(7, 7)
+    assert empty.batch_size == 0
+    out = model(empty)
+    assert out.shape == (0,) and out.dtype == torch.float32
+    assert model.predict(empty).shape == (0,)
+    one = model.predict(batch.slice(7, 8))  # and the rows around it are unaffected
+    assert one.shape == (1,) and torch.isfinite(one).all()
