@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.checkpoint import load_model, read_meta
+from ..models.checkpoint import META_FILE, load_model, read_meta
 from ..nn.dynamic_table import DynamicEmbedding
 from .quantize import dequantize_rows, own_rows, quantize_rows
 
@@ -481,6 +481,7 @@ class Follower:
         self.poll_s = float(poll_s)
         self.errors: list[tuple[str, str]] = []
         self.rebases = 0  # new bases of the directory loaded
+        self._base_stamp: tuple | None = None  # DIR/base's manifest when last read
         self._refused: dict[Path, tuple] = {}  # file -> (mtime, size) when it was refused
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -539,10 +540,15 @@ class Follower:
         if served is None:
             return False
         base = self._base_dir()
-        try:
+        try:  # the manifest holds the schema (vocabularies): parsed only when the file changed
+            st = (base / META_FILE).stat()
+            stamp = (served, st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp == self._base_stamp:
+                return False
             new = base_id(base)
         except (OSError, ValueError):  # absent or half-replaced: the next poll sees it whole
             return False
+        self._base_stamp = stamp
         if new is None or new == served or self._refused.get(base) == new:
             return False
         try:
