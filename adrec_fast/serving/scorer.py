@@ -58,9 +58,10 @@ import numpy as np
 import torch
 
 from .. import _C
-from ..models.checkpoint import load_model, read_meta, resolve
+from ..models.checkpoint import load_model, resolve
 from ..models.serving_spec import ServingSpec
 from ..ops import scorer as _op
+from .deltas import base_id
 from .encoder import RequestEncoder, UnknownValue
 from .quantize import QUANTIZE, dequantize_rows, own_rows, quantize_rows
 
@@ -250,11 +251,6 @@ def pack(spec: ServingSpec, bag_base, bag_card, seq_base, seq_card, n_dense: int
 
 
 # ---------------------------------------------------------------------------- one version
-def _delta_base_of(path) -> str | None:
-    b = read_meta(resolve(path)).get("delta_base")
-    return str(b["id"]) if isinstance(b, dict) and "id" in b else None
-
-
 class _Version:
     """One loaded checkpoint: immutable after ``__init__`` (shared by every request thread)."""
 
@@ -270,9 +266,9 @@ class _Version:
         # it; an exporter may replace DIR/base at any time (a rebase), so the id is read before
         # and after the load, and the load repeated when they differ
         for _ in range(3):
-            base = _delta_base_of(path)
+            base = base_id(path)
             model, schema, config = load_model(path)
-            if _delta_base_of(path) == base:
+            if base_id(path) == base:
                 break
         else:
             raise RuntimeError(f"{path}: the checkpoint was replaced during each of 3 loads")
