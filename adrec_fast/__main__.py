@@ -12,6 +12,11 @@ def _in_process_group() -> bool:
     return dist is not None and dist.is_available() and dist.is_initialized()
 
 
+def _is_rank() -> bool:
+    """Whether this process is a rank of a distributed run (torchrun's environment)."""
+    return all(os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from .cli import main as cli_main
 
@@ -22,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         traceback.print_exc()
         rc = 1
-    if _in_process_group():
-        # A rank that stops on an error still holds the process group's native threads; C++
-        # static destruction at interpreter exit can then abort (SIGABRT, "terminate called
-        # without an active exception") and replace the exit status that names the error, and
-        # tearing the group down could wait on a peer's collective until the timeout. The
-        # error is printed: leave at once with its status.
+    if _in_process_group() or _is_rank():
+        # A rank's native threads (the process group's, even after it was destroyed) can abort
+        # the C++ teardown at interpreter exit (SIGABRT, "terminate called without an active
+        # exception") and replace the exit status; tearing down a group that is still up could
+        # wait on a peer's collective until the timeout. The run's output is written and its
+        # error printed: leave at once with its status.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -104,4 +103,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tests.distributed import leave
+
+    leave(main())

@@ -200,4 +200,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tests.distributed import leave
+
+    leave(main())
