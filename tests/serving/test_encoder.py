@@ -192,7 +192,7 @@ def _request(rng, n: int, every: bool = True):
     return user, {c: _as_array(rng, c, v) for c, v in cands.items()}
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 64])
+@pytest.mark.parametrize("n", [1, 2, 7, 17, 64])  # 17: the lookups run in blocks of 16
 def test_random_requests_match_training(schema, n):
     rng = np.random.default_rng(n)
     enc = RequestEncoder(schema)
@@ -551,9 +551,15 @@ def test_closed_vocabulary():
                         ({"item": "a"}, {"title": np.array(["a", "q"])}),
                         ({"item": "a"}, {"title": np.array([1, 2])}),
                         ({"item": "a"}, [{"title": "a"}, {"title": 2.5}]),
-                        ({"title": "zz"}, {"item": ["a"]})]:
+                        ({"title": "zz"}, {"item": ["a"]}),
+                        ({"item": "a"}, {"title": ["a", None] * 10 + ["zz"]}),  # 2nd block
+                        ({"item": "a"}, {"title": ["c"] * 17 + [""]}),
+                        ({"item": "a"}, {"title": ["b"] * 33 + [7]})]:
         with pytest.raises(UnknownValue, match="field 'title'"):
             enc.encode(user, cands)
+    titles = ["c", None, "a", "b"] * 9 + ["a"]  # 37 rows: three blocks, the last of one
+    np.testing.assert_array_equal(enc.encode({"item": "b"}, {"title": titles}).cand_ids[:, 0],
+                                  [{"a": 1, "b": 2, "c": 3, None: 0}[t] for t in titles])
     with pytest.raises(ValueError, match="closed"):
         _C.RequestEncoder([{**field("title", 0, True), "vocabulary": None, "hash_size": 7}],
                           "label", False)
