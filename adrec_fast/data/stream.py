@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._memory import map_large_blocks
 from .batch import Batch, bag_take
 from .columns import fmix64
 from .errors import DataError
@@ -522,29 +523,6 @@ def should_stream(paths, mode: str = "auto") -> bool:
     return need > min(MEMORY_LIMIT_BYTES, _mem_available() // 4)
 
 
-#: glibc maps blocks of this size and more directly (``_map_large_blocks``). Above a training
-#: step's blocks, which must come from the heap: a mapped block is faulted in page by page on
-#: every step (the recipe's [4096, 400] float32 activations are 6.25 MiB; with a 4 MiB threshold
-#: `train --model deepfm` ran at 27k samples/s, 51k with this one, 48k with glibc's default).
-#: Below the 16k-row evaluation batches' blocks ([16384, 400] float32: 25 MiB), whose mixing
-#: with the training blocks fragments the heap.
-MMAP_THRESHOLD_BYTES = 16 << 20
-
-
-def _map_large_blocks() -> None:
-    """Make glibc map blocks of ``MMAP_THRESHOLD_BYTES`` and more directly and unmap them when
-    freed (a process-wide setting). By default its threshold rises to the largest block freed
-    (up to 32 MiB), and an evaluation pass with 16k-row batches then leaves its blocks
-    fragmented in the heap: DeepFM on 900k Criteo rows grew +0.95 GB RSS in ``predict`` that way
-    (+0.2 GB with a threshold), in memory and streamed alike."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def _release_memory() -> None:
     """Hand the memory freed by a parsing pass back to the system before training allocates
     its tables: pyarrow's pool and glibc's per-thread arenas (the reader thread's) keep it
@@ -612,10 +590,11 @@ def load_training_data(path, schema, *, valid_path=None, valid_fraction: float =
     ``reader_kw`` go to ``open_reader`` (``skip_bad_rows``, ``max_bad_rows``, ``fmt``, ...).
     Raises ``DataError`` for bad input (file, line, field), ``ValueError`` for a split that
     leaves either side empty. Sets glibc's mmap threshold for the process
-    (``_map_large_blocks``), which keeps the peak memory of training and evaluation bounded.
+    (``_memory.map_large_blocks``), which keeps the peak memory of training and evaluation
+    bounded.
     """
     reader_kw = {**reader_kw, "chunk_rows": chunk_rows}
-    _map_large_blocks()
+    map_large_blocks()
     if not valid_path and not 0 < valid_fraction < 1:
         raise ValueError(f"the validation fraction must lie in (0, 1), got {valid_fraction}")
     if not schema.fitted:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._memory import map_large_blocks, training_block_bytes
 from ..data.batch import Batch, bag_take
 from ..data.metrics import auc, calibration, logloss
 from ..data.stream import epoch_permutation
@@ -426,6 +427,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         model = self.model
+        # the step's blocks from the heap, not mapped and faulted in anew at every step
+        map_large_blocks(training_block_bytes(model, self.batch_size))
         train_src = _as_source(train)
         valid_src = _as_source(valid)
         if not (resume and self.resume()):

@@ -224,3 +224,38 @@ def test_frappe_fm(shared_data):
     model = build_model("fm", schema, embedding_dim=16)
     fit(model, train, None, epochs=3, batch_size=512, progress=False)
     assert evaluate(model, test)["auc"] > 0.9
+
+
+def test_training_blocks_stay_below_the_mmap_threshold(small, monkeypatch):
+    """fit raises glibc's mmap threshold above the step's largest block (the widest layer or the
+    fields' embeddings side by side), so large batches are not mapped and faulted in anew at
+    every step."""
+    from adrec_fast import _memory
+    from adrec_fast.training import loop
+
+    schema, train, _ = small
+    model = _model(schema, "deepfm", hidden=(48, 24))
+    fields = model.num_fields * model.embedding_dim + model.dense_in
+    assert _memory.training_block_bytes(model, 100) == 100 * max(48, fields) * 4
+    wide = _model(schema, "deepfm", hidden=(fields + 3,))
+    assert _memory.training_block_bytes(wide, 7) == 7 * (fields + 3) * 4
+    seen = []
+    monkeypatch.setattr(loop, "map_large_blocks", seen.append)
+    Trainer(model, batch_size=512, progress=False).fit(train, epochs=1)
+    assert seen == [_memory.training_block_bytes(model, 512)]
+
+
+def test_map_large_blocks_rounds_up_caps_and_never_lowers():
+    """In a fresh process (the setting is process-wide): the default, a threshold just above
+    the block, glibc's cap, and no lowering afterwards."""
+    import subprocess
+    import sys
+
+    code = ("from adrec_fast import _memory as m\n"
+            "M = 1 << 20\n"
+            "print(m.map_large_blocks(), m.map_large_blocks(20 * M), m.map_large_blocks(20 * M - 1),"
+            " m.map_large_blocks(0), m.map_large_blocks(100 * M))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    M = 1 << 20
+    assert [int(v) for v in out] == [16 * M, 21 * M, 21 * M, 21 * M, 32 * M]
