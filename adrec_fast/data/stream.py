@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._memory import map_large_blocks
+from .allocator import map_large_blocks
 from .batch import Batch, bag_take
 from .columns import fmix64
 from .errors import DataError
@@ -590,7 +590,7 @@ def load_training_data(path, schema, *, valid_path=None, valid_fraction: float =
     ``reader_kw`` go to ``open_reader`` (``skip_bad_rows``, ``max_bad_rows``, ``fmt``, ...).
     Raises ``DataError`` for bad input (file, line, field), ``ValueError`` for a split that
     leaves either side empty. Sets glibc's mmap threshold for the process
-    (``_memory.map_large_blocks``), which keeps the peak memory of training and evaluation
+    (``allocator.map_large_blocks``), which keeps the peak memory of training and evaluation
     bounded.
     """
     reader_kw = {**reader_kw, "chunk_rows": chunk_rows}

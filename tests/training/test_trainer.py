@@ -230,19 +230,18 @@ def test_training_blocks_stay_below_the_mmap_threshold(small, monkeypatch):
     """fit raises glibc's mmap threshold above the step's largest block (the widest layer or the
     fields' embeddings side by side), so large batches are not mapped and faulted in anew at
     every step."""
-    from adrec_fast import _memory
     from adrec_fast.training import loop
 
     schema, train, _ = small
     model = _model(schema, "deepfm", hidden=(48, 24))
     fields = model.num_fields * model.embedding_dim + model.dense_in
-    assert _memory.training_block_bytes(model, 100) == 100 * max(48, fields) * 4
+    assert loop.training_block_bytes(model, 100) == 100 * max(48, fields) * 4
     wide = _model(schema, "deepfm", hidden=(fields + 3,))
-    assert _memory.training_block_bytes(wide, 7) == 7 * (fields + 3) * 4
+    assert loop.training_block_bytes(wide, 7) == 7 * (fields + 3) * 4
     seen = []
     monkeypatch.setattr(loop, "map_large_blocks", seen.append)
     Trainer(model, batch_size=512, progress=False).fit(train, epochs=1)
-    assert seen == [_memory.training_block_bytes(model, 512)]
+    assert seen == [loop.training_block_bytes(model, 512)]
 
 
 def test_map_large_blocks_rounds_up_caps_and_never_lowers():
@@ -251,7 +250,7 @@ def test_map_large_blocks_rounds_up_caps_and_never_lowers():
     import subprocess
     import sys
 
-    code = ("from adrec_fast import _memory as m\n"
+    code = ("from adrec_fast.data import allocator as m\n"
             "M = 1 << 20\n"
             "print(m.map_large_blocks(), m.map_large_blocks(20 * M), m.map_large_blocks(20 * M - 1),"
             " m.map_large_blocks(0), m.map_large_blocks(100 * M))\n")
