@@ -248,10 +248,11 @@ class ServingFront {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "adrec_fast native core";
-  // Resolve ADREC_CPU_ISA now, so that a bad value fails the import with its message rather
-  // than the first kernel call.
+  // Resolve ADREC_CPU_ISA and ADREC_THREADS now, so that a bad value fails the import with its
+  // message rather than the first kernel call.
   try {
     adrec::cpu_isa();
+    adrec::kernels_on_openmp();
   } catch (const std::invalid_argument& e) {
     throw py::value_error(e.what());
   }
@@ -269,6 +270,7 @@ PYBIND11_MODULE(_C, m) {
     d["stream_out_bytes"] = t.stream_out_bytes.load();
     d["direct_min_bytes"] = t.direct_min_bytes.load();
     d["pool_spin_us"] = t.pool_spin_ns.load() / 1000;
+    d["threads"] = std::string(adrec::kernels_on_openmp() ? "openmp" : "pool");
     return d;
   });
   // Tests only: the kernels' thread pool (common/parallel.h) without a kernel around it.

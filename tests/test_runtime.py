@@ -75,18 +75,22 @@ torch.save(out, sys.argv[1])
 """
 
 
-def _child(code: str, *args: str, isa: str | None = None) -> subprocess.CompletedProcess:
+def _child(code: str, *args: str, isa: str | None = None,
+           threads: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("ADREC_CPU_ISA", None)
+    env.pop("ADREC_THREADS", None)
     if isa is not None:
         env["ADREC_CPU_ISA"] = isa
+    if threads is not None:
+        env["ADREC_THREADS"] = threads
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=600, env=env)
 
 
-def _run_kernels(tmp_path, isa):
-    path = tmp_path / f"{isa}.pt"
-    res = _child(_KERNELS_CHILD, str(path), isa=isa)
+def _run_kernels(tmp_path, isa, threads=None):
+    path = tmp_path / f"{isa}-{threads}.pt"
+    res = _child(_KERNELS_CHILD, str(path), isa=isa, threads=threads)
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(path)
 
@@ -100,6 +104,7 @@ def test_runtime_info_reports_the_resolved_isa():
         assert info["cpu_isa"] == "avx512"
     assert info["l3_bytes"] >= 0
     assert info["stream_out_bytes"] > 0 and info["direct_min_bytes"] > 0
+    assert info["threads"] == ("pool" if os.environ.get("ADREC_THREADS") == "pool" else "openmp")
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -168,3 +173,41 @@ def test_an_exception_in_a_task_reaches_the_caller(threads):
     finally:
         torch.set_num_threads(prev)
 
+
+
+def test_unknown_thread_runtime_fails_the_import_with_its_name():
+    res = _child("import adrec_fast", threads="tbb")
+    assert res.returncode != 0
+    assert "ADREC_THREADS='tbb'" in res.stderr and "openmp or pool" in res.stderr
+
+
+def test_both_thread_runtimes_give_the_same_results(tmp_path):
+    """ADREC_THREADS=pool and the default (torch's OpenMP team) split the same items; every
+    kernel's result is the same to the bit."""
+    default = _run_kernels(tmp_path, "native")
+    pool = _run_kernels(tmp_path, "native", threads="pool")
+    assert default.keys() == pool.keys()
+    for k in default:
+        if k != "isa":
+            a, b = default[k], pool[k]
+            a, b = (a, b) if isinstance(a, (tuple, list)) else ((a,), (b,))
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), k
+
+
+def test_the_pool_runtime_visits_every_index_once_and_reports_errors():
+    code = (
+        "import torch, adrec_fast\n"
+        "from adrec_fast import _C\n"
+        "assert _C.runtime_info()['threads'] == 'pool'\n"
+        "torch.set_num_threads(2)\n"
+        "for n, grain in ((1, 1), (7, 1), (1000, 1), (100003, 64)):\n"
+        "    assert _C._pool_for(n, grain) == [1] * n\n"
+        "for bad in (0, 5, 39):\n"
+        "    try:\n"
+        "        _C._pool_throw(40, bad)\n"
+        "        raise SystemExit('no error')\n"
+        "    except RuntimeError as e:\n"
+        "        assert f'task {bad} failed' in str(e), e\n"
+        "print('ok')\n")
+    res = _child(code, threads="pool")
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

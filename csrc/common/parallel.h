@@ -1,14 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// The thread pool of the CPU kernels and its parallel-for. Every adrec CPU kernel splits its work
-// with adrec::parallel_for (ranges) or adrec::parallel_items (one task per item) on this pool;
-// torch.set_num_threads (at::get_num_threads) caps how many threads work on a call.
+// The parallel-for of the CPU kernels. Every adrec CPU kernel splits its work with
+// adrec::parallel_for (ranges) or adrec::parallel_items (one task per item); torch.set_num_threads
+// (at::get_num_threads) caps how many threads work on a call. They run on torch's OpenMP team by
+// default, or on the WorkPool below (ADREC_THREADS=pool; kernels_on_openmp() says why each).
 //
-// A pool of our own instead of at::parallel_for (torch's OpenMP team), because of shared cores:
+// The WorkPool, for cores shared with other processes:
 // - Work is claimed in small pieces from a shared counter and a call returns once every piece is
 //   done, so a thread the OS has descheduled (another process on the core) holds up at most the
-//   piece it is in. An OpenMP region gives each thread a fixed share, and its join waits for
-//   every thread of the team, scheduled or not.
+//   piece it is in. An OpenMP region's join waits for every thread of the team, scheduled or not.
 // - Waiting does not burn a shared core. Idle workers poll for the next job for a short while
 //   (back-to-back calls then skip a futex wake-up) and sleep after; a caller waiting for the last
 //   pieces polls briefly and sleeps on a futex. While the pool's threads are being preempted (a
@@ -27,9 +27,12 @@
 #include <chrono>
 #include <climits>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstdint>
 #include <exception>
+#include <stdexcept>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -233,9 +236,45 @@ class WorkPool {
   uint64_t gen_ = 0;  // written under job_mutex_ only
 };
 
-// f(i) for every i in [0, n), on the pool; each item is one task.
+// Which threads run the kernels' parallel work, read once from ADREC_THREADS: "openmp" (the
+// default) or "pool". std::invalid_argument for any other value (the module's import fails
+// with it, as for ADREC_CPU_ISA).
+//   openmp: torch's OpenMP team (at::parallel_for), each thread claiming items from a shared
+//     counter. A training step alternates our kernels with oneDNN's and ATen's products, which
+//     run on that team; its threads spin for the next region after each one, so a second team
+//     of our own found one of the two cores taken by a spinning thread. Measured on the 2-core
+//     machine (bench/RESULTS.md, "One thread team"): the row-wise Adagrad step 3.4-3.7 -> 2.2 ms,
+//     the DLRM / DCN-v2 training steps 79-83 -> 73-74 and 143-144 -> 135 ms.
+//   pool: the WorkPool above. It keeps a call from waiting on a thread that another process
+//     has descheduled (an OpenMP join waits for every thread of the team), so its slowdown
+//     under contention is smaller, though its contended time was not (6.4 ms with openmp,
+//     7.7 with the pool, when another process keeps 2 threads busy).
+inline bool kernels_on_openmp() {
+  static const bool on = [] {
+    const char* v = std::getenv("ADREC_THREADS");
+    const std::string s = v == nullptr ? "" : v;
+    if (s.empty() || s == "openmp") return true;
+    if (s == "pool") return false;
+    throw std::invalid_argument("ADREC_THREADS='" + s + "': expected openmp or pool");
+  }();
+  return on;
+}
+
+// f(i) for every i in [0, n), on the threads kernels_on_openmp() chose; each item is one task.
 template <typename F>
 void parallel_items(int64_t n, const F& f) {
+  if (kernels_on_openmp()) {
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+    if (threads <= 1 || at::in_parallel_region()) {
+      for (int64_t i = 0; i < n; ++i) f(i);
+      return;
+    }
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(i);
+    });
+    return;
+  }
   WorkPool::get().run(
       n, [](void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); },
       const_cast<void*>(static_cast<const void*>(&f)));
