@@ -9,9 +9,9 @@ from __future__ import annotations
 #: every step (the recipe's [4096, 400] float32 activations are 6.25 MiB; with a 4 MiB threshold
 #: `train --model deepfm` ran at 27k samples/s, 51k with this one, 48k with glibc's default).
 #: Below the 16k-row evaluation batches' blocks ([16384, 400] float32: 25 MiB), whose mixing
-#: with the training blocks fragments the heap. A training step whose blocks are larger raises it
-#: (``training.loop.training_block_bytes``): DeepFM at batch 16384 ran at 30k samples/s under 16 MiB, 48k
-#: under 32 MiB.
+#: with the training blocks fragments the heap. A training step whose blocks are larger raises
+#: it (``training.loop.training_block_bytes``): DeepFM at batch 16384 ran at 30k samples/s under
+#: 16 MiB, 48k under 32 MiB.
 MMAP_THRESHOLD_BYTES = 16 << 20
 #: glibc's largest mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``): blocks
 #: above it are always mapped

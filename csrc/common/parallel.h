@@ -27,11 +27,11 @@
 #include <chrono>
 #include <climits>
 #include <condition_variable>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
-#include <stdexcept>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -247,8 +247,8 @@ class WorkPool {
 //     the DLRM / DCN-v2 training steps 79-83 -> 73-74 and 143-144 -> 135 ms.
 //   pool: the WorkPool above. It keeps a call from waiting on a thread that another process
 //     has descheduled (an OpenMP join waits for every thread of the team), so its slowdown
-//     under contention is smaller, though its contended time was not (6.4 ms with openmp,
-//     7.7 with the pool, when another process keeps 2 threads busy).
+//     under contention is smaller, though its contended time was not (6.6-6.8 ms with openmp,
+//     7.6-7.8 with the pool, while another process keeps 2 threads busy).
 inline bool kernels_on_openmp() {
   static const bool on = [] {
     const char* v = std::getenv("ADREC_THREADS");

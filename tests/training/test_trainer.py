@@ -252,8 +252,9 @@ def test_map_large_blocks_rounds_up_caps_and_never_lowers():
 
     code = ("from adrec_fast.data import allocator as m\n"
             "M = 1 << 20\n"
-            "print(m.map_large_blocks(), m.map_large_blocks(20 * M), m.map_large_blocks(20 * M - 1),"
-            " m.map_large_blocks(0), m.map_large_blocks(100 * M))\n")
+            "print(m.map_large_blocks(), m.map_large_blocks(20 * M),"
+            " m.map_large_blocks(20 * M - 1), m.map_large_blocks(0),"
+            " m.map_large_blocks(100 * M))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     M = 1 << 20
