@@ -319,9 +319,8 @@ class Table {
   bool vocabulary() const { return !hashed_; }
 
   // A vocabulary lookup in steps, for a block of tokens whose cache misses (the slot, then the
-  // key's bytes) should overlap: hash and prefetch_slot for every token, then prefetch_key,
-  // then find. Each step only reads what the one before asked for.
-  static uint64_t hash(std::string_view tok) { return token_hash(tok); }
+  // key's bytes) should overlap: token_hash and prefetch_slot for every token, then
+  // prefetch_key, then find. Each step only reads what the one before asked for.
   void prefetch_slot(uint64_t h) const {
     __builtin_prefetch(&slots_[size_t(h >> shift_)]);
   }
@@ -629,6 +628,15 @@ class RequestEncoder {
     throw UnknownValue(f.where + ": a value the served tables do not hold");
   }
 
+  // A closed text field's value: None is missing (false); a non-empty str gives its token
+  // (true), which the vocabulary must then hold; anything else is UnknownValue.
+  bool closed_token(const Spec& f, PyObject* v, char* buf, std::string_view* tok,
+                    py::object* owner) const {
+    if (v == Py_None) return false;
+    if (!PyUnicode_Check(v) || !token_of(f, v, buf, tok, owner)) unknown(f);
+    return true;
+  }
+
   // encode_ids for a vocabulary and a column of objects, kBlock rows at a time: every row's
   // token and hash first, then the table's slots, then its keys, so that the misses of a block
   // (the value objects, their slots, the keys' bytes: after the request's weights went through
@@ -646,11 +654,10 @@ class RequestEncoder {
       const int64_t m = std::min(kBlock, n - i0);
       for (int64_t j = 0; j < m; ++j) {
         PyObject* v = c.get(i0 + j);
-        ok[j] = (!f.closed || PyUnicode_Check(v) || v == Py_None) &&
-                token_of(f, v, buf[j], &tok[j], &owner[j]);
-        if (!ok[j] && f.closed && v != Py_None) unknown(f);  // a number, "": not a cached text
+        ok[j] = f.closed ? closed_token(f, v, buf[j], &tok[j], &owner[j])
+                         : token_of(f, v, buf[j], &tok[j], &owner[j]);
         if (!ok[j]) continue;
-        h[j] = Table::hash(tok[j]);
+        h[j] = token_hash(tok[j]);
         t.prefetch_slot(h[j]);
       }
       for (int64_t j = 0; j < m; ++j)
@@ -674,15 +681,15 @@ class RequestEncoder {
     if (t.vocabulary() && c.objects() && n > 1) return encode_block_ids(f, c, n, out, stride);
     if (f.closed) {  // None, or text the vocabulary holds
       for (int64_t i = 0; i < n; ++i) {
-        PyObject* v = c.objects() ? c.get(i) : nullptr;
-        if (v == Py_None) {
-          out[i * stride] = 0;
-          continue;
+        bool ok;
+        if (c.objects()) {
+          ok = closed_token(f, c.get(i), buf, &tok, &owner);
+        } else {  // a numpy str array holds no None: only its empty strings are not text
+          ok = c.kind == 'U' && array_token(f, c, i, buf, &text, &tok);
+          if (!ok) unknown(f);
         }
-        const bool ok = v ? PyUnicode_Check(v) && token_of(f, v, buf, &tok, &owner)
-                          : c.kind == 'U' && array_token(f, c, i, buf, &text, &tok);
         const int64_t id = ok ? t.id(tok) : 0;
-        if (id == 0) unknown(f);
+        if (ok && id == 0) unknown(f);
         out[i * stride] = id;
       }
       return;

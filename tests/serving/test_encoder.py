@@ -549,6 +549,8 @@ def test_closed_vocabulary():
                         ({"item": "a"}, {"title": [""]}),
                         ({"item": "a"}, {"title": [5]}),
                         ({"item": "a"}, {"title": np.array(["a", "q"])}),
+                        ({"item": "a"}, {"title": np.array(["a", ""])}),
+                        ({"title": ""}, {"item": ["a"]}),
                         ({"item": "a"}, {"title": np.array([1, 2])}),
                         ({"item": "a"}, [{"title": "a"}, {"title": 2.5}]),
                         ({"title": "zz"}, {"item": ["a"]}),
