@@ -17,15 +17,24 @@ MMAP_THRESHOLD_BYTES = 16 << 20
 #: above it are always mapped
 MMAP_THRESHOLD_MAX = 32 << 20
 
+#: Free memory at the top of the heap that glibc keeps rather than returns to the system.
+#: Setting the mmap threshold turns off glibc's own rule (twice the mmap threshold) and leaves
+#: 128 KiB, so a training step's blocks, freed at the end of each step, went back to the system
+#: and were faulted in again page by page on the next one. Above the transient memory of a
+#: default training step (a few hundred MB at most): `train --model deepfm`, 200k synthetic rows,
+#: 41-46k samples/s with 128 KiB, 50-51k with this, peak RSS +30-90 MB (bench/RESULTS_models.md).
+TRIM_THRESHOLD_BYTES = 512 << 20
+
 _threshold_set = 0  # the threshold this process set, 0: none yet
 
 
 def map_large_blocks(block_bytes: int = 0) -> int:
     """Make glibc map blocks of the threshold and more directly and unmap them when freed (a
     process-wide setting): ``MMAP_THRESHOLD_BYTES``, or above ``block_bytes`` (the largest block
-    a training step allocates) up to ``MMAP_THRESHOLD_MAX``. Never lowers a threshold set
-    before. By default glibc's threshold rises to the largest block freed (up to 32 MiB), and an
-    evaluation pass with 16k-row batches then leaves its blocks fragmented in the heap: DeepFM
+    a training step allocates) up to ``MMAP_THRESHOLD_MAX``; the heap keeps up to
+    ``TRIM_THRESHOLD_BYTES`` of freed memory. Never lowers a threshold set before. By default
+    glibc's threshold rises to the largest block freed (up to 32 MiB), and an evaluation pass
+    with 16k-row batches then leaves its blocks fragmented in the heap: DeepFM
     on 900k Criteo rows grew +0.95 GB RSS in ``predict`` that way (+0.2 GB with a threshold), in
     memory and streamed alike. Returns the threshold in force (0: not glibc)."""
     global _threshold_set
@@ -36,8 +45,10 @@ def map_large_blocks(block_bytes: int = 0) -> int:
     try:
         import ctypes
 
-        if ctypes.CDLL("libc.so.6").mallopt(-3, want) != 1:  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        if libc.mallopt(-3, want) != 1:  # M_MMAP_THRESHOLD
             return _threshold_set
+        libc.mallopt(-1, TRIM_THRESHOLD_BYTES)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         return 0
     _threshold_set = want
