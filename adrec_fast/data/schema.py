@@ -392,6 +392,8 @@ class Schema:
     def infer_from_table(cls, table, label: str = "label", overrides=None, drop=()) -> Schema:
         """Declare a field per column of a sample: integer, string and bool -> categorical,
         float -> dense, list -> multi_categorical (categorical when no row holds two values).
+        A string column of ``Field.sep``-joined lists (``Action|Comedy``: ``_joined_lists``) is
+        multi_categorical too.
 
         ``overrides`` maps a column to a type name or to a partial spec dict; ``drop`` lists
         columns to leave out. Dense fields get ``log1p_standardize`` when the sample is
@@ -424,6 +426,8 @@ class Schema:
                 spec["type"] = "multi_categorical" if longest > 1 else "categorical"
                 if longest > 1:
                     spec["max_len"] = int(longest)
+            elif (longest := _joined_lists(arr)) > 1:
+                spec.update(type="multi_categorical", max_len=longest)
             else:
                 spec["type"] = "categorical"
             o = overrides.get(name)
@@ -688,6 +692,30 @@ def _is_chunk(x) -> bool:
     import pyarrow as pa
 
     return isinstance(x, (pa.Table, pa.RecordBatch, dict))
+
+
+#: A string column is read as ``sep``-joined lists when at least this share of its non-empty
+#: sampled values hold the separator (and none of those holds a space, which prose would).
+JOINED_LIST_SHARE = 0.01
+
+
+def _joined_lists(arr) -> int:
+    """The longest list of a string column of ``Field.sep``-joined lists (``Action|Comedy``),
+    0 when the column is not one (not text, too few values hold the separator, or text with
+    spaces around it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        return 0
+    sep = Field.sep
+    values = arr.filter(pc.and_(pc.is_valid(arr), pc.not_equal(arr, "")).fill_null(False))
+    joined = values.filter(pc.match_substring(values, sep))
+    if len(joined) == 0 or len(joined) < JOINED_LIST_SHARE * len(values):
+        return 0
+    if pc.any(pc.match_substring(joined, " ")).as_py():
+        return 0
+    return int(pc.max(pc.list_value_length(pc.split_pattern(joined, sep))).as_py())
 
 
 def _as_columns(data) -> dict:

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from adrec_fast.data import Batch, DataError, Schema, fit_schema, infer_schema, stable_hash
+from adrec_fast.data import (Batch, DataError, Schema, fit_schema, infer_schema, load_all,
+                              stable_hash)
 from adrec_fast.data import columns as C
 
 FIELDS = [
@@ -248,6 +249,36 @@ def test_infer_from_csv_types_overrides_and_drop(tmp_path):
     assert s.field("score").transform == "none"
     with pytest.raises(ValueError, match="absent"):
         infer_schema(p, drop=["nope"])
+
+
+def test_infer_reads_joined_lists_as_multi_categorical(tmp_path):
+    """A text column of '|'-joined lists (a genre list) is multi_categorical, as long as its
+    longest sampled list; its values are then pooled as a bag. Text with spaces around a '|',
+    and a column where the separator is rarer than JOINED_LIST_SHARE, stay categorical."""
+    from adrec_fast.data.schema import JOINED_LIST_SHARE
+
+    rare = max(1, int(JOINED_LIST_SHARE * 300))  # rows with a '|' in column 'r': just too few
+    lines = ["label,genre,title,r"]
+    for i in range(300):
+        genre = ["Action|Comedy", "Drama", "", "Comedy|Drama|Horror"][i % 4]
+        title = "Heat | 1995" if i == 7 else f"film {i}"
+        r = "a|b" if i < rare - 1 else f"v{i % 5}"
+        lines.append(f"{i % 2},{genre},{title},{r}")
+    p = tmp_path / "movies.csv"
+    p.write_text("\n".join(lines) + "\n")
+    s = infer_schema(p)
+    assert [(f.name, f.type, f.max_len) for f in s.fields] == [
+        ("genre", "multi_categorical", 3), ("title", "categorical", 0), ("r", "categorical", 0)]
+    fit_schema(s, p)
+    assert sorted(s.field("genre").vocabulary) == ["Action", "Comedy", "Drama", "Horror"]
+    b = load_all(p, s)
+    vocab = s.field("genre").vocabulary
+    ids = [vocab.index(t) + 1 for t in ("Action", "Comedy", "Drama", "Comedy", "Drama", "Horror")]
+    bag = next(k for k, (name, _) in enumerate(s.sparse_fields()) if name == "genre")
+    # the first 4 rows' bags hold 2 values, 1, none and 3, in the file's order
+    assert b.bag_lengths()[bag, :4].tolist() == [2, 1, 0, 3]
+    start = int(b.offsets[bag * b.batch_size])
+    assert b.indices[start:start + 6].tolist() == ids
 
 
 def _column_file(tmp_path, values, extra_line=None):
