@@ -399,6 +399,12 @@ class CSVReader(Reader):
             invalid.append((row.number, row.expected_columns, row.actual_columns))
             return "skip"
 
+        # lines that are not UTF-8 are bad rows: blanked here (pyarrow would fail the whole
+        # block, naming neither file nor line), reported with the others below
+        not_utf8 = [(first_line + i - 1, *_utf8_problem(line, names, self.sep))
+                    for i, line in _non_utf8_lines(block)]
+        if not_utf8:
+            block = _blank_out(block, [ln - first_line + 1 for ln, _, _ in not_utf8])
         table = self._read_block(block, names, on_invalid, pcsv.ConvertOptions(
             column_types={c: pa.string() for c in names},
             include_columns=include,
@@ -429,7 +435,7 @@ class CSVReader(Reader):
         if rows_blank.any():
             table = table.filter(pa.array(~rows_blank))
             line_of = line_of[~rows_blank]
-        return table, line_of, problems
+        return table, line_of, problems + not_utf8
 
     def _chunks(self):
         names = self._header
@@ -447,6 +453,52 @@ class CSVReader(Reader):
             yield self._check_values(table, line_of, problems=problems)
         if names is None and self._header is None:
             raise DataError("empty file: no header line", path=self.path, line=1)
+
+
+def _non_utf8_lines(block: bytes) -> list[tuple[int, bytes]]:
+    """(1-based number, bytes) of the lines of ``block`` that are not UTF-8; a block that is
+    ASCII or UTF-8 as a whole (every usual file) is checked in one pass."""
+    if block.isascii():
+        return []
+    try:
+        block.decode("utf-8")
+        return []
+    except UnicodeDecodeError:
+        pass
+    out = []
+    for i, line in enumerate(block.split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            out.append((i, line))
+    return out
+
+
+def _utf8_problem(line: bytes, names: list[str], sep: str | None) -> tuple[str | None, str]:
+    """(field, message) for a line that is not UTF-8: the first column holding a byte that is
+    not (None when the line does not split into the header's columns)."""
+    import csv
+
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        msg = f"not UTF-8 text (byte 0x{line[e.start]:02x})"
+    text = line.decode("utf-8", "surrogateescape").rstrip("\r")
+    quote = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    values = next(csv.reader([text], delimiter=sep or ",", quoting=quote), [])
+    for name, v in zip(names, values):
+        if any("\udc80" <= ch <= "\udcff" for ch in v):
+            return name, msg
+    return None, msg
+
+
+def _blank_out(block: bytes, lines: list[int]) -> bytes:
+    """``block`` with the lines numbered ``lines`` (1-based) emptied, newlines kept, so that the
+    other rows keep their line numbers."""
+    parts = block.split(b"\n")
+    for i in lines:
+        parts[i - 1] = b""
+    return b"\n".join(parts)
 
 
 def _blank_lines(block: bytes, n_lines: int) -> np.ndarray:
@@ -754,6 +806,8 @@ def sniff_csv(path, sep: str | None = None, rows: int = 20000):
             invalid.append(row.number)
             return "skip"
 
+        # left out of the sample as blank lines: the reader reports them as bad rows
+        body = _blank_out(body, [i for i, _ in _non_utf8_lines(body)])
         try:
             table = reader._read_block(body, names, on_invalid)
         except pa.ArrowInvalid as e:  # pyarrow words it with its own row count

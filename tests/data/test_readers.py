@@ -2,6 +2,7 @@
 """Readers: every format on small hand-written files, gzip, bad rows, and the real files."""
 
 import gzip
+import re
 import warnings
 import zlib
 from pathlib import Path
@@ -236,6 +237,27 @@ def test_bad_row_names_file_line_field(tmp_path, row, line_re):
         list(open_reader(p, schema=CSV_SCHEMA))
     assert e.value.line == 4 and e.value.path == str(p)
     assert isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("tail", [b"1,u\xff3,3,c", b"1,u3,3,\xe9t\xe9", b"1,\xff,3"])
+def test_non_utf8_row_is_a_bad_row_naming_line_and_field(tmp_path, tail):
+    """A row that is not UTF-8 (a Latin-1 export, a stray byte) fails with the file, line and
+    field (the column holding the byte, also in a row with the wrong column count), or is
+    skipped and counted; the rows after it keep their line numbers, in every chunk size,
+    and schema inference leaves it out of its sample."""
+    p = tmp_path / "x.csv"
+    p.write_bytes(BAD.encode() + tail + b"\n0,u9,1,d\n1,u\xc3\xa9,2,e\n")
+    field = {b"1,u\xff3,3,c": "user", b"1,u3,3,\xe9t\xe9": "tags", b"1,\xff,3": "user"}[tail]
+    byte = re.search(rb"[\x80-\xff]", tail).group()[0]
+    where = rf"x\.csv, line 4, field '{field}'"
+    for chunk_rows in (1, 2, 1000):
+        with pytest.raises(DataError, match=where + rf": not UTF-8 text \(byte 0x{byte:02x}\)"):
+            list(open_reader(p, schema=CSV_SCHEMA, chunk_rows=chunk_rows))
+        r = open_reader(p, schema=CSV_SCHEMA, chunk_rows=chunk_rows, skip_bad_rows=True)
+        with pytest.warns(RuntimeWarning, match="skipped 1 bad row"):
+            users = [u for t in r for u in t.column("user").to_pylist()]
+        assert users == ["u1", "u2", "u9", "u\u00e9"] and r.bad_rows == 1
+    assert [f.name for f in infer_schema(p).fields] == ["user", "price", "tags"]
 
 
 def test_bad_row_line_numbers_across_chunks(tmp_path):
