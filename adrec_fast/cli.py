@@ -819,7 +819,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data.errors import DataError
 
     try:
-        if a.threads:
+        if a.threads is not None:
+            if a.threads < 1:
+                raise CLIError(f"--threads must be >= 1, got {a.threads}")
             torch.set_num_threads(a.threads)
         return COMMANDS[a.command](a)
     except (CLIError, DataError, FileNotFoundError, IsADirectoryError, PermissionError) as e:

@@ -64,6 +64,9 @@ def test_flags_override_the_recipe(csv, tmp_path, capsys):
     (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--patience", "0"], "--patience must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--threads", "-2"], "--threads must be >= 1, got -2"),
+    (["--skip-bad-rows", "--max-bad-rows", "-1"], "max_bad_rows must be >= 0, got -1"),
 ])
 def test_out_of_range_flags(csv, tmp_path, capsys, flags, msg):
     rc = _run(csv, tmp_path / "m", "--model", "deepfm", *flags)

@@ -166,6 +166,8 @@ class Reader:
             raise FileNotFoundError(f"no such file: {self.path}")
         if chunk_rows < 1:
             raise ValueError("chunk_rows must be >= 1")
+        if max_bad_rows < 0:
+            raise ValueError(f"max_bad_rows must be >= 0, got {max_bad_rows}")
         self.schema = schema
         self.label = (
             label if label is not None else (schema.label if schema is not None else "label")
