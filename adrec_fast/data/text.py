@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .tensorfile import read_tensors
 from .errors import DataError
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -278,8 +279,6 @@ def save_caches(schema, path) -> None:
 
 def load_caches(schema, path) -> None:
     """Merge the caches saved in ``path`` (by :func:`save_caches`) into the process's."""
-    from safetensors.torch import load_file
-
     for i, key in enumerate(_encoders(schema)):
         tf, vf = Path(path) / CACHE_FILE.format(i=i), Path(path) / VALUES_FILE.format(i=i)
         if not tf.is_file() or not vf.is_file():
@@ -288,7 +287,7 @@ def load_caches(schema, path) -> None:
         doc = json.loads(vf.read_text(encoding="utf-8"))
         if doc.get("encoder") != key:
             raise ValueError(f"{vf}: a cache of encoder {doc.get('encoder')!r}, expected {key!r}")
-        t = load_file(str(tf))
+        t = read_tensors(tf)
         c = cache_for(key)
         c._set_dim(int(t["vectors"].shape[1]))
         c.merge(doc["values"], t["hashes"].numpy(), t["vectors"].float().numpy())

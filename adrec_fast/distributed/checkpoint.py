@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.schema import Schema
+from ..data.tensorfile import read_tensors
 from ..models import checkpoint as ckpt
 from ..models.registry import build_model
 from ..nn import EmbeddingBagCollection
@@ -299,7 +300,6 @@ def load_sharded(path, ctx: DistContext, *, plans: dict[str, ShardingPlan] | Non
     the tables it now owns, with their optimizer state and embedding lr; the model is in eval
     mode (``model.train()`` to go on training). The dense optimizer comes back with
     ``load_optimizer`` once it is built over ``wrap_ddp``'s parameters."""
-    from safetensors.torch import load_file
 
     path = ckpt.resolve(path)
     doc = ckpt.read_meta(path)
@@ -324,7 +324,7 @@ def load_sharded(path, ctx: DistContext, *, plans: dict[str, ShardingPlan] | Non
                         if b["rows"][0] < hi and lo < b["rows"][1]:
                             need.add(b["file"])
         ckpt.verify_files(path, manifest, sorted(need))
-    dense = load_file(str(path / ckpt.MODEL_FILE))
+    dense = read_tensors(path / ckpt.MODEL_FILE)
     split = set(manifest["tensors"]) if manifest is not None else set()
     # a dynamic table is read whole on every rank, which then keeps the keys it owns
     dyn_keys = {f"{p}.{k}" for p, m in model.named_modules()
@@ -375,7 +375,6 @@ def load_optimizer(optimizer, path) -> None:
     order as the saved one, e.g. ``wrap_ddp(model).parameters()`` or
     ``model.dense_parameters()``) from the checkpoint at ``path``, on every rank or in one
     process, with the file checked against the manifest of a sharded checkpoint."""
-    from safetensors.torch import load_file
 
     path = ckpt.resolve(path)
     doc = ckpt.read_meta(path)
@@ -383,5 +382,5 @@ def load_optimizer(optimizer, path) -> None:
         raise ValueError(f"{path}: the checkpoint holds no optimizer state (saved without one)")
     if doc.get("sharded"):
         ckpt.verify_files(path, ckpt.read_manifest(path, doc), [ckpt.OPTIM_FILE])
-    ckpt.load_optimizer_state(optimizer, load_file(str(path / ckpt.OPTIM_FILE)),
+    ckpt.load_optimizer_state(optimizer, read_tensors(path / ckpt.OPTIM_FILE),
                               doc["optimizer"])

@@ -70,6 +70,7 @@ from pathlib import Path
 import torch
 
 from ..data.schema import Schema
+from ..data.tensorfile import read_tensors
 from ..data.text import load_caches, save_caches
 from ..nn.lora import lora_layers, merged_state_dict
 from .registry import build_model
@@ -359,21 +360,19 @@ def read_state(model, path) -> tuple[dict, dict]:
     """(the state dict of the checkpoint at ``path`` in the form ``model`` loads, its
     checkpoint.json document): sharded tables assembled, an old Linear bias in front of batch
     norm folded into it, and, for a model with LoRA adapters, the adapted layers unmerged."""
-    from safetensors.torch import load_file
-
     path = resolve(path)
     doc = read_meta(path)
     manifest = None
     if doc.get("sharded"):
         manifest = read_manifest(path, doc)
         verify_files(path, manifest)
-    sd = load_file(str(path / MODEL_FILE))
+    sd = read_tensors(path / MODEL_FILE)
     if manifest is not None:
         for key, spec in manifest["tensors"].items():
             sd[key] = sharded_rows(path, manifest, key, 0, spec["shape"][0])
     layers = lora_layers(model)
     if layers:
-        extra = (load_file(str(path / OPTIM_FILE)) if (path / OPTIM_FILE).is_file() else {})
+        extra = read_tensors(path / OPTIM_FILE) if (path / OPTIM_FILE).is_file() else {}
         for layer in layers:
             pre = f"{layer}." if layer else ""
             try:

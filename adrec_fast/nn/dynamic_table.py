@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .._dynamic_table import UNADMITTED_ROW, DynamicTable
 from .._memory import empty_table, huge_pages_enabled
+from ..data.tensorfile import read_metadata, read_tensors
 from ..optim import FusedRowwiseAdagrad, FusedSGD
 
 #: what a full table does (see DynamicEmbedding)
@@ -600,11 +601,7 @@ class DynamicEmbedding(nn.Module):
     def load(cls, path, optimizer: FusedSGD | FusedRowwiseAdagrad | None = None,
              initializer: Callable[[Tensor], Tensor] | None = None) -> DynamicEmbedding:
         """The table :meth:`save` wrote; its optimizer is rebuilt from the file unless given."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = read_metadata(path)
         if "config" not in meta:
             raise ValueError(f"DynamicEmbedding.load: {path} has no config: not a table that "
                              "DynamicEmbedding.save wrote")
@@ -616,7 +613,7 @@ class DynamicEmbedding(nn.Module):
                                                                           eps=opt["eps"])
         table = cls(cfg.pop("embedding_dim"), cfg.pop("capacity"), optimizer=optimizer,
                     initializer=initializer, **cfg)
-        table.load_state_tensors(load_file(str(path)))
+        table.load_state_tensors(read_tensors(path))
         return table
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ from ..data.allocator import map_large_blocks
 from ..data.batch import Batch, bag_take
 from ..data.metrics import auc, calibration, logloss
 from ..data.stream import epoch_permutation
+from ..data.tensorfile import read_tensors
 from ..models import checkpoint as ckpt
 
 SCHEDULES = ("constant", "cosine", "step", "linear")
@@ -376,14 +377,13 @@ class Trainer:
 
     def resume(self, path=None) -> bool:
         """Restore the state of ``path`` (default ``checkpoint_dir/last``); False if absent."""
-        from safetensors.torch import load_file
-
         path = Path(path) if path is not None else (self.checkpoint_dir / "last"
                                                     if self.checkpoint_dir else None)
         if path is None or not (path / ckpt.META_FILE).is_file():
             return False
         doc = ckpt.load_state(self.model, path)
-        tensors = load_file(str(path / ckpt.OPTIM_FILE)) if (path / ckpt.OPTIM_FILE).is_file() else {}
+        tensors = (read_tensors(path / ckpt.OPTIM_FILE)
+                   if (path / ckpt.OPTIM_FILE).is_file() else {})
         if "optimizer" in doc:
             ckpt.load_optimizer_state(self.optimizer, tensors, doc["optimizer"])
         if "sparse_optimizer" in doc and self.sparse_optimizer is not None:

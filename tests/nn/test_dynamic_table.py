@@ -371,6 +371,10 @@ def test_checkpoint_of_a_grown_table(tmp_path):
         from safetensors.torch import save_file
         save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
         DynamicEmbedding.load(tmp_path / "x.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((tmp_path / "t.safetensors").read_bytes()[:50])
+    with pytest.raises(ValueError, match="cut.safetensors: not a readable safetensors file"):
+        DynamicEmbedding.load(cut)
 
 
 def test_growth_waits_for_a_pending_backward():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -152,6 +153,31 @@ def test_checkpoint_atomic_replace(small, tmp_path):
     assert not (path / "x").exists()
     with pytest.raises(FileNotFoundError, match="not an adrec_fast checkpoint"):
         ckpt.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.safetensors"])
+def test_corrupt_tensor_file_is_an_error_naming_it(small, tmp_path, victim):
+    """A truncated or overwritten tensor file of a checkpoint: load_model, the Scorer and
+    Trainer.resume raise a ValueError naming the file (safetensors' own error reached the user
+    as a traceback)."""
+    from adrec_fast.serving import Scorer
+
+    schema, train, _ = small
+    model = _model(schema, "deepfm")
+    t = Trainer(model, batch_size=512, progress=False, checkpoint_dir=tmp_path / "run")
+    t.fit(train, epochs=1)
+    file = tmp_path / "run" / "last" / victim
+    for damage in (file.read_bytes()[:100], b"not tensors at all"):
+        file.write_bytes(damage)
+        msg = re.escape(str(file)) + ": not a readable safetensors file"
+        with pytest.raises(ValueError, match=msg):
+            Trainer(_model(schema, "deepfm"), batch_size=512, progress=False,
+                    checkpoint_dir=tmp_path / "run").resume()
+        if victim == "model.safetensors":
+            with pytest.raises(ValueError, match=msg):
+                ckpt.load_model(tmp_path / "run" / "last")
+            with pytest.raises(ValueError, match=msg):
+                Scorer.load(tmp_path / "run" / "last")
 
 
 @pytest.mark.parametrize("name", ["deepfm", "din", "fm-sparse"])
