@@ -481,6 +481,7 @@ def _utf8_problem(line: bytes, names: list[str], sep: str | None) -> tuple[str |
     not (None when the line does not split into the header's columns)."""
     import csv
 
+    msg = "not UTF-8 text"
     try:
         line.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -809,7 +810,9 @@ def sniff_csv(path, sep: str | None = None, rows: int = 20000):
             return "skip"
 
         # left out of the sample as blank lines: the reader reports them as bad rows
-        body = _blank_out(body, [i for i, _ in _non_utf8_lines(body)])
+        not_utf8 = [i for i, _ in _non_utf8_lines(body)]
+        if not_utf8:
+            body = _blank_out(body, not_utf8)
         try:
             table = reader._read_block(body, names, on_invalid)
         except pa.ArrowInvalid as e:  # pyarrow words it with its own row count
