@@ -22,7 +22,7 @@ MMAP_THRESHOLD_MAX = 32 << 20
 #: 128 KiB, so a training step's blocks, freed at the end of each step, went back to the system
 #: and were faulted in again page by page on the next one. Above the transient memory of a
 #: default training step (a few hundred MB at most): `train --model deepfm`, 200k synthetic rows,
-#: 41-46k samples/s with 128 KiB, 50-51k with this, peak RSS +30-90 MB (bench/RESULTS_models.md).
+#: 41-46k samples/s with 128 KiB, 46-51k with this, peak RSS +60-130 MB (bench/RESULTS_models.md).
 TRIM_THRESHOLD_BYTES = 512 << 20
 
 _threshold_set = 0  # the threshold this process set, 0: none yet
@@ -34,9 +34,9 @@ def map_large_blocks(block_bytes: int = 0) -> int:
     a training step allocates) up to ``MMAP_THRESHOLD_MAX``; the heap keeps up to
     ``TRIM_THRESHOLD_BYTES`` of freed memory. Never lowers a threshold set before. By default
     glibc's threshold rises to the largest block freed (up to 32 MiB), and an evaluation pass
-    with 16k-row batches then leaves its blocks fragmented in the heap: DeepFM
-    on 900k Criteo rows grew +0.95 GB RSS in ``predict`` that way (+0.2 GB with a threshold), in
-    memory and streamed alike. Returns the threshold in force (0: not glibc)."""
+    with 16k-row batches then leaves its blocks fragmented in the heap: DeepFM on 900k Criteo
+    rows grew +0.95 GB RSS in ``predict`` that way (+0.2 GB with a threshold), in memory and
+    streamed alike. Returns the threshold in force (0: not glibc)."""
     global _threshold_set
     want = max(MMAP_THRESHOLD_BYTES, -(-(int(block_bytes) + 1) // (1 << 20)) << 20)
     want = min(want, MMAP_THRESHOLD_MAX)
