@@ -627,6 +627,12 @@ def cmd_train_online(a) -> int:
             from .training.export import DeltaExporter
 
             export_dir = Path(a.export_dir) if a.export_dir else out.parent / f"{out.name}.deltas"
+            try:  # before any training: a directory that cannot be made is a usage error
+                export_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                flag = "--export-dir" if a.export_dir else "the default export directory"
+                raise CLIError(f"{flag} {export_dir}: cannot create it "
+                               f"({e.strerror or e}: {e.filename})") from None
             exporter = DeltaExporter(model, export_dir, every_rows=a.export_every,
                                      dense_every=a.export_dense_every,
                                      rebase_every=a.export_rebase_every)

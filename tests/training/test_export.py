@@ -238,6 +238,16 @@ def test_cli_export_every(data, tmp_path, capsys):
     no_online = [a for a in args if a != "--online"]
     assert main(no_online + ["--overwrite", "--export-every", "9"]) == 2
     assert "add --online" in capsys.readouterr().err
+    # an export directory that cannot be made (under a file) is named with its flag, before
+    # any training, and no model is left behind
+    (tmp_path / "a_file").write_text("x")
+    bad = tmp_path / "a_file" / "deltas"
+    out2 = tmp_path / "run2"
+    args2 = [out2 if a == str(out) else a for a in args]
+    assert main([str(a) for a in args2] + ["--export-every", "9", "--export-dir", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"--export-dir {bad}: cannot create it" in err and "Traceback" not in err
+    assert not out2.exists()
 
 
 def test_dynamic_table_deltas(tmp_path):
