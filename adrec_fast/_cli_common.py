@@ -41,15 +41,21 @@ def _report_warnings(caught) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
-def _infer_schema(path, label: str, drop: list[str]):
-    """``infer_schema``; when type sniffing fails on a malformed row, re-read the file with the
-    validating reader so that the error names the exact line."""
+def _infer_schema(path, label: str, drop: list[str], model: str | None = None):
+    """``infer_schema`` (reading behaviour histories as sequences when ``model`` attends over
+    them); when type sniffing fails on a malformed row, re-read the file with the validating
+    reader so that the error names the exact line."""
     from .data.errors import DataError
     from .data.pipeline import infer_schema
     from .data.readers import open_reader
+    from .models.registry import reads_histories
 
     try:
-        return infer_schema(path, label=label, drop=drop)
+        histories = model is not None and reads_histories(model)
+    except ValueError:  # an unknown model name: building the model reports it
+        histories = False
+    try:
+        return infer_schema(path, label=label, drop=drop, histories=histories)
     except DataError:
         for _ in open_reader(path, label=label):  # raises DataError(path, line, field)
             pass
@@ -225,7 +231,7 @@ def _online_data(a, drop, reader_kw):
                 if tc not in names:
                     raise CLIError(f"--time-col {tc!r}: {a.data} has no such column "
                                    f"(columns: {', '.join(names)})")
-            schema = _infer_schema(a.data, a.label, drop + ([tc] if tc else []))
+            schema = _infer_schema(a.data, a.label, drop + ([tc] if tc else []), a.model)
         reader = None
     if tc and tc == schema.label:
         raise CLIError(f"--time-col {tc!r} is the label column")

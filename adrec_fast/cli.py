@@ -530,7 +530,8 @@ def cmd_train(a) -> int:
     out, drop, reader_kw = _train_setup(a)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        schema = _with_text(_given_schema(a, drop) or _infer_schema(a.data, a.label, drop), a)
+        schema = _with_text(_given_schema(a, drop)
+                            or _infer_schema(a.data, a.label, drop, a.model), a)
         data = load_training_data(a.data, schema, valid_path=a.valid,
                                   valid_fraction=a.valid_fraction, seed=a.seed,
                                   stream=a.stream, **reader_kw)

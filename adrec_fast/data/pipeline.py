@@ -29,7 +29,8 @@ STRAY_SHARE = 0.01
 
 
 def infer_schema(path, fmt: str | None = None, label: str = "label", overrides=None, drop=(),
-                 sep: str | None = None, sample_rows: int = 20000, **reader_kwargs) -> Schema:
+                 sep: str | None = None, sample_rows: int = 20000, histories: bool = False,
+                 **reader_kwargs) -> Schema:
     """A schema declared from a file's sample (not fitted): ``Schema.infer_from_table`` on the
     first ``sample_rows`` rows of a CSV (pyarrow's types; ``sep`` as the reader takes it), on
     the first chunk of the other formats, and ``criteo_schema`` for a Criteo file.
@@ -38,7 +39,8 @@ def infer_schema(path, fmt: str | None = None, label: str = "label", overrides=N
     ``STRAY_SHARE`` of its sampled values, e.g. one ``abc``) is still inferred as dense, and a
     ``UserWarning`` names the column, the first stray value and its line: reading the file then
     treats such rows as bad rows (an error naming the line, or skipped with ``skip_bad_rows``).
-    ``overrides`` maps a column to a type name or a partial spec; ``drop`` leaves columns out.
+    ``overrides`` maps a column to a type name or a partial spec; ``drop`` leaves columns out;
+    ``histories`` reads behaviour-history columns as sequences (``Schema.infer_from_table``).
     """
     fmt = fmt or detect_format(path)
     if fmt == "csv":
@@ -47,14 +49,14 @@ def infer_schema(path, fmt: str | None = None, label: str = "label", overrides=N
         for name in table.column_names:
             if name not in skip:
                 table = _dense_despite_strays(table, name, line_of, path)
-        return Schema.infer_from_table(table, label, overrides, drop)
+        return Schema.infer_from_table(table, label, overrides, drop, histories)
     if fmt == "criteo" and not overrides and not drop:
         return criteo_schema(label=label)
     reader = open_reader(path, fmt=fmt, label=label, **reader_kwargs)
     first = next(iter(reader), None)
     if first is None:
         raise DataError("no rows to infer a schema from", path=path)
-    return Schema.infer_from_table(first, label, overrides, drop)
+    return Schema.infer_from_table(first, label, overrides, drop, histories)
 
 
 def fit_schema(schema: Schema, source, max_rows: int | None = None, **reader_kwargs) -> Schema:

@@ -389,11 +389,18 @@ class Schema:
 
     # ---------------------------------------------------------------- inference
     @classmethod
-    def infer_from_table(cls, table, label: str = "label", overrides=None, drop=()) -> Schema:
+    def infer_from_table(cls, table, label: str = "label", overrides=None, drop=(),
+                         histories: bool = False) -> Schema:
         """Declare a field per column of a sample: integer, string and bool -> categorical,
         float -> dense, list -> multi_categorical (categorical when no row holds two values).
         A string column of ``Field.sep``-joined lists (``Action|Comedy``: ``_joined_lists``) is
         multi_categorical too.
+
+        ``histories=True`` (for a model that attends over behaviour histories) reads a
+        multi-valued column whose values follow one categorical column's values
+        (``_history_owner``: a history of clicked items beside the candidate item) as that
+        column's behaviour sequence: ``sequence: true``, ``share_with`` the column, its last
+        ``max_len`` values kept. Other multi-valued columns stay pooled bags.
 
         ``overrides`` maps a column to a type name or to a partial spec dict; ``drop`` lists
         columns to leave out. Dense fields get ``log1p_standardize`` when the sample is
@@ -444,6 +451,8 @@ class Schema:
                 if "type" in o and o["type"] != "dense":
                     spec.pop("transform", None)
             fields.append(spec)
+        if histories:
+            _mark_histories(fields, cols, overrides)
         return cls(fields, label=label)
 
     # ---------------------------------------------------------------- fitting
@@ -698,6 +707,13 @@ def _is_chunk(x) -> bool:
 #: sampled values hold the separator (and none of those holds a space, which prose would).
 JOINED_LIST_SHARE = 0.01
 
+#: ``infer_from_table(histories=True)``: a multi-valued column is a categorical column's
+#: behaviour history when their sampled value distributions overlap at least this much
+#: (histogram intersection, ``_history_owner``). In a 20k-row sample of the synthetic
+#: generator's CSV its history overlaps its item column by 0.83, its user column by 0.21 and
+#: each other column by at most 0.12.
+HISTORY_OVERLAP = 0.5
+
 
 def _joined_lists(arr) -> int:
     """The longest list of a string column of ``Field.sep``-joined lists (``Action|Comedy``),
@@ -715,7 +731,71 @@ def _joined_lists(arr) -> int:
         return 0
     if pc.any(pc.match_substring(joined, " ")).as_py():
         return 0
-    return int(pc.max(pc.list_value_length(pc.split_pattern(joined, sep))).as_py())
+    # empty pieces (``|a||b|``) hold no value: the longest list counts the others
+    pieces = pc.split_pattern(pc.utf8_trim(joined, sep), sep)
+    flat = pc.list_flatten(pieces)
+    rows = pc.list_parent_indices(pieces)
+    kept = pc.not_equal(flat, "")
+    counts = np.bincount(rows.to_numpy(), weights=kept.to_numpy(zero_copy_only=False),
+                         minlength=len(joined))
+    return int(counts.max()) if counts.size else 0
+
+
+def _string_values(arr):
+    """The values of a sampled column as strings (the elements of a list or ``Field.sep``-joined
+    column), nulls and empty text left out: what a vocabulary would be built from."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if C.is_list(arr.type):
+        arr = pc.list_flatten(arr)
+    elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        arr = pc.list_flatten(pc.split_pattern(arr, Field.sep))
+    arr = arr.drop_null().cast(pa.string())
+    return arr.filter(pc.not_equal(arr, ""))
+
+
+def _frequencies(arr) -> dict:
+    """{value: share of the sampled values} of a string array."""
+    vc = arr.value_counts()
+    n = max(len(arr), 1)
+    return {v: c / n for v, c in zip(vc.field("values").to_pylist(),
+                                     vc.field("counts").to_pylist())}
+
+
+def _history_owner(values, candidates: dict) -> str | None:
+    """The categorical column whose values a multi-valued column's values (``values``, strings)
+    are drawn from: the candidate (``{name: its sampled values as strings}``) whose value
+    distribution overlaps the list elements' most, by histogram intersection (the sum over
+    values of the smaller of the two shares: 1 for the same distribution, 0 for disjoint
+    values), when that is at least ``HISTORY_OVERLAP``. Comparing distributions, not value
+    sets, tells an item column from a user column when both hold small integers: a history of
+    clicked items follows the items' popularity, not the users'."""
+    if len(values) == 0:
+        return None
+    hist = _frequencies(values)
+    best, best_overlap = None, HISTORY_OVERLAP
+    for name, cand in candidates.items():
+        freq = _frequencies(cand)
+        overlap = sum(min(p, freq.get(v, 0.0)) for v, p in hist.items())
+        if overlap >= best_overlap:
+            best, best_overlap = name, overlap
+    return best
+
+
+def _mark_histories(fields: list[dict], cols: dict, overrides) -> None:
+    """``infer_from_table(histories=True)``: make each inferred multi-valued field whose values
+    follow a categorical field's (``_history_owner``) that field's behaviour sequence. A field
+    the overrides declare is left as declared."""
+    overrides = overrides or {}
+    singles = {f["name"]: _string_values(C.to_arrow(cols[f["name"]]))
+               for f in fields if f.get("type") == "categorical" and not f.get("share_with")}
+    for f in fields:
+        if f.get("type") != "multi_categorical" or f["name"] in overrides or f.get("share_with"):
+            continue
+        owner = _history_owner(_string_values(C.to_arrow(cols[f["name"]])), singles)
+        if owner is not None:
+            f.update(sequence=True, share_with=owner)
 
 
 def _as_columns(data) -> dict:

@@ -366,6 +366,9 @@ class CTRModel(nn.Module):
     model_name = "base"
     #: models whose forward honours ``precision="bf16"`` (the others accept "fp32" only)
     supports_bf16 = False
+    #: models that attend over behaviour sequences: a schema inferred for them reads history
+    #: columns as sequences (``Schema.infer_from_table(histories=True)``)
+    reads_histories = False
 
     def __init__(self, schema, embedding_dim: int = 16,
                  embedding_optimizer: str | None = "rowwise_adagrad", pooling: str = "mean",

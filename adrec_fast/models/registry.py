@@ -22,6 +22,12 @@ def canonical_name(name: str) -> str:
     return key
 
 
+def reads_histories(name: str) -> bool:
+    """Whether model ``name`` attends over behaviour sequences (a schema inferred for it reads
+    history columns as sequences); ValueError when the name is unknown."""
+    return MODELS[canonical_name(name)].reads_histories
+
+
 def build_model(name: str, schema, embedding_dim: int = 16, **kwargs) -> CTRModel:
     """A fresh model ``name`` (see ``model_names()``) for a fitted ``schema``.
 

@@ -258,6 +258,8 @@ class DIN(CTRModel):
     On a schema without a sequence field only that last part remains (no attention).
     """
 
+    reads_histories = True
+
     def __init__(self, schema, embedding_dim: int = 16, hidden: Sequence[int] = (256, 128),
                  sequences: Sequence[str] | None = None, target: str | None = None,
                  fm: bool = True, linear: bool = True, dropout: float = 0.0,

@@ -281,6 +281,17 @@ def test_infer_reads_joined_lists_as_multi_categorical(tmp_path):
     assert b.indices[start:start + 6].tolist() == ids
 
 
+def test_joined_list_length_leaves_out_empty_pieces():
+    """Stray separators (``|z|``, ``a||b``) hold no values: the inferred max_len counts the
+    values only, and a column of separators alone is no list."""
+    from adrec_fast.data.schema import _joined_lists
+
+    pad = ["x"] * 10
+    assert _joined_lists(pa.array(["|z|", "a|b"] + pad)) == 2
+    assert _joined_lists(pa.array(["a||b|c|", "a|b", None, ""] + pad)) == 3
+    assert _joined_lists(pa.array(["||", "|"] + pad)) == 0
+
+
 def _column_file(tmp_path, values, extra_line=None):
     """A CSV of label, an integer id and ``values`` as column x; ``extra_line`` is inserted as
     line 5 (after the header and three rows)."""
@@ -410,3 +421,53 @@ def test_fit_takes_chunks_and_fit_schema_takes_a_file(tmp_path):
     assert s.field("x").mean == pytest.approx(2.5)
     assert s == Schema(fields).fit({"label": [1, 0, 1], "c": ["a", "b", "a"], "x": [1.5, 2.5, 3.5]})
     assert fit_schema(Schema(fields), p, max_rows=1).field("c").vocabulary == ["a"]
+
+
+def test_infer_reads_a_history_column_as_a_sequence_when_asked(tmp_path):
+    """With histories=True a '|'-joined column whose values follow a categorical column's
+    distribution becomes that column's behaviour sequence (shared table, sequence: true); a
+    genre list follows no column and stays a pooled bag. A user column over the same integers
+    as the items, but with another distribution, is not taken for the owner. Without
+    histories both stay bags."""
+    from adrec_fast.data.schema import HISTORY_OVERLAP, _history_owner
+
+    g = np.random.default_rng(0)
+    pop = 1.0 / np.arange(1, 101) ** 1.2
+    pop /= pop.sum()
+    lines = ["label,user,item,hist,genre"]
+    for i in range(2000):
+        user = g.integers(0, 100)  # uniform over the same integers as the items
+        item = g.choice(100, p=pop)
+        hist = "|".join(str(v) for v in g.choice(100, size=g.integers(0, 6), p=pop))
+        genre = ["Action|Comedy", "Drama", "Comedy|Drama|Horror"][i % 3]
+        lines.append(f"{i % 2},{user},{item},{hist},{genre}")
+    p = tmp_path / "clicks.csv"
+    p.write_text("\n".join(lines) + "\n")
+    s = infer_schema(p, histories=True)
+    h, genre = s.field("hist"), s.field("genre")
+    assert (h.type, h.sequence, h.share_with, h.max_len) == ("multi_categorical", True, "item", 5)
+    assert (genre.type, genre.sequence, genre.share_with) == ("multi_categorical", False, None)
+    plain = infer_schema(p)
+    assert not plain.field("hist").sequence and plain.field("hist").share_with is None
+    # the fitted schema puts the history in Batch.seq_*, in the item table, last values kept
+    fit_schema(s, p)
+    assert [name for name, _ in s.sequence_fields()] == ["hist"]
+    assert s.table_of("hist") == s.table_of("item")
+    b = load_all(p, s)
+    vocab = s.field("item").vocabulary
+    first = lines[1].split(",")[3].split("|")
+    n0 = int(b.seq_offsets["hist"][1])
+    assert b.seq_indices["hist"][:n0].tolist() == [vocab.index(v) + 1 for v in first if v]
+    # the overlap rule itself: the same distribution -> that column; disjoint or below the
+    # threshold -> none
+    import pyarrow as pa
+
+    vals = pa.array(["1", "1", "2", "3"])
+    assert _history_owner(vals, {"a": pa.array(["1", "2", "3", "1"]), "b": pa.array(["9"])}) == "a"
+    assert _history_owner(vals, {"b": pa.array(["9", "8"])}) is None
+    k = round(100 * HISTORY_OVERLAP)  # the candidate's share of "1": k / 100
+    at = pa.array(["1"] * k + ["x"] * (100 - k))
+    under = pa.array(["1"] * (k - 1) + ["x"] * (101 - k))
+    assert _history_owner(pa.array(["1"]), {"h": at}) == "h"
+    assert _history_owner(pa.array(["1"]), {"h": under}) is None
+    assert _history_owner(pa.array([], pa.string()), {"a": vals}) is None
