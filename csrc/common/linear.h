@@ -35,14 +35,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
     const std::optional<at::Tensor>& out, Activation act, std::array<bool, 3> mask);
 
-// a @ b.T (+ add [M, N], summed in the product's epilogue) for a [M, K], b [N, K]; b may be a
-// strided view such as a transpose. The building block of backward passes.
+// a @ b.T (+ add [M, N], summed in the product's epilogue) for a [M, K], b [N, K]; a and b may
+// be strided views such as transposes (a transposed `a`, the weight gradient's g.T, is read in
+// place, never copied). The building block of backward passes.
 at::Tensor matmul_t(const at::Tensor& a, const at::Tensor& b,
                     const std::optional<at::Tensor>& add = std::nullopt);
-
-// Whether matmul_t sends a product whose first operand is `a` [M, K] to oneDNN. oneDNN wants a
-// row-major first operand, so a caller that can write a transposed copy cheaply (the cross
-// layer's backward epilogue) asks first.
-bool matmul_uses_onednn(const at::Tensor& a);
 
 }  // namespace adrec

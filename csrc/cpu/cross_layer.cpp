@@ -39,14 +39,11 @@ ADREC_INLINE void cross_epilogue(const scalar_t* x0, const scalar_t* xw, const s
 constexpr int64_t kRowsPerBlock = 64;
 
 // For `rows` rows of K: g_xw = g * x0, g_x0 = g * xw (one read of g), and colsum[k] = the sum
-// of g_xw[:, k] over these rows. With g_xw_t (row stride ld_t), g_xw is also written transposed
-// there: the weight-gradient product wants g_xw.T row-major, and writing it here from the block
-// in cache is cheaper than transposing the whole [B, K] afterwards.
+// of g_xw[:, k] over these rows.
 template <typename scalar_t>
 ADREC_INLINE void cross_bwd_epilogue(const scalar_t* g, const scalar_t* x0, const scalar_t* xw,
-                                     scalar_t* g_xw, scalar_t* g_x0, scalar_t* g_xw_t,
-                                     int64_t ld_t, acc_t<scalar_t>* colsum, int64_t rows,
-                                     int64_t K) {
+                                     scalar_t* g_xw, scalar_t* g_x0, acc_t<scalar_t>* colsum,
+                                     int64_t rows, int64_t K) {
   using acc = acc_t<scalar_t>;
   for (int64_t k = 0; k < K; ++k) colsum[k] = acc(0);
   for (int64_t r = 0; r < rows; ++r) {
@@ -59,9 +56,6 @@ ADREC_INLINE void cross_bwd_epilogue(const scalar_t* g, const scalar_t* x0, cons
       colsum[k] += static_cast<acc>(gxw);
     }
   }
-  if (g_xw_t != nullptr)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t r = 0; r < rows; ++r) g_xw_t[k * ld_t + r] = g_xw[r * K + k];
 }
 
 // Checks x0 / x / weight (and bias or xw) and returns K.
@@ -131,9 +125,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_layer_bwd_cpu(
   auto g_xw = at::empty_like(g);    // [B, K] = g * x0, the gradient of x @ W.T + b
   auto g_x0 = at::empty_like(g);    // [B, K] = g * xw
   const int64_t B = g.size(0), K = g.size(1);
-  const bool onednn = matmul_uses_onednn(g);
-  at::Tensor g_xw_t;                // [K, B] = g_xw.T, row-major, for oneDNN's weight gradient
-  if (onednn) g_xw_t = at::empty({K, B}, g.options());
   at::Tensor g_b;                   // [K]
   if (B == 0 || K == 0) {
     g_b = at::zeros({K}, g.options());
@@ -145,7 +136,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_layer_bwd_cpu(
       const scalar_t* pxw = xw.template data_ptr<scalar_t>();
       scalar_t* pgxw = g_xw.template data_ptr<scalar_t>();
       scalar_t* pgx0 = g_x0.template data_ptr<scalar_t>();
-      scalar_t* pgxwt = onednn ? g_xw_t.template data_ptr<scalar_t>() : nullptr;
       const int64_t nblocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
       std::vector<acc> partial(static_cast<size_t>(nblocks * K));  // [nblocks, K]
       const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kRowsPerBlock * K));
@@ -156,7 +146,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_layer_bwd_cpu(
             const int64_t rows = std::min(kRowsPerBlock, B - r0);
             const int64_t o = r0 * K;
             cross_bwd_epilogue<scalar_t>(pg + o, px0 + o, pxw + o, pgxw + o, pgx0 + o,
-                                         pgxwt == nullptr ? nullptr : pgxwt + r0, B,
                                          partial.data() + blk * K, rows, K);
           }
         });
@@ -169,9 +158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_layer_bwd_cpu(
       g_b = gb_acc.to(g.scalar_type());
     });
   }
-  // g_x = g_xw @ W + g (the residual), g_w = g_xw.T @ x
+  // g_x = g_xw @ W + g (the residual), g_w = g_xw.T @ x (g_xw.T read in place)
   auto g_x = matmul_t(g_xw, weight.t(), g);  // [B, K]
-  auto g_w = matmul_t(g_xw_t.defined() ? g_xw_t : g_xw.t(), x.t());  // [K, K]
+  auto g_w = matmul_t(g_xw.t(), x.t());       // [K, K]
   return {g_x0, g_x, g_w, g_b};
 }
 

@@ -11,9 +11,9 @@
 //   * the packed serving model's layers, whose weights are blocked ahead of time
 //     (common/linear_blocked.h): the blocked kernels of linear_blocked.inc, fp32, or bf16 through
 //     AVX512_BF16 where cpu_isa() allows it and the portable bf16 kernel elsewhere.
-// The backward's elementwise work (the ReLU's mask, the bias gradient, the transposed operand of
-// the weight gradient's product) is one pass over the output gradient (bwd_pass); its two
-// products follow the policy above.
+// The backward's elementwise work (the ReLU's mask, the bias gradient) is one pass over the
+// output gradient (bwd_pass); its two products follow the policy above, the weight gradient's
+// g.T @ x through ATen, which reads g.T in place (matmul_uses_onednn).
 // GCC 12 reports a false -Wmaybe-uninitialized inside its own avx512fintrin.h for the AVX-512
 // intrinsics of linear_blocked.inc (the header's _mm512_undefined idiom); the state must cover the
 // header's locations, hence file-wide.
@@ -241,19 +241,25 @@ at::Tensor linear_forward(const at::Tensor& x_, const at::Tensor& w,
   return aten_linear(x, w, b, relu);
 }
 
+// A first operand that is not row-major (a transposed view: the weight gradient's g.T) goes to
+// ATen, whose BLAS reads it in place; oneDNN would need a transposed copy first. Writing that
+// copy, even fused into the backward's elementwise pass, cost more than it saved on a 2-core
+// Xeon with AMX (bench/RESULTS_models.md: DLRM and DCN-v2 steps about 5% faster without it).
+namespace {
 bool matmul_uses_onednn(const at::Tensor& a) {
-  return a.device().is_cpu() && a.dim() == 2 && a.size(1) > 0 &&
+  return a.device().is_cpu() && a.dim() == 2 && a.size(1) > 0 && a.is_contiguous() &&
          onednn_for(a.scalar_type(), a.size(0), /*bf16_ok=*/false);
 }
+}  // namespace
 
 at::Tensor matmul_t(const at::Tensor& a, const at::Tensor& b,
                     const std::optional<at::Tensor>& add) {
   if (matmul_uses_onednn(a) && b.size(0) > 0) {
     at::Tensor y;
     if (!add.has_value()) {
-      y = pointwise_call(a.contiguous(), b, std::nullopt, "none");
+      y = pointwise_call(a, b, std::nullopt, "none");
     } else if (add->scalar_type() == at::kFloat) {
-      y = pointwise_add_call(a.contiguous(), b, add->contiguous());
+      y = pointwise_add_call(a, b, add->contiguous());
     }
     if (y.defined()) return y;
   }
@@ -267,81 +273,17 @@ namespace {
 // over blocks in order, so it does not depend on the thread count.
 constexpr int64_t kBwdRows = 64;
 
-// Side of the tiles of the transposed write: one 64-byte line of float32.
-constexpr int64_t kTile = 16;
-
-typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-
-// One 16 x 16 float32 tile, src rows at stride lds -> dst rows at stride ldd, in registers: swapping
-// the off-diagonal b x b blocks of every 2b x 2b block, for b = 1, 2, 4, 8, transposes the tile;
-// each swap is one two-source permutation per row (64 in all, against 256 scalar moves).
-ADREC_INLINE void transpose16_f32(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  vf16 v[16];
-  for (int i = 0; i < 16; ++i) std::memcpy(&v[i], src + i * lds, sizeof(vf16));
-  auto stage = [&](auto b_const) ADREC_LAMBDA_INLINE {
-    constexpr int b = decltype(b_const)::value;
-    vi16 lo, hi;  // lane c of rows r (bit b clear) and r + b
-    for (int c = 0; c < 16; ++c) {
-      lo[c] = (c & b) ? 16 + (c ^ b) : c;
-      hi[c] = (c & b) ? 16 + c : (c ^ b);
-    }
-    for (int r = 0; r < 16; ++r) {
-      if (r & b) continue;
-      const vf16 a = v[r], c = v[r + b];
-      v[r] = __builtin_shuffle(a, c, lo);
-      v[r + b] = __builtin_shuffle(a, c, hi);
-    }
-  };
-  stage(std::integral_constant<int, 1>{});
-  stage(std::integral_constant<int, 2>{});
-  stage(std::integral_constant<int, 4>{});
-  stage(std::integral_constant<int, 8>{});
-  for (int i = 0; i < 16; ++i) std::memcpy(dst + i * ldd, &v[i], sizeof(vf16));
-}
-
-// gt[n * ldt + r] = src[r * N + n] for r < rows, n < N, by kTile x kTile tiles, each read as
-// kTile row pieces and written as kTile whole column pieces. Writing single elements down the
-// columns instead touches kTile lines whose addresses differ by a multiple of 4 KB (ldt = M):
-// they share one L1 set and evict each other between writes, 3-4x slower than ATen's copy.
-template <typename scalar_t>
-ADREC_INLINE void transpose_block(const scalar_t* src, int64_t N, scalar_t* gt, int64_t ldt,
-                                  int64_t rows) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    const int64_t nr = std::min(kTile, rows - r0);
-    for (int64_t n0 = 0; n0 < N; n0 += kTile) {
-      const int64_t nn = std::min(kTile, N - n0);
-      if (nr == kTile && nn == kTile) {
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          transpose16_f32(src + r0 * N + n0, N, gt + n0 * ldt + r0, ldt);
-        } else {
-          scalar_t t[kTile][kTile];  // [column, row]
-          for (int64_t i = 0; i < kTile; ++i)
-            for (int64_t j = 0; j < kTile; ++j) t[j][i] = src[(r0 + i) * N + n0 + j];
-          for (int64_t j = 0; j < kTile; ++j)
-            std::memcpy(gt + (n0 + j) * ldt + r0, t[j], sizeof(t[j]));
-        }
-      } else {
-        for (int64_t j = 0; j < nn; ++j)
-          for (int64_t i = 0; i < nr; ++i) gt[(n0 + j) * ldt + r0 + i] = src[(r0 + i) * N + n0 + j];
-      }
-    }
-  }
-}
-
 // The elementwise part of the backward for `rows` rows of N, reading go (grad_out, row stride N)
 // and, for the ReLU, out:
 //   g     = go where out > 0, else 0 (threshold_backward's rule, so a NaN output passes its
 //           gradient); written to g for the ReLU, which may be a block scratch;
-//   colsum[n] = the sum of g[:, n] over these rows, when colsum is not null;
-//   gt    = g transposed (row stride ldt), when gt is not null.
+//   colsum[n] = the sum of g[:, n] over these rows, when colsum is not null.
 template <typename scalar_t, bool RELU>
-ADREC_INLINE void bwd_block(const scalar_t* go, const scalar_t* out, scalar_t* g, scalar_t* gt,
-                            int64_t ldt, acc_t<scalar_t>* colsum, int64_t rows, int64_t N) {
+ADREC_INLINE void bwd_block(const scalar_t* go, const scalar_t* out, scalar_t* g,
+                            acc_t<scalar_t>* colsum, int64_t rows, int64_t N) {
   using acc = acc_t<scalar_t>;
   if (colsum != nullptr)
     for (int64_t n = 0; n < N; ++n) colsum[n] = acc(0);
-  const scalar_t* src = go;  // the block's g, row-major
   if constexpr (RELU) {
     const scalar_t zero(0);
     if (colsum != nullptr) {
@@ -354,48 +296,43 @@ ADREC_INLINE void bwd_block(const scalar_t* go, const scalar_t* out, scalar_t* g
     } else {
       for (int64_t i = 0; i < rows * N; ++i) g[i] = out[i] <= zero ? zero : go[i];
     }
-    src = g;
   } else if (colsum != nullptr) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t n = 0; n < N; ++n) colsum[n] += static_cast<acc>(go[r * N + n]);
   }
-  if (gt != nullptr) transpose_block(src, N, gt, ldt, rows);
 }
 
 struct BwdPass {
   at::Tensor g;   // [M, N] the gradient of the product (grad_out itself without the ReLU);
                   // with the ReLU undefined unless asked for
-  at::Tensor gt;  // [N, M] g transposed, row-major; undefined unless asked for
   at::Tensor gb;  // [N] the bias gradient; undefined unless asked for
 };
 
 // One pass over grad_out (and the ReLU's out) by blocks of rows, producing what the products
-// and the bias gradient need: it replaces a threshold pass, a transposing copy and a reduction,
-// each of which would read the whole [M, N] again. want_g: g must be row-major in memory (for
-// the input gradient's product); without the ReLU it is grad_out and costs nothing.
-BwdPass bwd_pass(const at::Tensor& go, const at::Tensor& out, bool relu, bool want_g, bool want_gt,
+// and the bias gradient need: it replaces a threshold pass and a reduction, each of which would
+// read the whole [M, N] again. want_g: g must be in memory (for the products); without the ReLU
+// it is grad_out and costs nothing.
+BwdPass bwd_pass(const at::Tensor& go, const at::Tensor& out, bool relu, bool want_g,
                  bool want_gb) {
   const int64_t M = go.size(0), N = go.size(1);
   BwdPass r;
   if (!relu) r.g = go;
   else if (want_g) r.g = at::empty_like(go);
-  if (want_gt) r.gt = at::empty({N, M}, go.options());
   if (want_gb && (M == 0 || N == 0)) {
     r.gb = at::zeros({N}, go.options());
     want_gb = false;
   }
-  if (M == 0 || N == 0 || !(want_gt || want_gb || (relu && want_g))) return r;
+  if (M == 0 || N == 0 || !(want_gb || (relu && want_g))) return r;
   const int64_t nblocks = (M + kBwdRows - 1) / kBwdRows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "linear_bwd_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* pgo = go.template data_ptr<scalar_t>();
     const scalar_t* pout = relu ? out.template data_ptr<scalar_t>() : nullptr;
     scalar_t* pg = relu && want_g ? r.g.template data_ptr<scalar_t>() : nullptr;
-    scalar_t* pgt = want_gt ? r.gt.template data_ptr<scalar_t>() : nullptr;
     std::vector<acc> partial(want_gb ? static_cast<size_t>(nblocks * N) : 0);  // [nblocks, N]
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kBwdRows * N));
     parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-      // the ReLU's masked block when g itself is not kept (only its transpose is)
+      // the ReLU's masked block when g itself is not kept (only the bias gradient is wanted)
       std::vector<scalar_t> scratch(relu && pg == nullptr ? kBwdRows * N : 0);
       isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
         for (int64_t blk = b0; blk < b1; ++blk) {
@@ -404,11 +341,10 @@ BwdPass bwd_pass(const at::Tensor& go, const at::Tensor& out, bool relu, bool wa
           const int64_t o = r0 * N;
           scalar_t* dst = pg != nullptr ? pg + o : scratch.data();
           acc* cs = want_gb ? partial.data() + blk * N : nullptr;
-          scalar_t* gt = pgt == nullptr ? nullptr : pgt + r0;
           if (relu)
-            bwd_block<scalar_t, true>(pgo + o, pout + o, dst, gt, M, cs, rows, N);
+            bwd_block<scalar_t, true>(pgo + o, pout + o, dst, cs, rows, N);
           else
-            bwd_block<scalar_t, false>(pgo + o, nullptr, nullptr, gt, M, cs, rows, N);
+            bwd_block<scalar_t, false>(pgo + o, nullptr, nullptr, cs, rows, N);
         }
       });
     });
@@ -435,38 +371,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   const at::Tensor res = relu ? out->contiguous() : at::Tensor();
   const int64_t M = go.size(0), N = go.size(1), K = x.size(1);
   if (N == 1 && K > 0 && x.scalar_type() == w.scalar_type()) {  // one output, as the forward
-    const BwdPass p = bwd_pass(go, res, relu, /*want_g=*/true, /*want_gt=*/false, mask[2]);
+    const BwdPass p = bwd_pass(go, res, relu, /*want_g=*/true, mask[2]);
     const auto g1 = p.g.select(1, 0);  // [M]
     auto gx = mask[0] ? at::outer(g1, w[0]) : at::empty({0}, x.options());  // [M, K]
     auto gw = mask[1] ? at::mv(x.t(), g1).unsqueeze(0) : at::empty({0}, w.options());  // [1, K]
     auto gb = mask[2] ? p.gb : at::empty({0}, go.options());
     return {gx, gw, gb};
   }
-  // The weight gradient [N, K] = g.T @ x, decided on the batch M, the product's inner width.
-  // oneDNN's first operand must be row-major, so one of g.T and x.T is written transposed. With
-  // the ReLU the elementwise pass reads and writes all of g anyway, and writes g.T from each
-  // block while it is in cache (a tower's first layer, which needs no input gradient, writes
-  // g.T instead of g); that beats copying x.T and then the transposed result into the weight's
-  // layout, as autograd does, even where x is narrower ([4096, 367] -> 512: 33.8 against
-  // 34.5 ms for the whole backward on one thread). Without the ReLU g is grad_out as it came,
-  // so the narrower of g.T and x.T is copied.
-  const bool gw_onednn =
-      mask[1] && N > 0 && K > 0 && onednn_for(go.scalar_type(), M, /*bf16_ok=*/false);
-  const bool use_gt = gw_onednn && (relu || N <= K);
-  const bool want_g = mask[0] || (mask[1] && !use_gt);
-  const BwdPass p = bwd_pass(go, res, relu, want_g, use_gt, mask[2]);
-  at::Tensor gx, gw;
-  gx = mask[0] ? matmul_t(p.g, w.t()) : at::empty({0}, x.options());  // [M, K] = g @ w
-  if (gw_onednn) {
-    if (use_gt) {
-      gw = pointwise_call(p.gt, x.t(), std::nullopt, "none");  // [N, K]
-    } else {
-      gw = pointwise_call(x.t().contiguous(), p.g.t(), std::nullopt, "none");  // [K, N]
-      if (gw.defined()) gw = gw.t();
-    }
-  }
-  if (mask[1] && !gw.defined()) gw = at::mm(use_gt ? p.gt : p.g.t(), x);
-  if (!mask[1]) gw = at::empty({0}, w.options());
+  // The weight gradient [N, K] = g.T @ x reads g transposed in place (matmul_uses_onednn).
+  const BwdPass p = bwd_pass(go, res, relu, mask[0] || mask[1], mask[2]);
+  at::Tensor gx = mask[0] ? matmul_t(p.g, w.t()) : at::empty({0}, x.options());  // [M, K] = g @ w
+  at::Tensor gw = mask[1] ? matmul_t(p.g.t(), x.t()) : at::empty({0}, w.options());  // [N, K]
   at::Tensor gb = mask[2] ? p.gb : at::empty({0}, go.options());  // [N]
   return {gx, gw, gb};
 }
