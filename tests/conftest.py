@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Register the *_triton ops even without a GPU or the interpreter (ops/_backend.py): opcheck
+# covers their schemas, fake kernels and autograd on CPU.
+os.environ.setdefault("ADREC_TRITON_OPS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 

@@ -9,6 +9,7 @@ shows up at run time, on whichever path calls it first.
 from __future__ import annotations
 
 import ast
+import os
 import importlib.util
 import subprocess
 import sys
@@ -287,6 +288,35 @@ def test_importing_serving_loads_no_training_module():
     loaded, serving = out.stdout.strip().splitlines()[-2:]
     assert serving == "True"
     assert loaded == "[]", f"import adrec_fast.serving loaded {loaded}"
+
+
+def test_triton_ops_are_registered_only_where_they_can_run():
+    """Without a CUDA device, TRITON_INTERPRET=1 or ADREC_TRITON_OPS=1, ``import adrec_fast``
+    registers no *_triton op and imports neither triton nor torch's compiler stack (about 1.5 s
+    of import time); with the interpreter switch it registers them."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device registers the Triton ops")
+    code = (
+        "import sys, torch\n"
+        "import adrec_fast\n"
+        "ops = [n for n in torch._C._dispatch_get_all_op_names()\n"
+        "       if n.startswith('adrec::') and n.endswith('_triton')]\n"
+        "print(len(ops), 'triton' in sys.modules, 'torch._inductor' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ADREC_TRITON_OPS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "False", "False"]
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return  # the extra is not installed: nothing registers either way
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env={**env, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr
+    n, has_triton, _ = out.stdout.split()
+    assert int(n) >= 6 and has_triton == "True"
 
 
 # ---------------------------------------------------------------- the fused update in functional

@@ -34,6 +34,15 @@ def _cuda_built() -> bool:
 
 CUDA_BUILT = _cuda_built()
 
+#: Whether the op modules register their Triton kernels (the ``*_triton`` ops): where they can
+#: run, on a CUDA device or under Triton's CPU interpreter (TRITON_INTERPRET=1). Elsewhere
+#: registering them would only cost time: it imports triton and torch's compiler stack, about
+#: 1.5 s of every ``import adrec_fast`` on a CPU-only machine with the triton extra installed.
+#: ADREC_TRITON_OPS=1 registers them anyway: the test suite does, so that opcheck covers their
+#: schemas, fake kernels and autograd on CPU (through their reference CPU kernels).
+TRITON_OPS = (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+              or os.environ.get("ADREC_TRITON_OPS") == "1")
+
 # (op, device type) -> backend used when nothing is forced. "cpp" on CPU is the C++ kernel;
 # on CUDA "cuda" is csrc/cuda (when _C was built with it), else "triton" (kernels/, once the op
 # module registers it), else the reference.

@@ -47,13 +47,15 @@ def attention_pooling(query, keys, offsets):
 
 # --- Triton backend: adrec::attention_pooling_triton for CUDA tensors
 # (kernels/attention_pooling.py); returns (out, probs) like adrec::attention_pooling. The
-# reference is its CPU kernel. Skipped without triton.
-try:
-    from torch.library import triton_op, wrap_triton
+# reference is its CPU kernel. Skipped without triton or a device it runs on.
+_tk = None
+if _backend.TRITON_OPS:  # a device the kernels can run on (ops/_backend.py)
+    try:
+        from torch.library import triton_op, wrap_triton
 
-    from ..kernels import attention_pooling as _tk
-except ImportError:
-    _tk = None
+        from ..kernels import attention_pooling as _tk
+    except ImportError:  # triton is not installed
+        _tk = None
 
 if _tk is not None:
 

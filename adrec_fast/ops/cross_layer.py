@@ -57,13 +57,15 @@ def cross_layer(x0, x, weight, bias):
 
 # --- Triton backend: adrec::cross_layer_triton for CUDA tensors (kernels/cross_layer.py: GEMMs
 # through torch, bias + x0 * xw + x fused); returns (out, xw) like adrec::cross_layer. The
-# reference is its CPU kernel. Skipped without triton.
-try:
-    from torch.library import triton_op, wrap_triton
+# reference is its CPU kernel. Skipped without triton or a device it runs on.
+_tk = None
+if _backend.TRITON_OPS:  # a device the kernels can run on (ops/_backend.py)
+    try:
+        from torch.library import triton_op, wrap_triton
 
-    from ..kernels import cross_layer as _tk
-except ImportError:
-    _tk = None
+        from ..kernels import cross_layer as _tk
+    except ImportError:  # triton is not installed
+        _tk = None
 
 if _tk is not None:
 

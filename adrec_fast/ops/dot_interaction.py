@@ -44,13 +44,16 @@ def dot_interaction(emb, self_interaction=False):
 
 
 # --- Triton backend: adrec::dot_interaction_triton for CUDA tensors
-# (kernels/dot_interaction.py); the reference is its CPU kernel. Skipped without triton.
-try:
-    from torch.library import triton_op, wrap_triton
+# (kernels/dot_interaction.py); the reference is its CPU kernel. Skipped without triton or a
+# device it runs on.
+_tk = None
+if _backend.TRITON_OPS:  # a device the kernels can run on (ops/_backend.py)
+    try:
+        from torch.library import triton_op, wrap_triton
 
-    from ..kernels import dot_interaction as _tk
-except ImportError:
-    _tk = None
+        from ..kernels import dot_interaction as _tk
+    except ImportError:  # triton is not installed
+        _tk = None
 
 if _tk is not None:
 

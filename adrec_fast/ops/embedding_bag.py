@@ -187,16 +187,19 @@ def _fused_ops(device):
 # --- Triton backend: adrec::embedding_bag_triton (triton_op; the reference is its CPU kernel),
 # adrec::embedding_bag_bwd_triton -> (unique rows, row grads) and the fused
 # adrec::embedding_bag_bwd_update_triton (custom ops: their output size / effect depends on the
-# data, so torch.compile treats them as opaque). kernels/embedding_bag.py. Skipped without triton.
-try:
-    from typing import Optional
+# data, so torch.compile treats them as opaque). kernels/embedding_bag.py. Skipped without
+# triton or a device it runs on.
+_tk = None
+if _backend.TRITON_OPS:  # a device the kernels can run on (ops/_backend.py)
+    try:
+        from typing import Optional
 
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.library import triton_op, wrap_triton
+        from torch._subclasses.fake_tensor import is_fake
+        from torch.library import triton_op, wrap_triton
 
-    from ..kernels import embedding_bag as _tk
-except ImportError:
-    _tk = None
+        from ..kernels import embedding_bag as _tk
+    except ImportError:  # triton is not installed
+        _tk = None
 
 if _tk is not None:
 

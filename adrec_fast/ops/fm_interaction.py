@@ -41,13 +41,15 @@ def fm_interaction(emb):
 
 
 # --- Triton backend: adrec::fm_interaction_triton for CUDA tensors (kernels/fm_interaction.py);
-# the reference is its CPU kernel. Skipped when triton is not installed.
-try:
-    from torch.library import triton_op, wrap_triton
+# the reference is its CPU kernel. Skipped without triton or a device it runs on.
+_tk = None
+if _backend.TRITON_OPS:  # a device the kernels can run on (ops/_backend.py)
+    try:
+        from torch.library import triton_op, wrap_triton
 
-    from ..kernels import fm_interaction as _tk
-except ImportError:
-    _tk = None
+        from ..kernels import fm_interaction as _tk
+    except ImportError:  # triton is not installed
+        _tk = None
 
 if _tk is not None:
 

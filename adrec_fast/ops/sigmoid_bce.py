@@ -74,15 +74,17 @@ def score(x, w, b):
 
 # --- Triton backend: adrec::sigmoid_bce_triton (loss, grad in one pass) and adrec::score_triton
 # for CUDA tensors (kernels/sigmoid_bce.py); the reference is their CPU kernel. Skipped
-# without triton.
-try:
-    from typing import Optional
+# without triton or a device it runs on.
+_tk = None
+if _backend.TRITON_OPS:  # a device the kernels can run on (ops/_backend.py)
+    try:
+        from typing import Optional
 
-    from torch.library import triton_op, wrap_triton
+        from torch.library import triton_op, wrap_triton
 
-    from ..kernels import sigmoid_bce as _tk
-except ImportError:
-    _tk = None
+        from ..kernels import sigmoid_bce as _tk
+    except ImportError:  # triton is not installed
+        _tk = None
 
 if _tk is not None:
 
