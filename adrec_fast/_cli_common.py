@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -60,6 +61,22 @@ def _infer_schema(path, label: str, drop: list[str], model: str | None = None):
         for _ in open_reader(path, label=label):  # raises DataError(path, line, field)
             pass
         raise
+
+
+def _warn_without_history(schema, model: str) -> None:
+    """A UserWarning when ``model`` attends over behaviour histories and ``schema`` has none: it
+    would train without its attention, which is easy to miss."""
+    from .models.registry import reads_histories
+
+    try:
+        if not reads_histories(model) or schema.sequence_fields():
+            return
+    except ValueError:  # an unknown model name: building the model reports it
+        return
+    warnings.warn(f"--model {model}: the schema has no behaviour-history (sequence) field, so "
+                  "the model trains without target attention; a multi-valued column is read as "
+                  "one when its values follow a categorical column's, or declare it in --schema "
+                  "(sequence: true, share_with: that column)", UserWarning, stacklevel=2)
 
 
 # Entries that mark a directory as a saved model: train's run directory, a demo checkpoint.

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ._cli_common import (CLIError, _fmt, _fresh_out, _given_schema, _infer_schema,
                           _json_line, _online_data, _online_options, _recipe,
-                          _report_warnings, _train_setup, _write_run_files)
+                          _report_warnings, _train_setup, _warn_without_history,
+                          _write_run_files)
 
 DESCRIPTION = """\
 adrec-fast: train, evaluate and serve click-through-rate (CTR) models on fused CPU kernels.
@@ -532,6 +533,7 @@ def cmd_train(a) -> int:
         warnings.simplefilter("always")
         schema = _with_text(_given_schema(a, drop)
                             or _infer_schema(a.data, a.label, drop, a.model), a)
+        _warn_without_history(schema, a.model)
         data = load_training_data(a.data, schema, valid_path=a.valid,
                                   valid_fraction=a.valid_fraction, seed=a.seed,
                                   stream=a.stream, **reader_kw)
@@ -607,6 +609,7 @@ def cmd_train_online(a) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         schema, stream, clock = _online_data(a, drop, reader_kw)
+        _warn_without_history(schema, a.model)
         torch.manual_seed(a.seed)
         model_kw, trainer_kw, _ = _recipe(a)
         if schema.has_dynamic:

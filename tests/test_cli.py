@@ -291,13 +291,18 @@ def test_train_din_reads_the_history_column_as_a_sequence(csvs, capsys):
         out = d / f"run_hist_{model}"
         assert main(["train", str(d / "train.csv"), "--model", model, "--out", str(out),
                      "--epochs", "1", "--batch-size", "256", "--no-progress", "--json"]) == 0
-        capsys.readouterr()
+        assert "behaviour-history" not in capsys.readouterr().err
         m = load_model(out)[0]
         hist = m.schema.field("hist")
         assert (hist.sequence, hist.share_with) == ((True, "item") if attends else (False, None))
         if attends:
             assert m.sequences == ["hist"]
             assert m.schema.table_of("hist") == m.schema.table_of("item")
+    # without the history column DIN has nothing to attend over: said on stderr, not silent
+    assert main(["train", str(d / "train.csv"), "--model", "din", "--out", str(d / "run_nohist"),
+                 "--drop", "hist", "--epochs", "1", "--batch-size", "256", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --model din: the schema has no behaviour-history (sequence) field" in err
     assert main(["eval", str(d / "run_hist_din"), str(d / "test.csv"), "--json"]) == 0
     assert 0.5 < _last_json(capsys.readouterr().out)["auc"] <= 1.0
     import pyarrow.csv as pcsv
