@@ -763,21 +763,18 @@ def _frequencies(arr) -> dict:
                                      vc.field("counts").to_pylist())}
 
 
-def _history_owner(values, candidates: dict) -> str | None:
-    """The categorical column whose values a multi-valued column's values (``values``, strings)
-    are drawn from: the candidate (``{name: its sampled values as strings}``) whose value
-    distribution overlaps the list elements' most, by histogram intersection (the sum over
-    values of the smaller of the two shares: 1 for the same distribution, 0 for disjoint
-    values), when that is at least ``HISTORY_OVERLAP``. Comparing distributions, not value
-    sets, tells an item column from a user column when both hold small integers: a history of
-    clicked items follows the items' popularity, not the users'."""
-    if len(values) == 0:
-        return None
-    hist = _frequencies(values)
+def _history_owner(values: dict, candidates: dict) -> str | None:
+    """The categorical column whose values a multi-valued column's values are drawn from.
+    ``values``: the list elements' ``_frequencies``; ``candidates``: ``{name: its sampled
+    values' _frequencies}``. The candidate whose value distribution overlaps the elements' most,
+    by histogram intersection (the sum over values of the smaller of the two shares: 1 for the
+    same distribution, 0 for disjoint values), when that is at least ``HISTORY_OVERLAP``.
+    Comparing distributions, not value sets, tells an item column from a user column when both
+    hold small integers: a history of clicked items follows the items' popularity, not the
+    users'."""
     best, best_overlap = None, HISTORY_OVERLAP
-    for name, cand in candidates.items():
-        freq = _frequencies(cand)
-        overlap = sum(min(p, freq.get(v, 0.0)) for v, p in hist.items())
+    for name, freq in candidates.items():
+        overlap = sum(min(p, freq.get(v, 0.0)) for v, p in values.items())
         if overlap >= best_overlap:
             best, best_overlap = name, overlap
     return best
@@ -788,12 +785,15 @@ def _mark_histories(fields: list[dict], cols: dict, overrides) -> None:
     follow a categorical field's (``_history_owner``) that field's behaviour sequence. A field
     the overrides declare is left as declared."""
     overrides = overrides or {}
-    singles = {f["name"]: _string_values(C.to_arrow(cols[f["name"]]))
+    multi = [f for f in fields if f.get("type") == "multi_categorical"
+             and f["name"] not in overrides and not f.get("share_with")]
+    if not multi:
+        return
+    singles = {f["name"]: _frequencies(_string_values(C.to_arrow(cols[f["name"]])))
                for f in fields if f.get("type") == "categorical" and not f.get("share_with")}
-    for f in fields:
-        if f.get("type") != "multi_categorical" or f["name"] in overrides or f.get("share_with"):
-            continue
-        owner = _history_owner(_string_values(C.to_arrow(cols[f["name"]])), singles)
+    for f in multi:
+        owner = _history_owner(_frequencies(_string_values(C.to_arrow(cols[f["name"]]))),
+                               singles)
         if owner is not None:
             f.update(sequence=True, share_with=owner)
 

@@ -460,14 +460,16 @@ def test_infer_reads_a_history_column_as_a_sequence_when_asked(tmp_path):
     assert b.seq_indices["hist"][:n0].tolist() == [vocab.index(v) + 1 for v in first if v]
     # the overlap rule itself: the same distribution -> that column; disjoint or below the
     # threshold -> none
-    import pyarrow as pa
+    from adrec_fast.data.schema import _frequencies
 
-    vals = pa.array(["1", "1", "2", "3"])
-    assert _history_owner(vals, {"a": pa.array(["1", "2", "3", "1"]), "b": pa.array(["9"])}) == "a"
-    assert _history_owner(vals, {"b": pa.array(["9", "8"])}) is None
+    def owner(values, **cands):
+        return _history_owner(_frequencies(pa.array(values, pa.string())),
+                              {k: _frequencies(pa.array(v, pa.string())) for k, v in cands.items()})
+
+    vals = ["1", "1", "2", "3"]
+    assert owner(vals, a=["1", "2", "3", "1"], b=["9"]) == "a"
+    assert owner(vals, b=["9", "8"]) is None
     k = round(100 * HISTORY_OVERLAP)  # the candidate's share of "1": k / 100
-    at = pa.array(["1"] * k + ["x"] * (100 - k))
-    under = pa.array(["1"] * (k - 1) + ["x"] * (101 - k))
-    assert _history_owner(pa.array(["1"]), {"h": at}) == "h"
-    assert _history_owner(pa.array(["1"]), {"h": under}) is None
-    assert _history_owner(pa.array([], pa.string()), {"a": vals}) is None
+    assert owner(["1"], h=["1"] * k + ["x"] * (100 - k)) == "h"
+    assert owner(["1"], h=["1"] * (k - 1) + ["x"] * (101 - k)) is None
+    assert owner([], a=vals) is None
