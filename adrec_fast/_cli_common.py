@@ -49,29 +49,30 @@ def _infer_schema(path, label: str, drop: list[str], model: str | None = None):
     from .data.errors import DataError
     from .data.pipeline import infer_schema
     from .data.readers import open_reader
-    from .models.registry import reads_histories
 
     try:
-        histories = model is not None and reads_histories(model)
-    except ValueError:  # an unknown model name: building the model reports it
-        histories = False
-    try:
-        return infer_schema(path, label=label, drop=drop, histories=histories)
+        return infer_schema(path, label=label, drop=drop, histories=_attends(model))
     except DataError:
         for _ in open_reader(path, label=label):  # raises DataError(path, line, field)
             pass
         raise
 
 
-def _warn_without_history(schema, model: str) -> None:
-    """A UserWarning when ``model`` attends over behaviour histories and ``schema`` has none: it
-    would train without its attention, which is easy to miss."""
+def _attends(model: str | None) -> bool:
+    """Whether model ``model`` attends over behaviour histories (False for an unknown name:
+    building the model reports that)."""
     from .models.registry import reads_histories
 
     try:
-        if not reads_histories(model) or schema.sequence_fields():
-            return
-    except ValueError:  # an unknown model name: building the model reports it
+        return model is not None and reads_histories(model)
+    except ValueError:
+        return False
+
+
+def _warn_without_history(schema, model: str) -> None:
+    """A UserWarning when ``model`` attends over behaviour histories and ``schema`` has none: it
+    would train without its attention, which is easy to miss."""
+    if not _attends(model) or schema.sequence_fields():
         return
     warnings.warn(f"--model {model}: the schema has no behaviour-history (sequence) field, so "
                   "the model trains without target attention; a multi-valued column is read as "
