@@ -741,15 +741,16 @@ def _joined_lists(arr) -> int:
     return int(counts.max()) if counts.size else 0
 
 
-def _string_values(arr):
-    """The values of a sampled column as strings (the elements of a list or ``Field.sep``-joined
-    column), nulls and empty text left out: what a vocabulary would be built from."""
+def _string_values(arr, joined: bool):
+    """The values of a sampled column as strings (the elements of a list column, or with
+    ``joined`` of a ``Field.sep``-joined text column), nulls and empty text left out: what a
+    vocabulary would be built from."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if C.is_list(arr.type):
         arr = pc.list_flatten(arr)
-    elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+    elif joined and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = pc.list_flatten(pc.split_pattern(arr, Field.sep))
     arr = arr.drop_null().cast(pa.string())
     return arr.filter(pc.not_equal(arr, ""))
@@ -789,11 +790,11 @@ def _mark_histories(fields: list[dict], cols: dict, overrides) -> None:
              and f["name"] not in overrides and not f.get("share_with")]
     if not multi:
         return
-    singles = {f["name"]: _frequencies(_string_values(C.to_arrow(cols[f["name"]])))
+    singles = {f["name"]: _frequencies(_string_values(C.to_arrow(cols[f["name"]]), False))
                for f in fields if f.get("type") == "categorical" and not f.get("share_with")}
     for f in multi:
-        owner = _history_owner(_frequencies(_string_values(C.to_arrow(cols[f["name"]]))),
-                               singles)
+        values = _string_values(C.to_arrow(cols[f["name"]]), True)
+        owner = _history_owner(_frequencies(values), singles)
         if owner is not None:
             f.update(sequence=True, share_with=owner)
 
