@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Which large host blocks glibc maps directly (a process-wide setting, ``map_large_blocks``):
-the data layer sets it when it loads training data, the trainer raises it above a training
-step's largest block."""
+the data layer sets it when it loads training data, a model's training forward raises it above
+the step's largest block."""
 from __future__ import annotations
 
 #: glibc maps blocks of this size and more directly (``map_large_blocks``). Above a training
@@ -10,7 +10,7 @@ from __future__ import annotations
 #: `train --model deepfm` ran at 27k samples/s, 51k with this one, 48k with glibc's default).
 #: Below the 16k-row evaluation batches' blocks ([16384, 400] float32: 25 MiB), whose mixing
 #: with the training blocks fragments the heap. A training step whose blocks are larger raises
-#: it (``training.loop.training_block_bytes``): DeepFM at batch 16384 ran at 30k samples/s under
+#: it (``models.base.CTRModel.step_block_bytes``): DeepFM at batch 16384 ran at 30k samples/s under
 #: 16 MiB, 48k under 32 MiB.
 MMAP_THRESHOLD_BYTES = 16 << 20
 #: glibc's largest mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``): blocks

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.allocator import map_large_blocks
 from ..data.batch import Batch, bag_take
 from ..data.metrics import auc, calibration, logloss
 from ..data.stream import epoch_permutation
@@ -104,17 +103,6 @@ def _iter_source(src, batch_size: int, shuffle: bool, seed: int, epoch: int) -> 
 
 def _source_len(src) -> int | None:
     return len(src) if hasattr(src, "batches") else None
-
-
-def training_block_bytes(model, batch_size: int) -> int:
-    """Bytes of the largest [batch, columns] float32 block a training step of ``model``
-    allocates: its widest dense layer side, or its fields' embeddings side by side with the
-    dense inputs (the interaction's input). ``fit`` keeps such blocks below glibc's mmap
-    threshold (``data.allocator.map_large_blocks``)."""
-    widths = [max(p.shape) for p in model.dense_parameters() if p.dim() == 2]
-    fields = getattr(model, "num_fields", 0) * getattr(model, "embedding_dim", 0)
-    widths.append(fields + getattr(model, "dense_in", 0))
-    return int(batch_size) * max(widths) * 4
 
 
 @torch.no_grad()
@@ -438,8 +426,6 @@ class Trainer:
         from tqdm.auto import tqdm
 
         model = self.model
-        # the step's blocks from the heap, not mapped and faulted in anew at every step
-        map_large_blocks(training_block_bytes(model, self.batch_size))
         train_src = _as_source(train)
         valid_src = _as_source(valid)
         if not (resume and self.resume()):

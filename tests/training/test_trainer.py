@@ -253,21 +253,35 @@ def test_frappe_fm(shared_data):
 
 
 def test_training_blocks_stay_below_the_mmap_threshold(small, monkeypatch):
-    """fit raises glibc's mmap threshold above the step's largest block (the widest layer or the
-    fields' embeddings side by side), so large batches are not mapped and faulted in anew at
-    every step."""
-    from adrec_fast.training import loop
+    """A model's training forward raises glibc's mmap threshold above the step's largest block
+    (the widest layer or the fields' embeddings side by side), whoever runs the loop, so large
+    batches are not mapped and faulted in anew at every step; eval and no-grad calls do not,
+    and a batch no larger than one before asks nothing again."""
+    from adrec_fast.models import base
 
     schema, train, _ = small
     model = _model(schema, "deepfm", hidden=(48, 24))
     fields = model.num_fields * model.embedding_dim + model.dense_in
-    assert loop.training_block_bytes(model, 100) == 100 * max(48, fields) * 4
+    assert model.step_block_bytes(100) == 100 * max(48, fields) * 4
     wide = _model(schema, "deepfm", hidden=(fields + 3,))
-    assert loop.training_block_bytes(wide, 7) == 7 * (fields + 3) * 4
+    assert wide.step_block_bytes(7) == 7 * (fields + 3) * 4
     seen = []
-    monkeypatch.setattr(loop, "map_large_blocks", seen.append)
+    monkeypatch.setattr(base, "map_large_blocks", seen.append)
+    small_batch, big_batch = train.slice(0, 64), train.slice(0, 200)
+    model.eval()
+    model(big_batch)
+    model.train()
+    with torch.no_grad():
+        model(big_batch)
+    assert seen == []
+    model(small_batch)
+    model(small_batch)
+    model(big_batch)
+    model(small_batch)
+    assert seen == [model.step_block_bytes(64), model.step_block_bytes(200)]
+    seen.clear()
     Trainer(model, batch_size=512, progress=False).fit(train, epochs=1)
-    assert seen == [loop.training_block_bytes(model, 512)]
+    assert seen == [model.step_block_bytes(512)]
 
 
 def test_map_large_blocks_rounds_up_caps_and_never_lowers():
