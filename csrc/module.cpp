@@ -28,6 +28,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/dynamic_table.h"
+#include "common/linear.h"
 #include "common/parallel.h"
 #include "common/tuning.h"
 #include "cpu/scorer.h"
@@ -357,6 +358,14 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<py::object, py::object>(), py::arg("encoder"), py::arg("pack"))
       .def("score", &ServingFront::score, py::arg("user"), py::arg("candidates"))
       .def_property_readonly("num_packed", &ServingFront::num_packed);
+  // The width at which a model stores activations of k columns (common/linear.h); the policy
+  // behind it is linear.cpp's.
+  m.def(
+      "gemm_width",
+      [](int64_t k, int64_t rows, bool float32) {
+        return adrec::gemm_width(k, float32 ? at::kFloat : at::kBFloat16, rows);
+      },
+      py::arg("k"), py::arg("rows"), py::arg("float32"));
   m.def("build_info", [] {
     py::dict d;
     d["torch"] = std::string(ADREC_TORCH_VERSION);

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as F
@@ -111,7 +112,9 @@ def mlp(in_features: int, hidden: Sequence[int], dropout: float = 0.0,
 def run_mlp(seq: nn.Sequential, x: Tensor) -> Tensor:
     """``seq(x)`` for an ``mlp`` stack: each Linear, with the ReLU that follows it fused in, runs
     through ``functional.linear`` (which chooses how the product runs); other modules
-    (BatchNorm, LayerNorm, Dropout) run as they are."""
+    (BatchNorm, LayerNorm, Dropout) run as they are. ``x`` may be wider than the first layer
+    by zero columns (``functional.gemm_width``): that layer's weight is then zero-padded to
+    match, which leaves its output unchanged."""
     mods = list(seq)
     h, i = x, 0
     while i < len(mods):
@@ -120,6 +123,8 @@ def run_mlp(seq: nn.Sequential, x: Tensor) -> Tensor:
             relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
             # a LoRA layer passes its adapted weight W + s*B@A: the same op, gradients to A, B
             w = m.merged_weight() if isinstance(m, LoRALinear) else m.weight  # [H, K]
+            if h.size(1) > w.size(1):  # zero columns appended to x: zero weights to match
+                w = TF.pad(w, (0, h.size(1) - w.size(1)))
             h = F.linear(h, w, m.bias, "relu" if relu else "none")  # [B, H]
             i += 2 if relu else 1
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as F
@@ -152,17 +153,25 @@ class DCNv2(CTRModel):
     def forward(self, batch: Batch) -> Tensor:
         emb, _ = self.lookup(batch)  # [B, T, D]
         emb, tlin = self.with_text(emb, batch)  # [B, T + X, D]
-        x0 = torch.cat([emb.flatten(1), self.dense_input(batch)], dim=1)  # [B, K]
+        parts = [emb.flatten(1), self.dense_input(batch)]
+        B = emb.shape[0]
+        # x0 stored at the width its products run fastest at: zero columns appended, which the
+        # cross net, the MLP and the head's cross half take as such (their outputs unchanged)
+        pad = F.gemm_width(self.k, self.tower_dtype(emb), B) - self.k
+        if pad:
+            parts.append(emb.new_zeros(B, pad))
+        x0 = torch.cat(parts, dim=1)  # [B, K + pad]
         with self.tower_precision(x0.device):
             x0 = x0.to(self.tower_dtype(x0))  # one cast, shared by the cross net and the MLP
-            xc = self.cross(x0)  # [B, K]
+            xc = self.cross(x0)  # [B, K + pad], zeros in the pad columns
             if self.structure == "parallel":
                 hd = run_mlp(self.deep, x0)  # [B, H]
                 head = self.head.head
                 # head on [cross, deep] without materialising the concatenation
                 w = head.weight.view(1, -1)
+                wc = TF.pad(w[:, : self.k], (0, pad)) if pad else w[:, : self.k]
                 logit = (F.linear(hd, w[:, self.k:], head.bias.view(1))
-                         + F.linear(xc, w[:, : self.k])).view(-1)  # [B]
+                         + F.linear(xc, wc)).view(-1)  # [B]
             else:
                 logit = self.head(run_mlp(self.deep, xc))  # [B]
         logit = logit.float()

@@ -4,7 +4,7 @@
 C++ kernel, csrc/cpu/linear.cpp, the one place for that decision."""
 import torch
 
-from .. import reference
+from .. import _C, reference
 from . import _backend
 
 _backend.register("linear", "cpu", "cpp", default=True)
@@ -53,3 +53,9 @@ def linear(x, weight, bias=None, activation="none"):
     if be == "reference":
         return reference.linear(x, weight, bias, activation)
     return torch.ops.adrec.linear(x, weight, bias, activation)
+
+
+def gemm_width(k: int, dtype: torch.dtype, rows: int) -> int:
+    """The width at which to store activations of ``k`` columns that feed products of ``rows``
+    rows in ``dtype``: ``k`` or more, with zero columns appended (the C++ policy's choice)."""
+    return int(_C.gemm_width(int(k), int(rows), dtype == torch.float32))

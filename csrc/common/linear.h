@@ -35,6 +35,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
     const std::optional<at::Tensor>& out, Activation act, std::array<bool, 3> mask);
 
+// The width at which a model should store activations of k columns that go into products of
+// `rows` rows in `dtype`: k rounded up to the next multiple the float32 GEMMs run fastest at
+// (zero columns appended), or k where padding does not pay (other dtypes, small batches).
+int64_t gemm_width(int64_t k, at::ScalarType dtype, int64_t rows);
+
 // a @ b.T (+ add [M, N], summed in the product's epilogue) for a [M, K], b [N, K]; a and b may
 // be strided views such as transposes (a transposed `a`, the weight gradient's g.T, is read in
 // place, never copied). The building block of backward passes.

@@ -128,11 +128,12 @@ def test_bad_shape():
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "aten"])
-@pytest.mark.parametrize("shape", [(1, 3), (130, 17), (257, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 3), (130, 17), (257, 64), (96, 48)], ids=str)
 def test_float32_matrix_paths(onednn, shape):
-    """fp32 products go to oneDNN when torch allows it, else to ATen; both match the float64
-    reference, including row counts that end inside a 64-row epilogue block, and strided inputs
-    (a transposed weight, a sliced x)."""
+    """fp32 products go to oneDNN when torch allows it, else to ATen (and the residual product
+    of the backward to BLAS at widths that are multiples of 16: (257, 64), (96, 48)); every
+    path matches the float64 reference, including row counts that end inside a 64-row epilogue
+    block, and strided inputs (a transposed weight, a sliced x)."""
     B, K = shape
     x0, _, _, b = _inputs(B, K, torch.float32)
     x = torch.randn(B, 2 * K)[:, ::2]
