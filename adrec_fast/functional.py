@@ -160,8 +160,31 @@ def dropout(x: Tensor, p: float, training: bool = True, *, seed: int | None = No
     if not training or p == 0.0:
         return x
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = _draw_seed()
     return _drop.dropout(x, float(p), int(seed), int(offset))
+
+
+def linear_relu_dropout(x: Tensor, weight: Tensor, bias: Tensor | None, p: float,
+                        training: bool = True, *, seed: int | None = None,
+                        offset: int = 0) -> Tensor:
+    """``dropout(linear(x, weight, bias, "relu"), p, training, seed=seed, offset=offset)``, the
+    same values and mask (one seed drawn the same way), with a cheaper backward: the ReLU's and
+    the dropout's masks are read together from the output, and the dropout's scale is folded
+    into the products, so no pass of the dropout's own runs over the gradient."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return linear(x, weight, bias, "relu")
+    if p == 1.0:  # no scale to fold: everything is dropped
+        return dropout(linear(x, weight, bias, "relu"), p, training, seed=seed, offset=offset)
+    if seed is None:
+        seed = _draw_seed()
+    return _linear.linear_relu_dropout(x, weight, bias, float(p), int(seed), int(offset))
+
+
+def _draw_seed() -> int:
+    """A dropout call's seed: one draw from torch's default generator."""
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def score(x: Tensor, w: Tensor, b: Tensor | float) -> Tensor:
@@ -178,6 +201,9 @@ __all__ = [
     "embedding_bag",
     "embedding_rows",
     "fm_interaction",
+    "gemm_width",
+    "linear",
+    "linear_relu_dropout",
     "score",
     "sigmoid_bce",
 ]

@@ -447,6 +447,12 @@ class GlobalBatchDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [n, ...] this rank's rows
         return F.dropout(x, self.p, self.training, offset=self.rank * x.numel())
 
+    def after_linear_relu(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``self(relu(x @ weight.T + bias))`` in one call (``functional.linear_relu_dropout``)."""
+        rows_out = x.shape[0] * weight.shape[0]  # the numel of the dropout's input
+        return F.linear_relu_dropout(x, weight, bias, self.p, self.training,
+                                     offset=self.rank * rows_out)
+
     def extra_repr(self) -> str:
         return f"p={self.p}, rank={self.rank}/{self.world}"
 

@@ -112,9 +112,11 @@ def mlp(in_features: int, hidden: Sequence[int], dropout: float = 0.0,
 def run_mlp(seq: nn.Sequential, x: Tensor) -> Tensor:
     """``seq(x)`` for an ``mlp`` stack: each Linear, with the ReLU that follows it fused in, runs
     through ``functional.linear`` (which chooses how the product runs); other modules
-    (BatchNorm, LayerNorm, Dropout) run as they are. ``x`` may be wider than the first layer
-    by zero columns (``functional.gemm_width``): that layer's weight is then zero-padded to
-    match, which leaves its output unchanged."""
+    (BatchNorm, LayerNorm, Dropout) run as they are, except a dropout right after the ReLU
+    that offers ``after_linear_relu`` (``adrec_fast.nn.Dropout``, ``GlobalBatchDropout``),
+    which runs fused with the layer. ``x`` may be wider than the first layer by zero columns
+    (``functional.gemm_width``): that layer's weight is then zero-padded to match, which leaves
+    its output unchanged."""
     mods = list(seq)
     h, i = x, 0
     while i < len(mods):
@@ -125,6 +127,11 @@ def run_mlp(seq: nn.Sequential, x: Tensor) -> Tensor:
             w = m.merged_weight() if isinstance(m, LoRALinear) else m.weight  # [H, K]
             if h.size(1) > w.size(1):  # zero columns appended to x: zero weights to match
                 w = TF.pad(w, (0, h.size(1) - w.size(1)))
+            drop = mods[i + 2] if relu and i + 2 < len(mods) else None
+            if drop is not None and hasattr(drop, "after_linear_relu"):
+                h = drop.after_linear_relu(h, w, m.bias)  # [B, H]
+                i += 3
+                continue
             h = F.linear(h, w, m.bias, "relu" if relu else "none")  # [B, H]
             i += 2 if relu else 1
         else:

@@ -14,3 +14,8 @@ class Dropout(nn.Dropout):
         if self.inplace:
             raise ValueError("adrec_fast.nn.Dropout: inplace is not supported")
         return F.dropout(x, self.p, self.training)
+
+    def after_linear_relu(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``self(relu(x @ weight.T + bias))`` in one call (``functional.linear_relu_dropout``:
+        the same mask, a backward without a pass of the dropout's own)."""
+        return F.linear_relu_dropout(x, weight, bias, self.p, self.training)

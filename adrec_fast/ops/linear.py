@@ -6,6 +6,7 @@ import torch
 
 from .. import _C, reference
 from . import _backend
+from . import dropout as _dropout
 
 _backend.register("linear", "cpu", "cpp", default=True)
 _backend.register("linear", "meta", "cpp", default=True)
@@ -59,3 +60,37 @@ def gemm_width(k: int, dtype: torch.dtype, rows: int) -> int:
     """The width at which to store activations of ``k`` columns that feed products of ``rows``
     rows in ``dtype``: ``k`` or more, with zero columns appended (the C++ policy's choice)."""
     return int(_C.gemm_width(int(k), int(rows), dtype == torch.float32))
+
+
+class _LinearReluDropout(torch.autograd.Function):
+    """y = dropout(relu(x @ w.T + b)). The backward takes both masks from y: y > 0 exactly where
+    the ReLU passed and the dropout kept, and there dy/d(x @ w.T + b) is the dropout's scale, a
+    constant that moves into the products (w * scale for x's gradient, the weight and bias
+    gradients scaled after) instead of a pass over the [M, N] gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p, seed, offset):
+        y = _dropout.dropout(torch.ops.adrec.linear(x, weight, bias, "relu"), p, seed, offset)
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, y = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], ctx.has_bias and need[2]]
+        gx, gw, gb = torch.ops.adrec.linear_bwd(grad, x, weight * ctx.scale, y, "relu", mask)
+        return (gx if mask[0] else None, gw.mul_(ctx.scale) if mask[1] else None,
+                gb.mul_(ctx.scale) if mask[2] else None, None, None, None)
+
+
+def linear_relu_dropout(x, weight, bias, p: float, seed: int, offset: int = 0):
+    """``dropout(linear(x, weight, bias, "relu"), p, seed, offset)``: the same mask and values;
+    on the native backend without autocast, a backward with no pass of the dropout's own.
+    0 < p < 1."""
+    be = _backend.backend_for("linear", x.device)
+    if be == "reference" or torch.is_autocast_enabled(x.device.type):
+        return _dropout.dropout(linear(x, weight, bias, "relu"), p, seed, offset)
+    return _LinearReluDropout.apply(x, weight, bias, p, seed, offset)

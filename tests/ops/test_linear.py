@@ -268,3 +268,80 @@ def test_bad_dense_setting_is_named():
                          timeout=300, env={**__import__("os").environ, "ADREC_DENSE": "mkl"})
     assert res.returncode != 0
     assert "ADREC_DENSE must be 'onednn' or 'aten', got 'mkl'" in res.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 17, 33), (64, 432, 48), (70, 13, 257)], ids=str)
+def test_linear_relu_dropout_matches_unfused(dtype, bias, shape):
+    """linear_relu_dropout = dropout(linear(..., "relu")) with the same seed drawn from the
+    same generator state: equal outputs, and gradients of x, weight and bias equal to rounding
+    (the dropout's scale moves into the products)."""
+    M, K, N = shape
+    x, w, b = _inputs(M, K, N, dtype, bias)
+    g = torch.randn(M, N, dtype=dtype)
+
+    def unfused(x, w, b):
+        return F.dropout(F.linear(x, w, b, "relu"), 0.3)
+
+    torch.manual_seed(7)
+    want, want_grads = _run(unfused, (x, w, b), g)
+    torch.manual_seed(7)
+    got, got_grads = _run(lambda x, w, b: F.linear_relu_dropout(x, w, b, 0.3), (x, w, b), g)
+    assert torch.equal(got, want)
+    assert (got == 0).any() and (got != 0).any()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for name, a, e in zip(("x", "weight", "bias"), got_grads, want_grads):
+        if e is None:
+            assert a is None
+            continue
+        assert_close_verbose(a, e, msg=name, **tol)
+
+
+def test_linear_relu_dropout_gradcheck_float64():
+    x, w, b = (t.requires_grad_(True) for t in _inputs(9, 6, 5, torch.float64))
+    torch.autograd.gradcheck(lambda x, w, b: F.linear_relu_dropout(x, w, b, 0.4, seed=11),
+                             (x, w, b))
+
+
+def test_linear_relu_dropout_edges():
+    """Eval and p = 0: the plain layer (no draw from the generator); p = 1: all zeros with zero
+    gradients; offset places the rows in a larger mask as dropout's does; p outside [0, 1]."""
+    x, w, b = _inputs(40, 12, 24, torch.float32)
+    plain = F.linear(x, w, b, "relu")
+    state = torch.get_rng_state()
+    assert torch.equal(F.linear_relu_dropout(x, w, b, 0.5, training=False), plain)
+    assert torch.equal(F.linear_relu_dropout(x, w, b, 0.0), plain)
+    assert torch.equal(torch.get_rng_state(), state)
+    a = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    out = F.linear_relu_dropout(*a, 1.0)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out))
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in a)
+    whole = F.dropout(F.linear(torch.cat([x, x]), w, b, "relu"), 0.5, seed=3)
+    second = F.linear_relu_dropout(x, w, b, 0.5, seed=3, offset=x.shape[0] * w.shape[0])
+    assert torch.equal(second, whole[x.shape[0]:])
+    with pytest.raises(ValueError, match="p must be in"):
+        F.linear_relu_dropout(x, w, b, 1.5)
+
+
+def test_mlp_runs_dropout_fused_with_same_result():
+    """run_mlp fuses a Dropout that follows Linear + ReLU: the same output and gradients as
+    running the modules one by one (the Sequential itself), seeded alike."""
+    from adrec_fast.models.base import mlp, run_mlp
+
+    torch.manual_seed(0)
+    seq, _ = mlp(20, (16, 8), dropout=0.25)
+    x = torch.randn(50, 20)
+    outs, grads = [], []
+    for fn in (run_mlp, lambda s, x: s(x)):
+        seq.zero_grad()
+        torch.manual_seed(5)
+        out = fn(seq, x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in seq.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    assert (outs[0] == 0).any()
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
