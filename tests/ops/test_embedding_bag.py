@@ -560,3 +560,30 @@ def test_large_tables_are_advised_onto_huge_pages(monkeypatch):
     t = torch.empty(4 << 20)
     assert _C.advise_huge_pages(t.data_ptr(), t.numel() * 4) in (True, False)
     assert _C.advise_huge_pages(t.data_ptr(), 100) is False  # no whole 2 MiB page inside
+
+
+@pytest.mark.parametrize("D", [16, 17, 64], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("B", [1, 9])
+def test_fused_update_reads_strided_grad_rows(D, B):
+    """grad_out as the first T*D columns of a wider gradient (rows further apart than T*D, as
+    DCN-v2's x0 hands it over) or a transposed view: the update equals the one from the same
+    values in a contiguous tensor, bit for bit, and the wide gradient is not written."""
+    rows = [30, 5, 17]
+    tofs, indices, offsets = make_bags(rows, B, 6, dup=True)
+    w0 = torch.randn(sum(rows), D)
+    state0 = torch.rand(sum(rows))
+    wide = torch.randn(B, len(rows) * D + 5)
+    sliced = wide[:, : len(rows) * D]
+    transposed = wide[:, : len(rows) * D].t().contiguous().t()
+    assert B == 1 or not (sliced.is_contiguous() or transposed.is_contiguous())
+    keep = wide.clone()
+    results = []
+    for g in (sliced.contiguous(), sliced, transposed):
+        w, state = w0.clone(), state0.clone()
+        torch.ops.adrec.embedding_bag_bwd_update(g, w, state, tofs, indices, offsets, None, 0, 1,
+                                                 0.1, 1e-8)
+        results.append((w, state))
+    for w, state in results[1:]:
+        assert torch.equal(w, results[0][0]) and torch.equal(state, results[0][1])
+    assert not torch.equal(results[0][0], w0)
+    assert torch.equal(wide, keep)
