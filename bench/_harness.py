@@ -150,7 +150,8 @@ class Results:
         """One row per (case, peer): our median and spread, the peer's, the ratio of the medians
         (peer / ours: > 1 means ours is faster) and the per-run ratios. ``best_peer``: also a row
         against the peer with the lowest median in each case; ``own``: providers that are
-        variants of ours (listed, never the best peer)."""
+        variants of ours (listed, never the best peer; with ``best_peer``, each also gets a row
+        of its own against that peer)."""
         scale = 1e3 if self.unit == "ms" else 1e6
         out = [f"### {self.title}", ""]
         if self.loads:
@@ -184,11 +185,15 @@ class Results:
                 continue
             if not rows:
                 out.append(f"| {case} | {fmt(ours)} | - | - | - | - |")
-            for label, p in rows:
+            rows = [(case, ours, label, p) for label, p in rows]
+            if best_peer and len(others) > 1:  # our variants against the best peer too
+                rows += [(f"{case} ({o})", self.medians[(case, o)], f"best peer ({best})", best)
+                         for o in own if (case, o) in self.medians]
+            for name, mine, label, p in rows:
                 theirs = self.medians[(case, p)]
-                ratio = statistics.median(theirs) / statistics.median(ours)
-                per_run = ", ".join(f"{b / a:.2f}" for a, b in zip(ours, theirs))
-                out.append(f"| {case} | {fmt(ours)} | {label} | {fmt(theirs)} | "
+                ratio = statistics.median(theirs) / statistics.median(mine)
+                per_run = ", ".join(f"{b / a:.2f}" for a, b in zip(mine, theirs))
+                out.append(f"| {name} | {fmt(mine)} | {label} | {fmt(theirs)} | "
                            f"{ratio:.2f}x | {per_run} |")
         if self.notes:
             out.append("")
