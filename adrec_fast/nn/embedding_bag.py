@@ -21,12 +21,13 @@ L2_RENORM = 1e-4
 
 
 class _ScaleOut(torch.autograd.Function):
-    """``out * scale`` whose backward passes the incoming gradient on unscaled: the fused update
+    """``out *= scale`` whose backward passes the incoming gradient on unscaled: the fused update
     behind ``out`` must see the gradient with respect to the rows of W = scale * weight."""
 
     @staticmethod
     def forward(ctx, out, scale):
-        return out * scale
+        ctx.mark_dirty(out)  # scaled where it lies: the pooled rows are this call's own tensor
+        return out.mul_(scale)
 
     @staticmethod
     def backward(ctx, g):
