@@ -155,8 +155,7 @@ def dropout(x: Tensor, p: float, training: bool = True, *, seed: int | None = No
     stored nowhere: the backward recomputes it. ``seed`` None draws one from torch's default
     generator (one draw per call, so ``torch.manual_seed`` fixes the masks); ``offset`` places
     x inside a larger tensor's mask (a rank's rows of a global batch)."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    _check_p(p)
     if not training or p == 0.0:
         return x
     if seed is None:
@@ -171,8 +170,7 @@ def linear_relu_dropout(x: Tensor, weight: Tensor, bias: Tensor | None, p: float
     same values and mask (one seed drawn the same way), with a cheaper backward: the ReLU's and
     the dropout's masks are read together from the output, and the dropout's scale is folded
     into the products, so no pass of the dropout's own runs over the gradient."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    _check_p(p)
     if not training or p == 0.0:
         return linear(x, weight, bias, "relu")
     if p == 1.0:  # no scale to fold: everything is dropped
@@ -180,6 +178,12 @@ def linear_relu_dropout(x: Tensor, weight: Tensor, bias: Tensor | None, p: float
     if seed is None:
         seed = _draw_seed()
     return _linear.linear_relu_dropout(x, weight, bias, float(p), int(seed), int(offset))
+
+
+def _check_p(p: float) -> None:
+    """The one validation of a dropout rate."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
 
 
 def _draw_seed() -> int:
