@@ -63,6 +63,8 @@ TORCH_LIBRARY(adrec, m) {
   // x [...] -> x * keep / (1 - p), keep a hash of (seed, offset + element index) (row-major):
   // the backward is the same op on the gradient; offset places x in a larger tensor's mask
   m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
+  // the same mask applied in place to a contiguous x
+  m.def("dropout_(Tensor(a!) x, float p, int seed, int offset) -> ()");
 
   // The serving executor (csrc/cpu/scorer.cpp): every zoo model on a model packed once per
   // (checkpoint, field split) by adrec_fast.serving.scorer.pack: meta [H] int64, blob [bytes]

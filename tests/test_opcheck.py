@@ -52,6 +52,10 @@ def _samples(op: str):
     if op == "dropout":
         x = torch.randn(4, 3, 5, dtype=d, requires_grad=True)
         return [((x, 0.3, 17, 0), {}), ((x, 0.0, 5, 2), {}), ((x, 1.0, 5, 0), {})]
+    if op == "dropout_":
+        x = torch.randn(4, 3, 5, dtype=d)
+        return [((x.clone(), 0.3, 17, 0), {}), ((x.clone(), 0.0, 5, 2), {}),
+                ((x.clone(), 1.0, 5, 0), {})]
     if op == "fm_interaction":
         return [((torch.randn(4, 3, 5, dtype=d, requires_grad=True),), {})]
     if op == "fm_interaction_bwd":

@@ -24,8 +24,22 @@ def _backward(ctx, grad):
 torch.library.register_autograd("adrec::dropout", _backward, setup_context=_setup_context)
 
 
+@torch.library.register_fake("adrec::dropout_")
+def _(x, p, seed, offset):
+    return None
+
+
 def dropout(x, p: float, seed: int, offset: int = 0):
     be = _backend.backend_for("dropout", x.device)
     if be == "reference":
         return reference.dropout(x, p, seed, offset)
     return torch.ops.adrec.dropout(x, p, seed, offset)
+
+
+def dropout_(x, p: float, seed: int, offset: int = 0):
+    """``dropout`` written into x, which is returned; for a tensor no one else reads and that
+    autograd does not track (no backward: the caller's own accounts for the mask)."""
+    if _backend.backend_for("dropout", x.device) == "cpp" and x.is_contiguous():
+        torch.ops.adrec.dropout_(x, p, seed, offset)
+        return x
+    return x.copy_(dropout(x, p, seed, offset))

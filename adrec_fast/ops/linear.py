@@ -70,7 +70,8 @@ class _LinearReluDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, p, seed, offset):
-        y = _dropout.dropout(torch.ops.adrec.linear(x, weight, bias, "relu"), p, seed, offset)
+        # the ReLU's output is this function's own: the mask goes on in place
+        y = _dropout.dropout_(torch.ops.adrec.linear(x, weight, bias, "relu"), p, seed, offset)
         ctx.scale = 1.0 / (1.0 - p)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, y)

@@ -24,6 +24,44 @@ def test_matches_reference(dtype, shape, p):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1,), (4096, 17), (2, 3, 7), (0, 4)])
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_in_place_is_the_same_mask(dtype, shape, p):
+    from adrec_fast.ops import dropout as D
+
+    torch.manual_seed(1)
+    x = torch.randn(shape).to(dtype)
+    for seed, offset in ((0, 0), (2**62 - 1, 2**32 - 5), (-3, 11)):
+        want = R.dropout(x, p, seed, offset)
+        y = x.clone()
+        torch.ops.adrec.dropout_(y, p, seed, offset)
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+        y = x.clone()
+        assert D.dropout_(y, p, seed, offset) is y
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+def test_in_place_non_contiguous_and_bad_input(monkeypatch):
+    from adrec_fast.ops import dropout as D
+
+    x = torch.randn(6, 8)
+    want = R.dropout(x.t().contiguous(), 0.3, 9, 0)
+    y = x.clone().t()  # a view: the op layer writes the out-of-place result back into it
+    assert D.dropout_(y, 0.3, 9, 0) is y
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dropout_: x must be contiguous"):
+        torch.ops.adrec.dropout_(x.clone().t(), 0.3, 9, 0)
+    with pytest.raises(ValueError, match=r"dropout_: p must be in \[0, 1\], got 1.5"):
+        torch.ops.adrec.dropout_(x.clone(), 1.5, 9, 0)
+    with pytest.raises(ValueError, match="dropout_: offset must be >= 0"):
+        torch.ops.adrec.dropout_(x.clone(), 0.5, 9, -1)
+    monkeypatch.setenv("ADREC_BACKEND", "reference")
+    y = x.clone()
+    D.dropout_(y, 0.3, 4, 2)
+    torch.testing.assert_close(y, R.dropout(x, 0.3, 4, 2), rtol=0, atol=0)
+
+
 def test_p_one_and_non_contiguous():
     x = torch.randn(6, 8)
     assert torch.equal(torch.ops.adrec.dropout(x, 1.0, 5, 0), torch.zeros(6, 8))
