@@ -2,6 +2,8 @@
 """Public functions. Thin: each forwards to the op layer, which picks the backend."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -111,6 +113,14 @@ def cross_layer(x0: Tensor, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return _cross.cross_layer(x0, x, weight, bias)
 
 
+def cross_net(x0: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
+    """DCN-v2 cross network: ``x = cross_layer(x0, x, w_l, b_l)`` for each layer from x = x0.
+    x0 [B, K], weights [K, K] each, biases [K] each -> [B, K]. The same values and gradients as
+    the loop of ``cross_layer``; its backward runs as one pass over the net (the layers' x
+    gradients formed in place, x0's summed as they come) instead of one per layer."""
+    return _cross.cross_net(x0, list(weights), list(biases))
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
            activation: str = "none") -> Tensor:
     """Dense layer. x [M, K], weight [N, K], bias [N] or None -> [M, N]:
@@ -200,6 +210,7 @@ __all__ = [
     "attention_pooling",
     "check_pooling",
     "cross_layer",
+    "cross_net",
     "dot_interaction",
     "dropout",
     "embedding_bag",

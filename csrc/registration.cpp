@@ -45,6 +45,12 @@ TORCH_LIBRARY(adrec, m) {
   m.def(
       "cross_layer_bwd(Tensor grad_out, Tensor x0, Tensor x, Tensor weight, Tensor xw) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // One layer's backward inside a cross net's, on buffers the caller owns (g [B, K], gx0 [B, K]):
+  // g_xw = g * x0; gx0 = (accumulate ? gx0 : 0) + g * xw (+ g + g_xw @ W if last: x is x0); g
+  // becomes g + g_xw @ W, the gradient of x, unless last -> (grad_weight [K, K], grad_bias [K])
+  m.def(
+      "cross_layer_bwd_(Tensor(a!) g, Tensor(b!) gx0, Tensor x0, Tensor x, Tensor weight, "
+      "Tensor xw, bool accumulate, bool last) -> (Tensor, Tensor)");
 
   // query [B, D], keys [L_total, D], offsets [B+1] -> (out [B, D], probs [L_total])
   m.def("attention_pooling(Tensor query, Tensor keys, Tensor offsets) -> (Tensor, Tensor)");

@@ -73,6 +73,11 @@ def _samples(op: str):
     if op == "cross_layer_bwd":
         x0, x, xw, g = (torch.randn(4, 6, dtype=d) for _ in range(4))
         return [((g, x0, x, torch.randn(6, 6, dtype=d), xw), {})]
+    if op == "cross_layer_bwd_":
+        x0, x, xw, g, gx0 = (torch.randn(4, 6, dtype=d) for _ in range(5))
+        w = torch.randn(6, 6, dtype=d)
+        return [((g.clone(), gx0.clone(), x0, x, w, xw, acc, last), {})
+                for acc in (False, True) for last in (False, True)]
     if op == "linear":
         # float64 (ATen); float32 below and from the oneDNN row minimum (32); no bias
         x, w, b = (torch.randn(*s, dtype=d, requires_grad=True) for s in [(4, 6), (5, 6), (5,)])

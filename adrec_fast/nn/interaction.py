@@ -57,15 +57,16 @@ class CrossNet(nn.Module):
                              f"{self.in_features}")
         if torch.is_autocast_enabled(x0.device.type):  # run in the autocast dtype (as Linear)
             x0 = x0.to(torch.get_autocast_dtype(x0.device.type))
-        x = x0
+        weights, biases = [], []
         for w, b in zip(self.weights, self.biases):
             # fp32 parameters meet a bf16 x0 under autocast: cast them (the gradient flows back
             # to the fp32 parameter through the cast)
             w, b = w.to(x0.dtype), b.to(x0.dtype)
             if pad:
                 w, b = TF.pad(w, (0, pad, 0, pad)), TF.pad(b, (0, pad))  # [K+P, K+P], [K+P]
-            x = F.cross_layer(x0, x, w, b)
-        return x
+            weights.append(w)
+            biases.append(b)
+        return F.cross_net(x0, weights, biases)
 
 
 class AttentionPooling(nn.Module):

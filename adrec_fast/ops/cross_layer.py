@@ -55,6 +55,59 @@ def cross_layer(x0, x, weight, bias):
     return torch.ops.adrec.cross_layer(x0, x, weight, bias)[0]
 
 
+@torch.library.register_fake("adrec::cross_layer_bwd_")
+def _(g, gx0, x0, x, weight, xw, accumulate, last):
+    return torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+class _CrossNet(torch.autograd.Function):
+    """x_{l+1} = x0 * (x_l @ W_l.T + b_l) + x_l over the layers, with one backward for the net:
+    the gradient of x_l is formed in place in one buffer (the residual's share added by the
+    product itself) and x0's gradients from every layer meet in another, where per-layer
+    backwards would write a [B, K] copy of the gradient per layer and leave autograd to sum
+    x0's L + 1 gradients."""
+
+    @staticmethod
+    def forward(ctx, x0, *params):
+        n = len(params) // 2
+        weights, biases = params[:n], params[n:]
+        x, xs, xws = x0, [], []
+        for w, b in zip(weights, biases):
+            xs.append(x)
+            x, xw = torch.ops.adrec.cross_layer(x0, x, w, b)
+            xws.append(xw)
+        ctx.n = n
+        ctx.save_for_backward(x0, *xs, *xws, *weights)
+        return x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        n = ctx.n
+        saved = ctx.saved_tensors
+        x0, xs, xws, weights = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:]
+        g = grad.contiguous().clone()  # the buffer the layers' x gradients are formed in
+        gx0 = torch.empty_like(g)
+        gw, gb = [None] * n, [None] * n
+        for i in reversed(range(n)):
+            gw[i], gb[i] = torch.ops.adrec.cross_layer_bwd_(
+                g, gx0, x0, xs[i], weights[i], xws[i], i < n - 1, i == 0)
+        return (gx0, *gw, *gb)
+
+
+def cross_net(x0, weights, biases):
+    """The cross layers in turn (``x = cross_layer(x0, x, w, b)`` from x = x0); on the C++
+    backend with one backward for the whole net (``_CrossNet``)."""
+    if len(weights) != len(biases):
+        raise ValueError(f"cross_net: {len(weights)} weights but {len(biases)} biases")
+    if weights and _backend.backend_for("cross_layer", x0.device) == "cpp":
+        return _CrossNet.apply(x0, *weights, *biases)
+    x = x0
+    for w, b in zip(weights, biases):
+        x = cross_layer(x0, x, w, b)
+    return x
+
+
 # --- Triton backend: adrec::cross_layer_triton for CUDA tensors (kernels/cross_layer.py: GEMMs
 # through torch, bias + x0 * xw + x fused); returns (out, xw) like adrec::cross_layer. The
 # reference is its CPU kernel. Skipped without triton or a device it runs on.

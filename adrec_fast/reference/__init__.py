@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Plain-PyTorch definitions of every op: the oracle for tests and the "before" in benchmarks."""
 from .attention_pooling import attention_pooling
-from .cross_layer import cross_layer
+from .cross_layer import cross_layer, cross_layer_bwd_
 from .dot_interaction import dot_interaction
 from .dropout import dropout
 from .embedding_bag import embedding_bag, rowwise_adagrad_update, sgd_update
@@ -12,6 +12,7 @@ from .sigmoid_bce import score, sigmoid_bce
 __all__ = [
     "attention_pooling",
     "cross_layer",
+    "cross_layer_bwd_",
     "dot_interaction",
     "dropout",
     "embedding_bag",

@@ -46,4 +46,9 @@ int64_t gemm_width(int64_t k, at::ScalarType dtype, int64_t rows);
 at::Tensor matmul_t(const at::Tensor& a, const at::Tensor& b,
                     const std::optional<at::Tensor>& add = std::nullopt);
 
+// c += a @ b.T in place, for a buffer c [M, N] (contiguous) that the caller owns: the product
+// adds into c inside its kernel, so no fresh [M, N] block is written (matmul_t with a summand
+// copies the summand first). a and b as for matmul_t.
+void matmul_t_add_(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b);
+
 }  // namespace adrec

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/acc_type.h"
@@ -38,9 +40,10 @@ ADREC_INLINE void cross_epilogue(const scalar_t* x0, const scalar_t* xw, const s
 // blocks in order, so it does not depend on the thread count.
 constexpr int64_t kRowsPerBlock = 64;
 
-// For `rows` rows of K: g_xw = g * x0, g_x0 = g * xw (one read of g), and colsum[k] = the sum
-// of g_xw[:, k] over these rows.
-template <typename scalar_t>
+// For `rows` rows of K: g_xw = g * x0 and g_x0 = g * xw (one read of g), and colsum[k] = the sum
+// of g_xw[:, k] over these rows. ACC: g_x0 += instead of =; LAST (the net's first layer, whose x
+// is x0): g_x0 also takes g, the residual's share.
+template <typename scalar_t, bool ACC, bool LAST>
 ADREC_INLINE void cross_bwd_epilogue(const scalar_t* g, const scalar_t* x0, const scalar_t* xw,
                                      scalar_t* g_xw, scalar_t* g_x0, acc_t<scalar_t>* colsum,
                                      int64_t rows, int64_t K) {
@@ -55,10 +58,64 @@ ADREC_INLINE void cross_bwd_epilogue(const scalar_t* g, const scalar_t* x0, cons
       const acc gk = static_cast<acc>(g[o + k]);
       const scalar_t gxw = static_cast<scalar_t>(gk * static_cast<acc>(x0[o + k]));
       g_xw[o + k] = gxw;
-      g_x0[o + k] = static_cast<scalar_t>(gk * static_cast<acc>(xw[o + k]));
+      acc v = gk * static_cast<acc>(xw[o + k]);
+      if constexpr (LAST) v += gk;
+      if constexpr (ACC) v += static_cast<acc>(g_x0[o + k]);
+      g_x0[o + k] = static_cast<scalar_t>(v);
       colsum[k] += static_cast<acc>(gxw);
     }
   }
+}
+
+// The backward's elementwise pass over [B, K] (cross_bwd_epilogue on row blocks) -> grad_bias [K].
+at::Tensor run_bwd_epilogue(const at::Tensor& g, const at::Tensor& x0, const at::Tensor& xw,
+                            const at::Tensor& g_xw, const at::Tensor& g_x0, bool accumulate,
+                            bool last) {
+  const int64_t B = g.size(0), K = g.size(1);
+  if (B == 0 || K == 0) {
+    if (!accumulate) g_x0.zero_();
+    return at::zeros({K}, g.options());
+  }
+  at::Tensor g_b;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "cross_layer_bwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* pg = g.template const_data_ptr<scalar_t>();
+    const scalar_t* px0 = x0.template const_data_ptr<scalar_t>();
+    const scalar_t* pxw = xw.template const_data_ptr<scalar_t>();
+    scalar_t* pgxw = g_xw.template data_ptr<scalar_t>();
+    scalar_t* pgx0 = g_x0.template data_ptr<scalar_t>();
+    const int64_t nblocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
+    std::vector<acc> partial(static_cast<size_t>(nblocks * K));  // [nblocks, K]
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kRowsPerBlock * K));
+    auto blocks = [&](auto acc_tag, auto last_tag) {
+      constexpr bool kAcc = decltype(acc_tag)::value, kLast = decltype(last_tag)::value;
+      parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+        isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t r0 = blk * kRowsPerBlock;
+            const int64_t rows = std::min(kRowsPerBlock, B - r0);
+            const int64_t o = r0 * K;
+            cross_bwd_epilogue<scalar_t, kAcc, kLast>(pg + o, px0 + o, pxw + o, pgxw + o,
+                                                      pgx0 + o, partial.data() + blk * K, rows,
+                                                      K);
+          }
+        });
+      });
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    if (accumulate)
+      last ? blocks(T{}, T{}) : blocks(T{}, F{});
+    else
+      last ? blocks(F{}, T{}) : blocks(F{}, F{});
+    auto gb_acc = at::empty({K}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    acc* pb = gb_acc.template data_ptr<acc>();
+    for (int64_t k = 0; k < K; ++k) pb[k] = acc(0);
+    for (int64_t blk = 0; blk < nblocks; ++blk)
+      for (int64_t k = 0; k < K; ++k) pb[k] += partial[blk * K + k];
+    g_b = gb_acc.to(g.scalar_type());
+  });
+  return g_b;
 }
 
 // Checks x0 / x / weight (and bias or xw) and returns K.
@@ -127,49 +184,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_layer_bwd_cpu(
   auto xw = xw_.contiguous();       // [B, K]
   auto g_xw = at::empty_like(g);    // [B, K] = g * x0, the gradient of x @ W.T + b
   auto g_x0 = at::empty_like(g);    // [B, K] = g * xw
-  const int64_t B = g.size(0), K = g.size(1);
-  at::Tensor g_b;                   // [K]
-  if (B == 0 || K == 0) {
-    g_b = at::zeros({K}, g.options());
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "cross_layer_bwd_cpu", [&] {
-      using acc = acc_t<scalar_t>;
-      const scalar_t* pg = g.template data_ptr<scalar_t>();
-      const scalar_t* px0 = x0.template data_ptr<scalar_t>();
-      const scalar_t* pxw = xw.template data_ptr<scalar_t>();
-      scalar_t* pgxw = g_xw.template data_ptr<scalar_t>();
-      scalar_t* pgx0 = g_x0.template data_ptr<scalar_t>();
-      const int64_t nblocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
-      std::vector<acc> partial(static_cast<size_t>(nblocks * K));  // [nblocks, K]
-      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kRowsPerBlock * K));
-      parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-        isa_dispatch([&](auto) ADREC_LAMBDA_INLINE {
-          for (int64_t blk = b0; blk < b1; ++blk) {
-            const int64_t r0 = blk * kRowsPerBlock;
-            const int64_t rows = std::min(kRowsPerBlock, B - r0);
-            const int64_t o = r0 * K;
-            cross_bwd_epilogue<scalar_t>(pg + o, px0 + o, pxw + o, pgxw + o, pgx0 + o,
-                                         partial.data() + blk * K, rows, K);
-          }
-        });
-      });
-      auto gb_acc = at::empty({K}, g.options().dtype(c10::CppTypeToScalarType<acc>::value));
-      acc* pb = gb_acc.template data_ptr<acc>();
-      for (int64_t k = 0; k < K; ++k) pb[k] = acc(0);
-      for (int64_t blk = 0; blk < nblocks; ++blk)
-        for (int64_t k = 0; k < K; ++k) pb[k] += partial[blk * K + k];
-      g_b = gb_acc.to(g.scalar_type());
-    });
-  }
+  auto g_b = run_bwd_epilogue(g, x0, xw, g_xw, g_x0, /*accumulate=*/false, /*last=*/false);
   // g_x = g_xw @ W + g (the residual), g_w = g_xw.T @ x (g_xw.T read in place)
   auto g_x = matmul_t(g_xw, weight.t(), g);  // [B, K]
   auto g_w = matmul_t(g_xw.t(), x.t());       // [K, K]
   return {g_x0, g_x, g_w, g_b};
 }
 
+// The cross net's layer backward on the caller's buffers: the residual's gradient is added into
+// g (or, for the first layer, into gx0) by the product itself, and x0's gradients from every
+// layer meet in one buffer, so the net's backward writes no [B, K] copy of g per layer and
+// autograd sums no gradients of x0 (ops/cross_layer.py, _CrossNet).
+std::tuple<at::Tensor, at::Tensor> cross_layer_bwd_inplace_cpu(
+    at::Tensor g, at::Tensor gx0, const at::Tensor& x0_, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& xw_, bool accumulate, bool last) {
+  constexpr const char* op = "cross_layer_bwd_";
+  check_args(x0_, x, weight, op);
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{g, "g"}, {gx0, "gx0"},
+                         {xw_, "xw"}}) {
+    check_same_dtype(t, x, op, name, "x");
+    check_same_device(t, x, op, name, "x");
+    TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(),
+                      " but x has shape ", x.sizes());
+  }
+  TORCH_CHECK_VALUE(g.is_contiguous() && gx0.is_contiguous(), op,
+                    ": g and gx0 must be contiguous (they are written in place)");
+  TORCH_CHECK_VALUE(g.numel() == 0 || !g.is_alias_of(gx0), op,
+                    ": g and gx0 must be different buffers");
+  auto x0 = x0_.contiguous();
+  auto xw = xw_.contiguous();
+  auto g_xw = at::empty_like(g);
+  auto g_b = run_bwd_epilogue(g, x0, xw, g_xw, gx0, accumulate, last);
+  auto g_w = matmul_t(g_xw.t(), x.t());  // [K, K]
+  if (g.numel() > 0) matmul_t_add_(last ? gx0 : g, g_xw, weight.t());
+  return {g_w, g_b};
+}
+
 TORCH_LIBRARY_IMPL(adrec, CPU, m) {
   m.impl("cross_layer", &cross_layer_cpu);
   m.impl("cross_layer_bwd", &cross_layer_bwd_cpu);
+  m.impl("cross_layer_bwd_", &cross_layer_bwd_inplace_cpu);
 }
 
 }  // namespace adrec

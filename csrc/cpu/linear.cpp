@@ -278,6 +278,14 @@ at::Tensor matmul_t(const at::Tensor& a, const at::Tensor& b,
   return add.has_value() ? at::addmm(*add, a, b.t()) : at::mm(a, b.t());
 }
 
+void matmul_t_add_(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_INTERNAL_ASSERT(c.is_contiguous() && c.size(0) == a.size(0) && c.size(1) == b.size(0));
+  // BLAS (ATen's addmm_ for float32; oneDNN's matmul for the reduced types) with beta = 1
+  // reads c in its kernel: the summand is never copied.
+  at::Tensor out = c;
+  out.addmm_(a, b.t());
+}
+
 namespace {
 
 // ---------------------------------------------------------------------------- backward

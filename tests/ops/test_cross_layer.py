@@ -105,6 +105,89 @@ def test_crossnet_module_matches_reference():
     assert_close_verbose(net(x0), x)
 
 
+def _net(L, B, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, K, generator=g, dtype=dtype, requires_grad=True)
+    ws = [(torch.randn(K, K, generator=g, dtype=dtype) / math.sqrt(max(K, 1))).requires_grad_()
+          for _ in range(L)]
+    bs = [torch.randn(K, generator=g, dtype=dtype, requires_grad=True) for _ in range(L)]
+    return x0, ws, bs, torch.randn(B, K, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (300, 33), (64, 432), (0, 4), (5, 0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cross_net_matches_the_loop_of_layers(L, shape, dtype):
+    """cross_net's values and every gradient equal the reference loop of cross_layer (its one
+    backward forms x's gradient in place and sums x0's as it goes)."""
+    x0, ws, bs, g = _net(L, *shape, dtype)
+    out = F.cross_net(x0, ws, bs)
+    got = torch.autograd.grad(out, [x0, *ws, *bs], g)
+    x = x0
+    for w, b in zip(ws, bs):
+        x = R.cross_layer(x0, x, w, b)
+    want = torch.autograd.grad(x, [x0, *ws, *bs], g)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(out, x, **tol)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_cross_net_gradcheck_and_no_layers():
+    x0, ws, bs, _ = _net(3, 4, 6, torch.float64, seed=1)
+    assert torch.autograd.gradcheck(lambda x, *p: F.cross_net(x, p[:3], p[3:]), (x0, *ws, *bs))
+    assert F.cross_net(x0, [], []) is x0
+    with pytest.raises(ValueError, match="cross_net: 2 weights but 1 biases"):
+        F.cross_net(x0, ws[:2], bs[:1])
+
+
+def test_cross_net_reference_backend(monkeypatch):
+    x0, ws, bs, g = _net(2, 9, 7, torch.float64, seed=2)
+    fused = torch.autograd.grad(F.cross_net(x0, ws, bs), [x0, *ws, *bs], g)
+    monkeypatch.setenv("ADREC_BACKEND", "reference")
+    ref = torch.autograd.grad(F.cross_net(x0, ws, bs), [x0, *ws, *bs], g)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_layer_backward_in_place_matches_reference(accumulate, last, dtype):
+    """adrec::cross_layer_bwd_ against reference.cross_layer_bwd_: the buffers it writes (g, gx0)
+    and what it returns, for each of its modes; its other inputs are left as they were."""
+    gen = torch.Generator().manual_seed(3)
+    B, K = 70, 24  # more rows than one block of the epilogue
+    x0, x, xw, g, gx0 = (torch.randn(B, K, generator=gen).to(dtype) for _ in range(5))
+    w = (torch.randn(K, K, generator=gen) / K**0.5).to(dtype)
+    keep = [t.clone() for t in (x0, x, xw, w)]
+    g1, gx01, g2, gx02 = g.clone(), gx0.clone(), g.clone(), gx0.clone()
+    got = torch.ops.adrec.cross_layer_bwd_(g1, gx01, x0, x, w, xw, accumulate, last)
+    want = R.cross_layer_bwd_(g2, gx02, x0, x, w, xw, accumulate, last)
+    tol = {"float64": {}, "float32": {"rtol": 1e-5, "atol": 1e-5},
+           "bfloat16": {"rtol": 2e-2, "atol": 1e-1}}[str(dtype).split(".")[1]]
+    for a, b in [(g1, g2), (gx01, gx02), *zip(got, want)]:
+        torch.testing.assert_close(a, b, **tol)
+    if last:
+        assert torch.equal(g1, g)  # the first layer's x gradient goes into gx0 instead
+    for a, b in zip((x0, x, xw, w), keep):
+        assert torch.equal(a, b)
+
+
+def test_layer_backward_in_place_bad_input():
+    x0, x, xw, g, gx0 = (torch.randn(8, 5) for _ in range(5))
+    w = torch.randn(5, 5)
+    op = torch.ops.adrec.cross_layer_bwd_
+    with pytest.raises(ValueError, match="cross_layer_bwd_: g and gx0 must be contiguous"):
+        op(torch.randn(5, 8).t(), gx0, x0, x, w, xw, False, False)
+    with pytest.raises(ValueError, match="cross_layer_bwd_: g and gx0 must be different buffers"):
+        op(g, g, x0, x, w, xw, False, False)
+    with pytest.raises(ValueError, match=r"cross_layer_bwd_: gx0 has shape \[8, 4\]"):
+        op(g, torch.randn(8, 4), x0, x, w, xw, False, False)
+    with pytest.raises(TypeError, match="cross_layer_bwd_"):
+        op(g.double(), gx0, x0, x, w, xw, False, False)
+
+
 def test_bad_dtype_names_argument():
     x0, x, w, b = _inputs(2, 3, torch.float32)
     with pytest.raises(TypeError, match="weight"):
