@@ -9,8 +9,8 @@ Providers (the same architecture and the same dense optimizer, Adam(fused=True),
   adrec     adrec_fast.models (one fused EmbeddingBagCollection, row-wise Adagrad fused into
             the backward; fused dot/BCE ops; the tower's dense products through the models'
             dense-linear path)
-  adrec_recipe  ``adrec`` with the default recipe's regularisers (embedding L2 1.0 as lazy
-            decay inside the fused update, dropout 0.2 in the MLPs): what the CLI trains
+  adrec_recipe  ``adrec`` with the default recipe's regularisers (the model's embedding L2 as
+            lazy decay inside the fused update, its dropout in the MLPs): what the CLI trains
   eager     plain PyTorch: one concatenated nn.EmbeddingBag(sparse=True) with torch.optim.Adagrad
             on its sparse gradient, torch interaction code, F.binary_cross_entropy_with_logits
   compile   ``eager`` with its dense tower (interaction, MLPs, loss) under torch.compile (the
@@ -223,17 +223,21 @@ def build_fbgemm(name: str, compiled: bool, precision: str = "fp32"):
     return step
 
 
-#: ``adrec_recipe``: the regularisers of the default training recipe (models/recipes.py), i.e.
-#: the lazy embedding L2 inside the fused update and dropout in the MLPs, on the same shapes
-RECIPE_L2 = 1.0
-RECIPE_DROPOUT = 0.2
+def recipe_regularisers(name: str) -> dict:
+    """``adrec_recipe``'s settings: the regularisers of the model's default training recipe
+    (``training/recipes.py``: the lazy embedding L2 inside the fused update, dropout in the
+    MLPs), applied to this file's shapes."""
+    from adrec_fast.training import recipes
+
+    r = recipes.recipe(name).model
+    return {"embedding_l2": r["embedding_l2"], "dropout": r["dropout"]}
 
 
 def build_adrec(name: str, precision: str = "fp32", regularised: bool = False):
     torch.manual_seed(0)
     kw = DLRM_KW if name == "dlrm" else DCN_KW
     if regularised:  # the training recipe's regularisers on the same architecture
-        kw = {**kw, "embedding_l2": RECIPE_L2, "dropout": RECIPE_DROPOUT}
+        kw = {**kw, **recipe_regularisers(name)}
     model = build_model(name, criteo_schema(), embedding_dim=D, pooling="sum",
                         precision=precision, **kw)
     model.train()
